@@ -1,0 +1,17 @@
+"""protdiff_fast: kernel-accelerated ProtDiff (DDPM over C-alpha coordinates with a fused EGNN)."""
+from protdiff_fast import backends
+from protdiff_fast.diffusion import NoiseSchedule
+from protdiff_fast.nn import EGNN, EGNNLayer
+from protdiff_fast.ops import egnn_pair_aggregate, remove_center_of_mass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EGNN",
+    "EGNNLayer",
+    "NoiseSchedule",
+    "backends",
+    "egnn_pair_aggregate",
+    "remove_center_of_mass",
+    "__version__",
+]

@@ -1,0 +1,59 @@
+"""Input validation shared by every op: clear errors naming the argument, never a silent wrong answer."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fmt_shape(shape: Sequence[Optional[int]]) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    shape: Sequence[Optional[int]],
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+    floating: bool = True,
+) -> torch.Tensor:
+    """Check type, shape (None = any size), dtype and device of one argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        raise ValueError(f"{name}: expected shape {_fmt_shape(shape)}, got {tuple(t.shape)}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of the other inputs), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: is on device {t.device}, but the other inputs are on {device}")
+    return t
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise ValueError(f"{name}: contains {bad} values")
+
+
+def check_mask(mask: Optional[torch.Tensor], batch: int, num_nodes: int, device: torch.device) -> torch.Tensor:
+    """Return a bool (B, N) mask (all real when None); every sample must have a real node."""
+    if mask is None:
+        return torch.ones(batch, num_nodes, dtype=torch.bool, device=device)
+    check_tensor("mask", mask, (batch, num_nodes), device=device, floating=False)
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask: expected booleans or 0/1 values")
+        mask = mask != 0
+    if batch > 0 and num_nodes > 0:
+        empty = (~mask.any(dim=1)).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(f"mask: sample(s) {empty.tolist()[:8]} have no real nodes (all padding)")
+    elif batch > 0:
+        raise ValueError("mask: samples have no nodes (N = 0)")
+    return mask

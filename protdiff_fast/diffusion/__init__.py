@@ -1,0 +1,3 @@
+from protdiff_fast.diffusion.schedule import SCHEDULES, NoiseSchedule
+
+__all__ = ["NoiseSchedule", "SCHEDULES"]

@@ -1,0 +1,3 @@
+from protdiff_fast.nn.egnn import EGNN, EGNNLayer
+
+__all__ = ["EGNN", "EGNNLayer"]

@@ -1,0 +1,166 @@
+"""EGNNLayer and EGNN: thin modules around the fused op ``egnn_pair_aggregate``.
+
+The math is in :mod:`protdiff_fast.reference.egnn`. The module owns the MLP weights in the
+usual ``nn.Linear`` layout, computes the per-node halves of phi_e's first layer with GEMMs
+(p = h W_src + b1, q = h W_dst), hands the all-pairs part to the chosen backend, and applies
+phi_h and the residuals in plain torch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protdiff_fast._checks import check_tensor
+from protdiff_fast.backends import resolve
+from protdiff_fast.ops import egnn_pair_aggregate
+from protdiff_fast.reference.egnn import COORDS_AGG
+
+
+class EGNNLayer(nn.Module):
+    """One E(n)-equivariant layer: ``forward(h, x, edge_attr=None, mask=None) -> (h', x')``.
+
+    Args:
+        hidden_dim: H, the width of h and of the messages m_ij.
+        edge_dim: E, the width of the edge features a_ij (0 for none).
+        attention: gate each message by sigmoid(w_att . m_ij + b_att).
+        normalize: divide x_i - x_j by (its detached length + eps) in the coordinate update.
+        tanh: bound phi_x with a tanh.
+        coords_agg: "mean" (C = 1/(n_b - 1) over real nodes) or "sum" (C = 1).
+        eps: the epsilon of ``normalize``.
+        coord_init_gain: xavier gain of phi_x's last layer (small, so early layers barely move x).
+        backend: "auto", "reference", "triton" or "cpu" (see :mod:`protdiff_fast.backends`).
+
+    ``edge_attr`` is either dense, (B, N, N, E), or a relative sequence-offset table (2K + 1, E)
+    read at row clip(j - i, -K, K) + K for the pair (i, j); the table is projected through W_e
+    once, (2K + 1, H), and never expanded to N x N. Padding nodes (mask False) change nothing
+    for the real nodes, and their outputs are zero.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        edge_dim: int = 0,
+        *,
+        attention: bool = False,
+        normalize: bool = False,
+        tanh: bool = False,
+        coords_agg: str = "mean",
+        eps: float = 1e-8,
+        coord_init_gain: float = 0.001,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if coords_agg not in COORDS_AGG:
+            raise ValueError(f"coords_agg: expected one of {COORDS_AGG}, got {coords_agg!r}")
+        if hidden_dim < 1 or edge_dim < 0:
+            raise ValueError(f"hidden_dim must be >= 1 and edge_dim >= 0, got {hidden_dim}, {edge_dim}")
+        H, E = hidden_dim, edge_dim
+        self.hidden_dim, self.edge_dim = H, E
+        self.normalize, self.tanh, self.coords_agg, self.eps = normalize, tanh, coords_agg, eps
+        self.backend = backend
+        self.phi_e = nn.Sequential(nn.Linear(2 * H + 1 + E, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU())
+        coord_out = nn.Linear(H, 1, bias=False)
+        nn.init.xavier_uniform_(coord_out.weight, gain=coord_init_gain)
+        self.phi_x = nn.Sequential(nn.Linear(H, H), nn.SiLU(), coord_out, *([nn.Tanh()] if tanh else []))
+        self.phi_h = nn.Sequential(nn.Linear(2 * H, H), nn.SiLU(), nn.Linear(H, H))
+        self.att = nn.Sequential(nn.Linear(H, 1), nn.Sigmoid()) if attention else None
+
+    def extra_repr(self) -> str:
+        return (f"hidden_dim={self.hidden_dim}, edge_dim={self.edge_dim}, attention={self.att is not None}, "
+                f"normalize={self.normalize}, tanh={self.tanh}, coords_agg={self.coords_agg!r}, "
+                f"backend={self.backend!r}")
+
+    def backend_for(self, device: torch.device | str) -> str:
+        """The backend this layer's fused op runs on for tensors on ``device``."""
+        return resolve("egnn_pair_aggregate", self.backend, device)
+
+    def _edge_kwargs(self, edge_attr: Optional[torch.Tensor], B: int, N: int, W_e: torch.Tensor) -> dict:
+        E = self.edge_dim
+        if edge_attr is None:
+            if E:
+                raise ValueError(f"edge_attr: this layer was built with edge_dim={E} and needs edge features")
+            return {}
+        if not E:
+            raise ValueError("edge_attr: this layer was built with edge_dim=0; pass edge_dim to use edge features")
+        if edge_attr.dim() == 2:  # relative-offset table (2K + 1, E)
+            check_tensor("edge_attr", edge_attr, (None, E))
+            if edge_attr.shape[0] % 2 != 1:
+                raise ValueError(f"edge_attr: an offset table needs 2K + 1 rows, got {edge_attr.shape[0]}")
+            return {"rel": edge_attr @ W_e.t()}  # (2K + 1, H)
+        check_tensor("edge_attr", edge_attr, (B, N, N, E))
+        return {"edge_attr": edge_attr, "W_e": W_e.t()}
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        edge_attr: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        check_tensor("h", h, (None, None, self.hidden_dim))
+        B, N, H = h.shape
+        check_tensor("x", x, (B, N, 3), dtype=h.dtype, device=h.device)
+        first = self.phi_e[0]
+        W_src, W_dst = first.weight[:, :H], first.weight[:, H:2 * H]  # (H, H) each, nn.Linear layout
+        w_d, W_e = first.weight[:, 2 * H], first.weight[:, 2 * H + 1:]  # (H,), (H, E)
+        p = F.linear(h, W_src, first.bias)  # (B, N, H): the h_i half of phi_e's first layer
+        q = F.linear(h, W_dst)  # (B, N, H): the h_j half
+        attention = {}
+        if self.att is not None:
+            attention = {"w_att": self.att[0].weight[0], "b_att": self.att[0].bias[0]}
+        m_i, dx_i = egnn_pair_aggregate(
+            x, p, q, w_d,
+            self.phi_e[2].weight.t(), self.phi_e[2].bias,
+            self.phi_x[0].weight.t(), self.phi_x[0].bias, self.phi_x[2].weight[0],
+            mask=mask, normalize=self.normalize, tanh=self.tanh, coords_agg=self.coords_agg, eps=self.eps,
+            backend=self.backend, **attention, **self._edge_kwargs(edge_attr, B, N, W_e),
+        )
+        h_out = h + self.phi_h(torch.cat([h, m_i], dim=-1))
+        x_out = x + dx_i
+        if mask is not None:
+            keep = mask.unsqueeze(-1).to(h.dtype)
+            h_out, x_out = h_out * keep, x_out * keep
+        return h_out, x_out
+
+
+class EGNN(nn.Module):
+    """Embedding in, ``num_layers`` EGNNLayers (optionally each followed by LayerNorm on h), embedding out.
+
+    ``forward(h, x, edge_attr=None, mask=None) -> (h_out, x_out)`` with h (B, N, in_dim).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: Optional[int] = None,
+        num_layers: int = 4,
+        edge_dim: int = 0,
+        layer_norm: bool = False,
+        **layer_kwargs,
+    ) -> None:
+        super().__init__()
+        self.embedding_in = nn.Linear(in_dim, hidden_dim)
+        self.layers = nn.ModuleList(EGNNLayer(hidden_dim, edge_dim, **layer_kwargs) for _ in range(num_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(num_layers)) if layer_norm else None
+        self.embedding_out = nn.Linear(hidden_dim, out_dim if out_dim is not None else in_dim)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        edge_attr: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.embedding_in(h)
+        for k, layer in enumerate(self.layers):
+            h, x = layer(h, x, edge_attr, mask)
+            if self.norms is not None:
+                h = self.norms[k](h)
+        h = self.embedding_out(h)
+        if mask is not None:
+            h = h * mask.unsqueeze(-1).to(h.dtype)
+        return h, x

@@ -1,0 +1,93 @@
+"""Import, backend selection, the missing-extension path and the command line."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import protdiff_fast
+from protdiff_fast import backends
+from protdiff_fast.cli import main
+
+
+def test_backend_resolution_rules():
+    assert backends.resolve("egnn_pair_aggregate", "auto", "cpu") == "reference"
+    assert backends.resolve("egnn_pair_aggregate", "reference", "cpu") == "reference"
+    with pytest.raises(NotImplementedError, match="has no 'cpu' backend yet"):
+        backends.resolve("egnn_pair_aggregate", "cpu", "cpu")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        backends.resolve("egnn_pair_aggregate", "cuda", "cpu")
+    with pytest.raises(ValueError, match="unknown op"):
+        backends.resolve("flash_attention", "auto", "cpu")
+    if backends.cpu_extension() is not None:
+        with pytest.raises(RuntimeError, match="takes CPU tensors, got device meta"):
+            backends.resolve("remove_center_of_mass", "cpu", "meta")
+    assert backends.resolve("remove_center_of_mass", "auto", "meta") == "reference"
+
+
+def test_layer_reports_its_backend():
+    layer = protdiff_fast.EGNNLayer(8)
+    assert layer.backend_for("cpu") == "reference"
+    assert "backend='auto'" in repr(layer)
+
+
+MISSING_EXTENSION_SCRIPT = textwrap.dedent("""
+    import importlib.abc, sys, warnings
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "protdiff_fast._C":
+                raise ImportError("simulated: no compiled extension")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    warnings.simplefilter("default")
+    import torch
+    import protdiff_fast
+    from protdiff_fast import backends
+    st = backends.status()["cpu"]
+    assert not st.available and "simulated" in st.reason, st
+    x = torch.randn(2, 5, 3)
+    for _ in range(3):
+        out = protdiff_fast.remove_center_of_mass(x)       # auto falls back to the reference
+        assert abs(float(out.sum(1).abs().max())) < 1e-5
+    assert backends.resolve("remove_center_of_mass", "auto", "cpu") == "reference"
+    try:
+        backends.resolve("remove_center_of_mass", "cpu", "cpu")
+    except RuntimeError as err:
+        assert "simulated" in str(err), err
+    else:
+        raise AssertionError("explicit cpu backend must fail without the extension")
+    print("OK")
+""")
+
+
+def test_library_imports_without_the_extension_and_warns_once():
+    proc = subprocess.run([sys.executable, "-c", MISSING_EXTENSION_SCRIPT], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OK"
+    assert proc.stderr.count("CPU fast path unavailable") == 1, proc.stderr
+    assert "simulated: no compiled extension" in proc.stderr
+
+
+def test_cli_help_and_info(capsys):
+    assert main([]) == 0
+    assert "protdiff-fast" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "egnn_pair_aggregate" in out and "auto on cpu" in out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == protdiff_fast.__version__
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run([sys.executable, "-m", "protdiff_fast.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: protdiff-fast" in proc.stdout
+
+
+def test_public_api():
+    for name in protdiff_fast.__all__:
+        assert hasattr(protdiff_fast, name), name
+    s = protdiff_fast.NoiseSchedule()
+    assert s.num_timesteps == 1000 and s.betas.dtype == torch.float64
