@@ -257,7 +257,7 @@ def test_offset_table_direction_is_j_minus_i():
     table[3 + 1] = torch.tensor([3.0, -2.0], dtype=F64)
     h, x = make_inputs(B, N, H)
     W1 = layer.phi_e[0].weight
-    rel = table @ W1[:, 2 * H + 1:].t()
+    rel = (table @ W1[:, 2 * H + 1:].t()).detach()
     assert float(rel[3 + 1].abs().max()) > 0 and float(rel[3].abs().max()) == 0
     with torch.no_grad():
         got = egnn_layer_reference(layer, h, x, table, None)
