@@ -1,9 +1,46 @@
 // The only PYBIND11_MODULE of protdiff_fast._C. Kernels live in csrc/cpu/.
 #include "common.h"
 #include "cpu/com_cpu.h"
+#include "cpu/egnn_bind.h"
 
 namespace py = pybind11;
 using protdiff::CArray;
+
+namespace {
+
+// One overload per dtype (float32, float64): arrays are never converted, so a buffer of the
+// wrong dtype or layout selects no overload and raises TypeError instead of being copied.
+template <typename T>
+void def_egnn(py::module_& m) {
+  const auto none = py::none();
+  m.def("egnn_forward", &protdiff::egnn_forward_np<T>, py::arg("x").noconvert(), py::arg("p").noconvert(),
+        py::arg("q").noconvert(), py::arg("w_d").noconvert(), py::arg("W2").noconvert(), py::arg("b2").noconvert(),
+        py::arg("W3").noconvert(), py::arg("b3").noconvert(), py::arg("w4").noconvert(),
+        py::arg("edge_attr").noconvert() = none, py::arg("W_e").noconvert() = none,
+        py::arg("rel").noconvert() = none, py::arg("w_att").noconvert() = none, py::arg("b_att") = 0.0,
+        py::arg("mask").noconvert() = none, py::arg("normalize") = false, py::arg("tanh") = false,
+        py::arg("mean_agg") = true, py::arg("eps") = 1e-8, py::arg("m_out").noconvert(),
+        py::arg("dx_out").noconvert(),
+        "Fused EGNN pair aggregation forward (the egnn_pair_aggregate contract): writes m_i into m_out "
+        "(B, N, H) and dx_i into dx_out (B, N, 3). Weights in (in, out) layout; mask uint8 (B, N).");
+  m.def("egnn_backward", &protdiff::egnn_backward_np<T>, py::arg("x").noconvert(), py::arg("p").noconvert(),
+        py::arg("q").noconvert(), py::arg("w_d").noconvert(), py::arg("W2").noconvert(), py::arg("b2").noconvert(),
+        py::arg("W3").noconvert(), py::arg("b3").noconvert(), py::arg("w4").noconvert(),
+        py::arg("edge_attr").noconvert() = none, py::arg("W_e").noconvert() = none,
+        py::arg("rel").noconvert() = none, py::arg("w_att").noconvert() = none, py::arg("b_att") = 0.0,
+        py::arg("mask").noconvert() = none, py::arg("normalize") = false, py::arg("tanh") = false,
+        py::arg("mean_agg") = true, py::arg("eps") = 1e-8, py::arg("grad_m").noconvert(),
+        py::arg("grad_dx").noconvert(), py::arg("d_x").noconvert(), py::arg("d_p").noconvert(),
+        py::arg("d_q").noconvert(), py::arg("d_w_d").noconvert(), py::arg("d_W2").noconvert(),
+        py::arg("d_b2").noconvert(), py::arg("d_W3").noconvert(), py::arg("d_b3").noconvert(),
+        py::arg("d_w4").noconvert(), py::arg("d_edge_attr").noconvert() = none,
+        py::arg("d_W_e").noconvert() = none, py::arg("d_rel").noconvert() = none,
+        py::arg("d_w_att").noconvert() = none, py::arg("d_b_att").noconvert() = none,
+        "Fused EGNN pair aggregation backward: recomputes the pair quantities and writes the gradient of "
+        "every input into the d_* buffers (deterministic: fixed-order reductions, no atomics).");
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
@@ -16,6 +53,13 @@ PYBIND11_MODULE(_C, m) {
         "x: float32 or float64 (B, N, D), C-contiguous, writeable; mask: uint8 (B, N).");
   m.def("center_masked_", &protdiff::center_masked_<double>, py::arg("x").noconvert(),
         py::arg("mask").noconvert());
+
+  def_egnn<float>(m);
+  def_egnn<double>(m);
+  m.def("simd_isa", &protdiff::simd_isa, "Instruction set the EGNN kernels run with (avx512, avx2 or base).");
+  m.def("set_simd_isa", &protdiff::set_simd_isa, py::arg("name"),
+        "Run the EGNN kernels with another instruction set this CPU supports (for testing every build).");
+  m.def("supported_simd_isas", &protdiff::supported_isas, "Comma-separated instruction sets this CPU runs.");
 
   m.def("max_threads", &protdiff::max_threads, "OpenMP threads a parallel region will use (1 without OpenMP).");
   m.def("set_num_threads", &protdiff::set_threads, py::arg("n"),

@@ -95,6 +95,7 @@ _REGISTRY: Dict[str, Dict[str, str]] = {
     },
     "egnn_pair_aggregate": {
         "reference": "protdiff_fast.reference.egnn:egnn_pair_aggregate_reference",
+        "cpu": "protdiff_fast.ops.egnn_cpu:egnn_pair_aggregate_cpu",
     },
 }
 

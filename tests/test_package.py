@@ -12,10 +12,11 @@ from protdiff_fast.cli import main
 
 
 def test_backend_resolution_rules():
-    assert backends.resolve("egnn_pair_aggregate", "auto", "cpu") == "reference"
+    has_ext = backends.cpu_extension() is not None
+    assert backends.resolve("egnn_pair_aggregate", "auto", "cpu") == ("cpu" if has_ext else "reference")
     assert backends.resolve("egnn_pair_aggregate", "reference", "cpu") == "reference"
-    with pytest.raises(NotImplementedError, match="has no 'cpu' backend yet"):
-        backends.resolve("egnn_pair_aggregate", "cpu", "cpu")
+    with pytest.raises(NotImplementedError, match="has no 'triton' backend yet"):
+        backends.resolve("egnn_pair_aggregate", "triton", "cpu")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         backends.resolve("egnn_pair_aggregate", "cuda", "cpu")
     with pytest.raises(ValueError, match="unknown op"):
@@ -28,7 +29,8 @@ def test_backend_resolution_rules():
 
 def test_layer_reports_its_backend():
     layer = protdiff_fast.EGNNLayer(8)
-    assert layer.backend_for("cpu") == "reference"
+    assert layer.backend_for("cpu") == ("cpu" if backends.cpu_extension() is not None else "reference")
+    assert protdiff_fast.EGNNLayer(8, backend="reference").backend_for("cpu") == "reference"
     assert "backend='auto'" in repr(layer)
 
 

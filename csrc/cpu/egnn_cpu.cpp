@@ -1,0 +1,609 @@
+// Fused EGNN pair aggregation, forward and backward, for one instruction set.
+//
+// Compiled three times (CMakeLists.txt) with PROTDIFF_ISA = isa_avx512 | isa_avx2 | isa_base and
+// matching -m flags and PROTDIFF_VBYTES. Everything here lives in that namespace, and the file
+// uses no std:: containers or algorithms: inline library code instantiated under different -m
+// flags could be merged by the linker into one copy, and an AVX-512 copy must never run on a
+// machine without it.
+//
+// The math is the contract in protdiff_fast/reference/egnn.py. Per pair (i, j), real and i != j:
+//   z_ij = p_i + q_j + w_d d2_ij + e_ij          a_ij = silu(z_ij)
+//   y_ij = a_ij W2 + b2                          m0_ij = silu(y_ij)
+//   g_ij = sigmoid(m0_ij . w_att + b_att)        m_ij = g_ij m0_ij        (attention; else m = m0)
+//   s_ij = m_ij W3 + b3                          phi_ij = silu(s_ij) . w4,  psi_ij = tanh(phi_ij) or phi_ij
+//   m_i = sum_j m_ij                             dx_i = C_b sum_j u_ij psi_ij
+//
+// Layout of the work: a tile is up to BI x BJ pairs (an i-block against a j-block), compacted to
+// the pairs that count (both real, i != j) and padded to a multiple of MR rows. The two H x H
+// products run on the whole tile ([rows, Hp] x [Hp, Hp], a register-blocked micro-kernel), the
+// elementwise work runs on SIMD vectors along H. H is padded with zeros to Hp, a multiple of the
+// micro-kernel's column chunk; zero columns stay exactly zero through every stage.
+//
+// Forward: one task per (sample, i-block); each task owns its output rows, so any schedule gives
+// the same bits. Backward: recomputes the tile, then one task per (sample, group of i-blocks),
+// where the number of groups depends only on B and N (never on the thread count). The j-side
+// gradients (dq_j, dx_j, the offset table) and the weight gradients go to per-task partial
+// buffers that are summed afterwards in a fixed order: deterministic, no atomics, O(tasks * N * H)
+// extra memory.
+#include "cpu/egnn_cpu.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "cpu/simd.h"
+
+#ifdef PROTDIFF_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+#ifndef PROTDIFF_ISA
+#error "PROTDIFF_ISA must name the namespace of this instruction set"
+#endif
+
+namespace protdiff {
+namespace PROTDIFF_ISA {
+
+using simd::Vec;
+using std::int64_t;
+
+int vector_bytes() { return PROTDIFF_VBYTES; }
+
+template <typename T>
+struct Tiles {
+  static constexpr int kLanes = simd::VecTraits<T>::kLanes;
+  static constexpr int kMR = 4;                                  // micro-kernel rows
+  static constexpr int kNV = PROTDIFF_VBYTES == 64 ? 4 : 2;      // micro-kernel vectors per row
+  static constexpr int kChunk = kNV * kLanes;                    // micro-kernel columns
+};
+constexpr int BI = 8;  // i-block
+constexpr int BJ = 8;  // j-block
+constexpr int kMaxRows = BI * BJ;
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t clip64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// A zero-initialized heap array; no std::vector (see the file comment).
+template <typename T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(int64_t n) { reset(n); }
+  ~Buffer() { std::free(data_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  void reset(int64_t n) {
+    std::free(data_);
+    data_ = nullptr;
+    size_ = n;
+    if (n > 0) {
+      data_ = static_cast<T*>(std::calloc(static_cast<size_t>(n), sizeof(T)));
+      if (!data_) throw std::bad_alloc();
+    }
+  }
+  T* get() { return data_; }
+  const T* get() const { return data_; }
+  T& operator[](int64_t k) { return data_[k]; }
+  int64_t size() const { return size_; }
+
+ private:
+  T* data_ = nullptr;
+  int64_t size_ = 0;
+};
+
+template <typename T>
+void zero(T* p, int64_t n) {
+  std::memset(p, 0, static_cast<size_t>(n) * sizeof(T));
+}
+
+// C[M x Nc] += A[M x K] B[K x Nc], row-major with leading dimensions; M % kMR == 0 and
+// Nc % kChunk == 0. The accumulators of an MR x kChunk block stay in registers across K.
+template <typename T>
+void gemm_acc(int64_t M, int64_t K, int64_t Nc, const T* A, int64_t lda, const T* Bm, int64_t ldb, T* C,
+              int64_t ldc) {
+  using V = Vec<T>;
+  constexpr int L = Tiles<T>::kLanes, MR = Tiles<T>::kMR, NV = Tiles<T>::kNV, NCH = Tiles<T>::kChunk;
+  for (int64_t n0 = 0; n0 < Nc; n0 += NCH) {
+    for (int64_t r0 = 0; r0 < M; r0 += MR) {
+      V acc[MR][NV];
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = simd::load(C + (r0 + r) * ldc + n0 + v * L);
+      const T* a = A + r0 * lda;
+      const T* b = Bm + n0;
+      for (int64_t k = 0; k < K; ++k) {
+        V bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = simd::load(b + k * ldb + v * L);
+        for (int r = 0; r < MR; ++r) {
+          const V av = simd::splat(a[r * lda + k]);
+          for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) simd::store(C + (r0 + r) * ldc + n0 + v * L, acc[r][v]);
+    }
+  }
+}
+
+// dst[c * rows + r] = src[r * cols + c], dst has `dst_rows` >= cols rows (extra rows zero).
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t src_ld, T* dst, int64_t dst_rows) {
+  for (int64_t c = 0; c < dst_rows; ++c) {
+    T* d = dst + c * rows;
+    if (c >= cols) {
+      zero(d, rows);
+      continue;
+    }
+    for (int64_t r = 0; r < rows; ++r) d[r] = src[r * src_ld + c];
+  }
+}
+
+// Weights and per-node halves, zero-padded from H to Hp columns (and E to Ep).
+template <typename T>
+struct Packed {
+  int64_t H, Hp, E, Ep, Er;  // Ep: E padded to a column chunk; Er: E padded to MR rows
+  Buffer<T> W2, W2T, W3, W3T, b2, b3, w4, wd, watt, We, WeT, rel, P, Q;
+
+  explicit Packed(const EgnnProblem<T>& pr) {
+    H = pr.H;
+    Hp = round_up(H, Tiles<T>::kChunk);
+    E = pr.E;
+    Ep = round_up(E > 0 ? E : 1, Tiles<T>::kChunk);
+    Er = round_up(E > 0 ? E : 1, Tiles<T>::kMR);
+    auto pad_matrix = [&](Buffer<T>& dst, const T* src, bool transpose_it) {
+      dst.reset(Hp * Hp);
+      for (int64_t r = 0; r < H; ++r)
+        for (int64_t c = 0; c < H; ++c) dst[r * Hp + c] = transpose_it ? src[c * H + r] : src[r * H + c];
+    };
+    auto pad_vector = [&](Buffer<T>& dst, const T* src) {
+      dst.reset(Hp);
+      if (src)
+        for (int64_t c = 0; c < H; ++c) dst[c] = src[c];
+    };
+    pad_matrix(W2, pr.W2, false);
+    pad_matrix(W2T, pr.W2, true);
+    pad_matrix(W3, pr.W3, false);
+    pad_matrix(W3T, pr.W3, true);
+    pad_vector(b2, pr.b2);
+    pad_vector(b3, pr.b3);
+    pad_vector(w4, pr.w4);
+    pad_vector(wd, pr.w_d);
+    pad_vector(watt, pr.w_att);
+    if (E > 0) {
+      We.reset(E * Hp);
+      WeT.reset(Hp * Ep);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t c = 0; c < H; ++c) {
+          We[e * Hp + c] = pr.W_e[e * H + c];
+          WeT[c * Ep + e] = pr.W_e[e * H + c];
+        }
+    }
+    if (pr.K >= 0) {
+      const int64_t R = 2 * pr.K + 1;
+      rel.reset(R * Hp);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < H; ++c) rel[r * Hp + c] = pr.rel[r * H + c];
+    }
+    const int64_t nodes = pr.B * pr.N;
+    P.reset(nodes * Hp);
+    Q.reset(nodes * Hp);
+    for (int64_t n = 0; n < nodes; ++n)
+      for (int64_t c = 0; c < H; ++c) {
+        P[n * Hp + c] = pr.p[n * H + c];
+        Q[n * Hp + c] = pr.q[n * H + c];
+      }
+  }
+};
+
+// Per-thread scratch for one tile of up to kMaxRows pairs.
+template <typename T>
+struct Scratch {
+  Buffer<T> Z, A, Y, M0, MG, S, G1, G2, G3, Tr, Erow, ErowT, dE;
+  int64_t ii[kMaxRows], jj[kMaxRows];  // pair -> (row of the i-block, node j)
+  T d[kMaxRows][3], d2[kMaxRows], gate[kMaxRows], psi[kMaxRows];
+  int64_t rows = 0, rows_padded = 0;
+
+  Scratch(const Packed<T>& pk, bool backward) {
+    const int64_t n = kMaxRows * pk.Hp;
+    Z.reset(n), A.reset(n), Y.reset(n), M0.reset(n), MG.reset(n), S.reset(n);
+    if (pk.E > 0) Erow.reset(kMaxRows * pk.E);
+    if (backward) {
+      G1.reset(n), G2.reset(n), G3.reset(n), Tr.reset(pk.Hp * kMaxRows);
+      if (pk.E > 0) ErowT.reset(pk.Er * kMaxRows), dE.reset(kMaxRows * pk.Ep);
+    }
+  }
+};
+
+template <typename T>
+inline bool is_real(const EgnnProblem<T>& pr, int64_t b, int64_t i) {
+  return pr.mask == nullptr || pr.mask[b * pr.N + i] != 0;
+}
+
+template <typename T>
+T coord_scale(const EgnnProblem<T>& pr, int64_t b) {
+  if (!pr.mean_agg) return T(1);
+  int64_t n = 0;
+  for (int64_t i = 0; i < pr.N; ++i) n += is_real(pr, b, i);
+  return T(1) / T(n > 1 ? n - 1 : 1);
+}
+
+// The pairs of tile (i0.., j0..) that count, compacted; returns false when there are none.
+template <typename T>
+bool gather_pairs(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t b, int64_t i0, int64_t bi, int64_t j0,
+                  int64_t bj) {
+  int64_t rows = 0;
+  for (int64_t a = 0; a < bi; ++a) {
+    const int64_t i = i0 + a;
+    if (!is_real(pr, b, i)) continue;
+    for (int64_t c = 0; c < bj; ++c) {
+      const int64_t j = j0 + c;
+      if (j == i || !is_real(pr, b, j)) continue;
+      s.ii[rows] = a;
+      s.jj[rows] = j;
+      ++rows;
+    }
+  }
+  s.rows = rows;
+  s.rows_padded = round_up(rows, Tiles<T>::kMR);
+  return rows > 0;
+}
+
+template <typename T>
+inline void silu_rows(const T* src, T* dst, int64_t n) {
+  using V = Vec<T>;
+  constexpr int L = Tiles<T>::kLanes;
+  for (int64_t k = 0; k < n; k += L) {
+    const V v = simd::load(src + k);
+    simd::store(dst + k, v * simd::vsigmoid<T>(v));
+  }
+}
+
+// d silu(v) / dv = sigmoid(v) (1 + v (1 - sigmoid(v))), times the incoming gradient, in place.
+template <typename T>
+inline void silu_backward_rows(const T* pre, T* grad, int64_t n) {
+  using V = Vec<T>;
+  constexpr int L = Tiles<T>::kLanes;
+  for (int64_t k = 0; k < n; k += L) {
+    const V v = simd::load(pre + k);
+    const V sg = simd::vsigmoid<T>(v);
+    simd::store(grad + k, simd::load(grad + k) * (sg * (T(1) + v * (T(1) - sg))));
+  }
+}
+
+template <typename T>
+inline T dot_rows(const T* a, const T* b, int64_t n) {
+  using V = Vec<T>;
+  constexpr int L = Tiles<T>::kLanes;
+  V acc = V{};
+  for (int64_t k = 0; k < n; k += L) acc += simd::load(a + k) * simd::load(b + k);
+  return simd::hsum<T>(acc);
+}
+
+template <typename T>
+inline void fill_rows_with(T* dst, const T* row, int64_t rows, int64_t Hp) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * Hp, row, static_cast<size_t>(Hp) * sizeof(T));
+}
+
+// Forward over the gathered pairs of one tile: fills Z, A, Y, M0, MG (= m_ij), S, d, d2, gate, psi.
+template <typename T>
+void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, int64_t b, int64_t i0) {
+  using V = Vec<T>;
+  constexpr int L = Tiles<T>::kLanes;
+  const int64_t Hp = pk.Hp, rows = s.rows, rows_p = s.rows_padded, N = pr.N;
+  const int64_t Kt = pr.K;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + s.ii[r], j = s.jj[r];
+    const T* xi = pr.x + (b * N + i) * 3;
+    const T* xj = pr.x + (b * N + j) * 3;
+    T dist2 = 0;
+    for (int c = 0; c < 3; ++c) {
+      s.d[r][c] = xi[c] - xj[c];
+      dist2 += s.d[r][c] * s.d[r][c];
+    }
+    s.d2[r] = dist2;
+    const T* pi = pk.P.get() + (b * N + i) * Hp;
+    const T* qj = pk.Q.get() + (b * N + j) * Hp;
+    T* z = s.Z.get() + r * Hp;
+    const V vd2 = simd::splat(dist2);
+    if (Kt >= 0) {
+      const T* e = pk.rel.get() + (clip64(j - i, -Kt, Kt) + Kt) * Hp;
+      for (int64_t k = 0; k < Hp; k += L)
+        simd::store(z + k, simd::load(pi + k) + simd::load(qj + k) + vd2 * simd::load(pk.wd.get() + k) +
+                               simd::load(e + k));
+    } else {
+      for (int64_t k = 0; k < Hp; k += L)
+        simd::store(z + k, simd::load(pi + k) + simd::load(qj + k) + vd2 * simd::load(pk.wd.get() + k));
+    }
+    if (pk.E > 0)
+      std::memcpy(s.Erow.get() + r * pk.E, pr.edge_attr + ((b * N + i) * N + j) * pk.E,
+                  static_cast<size_t>(pk.E) * sizeof(T));
+  }
+  zero(s.Z.get() + rows * Hp, (rows_p - rows) * Hp);
+  if (pk.E > 0) {
+    zero(s.Erow.get() + rows * pk.E, (rows_p - rows) * pk.E);
+    gemm_acc<T>(rows_p, pk.E, Hp, s.Erow.get(), pk.E, pk.We.get(), Hp, s.Z.get(), Hp);  // z += e_ij W_e
+  }
+  silu_rows(s.Z.get(), s.A.get(), rows_p * Hp);  // a = silu(z)
+  fill_rows_with(s.Y.get(), pk.b2.get(), rows_p, Hp);
+  gemm_acc<T>(rows_p, Hp, Hp, s.A.get(), Hp, pk.W2.get(), Hp, s.Y.get(), Hp);  // y = a W2 + b2
+  silu_rows(s.Y.get(), s.M0.get(), rows_p * Hp);  // m0 = silu(y)
+  T* m = s.M0.get();
+  if (pr.w_att) {
+    m = s.MG.get();
+    for (int64_t r = 0; r < rows_p; ++r) {
+      const T logit = dot_rows(s.M0.get() + r * Hp, pk.watt.get(), Hp) + pr.b_att;
+      const T g = T(1) / (T(1) + std::exp(-logit));
+      s.gate[r] = g;
+      const V vg = simd::splat(g);
+      for (int64_t k = 0; k < Hp; k += L) simd::store(m + r * Hp + k, simd::load(s.M0.get() + r * Hp + k) * vg);
+    }
+  } else {
+    std::memcpy(s.MG.get(), s.M0.get(), static_cast<size_t>(rows_p * Hp) * sizeof(T));
+  }
+  fill_rows_with(s.S.get(), pk.b3.get(), rows_p, Hp);
+  gemm_acc<T>(rows_p, Hp, Hp, s.MG.get(), Hp, pk.W3.get(), Hp, s.S.get(), Hp);  // s = m W3 + b3
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* sr = s.S.get() + r * Hp;
+    V acc = V{};
+    for (int64_t k = 0; k < Hp; k += L) {
+      const V v = simd::load(sr + k);
+      acc += v * simd::vsigmoid<T>(v) * simd::load(pk.w4.get() + k);
+    }
+    const T phi = simd::hsum<T>(acc);
+    s.psi[r] = pr.use_tanh ? std::tanh(phi) : phi;
+  }
+}
+
+// The coordinate direction u_ij: x_i - x_j, or divided by (stopgrad |x_i - x_j| + eps).
+template <typename T>
+inline T direction_scale(const EgnnProblem<T>& pr, T d2) {
+  return pr.normalize ? T(1) / (std::sqrt(d2) + pr.eps) : T(1);
+}
+
+template <typename T>
+void egnn_forward(const EgnnProblem<T>& pr, T* m_out, T* dx_out) {
+  constexpr int L = Tiles<T>::kLanes;
+  const Packed<T> pk(pr);
+  const int64_t B = pr.B, N = pr.N, H = pr.H, Hp = pk.Hp;
+  const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (N + BJ - 1) / BJ;
+#pragma omp parallel
+  {
+    Scratch<T> s(pk, false);
+    Buffer<T> m_acc(BI * Hp);
+    T dx_acc[BI][3];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * n_iblocks; ++task) {
+      const int64_t b = task / n_iblocks, i0 = (task % n_iblocks) * BI, bi = min64(BI, N - i0);
+      zero(m_acc.get(), BI * Hp);
+      for (int a = 0; a < BI; ++a) dx_acc[a][0] = dx_acc[a][1] = dx_acc[a][2] = 0;
+      for (int64_t jb = 0; jb < n_jblocks; ++jb) {
+        const int64_t j0 = jb * BJ;
+        if (!gather_pairs(pr, s, b, i0, bi, j0, min64(BJ, N - j0))) continue;
+        tile_forward(pr, pk, s, b, i0);
+        for (int64_t r = 0; r < s.rows; ++r) {
+          T* acc = m_acc.get() + s.ii[r] * Hp;
+          const T* m = s.MG.get() + r * Hp;
+          for (int64_t k = 0; k < Hp; k += L) simd::store(acc + k, simd::load(acc + k) + simd::load(m + k));
+          const T w = s.psi[r] * direction_scale(pr, s.d2[r]);
+          for (int c = 0; c < 3; ++c) dx_acc[s.ii[r]][c] += w * s.d[r][c];
+        }
+      }
+      const T C = coord_scale(pr, b);
+      for (int64_t a = 0; a < bi; ++a) {
+        const int64_t i = i0 + a;
+        std::memcpy(m_out + (b * N + i) * H, m_acc.get() + a * Hp, static_cast<size_t>(H) * sizeof(T));
+        for (int c = 0; c < 3; ++c) dx_out[(b * N + i) * 3 + c] = C * dx_acc[a][c];
+      }
+    }
+  }
+}
+
+// Number of i-block groups per sample in the backward: a function of B and N only, so the
+// summation order (and the result) does not depend on the thread count.
+inline int64_t backward_groups(int64_t B, int64_t n_iblocks) {
+  const int64_t want = (16 + B - 1) / B;
+  return want < n_iblocks ? want : n_iblocks;
+}
+
+template <typename T>
+void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, const EgnnGrads<T>& out) {
+  using V = Vec<T>;
+  constexpr int L = Tiles<T>::kLanes;
+  const Packed<T> pk(pr);
+  const int64_t B = pr.B, N = pr.N, H = pr.H, Hp = pk.Hp, E = pk.E;
+  const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (N + BJ - 1) / BJ;
+  const int64_t G = backward_groups(B, n_iblocks), tasks = B * G;
+  // offsets j - i lie in [-(N-1), N-1]; after clipping to [-K, K] they touch rows [K - Kt, K + Kt]
+  const int64_t Kt = pr.K >= 0 ? min64(pr.K, N - 1) : -1, R = 2 * Kt + 1;
+  // per-task partials: j-side node gradients and all weight gradients
+  Buffer<T> part_q(tasks * N * Hp), part_x(tasks * N * 3), part_rel(pr.K >= 0 ? tasks * R * Hp : 0);
+  const int64_t wsize = 2 * Hp * Hp + 6 * Hp + 1 + (E > 0 ? pk.Er * Hp : 0);
+  Buffer<T> part_w(tasks * wsize);
+  zero(out.p, B * N * H);
+  if (out.edge_attr) zero(out.edge_attr, B * N * N * E);
+
+#pragma omp parallel
+  {
+    Scratch<T> s(pk, true);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / G, g = task % G;
+      T* pq = part_q.get() + task * N * Hp;
+      T* px = part_x.get() + task * N * 3;
+      T* prel = pr.K >= 0 ? part_rel.get() + task * R * Hp : nullptr;
+      T* pw = part_w.get() + task * wsize;
+      T *dW2 = pw, *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
+        *dwd = dw4 + Hp, *dwatt = dwd + Hp, *dbatt = dwatt + Hp, *dWe = dbatt + 1;
+      const T C = coord_scale(pr, b);
+      for (int64_t ib = g * n_iblocks / G; ib < (g + 1) * n_iblocks / G; ++ib) {
+        const int64_t i0 = ib * BI, bi = min64(BI, N - i0);
+        for (int64_t jb = 0; jb < n_jblocks; ++jb) {
+          const int64_t j0 = jb * BJ;
+          if (!gather_pairs(pr, s, b, i0, bi, j0, min64(BJ, N - j0))) continue;
+          tile_forward(pr, pk, s, b, i0);
+          const int64_t rows = s.rows, rows_p = s.rows_padded;
+          T* dS = s.G1.get();
+          // psi -> phi -> s:  dS = dphi * w4 * silu'(s);  dw4 += dphi * silu(s);  db3 += dS
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + s.ii[r];
+            const T* gx = grad_dx + (b * N + i) * 3;
+            const T scale = direction_scale(pr, s.d2[r]);
+            const T dpsi = C * scale * (gx[0] * s.d[r][0] + gx[1] * s.d[r][1] + gx[2] * s.d[r][2]);
+            const T dphi = pr.use_tanh ? dpsi * (T(1) - s.psi[r] * s.psi[r]) : dpsi;
+            const V vdphi = simd::splat(dphi);
+            const T* sr = s.S.get() + r * Hp;
+            T* dsr = dS + r * Hp;
+            for (int64_t k = 0; k < Hp; k += L) {
+              const V v = simd::load(sr + k);
+              const V sg = simd::vsigmoid<T>(v);
+              const V w4 = simd::load(pk.w4.get() + k);
+              simd::store(dw4 + k, simd::load(dw4 + k) + vdphi * v * sg);
+              const V ds = vdphi * w4 * (sg * (T(1) + v * (T(1) - sg)));
+              simd::store(dsr + k, ds);
+              simd::store(db3 + k, simd::load(db3 + k) + ds);
+            }
+          }
+          zero(dS + rows * Hp, (rows_p - rows) * Hp);
+          // dW3 += m^T dS
+          transpose(s.MG.get(), rows_p, Hp, Hp, s.Tr.get(), Hp);
+          gemm_acc<T>(Hp, rows_p, Hp, s.Tr.get(), rows_p, dS, Hp, dW3, Hp);
+          // dm = grad_m_i + dS W3^T
+          T* dM = s.G2.get();
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* gm = grad_m + (b * N + i0 + s.ii[r]) * H;
+            std::memcpy(dM + r * Hp, gm, static_cast<size_t>(H) * sizeof(T));
+            zero(dM + r * Hp + H, Hp - H);
+          }
+          zero(dM + rows * Hp, (rows_p - rows) * Hp);
+          gemm_acc<T>(rows_p, Hp, Hp, dS, Hp, pk.W3T.get(), Hp, dM, Hp);
+          // attention: m = g m0  ->  dm0 = g dm + g (1 - g) (dm . m0) w_att
+          if (pr.w_att) {
+            for (int64_t r = 0; r < rows; ++r) {
+              T* dmr = dM + r * Hp;
+              const T* m0 = s.M0.get() + r * Hp;
+              const T gt = s.gate[r];
+              const T coef = dot_rows(dmr, m0, Hp) * gt * (T(1) - gt);
+              dbatt[0] += coef;
+              const V vc = simd::splat(coef), vg = simd::splat(gt);
+              for (int64_t k = 0; k < Hp; k += L) {
+                simd::store(dwatt + k, simd::load(dwatt + k) + vc * simd::load(m0 + k));
+                simd::store(dmr + k, simd::load(dmr + k) * vg + vc * simd::load(pk.watt.get() + k));
+              }
+            }
+          }
+          // dy = dm0 * silu'(y);  db2 += dy;  dW2 += a^T dy;  da = dy W2^T
+          T* dY = dM;
+          silu_backward_rows(s.Y.get(), dY, rows_p * Hp);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t k = 0; k < Hp; k += L)
+              simd::store(db2 + k, simd::load(db2 + k) + simd::load(dY + r * Hp + k));
+          transpose(s.A.get(), rows_p, Hp, Hp, s.Tr.get(), Hp);
+          gemm_acc<T>(Hp, rows_p, Hp, s.Tr.get(), rows_p, dY, Hp, dW2, Hp);
+          T* dZ = s.G3.get();
+          zero(dZ, rows_p * Hp);
+          gemm_acc<T>(rows_p, Hp, Hp, dY, Hp, pk.W2T.get(), Hp, dZ, Hp);
+          silu_backward_rows(s.Z.get(), dZ, rows_p * Hp);  // dz = da * silu'(z)
+          // z = p_i + q_j + w_d d2 + e:  dp_i, dq_j, dw_d, the edge term, and x through d2 and u
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + s.ii[r], j = s.jj[r];
+            const T* dz = dZ + r * Hp;
+            T* dp = out.p + (b * N + i) * H;
+            for (int64_t k = 0; k < H; ++k) dp[k] += dz[k];
+            T* dq = pq + j * Hp;
+            const V vd2 = simd::splat(s.d2[r]);
+            for (int64_t k = 0; k < Hp; k += L) {
+              const V v = simd::load(dz + k);
+              simd::store(dq + k, simd::load(dq + k) + v);
+              simd::store(dwd + k, simd::load(dwd + k) + v * vd2);
+            }
+            if (prel) {
+              T* dr = prel + (clip64(j - i, -pr.K, pr.K) + Kt) * Hp;
+              for (int64_t k = 0; k < Hp; k += L) simd::store(dr + k, simd::load(dr + k) + simd::load(dz + k));
+            }
+            const T dd2 = dot_rows(dz, pk.wd.get(), Hp);
+            const T* gx = grad_dx + (b * N + i) * 3;
+            const T du = C * s.psi[r] * direction_scale(pr, s.d2[r]);
+            for (int c = 0; c < 3; ++c) {
+              const T gc = T(2) * dd2 * s.d[r][c] + du * gx[c];
+              px[i * 3 + c] += gc;
+              px[j * 3 + c] -= gc;
+            }
+          }
+          if (E > 0) {
+            // e = edge_attr W_e:  d edge_attr = dz W_e^T;  dW_e += edge_attr^T dz
+            transpose(s.Erow.get(), rows_p, E, E, s.ErowT.get(), pk.Er);
+            gemm_acc<T>(pk.Er, rows_p, Hp, s.ErowT.get(), rows_p, dZ, Hp, dWe, Hp);
+            if (out.edge_attr) {
+              zero(s.dE.get(), rows_p * pk.Ep);
+              gemm_acc<T>(rows_p, Hp, pk.Ep, dZ, Hp, pk.WeT.get(), pk.Ep, s.dE.get(), pk.Ep);
+              for (int64_t r = 0; r < rows; ++r) {
+                const int64_t i = i0 + s.ii[r], j = s.jj[r];
+                std::memcpy(out.edge_attr + ((b * N + i) * N + j) * E, s.dE.get() + r * pk.Ep,
+                            static_cast<size_t>(E) * sizeof(T));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Fixed-order reductions over the task partials.
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < B * N; ++n) {
+    const int64_t b = n / N, j = n % N;
+    T* dq = out.q + n * H;
+    T* dx = out.x + n * 3;
+    for (int64_t k = 0; k < H; ++k) dq[k] = 0;
+    dx[0] = dx[1] = dx[2] = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const T* src = part_q.get() + ((b * G + g) * N + j) * Hp;
+      for (int64_t k = 0; k < H; ++k) dq[k] += src[k];
+      const T* sx = part_x.get() + ((b * G + g) * N + j) * 3;
+      for (int c = 0; c < 3; ++c) dx[c] += sx[c];
+    }
+  }
+  Buffer<T> w(wsize);
+  for (int64_t t = 0; t < tasks; ++t) {
+    const T* src = part_w.get() + t * wsize;
+    for (int64_t k = 0; k < wsize; ++k) w[k] += src[k];
+  }
+  const T *dW2 = w.get(), *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
+          *dwd = dw4 + Hp, *dwatt = dwd + Hp, *dbatt = dwatt + Hp, *dWe = dbatt + 1;
+  for (int64_t r = 0; r < H; ++r)
+    for (int64_t c = 0; c < H; ++c) {
+      out.W2[r * H + c] = dW2[r * Hp + c];
+      out.W3[r * H + c] = dW3[r * Hp + c];
+    }
+  for (int64_t k = 0; k < H; ++k) {
+    out.b2[k] = db2[k];
+    out.b3[k] = db3[k];
+    out.w4[k] = dw4[k];
+    out.w_d[k] = dwd[k];
+    if (out.w_att) out.w_att[k] = dwatt[k];
+  }
+  if (out.b_att) out.b_att[0] = dbatt[0];
+  if (E > 0 && out.W_e)
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t k = 0; k < H; ++k) out.W_e[e * H + k] = dWe[e * Hp + k];
+  if (pr.K >= 0 && out.rel) {
+    zero(out.rel, (2 * pr.K + 1) * H);
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t r = 0; r < R; ++r) {
+        T* dst = out.rel + (pr.K - Kt + r) * H;
+        const T* src = part_rel.get() + (t * R + r) * Hp;
+        for (int64_t k = 0; k < H; ++k) dst[k] += src[k];
+      }
+  }
+}
+
+template void egnn_forward<float>(const EgnnProblem<float>&, float*, float*);
+template void egnn_forward<double>(const EgnnProblem<double>&, double*, double*);
+template void egnn_backward<float>(const EgnnProblem<float>&, const float*, const float*, const EgnnGrads<float>&);
+template void egnn_backward<double>(const EgnnProblem<double>&, const double*, const double*,
+                                   const EgnnGrads<double>&);
+
+}  // namespace PROTDIFF_ISA
+}  // namespace protdiff

@@ -1,0 +1,58 @@
+// Fused EGNN pair aggregation on the CPU: the `egnn_pair_aggregate` contract of
+// protdiff_fast/reference/egnn.py, forward and backward, never materializing O(N^2 H).
+//
+// This header is plain C++ (no pybind11): egnn_cpu.cpp includes it and is compiled once per
+// instruction set, into the namespaces declared at the bottom; egnn_bind.cpp picks one at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace protdiff {
+
+// All buffers C-contiguous; weights in (in, out) layout, as in the contract.
+template <typename T>
+struct EgnnProblem {
+  std::int64_t B = 0, N = 0, H = 0;
+  std::int64_t E = 0;   // dense edge width; 0 when there is no dense edge term
+  std::int64_t K = -1;  // relative-offset table half width; -1 when there is no table
+  const T* x = nullptr;  // (B, N, 3)
+  const T* p = nullptr;  // (B, N, H)
+  const T* q = nullptr;  // (B, N, H)
+  const T* w_d = nullptr;  // (H)
+  const T* W2 = nullptr;   // (H, H)
+  const T* b2 = nullptr;   // (H)
+  const T* W3 = nullptr;   // (H, H)
+  const T* b3 = nullptr;   // (H)
+  const T* w4 = nullptr;   // (H)
+  const T* edge_attr = nullptr;  // (B, N, N, E)
+  const T* W_e = nullptr;        // (E, H)
+  const T* rel = nullptr;        // (2K + 1, H)
+  const T* w_att = nullptr;      // (H); attention on when non-null
+  T b_att = 0;
+  const std::uint8_t* mask = nullptr;  // (B, N); all real when null
+  bool normalize = false, use_tanh = false, mean_agg = true;
+  T eps = T(1e-8);
+};
+
+// Gradient outputs (written, not accumulated). edge_attr may be null (not needed).
+template <typename T>
+struct EgnnGrads {
+  T *x = nullptr, *p = nullptr, *q = nullptr, *w_d = nullptr, *W2 = nullptr, *b2 = nullptr, *W3 = nullptr,
+    *b3 = nullptr, *w4 = nullptr, *edge_attr = nullptr, *W_e = nullptr, *rel = nullptr, *w_att = nullptr,
+    *b_att = nullptr;
+};
+
+#define PROTDIFF_DECLARE_EGNN_ISA(ns)                                                                  \
+  namespace ns {                                                                                       \
+  template <typename T>                                                                                \
+  void egnn_forward(const EgnnProblem<T>& pr, T* m_out, T* dx_out);                                    \
+  template <typename T>                                                                                \
+  void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, const EgnnGrads<T>& g); \
+  int vector_bytes();                                                                                  \
+  }
+
+PROTDIFF_DECLARE_EGNN_ISA(isa_base)
+PROTDIFF_DECLARE_EGNN_ISA(isa_avx2)    // x86 only
+PROTDIFF_DECLARE_EGNN_ISA(isa_avx512)  // x86 only
+
+}  // namespace protdiff

@@ -1,0 +1,116 @@
+"""The fused EGNN pair aggregation on the C++ backend (``protdiff_fast._C.egnn_forward/backward``).
+
+Same contract as :func:`protdiff_fast.reference.egnn.egnn_pair_aggregate_reference` (math and
+shapes in that module's docstring). The kernels run in float64 for float64 inputs and in
+float32 otherwise (bf16/fp16 inputs are upcast, the outputs cast back), on zero-copy numpy
+views of contiguous CPU tensors. The backward recomputes the pair quantities (nothing
+O(N^2) is saved) and is deterministic: the same bits for any thread count.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from protdiff_fast.backends import cpu_extension
+from protdiff_fast.reference.egnn import check_egnn_pair_aggregate_inputs
+
+# positions of the tensor inputs of _EgnnPairAggregateCPU.forward
+_NAMES = ("x", "p", "q", "w_d", "W2", "b2", "W3", "b3", "w4", "edge_attr", "W_e", "rel", "w_att", "b_att")
+
+
+def _ext():
+    ext = cpu_extension()
+    if ext is None:
+        raise RuntimeError("the cpu backend needs the C++ extension protdiff_fast._C, which is not built")
+    return ext
+
+
+def _np(t: Optional[torch.Tensor]):
+    return None if t is None else t.numpy()
+
+
+class _EgnnPairAggregateCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask_u8, flags):
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        inputs = [None if t is None else t.detach().to(compute).contiguous()
+                  for t in (x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att)]
+        B, N, _ = x.shape
+        m_i = torch.empty(B, N, p.shape[-1], dtype=compute)
+        dx_i = torch.empty(B, N, 3, dtype=compute)
+        b_att_value = 0.0 if b_att is None else float(b_att)
+        _ext().egnn_forward(*[_np(t) for t in inputs], b_att=b_att_value, mask=_np(mask_u8), **flags,
+                            m_out=m_i.numpy(), dx_out=dx_i.numpy())
+        ctx.save_for_backward(*[t for t in inputs if t is not None], mask_u8)
+        ctx.present = [t is not None for t in inputs]
+        ctx.b_att, ctx.flags, ctx.compute = b_att_value, flags, compute
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e,
+                                                              rel, w_att, b_att)]
+        ctx.b_att_shape = None if b_att is None else b_att.shape
+        return m_i.to(x.dtype), dx_i.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_dx):
+        saved = list(ctx.saved_tensors)
+        mask_u8 = saved.pop()
+        it = iter(saved)
+        inputs = [next(it) if present else None for present in ctx.present]
+        x, p = inputs[0], inputs[1]
+        compute = ctx.compute
+        B, N, _ = x.shape
+        H = p.shape[-1]
+        grad_m = torch.zeros(B, N, H, dtype=compute) if grad_m is None else grad_m.to(compute).contiguous()
+        grad_dx = torch.zeros(B, N, 3, dtype=compute) if grad_dx is None else grad_dx.to(compute).contiguous()
+        grads = [None if t is None else torch.empty_like(t) for t in inputs]
+        if inputs[9] is not None and not ctx.needs_input_grad[9]:
+            grads[9] = None  # the dense edge gradient is O(N^2 E): skip it when nobody asks
+        d_b_att = torch.empty(1, dtype=compute) if inputs[12] is not None else None
+        _ext().egnn_backward(
+            *[_np(t) for t in inputs], b_att=ctx.b_att, mask=_np(mask_u8), **ctx.flags,
+            grad_m=grad_m.numpy(), grad_dx=grad_dx.numpy(),
+            d_x=grads[0].numpy(), d_p=grads[1].numpy(), d_q=grads[2].numpy(), d_w_d=grads[3].numpy(),
+            d_W2=grads[4].numpy(), d_b2=grads[5].numpy(), d_W3=grads[6].numpy(), d_b3=grads[7].numpy(),
+            d_w4=grads[8].numpy(), d_edge_attr=_np(grads[9]), d_W_e=_np(grads[10]), d_rel=_np(grads[11]),
+            d_w_att=_np(grads[12]), d_b_att=_np(d_b_att),
+        )
+        grads.append(None if d_b_att is None else d_b_att.reshape(ctx.b_att_shape))
+        out = []
+        for k, (g, dtype) in enumerate(zip(grads, ctx.dtypes)):
+            out.append(g.to(dtype) if g is not None and ctx.needs_input_grad[k] else None)
+        return (*out, None, None)
+
+
+def egnn_pair_aggregate_cpu(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    w_d: torch.Tensor,
+    W2: torch.Tensor,
+    b2: torch.Tensor,
+    W3: torch.Tensor,
+    b3: torch.Tensor,
+    w4: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    edge_attr: Optional[torch.Tensor] = None,
+    W_e: Optional[torch.Tensor] = None,
+    rel: Optional[torch.Tensor] = None,
+    w_att: Optional[torch.Tensor] = None,
+    b_att: Optional[torch.Tensor] = None,
+    normalize: bool = False,
+    tanh: bool = False,
+    coords_agg: str = "mean",
+    eps: float = 1e-8,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(m_i, dx_i) of the fused-op contract, computed by the C++ kernels."""
+    if x.device.type != "cpu":
+        raise ValueError(f"x: the cpu backend takes CPU tensors, got device {x.device}")
+    mask, b_att = check_egnn_pair_aggregate_inputs(
+        x, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, edge_attr=edge_attr, W_e=W_e, rel=rel,
+        w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
+    )
+    flags = dict(normalize=bool(normalize), tanh=bool(tanh), mean_agg=coords_agg == "mean", eps=float(eps))
+    mask_u8 = mask.to(torch.uint8).contiguous()
+    return _EgnnPairAggregateCPU.apply(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att,
+                                       mask_u8, flags)

@@ -1,0 +1,234 @@
+"""The C++ EGNN backend against the float64 reference: forward, every gradient, masks, odd sizes,
+every edge term and flag, fp32/bf16 error bounds, every SIMD build, threads, determinism."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_close_rel, random_mask, rel_err
+from protdiff_fast import backends
+from protdiff_fast.nn import EGNNLayer
+from protdiff_fast.ops import egnn_pair_aggregate
+from protdiff_fast.reference.egnn import egnn_pair_aggregate_reference
+
+_C = backends.cpu_extension()
+pytestmark = pytest.mark.skipif(_C is None, reason="C++ extension not built (test_cpu_extension fails for that)")
+
+F64 = torch.float64
+FLAG_SETS = [
+    dict(),
+    dict(attention=True),
+    dict(tanh=True),
+    dict(normalize=True),
+    dict(attention=True, tanh=True, normalize=True),
+    dict(attention=True, tanh=True, normalize=True, coords_agg="sum"),
+]
+
+
+def flag_id(f):
+    return "+".join(f"{k}" if v is True else f"{v}" for k, v in f.items()) or "plain"
+
+
+def make_problem(B, N, H, E, edge_mode, flags, seed=0, K=None):
+    """Random contract inputs in float64 (weights scaled so activations stay O(1))."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+    args = [r(B, N, 3, scale=1.5), r(B, N, H), r(B, N, H), r(H, scale=0.3), r(H, H, scale=H ** -0.5), r(H),
+            r(H, H, scale=H ** -0.5), r(H), r(H, scale=H ** -0.5)]
+    kw = dict(mask=random_mask(B, N, generator=g), normalize=flags.get("normalize", False),
+              tanh=flags.get("tanh", False), coords_agg=flags.get("coords_agg", "mean"))
+    if edge_mode == "dense":
+        kw.update(edge_attr=r(B, N, N, E), W_e=r(E, H, scale=E ** -0.5))
+    elif edge_mode == "offset":
+        K = K if K is not None else max(N // 2, 1)  # clipped for the far pairs
+        kw.update(rel=r(2 * K + 1, H))
+    if flags.get("attention"):
+        kw.update(w_att=r(H, scale=H ** -0.5), b_att=r(()))
+    return args, kw
+
+
+def tensor_inputs(args, kw):
+    return list(args) + [v for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
+
+
+def run(backend, args, kw, dtype, upstream):
+    """Outputs and the gradients of <outputs, upstream> for every floating input, cast to dtype."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in tensor_inputs(args, kw)]
+    n = len(args)
+    kw_low = dict(kw)
+    for (k, v), leaf in zip([(k, v) for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point],
+                            leaves[n:]):
+        kw_low[k] = leaf
+    m, dx = egnn_pair_aggregate(*leaves[:n], backend=backend, **kw_low)
+    loss = (m.double() * upstream[0]).sum() + (dx.double() * upstream[1]).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return [m, dx, *grads]
+
+
+NAMES = ["m_i", "dx_i", "x", "p", "q", "w_d", "W2", "b2", "W3", "b3", "w4"]
+
+
+def compare(B, N, H, E, edge_mode, flags, dtype, seed=0):
+    args, kw = make_problem(B, N, H, E, edge_mode, flags, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    upstream = (torch.randn(B, N, H, generator=g, dtype=F64), torch.randn(B, N, 3, generator=g, dtype=F64))
+    want = run("reference", args, kw, F64, upstream)
+    got = run("cpu", args, kw, dtype, upstream)
+    low_ref = rounded = None
+    if dtype != F64:
+        low_ref = run("reference", args, kw, dtype, upstream)
+        # the float64 answer for the inputs rounded to dtype: what input quantization alone costs
+        r_args = [a.to(dtype).double() for a in args]
+        r_kw = {k: (v.to(dtype).double() if torch.is_tensor(v) and v.dtype.is_floating_point else v)
+                for k, v in kw.items()}
+        rounded = run("reference", r_args, r_kw, F64, upstream)
+    extra = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
+    for k, (name, a, w) in enumerate(zip(NAMES + extra, got, want)):
+        assert a.dtype == dtype, name
+        assert bool(torch.isfinite(a).all()), f"{name}: non-finite values"
+        if dtype == F64:
+            tol = 1e-10
+        else:  # within a small factor of the same-precision reference's own error (or of input rounding)
+            base = max(rel_err(low_ref[k], w), rel_err(rounded[k], w))
+            # floor: one rounding of the output to dtype (a lone scalar like b_att shows it whole)
+            tol = 2 * base + max(5e-6, torch.finfo(dtype).eps / 2)
+        assert_close_rel(a, w, tol, f"{name} ({dtype}, N={N}, {edge_mode}, {flag_id(flags)})")
+
+
+@pytest.mark.parametrize("N", [1, 2, 7, 33, 100])
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=flag_id)
+def test_cpu_matches_reference_float64(N, edge_mode, flags):
+    compare(3, N, 20, 5, edge_mode, flags, F64, seed=N)
+
+
+@pytest.mark.parametrize("N", [7, 33])
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", [FLAG_SETS[0], FLAG_SETS[4]], ids=flag_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_low_precision_within_reference_error(N, edge_mode, flags, dtype):
+    compare(2, N, 64, 6, edge_mode, flags, dtype, seed=N + 100)
+
+
+@pytest.mark.parametrize("H", [1, 3, 16, 17, 64, 96])
+def test_cpu_hidden_sizes_not_multiple_of_the_vector_width(H):
+    compare(2, 11, H, 3, "offset", FLAG_SETS[4], F64, seed=H)
+
+
+def test_every_simd_build_matches_reference():
+    before = _C.simd_isa()
+    try:
+        for isa in _C.supported_simd_isas().split(","):
+            _C.set_simd_isa(isa)
+            for dtype in (F64, torch.float32):
+                compare(2, 19, 24, 4, "dense", FLAG_SETS[4], dtype, seed=7)
+                compare(2, 19, 24, 4, "offset", FLAG_SETS[1], dtype, seed=8)
+    finally:
+        _C.set_simd_isa(before)
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        _C.set_simd_isa("neon9")
+
+
+def test_gradcheck_float64_through_cpp():
+    args, kw = make_problem(2, 5, 4, 2, "offset", FLAG_SETS[4], seed=3, K=2)
+    names = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
+    leaves = [t.clone().requires_grad_(True) for t in tensor_inputs(args, kw)]
+    # normalize divides by a detached distance, which finite differences do see: test it off here
+    flags = {k: v for k, v in kw.items() if not (torch.is_tensor(v) and v.dtype.is_floating_point)}
+    flags["normalize"] = False
+
+    def fn(*t):
+        return egnn_pair_aggregate(*t[:9], backend="cpu", **flags, **dict(zip(names, t[9:])))
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+    args, kw = make_problem(1, 4, 3, 2, "dense", FLAG_SETS[2], seed=4)
+    names = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
+    leaves = [t.clone().requires_grad_(True) for t in tensor_inputs(args, kw)]
+    flags = {k: v for k, v in kw.items() if not (torch.is_tensor(v) and v.dtype.is_floating_point)}
+    assert torch.autograd.gradcheck(lambda *t: egnn_pair_aggregate(*t[:9], backend="cpu", **flags,
+                                                                   **dict(zip(names, t[9:]))), leaves)
+
+
+def _forward_backward_bits(args, kw):
+    g = torch.Generator().manual_seed(9)
+    up = (torch.randn(*args[1].shape, generator=g), torch.randn(*args[0].shape, generator=g))
+    out = run("cpu", args, kw, torch.float32, (up[0].double(), up[1].double()))
+    return [t.detach().clone() for t in out]
+
+
+def test_same_bits_for_any_thread_count_and_repeated_runs():
+    args, kw = make_problem(2, 70, 32, 3, "offset", FLAG_SETS[4], seed=5)
+    before = _C.max_threads()
+    try:
+        _C.set_num_threads(1)
+        one = _forward_backward_bits(args, kw)
+        _C.set_num_threads(2)
+        two = _forward_backward_bits(args, kw)
+        again = _forward_backward_bits(args, kw)
+        _C.set_num_threads(3)  # more threads than cores: still the same partition of the work
+        three = _forward_backward_bits(args, kw)
+    finally:
+        _C.set_num_threads(before)
+    for name, a, b, c, d in zip(NAMES + ["rel", "w_att", "b_att"], one, two, again, three):
+        assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, d), name
+
+
+def test_layer_trains_end_to_end_on_cpu_backend():
+    torch.manual_seed(0)
+    H, E, N = 32, 8, 23
+    ref_layer = EGNNLayer(H, E, attention=True, normalize=True, coord_init_gain=1.0, backend="reference").double()
+    cpu_layer = EGNNLayer(H, E, attention=True, normalize=True, coord_init_gain=1.0, backend="cpu").double()
+    cpu_layer.load_state_dict(ref_layer.state_dict())
+    auto_layer = EGNNLayer(H, E, backend="auto")
+    assert auto_layer.backend_for("cpu") == "cpu"
+    h, x = torch.randn(3, N, H, dtype=F64), torch.randn(3, N, 3, dtype=F64)
+    table = torch.randn(2 * N - 1, E, dtype=F64)
+    mask = random_mask(3, N)
+    outs = []
+    for layer in (ref_layer, cpu_layer):
+        h_out, x_out = layer(h, x, table, mask)
+        loss = h_out.pow(2).mean() + x_out.pow(2).mean()
+        grads = torch.autograd.grad(loss, list(layer.parameters()))
+        outs.append((h_out, x_out, grads))
+    assert_close_rel(outs[1][0], outs[0][0], 1e-11, "h")
+    assert_close_rel(outs[1][1], outs[0][1], 1e-11, "x")
+    for (name, _), a, b in zip(cpu_layer.named_parameters(), outs[1][2], outs[0][2]):
+        assert_close_rel(a, b, 1e-9, f"grad {name}")
+    # and a few optimizer steps reduce a loss
+    opt = torch.optim.Adam(cpu_layer.parameters(), lr=1e-2)
+    target = torch.randn(3, N, H, dtype=F64)
+    losses = []
+    for _ in range(20):
+        h_out, _ = cpu_layer(h, x, table, mask)
+        loss = (h_out - target).pow(2)[mask].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_cpu_backend_bad_input():
+    args, kw = make_problem(2, 5, 4, 2, "none", {}, seed=1)
+    bad = list(args)
+    bad[0] = bad[0].clone()
+    bad[0][0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="x: contains NaN"):
+        egnn_pair_aggregate(*bad, backend="cpu", **kw)
+    with pytest.raises(ValueError, match=r"W3: expected shape \(4, 4\)"):
+        egnn_pair_aggregate(*args[:6], torch.randn(4, 5, dtype=F64), *args[7:], backend="cpu", **kw)
+    with pytest.raises(RuntimeError, match="the cpu backend takes CPU tensors, got device meta"):
+        egnn_pair_aggregate(args[0].to("meta"), *args[1:], backend="cpu")
+    # the C++ layer checks buffer sizes itself too
+    f32 = [a.float().numpy() for a in args]
+    m_out, dx_out = np.empty((2, 5, 4), np.float32), np.empty((2, 5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"q: expected shape \(2, 5, 4\), got \(2, 4, 4\)"):
+        _C.egnn_forward(f32[0], f32[1], f32[2][:, :4].copy(), *f32[3:], m_out=m_out, dx_out=dx_out)
+    with pytest.raises(ValueError, match=r"m_out: expected shape"):
+        _C.egnn_forward(*f32, m_out=np.empty((2, 5, 3), np.float32), dx_out=dx_out)
+    with pytest.raises(TypeError):  # float64 buffers into float32 outputs: no overload, no conversion
+        _C.egnn_forward(*[a.numpy() for a in args], m_out=m_out, dx_out=dx_out)
