@@ -1,6 +1,7 @@
 // The only PYBIND11_MODULE of protdiff_fast._C. Kernels live in csrc/cpu/.
 #include "common.h"
 #include "cpu/com_cpu.h"
+#include "cpu/ddpm_cpu.h"
 #include "cpu/egnn_bind.h"
 
 namespace py = pybind11;
@@ -40,6 +41,22 @@ void def_egnn(py::module_& m) {
         "every input into the d_* buffers (deterministic: fixed-order reductions, no atomics).");
 }
 
+template <typename T>
+void def_ddpm(py::module_& m) {
+  const auto none = py::none();
+  m.def("ddpm_step", &protdiff::ddpm_step_np<T>, py::arg("x_t").noconvert(), py::arg("eps_hat").noconvert(),
+        py::arg("c1").noconvert(), py::arg("c2").noconvert(), py::arg("sigma").noconvert(),
+        py::arg("x0_a").noconvert(), py::arg("x0_b").noconvert(), py::arg("mask").noconvert(),
+        py::arg("noise").noconvert() = none, py::arg("seeds").noconvert(), py::arg("t").noconvert(),
+        py::arg("prev_out").noconvert(), py::arg("mean_out").noconvert() = none,
+        py::arg("x0_out").noconvert() = none,
+        "Fused DDPM ancestral step with per-sample coefficients (float64, (B,)), zero-CoM projection over "
+        "real nodes, and Philox noise keyed by (seeds[b], t[b], element) unless `noise` is given.");
+  m.def("philox_normal", &protdiff::philox_normal_np<T>, py::arg("seeds").noconvert(), py::arg("t").noconvert(),
+        py::arg("out").noconvert(),
+        "Fill out[b] with the step's standard normals for (seeds[b], t[b]) (the draw ddpm_step uses).");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -56,6 +73,10 @@ PYBIND11_MODULE(_C, m) {
 
   def_egnn<float>(m);
   def_egnn<double>(m);
+  def_ddpm<float>(m);
+  def_ddpm<double>(m);
+  m.def("philox4x32", &protdiff::philox4x32_np, py::arg("counter"), py::arg("key"),
+        "One Philox4x32-10 block: 4 counter words and 2 key words in, 4 words out.");
   m.def("simd_isa", &protdiff::simd_isa, "Instruction set the EGNN kernels run with (avx512, avx2 or base).");
   m.def("set_simd_isa", &protdiff::set_simd_isa, py::arg("name"),
         "Run the EGNN kernels with another instruction set this CPU supports (for testing every build).");

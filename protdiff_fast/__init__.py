@@ -2,7 +2,7 @@
 from protdiff_fast import backends
 from protdiff_fast.diffusion import NoiseSchedule
 from protdiff_fast.nn import EGNN, EGNNLayer
-from protdiff_fast.ops import egnn_pair_aggregate, remove_center_of_mass
+from protdiff_fast.ops import ddpm_step, egnn_pair_aggregate, remove_center_of_mass
 
 __version__ = "0.1.0"
 
@@ -11,6 +11,7 @@ __all__ = [
     "EGNNLayer",
     "NoiseSchedule",
     "backends",
+    "ddpm_step",
     "egnn_pair_aggregate",
     "remove_center_of_mass",
     "__version__",

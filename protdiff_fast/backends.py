@@ -97,6 +97,10 @@ _REGISTRY: Dict[str, Dict[str, str]] = {
         "reference": "protdiff_fast.reference.egnn:egnn_pair_aggregate_reference",
         "cpu": "protdiff_fast.ops.egnn_cpu:egnn_pair_aggregate_cpu",
     },
+    "ddpm_step": {
+        "reference": "protdiff_fast.reference.ddpm:ddpm_step_reference",
+        "cpu": "protdiff_fast.ops.ddpm_cpu:ddpm_step_cpu",
+    },
 }
 
 

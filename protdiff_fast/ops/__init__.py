@@ -25,3 +25,12 @@ def egnn_pair_aggregate(*args, backend: str = "auto", **kwargs) -> Tuple[torch.T
     x = kwargs["x"] if "x" in kwargs else args[0]
     _, fn = get_impl("egnn_pair_aggregate", backend, x.device)
     return fn(*args, **kwargs)
+
+
+def ddpm_step(schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t, *, backend: str = "auto", **kwargs):
+    """One fused DDPM ancestral step; contract in :func:`protdiff_fast.reference.ddpm.ddpm_step_reference`.
+
+    Keyword arguments: mask, noise (explicit z), seed (int, or (B,) per-sample seeds), generator, variance.
+    """
+    _, fn = get_impl("ddpm_step", backend, x_t.device)
+    return fn(schedule, x_t, eps_hat, t, **kwargs)

@@ -116,6 +116,45 @@ def l_simple(eps_hat: torch.Tensor, eps: torch.Tensor, mask: Optional[torch.Tens
     return per_residue[mask].mean()
 
 
+def check_step_inputs(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps_hat: torch.Tensor,
+    t: Timesteps,
+    mask: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    variance: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate the arguments of a step (every backend calls this); returns t (B,) and the bool mask."""
+    if variance not in VARIANCES:
+        raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")
+    _check_coords("x_t", x_t)
+    _check_coords("eps_hat", eps_hat, x_t)
+    if noise is not None:
+        _check_coords("noise", noise, x_t)
+    B, N, _ = x_t.shape
+    t = schedule.check_timesteps(t, B, x_t.device)
+    return t, check_mask(mask, B, N, x_t.device)
+
+
+def step_coefficients(schedule: NoiseSchedule, t: torch.Tensor, variance: str) -> dict:
+    """Per-sample float64 (B,) coefficients of the fused step, from the schedule tables:
+
+    c1 = 1/sqrt(alpha_t), c2 = beta_t/sqrt(1 - alpha_bar_t), sigma (0 at t = 1),
+    x0_a = 1/sqrt(alpha_bar_t), x0_b = sqrt(1/alpha_bar_t - 1).
+    """
+    tab = schedule.tables
+    tc = t.cpu()
+    var = (tab["beta_tilde"] if variance == "fixed_small" else tab["betas"])[tc]
+    return {
+        "c1": 1.0 / tab["alphas"][tc].sqrt(),
+        "c2": tab["betas"][tc] / tab["sqrt_one_minus_alpha_bars"][tc],
+        "sigma": torch.where(tc > 1, var.sqrt(), torch.zeros_like(var)),
+        "x0_a": 1.0 / tab["sqrt_alpha_bars"][tc],
+        "x0_b": (1.0 / tab["alpha_bars"][tc] - 1.0).sqrt(),
+    }
+
+
 def ddpm_step_reference(
     schedule: NoiseSchedule,
     x_t: torch.Tensor,
@@ -124,25 +163,21 @@ def ddpm_step_reference(
     *,
     mask: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     variance: str = "fixed_small",
 ) -> DDPMStepOutput:
     """One ancestral step x_t -> x_{t-1} (Algorithm 2), per-sample t, zero-CoM over real nodes.
 
     ``noise`` (B, N, 3) replaces the draw of z' (it is projected like a drawn one), so backends
-    can be compared on the same randomness; otherwise z' is drawn from ``generator``.
+    can be compared on the same randomness; otherwise z' is drawn from ``generator`` (or from a
+    generator seeded with ``seed``).
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")
-    _check_coords("x_t", x_t)
-    _check_coords("eps_hat", eps_hat, x_t)
-    B, N, _ = x_t.shape
-    t = schedule.check_timesteps(t, B, x_t.device)
-    mask = check_mask(mask, B, N, x_t.device)
+    t, mask = check_step_inputs(schedule, x_t, eps_hat, t, mask, noise, variance)
     if noise is None:
+        if seed is not None:
+            generator = torch.Generator(device=x_t.device).manual_seed(int(seed))
         noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
-    else:
-        _check_coords("noise", noise, x_t)
     z = remove_center_of_mass_reference(noise, mask)
     var = schedule.coef("beta_tilde" if variance == "fixed_small" else "betas", t, x_t)
     sigma = torch.where(t.view(-1, 1, 1) > 1, var.sqrt(), torch.zeros_like(var))  # no noise at the last step

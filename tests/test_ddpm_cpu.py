@@ -1,0 +1,151 @@
+"""The C++ DDPM step: against the reference with explicit noise, its Philox noise (known answers,
+statistics, reproducibility per sample seed), and exact Gaussian sampling through it."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_close_rel, random_mask
+from protdiff_fast import backends, ddpm_step
+from protdiff_fast.diffusion import NoiseSchedule
+from protdiff_fast.reference.com import remove_center_of_mass_reference
+from test_reference_ddpm import analytic_output_variance, covariance_matches, exact_eps
+
+_C = backends.cpu_extension()
+pytestmark = pytest.mark.skipif(_C is None, reason="C++ extension not built (test_cpu_extension fails for that)")
+F64 = torch.float64
+
+
+def test_philox_known_answers():
+    # Random123's published Philox4x32-10 test vectors
+    assert _C.philox4x32([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert _C.philox4x32([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert _C.philox4x32([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def _inputs(B, N, dtype=F64, seed=0, min_real=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = random_mask(B, N, generator=g, min_real=min_real)
+    x = remove_center_of_mass_reference(torch.randn(B, N, 3, generator=g, dtype=F64), mask).to(dtype)
+    eps = torch.randn(B, N, 3, generator=g, dtype=F64).to(dtype)
+    noise = torch.randn(B, N, 3, generator=g, dtype=F64).to(dtype)
+    t = torch.randint(1, 1001, (B,), generator=g)
+    t[0] = 1  # the last step: no noise
+    return x, eps, noise, t, mask
+
+
+@pytest.mark.parametrize("N", [1, 2, 7, 33, 100])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_cpu_step_matches_reference_with_explicit_noise(N, variance, dtype):
+    s = NoiseSchedule(1000)
+    x, eps, noise, t, mask = _inputs(5, N, F64, seed=N)
+    want = ddpm_step(s, x, eps, t, mask=mask, noise=noise, variance=variance, backend="reference")
+    got = ddpm_step(s, x.to(dtype), eps.to(dtype), t, mask=mask, noise=noise.to(dtype), variance=variance,
+                    backend="cpu")
+    low = ddpm_step(s, x.to(dtype), eps.to(dtype), t, mask=mask, noise=noise.to(dtype), variance=variance,
+                    backend="reference")
+    for name in ("prev_sample", "mean", "pred_original_sample"):
+        a, w, r = getattr(got, name), getattr(want, name), getattr(low, name)
+        assert a.dtype == dtype
+        if dtype == F64:
+            tol = 1e-12
+        else:
+            tol = 2 * float((r.double() - w).norm() / w.norm().clamp_min(1e-300)) + torch.finfo(dtype).eps
+        assert_close_rel(a, w, tol, f"{name} {dtype}")
+        assert float(a[~mask].abs().max() if (~mask).any() else 0) == 0.0, "padding must be exactly zero"
+
+
+def test_cpu_step_noise_statistics_and_projection():
+    s = NoiseSchedule(1000)
+    B, N = 400, 50
+    mask = random_mask(B, N, min_real=10)
+    zero = torch.zeros(B, N, 3, dtype=F64)
+    t = torch.full((B,), 500)
+    out = ddpm_step(s, zero, zero, t, mask=mask, seed=123, variance="fixed_large", backend="cpu")
+    sigma = math.sqrt(float(s.betas[500]))
+    z = out.prev_sample / sigma  # = P z'
+    keep = mask.unsqueeze(-1)
+    assert float(z[~mask].abs().max()) == 0.0
+    com = (z * keep).sum(1) / keep.sum(1)
+    assert float(com.abs().max()) < 1e-12, "noise must have zero centre of mass per sample"
+    n_real = mask.sum(1, keepdim=True).unsqueeze(-1).double()
+    # per real coordinate, P z' has variance (1 - 1/n): rescale to unit variance and test moments
+    unit = (z * torch.sqrt(n_real / (n_real - 1)))[mask]
+    M = unit.numel()
+    assert abs(float(unit.mean())) < 5 / math.sqrt(M)
+    assert abs(float(unit.var()) - 1) < 5 * math.sqrt(2 / M)
+    # the raw draw: standard normal moments, including the tails
+    raw = torch.empty(64, 4096, dtype=F64)
+    _C.philox_normal(np.arange(64, dtype=np.uint64), np.full(64, 7, np.int64), raw.numpy())
+    assert abs(float(raw.mean())) < 5 / math.sqrt(raw.numel())
+    assert abs(float(raw.var()) - 1) < 5 * math.sqrt(2 / raw.numel())
+    assert abs(float((raw.abs() > 1.96).double().mean()) - 0.05) < 5 * math.sqrt(0.05 * 0.95 / raw.numel())
+    assert abs(float((raw ** 3).mean())) < 5 * math.sqrt(15 / raw.numel())
+
+
+def test_cpu_step_noise_is_reproducible_per_sample_seed():
+    s = NoiseSchedule(1000)
+    x, eps, _, t, mask = _inputs(6, 21, torch.float32, seed=3, min_real=3)  # n = 1 has no noise
+    t = t.clamp(min=2)
+    a = ddpm_step(s, x, eps, t, mask=mask, seed=42, backend="cpu").prev_sample
+    b = ddpm_step(s, x, eps, t, mask=mask, seed=42, backend="cpu").prev_sample
+    c = ddpm_step(s, x, eps, t, mask=mask, seed=43, backend="cpu").prev_sample
+    assert torch.equal(a, b)
+    assert all(not torch.equal(a[k], c[k]) for k in range(6)), "another seed must change every sample"
+    # per-sample seeds: a sample's noise depends on its own seed and t only, not on its batch
+    seeds = torch.tensor([11, 22, 33, 44, 55, 66])
+    full = ddpm_step(s, x, eps, t, mask=mask, seed=seeds, backend="cpu").prev_sample
+    for k in (0, 3, 5):
+        alone = ddpm_step(s, x[k:k + 1], eps[k:k + 1], t[k:k + 1], mask=mask[k:k + 1], seed=seeds[k:k + 1],
+                          backend="cpu").prev_sample
+        assert torch.equal(alone[0], full[k])
+    # and the same for any thread count
+    before = _C.max_threads()
+    try:
+        _C.set_num_threads(1)
+        one = ddpm_step(s, x, eps, t, mask=mask, seed=seeds, backend="cpu").prev_sample
+    finally:
+        _C.set_num_threads(before)
+    assert torch.equal(one, full)
+    # different steps draw different noise
+    other_t = ddpm_step(s, x, eps, t + 1, mask=mask, seed=seeds, backend="cpu")
+    ref_t = ddpm_step(s, x, eps, t + 1, mask=mask, noise=torch.zeros_like(x), backend="cpu")
+    same_t = ddpm_step(s, x, eps, t, mask=mask, noise=torch.zeros_like(x), backend="cpu")
+    z_t = (full - same_t.prev_sample)
+    z_t1 = (other_t.prev_sample - ref_t.prev_sample)
+    assert not torch.allclose(z_t / z_t.norm(), z_t1 / z_t1.norm())
+
+
+@pytest.mark.slow
+def test_exact_gaussian_sampling_through_the_cpu_step():
+    s, data_var, n, M = NoiseSchedule(1000), 4.0, 6, 3000
+    predict = exact_eps(s, data_var)
+    x = remove_center_of_mass_reference(torch.randn(M, n, 3, dtype=F64, generator=torch.Generator().manual_seed(0)))
+    seeds = torch.arange(M)
+    for t in range(1000, 0, -1):
+        tt = torch.full((M,), t)
+        x = ddpm_step(s, x, predict(x, tt), tt, seed=seeds, backend="cpu").prev_sample
+    tol = 6 * math.sqrt(2 / (3 * M))
+    ok, err = covariance_matches(x, analytic_output_variance(s, data_var, "fixed_small"), n, tol)
+    assert ok, f"covariance off by {err:.3f} (tol {tol:.3f})"
+
+
+def test_cpu_step_bad_input():
+    s = NoiseSchedule(100)
+    x, eps, noise, t, mask = _inputs(3, 5, seed=1)
+    with pytest.raises(ValueError, match=r"t: timesteps must lie in \[1, 100\]"):
+        ddpm_step(s, x, eps, t, mask=mask, backend="cpu")
+    t = t.clamp(max=100)
+    bad = x.clone()
+    bad[1, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="x_t: contains NaN"):
+        ddpm_step(s, bad, eps, t, mask=mask, backend="cpu")
+    with pytest.raises(ValueError, match=r"seed: expected an int or an integer tensor of shape \(3,\)"):
+        ddpm_step(s, x, eps, t, mask=mask, seed=torch.tensor([1, 2]), backend="cpu")
+    with pytest.raises(ValueError, match="no real nodes"):
+        m = mask.clone()
+        m[2] = False
+        ddpm_step(s, x, eps, t, mask=m, seed=1, backend="cpu")
