@@ -6,6 +6,7 @@ PyTorch, so it compiles in seconds and survives torch upgrades.
 Environment knobs:
   PROTDIFF_FAST_NATIVE=1   compile with -march=native (off by default: wheels move between machines)
   PROTDIFF_FAST_DEBUG=1    build type Debug instead of Release
+  PROTDIFF_FAST_BUILD_TYPE any CMake build type (RelWithDebInfo keeps symbols for perf; Release strips)
   CMAKE_BUILD_PARALLEL_LEVEL  number of compile jobs
 """
 import os
@@ -28,7 +29,8 @@ class CMakeBuild(build_ext):
         import pybind11
 
         output_dir = (Path.cwd() / self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_type = "Debug" if os.environ.get("PROTDIFF_FAST_DEBUG") else "Release"
+        build_type = os.environ.get("PROTDIFF_FAST_BUILD_TYPE") or (
+            "Debug" if os.environ.get("PROTDIFF_FAST_DEBUG") else "Release")
         native = "ON" if os.environ.get("PROTDIFF_FAST_NATIVE", "0") not in ("", "0") else "OFF"
         cmake_args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}{os.sep}",

@@ -22,6 +22,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from protdiff_fast.bench import runner
+
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    suites = ["egnn"] if args.suite == "all" else [args.suite]
+    command = "protdiff-fast " + " ".join(sys.argv[1:]) if sys.argv and "protdiff" in sys.argv[0] else \
+        "protdiff-fast bench " + " ".join(a for a in (args.suite, "--quick" if args.quick else "") if a)
+    result = runner.run(suites, device, args.quick, args.out, args.timeout, args.compare, command,
+                        providers=args.providers.split(",") if args.providers else None)
+    print(f"wrote {args.out}/results.json, {args.out}/results.md" +
+          (f" and {len(result['plots'])} plots" if result["plots"] else " (no plots: matplotlib not installed)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protdiff-fast",
@@ -32,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, the C++ build, and which backend 'auto' picks per op")
     info.add_argument("--device", default=None, help="device to resolve 'auto' for (default: cuda if present, else cpu)")
     info.set_defaults(func=_cmd_info)
+    bench = sub.add_parser("bench", help="benchmark suites: time, peak memory, FLOP/s against this device's own limits")
+    bench.add_argument("suite", nargs="?", default="egnn", choices=["egnn", "all"],
+                       help="which suite (more arrive with the sampler and training)")
+    bench.add_argument("--quick", action="store_true", help="a small grid that runs in about a minute")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    bench.add_argument("--out", default="bench-results", help="output folder for results.json / results.md / plots")
+    bench.add_argument("--timeout", type=float, default=300.0, help="seconds per row before it is recorded as timeout")
+    bench.add_argument("--providers", default=None, help="comma-separated subset: reference,cpu,triton,egnn-pytorch")
+    bench.add_argument("--compare", default=None, metavar="OLD.json", help="print the change against an earlier results.json")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

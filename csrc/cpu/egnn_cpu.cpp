@@ -99,44 +99,34 @@ void zero(T* p, int64_t n) {
   std::memset(p, 0, static_cast<size_t>(n) * sizeof(T));
 }
 
-// C[M x Nc] += A[M x K] B[K x Nc], row-major with leading dimensions; M % kMR == 0 and
-// Nc % kChunk == 0. The accumulators of an MR x kChunk block stay in registers across K.
-template <typename T>
+// C[M x Nc] += op(A) B[K x Nc], row-major with leading dimensions; op(A) is A[M x K], or with
+// kTransA the transpose of A stored as [K x M] (the weight-gradient products a^T dy, m^T ds read
+// the tile column-wise instead of transposing it). M % kMR == 0 and Nc % kChunk == 0. The
+// accumulators of an MR x kChunk block stay in registers across K.
+// With a non-null `bias` (Nc entries) C is not read: each row starts from the bias instead.
+template <typename T, bool kTransA = false>
 void gemm_acc(int64_t M, int64_t K, int64_t Nc, const T* A, int64_t lda, const T* Bm, int64_t ldb, T* C,
-              int64_t ldc) {
+              int64_t ldc, const T* bias = nullptr) {
   using V = Vec<T>;
   constexpr int L = Tiles<T>::kLanes, MR = Tiles<T>::kMR, NV = Tiles<T>::kNV, NCH = Tiles<T>::kChunk;
   for (int64_t n0 = 0; n0 < Nc; n0 += NCH) {
     for (int64_t r0 = 0; r0 < M; r0 += MR) {
       V acc[MR][NV];
       for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) acc[r][v] = simd::load(C + (r0 + r) * ldc + n0 + v * L);
-      const T* a = A + r0 * lda;
+        for (int v = 0; v < NV; ++v)
+          acc[r][v] = simd::load((bias ? bias : C + (r0 + r) * ldc) + n0 + v * L);
       const T* b = Bm + n0;
       for (int64_t k = 0; k < K; ++k) {
         V bv[NV];
         for (int v = 0; v < NV; ++v) bv[v] = simd::load(b + k * ldb + v * L);
         for (int r = 0; r < MR; ++r) {
-          const V av = simd::splat(a[r * lda + k]);
+          const V av = simd::splat(kTransA ? A[k * lda + r0 + r] : A[(r0 + r) * lda + k]);
           for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
         }
       }
       for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) simd::store(C + (r0 + r) * ldc + n0 + v * L, acc[r][v]);
     }
-  }
-}
-
-// dst[c * rows + r] = src[r * cols + c], dst has `dst_rows` >= cols rows (extra rows zero).
-template <typename T>
-void transpose(const T* src, int64_t rows, int64_t cols, int64_t src_ld, T* dst, int64_t dst_rows) {
-  for (int64_t c = 0; c < dst_rows; ++c) {
-    T* d = dst + c * rows;
-    if (c >= cols) {
-      zero(d, rows);
-      continue;
-    }
-    for (int64_t r = 0; r < rows; ++r) d[r] = src[r * src_ld + c];
   }
 }
 
@@ -200,18 +190,18 @@ struct Packed {
 // Per-thread scratch for one tile of up to kMaxRows pairs.
 template <typename T>
 struct Scratch {
-  Buffer<T> Z, A, Y, M0, MG, S, G1, G2, G3, Tr, Erow, ErowT, dE;
+  Buffer<T> Z, A, Y, M0, MG, S, SZ, SY, SS, G1, G2, G3, Erow, dE;  // SZ, SY, SS: sigmoid(z), sigmoid(y), sigmoid(s)
   int64_t ii[kMaxRows], jj[kMaxRows];  // pair -> (row of the i-block, node j)
   T d[kMaxRows][3], d2[kMaxRows], gate[kMaxRows], psi[kMaxRows];
   int64_t rows = 0, rows_padded = 0;
 
   Scratch(const Packed<T>& pk, bool backward) {
     const int64_t n = kMaxRows * pk.Hp;
-    Z.reset(n), A.reset(n), Y.reset(n), M0.reset(n), MG.reset(n), S.reset(n);
-    if (pk.E > 0) Erow.reset(kMaxRows * pk.E);
+    Z.reset(n), A.reset(n), Y.reset(n), M0.reset(n), MG.reset(n), S.reset(n), SZ.reset(n), SY.reset(n), SS.reset(n);
+    if (pk.E > 0) Erow.reset(kMaxRows * pk.Er);  // rows padded to Er columns (zeros) for the dW_e product
     if (backward) {
-      G1.reset(n), G2.reset(n), G3.reset(n), Tr.reset(pk.Hp * kMaxRows);
-      if (pk.E > 0) ErowT.reset(pk.Er * kMaxRows), dE.reset(kMaxRows * pk.Ep);
+      G1.reset(n), G2.reset(n), G3.reset(n);
+      if (pk.E > 0) dE.reset(kMaxRows * pk.Ep);
     }
   }
 };
@@ -250,24 +240,27 @@ bool gather_pairs(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t b, int64_t i0
   return rows > 0;
 }
 
+// dst = silu(src) = src * sigmoid(src); the sigmoid is kept for the backward.
 template <typename T>
-inline void silu_rows(const T* src, T* dst, int64_t n) {
+inline void silu_rows(const T* src, T* dst, T* sig, int64_t n) {
   using V = Vec<T>;
   constexpr int L = Tiles<T>::kLanes;
   for (int64_t k = 0; k < n; k += L) {
     const V v = simd::load(src + k);
-    simd::store(dst + k, v * simd::vsigmoid<T>(v));
+    const V sg = simd::vsigmoid<T>(v);
+    simd::store(sig + k, sg);
+    simd::store(dst + k, v * sg);
   }
 }
 
-// d silu(v) / dv = sigmoid(v) (1 + v (1 - sigmoid(v))), times the incoming gradient, in place.
+// grad *= d silu(v) / dv = sigmoid(v) (1 + v (1 - sigmoid(v))), from the kept sigmoid.
 template <typename T>
-inline void silu_backward_rows(const T* pre, T* grad, int64_t n) {
+inline void silu_backward_rows(const T* pre, const T* sig, T* grad, int64_t n) {
   using V = Vec<T>;
   constexpr int L = Tiles<T>::kLanes;
   for (int64_t k = 0; k < n; k += L) {
     const V v = simd::load(pre + k);
-    const V sg = simd::vsigmoid<T>(v);
+    const V sg = simd::load(sig + k);
     simd::store(grad + k, simd::load(grad + k) * (sg * (T(1) + v * (T(1) - sg))));
   }
 }
@@ -281,12 +274,15 @@ inline T dot_rows(const T* a, const T* b, int64_t n) {
   return simd::hsum<T>(acc);
 }
 
+
+// m_ij of the tile's rows: the gated copy with attention, else m0 itself.
 template <typename T>
-inline void fill_rows_with(T* dst, const T* row, int64_t rows, int64_t Hp) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * Hp, row, static_cast<size_t>(Hp) * sizeof(T));
+inline const T* messages(const EgnnProblem<T>& pr, const Scratch<T>& s) {
+  return pr.w_att ? s.MG.get() : s.M0.get();
 }
 
-// Forward over the gathered pairs of one tile: fills Z, A, Y, M0, MG (= m_ij), S, d, d2, gate, psi.
+// Forward over the gathered pairs of one tile: fills Z, A, Y, M0, MG (with attention), S, the
+// kept sigmoids, d, d2, gate, psi.
 template <typename T>
 void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, int64_t b, int64_t i0) {
   using V = Vec<T>;
@@ -317,19 +313,18 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
         simd::store(z + k, simd::load(pi + k) + simd::load(qj + k) + vd2 * simd::load(pk.wd.get() + k));
     }
     if (pk.E > 0)
-      std::memcpy(s.Erow.get() + r * pk.E, pr.edge_attr + ((b * N + i) * N + j) * pk.E,
+      std::memcpy(s.Erow.get() + r * pk.Er, pr.edge_attr + ((b * N + i) * N + j) * pk.E,
                   static_cast<size_t>(pk.E) * sizeof(T));
   }
   zero(s.Z.get() + rows * Hp, (rows_p - rows) * Hp);
   if (pk.E > 0) {
-    zero(s.Erow.get() + rows * pk.E, (rows_p - rows) * pk.E);
-    gemm_acc<T>(rows_p, pk.E, Hp, s.Erow.get(), pk.E, pk.We.get(), Hp, s.Z.get(), Hp);  // z += e_ij W_e
+    zero(s.Erow.get() + rows * pk.Er, (rows_p - rows) * pk.Er);
+    gemm_acc<T>(rows_p, pk.E, Hp, s.Erow.get(), pk.Er, pk.We.get(), Hp, s.Z.get(), Hp);  // z += e_ij W_e
   }
-  silu_rows(s.Z.get(), s.A.get(), rows_p * Hp);  // a = silu(z)
-  fill_rows_with(s.Y.get(), pk.b2.get(), rows_p, Hp);
-  gemm_acc<T>(rows_p, Hp, Hp, s.A.get(), Hp, pk.W2.get(), Hp, s.Y.get(), Hp);  // y = a W2 + b2
-  silu_rows(s.Y.get(), s.M0.get(), rows_p * Hp);  // m0 = silu(y)
-  T* m = s.M0.get();
+  silu_rows(s.Z.get(), s.A.get(), s.SZ.get(), rows_p * Hp);  // a = silu(z)
+  gemm_acc<T>(rows_p, Hp, Hp, s.A.get(), Hp, pk.W2.get(), Hp, s.Y.get(), Hp, pk.b2.get());  // y = a W2 + b2
+  silu_rows(s.Y.get(), s.M0.get(), s.SY.get(), rows_p * Hp);  // m0 = silu(y)
+  T* m = s.M0.get();  // without attention m_ij = m0_ij: MG is not used
   if (pr.w_att) {
     m = s.MG.get();
     for (int64_t r = 0; r < rows_p; ++r) {
@@ -339,17 +334,17 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
       const V vg = simd::splat(g);
       for (int64_t k = 0; k < Hp; k += L) simd::store(m + r * Hp + k, simd::load(s.M0.get() + r * Hp + k) * vg);
     }
-  } else {
-    std::memcpy(s.MG.get(), s.M0.get(), static_cast<size_t>(rows_p * Hp) * sizeof(T));
   }
-  fill_rows_with(s.S.get(), pk.b3.get(), rows_p, Hp);
-  gemm_acc<T>(rows_p, Hp, Hp, s.MG.get(), Hp, pk.W3.get(), Hp, s.S.get(), Hp);  // s = m W3 + b3
+  gemm_acc<T>(rows_p, Hp, Hp, m, Hp, pk.W3.get(), Hp, s.S.get(), Hp, pk.b3.get());  // s = m W3 + b3
   for (int64_t r = 0; r < rows; ++r) {
     const T* sr = s.S.get() + r * Hp;
+    T* ss = s.SS.get() + r * Hp;
     V acc = V{};
     for (int64_t k = 0; k < Hp; k += L) {
       const V v = simd::load(sr + k);
-      acc += v * simd::vsigmoid<T>(v) * simd::load(pk.w4.get() + k);
+      const V sg = simd::vsigmoid<T>(v);
+      simd::store(ss + k, sg);
+      acc += v * sg * simd::load(pk.w4.get() + k);
     }
     const T phi = simd::hsum<T>(acc);
     s.psi[r] = pr.use_tanh ? std::tanh(phi) : phi;
@@ -384,7 +379,7 @@ void egnn_forward(const EgnnProblem<T>& pr, T* m_out, T* dx_out) {
         tile_forward(pr, pk, s, b, i0);
         for (int64_t r = 0; r < s.rows; ++r) {
           T* acc = m_acc.get() + s.ii[r] * Hp;
-          const T* m = s.MG.get() + r * Hp;
+          const T* m = messages(pr, s) + r * Hp;
           for (int64_t k = 0; k < Hp; k += L) simd::store(acc + k, simd::load(acc + k) + simd::load(m + k));
           const T w = s.psi[r] * direction_scale(pr, s.d2[r]);
           for (int c = 0; c < 3; ++c) dx_acc[s.ii[r]][c] += w * s.d[r][c];
@@ -454,10 +449,11 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
             const T dphi = pr.use_tanh ? dpsi * (T(1) - s.psi[r] * s.psi[r]) : dpsi;
             const V vdphi = simd::splat(dphi);
             const T* sr = s.S.get() + r * Hp;
+            const T* ss = s.SS.get() + r * Hp;
             T* dsr = dS + r * Hp;
             for (int64_t k = 0; k < Hp; k += L) {
               const V v = simd::load(sr + k);
-              const V sg = simd::vsigmoid<T>(v);
+              const V sg = simd::load(ss + k);
               const V w4 = simd::load(pk.w4.get() + k);
               simd::store(dw4 + k, simd::load(dw4 + k) + vdphi * v * sg);
               const V ds = vdphi * w4 * (sg * (T(1) + v * (T(1) - sg)));
@@ -467,8 +463,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           }
           zero(dS + rows * Hp, (rows_p - rows) * Hp);
           // dW3 += m^T dS
-          transpose(s.MG.get(), rows_p, Hp, Hp, s.Tr.get(), Hp);
-          gemm_acc<T>(Hp, rows_p, Hp, s.Tr.get(), rows_p, dS, Hp, dW3, Hp);
+          gemm_acc<T, true>(Hp, rows_p, Hp, messages(pr, s), Hp, dS, Hp, dW3, Hp);
           // dm = grad_m_i + dS W3^T
           T* dM = s.G2.get();
           for (int64_t r = 0; r < rows; ++r) {
@@ -495,16 +490,15 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           }
           // dy = dm0 * silu'(y);  db2 += dy;  dW2 += a^T dy;  da = dy W2^T
           T* dY = dM;
-          silu_backward_rows(s.Y.get(), dY, rows_p * Hp);
+          silu_backward_rows(s.Y.get(), s.SY.get(), dY, rows_p * Hp);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t k = 0; k < Hp; k += L)
               simd::store(db2 + k, simd::load(db2 + k) + simd::load(dY + r * Hp + k));
-          transpose(s.A.get(), rows_p, Hp, Hp, s.Tr.get(), Hp);
-          gemm_acc<T>(Hp, rows_p, Hp, s.Tr.get(), rows_p, dY, Hp, dW2, Hp);
+          gemm_acc<T, true>(Hp, rows_p, Hp, s.A.get(), Hp, dY, Hp, dW2, Hp);
           T* dZ = s.G3.get();
           zero(dZ, rows_p * Hp);
           gemm_acc<T>(rows_p, Hp, Hp, dY, Hp, pk.W2T.get(), Hp, dZ, Hp);
-          silu_backward_rows(s.Z.get(), dZ, rows_p * Hp);  // dz = da * silu'(z)
+          silu_backward_rows(s.Z.get(), s.SZ.get(), dZ, rows_p * Hp);  // dz = da * silu'(z)
           // z = p_i + q_j + w_d d2 + e:  dp_i, dq_j, dw_d, the edge term, and x through d2 and u
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + s.ii[r], j = s.jj[r];
@@ -533,8 +527,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           }
           if (E > 0) {
             // e = edge_attr W_e:  d edge_attr = dz W_e^T;  dW_e += edge_attr^T dz
-            transpose(s.Erow.get(), rows_p, E, E, s.ErowT.get(), pk.Er);
-            gemm_acc<T>(pk.Er, rows_p, Hp, s.ErowT.get(), rows_p, dZ, Hp, dWe, Hp);
+            gemm_acc<T, true>(pk.Er, rows_p, Hp, s.Erow.get(), pk.Er, dZ, Hp, dWe, Hp);
             if (out.edge_attr) {
               zero(s.dE.get(), rows_p * pk.Ep);
               gemm_acc<T>(rows_p, Hp, pk.Ep, dZ, Hp, pk.WeT.get(), pk.Ep, s.dE.get(), pk.Ep);

@@ -10,6 +10,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #ifndef PROTDIFF_VBYTES
 #define PROTDIFF_VBYTES 16
 #endif
@@ -55,6 +59,17 @@ inline T hsum(Vec<T> v) {
   for (int l = 0; l < VecTraits<T>::kLanes; ++l) s += v[l];
   return s;
 }
+#if defined(__AVX512F__) && PROTDIFF_VBYTES == 64
+// a tree reduction instead of 16 dependent scalar adds
+template <>
+inline float hsum<float>(Vec<float> v) {
+  return _mm512_reduce_add_ps((__m512)v);
+}
+template <>
+inline double hsum<double>(Vec<double> v) {
+  return _mm512_reduce_add_pd((__m512d)v);
+}
+#endif
 template <typename T>
 inline Vec<T> vmin(Vec<T> a, Vec<T> b) {
   return a < b ? a : b;
@@ -68,6 +83,22 @@ inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
 // in the exponent bits. Relative error ~1e-7 (float) / ~1e-15 (double); inputs are clamped so
 // the result is finite and never NaN (exp(-inf..-87) -> ~1e-38, exp(88..inf) -> ~1.6e38 for float).
 inline Vec<float> vexp(Vec<float> x) {
+#if defined(__AVX512F__) && PROTDIFF_VBYTES == 64
+  // the same method with AVX-512's rounding and 2^n scaling instructions (fewer micro-ops)
+  __m512 xc = _mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return (Vec<float>)_mm512_scalef_ps(p, n);
+#else
   typedef VecTraits<float>::IV IV;
   x = vmin<float>(vmax<float>(x, splat(-87.0f)), splat(88.0f));
   const Vec<float> magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
@@ -83,6 +114,7 @@ inline Vec<float> vexp(Vec<float> x) {
   p = p * (r * r) + r + 1.0f;
   IV bits = (__builtin_convertvector(n, IV) + 127) << 23;
   return p * (Vec<float>)bits;
+#endif
 }
 
 inline Vec<double> vexp(Vec<double> x) {
@@ -111,9 +143,36 @@ inline Vec<double> vexp(Vec<double> x) {
   return p * (Vec<double>)bits;
 }
 
+// 1 / d for d >= 1 (the sigmoid's denominator). Vector division is slow (a 16-lane divide issues
+// about once per 10 cycles); the hardware reciprocal estimate refined by Newton steps
+// r <- r (2 - d r) is exact to about 1 ulp and several times faster.
+inline Vec<float> vrecip(Vec<float> d) {
+#if defined(__AVX512F__) && PROTDIFF_VBYTES == 64
+  Vec<float> r = (Vec<float>)_mm512_rcp14_ps((__m512)d);  // 14 bits
+  return r * (2.0f - d * r);
+#elif defined(__AVX2__) && PROTDIFF_VBYTES == 32
+  Vec<float> r = (Vec<float>)_mm256_rcp_ps((__m256)d);  // 12 bits
+  r = r * (2.0f - d * r);
+  return r * (2.0f - d * r);
+#else
+  return 1.0f / d;
+#endif
+}
+
+inline Vec<double> vrecip(Vec<double> d) {
+#if defined(__AVX512F__) && PROTDIFF_VBYTES == 64
+  Vec<double> r = (Vec<double>)_mm512_rcp14_pd((__m512d)d);
+  r = r * (2.0 - d * r);
+  r = r * (2.0 - d * r);
+  return r * (2.0 - d * r);
+#else
+  return 1.0 / d;
+#endif
+}
+
 template <typename T>
 inline Vec<T> vsigmoid(Vec<T> x) {
-  return T(1) / (T(1) + vexp(-x));
+  return vrecip(T(1) + vexp(-x));
 }
 
 }  // namespace simd

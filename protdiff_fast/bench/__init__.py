@@ -1,0 +1,1 @@
+"""The benchmark suite behind ``protdiff-fast bench`` (see :mod:`protdiff_fast.bench.runner`)."""

@@ -1,0 +1,71 @@
+"""The ``egnn`` benchmark suite: the fused pair aggregation (and egnn-pytorch's dense layer as a
+baseline), forward or forward+backward, over B, N, H, dtype and backend.
+
+FLOPs counted per real pair (i != j) are the pair MLP's two H x H products: 4 H^2 forward,
+8 H^2 backward (4 products), so 12 H^2 for forward+backward; the backward's recomputation of the
+forward is work the kernel does but not counted as useful. Elementwise work is not counted.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+PROVIDERS = ("reference", "cpu", "triton", "egnn-pytorch")
+
+
+def flops(B: int, N: int, H: int, mode: str) -> float:
+    per_pair = 4 * H * H if mode == "fwd" else 12 * H * H
+    return float(B * N * (N - 1) * per_pair)
+
+
+def egnn_pytorch_available() -> bool:
+    try:
+        import egnn_pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dtype, device: str,
+              K: int = 64) -> Callable[[], None]:
+    """A closure that runs one forward (and backward when mode == "fwdbwd") of the chosen provider.
+
+    The inputs are those of a ProtDiff layer: relative-offset edges (table of 2K + 1 rows),
+    attention off, normalize on, mean coordinate aggregation, no padding.
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    need_grad = mode == "fwdbwd"
+
+    def r(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(need_grad)
+
+    if provider == "egnn-pytorch":
+        from egnn_pytorch import EGNN as DenseEGNN  # the layer most users start from
+
+        layer = DenseEGNN(dim=H, m_dim=H).to(device=device, dtype=dtype)
+        feats, coors = r(B, N, H), r(B, N, 3)
+
+        def run() -> None:
+            h, x = layer(feats, coors)
+            if need_grad:
+                (h.sum() + x.sum()).backward()
+
+        return run
+
+    from protdiff_fast.ops import egnn_pair_aggregate
+
+    args = [r(B, N, 3), r(B, N, H), r(B, N, H), r(H, scale=0.1), r(H, H, scale=H ** -0.5), r(H),
+            r(H, H, scale=H ** -0.5), r(H), r(H, scale=H ** -0.5)]
+    rel = r(2 * K + 1, H)
+
+    def run() -> None:
+        m, dx = egnn_pair_aggregate(*args, rel=rel, normalize=True, backend=provider)
+        if need_grad:
+            (m.sum() + dx.sum()).backward()
+
+    return run
+
+
+SUITES: Dict[str, Callable] = {"egnn": make_case}

@@ -1,0 +1,283 @@
+"""Benchmark runner: the grid, the machine's own rates, one subprocess per row, results on disk.
+
+Every row of one run is measured on the same machine in the same session, next to the device's
+measured fp32 matmul rate and copy bandwidth, so ratios between rows (and against the limits)
+are side by side by construction. Rows that run out of memory or time are kept as OOM / timeout.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from protdiff_fast.bench.egnn import egnn_pytorch_available, flops
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: str, threads: int) -> Dict:
+    import protdiff_fast
+    from protdiff_fast import backends
+
+    env = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), commit=_git_commit(),
+               protdiff_fast=protdiff_fast.__version__, python=platform.python_version(), torch=torch.__version__,
+               cpu=_cpu_model(), cpu_count=os.cpu_count(), threads=threads, device=device)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    ext = backends.cpu_extension()
+    if ext is not None:
+        env["cpp_extension"] = dict(compiler=ext.compiler, build=ext.build_type, openmp=ext.has_openmp,
+                                    simd=ext.simd_isa(), native=ext.native_arch)
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _time_it(fn, reps: int, sync) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def device_rates(device: str, H: int = 64) -> Dict:
+    """This device's fp32 matmul rate (square, and the pair-MLP shape [M, H] x [H, H]) and copy bandwidth."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    square = 2 * n ** 3 / _time_it(lambda: a @ b, 5, sync)
+    M = 1 << 18
+    x, w = torch.randn(M, H, device=device), torch.randn(H, H, device=device)
+    skinny = 2 * M * H * H / _time_it(lambda: x @ w, 5, sync)
+    src = torch.randn(1 << 26, device=device)  # 256 MB
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / _time_it(lambda: dst.copy_(src), 5, sync)
+    return dict(mm_fp32_square_flops=square, mm_fp32_pair_shape_flops=skinny, pair_shape_H=H, copy_bytes_per_s=copy)
+
+
+def grid(device: str, quick: bool, suites: Iterable[str]) -> List[Dict]:
+    rows = []
+    if "egnn" in suites:
+        if quick:
+            Bs, Ns, Hs, modes = [1, 4], [64, 256], [64], ["fwd", "fwdbwd"]
+        elif device.startswith("cuda"):
+            Bs, Ns, Hs, modes = [1, 8], [128, 256, 512, 1024, 2048, 4096], [64, 128, 256], ["fwd", "fwdbwd"]
+        else:
+            Bs, Ns, Hs, modes = [1, 8], [64, 128, 256, 512, 1024], [64, 128], ["fwd", "fwdbwd"]
+        providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]
+        if egnn_pytorch_available():
+            providers.append("egnn-pytorch")
+        dtypes = ["float32"] if not device.startswith("cuda") else ["float32", "bfloat16"]
+        for dtype in dtypes:
+            for mode in modes:
+                for H in Hs:
+                    for B in Bs:
+                        for N in Ns:
+                            for p in providers:
+                                rows.append(dict(suite="egnn", provider=p, B=B, N=N, H=H, mode=mode, dtype=dtype))
+        if not quick and not device.startswith("cuda"):  # the long-sequence row: bounded memory at N = 4096
+            rows.append(dict(suite="egnn", provider="cpu", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
+            rows.append(dict(suite="egnn", provider="reference", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
+    return rows
+
+
+def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: float, mem_limit: Optional[int]) -> Dict:
+    spec = dict(row, device=device, threads=threads, budget_s=budget_s, min_reps=3, max_reps=50,
+                mem_limit_bytes=mem_limit)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "protdiff_fast.bench.worker", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return dict(row, status="timeout", error=f"over {timeout_s:.0f} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result = json.loads(line[len("BENCH_RESULT "):])
+            break
+    else:
+        killed = proc.returncode < 0 or proc.returncode == 137
+        result = dict(status="OOM" if killed else "error", error=(proc.stderr or "")[-300:])
+    out = dict(row, **result)
+    if out.get("status") == "ok":
+        out["flops"] = flops(row["B"], row["N"], row["H"], row["mode"])
+        out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
+    return out
+
+
+def _fmt_bytes(b) -> str:
+    if b is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(b) < 1024:
+            return f"{b:.0f} {unit}"
+        b /= 1024
+    return f"{b:.1f} TB"
+
+
+def markdown(result: Dict) -> str:
+    env, rates = result["environment"], result["rates"]
+    lines = [f"# Benchmark results ({env['date']})", "",
+             f"- machine: {env.get('gpu') or env['cpu']}, {env['threads']} threads; torch {env['torch']}, "
+             f"triton {env.get('triton')}, C++ {env.get('cpp_extension')}",
+             f"- commit {env['commit']}",
+             f"- command: `{result['command']}`",
+             f"- measured fp32 matmul: {rates['mm_fp32_square_flops'] / 1e9:.1f} GFLOP/s (2048^2), "
+             f"{rates['mm_fp32_pair_shape_flops'] / 1e9:.1f} GFLOP/s ([2^18, {rates['pair_shape_H']}] x "
+             f"[{rates['pair_shape_H']}, {rates['pair_shape_H']}], the pair-MLP shape); copy "
+             f"{rates['copy_bytes_per_s'] / 1e9:.1f} GB/s",
+             f"- memory: {result.get('mem_method', '')}", "",
+             "| suite | mode | dtype | H | B | N | provider | median ms (p20-p80) | GFLOP/s | % of mm (square / pair shape) "
+             "| peak extra memory | speed-up vs reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = {(r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
+           if r["provider"] == "reference" and r.get("status") == "ok"}
+    for r in result["rows"]:
+        key = (r["mode"], r["dtype"], r["H"], r["B"], r["N"])
+        if r.get("status") != "ok":
+            lines.append(f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | "
+                         f"{r['provider']} | **{r['status']}** | | | | |")
+            continue
+        gf = r["flops"] / r["median_s"]
+        speed = f"{ref[key]['median_s'] / r['median_s']:.1f}x" if key in ref else ""
+        lines.append(
+            f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
+            f"{r['median_s'] * 1e3:.2f} ({r['p20_s'] * 1e3:.2f}-{r['p80_s'] * 1e3:.2f}) | {gf / 1e9:.1f} | "
+            f"{100 * gf / rates['mm_fp32_square_flops']:.0f}% / {100 * gf / rates['mm_fp32_pair_shape_flops']:.0f}% | "
+            f"{_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def plot(result: Dict, out_dir: Path) -> List[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    rows = [r for r in result["rows"] if r["suite"] == "egnn"]
+    for mode in sorted({r["mode"] for r in rows}):
+        for H in sorted({r["H"] for r in rows}):
+            for B in sorted({r["B"] for r in rows}):
+                sel = [r for r in rows if r["mode"] == mode and r["H"] == H and r["B"] == B and r["dtype"] == "float32"]
+                if not sel:
+                    continue
+                fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+                for provider in sorted({r["provider"] for r in sel}):
+                    pts = sorted((r for r in sel if r["provider"] == provider), key=lambda r: r["N"])
+                    ok = [r for r in pts if r.get("status") == "ok"]
+                    bad = [r for r in pts if r.get("status") != "ok"]
+                    line = axes[0].plot([r["N"] for r in ok], [r["median_s"] * 1e3 for r in ok], "o-", label=provider)
+                    if ok and ok[0].get("peak_mem_bytes") is not None:
+                        axes[1].plot([r["N"] for r in ok], [max(r["peak_mem_bytes"], 1) / 2 ** 20 for r in ok], "o-",
+                                     color=line[0].get_color(), label=provider)
+                    for r in bad:
+                        for ax in axes:
+                            ax.axvline(r["N"], color=line[0].get_color(), ls=":", alpha=0.6)
+                            ax.text(r["N"], ax.get_ylim()[1] if ok else 1, r["status"], rotation=90, fontsize=7)
+                for ax, label in zip(axes, ("time (ms)", "peak extra memory (MiB)")):
+                    ax.set_xscale("log", base=2)
+                    ax.set_yscale("log")
+                    ax.set_xlabel("N (residues)")
+                    ax.set_ylabel(label)
+                    ax.grid(True, which="both", alpha=0.3)
+                    ax.legend(fontsize=8)
+                fig.suptitle(f"egnn {mode}, B={B}, H={H}, fp32 ({result['environment'].get('gpu') or result['environment']['cpu']})")
+                fig.tight_layout()
+                name = f"egnn_{mode}_B{B}_H{H}.png"
+                fig.savefig(out_dir / name, dpi=110)
+                plt.close(fig)
+                written.append(name)
+    return written
+
+
+def compare(old_path: str, new: Dict) -> str:
+    old = json.loads(Path(old_path).read_text())
+    key = lambda r: (r["suite"], r["provider"], r["mode"], r["dtype"], r["H"], r["B"], r["N"])  # noqa: E731
+    old_rows = {key(r): r for r in old["rows"] if r.get("status") == "ok"}
+    lines = [f"compare with {old_path} (commit {old['environment']['commit']}, {old['environment'].get('gpu') or old['environment']['cpu']})"]
+    if (old["environment"].get("gpu") or old["environment"]["cpu"]) != (new["environment"].get("gpu") or new["environment"]["cpu"]):
+        lines.append("WARNING: different devices; ratios below compare different machines")
+    for r in new["rows"]:
+        o = old_rows.get(key(r))
+        if o and r.get("status") == "ok":
+            lines.append(f"{'/'.join(str(v) for v in key(r))}: {o['median_s'] * 1e3:.2f} ms -> {r['median_s'] * 1e3:.2f} ms "
+                         f"({o['median_s'] / r['median_s']:.2f}x)")
+    return "\n".join(lines)
+
+
+def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: float, compare_to: Optional[str],
+        command: str, providers: Optional[List[str]] = None) -> Dict:
+    threads = torch.get_num_threads()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    mem_limit = int(mem_total * 0.7) if not device.startswith("cuda") else None
+    rows = grid(device, quick, suites)
+    if providers:
+        rows = [r for r in rows if r["provider"] in providers]
+    result = dict(command=command, environment=environment(device, threads), rates=device_rates(device),
+                  mem_method="peak resident set during the timed runs minus resident set with the inputs "
+                             "(CPU); cuda.max_memory_allocated minus allocated before (GPU). Address space capped "
+                             f"at {_fmt_bytes(mem_limit)} so an exhausting row becomes OOM" if mem_limit else
+                             "torch.cuda.max_memory_allocated minus allocated before", rows=[])
+    budget = 0.5 if quick else 2.0
+    for k, row in enumerate(rows):
+        res = run_row(row, device, threads, timeout_s, budget, mem_limit)
+        result["rows"].append(res)
+        status = res.get("status")
+        shown = f"{res['median_s'] * 1e3:9.2f} ms" if status == "ok" else f"{status:>12}"
+        print(f"[{k + 1}/{len(rows)}] {row['suite']} {row['provider']:>12} {row['mode']:>6} {row['dtype']} "
+              f"H={row['H']} B={row['B']} N={row['N']}: {shown}", flush=True)
+    _atomic_write(out / "results.json", json.dumps(result, indent=1))
+    _atomic_write(out / "results.md", markdown(result))
+    result["plots"] = plot(result, out)
+    if compare_to:
+        print(compare(compare_to, result))
+    return result

@@ -1,0 +1,91 @@
+"""Runs one benchmark row in a fresh process (so peak memory is this row's alone) and prints JSON.
+
+Peak memory on CPU is the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs
+after the inputs exist) minus the resident set at that moment: the extra memory the op itself
+needs. On CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the run.
+An address-space limit turns a run that would exhaust the machine into a clean OOM row.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    if spec.get("mem_limit_bytes"):
+        lim = int(spec["mem_limit_bytes"])
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    import torch
+
+    from protdiff_fast.bench.egnn import make_case
+
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, spec["dtype"])
+    device = spec["device"]
+    cuda = device.startswith("cuda")
+    out = dict(status="ok")
+    try:
+        run = make_case(spec["provider"], spec["B"], spec["N"], spec["H"], spec["mode"], dtype, device)
+        run()  # warm-up (and compilation)
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        gc.collect()
+        base_rss = _status_kb("VmRSS")
+        peak_reset = _reset_peak_rss()
+        times = []
+        deadline = time.perf_counter() + spec["budget_s"]
+        while len(times) < spec["min_reps"] or (len(times) < spec["max_reps"] and time.perf_counter() < deadline):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+        if cuda:
+            out["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
+            out["mem_method"] = "torch.cuda.max_memory_allocated - allocated before"
+        else:
+            out["peak_mem_bytes"] = (_status_kb("VmHWM") - base_rss) * 1024 if peak_reset else None
+            out["mem_method"] = "VmHWM - VmRSS after inputs (RSS, clear_refs reset)" if peak_reset else "unavailable"
+        q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+        out.update(median_s=statistics.median(times), p20_s=q[0], p80_s=q[3], reps=len(times))
+    except (MemoryError, RuntimeError) as err:
+        msg = str(err)
+        if isinstance(err, MemoryError) or "memory" in msg.lower() or "alloc" in msg.lower():
+            out = dict(status="OOM", error=msg[:300])
+        else:
+            out = dict(status="error", error=msg[:300])
+    print("BENCH_RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
