@@ -1,0 +1,45 @@
+"""pytest-benchmark suite for the fused EGNN op and the DDPM step, one provider per id.
+
+    pytest benchmarks/ --benchmark-only --benchmark-group-by=param:case
+    pytest benchmarks/ --benchmark-only --benchmark-json=out.json
+
+The full grid with peak memory, FLOP/s against this machine's measured matmul rate, OOM rows,
+markdown and plots is ``protdiff-fast bench`` (protdiff_fast/bench/runner.py); this file is the
+quick side-by-side view in pytest-benchmark's own format.
+"""
+import pytest
+import torch
+
+from protdiff_fast import backends, ddpm_step
+from protdiff_fast.bench.egnn import egnn_pytorch_available, flops, make_case
+from protdiff_fast.diffusion import NoiseSchedule
+
+PROVIDERS = ["reference"]
+if backends.cpu_extension() is not None:
+    PROVIDERS.append("cpu")
+if egnn_pytorch_available():
+    PROVIDERS.append("egnn-pytorch")
+
+CASES = [(1, 128, 64), (4, 256, 64), (1, 512, 128)]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("case", CASES, ids=[f"B{b}-N{n}-H{h}" for b, n, h in CASES])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_egnn_pair_aggregate(benchmark, provider, case, mode):
+    B, N, H = case
+    run = make_case(provider, B, N, H, mode, torch.float32, "cpu")
+    benchmark.group = f"egnn {mode} B={B} N={N} H={H}"
+    benchmark.extra_info["gflop"] = flops(B, N, H, mode) / 1e9
+    benchmark.pedantic(run, warmup_rounds=1, rounds=5, iterations=1)
+
+
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "egnn-pytorch"])
+def test_ddpm_step(benchmark, provider):
+    schedule = NoiseSchedule(1000)
+    B, N = 256, 128
+    x = torch.randn(B, N, 3)
+    eps = torch.randn(B, N, 3)
+    t = torch.randint(2, 1001, (B,))
+    benchmark.group = f"ddpm step B={B} N={N}"
+    benchmark(lambda: ddpm_step(schedule, x, eps, t, seed=0, backend=provider))

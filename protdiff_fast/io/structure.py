@@ -1,0 +1,242 @@
+"""C-alpha traces in and out of PDB / mmCIF files (gemmi).
+
+Reading keeps, for each protein chain of the first model, the amino-acid residues (standard or
+modified, e.g. MSE read as M) that have a CA atom, in file order: one residue per sequence
+position (microheterogeneity: the first), the CA altloc of highest occupancy, no waters, ligands
+or ions. Chain breaks are flagged where consecutive CA atoms are more than 4.2 A apart.
+
+Writing produces CA-only files (PDB with a CRYST1 record, or mmCIF) that gemmi and viewers read
+back; files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+CHAIN_BREAK_A = 4.2
+PathLike = Union[str, os.PathLike]
+
+THREE_LETTER = {
+    "A": "ALA", "R": "ARG", "N": "ASN", "D": "ASP", "C": "CYS", "Q": "GLN", "E": "GLU", "G": "GLY", "H": "HIS",
+    "I": "ILE", "L": "LEU", "K": "LYS", "M": "MET", "F": "PHE", "P": "PRO", "S": "SER", "T": "THR", "W": "TRP",
+    "Y": "TYR", "V": "VAL",
+}
+
+
+class StructureError(ValueError):
+    """A structure file that cannot give a C-alpha trace; the message names the file (and chain)."""
+
+
+@dataclass
+class Backbone:
+    """One chain's C-alpha trace, in Angstrom, in the frame of its file."""
+
+    name: str  # "<file stem>_<chain>"
+    chain_id: str
+    ca: np.ndarray  # (L, 3) float64
+    resnums: np.ndarray  # (L,) int
+    icodes: List[str]  # insertion codes ("" for none)
+    sequence: str  # one-letter, X for unknown
+    source: str = ""
+    chain_breaks: np.ndarray = field(default=None)  # (L,) bool: gap before residue i
+
+    def __post_init__(self) -> None:
+        if self.chain_breaks is None:
+            self.chain_breaks = find_chain_breaks(self.ca)
+
+    def __len__(self) -> int:
+        return self.ca.shape[0]
+
+    @property
+    def n_breaks(self) -> int:
+        return int(self.chain_breaks.sum())
+
+
+def find_chain_breaks(ca: np.ndarray, threshold: float = CHAIN_BREAK_A) -> np.ndarray:
+    """(L,) bool, True at i when |CA_i - CA_{i-1}| > threshold."""
+    breaks = np.zeros(len(ca), dtype=bool)
+    if len(ca) > 1:
+        breaks[1:] = np.linalg.norm(np.diff(ca, axis=0), axis=1) > threshold
+    return breaks
+
+
+def _one_letter(resname: str) -> str:
+    import gemmi
+
+    tab = gemmi.find_tabulated_residue(resname)
+    code = tab.one_letter_code.upper() if tab is not None else ""
+    return code if code.strip() and code != "?" else "X"
+
+
+def _is_amino_acid(resname: str) -> bool:
+    import gemmi
+
+    tab = gemmi.find_tabulated_residue(resname)
+    return tab is not None and tab.is_amino_acid()
+
+
+def _best_ca(residue):
+    """The CA atom of highest occupancy (first on ties), or None."""
+    best = None
+    for atom in residue:
+        if atom.name == "CA" and (best is None or atom.occ > best.occ):
+            best = atom
+    return best
+
+
+def _chain_trace(chain, path: Path):
+    ca, resnums, icodes, seq = [], [], [], []
+    for residue in chain.first_conformer():  # one residue per position (microheterogeneity: the first)
+        if residue.is_water() or not _is_amino_acid(residue.name):
+            continue
+        atom = _best_ca(residue)
+        if atom is None:
+            continue
+        ca.append((atom.pos.x, atom.pos.y, atom.pos.z))
+        resnums.append(residue.seqid.num)
+        icodes.append(residue.seqid.icode.strip())
+        seq.append(_one_letter(residue.name))
+    return np.asarray(ca, dtype=np.float64).reshape(-1, 3), np.asarray(resnums, dtype=np.int64), icodes, "".join(seq)
+
+
+def read_structure(path: PathLike):
+    """gemmi.Structure of ``path`` (PDB, mmCIF, either gzipped), with StructureError on failure."""
+    import gemmi
+
+    path = Path(path)
+    if not path.is_file():
+        raise StructureError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise StructureError(f"{path}: empty file")
+    try:
+        st = gemmi.read_structure(str(path))
+    except Exception as err:  # gemmi raises RuntimeError / ValueError with its own message
+        raise StructureError(f"{path}: cannot parse as PDB/mmCIF: {err}") from None
+    if len(st) == 0:
+        raise StructureError(f"{path}: no models (no atom records)")
+    st.setup_entities()
+    return st
+
+
+def read_backbones(path: PathLike, chain: Optional[str] = None, min_length: int = 1) -> List[Backbone]:
+    """C-alpha traces of the protein chains of the first model of ``path``.
+
+    ``chain``: one chain id, or None for every protein chain. Raises StructureError (naming the
+    file and chain) for an unreadable file, a missing chain, a chain without amino acids or CA
+    atoms, or a file with no protein chain at all.
+    """
+    path = Path(path)
+    st = read_structure(path)
+    model = st[0]
+    stem = path.name.split(".")[0]
+    names = [ch.name for ch in model]
+    if chain is not None and chain not in names:
+        raise StructureError(f"{path}: no chain {chain!r} (chains: {', '.join(names) or 'none'})")
+    out, problems = [], []
+    for ch in model:
+        if chain is not None and ch.name != chain:
+            continue
+        ca, resnums, icodes, seq = _chain_trace(ch, path)
+        if len(ca) == 0:
+            has_aa = any(_is_amino_acid(r.name) for r in ch)
+            problems.append(f"chain {ch.name!r}: " + ("amino acids but no CA atoms" if has_aa else "not a protein chain"))
+            continue
+        if len(ca) < min_length:
+            problems.append(f"chain {ch.name!r}: {len(ca)} residues < {min_length}")
+            continue
+        out.append(Backbone(name=f"{stem}_{ch.name}", chain_id=ch.name, ca=ca, resnums=resnums, icodes=icodes,
+                            sequence=seq, source=str(path)))
+    if not out:
+        detail = "; ".join(problems) if problems else "no chains"
+        raise StructureError(f"{path}: no protein C-alpha trace ({detail})")
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def backbone_structure(ca: np.ndarray, sequence: Optional[str] = None, chain_id: str = "A",
+                       name: str = "protdiff_fast"):
+    """A gemmi.Structure holding one CA-only chain (residues GLY unless a sequence is given)."""
+    import gemmi
+
+    ca = np.asarray(ca, dtype=np.float64)
+    if ca.ndim != 2 or ca.shape[1] != 3 or len(ca) == 0:
+        raise ValueError(f"ca: expected shape (L, 3) with L >= 1, got {ca.shape}")
+    if not np.isfinite(ca).all():
+        raise ValueError("ca: contains NaN or Inf")
+    if np.abs(ca).max() >= 9999.0:
+        raise ValueError("ca: coordinates beyond the PDB format's range (|x| < 9999 A); are they in Angstrom?")
+    if sequence is not None and len(sequence) != len(ca):
+        raise ValueError(f"sequence: length {len(sequence)} differs from {len(ca)} residues")
+    st = gemmi.Structure()
+    st.name = name
+    st.cell = gemmi.UnitCell(1.0, 1.0, 1.0, 90.0, 90.0, 90.0)  # the customary cell of a non-crystal model
+    st.spacegroup_hm = "P 1"
+    model = gemmi.Model("1")
+    chain = gemmi.Chain(chain_id)
+    for i, xyz in enumerate(ca):
+        res = gemmi.Residue()
+        res.name = THREE_LETTER.get((sequence or "G")[i] if sequence else "G", "UNK")
+        res.seqid = gemmi.SeqId(i + 1, " ")
+        res.entity_type = gemmi.EntityType.Polymer
+        atom = gemmi.Atom()
+        atom.name = "CA"
+        atom.element = gemmi.Element("C")
+        atom.pos = gemmi.Position(*map(float, xyz))
+        atom.occ = 1.0
+        atom.b_iso = 0.0
+        res.add_atom(atom)
+        chain.add_residue(res)
+    model.add_chain(chain)
+    st.add_model(model)
+    st.setup_entities()
+    return st
+
+
+def write_backbone(path: PathLike, ca: np.ndarray, sequence: Optional[str] = None, chain_id: str = "A",
+                   overwrite: bool = False) -> Path:
+    """Write a CA-only PDB (``.pdb``) or mmCIF (``.cif``) file atomically; coordinates in Angstrom."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
+    st = backbone_structure(ca, sequence, chain_id, name=path.name.split(".")[0])
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix == ".pdb":
+        _atomic_write(path, lambda tmp: st.write_pdb(tmp))
+    elif suffix in (".cif", ".mmcif"):
+        _atomic_write(path, lambda tmp: st.make_mmcif_document().write_file(tmp))
+    else:
+        raise ValueError(f"{path}: unknown format {suffix!r}; use .pdb or .cif")
+    return path
+
+
+def find_structure_files(paths: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
+    """Structure files of a folder (recursively) or a list of files/folders, sorted."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    exts = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(exts))
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return sorted(set(found))

@@ -1,0 +1,198 @@
+"""Quality metrics of C-alpha backbones (coordinates in Angstrom), for samples and real structures.
+
+- CA-CA bond: mean |d(i, i+1) - 3.80 A| and the fraction of bonds within 0.1 A of 3.80 A
+  (FrameDiff's ca_ca_deviation / ca_ca_valid_percent).
+- Clashes: CA pairs with |i - j| >= 2 closer than 3.0 A (threshold configurable); reported as
+  the number of such pairs and their fraction of all |i - j| >= 2 pairs.
+- Radius of gyration, and its ratio to the 2.2 N^0.38 A law for compact globular proteins.
+- Secondary structure from CA geometry: the virtual bond angle theta_i (i-1, i, i+1) and the
+  virtual torsion tau_i (i-1, i, i+1, i+2). Helix: theta 89 +/- 12 deg and tau 50 +/- 20 deg over
+  at least 3 consecutive torsions; strand: theta 124 +/- 14 deg and tau -170 +/- 45 deg over at
+  least 2 (the CA criteria of P-SEA, Labesse et al. 1997). Fractions of H, E and coil.
+- Optional: mean pairwise TM-score of a set (diversity), when ``tmtools`` is installed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+IDEAL_CA_CA = 3.80
+CLASH_A = 3.0
+
+
+def _check(ca: np.ndarray) -> np.ndarray:
+    ca = np.asarray(ca, dtype=np.float64)
+    if ca.ndim != 2 or ca.shape[1] != 3:
+        raise ValueError(f"ca: expected shape (L, 3), got {ca.shape}")
+    if not np.isfinite(ca).all():
+        raise ValueError("ca: contains NaN or Inf")
+    return ca
+
+
+def ca_ca_bonds(ca: np.ndarray) -> Dict[str, float]:
+    ca = _check(ca)
+    if len(ca) < 2:
+        return dict(ca_ca_dev=float("nan"), ca_ca_valid=float("nan"))
+    d = np.linalg.norm(np.diff(ca, axis=0), axis=1)
+    dev = np.abs(d - IDEAL_CA_CA)
+    return dict(ca_ca_dev=float(dev.mean()), ca_ca_valid=float((dev < 0.1).mean()))
+
+
+def clashes(ca: np.ndarray, threshold: float = CLASH_A) -> Dict[str, float]:
+    ca = _check(ca)
+    L = len(ca)
+    iu = np.triu_indices(L, k=2)
+    if len(iu[0]) == 0:
+        return dict(clash_pairs=0, clash_fraction=0.0)
+    d = np.linalg.norm(ca[iu[0]] - ca[iu[1]], axis=1)
+    n = int((d < threshold).sum())
+    return dict(clash_pairs=n, clash_fraction=n / len(d))
+
+
+def radius_of_gyration(ca: np.ndarray) -> Dict[str, float]:
+    ca = _check(ca)
+    rg = float(np.sqrt(((ca - ca.mean(0)) ** 2).sum(1).mean()))
+    return dict(rg=rg, rg_ratio=rg / (2.2 * len(ca) ** 0.38))
+
+
+def _angles(a, b, c):
+    u, v = a - b, c - b
+    cos = (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1) + 1e-12)
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+
+def _dihedrals(a, b, c, d):
+    b0, b1, b2 = a - b, c - b, d - c
+    b1n = b1 / (np.linalg.norm(b1, axis=1, keepdims=True) + 1e-12)
+    v = b0 - (b0 * b1n).sum(1, keepdims=True) * b1n
+    w = b2 - (b2 * b1n).sum(1, keepdims=True) * b1n
+    x = (v * w).sum(1)
+    y = (np.cross(b1n, v) * w).sum(1)
+    return np.degrees(np.arctan2(y, x))
+
+
+def _mark_runs(flags: np.ndarray, min_run: int, labels: np.ndarray, code: str) -> None:
+    """Label residues k-1..k+2 of every torsion k inside a run of >= min_run flagged torsions."""
+    k = 0
+    while k < len(flags):
+        if not flags[k]:
+            k += 1
+            continue
+        end = k
+        while end < len(flags) and flags[end]:
+            end += 1
+        if end - k >= min_run:
+            labels[k:end + 3] = np.where(labels[k:end + 3] == "-", code, labels[k:end + 3])
+        k = end
+
+
+def secondary_structure(ca: np.ndarray) -> str:
+    """A string of H (helix), E (strand) and - (coil), one letter per residue."""
+    ca = _check(ca)
+    L = len(ca)
+    labels = np.array(["-"] * L)
+    if L < 4:
+        return "".join(labels)
+    theta = _angles(ca[:-2], ca[1:-1], ca[2:])  # theta[k] at residue k + 1
+    tau = _dihedrals(ca[:-3], ca[1:-2], ca[2:-1], ca[3:])  # tau[k] over residues k .. k + 3
+    th1, th2 = theta[:-1], theta[1:]
+    helix = (np.abs(th1 - 89) <= 12) & (np.abs(th2 - 89) <= 12) & (np.abs(tau - 50) <= 20)
+    tau_e = (tau + 170 + 180) % 360 - 180  # angular distance to -170
+    strand = (np.abs(th1 - 124) <= 14) & (np.abs(th2 - 124) <= 14) & (np.abs(tau_e) <= 45)
+    _mark_runs(helix, 3, labels, "H")
+    _mark_runs(strand, 2, labels, "E")
+    return "".join(labels)
+
+
+def secondary_structure_fractions(ca: np.ndarray) -> Dict[str, float]:
+    ss = secondary_structure(ca)
+    L = max(len(ss), 1)
+    return dict(helix=ss.count("H") / L, strand=ss.count("E") / L, coil=ss.count("-") / L)
+
+
+def backbone_metrics(ca: np.ndarray, clash_threshold: float = CLASH_A) -> Dict[str, float]:
+    """All per-structure metrics of one CA trace (Angstrom)."""
+    ca = _check(ca)
+    out = dict(length=len(ca))
+    out.update(ca_ca_bonds(ca))
+    out.update(clashes(ca, clash_threshold))
+    out.update(radius_of_gyration(ca))
+    out.update(secondary_structure_fractions(ca))
+    return out
+
+
+def tm_diversity(cas: Sequence[np.ndarray], max_pairs: int = 2000, seed: int = 0) -> Optional[float]:
+    """Mean pairwise TM-score of a set (lower = more diverse); None without ``tmtools``."""
+    try:
+        from tmtools import tm_align
+    except ImportError:
+        return None
+    pairs = [(i, j) for i in range(len(cas)) for j in range(i + 1, len(cas))]
+    if not pairs:
+        return None
+    rng = np.random.default_rng(seed)
+    if len(pairs) > max_pairs:
+        pairs = [pairs[k] for k in rng.choice(len(pairs), max_pairs, replace=False)]
+    scores = []
+    for i, j in pairs:
+        a, b = np.asarray(cas[i], np.float64), np.asarray(cas[j], np.float64)
+        res = tm_align(a, b, "G" * len(a), "G" * len(b))
+        scores.append(0.5 * (res.tm_norm_chain1 + res.tm_norm_chain2))
+    return float(np.mean(scores))
+
+
+SUMMARY_KEYS = ("length", "ca_ca_dev", "ca_ca_valid", "clash_fraction", "rg", "rg_ratio", "helix", "strand", "coil")
+
+
+def summarize(rows: List[Dict[str, float]]) -> Dict[str, float]:
+    """Mean of each metric over structures, plus the fraction of structures with any clash."""
+    out = {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS} if rows else {}
+    if rows:
+        out["with_clash"] = float(np.mean([r["clash_pairs"] > 0 for r in rows]))
+        out["count"] = len(rows)
+    return out
+
+
+def format_table(columns: Dict[str, Dict[str, float]]) -> str:
+    """A plain-text table: one row per metric, one column per set."""
+    names = list(columns)
+    keys = [k for k in (*SUMMARY_KEYS, "with_clash", "tm_diversity", "count") if any(k in c for c in columns.values())]
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{'metric':<16}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    for k in keys:
+        cells = []
+        for n in names:
+            v = columns[n].get(k)
+            cells.append(f"{'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.3f}':>{width + 2}}")
+        lines.append(f"{k:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_metrics(sets: Dict[str, List[Dict[str, float]]], path) -> Optional[str]:
+    """Histograms of each metric, one colour per set; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = ["ca_ca_dev", "ca_ca_valid", "clash_fraction", "rg_ratio", "helix", "strand"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, key in zip(axes.flat, keys):
+        for name, rows in sets.items():
+            vals = [r[key] for r in rows if not math.isnan(r[key])]
+            if vals:
+                ax.hist(vals, bins=20, alpha=0.5, label=f"{name} (n={len(vals)})", density=True)
+        ax.set_title(key)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    from protdiff_fast.io.structure import _atomic_write
+
+    from pathlib import Path
+
+    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return str(path)
