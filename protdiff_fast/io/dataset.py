@@ -1,0 +1,220 @@
+"""The training set: C-alpha traces centred on their centroid and scaled to ProtDiff's units.
+
+ProtDiff's units: 1 unit = 10 A (``SCALE_A``). A dataset is built from structure files (a folder
+or a list) or from the project's ``backbones.npz`` format, filtered (single-chain monomers of
+40..128 residues by default, ProtDiff's filter), cached in one ``.npz`` keyed by the files' sizes
+and modification times and the filter, and served as length-bucketed padded batches with masks.
+Files that cannot be used are skipped with a reason, never fatal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from protdiff_fast.io.structure import Backbone, StructureError, _atomic_write, find_structure_files, read_backbones
+
+SCALE_A = 10.0
+
+
+@dataclass
+class SkipReport:
+    """What a dataset build left out, and why."""
+
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (file or chain, reason)
+
+    def add(self, what: str, reason: str) -> None:
+        self.skipped.append((what, reason))
+
+    def counts(self) -> Dict[str, int]:
+        return dict(Counter(reason.split(":")[0] for _, reason in self.skipped))
+
+    def __str__(self) -> str:
+        if not self.skipped:
+            return "nothing skipped"
+        return f"skipped {len(self.skipped)}: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.counts().items()))
+
+
+def _cache_key(files: Sequence[Path], config: Dict) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def random_rotations(n: int, generator: Optional[torch.Generator] = None, dtype=torch.float32) -> torch.Tensor:
+    """(n, 3, 3) uniformly random proper rotations (QR of Gaussian matrices, sign-fixed)."""
+    q, r = torch.linalg.qr(torch.randn(n, 3, 3, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    det = torch.det(q)
+    q[:, :, 0] = q[:, :, 0] * det.unsqueeze(-1)  # flip one axis where det = -1
+    return q.to(dtype)
+
+
+class BackboneDataset(torch.utils.data.Dataset):
+    """Centred, scaled C-alpha traces: item i is a dict with ``coords`` (L, 3), ``name``, ``length``."""
+
+    def __init__(self, names: Sequence[str], coords: Sequence[np.ndarray], scale: float = SCALE_A,
+                 sequences: Optional[Sequence[str]] = None) -> None:
+        if len(names) != len(coords):
+            raise ValueError("names and coords differ in length")
+        self.names = list(names)
+        self.scale = scale
+        self.sequences = list(sequences) if sequences is not None else [""] * len(names)
+        self.coords = []
+        for name, ca in zip(self.names, coords):
+            ca = np.asarray(ca, dtype=np.float64)
+            if ca.ndim != 2 or ca.shape[1] != 3 or len(ca) == 0 or not np.isfinite(ca).all():
+                raise ValueError(f"{name}: expected finite (L, 3) coordinates, got shape {ca.shape}")
+            self.coords.append(torch.from_numpy(((ca - ca.mean(0)) / scale).astype(np.float32)))
+        self.skipped = SkipReport()
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int) -> Dict:
+        return dict(coords=self.coords[i], name=self.names[i], length=len(self.coords[i]))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(c) for c in self.coords], dtype=np.int64)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_structures(
+        cls,
+        paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+        *,
+        min_length: int = 40,
+        max_length: int = 128,
+        monomers_only: bool = True,
+        max_breaks: Optional[int] = None,
+        cache: Optional[Union[str, os.PathLike]] = None,
+        scale: float = SCALE_A,
+    ) -> "BackboneDataset":
+        """Parse PDB/mmCIF files (folders are searched recursively) into a dataset.
+
+        ``monomers_only``: keep files whose first model has exactly one protein chain (ProtDiff's
+        single-chain monomers); otherwise every protein chain is an entry. ``max_breaks``: drop
+        chains with more CA-CA gaps (> 4.2 A). ``cache``: an .npz path reused while neither the
+        files nor the filter change. Unusable files are counted in ``dataset.skipped``.
+        """
+        files = find_structure_files(paths)
+        config = dict(min_length=min_length, max_length=max_length, monomers_only=monomers_only,
+                      max_breaks=max_breaks, version=1)
+        key = _cache_key(files, config)
+        if cache is not None and Path(cache).is_file():
+            with np.load(cache, allow_pickle=False) as d:
+                if str(d["key"]) == key:
+                    ds = cls._from_arrays(d, scale)
+                    ds.skipped = SkipReport([tuple(s.split("\t", 1)) for s in d["skipped"].tolist()])
+                    ds.cache_hit = True
+                    return ds
+        report = SkipReport()
+        kept: List[Backbone] = []
+        for f in files:
+            try:
+                chains = read_backbones(f)
+            except StructureError as err:
+                report.add(str(f), f"unreadable: {err}")
+                continue
+            if monomers_only and len(chains) != 1:
+                report.add(str(f), f"not a monomer: {len(chains)} protein chains")
+                continue
+            for bb in chains:
+                if not (min_length <= len(bb) <= max_length):
+                    report.add(bb.name, f"length out of range: {len(bb)} not in [{min_length}, {max_length}]")
+                elif max_breaks is not None and bb.n_breaks > max_breaks:
+                    report.add(bb.name, f"chain breaks: {bb.n_breaks} > {max_breaks}")
+                else:
+                    kept.append(bb)
+        ds = cls([bb.name for bb in kept], [bb.ca for bb in kept], scale, [bb.sequence for bb in kept])
+        ds.skipped = report
+        ds.cache_hit = False
+        if cache is not None:
+            ds.save(cache, key=key)
+        return ds
+
+    @classmethod
+    def from_npz(cls, path: Union[str, os.PathLike], *, split: Optional[str] = None, min_length: int = 40,
+                 max_length: int = 128, scale: float = SCALE_A) -> "BackboneDataset":
+        """Chains of a ``backbones.npz`` (``ids``, ``offsets``, ``ca`` in A; optional ``split``)."""
+        with np.load(path, allow_pickle=False) as d:
+            ids, offsets, ca = d["ids"], d["offsets"], d["ca"]
+            splits = d["split"] if "split" in d else None
+            seqs = d["seqs"] if "seqs" in d else None
+            names, coords, sequences = [], [], []
+            for i, name in enumerate(ids):
+                s, e = int(offsets[i]), int(offsets[i + 1])
+                if split is not None and (splits is None or str(splits[i]) != split):
+                    continue
+                if min_length <= e - s <= max_length:
+                    names.append(str(name))
+                    coords.append(ca[s:e])
+                    sequences.append(str(seqs[i]) if seqs is not None else "")
+        ds = cls(names, coords, scale, sequences)
+        ds.cache_hit = False
+        return ds
+
+    @classmethod
+    def _from_arrays(cls, d, scale: float) -> "BackboneDataset":
+        offsets = d["offsets"]
+        coords = [d["ca"][offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+        return cls([str(n) for n in d["ids"]], coords, scale, [str(s) for s in d["seqs"]])
+
+    def save(self, path: Union[str, os.PathLike], key: str = "") -> None:
+        """Write the dataset (coordinates in A, as read) to one .npz, atomically."""
+        ca = [c.double().numpy() * self.scale for c in self.coords]
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in ca])]).astype(np.int64)
+        arrays = dict(ids=np.array(self.names, dtype=str), seqs=np.array(self.sequences, dtype=str),
+                      offsets=offsets, ca=np.concatenate(ca).astype(np.float32) if ca else np.zeros((0, 3), np.float32),
+                      key=np.array(key), skipped=np.array([f"{a}\t{b}" for a, b in self.skipped.skipped], dtype=str))
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        _atomic_write(Path(path), write)
+
+    # ------------------------------------------------------------------ batches
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, rotate: bool = False,
+                drop_last: bool = False) -> Iterator[Dict]:
+        """Length-bucketed padded batches: ``coords`` (B, L_max, 3) with zero padding, ``mask`` (B, L_max).
+
+        Items are sorted by length (ties and batch order shuffled with ``seed``), so a batch pads
+        little; ``rotate`` applies an independent uniformly random rotation to each item.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        g = torch.Generator().manual_seed(seed)
+        n = len(self)
+        jitter = torch.rand(n, generator=g).numpy() if shuffle else np.zeros(n)
+        order = np.lexsort((jitter, self.lengths))
+        chunks = [order[k:k + batch_size] for k in range(0, n, batch_size)]
+        if drop_last and chunks and len(chunks[-1]) < batch_size:
+            chunks = chunks[:-1]
+        if shuffle:
+            chunks = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
+        for idx in chunks:
+            L = int(max(len(self.coords[i]) for i in idx))
+            coords = torch.zeros(len(idx), L, 3)
+            mask = torch.zeros(len(idx), L, dtype=torch.bool)
+            rots = random_rotations(len(idx), g) if rotate else None
+            for k, i in enumerate(idx):
+                c = self.coords[i]
+                coords[k, : len(c)] = c @ rots[k].T if rotate else c
+                mask[k, : len(c)] = True
+            yield dict(coords=coords, mask=mask, names=[self.names[i] for i in idx])
+
+
+def demo_data_path() -> Path:
+    """The 64 real chains shipped for the demo and the tests (see protdiff_fast/data/README.md)."""
+    return Path(__file__).resolve().parent.parent / "data" / "demo_backbones.npz"

@@ -1,0 +1,100 @@
+"""The training set: filters, skip report, cache, centring and scale, bucketed batches, rotations."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from protdiff_fast.io import SCALE_A, BackboneDataset, demo_data_path, random_rotations, read_backbones
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for name in ("1crn.pdb", "1CRN.cif.gz", "1TEN_A.pdb", "1qys.pdb", "1CKB.pdb"):
+        shutil.copy(DATA / name, tmp_path / name)
+    (tmp_path / "broken.pdb").write_text("this is not a structure\n")
+    (tmp_path / "empty.cif").write_text("")
+    return tmp_path
+
+
+def test_build_filters_and_reports(folder):
+    ds = BackboneDataset.from_structures(folder)
+    assert sorted(ds.names) == ["1CRN_A", "1TEN_A_A", "1crn_A", "1qys_A"]
+    counts = ds.skipped.counts()
+    assert counts == {"unreadable": 2, "not a monomer": 1}, ds.skipped.skipped
+    assert "broken.pdb" in str(ds.skipped.skipped) and "skipped 3" in str(ds.skipped)
+    short = BackboneDataset.from_structures(folder, min_length=50, monomers_only=False)
+    assert "1crn_A" not in short.names and "1CKB_A" in short.names and "1CKB_B" not in short.names
+    assert short.skipped.counts()["length out of range"] == 3  # two crambins and the peptide
+
+
+def test_coordinates_are_centred_and_scaled(folder):
+    ds = BackboneDataset.from_structures(folder / "1qys.pdb")
+    ca = read_backbones(folder / "1qys.pdb")[0].ca
+    item = ds[0]
+    assert item["coords"].dtype == torch.float32 and item["length"] == 92
+    assert float(item["coords"].double().mean(0).abs().max()) < 1e-6
+    np.testing.assert_allclose(item["coords"].numpy() * SCALE_A, ca - ca.mean(0), atol=1e-4)
+
+
+def test_cache_is_reused_and_invalidated(folder, tmp_path):
+    cache = tmp_path / "cache" / "set.npz"
+    first = BackboneDataset.from_structures(folder, cache=cache)
+    assert cache.is_file() and not first.cache_hit
+    second = BackboneDataset.from_structures(folder, cache=cache)
+    assert second.cache_hit and second.names == first.names
+    assert str(second.skipped) == str(first.skipped)
+    for a, b in zip(first.coords, second.coords):
+        assert torch.allclose(a, b, atol=1e-6)
+    os.utime(folder / "1qys.pdb", ns=(1, 1))  # a changed file invalidates the cache
+    assert not BackboneDataset.from_structures(folder, cache=cache).cache_hit
+    assert not BackboneDataset.from_structures(folder, cache=cache, max_length=90).cache_hit  # so does the filter
+
+
+def test_length_bucketed_padded_batches():
+    ds = BackboneDataset.from_npz(demo_data_path())
+    assert len(ds) == 64 and ds.lengths.min() >= 40 and ds.lengths.max() <= 128
+    seen, pad = [], 0
+    for batch in ds.batches(8, seed=3):
+        c, m = batch["coords"], batch["mask"]
+        assert c.shape[:2] == m.shape and c.shape[0] <= 8
+        assert float(c[~m].abs().max() if (~m).any() else 0) == 0.0, "padding must be zero"
+        assert bool(m[:, 0].all())
+        pad += int((~m).sum())
+        seen += batch["names"]
+    assert sorted(seen) == sorted(ds.names)
+    assert pad < 0.1 * sum(ds.lengths), "bucketing by length keeps padding small"
+    again = [b["names"] for b in ds.batches(8, seed=3)]
+    other = [b["names"] for b in ds.batches(8, seed=4)]
+    assert again == [b["names"] for b in ds.batches(8, seed=3)] and again != other
+    train = BackboneDataset.from_npz(demo_data_path(), split="val")
+    assert len(train) == 8
+
+
+def test_rotation_augmentation_preserves_shape():
+    ds = BackboneDataset.from_npz(demo_data_path())
+    plain = {n: c for b in ds.batches(4, seed=0) for n, c in zip(b["names"], b["coords"])}
+    for b in ds.batches(4, seed=0, rotate=True):
+        for name, c, m in zip(b["names"], b["coords"], b["mask"]):
+            ref = plain[name][m]
+            got = c[m]
+            assert not torch.allclose(got, ref, atol=1e-3)
+            dist = lambda v: (v[:, None] - v[None]).norm(dim=-1)  # noqa: E731 (cdist's matmul trick is too coarse)
+            assert torch.allclose(dist(got), dist(ref), atol=1e-5)
+    R = random_rotations(500, torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(500, 3, 3), atol=1e-12)
+    assert torch.allclose(torch.det(R), torch.ones(500, dtype=torch.float64))
+    assert float(R.mean(0).abs().max()) < 0.1  # uniform: no preferred direction
+
+
+def test_bad_dataset_input(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        BackboneDataset.from_structures(tmp_path / "missing")
+    with pytest.raises(ValueError, match="batch_size"):
+        next(BackboneDataset.from_npz(demo_data_path()).batches(0))
+    with pytest.raises(ValueError, match="finite"):
+        BackboneDataset(["x"], [np.full((4, 3), np.nan)])

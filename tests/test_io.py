@@ -1,0 +1,163 @@
+"""Structure I/O: real files, altlocs, insertion codes, models, gzip, chain breaks, round trips, bad files."""
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protdiff_fast.io import StructureError, find_structure_files, read_backbones, write_backbone
+
+DATA = Path(__file__).parent / "data"
+
+
+def atom_line(serial, name, resname, chain, resnum, xyz, altloc=" ", icode=" ", occ=1.0, record="ATOM",
+              element="C"):
+    return (f"{record:<6}{serial:>5} {name:^4}{altloc}{resname:>3} {chain}{resnum:>4}{icode}   "
+            f"{xyz[0]:8.3f}{xyz[1]:8.3f}{xyz[2]:8.3f}{occ:6.2f}{20.0:6.2f}          {element:>2}")
+
+
+def write_pdb(path, residues, chain="A", extra=()):
+    """residues: list of (resname, resnum, icode, [(atom, xyz, altloc, occ), ...])."""
+    lines, serial = [], 1
+    for resname, resnum, icode, atoms in residues:
+        for name, xyz, altloc, occ in atoms:
+            lines.append(atom_line(serial, name, resname, chain, resnum, xyz, altloc, icode, occ,
+                                   element=name[0]))
+            serial += 1
+    lines += list(extra)
+    Path(path).write_text("\n".join(lines + ["END", ""]))
+    return path
+
+
+def chain_of(n, spacing=3.8, gap_after=None):
+    pts, x = [], 0.0
+    for i in range(n):
+        pts.append((x, 0.3 * (i % 2), 0.0))
+        x += spacing if i != gap_after else 6.5
+    return [("ALA", i + 1, " ", [("N", (p[0] - 1, p[1], 0), " ", 1.0), ("CA", p, " ", 1.0)]) for i, p in enumerate(pts)]
+
+
+def test_real_files_pdb_and_gzipped_mmcif_agree():
+    pdb = read_backbones(DATA / "1crn.pdb")
+    cif = read_backbones(DATA / "1CRN.cif.gz")
+    assert len(pdb) == len(cif) == 1
+    a, b = pdb[0], cif[0]
+    assert len(a) == 46 and a.sequence == b.sequence and a.sequence.startswith("TTCCPSIVARSNFNVCRLPGTPEA")
+    np.testing.assert_allclose(a.ca, b.ca, atol=1e-3)
+    assert a.n_breaks == 0 and list(a.resnums[:3]) == [1, 2, 3]
+    d = np.linalg.norm(np.diff(a.ca, axis=0), axis=1)
+    assert 3.7 < d.min() and d.max() < 3.9
+
+
+def test_modified_residues_waters_and_chains():
+    top7 = read_backbones(DATA / "1qys.pdb")[0]
+    assert len(top7) == 92 and "X" not in top7.sequence and "M" in top7.sequence  # MSE read as M
+    both = read_backbones(DATA / "1CKB.pdb")
+    assert [(bb.chain_id, len(bb)) for bb in both] == [("A", 57), ("B", 8)]  # waters and ions ignored
+    assert read_backbones(DATA / "1CKB.pdb", chain="B")[0].sequence == "PPPVPPRR"
+    with pytest.raises(StructureError, match=r"1CKB.pdb: no chain 'Z' \(chains: A, B"):
+        read_backbones(DATA / "1CKB.pdb", chain="Z")
+    # a residue with only C and O (no CA) is left out, not an error
+    ten = read_backbones(DATA / "1TEN_A.pdb")[0]
+    assert len(ten) == 89 and ten.resnums[0] == 803
+
+
+def test_altloc_highest_occupancy_and_insertion_codes(tmp_path):
+    residues = [
+        ("GLY", 10, " ", [("CA", (0.0, 0.0, 0.0), " ", 1.0)]),
+        ("SER", 11, " ", [("CA", (3.0, 2.0, 0.0), "A", 0.30), ("CA", (3.8, 0.0, 0.0), "B", 0.70)]),
+        ("ALA", 11, "A", [("CA", (7.6, 0.0, 0.0), " ", 1.0)]),
+        ("LYS", 12, " ", [("CA", (11.4, 0.0, 0.0), " ", 1.0)]),
+    ]
+    bb = read_backbones(write_pdb(tmp_path / "alt.pdb", residues))[0]
+    np.testing.assert_allclose(bb.ca[1], [3.8, 0.0, 0.0], atol=1e-3)  # altloc B: occupancy 0.70
+    assert bb.sequence == "GSAK" and list(bb.resnums) == [10, 11, 11, 12] and bb.icodes == ["", "", "A", ""]
+
+
+def test_first_model_of_a_multi_model_file(tmp_path):
+    one = [atom_line(i + 1, "CA", "ALA", "A", i + 1, (3.8 * i, 0, 0)) for i in range(5)]
+    two = [atom_line(i + 1, "CA", "ALA", "A", i + 1, (3.8 * i, 9.0, 0)) for i in range(5)]
+    text = "\n".join(["MODEL        1", *one, "ENDMDL", "MODEL        2", *two, "ENDMDL", "END", ""])
+    (tmp_path / "nmr.pdb").write_text(text)
+    bb = read_backbones(tmp_path / "nmr.pdb")[0]
+    assert np.allclose(bb.ca[:, 1], 0.0)
+
+
+def test_chain_breaks_are_flagged(tmp_path):
+    bb = read_backbones(write_pdb(tmp_path / "gap.pdb", chain_of(10, gap_after=4)))[0]
+    assert bb.n_breaks == 1 and bool(bb.chain_breaks[5]) and not bb.chain_breaks[:5].any()
+
+
+def test_gzipped_pdb(tmp_path):
+    with open(DATA / "1crn.pdb", "rb") as src, gzip.open(tmp_path / "1crn.pdb.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert len(read_backbones(tmp_path / "1crn.pdb.gz")[0]) == 46
+
+
+@pytest.mark.parametrize("suffix", [".pdb", ".cif"])
+def test_write_read_round_trip(tmp_path, suffix):
+    src = read_backbones(DATA / "1qys.pdb")[0]
+    out = write_backbone(tmp_path / f"sample{suffix}", src.ca, sequence=src.sequence)
+    back = read_backbones(out)[0]
+    np.testing.assert_allclose(back.ca, src.ca, atol=1e-3)
+    assert back.sequence == src.sequence and len(back) == 92
+    if suffix == ".pdb":
+        assert out.read_text().splitlines()[0].startswith("CRYST1    1.000    1.000    1.000  90.00  90.00  90.00 P 1")
+    # no sequence: glycines; existing files are never silently replaced; no temporary files left
+    gly = write_backbone(tmp_path / f"gly{suffix}", src.ca)
+    assert set(read_backbones(gly)[0].sequence) == {"G"}
+    with pytest.raises(FileExistsError):
+        write_backbone(out, src.ca)
+    write_backbone(out, src.ca[:10], overwrite=True)
+    assert len(read_backbones(out)[0]) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"sample{suffix}", f"gly{suffix}"])
+
+
+def test_write_rejects_bad_coordinates(tmp_path):
+    with pytest.raises(ValueError, match=r"ca: expected shape \(L, 3\)"):
+        write_backbone(tmp_path / "a.pdb", np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        write_backbone(tmp_path / "a.pdb", np.full((5, 3), np.nan))
+    with pytest.raises(ValueError, match="Angstrom"):
+        write_backbone(tmp_path / "a.pdb", np.full((5, 3), 1e5))
+    with pytest.raises(ValueError, match="unknown format"):
+        write_backbone(tmp_path / "a.xyz", np.zeros((5, 3)))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", r"missing.pdb: no such file"),
+    ("empty", r"empty.pdb: empty file"),
+    ("garbage", r"garbage.cif: cannot parse"),
+    ("water only", r"water.pdb: no protein C-alpha trace \(chain 'W': not a protein chain\)"),
+    ("no CA", r"noca.pdb: no protein C-alpha trace \(chain 'A': amino acids but no CA atoms\)"),
+])
+def test_malformed_files_name_the_problem(tmp_path, case, match):
+    if case == "missing":
+        path = tmp_path / "missing.pdb"
+    elif case == "empty":
+        path = tmp_path / "empty.pdb"
+        path.write_text("")
+    elif case == "garbage":
+        path = tmp_path / "garbage.cif"
+        path.write_text("data_x\nloop_\n_atom_site.id\n'unterminated\n")
+    elif case == "water only":
+        path = tmp_path / "water.pdb"
+        path.write_text("\n".join(atom_line(i + 1, "O", "HOH", "W", i + 1, (i, 0, 0), record="HETATM", element="O")
+                                  for i in range(3)) + "\nEND\n")
+    else:
+        path = write_pdb(tmp_path / "noca.pdb", [("ALA", i + 1, " ", [("N", (i * 3.8, 0, 0), " ", 1.0),
+                                                                      ("C", (i * 3.8 + 1, 0, 0), " ", 1.0)])
+                                                 for i in range(4)])
+    with pytest.raises(StructureError, match=match):
+        read_backbones(path)
+
+
+def test_find_structure_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.pdb", "sub/b.cif.gz", "notes.txt", "sub/c.ent"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in find_structure_files(tmp_path)] == ["a.pdb", "b.cif.gz", "c.ent"]
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        find_structure_files(tmp_path / "nothere")

@@ -1,0 +1,82 @@
+"""Backbone metrics on geometries with known answers and on real proteins."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protdiff_fast.cli import main
+from protdiff_fast.io import read_backbones
+from protdiff_fast.metrics import backbone_metrics, clashes, format_table, secondary_structure, summarize
+
+DATA = Path(__file__).parent / "data"
+
+
+def ideal_helix(n, radius=2.3, rise=1.5, turn_deg=100.0):
+    k = np.arange(n)
+    a = np.radians(turn_deg) * k
+    return np.stack([radius * np.cos(a), radius * np.sin(a), rise * k], axis=1)
+
+
+def test_ideal_helix():
+    ca = ideal_helix(40)
+    m = backbone_metrics(ca)
+    assert m["ca_ca_dev"] < 0.05 and m["ca_ca_valid"] == 1.0
+    assert m["clash_pairs"] == 0
+    assert m["helix"] >= 0.9 and m["strand"] == 0.0
+
+
+def test_straight_chain():
+    L, d = 30, 3.8
+    ca = np.stack([np.arange(L) * d, np.zeros(L), np.zeros(L)], axis=1)
+    m = backbone_metrics(ca)
+    assert m["ca_ca_dev"] < 1e-12 and m["ca_ca_valid"] == 1.0 and m["clash_pairs"] == 0
+    assert math.isclose(m["rg"], d * math.sqrt((L * L - 1) / 12), rel_tol=1e-12)
+    assert math.isclose(m["rg_ratio"], m["rg"] / (2.2 * L ** 0.38), rel_tol=1e-12)
+    assert m["helix"] == 0.0 and m["strand"] == 0.0  # a straight line is neither
+
+
+def test_overlapping_atoms_clash():
+    ca = ideal_helix(12)
+    ca[8] = ca[2] + 0.1  # non-adjacent pair almost on top of each other
+    c = clashes(ca)
+    assert c["clash_pairs"] >= 1 and c["clash_fraction"] > 0
+    adjacent = np.array([[0.0, 0, 0], [2.0, 0, 0], [5.8, 0, 0]])  # |i - j| = 1 never counts as a clash
+    assert clashes(adjacent)["clash_pairs"] == 0
+    assert clashes(adjacent, threshold=6.0)["clash_pairs"] == 1
+
+
+@pytest.mark.parametrize("name, helix, strand", [("1crn.pdb", (0.3, 0.7), (0.05, 0.4)),
+                                                 ("1TEN_A.pdb", (0.0, 0.1), (0.35, 0.7)),
+                                                 ("1qys.pdb", (0.25, 0.6), (0.3, 0.6))])
+def test_real_proteins_score_as_real_proteins(name, helix, strand):
+    ca = read_backbones(DATA / name)[0].ca
+    m = backbone_metrics(ca)
+    assert m["ca_ca_dev"] < 0.1 and m["ca_ca_valid"] > 0.9
+    assert m["clash_pairs"] == 0
+    assert 0.85 < m["rg_ratio"] < 1.2
+    assert helix[0] <= m["helix"] <= helix[1] and strand[0] <= m["strand"] <= strand[1], secondary_structure(ca)
+
+
+def test_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match=r"ca: expected shape \(L, 3\)"):
+        backbone_metrics(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        backbone_metrics(np.full((4, 3), np.nan))
+
+
+def test_summary_table_and_evaluate_cli(tmp_path, capsys):
+    rows = [backbone_metrics(read_backbones(DATA / n)[0].ca) for n in ("1crn.pdb", "1qys.pdb")]
+    s = summarize(rows)
+    assert s["count"] == 2 and s["with_clash"] == 0.0
+    assert "ca_ca_dev" in format_table({"real": s})
+    plot = tmp_path / "m.png"
+    assert main(["evaluate", str(DATA / "1qys.pdb"), str(DATA / "1TEN_A.pdb"), "--reference", str(DATA / "1crn.pdb"),
+                 "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "samples" in out and "reference" in out and "rg_ratio" in out
+    try:
+        import matplotlib  # noqa: F401
+        assert plot.is_file() and plot.stat().st_size > 1000
+    except ImportError:
+        assert "matplotlib" in out
