@@ -78,6 +78,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from protdiff_fast.io import BackboneDataset
+
+    ds = BackboneDataset.from_structures(args.paths, min_length=args.min_length, max_length=args.max_length,
+                                         monomers_only=not args.all_chains, max_breaks=args.max_breaks,
+                                         cache=args.out)
+    lengths = ds.lengths
+    print(f"{len(ds)} chains" + (f", lengths {lengths.min()}..{lengths.max()}" if len(ds) else "") +
+          f" -> {args.out}" + (" (cache was up to date)" if ds.cache_hit else ""))
+    print(ds.skipped)
+    for what, reason in ds.skipped.skipped[: args.show_skipped]:
+        print(f"  {what}: {reason}")
+    return 0 if len(ds) else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protdiff-fast",
@@ -88,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, the C++ build, and which backend 'auto' picks per op")
     info.add_argument("--device", default=None, help="device to resolve 'auto' for (default: cuda if present, else cpu)")
     info.set_defaults(func=_cmd_info)
+    prep = sub.add_parser("prepare", help="turn PDB/mmCIF files into a cached training set (.npz), reporting skips")
+    prep.add_argument("paths", nargs="+", help="files or folders (searched recursively; .pdb/.cif/.ent, also .gz)")
+    prep.add_argument("--out", required=True, help="the dataset cache (.npz); reused while inputs and filter match")
+    prep.add_argument("--min-length", type=int, default=40)
+    prep.add_argument("--max-length", type=int, default=128)
+    prep.add_argument("--all-chains", action="store_true", help="every protein chain, not only single-chain files")
+    prep.add_argument("--max-breaks", type=int, default=None, help="drop chains with more CA-CA gaps > 4.2 A")
+    prep.add_argument("--show-skipped", type=int, default=20, help="list this many skipped entries")
+    prep.set_defaults(func=_cmd_prepare)
     ev = sub.add_parser("evaluate", help="backbone quality metrics of structures, side by side with a reference set")
     ev.add_argument("paths", nargs="+", help="PDB/mmCIF files or folders (searched recursively)")
     ev.add_argument("--reference", nargs="+", default=None, help="real structures to compare with")

@@ -98,3 +98,15 @@ def test_bad_dataset_input(tmp_path):
         next(BackboneDataset.from_npz(demo_data_path()).batches(0))
     with pytest.raises(ValueError, match="finite"):
         BackboneDataset(["x"], [np.full((4, 3), np.nan)])
+
+
+def test_prepare_command(folder, tmp_path, capsys):
+    from protdiff_fast.cli import main
+
+    out = tmp_path / "set.npz"
+    assert main(["prepare", str(folder), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4 chains, lengths 46..92" in text and "unreadable x2" in text and "not a monomer x1" in text
+    assert main(["prepare", str(folder), "--out", str(out)]) == 0
+    assert "cache was up to date" in capsys.readouterr().out
+    assert main(["prepare", str(folder / "1CKB.pdb"), "--out", str(tmp_path / "none.npz")]) == 2
