@@ -1,3 +1,4 @@
 from protdiff_fast.diffusion.schedule import SCHEDULES, NoiseSchedule
+from protdiff_fast.diffusion.scheduler import DDPMScheduler, SchedulerOutput
 
-__all__ = ["NoiseSchedule", "SCHEDULES"]
+__all__ = ["DDPMScheduler", "NoiseSchedule", "SCHEDULES", "SchedulerOutput"]

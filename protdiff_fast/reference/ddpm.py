@@ -163,21 +163,29 @@ def ddpm_step_reference(
     *,
     mask: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
-    seed: Optional[int] = None,
+    seed: Union[int, torch.Tensor, None] = None,
     generator: Optional[torch.Generator] = None,
     variance: str = "fixed_small",
 ) -> DDPMStepOutput:
     """One ancestral step x_t -> x_{t-1} (Algorithm 2), per-sample t, zero-CoM over real nodes.
 
     ``noise`` (B, N, 3) replaces the draw of z' (it is projected like a drawn one), so backends
-    can be compared on the same randomness; otherwise z' is drawn from ``generator`` (or from a
-    generator seeded with ``seed``).
+    can be compared on the same randomness; otherwise z' is drawn from ``generator``, from a
+    generator seeded with an int ``seed``, or per sample from (seed[b], t[b]) for a (B,) ``seed``.
     """
     t, mask = check_step_inputs(schedule, x_t, eps_hat, t, mask, noise, variance)
     if noise is None:
-        if seed is not None:
-            generator = torch.Generator(device=x_t.device).manual_seed(int(seed))
-        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        if isinstance(seed, torch.Tensor):  # one seed per sample: each sample's noise from (seed_b, t_b)
+            if seed.shape != t.shape:
+                raise ValueError(f"seed: expected one seed per sample, shape {tuple(t.shape)}, got {tuple(seed.shape)}")
+            noise = torch.stack([
+                torch.randn(x_t.shape[1:], dtype=torch.float64,
+                            generator=torch.Generator().manual_seed((int(sb) * 1000003 + int(tb)) % (1 << 63)))
+                for sb, tb in zip(seed.tolist(), t.tolist())]).to(dtype=x_t.dtype, device=x_t.device)
+        else:
+            if seed is not None:
+                generator = torch.Generator(device=x_t.device).manual_seed(int(seed))
+            noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
     z = remove_center_of_mass_reference(noise, mask)
     var = schedule.coef("beta_tilde" if variance == "fixed_small" else "betas", t, x_t)
     sigma = torch.where(t.view(-1, 1, 1) > 1, var.sqrt(), torch.zeros_like(var))  # no noise at the last step

@@ -1,0 +1,111 @@
+"""A DDPM scheduler in the shape diffusers users know: ``set_timesteps``, ``step``, ``add_noise``.
+
+Differences from diffusers, on purpose: timesteps run 1..T as in the DDPM paper; ``t`` may be a
+(B,) tensor (every sample its own step); noise comes from an explicit tensor, a seed (an int, or
+one seed per sample), or a torch.Generator, never a hidden global RNG; no clipping of x_0 (our
+coordinates exceed 1); every sample lives in the zero-centre-of-mass subspace of its real nodes.
+
+Full-length sampling (``set_timesteps(None)`` or ``T``) runs the fused ancestral step of the chosen
+backend (:func:`protdiff_fast.ops.ddpm_step`). Strided sampling (``set_timesteps(K)`` with K < T)
+uses the generalized DDIM update (Song et al. 2021, eq. 12) on the sub-sequence
+tau_K > ... > tau_1, with sigma = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev):
+eta = 1 is ancestral sampling of the respaced chain, eta = 0 is deterministic DDIM.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from protdiff_fast.diffusion.schedule import NoiseSchedule
+from protdiff_fast.ops import ddpm_step
+from protdiff_fast.reference.com import remove_center_of_mass_reference
+from protdiff_fast.reference.ddpm import VARIANCES, add_noise, check_step_inputs
+
+
+class SchedulerOutput(NamedTuple):
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+    mean: torch.Tensor
+
+
+class DDPMScheduler:
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        variance_type: str = "fixed_small",
+        eta: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        if variance_type not in VARIANCES:
+            raise ValueError(f"variance_type: expected one of {VARIANCES}, got {variance_type!r}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end, kind=beta_schedule)
+        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                           beta_schedule=beta_schedule, variance_type=variance_type, eta=eta)
+        self.variance_type, self.eta, self.backend = variance_type, eta, backend
+        self.set_timesteps(None)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None) -> None:
+        """Use all T steps (None or T), or K evenly spaced ones, always ending at t = 1."""
+        T = self.num_train_timesteps
+        K = T if num_inference_steps is None else int(num_inference_steps)
+        if not 1 <= K <= T:
+            raise ValueError(f"num_inference_steps must lie in [1, {T}], got {num_inference_steps}")
+        steps = torch.linspace(1, T, K, dtype=torch.float64).round().long().unique(sorted=True)
+        self.timesteps = steps.flip(0)  # T .. 1, descending, as diffusers
+        self.num_inference_steps = len(steps)
+        # previous timestep of each t in the sequence (0 = the data)
+        self._prev = torch.zeros(T + 1, dtype=torch.long)
+        self._prev[steps[1:]] = steps[:-1]
+        self._in_sequence = torch.zeros(T + 1, dtype=torch.bool)
+        self._in_sequence[steps] = True
+        self.strided = self.num_inference_steps < T
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Union[int, torch.Tensor],
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (noise should be zero-CoM)."""
+        return add_noise(self.schedule, original_samples, noise, timesteps, mask)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+        seed: Union[int, torch.Tensor, None] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> SchedulerOutput:
+        """x_t -> x_{t_prev} given the predicted noise ``model_output`` (eps_hat)."""
+        if not self.strided:
+            out = ddpm_step(self.schedule, sample, model_output, timestep, mask=mask, noise=noise, seed=seed,
+                            generator=generator, variance=self.variance_type, backend=self.backend)
+            return SchedulerOutput(*out)
+        t, mask = check_step_inputs(self.schedule, sample, model_output, timestep, mask, noise, "fixed_small")
+        if not bool(self._in_sequence[t.cpu()].all()):
+            raise ValueError("timestep: not in the sequence set by set_timesteps()")
+        t_prev = self._prev.to(t.device)[t]
+        ab = self.schedule.coef("alpha_bars", t, sample)
+        ab_prev = self.schedule.coef("alpha_bars", t_prev, sample)
+        x0 = (sample - (1 - ab).sqrt() * model_output) / ab.sqrt()  # DDIM eq. 12, "predicted x_0"
+        sigma = self.eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+        if noise is None:
+            if seed is not None and not isinstance(seed, torch.Tensor):
+                generator = torch.Generator(device=sample.device).manual_seed(int(seed))
+            noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=sample.device)
+        z = remove_center_of_mass_reference(noise, mask)
+        mean = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * model_output
+        mean = remove_center_of_mass_reference(mean, mask)
+        prev = remove_center_of_mass_reference(mean + sigma * z, mask)
+        keep = mask.unsqueeze(-1)
+        return SchedulerOutput(prev, torch.where(keep, x0, torch.zeros_like(x0)), mean)

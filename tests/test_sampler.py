@@ -1,0 +1,160 @@
+"""Scheduler (diffusers-shaped) and the large-batch sampler: exact Gaussian sampling through the
+public API with mixed lengths, strided DDIM, per-design reproducibility, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from protdiff_fast import backends
+from protdiff_fast.diffusion import DDPMScheduler
+from protdiff_fast.diffusion.sampler import SamplingError, sample
+from protdiff_fast.io import read_backbones
+from protdiff_fast.ops import ddpm_step
+from protdiff_fast.reference.com import remove_center_of_mass_reference
+from helpers import assert_close_rel, random_mask
+
+F64 = torch.float64
+HAS_CPU = backends.cpu_extension() is not None
+
+
+class ExactGaussianEps:
+    """The exact eps predictor for x_0 = P y, y ~ N(0, s2 I): eps_hat = sqrt(1 - ab) / (ab s2 + 1 - ab) x_t."""
+
+    def __init__(self, schedule, data_var, max_length=None):
+        self.schedule, self.data_var, self.calls = schedule, data_var, 0
+        if max_length is not None:
+            self.max_length = max_length
+
+    def __call__(self, x_t, t, mask):
+        self.calls += 1
+        ab = self.schedule.coef("alpha_bars", t, x_t)
+        return (1 - ab).sqrt() / (ab * self.data_var + 1 - ab) * x_t
+
+
+def test_set_timesteps():
+    s = DDPMScheduler(1000)
+    assert s.timesteps[0] == 1000 and s.timesteps[-1] == 1 and len(s.timesteps) == 1000 and not s.strided
+    s.set_timesteps(50)
+    ts = s.timesteps
+    assert len(ts) == 50 and ts[0] == 1000 and ts[-1] == 1 and bool((ts[:-1] > ts[1:]).all()) and s.strided
+    with pytest.raises(ValueError, match=r"num_inference_steps must lie in \[1, 1000\]"):
+        s.set_timesteps(0)
+    with pytest.raises(ValueError, match="eta"):
+        DDPMScheduler(eta=2.0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if HAS_CPU else []))
+def test_step_matches_the_fused_op(backend):
+    s = DDPMScheduler(1000, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    mask = random_mask(3, 9, generator=g, min_real=2)
+    x = remove_center_of_mass_reference(torch.randn(3, 9, 3, generator=g, dtype=F64), mask)
+    eps, noise = torch.randn(3, 9, 3, generator=g, dtype=F64), torch.randn(3, 9, 3, generator=g, dtype=F64)
+    t = torch.tensor([1000, 20, 1])
+    got = s.step(eps, t, x, mask=mask, noise=noise)
+    want = ddpm_step(s.schedule, x, eps, t, mask=mask, noise=noise, backend="reference")
+    assert_close_rel(got.prev_sample, want.prev_sample, 1e-12, "prev")
+    assert_close_rel(got.pred_original_sample, want.pred_original_sample, 1e-12, "x0")
+
+
+def test_ddim_with_every_step_and_eta_1_is_ancestral_sampling():
+    s = DDPMScheduler(1000)
+    s.strided = True  # force the DDIM update on the full sequence
+    g = torch.Generator().manual_seed(1)
+    mask = random_mask(4, 7, generator=g, min_real=2)
+    x = remove_center_of_mass_reference(torch.randn(4, 7, 3, generator=g, dtype=F64), mask)
+    eps, noise = torch.randn(4, 7, 3, generator=g, dtype=F64), torch.randn(4, 7, 3, generator=g, dtype=F64)
+    t = torch.tensor([1000, 500, 2, 1])
+    ddim = s.step(eps, t, x, mask=mask, noise=noise)
+    ddpm = ddpm_step(s.schedule, x, eps, t, mask=mask, noise=noise, backend="reference")
+    assert_close_rel(ddim.prev_sample, ddpm.prev_sample, 1e-10, "DDIM(eta=1, stride 1) vs DDPM")
+    with pytest.raises(ValueError, match="not in the sequence"):
+        s.set_timesteps(10)
+        s.step(eps, t, x, mask=mask)
+
+
+def _covariance_error(samples, n, data_var):
+    x = torch.from_numpy(np.stack(samples))
+    flat = x.permute(0, 2, 1).reshape(-1, n)
+    cov = flat.T @ flat / flat.shape[0]
+    want = data_var * (torch.eye(n, dtype=F64) - 1.0 / n)
+    return float((cov - want).norm() / want.norm())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if HAS_CPU else []))
+def test_sampler_reproduces_gaussian_data_for_mixed_lengths(backend):
+    sched = DDPMScheduler(1000, backend=backend)
+    data_var, per_len = 4.0, 1500
+    model = ExactGaussianEps(sched.schedule, data_var)
+    lengths = [5, 12, 8]
+    out = sample(model, lengths, num_samples=per_len, batch_size=1000, seed=3, scheduler=sched, dtype=F64,
+                 progress=False, scale=1.0)
+    assert len(out) == 3 * per_len
+    tol = 6 * math.sqrt(2 / (3 * per_len)) + 0.01  # Monte Carlo error + the sampler's discretisation bias
+    for k, n in enumerate(lengths):
+        group = out[k * per_len:(k + 1) * per_len]
+        assert all(g.shape == (n, 3) for g in group)
+        err = _covariance_error(group, n, data_var)
+        assert err < tol, f"length {n}: covariance off by {err:.3f} (tol {tol:.3f})"
+
+
+@pytest.mark.slow
+def test_strided_sampling_reproduces_gaussian_data():
+    sched = DDPMScheduler(1000)
+    model = ExactGaussianEps(sched.schedule, 4.0)
+    out = sample(model, 6, num_samples=3000, batch_size=3000, seed=5, scheduler=sched, num_inference_steps=100,
+                 dtype=F64, progress=False, scale=1.0)
+    assert model.calls == 100
+    assert _covariance_error(out, 6, 4.0) < 6 * math.sqrt(2 / 9000) + 0.03
+    sched_det = DDPMScheduler(1000, eta=0.0)  # DDIM: deterministic given x_T
+    a = sample(model, [6, 9], seed=1, scheduler=sched_det, num_inference_steps=20, progress=False)
+    b = sample(model, [6, 9], seed=1, scheduler=sched_det, num_inference_steps=20, progress=False)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="per-design noise needs the C++ step")
+def test_a_design_is_the_same_alone_or_in_a_big_run():
+    sched = DDPMScheduler(200, backend="cpu")
+    model = ExactGaussianEps(sched.schedule, 2.0)
+    lengths = [7, 7, 5, 7, 6, 7]
+    big = sample(model, lengths, batch_size=6, seed=11, scheduler=sched, progress=False)
+    again = sample(model, lengths, batch_size=2, seed=11, scheduler=sched, progress=False)
+    for a, b in zip(big, again):
+        np.testing.assert_array_equal(a, b)
+    other = sample(model, lengths, batch_size=6, seed=12, scheduler=sched, progress=False)
+    assert not np.allclose(big[0], other[0])
+
+
+def test_sampler_writes_pdb_files_and_shows_progress(tmp_path, capsys):
+    sched = DDPMScheduler(50)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    out = sample(model, [10, 12], seed=0, scheduler=sched, out_dir=tmp_path / "designs", progress=True)
+    files = sorted((tmp_path / "designs").iterdir())
+    assert [f.name for f in files] == ["design_000000.pdb", "design_000001.pdb"]
+    back = read_backbones(files[1])[0]
+    np.testing.assert_allclose(back.ca, out[1], atol=2e-3)  # written in Angstrom
+    assert "backbones_per_s" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="not empty"):
+        sample(model, [10], scheduler=sched, out_dir=tmp_path / "designs", progress=False)
+
+
+def test_sampler_bad_input_and_nan_model():
+    sched = DDPMScheduler(20)
+    model = ExactGaussianEps(sched.schedule, 1.0, max_length=64)
+    with pytest.raises(ValueError, match=r"lengths: \[0\] outside the allowed range \[1, 64\]"):
+        sample(model, [5, 0], scheduler=sched, progress=False)
+    with pytest.raises(ValueError, match=r"\[65\] outside"):
+        sample(model, 65, scheduler=sched, progress=False)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        sample(model, 10, num_samples=0, scheduler=sched, progress=False)
+
+    def broken(x, t, mask):
+        eps = torch.zeros_like(x)
+        if int(t[0]) == 7:
+            eps[1, 0, 0] = float("nan")
+        return eps
+
+    with pytest.raises(SamplingError, match=r"NaN/Inf at t=7 for design \d \(length 9"):
+        sample(broken, [9, 9, 9], scheduler=sched, progress=False)
