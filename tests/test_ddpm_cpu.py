@@ -141,8 +141,12 @@ def test_cpu_step_bad_input():
     t = t.clamp(max=100)
     bad = x.clone()
     bad[1, 1, 1] = float("nan")
-    with pytest.raises(ValueError, match="x_t: contains NaN"):
+    with pytest.raises(ValueError, match="x_t or eps_hat: contains NaN or Inf in sample 1"):
         ddpm_step(s, bad, eps, t, mask=mask, backend="cpu")
+    bad_eps = eps.clone()
+    bad_eps[2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="contains NaN or Inf in sample 2"):
+        ddpm_step(s, x, bad_eps, t, mask=mask, seed=0, backend="cpu")
     with pytest.raises(ValueError, match=r"seed: expected an int or an integer tensor of shape \(3,\)"):
         ddpm_step(s, x, eps, t, mask=mask, seed=torch.tensor([1, 2]), backend="cpu")
     with pytest.raises(ValueError, match="no real nodes"):

@@ -35,18 +35,20 @@ struct Philox4x32 {
   }
 };
 
-inline double uniform_open(std::uint32_t r) { return (static_cast<double>(r) + 0.5) * 2.3283064365386963e-10; }
+// A uniform in (0, 1): the top 24 bits, centred in their interval (never 0, never 1).
+inline float uniform_open(std::uint32_t r) { return (static_cast<float>(r >> 8) + 0.5f) * 5.9604644775390625e-8f; }
 
-// Four standard normals for (seed, t, block) by Box-Muller on Philox output.
+// Four standard normals for (seed, t, block) by Box-Muller on Philox output. Single precision
+// on purpose: the noise only needs to be Gaussian to ~1e-7, and float log/sin/cos are ~2x faster.
 inline void normals4(std::uint64_t seed, std::int64_t t, std::uint64_t block, double out[4]) {
   std::uint32_t key[2] = {static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)};
   std::uint32_t ctr[4] = {static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32),
                           static_cast<std::uint32_t>(t), static_cast<std::uint32_t>(static_cast<std::uint64_t>(t) >> 32)};
   Philox4x32::block(ctr, key);
-  const double two_pi = 6.283185307179586;
+  const float two_pi = 6.283185307179586f;
   for (int k = 0; k < 2; ++k) {
-    const double radius = std::sqrt(-2.0 * std::log(uniform_open(ctr[2 * k])));
-    const double angle = two_pi * uniform_open(ctr[2 * k + 1]);
+    const float radius = std::sqrt(-2.0f * std::log(uniform_open(ctr[2 * k])));
+    const float angle = two_pi * uniform_open(ctr[2 * k + 1]);
     out[2 * k] = radius * std::cos(angle);
     out[2 * k + 1] = radius * std::sin(angle);
   }
@@ -102,7 +104,7 @@ void ddpm_step_np(CArray<T> x_t, CArray<T> eps_hat, CArray<double> c1, CArray<do
   T* prev = writable_data(prev_out, "prev_out");
   T* mean = mean_out ? writable_data(*mean_out, "mean_out") : nullptr;
   T* x0 = x0_out ? writable_data(*x0_out, "x0_out") : nullptr;
-  std::vector<char> empty(static_cast<size_t>(B), 0);
+  std::vector<char> empty(static_cast<size_t>(B), 0), nonfinite(static_cast<size_t>(B), 0);
   {
     py::gil_scoped_release no_gil;
 #pragma omp parallel
@@ -119,7 +121,15 @@ void ddpm_step_np(CArray<T> x_t, CArray<T> eps_hat, CArray<double> c1, CArray<do
         }
         const T* x = xp + b * N * 3;
         const T* e = ep + b * N * 3;
-        for (std::int64_t k = 0; k < N * 3; ++k) mu[k] = static_cast<T>(c1p[b] * (x[k] - c2p[b] * e[k]));
+        bool finite = true;  // checked here, in the pass that reads them, instead of a separate sweep
+        for (std::int64_t k = 0; k < N * 3; ++k) {
+          finite = finite && std::isfinite(static_cast<double>(x[k])) && std::isfinite(static_cast<double>(e[k]));
+          mu[k] = static_cast<T>(c1p[b] * (x[k] - c2p[b] * e[k]));
+        }
+        if (!finite) {
+          nonfinite[b] = 1;
+          continue;
+        }
         project(mu.data(), m, N);
         if (np_) {
           for (std::int64_t k = 0; k < N * 3; ++k) z[k] = np_[b * N * 3 + k];
@@ -141,8 +151,11 @@ void ddpm_step_np(CArray<T> x_t, CArray<T> eps_hat, CArray<double> c1, CArray<do
       }
     }
   }
-  for (std::int64_t b = 0; b < B; ++b)
+  for (std::int64_t b = 0; b < B; ++b) {
     if (empty[b]) throw std::invalid_argument("mask: sample " + std::to_string(b) + " has no real nodes (all padding)");
+    if (nonfinite[b])
+      throw std::invalid_argument("x_t or eps_hat: contains NaN or Inf in sample " + std::to_string(b));
+  }
 }
 
 std::vector<std::uint32_t> philox4x32_np(std::vector<std::uint32_t> ctr, std::vector<std::uint32_t> key) {

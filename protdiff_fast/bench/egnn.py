@@ -68,4 +68,27 @@ def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dty
     return run
 
 
-SUITES: Dict[str, Callable] = {"egnn": make_case}
+def ddpm_step_bytes(B: int, N: int) -> float:
+    """Bytes a fused step must move: read x_t and eps_hat, write x_{t-1}, the mean and x_0 (fp32)."""
+    return float(B * N * 3 * 4 * 5)
+
+
+def make_ddpm_step_case(provider: str, B: int, N: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
+    """One batched ancestral step with in-kernel (or generator) noise, at a mid-trajectory t."""
+    from protdiff_fast.diffusion import NoiseSchedule
+    from protdiff_fast.ops import ddpm_step
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    schedule = NoiseSchedule(1000)
+    x = torch.randn(B, N, 3, generator=g).to(device=device, dtype=dtype)
+    eps = torch.randn(B, N, 3, generator=g).to(device=device, dtype=dtype)
+    t = torch.randint(2, 1001, (B,), generator=g).to(device)
+    seeds = torch.arange(B, device=device)
+
+    def run() -> None:
+        ddpm_step(schedule, x, eps, t, seed=seeds if provider != "reference" else 0, backend=provider)
+
+    return run
+
+
+SUITES: Dict[str, Callable] = {"egnn": make_case, "ddpm-step": make_ddpm_step_case}

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from protdiff_fast.bench.egnn import egnn_pytorch_available, flops
+from protdiff_fast.bench.egnn import ddpm_step_bytes, egnn_pytorch_available, flops
 
 
 def _git_commit() -> str:
@@ -98,7 +98,26 @@ def device_rates(device: str, H: int = 64) -> Dict:
 EGNN_PYTORCH_MAX_BN = 1024
 
 
-def grid(device: str, quick: bool, suites: Iterable[str]) -> List[Dict]:
+def target_rows(device: str) -> List[Dict]:
+    """The rows the kernel issues set targets on (speed-up, memory, long sequences, the fused step)."""
+    rows = []
+    base = ["reference", "cpu" if not device.startswith("cuda") else "triton"]
+    extra = ["egnn-pytorch"] if egnn_pytorch_available() else []
+    for mode in ("fwd", "fwdbwd"):
+        for p in base + extra:
+            rows.append(dict(suite="egnn", provider=p, B=4, N=256, H=64, mode=mode, dtype="float32"))
+    for p in base:
+        rows.append(dict(suite="egnn", provider=p, B=1, N=1024, H=64, mode="fwdbwd", dtype="float32"))
+        rows.append(dict(suite="egnn", provider=p, B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
+    for N in (64, 128, 256):
+        for p in ("reference", "cpu"):
+            rows.append(dict(suite="ddpm-step", provider=p, B=256, N=N, H=0, mode="fwd", dtype="float32"))
+    return rows
+
+
+def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -> List[Dict]:
+    if which == "targets":
+        return target_rows(device)
     rows = []
     if "egnn" in suites:
         if quick:
@@ -123,6 +142,12 @@ def grid(device: str, quick: bool, suites: Iterable[str]) -> List[Dict]:
         if not quick and not device.startswith("cuda"):  # the long-sequence row: bounded memory at N = 4096
             rows.append(dict(suite="egnn", provider="cpu", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
             rows.append(dict(suite="egnn", provider="reference", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
+    if "ddpm-step" in suites:
+        providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference"]
+        for B in ([256] if quick else [64, 256, 1024]):
+            for N in ([128] if quick else [64, 128, 256]):
+                for p in providers:
+                    rows.append(dict(suite="ddpm-step", provider=p, B=B, N=N, H=0, mode="fwd", dtype="float32"))
     return rows
 
 
@@ -143,8 +168,12 @@ def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: fl
         result = dict(status="OOM" if killed else "error", error=(proc.stderr or "")[-300:])
     out = dict(row, **result)
     if out.get("status") == "ok":
-        out["flops"] = flops(row["B"], row["N"], row["H"], row["mode"])
-        out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
+        if row["suite"] == "ddpm-step":
+            out["bytes"] = ddpm_step_bytes(row["B"], row["N"])
+            out["gbytes_per_s"] = out["bytes"] / out["median_s"] / 1e9
+        else:
+            out["flops"] = flops(row["B"], row["N"], row["H"], row["mode"])
+            out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
     return out
 
 
@@ -171,23 +200,29 @@ def markdown(result: Dict) -> str:
              f"{rates['copy_bytes_per_s'] / 1e9:.1f} GB/s",
              f"- memory: {result.get('mem_method', '')}",
              f"- egnn-pytorch (dense baseline) rows only where B * N <= {EGNN_PYTORCH_MAX_BN} on CPU", "",
-             "| suite | mode | dtype | H | B | N | provider | median ms (p20-p80) | GFLOP/s | % of mm (square / pair shape) "
-             "| peak extra memory | speed-up vs reference |",
+             "| suite | mode | dtype | H | B | N | provider | median ms (p20-p80) | GFLOP/s (egnn) or GB/s (step) "
+             "| % of mm (square / pair shape) or of copy | peak extra memory | speed-up vs reference |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    ref = {(r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
+    ref = {(r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
            if r["provider"] == "reference" and r.get("status") == "ok"}
     for r in result["rows"]:
-        key = (r["mode"], r["dtype"], r["H"], r["B"], r["N"])
+        key = (r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"])
         if r.get("status") != "ok":
             lines.append(f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | "
                          f"{r['provider']} | **{r['status']}** | | | | |")
             continue
-        gf = r["flops"] / r["median_s"]
         speed = f"{ref[key]['median_s'] / r['median_s']:.1f}x" if key in ref else ""
+        if r["suite"] == "ddpm-step":
+            bw = r["bytes"] / r["median_s"]
+            rate, frac = f"{bw / 1e9:.1f}", f"{100 * bw / rates['copy_bytes_per_s']:.0f}% of copy"
+        else:
+            gf = r["flops"] / r["median_s"]
+            rate = f"{gf / 1e9:.1f}"
+            frac = (f"{100 * gf / rates['mm_fp32_square_flops']:.0f}% / "
+                    f"{100 * gf / rates['mm_fp32_pair_shape_flops']:.0f}%")
         lines.append(
             f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
-            f"{r['median_s'] * 1e3:.2f} ({r['p20_s'] * 1e3:.2f}-{r['p80_s'] * 1e3:.2f}) | {gf / 1e9:.1f} | "
-            f"{100 * gf / rates['mm_fp32_square_flops']:.0f}% / {100 * gf / rates['mm_fp32_pair_shape_flops']:.0f}% | "
+            f"{r['median_s'] * 1e3:.3f} ({r['p20_s'] * 1e3:.3f}-{r['p80_s'] * 1e3:.3f}) | {rate} | {frac} | "
             f"{_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
     return "\n".join(lines) + "\n"
 
@@ -209,6 +244,8 @@ def plot(result: Dict, out_dir: Path) -> List[str]:
         return []
     written = []
     rows = [r for r in result["rows"] if r["suite"] == "egnn"]
+    if not rows:
+        return written
     for mode in sorted({r["mode"] for r in rows}):
         for H in sorted({r["H"] for r in rows}):
             for B in sorted({r["B"] for r in rows}):
@@ -260,13 +297,13 @@ def compare(old_path: str, new: Dict) -> str:
 
 
 def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: float, compare_to: Optional[str],
-        command: str, providers: Optional[List[str]] = None) -> Dict:
+        command: str, providers: Optional[List[str]] = None, which: str = "full") -> Dict:
     threads = torch.get_num_threads()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     mem_limit = int(mem_total * 0.7) if not device.startswith("cuda") else None
-    rows = grid(device, quick, suites)
+    rows = grid(device, quick, suites, which)
     if providers:
         rows = [r for r in rows if r["provider"] in providers]
     result = dict(command=command, environment=environment(device, threads), rates=device_rates(device),

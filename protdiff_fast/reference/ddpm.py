@@ -38,12 +38,13 @@ class DDPMStepOutput(NamedTuple):
     mean: torch.Tensor  # mu_theta(x_t, eps_hat), projected (SMCDiff weights need it)
 
 
-def _check_coords(name: str, x: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _check_coords(name: str, x: torch.Tensor, like: Optional[torch.Tensor] = None, values: bool = True) -> torch.Tensor:
     if like is None:
         check_tensor(name, x, (None, None, 3))
     else:
         check_tensor(name, x, tuple(like.shape), dtype=like.dtype, device=like.device)
-    check_finite(name, x)
+    if values:
+        check_finite(name, x)
     return x
 
 
@@ -124,12 +125,16 @@ def check_step_inputs(
     mask: Optional[torch.Tensor],
     noise: Optional[torch.Tensor],
     variance: str,
+    check_values: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Validate the arguments of a step (every backend calls this); returns t (B,) and the bool mask."""
+    """Validate the arguments of a step (every backend calls this); returns t (B,) and the bool mask.
+
+    ``check_values=False`` skips the NaN/Inf sweep for kernels that check values in their own pass.
+    """
     if variance not in VARIANCES:
         raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")
-    _check_coords("x_t", x_t)
-    _check_coords("eps_hat", eps_hat, x_t)
+    _check_coords("x_t", x_t, values=check_values)
+    _check_coords("eps_hat", eps_hat, x_t, values=check_values)
     if noise is not None:
         _check_coords("noise", noise, x_t)
     B, N, _ = x_t.shape
