@@ -49,10 +49,13 @@ template <typename T>
 inline void store(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// s - 0 is s exactly (also for -0.0), so the compiler folds the subtraction and emits a single
+// broadcast; `Vec{} + s` would keep a real add (0 + -0.0 is +0.0) in the GEMM's innermost loop.
 template <typename T>
 inline Vec<T> splat(T s) {
-  return Vec<T>{} + s;
+  return s - Vec<T>{};
 }
+
 template <typename T>
 inline T hsum(Vec<T> v) {
   T s = 0;
