@@ -7,6 +7,7 @@ Environment knobs:
   PROTDIFF_FAST_NATIVE=1   compile with -march=native (off by default: wheels move between machines)
   PROTDIFF_FAST_DEBUG=1    build type Debug instead of Release
   PROTDIFF_FAST_BUILD_TYPE any CMake build type (RelWithDebInfo keeps symbols for perf; Release strips)
+  PROTDIFF_FAST_SANITIZE=address  build with AddressSanitizer (run with LD_PRELOAD=$(gcc -print-file-name=libasan.so))
   CMAKE_BUILD_PARALLEL_LEVEL  number of compile jobs
 """
 import os
@@ -38,6 +39,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPROTDIFF_FAST_NATIVE={native}",
+            f"-DPROTDIFF_FAST_SANITIZE={os.environ.get('PROTDIFF_FAST_SANITIZE', '')}",
         ]
         build_dir = Path(self.build_temp) / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
