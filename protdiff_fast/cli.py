@@ -94,6 +94,78 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0 if len(ds) else 2
 
 
+def _parse_lengths(spec: str):
+    """'100' -> [100]; '64..128' -> 64..128 inclusive; '50,60,70' -> those."""
+    out = []
+    for part in spec.split(","):
+        if ".." in part:
+            lo, hi = (int(v) for v in part.split(".."))
+            if lo > hi:
+                raise ValueError(f"--length: empty range {part}")
+            out.extend(range(lo, hi + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from protdiff_fast.train import TrainConfig, train
+
+    model = dict(hidden_dim=args.hidden, edge_dim=args.edge_dim or args.hidden, num_layers=args.layers)
+    cfg = TrainConfig(data=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      grad_clip=args.grad_clip, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
+                      val_every=args.val_every, seed=args.seed, max_length=args.max_length,
+                      min_length=args.min_length, backend=args.backend, device=args.device, model=model)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
+          + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
+          + f"; checkpoint {result['checkpoint']}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import json as _json
+    import random
+
+    import numpy as np
+
+    from protdiff_fast.diffusion import DDPMScheduler
+    from protdiff_fast.diffusion.sampler import sample
+    from protdiff_fast.metrics import backbone_metrics, format_table, summarize
+    from protdiff_fast.train import load_model
+
+    ckpt = args.ckpt or str(shipped_checkpoint())
+    model = load_model(ckpt, backend=args.backend, device=args.device)
+    cfg = model.config
+    lengths = _parse_lengths(args.length)
+    rng = random.Random(args.seed)
+    chosen = [rng.choice(lengths) for _ in range(args.num)] if len(lengths) > 1 else lengths * args.num
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend)
+    with __import__("torch").no_grad():
+        designs = sample(model, chosen, batch_size=args.batch_size, seed=args.seed, scheduler=scheduler,
+                         num_inference_steps=args.steps, device=args.device, out_dir=args.out,
+                         progress=not args.no_progress)
+    rows = [dict(design=f"design_{i:06d}.pdb", **backbone_metrics(ca)) for i, ca in enumerate(designs)]
+    summary = summarize(rows)
+    from pathlib import Path as _Path
+
+    from protdiff_fast.io.structure import _atomic_write
+
+    _atomic_write(_Path(args.out) / "metrics.json",
+                  lambda tmp: _Path(tmp).write_text(_json.dumps(dict(checkpoint=ckpt, summary=summary, designs=rows),
+                                                                indent=1)))
+    print(f"{len(designs)} backbones -> {args.out} (checkpoint {ckpt})")
+    print(format_table({"samples": summary}))
+    del np
+    return 0
+
+
+def shipped_checkpoint():
+    from pathlib import Path as _Path
+
+    return _Path(__file__).resolve().parent / "data" / "protdiff_small.pt"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protdiff-fast",
@@ -104,6 +176,39 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, the C++ build, and which backend 'auto' picks per op")
     info.add_argument("--device", default=None, help="device to resolve 'auto' for (default: cuda if present, else cpu)")
     info.set_defaults(func=_cmd_info)
+    tr = sub.add_parser("train", help="train ProtDiff (torchrun --nproc-per-node K -m protdiff_fast.cli train ... for DDP)")
+    tr.add_argument("--data", required=True, help="backbones .npz, or a folder/file of PDB/mmCIF structures")
+    tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, history.json)")
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--batch-size", type=int, default=8, help="global batch, split across DDP processes")
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--grad-clip", type=float, default=1.0)
+    tr.add_argument("--ema-decay", type=float, default=0.999)
+    tr.add_argument("--ckpt-every", type=int, default=200)
+    tr.add_argument("--val-every", type=int, default=200)
+    tr.add_argument("--hidden", type=int, default=256)
+    tr.add_argument("--edge-dim", type=int, default=None, help="offset embedding width (default: --hidden)")
+    tr.add_argument("--layers", type=int, default=4)
+    tr.add_argument("--min-length", type=int, default=40)
+    tr.add_argument("--max-length", type=int, default=128)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--backend", default="auto")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_cmd_train)
+    sm = sub.add_parser("sample", help="sample backbones with a trained model (default: the shipped one)")
+    sm.add_argument("--length", default="64..128", help="N, LO..HI (inclusive, drawn uniformly) or a,b,c")
+    sm.add_argument("--num", type=int, default=8, help="number of backbones")
+    sm.add_argument("--out", required=True, help="new (or empty) folder for the PDB files and metrics.json")
+    sm.add_argument("--ckpt", default=None, help="checkpoint (default: the small model shipped in the package)")
+    sm.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all)")
+    sm.add_argument("--batch-size", type=int, default=64)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--backend", default="auto")
+    sm.add_argument("--device", default="cpu")
+    sm.add_argument("--no-progress", action="store_true")
+    sm.set_defaults(func=_cmd_sample)
     prep = sub.add_parser("prepare", help="turn PDB/mmCIF files into a cached training set (.npz), reporting skips")
     prep.add_argument("paths", nargs="+", help="files or folders (searched recursively; .pdb/.cif/.ent, also .gz)")
     prep.add_argument("--out", required=True, help="the dataset cache (.npz); reused while inputs and filter match")

@@ -158,11 +158,15 @@ def read_backbones(path: PathLike, chain: Optional[str] = None, min_length: int 
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it over."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -31,6 +31,8 @@ class EGNNLayer(nn.Module):
         coords_agg: "mean" (C = 1/(n_b - 1) over real nodes) or "sum" (C = 1).
         eps: the epsilon of ``normalize``.
         coord_init_gain: xavier gain of phi_x's last layer (small, so early layers barely move x).
+        update_h: compute h' with phi_h (False: h is returned as is and phi_h does not exist, for a
+            last layer whose features nobody reads).
         backend: "auto", "reference", "triton" or "cpu" (see :mod:`protdiff_fast.backends`).
 
     ``edge_attr`` is either dense, (B, N, N, E), or a relative sequence-offset table (2K + 1, E)
@@ -50,6 +52,7 @@ class EGNNLayer(nn.Module):
         coords_agg: str = "mean",
         eps: float = 1e-8,
         coord_init_gain: float = 0.001,
+        update_h: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -65,7 +68,7 @@ class EGNNLayer(nn.Module):
         coord_out = nn.Linear(H, 1, bias=False)
         nn.init.xavier_uniform_(coord_out.weight, gain=coord_init_gain)
         self.phi_x = nn.Sequential(nn.Linear(H, H), nn.SiLU(), coord_out, *([nn.Tanh()] if tanh else []))
-        self.phi_h = nn.Sequential(nn.Linear(2 * H, H), nn.SiLU(), nn.Linear(H, H))
+        self.phi_h = nn.Sequential(nn.Linear(2 * H, H), nn.SiLU(), nn.Linear(H, H)) if update_h else None
         self.att = nn.Sequential(nn.Linear(H, 1), nn.Sigmoid()) if attention else None
 
     def extra_repr(self) -> str:
@@ -118,7 +121,7 @@ class EGNNLayer(nn.Module):
             mask=mask, normalize=self.normalize, tanh=self.tanh, coords_agg=self.coords_agg, eps=self.eps,
             backend=self.backend, **attention, **self._edge_kwargs(edge_attr, B, N, W_e),
         )
-        h_out = h + self.phi_h(torch.cat([h, m_i], dim=-1))
+        h_out = h + self.phi_h(torch.cat([h, m_i], dim=-1)) if self.phi_h is not None else h
         x_out = x + dx_i
         if mask is not None:
             keep = mask.unsqueeze(-1).to(h.dtype)

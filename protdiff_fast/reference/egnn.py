@@ -218,6 +218,6 @@ def egnn_layer_reference(
     pair = _pair_mask(mask).unsqueeze(-1).to(h.dtype)
     x_out = x + (u_ij * phi_ij * pair).sum(dim=2) * _coord_scale(mask, layer.coords_agg, h.dtype)
     m_i = (m_ij * pair).sum(dim=2)
-    h_out = h + layer.phi_h(torch.cat([h, m_i], dim=-1))
+    h_out = h + layer.phi_h(torch.cat([h, m_i], dim=-1)) if layer.phi_h is not None else h
     keep = mask.unsqueeze(-1).to(h.dtype)
     return h_out * keep, x_out * keep

@@ -1,0 +1,129 @@
+"""The ProtDiff noise model (Trippe et al. 2022): an EGNN that predicts eps from x_t.
+
+Architecture, as in the original code: ``num_layers`` blocks, each a linear embedding in, one
+EGNN layer (normalized coordinate differences, mean coordinate aggregation, sum node aggregation,
+residual, SiLU, last coordinate layer initialised with xavier gain 0.001), a linear embedding out,
+then LayerNorm on h.
+
+- node features: sinusoidal embedding of the residue index + sinusoidal embedding of t, the
+  latter rotated by a fixed random orthogonal matrix (a buffer) so the two are not aligned;
+- edge features: sinusoidal embedding of the residue offset i - j, handed to the fused op as the
+  relative-offset table (2 max_len - 1 rows): never a dense N x N x E tensor;
+- eps_hat = x_out - x_in, masked and projected to zero centre of mass.
+
+Coordinates are in model units (1 unit = 10 A). ``backend`` picks the fused EGNN backend.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from protdiff_fast._checks import check_mask, check_tensor
+from protdiff_fast.nn.egnn import EGNNLayer
+from protdiff_fast.reference.com import remove_center_of_mass_reference
+
+
+@dataclass
+class ProtDiffConfig:
+    max_length: int = 128
+    num_timesteps: int = 1024
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    hidden_dim: int = 256
+    edge_dim: int = 256
+    num_layers: int = 4
+    seed: int = 0  # fixes the random orthogonal mixing of the timestep embedding
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:
+    """[sin(p pi / base^(2k/dim)), cos(p pi / base^(2k/dim))]_k for k < dim/2 (ProtDiff's index embedding)."""
+    k = torch.arange(dim // 2, dtype=torch.float64)
+    angles = positions.to(torch.float64)[..., None] * math.pi / base ** (2 * k / dim)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class EGNNBlock(nn.Module):
+    """embedding in, EGNN layer, embedding out, LayerNorm. The last block's features are never read
+    (eps comes from x only), so it has no h update, embedding out or norm: no dead parameters."""
+
+    def __init__(self, hidden_dim: int, edge_dim: int, backend: str, last: bool = False) -> None:
+        super().__init__()
+        self.embedding_in = nn.Linear(hidden_dim, hidden_dim)
+        self.egnn = EGNNLayer(hidden_dim, edge_dim, normalize=True, coords_agg="mean", update_h=not last,
+                              backend=backend)
+        self.embedding_out = None if last else nn.Linear(hidden_dim, hidden_dim)
+        self.norm = None if last else nn.LayerNorm(hidden_dim)
+
+    def forward(self, h, x, rel_table, mask):
+        keep = mask.unsqueeze(-1).to(h.dtype)
+        h = self.embedding_in(h * keep)
+        h, x = self.egnn(h, x, rel_table, mask)
+        if self.embedding_out is None:
+            return h, x
+        h = self.embedding_out(h) * keep
+        return self.norm(h), x
+
+
+class ProtDiff(nn.Module):
+    """eps_theta(x_t, t, mask): ``forward(x_t (B, N, 3), t (B,), mask (B, N)) -> eps_hat (B, N, 3)``."""
+
+    def __init__(self, config: Optional[ProtDiffConfig] = None, backend: str = "auto", **overrides) -> None:
+        super().__init__()
+        config = config or ProtDiffConfig()
+        if overrides:
+            config = ProtDiffConfig(**{**config.to_dict(), **overrides})
+        if config.hidden_dim % 2 or config.edge_dim % 2:
+            raise ValueError("hidden_dim and edge_dim must be even (sin/cos pairs)")
+        self.config = config
+        self.max_length = config.max_length
+        H, E, L = config.hidden_dim, config.edge_dim, config.max_length
+        g = torch.Generator().manual_seed(config.seed)
+        q, r = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))
+        rotation = q * torch.sign(torch.diagonal(r))
+        time_table = sinusoidal_embedding(torch.arange(config.num_timesteps + 1), H, config.num_timesteps) @ rotation
+        self.register_buffer("time_table", time_table.float(), persistent=False)  # (T + 1, H)
+        self.register_buffer("index_table", sinusoidal_embedding(torch.arange(L), H, L).float(), persistent=False)
+        # row o + (L - 1) embeds the offset i - j = -o of the pair (i, j = i + o), as the original
+        offsets = torch.arange(-(L - 1), L)
+        self.register_buffer("offset_table", sinusoidal_embedding(-offsets, E, L).float(), persistent=False)
+        self.blocks = nn.ModuleList(EGNNBlock(H, E, backend, last=k == config.num_layers - 1)
+                                    for k in range(config.num_layers))
+
+    @property
+    def backend(self) -> str:
+        return self.blocks[0].egnn.backend
+
+    def set_backend(self, backend: str) -> "ProtDiff":
+        for block in self.blocks:
+            block.egnn.backend = backend
+        return self
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_tensor("x_t", x_t, (None, None, 3))
+        B, N, _ = x_t.shape
+        if N > self.max_length:
+            raise ValueError(f"x_t: {N} residues exceed the model's max_length {self.max_length}")
+        check_tensor("t", t, (B,), device=x_t.device, floating=False)
+        if int(t.min()) < 1 or int(t.max()) > self.config.num_timesteps:
+            raise ValueError(f"t: timesteps must lie in [1, {self.config.num_timesteps}]")
+        mask = check_mask(mask, B, N, x_t.device)
+        dtype = x_t.dtype
+        h = self.index_table[:N].to(dtype)[None] + self.time_table[t].to(dtype)[:, None]  # (B, N, H)
+        L = self.max_length
+        rel = self.offset_table[L - N: L + N - 1].to(dtype)  # offsets -(N-1) .. N-1: (2N - 1, E)
+        x = x_t
+        for block in self.blocks:
+            h, x = block(h, x, rel, mask)
+        keep = mask.unsqueeze(-1)
+        eps = torch.where(keep, x - x_t, torch.zeros_like(x))
+        return remove_center_of_mass_reference(eps, mask)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

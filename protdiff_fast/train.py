@@ -1,0 +1,227 @@
+"""Training ProtDiff: L_simple per real residue, Adam(W), gradient clipping, EMA, atomic checkpoints,
+bit-for-bit resume, and PyTorch DDP (torchrun) for several processes or GPUs.
+
+Determinism: the data order comes from (seed, epoch), the timesteps and noise of a step from a
+generator whose state is checkpointed, so ``resume`` continues exactly where the run stopped (on
+the same device, backend and thread count). Under DDP every rank draws the timesteps and noise of
+the whole global batch from the same generator and keeps its slice, and the loss is normalised
+by the global number of real residues: the gradient equals the one-process gradient of the same
+global batch (up to the order of the floating-point sums).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from protdiff_fast.diffusion.schedule import NoiseSchedule
+from protdiff_fast.io.dataset import BackboneDataset
+from protdiff_fast.io.structure import _atomic_write
+from protdiff_fast.models.protdiff import ProtDiff, ProtDiffConfig
+from protdiff_fast.reference.ddpm import add_noise, sample_noise
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a .npz (backbones format) or a folder / file of structures
+    out_dir: str = "runs/protdiff"
+    steps: int = 1000
+    batch_size: int = 8  # the global batch (split across DDP ranks)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ckpt_every: int = 200
+    val_every: int = 200
+    val_batches: int = 4
+    seed: int = 0
+    rotate: bool = True
+    min_length: int = 40
+    max_length: int = 128
+    backend: str = "auto"
+    device: str = "cpu"
+    model: Dict = field(default_factory=dict)  # ProtDiffConfig overrides
+
+
+def load_data(cfg: TrainConfig, split: Optional[str]) -> BackboneDataset:
+    path = Path(cfg.data)
+    if path.suffix == ".npz":
+        return BackboneDataset.from_npz(path, split=split, min_length=cfg.min_length, max_length=cfg.max_length)
+    if split not in (None, "train"):
+        return BackboneDataset([], [])
+    return BackboneDataset.from_structures(path, min_length=cfg.min_length, max_length=cfg.max_length,
+                                           cache=Path(cfg.out_dir) / "dataset_cache.npz")
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+
+
+_EPOCH_CACHE: Dict = {}
+
+
+def training_batch(dataset: BackboneDataset, cfg: TrainConfig, step: int):
+    """The global batch of ``step``: epoch e = step // batches_per_epoch, shuffled with (seed, e)."""
+    per_epoch = max(1, len(dataset) // cfg.batch_size)
+    epoch, k = divmod(step, per_epoch)
+    key = (id(dataset), cfg.batch_size, cfg.seed, cfg.rotate, epoch)
+    if _EPOCH_CACHE.get("key") != key:  # one epoch's batches at a time, rebuilt identically on resume
+        _EPOCH_CACHE.clear()
+        _EPOCH_CACHE["key"] = key
+        _EPOCH_CACHE["batches"] = list(dataset.batches(cfg.batch_size, seed=cfg.seed * 100003 + epoch,
+                                                       rotate=cfg.rotate, drop_last=len(dataset) >= cfg.batch_size))
+    return _EPOCH_CACHE["batches"][k]
+
+
+def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device):
+    """L_simple on this rank's slice of the global batch, normalised by the global residue count."""
+    B = coords.shape[0]
+    t = torch.randint(1, schedule.num_timesteps + 1, (B,), generator=generator)
+    noise = sample_noise(coords.double(), mask, generator=generator).float()
+    mine = slice(rank * B // world, (rank + 1) * B // world)
+    x0, m, tt, eps = coords[mine].to(device), mask[mine].to(device), t[mine].to(device), noise[mine].to(device)
+    x_t = add_noise(schedule, x0, eps, tt, m)
+    use_autocast = str(device).startswith("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+        eps_hat = model(x_t, tt, m)
+    sq = ((eps_hat.float() - eps) ** 2).sum(-1)[m].sum()
+    return sq / int(mask.sum()), int(m.sum())
+
+
+def save_checkpoint(path: Path, state: Dict) -> None:
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None) -> Dict:
+    """Train (or resume) and return {"step", "train_loss", "val_loss", "checkpoint"}."""
+    import protdiff_fast
+
+    init_distributed(cfg.device)
+    rank, world = _dist_info()
+    device = torch.device(cfg.device)
+    if cfg.device.startswith("cuda") and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    out = Path(cfg.out_dir)
+    ckpt_path = out / CHECKPOINT
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    train_set, val_set = load_data(cfg, "train"), load_data(cfg, "val")
+    if len(train_set) == 0:
+        raise ValueError(f"{cfg.data}: no training chains of length {cfg.min_length}..{cfg.max_length}")
+    model_cfg = ProtDiffConfig(**{**ProtDiffConfig(max_length=cfg.max_length).to_dict(), **cfg.model})
+    torch.manual_seed(cfg.seed)  # parameter initialisation
+    model = ProtDiff(model_cfg, backend=cfg.backend).to(device)
+    schedule = NoiseSchedule(model_cfg.num_timesteps, model_cfg.beta_start, model_cfg.beta_end)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, history = 0, []
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, history = state["step"], state.get("history", [])
+    elif resume and rank == 0:
+        print(f"no checkpoint at {ckpt_path}: starting from step 0")
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    def checkpoint() -> None:
+        if rank == 0:
+            save_checkpoint(ckpt_path, dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                                            generator=generator.get_state(), step=step, history=history,
+                                            config=asdict(cfg), model_config=model_cfg.to_dict(),
+                                            version=protdiff_fast.__version__))
+
+    def validation_loss() -> Optional[float]:
+        if len(val_set) == 0:
+            return None
+        g = torch.Generator().manual_seed(cfg.seed + 7)  # the same t and noise at every validation
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for k, batch in enumerate(val_set.batches(cfg.batch_size, shuffle=False)):
+                if k >= cfg.val_batches:
+                    break
+                loss, _ = diffusion_loss(ema, schedule, batch["coords"], batch["mask"], g, 0, 1, device)
+                n = int(batch["mask"].sum())
+                total, count = total + float(loss) * n, count + n
+        return total / count
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    last_val = history[-1].get("val_loss") if history else None
+    residues, t0 = 0, time.perf_counter()
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    while step < end:
+        batch = training_batch(train_set, cfg, step)
+        loss, n_local = diffusion_loss(ddp_model, schedule, batch["coords"], batch["mask"], generator, rank, world,
+                                       device)
+        opt.zero_grad(set_to_none=True)
+        (loss * world).backward()  # DDP averages over ranks; loss is already over the global residue count
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        loss_value = float(loss.detach()) * world
+        if world > 1:
+            t_loss = torch.tensor([loss_value / world], device=device)
+            dist.all_reduce(t_loss)
+            loss_value = float(t_loss)
+        residues += int(batch["mask"].sum())
+        record = dict(step=step, loss=loss_value, grad_norm=float(grad_norm))
+        if cfg.val_every and step % cfg.val_every == 0 and rank == 0:
+            last_val = record["val_loss"] = validation_loss()
+        history.append(record)
+        if bar is not None:
+            rate = residues / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{last_val:.4f}" if last_val is not None else "-",
+                            residues_per_s=f"{rate:.0f}")
+            bar.update(1)
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+            checkpoint()
+    if step == cfg.steps or stop_after is not None:
+        checkpoint()
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        (out / "history.json").write_text(json.dumps(history[-1000:]))
+    return dict(step=step, train_loss=history[-1]["loss"] if history else None, val_loss=last_val,
+                checkpoint=str(ckpt_path), model=model, ema=ema)
+
+
+def load_model(path, backend: str = "auto", use_ema: bool = True, device: str = "cpu") -> ProtDiff:
+    """A ProtDiff from a training checkpoint (EMA weights by default) or a shipped weights file."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    model = ProtDiff(ProtDiffConfig(**state["model_config"]), backend=backend).to(device)
+    model.load_state_dict(state["ema" if use_ema and "ema" in state else "model"])
+    return model.eval()

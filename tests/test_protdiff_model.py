@@ -1,0 +1,193 @@
+"""The ProtDiff model: symmetries, backends, the offset table, training, resume, kill/resume, DDP, sampling CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_close_rel, random_mask, random_orthogonal
+from protdiff_fast import backends
+from protdiff_fast.cli import main
+from protdiff_fast.io import demo_data_path, read_backbones
+from protdiff_fast.models import ProtDiff
+from protdiff_fast.train import TrainConfig, load_model, train
+
+F64 = torch.float64
+HAS_CPU = backends.cpu_extension() is not None
+SMALL = dict(hidden_dim=16, edge_dim=8, num_layers=2)
+
+
+def small_model(backend="reference", dtype=F64, gain=1.0):
+    torch.manual_seed(0)
+    m = ProtDiff(backend=backend, max_length=40, num_timesteps=100, **SMALL).to(dtype)
+    with torch.no_grad():  # a visible coordinate update, so the checks see it
+        for b in m.blocks:
+            b.egnn.phi_x[2].weight.mul_(gain / 0.001)
+    return m
+
+
+def inputs(B=3, N=17, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, N, 3, generator=g, dtype=dtype), torch.randint(1, 101, (B,), generator=g),
+            random_mask(B, N, generator=g, min_real=3))
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_eps_is_equivariant_masked_and_centred(reflect):
+    m = small_model()
+    x, t, mask = inputs()
+    Q, shift = random_orthogonal(reflect), torch.randn(1, 1, 3, dtype=F64) * 4
+    with torch.no_grad():
+        e1 = m(x, t, mask)
+        e2 = m(x @ Q.T + shift, t, mask)
+    assert float(e1.norm()) > 1e-3
+    assert_close_rel(e2, e1 @ Q.T, 1e-10, "eps rotates with x and ignores translations")
+    assert float(e1[~mask].abs().max()) == 0.0
+    keep = mask.unsqueeze(-1)
+    assert float(((e1 * keep).sum(1) / keep.sum(1)).abs().max()) < 1e-12
+
+
+def test_offset_table_equals_dense_offset_features():
+    """The fused op's offset table is the same model as the original's dense N x N x E edge features."""
+    m = small_model()
+    x, t, mask = inputs(B=2, N=11)
+    with torch.no_grad():
+        want = m(x, t, mask)
+        # rebuild the forward with dense edge_attr gathered from the same table
+        N, L = 11, m.max_length
+        idx = torch.arange(N)
+        dense = m.offset_table.double()[(idx[None, :] - idx[:, None]) + L - 1]  # [i, j] -> offset j - i
+        dense = dense.expand(2, N, N, -1).contiguous()
+        h = m.index_table[:N].double()[None] + m.time_table[t].double()[:, None]
+        xx = x
+        for block in m.blocks:
+            keep = mask.unsqueeze(-1).double()
+            hh = block.embedding_in(h * keep)
+            hh, xx = block.egnn(hh, xx, dense, mask)
+            if block.norm is not None:
+                h = block.norm(block.embedding_out(hh) * keep)
+        got = torch.where(mask.unsqueeze(-1), xx - x, torch.zeros_like(x))
+        got = got - (got * mask.unsqueeze(-1)).sum(1, keepdim=True) / mask.sum(1).view(-1, 1, 1)
+        got = torch.where(mask.unsqueeze(-1), got, torch.zeros_like(got))
+    assert_close_rel(got, want, 1e-12, "dense vs table")
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="needs the C++ backend")
+def test_cpu_backend_runs_the_model():
+    m = small_model()
+    x, t, mask = inputs()
+    x.requires_grad_(True)
+    e_ref = m(x, t, mask)
+    g_ref = torch.autograd.grad(e_ref.pow(2).sum(), [x, *m.parameters()], allow_unused=True)
+    m.set_backend("cpu")
+    e_cpu = m(x, t, mask)
+    g_cpu = torch.autograd.grad(e_cpu.pow(2).sum(), [x, *m.parameters()], allow_unused=True)
+    assert_close_rel(e_cpu, e_ref, 1e-10, "eps")
+    for a, b in zip(g_cpu, g_ref):
+        assert a is not None and b is not None, "every parameter reaches eps (no dead parameters)"
+        assert_close_rel(a, b, 1e-8, "grad")
+
+
+def test_model_rejects_bad_input():
+    m = small_model()
+    x, t, mask = inputs(N=41)
+    with pytest.raises(ValueError, match="exceed the model's max_length 40"):
+        m(x, t, mask)
+    x, t, mask = inputs()
+    with pytest.raises(ValueError, match=r"t: timesteps must lie in \[1, 100\]"):
+        m(x, t * 0, mask)
+
+
+def cfg(tmp_path, name, **kw):
+    base = dict(data=str(demo_data_path()), out_dir=str(tmp_path / name), steps=12, batch_size=4, lr=3e-3,
+                ckpt_every=4, val_every=4, val_batches=1, model=dict(SMALL, num_timesteps=100), backend="auto")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_training_reduces_the_loss_and_resume_is_bit_for_bit(tmp_path):
+    full = train(cfg(tmp_path, "full", steps=40, ckpt_every=20), progress=False)
+    hist = json.loads((tmp_path / "full" / "history.json").read_text())
+    first, last = sum(h["loss"] for h in hist[:10]) / 10, sum(h["loss"] for h in hist[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    # 12 steps at once vs 5 + 7 with a resume in between
+    straight = train(cfg(tmp_path, "a"), progress=False)
+    train(cfg(tmp_path, "b"), progress=False, stop_after=5)
+    resumed = train(cfg(tmp_path, "b"), resume=True, progress=False)
+    assert resumed["step"] == 12
+    for p, q in zip(params(straight["model"]), params(resumed["model"])):
+        assert torch.equal(p, q)
+    for p, q in zip(params(straight["ema"]), params(resumed["ema"])):
+        assert torch.equal(p, q)
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 12 and "optimizer" in ckpt and ckpt["version"] and ckpt["config"]["lr"] == 3e-3
+
+
+def _train_cmd(out, steps, extra=()):
+    return [sys.executable, "-m", "protdiff_fast.cli", "train", "--data", str(demo_data_path()), "--out", str(out),
+            "--steps", str(steps), "--batch-size", "4", "--lr", "3e-3", "--hidden", "16", "--edge-dim", "8",
+            "--layers", "2", "--ckpt-every", "3", "--val-every", "0", "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_weights(tmp_path):
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", 15), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(_train_cmd(tmp_path / "killed", 15), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    assert step_at_kill < 15, "the run finished before it could be killed"
+    res = subprocess.run(_train_cmd(tmp_path / "killed", 15, ["--resume"]), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert b["step"] == 15
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert not list((tmp_path / "killed").glob(".*tmp")), "no temporary files left behind"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run(_train_cmd(tmp_path / "one", 6), capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(29500 + os.getpid() % 1000), *_train_cmd(tmp_path / "two", 6)[1:]],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    torch.manual_seed(0)  # as train() does before building the model
+    init = ProtDiff(max_length=128, hidden_dim=16, edge_dim=8, num_layers=2).state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, float((a[k] - b[k]).abs().max()))
+    assert any(not torch.allclose(a[k], init[k]) for k in a), "training moved the weights"
+
+
+def test_sample_command_writes_pdbs_and_metrics(tmp_path, capsys):
+    run = train(cfg(tmp_path, "m", steps=2), progress=False)
+    out = tmp_path / "samples"
+    assert main(["sample", "--ckpt", run["checkpoint"], "--length", "12..14", "--num", "3", "--out", str(out),
+                 "--steps", "10", "--no-progress"]) == 0
+    pdbs = sorted(out.glob("design_*.pdb"))
+    assert len(pdbs) == 3 and all(12 <= len(read_backbones(p)[0]) <= 14 for p in pdbs)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["summary"]["count"] == 3 and len(metrics["designs"]) == 3
+    assert "ca_ca_dev" in capsys.readouterr().out
+    model = load_model(run["checkpoint"])
+    assert model.config.hidden_dim == 16 and not model.training
