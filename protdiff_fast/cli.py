@@ -26,7 +26,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from protdiff_fast.bench import runner
 
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    suites = ["egnn", "ddpm-step"] if args.suite == "all" else [args.suite]
+    suites = ["egnn", "ddpm-step", "train-step"] if args.suite == "all" else [args.suite]
     command = "protdiff-fast " + " ".join(sys.argv[1:]) if sys.argv and "protdiff" in sys.argv[0] else \
         "protdiff-fast bench " + " ".join(a for a in (args.suite, "--quick" if args.quick else "") if a)
     result = runner.run(suites, device, args.quick, args.out, args.timeout, args.compare, command,
@@ -160,6 +160,44 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import time as _time
+
+    import numpy as np
+    import torch
+
+    from protdiff_fast.diffusion import DDPMScheduler
+    from protdiff_fast.diffusion.sampler import sample
+    from protdiff_fast.io import demo_data_path
+    from protdiff_fast.metrics import backbone_metrics, format_table, summarize
+    from protdiff_fast.train import load_model
+
+    ckpt = shipped_checkpoint()
+    if not ckpt.is_file():
+        print(f"error: the shipped checkpoint {ckpt} is missing (reinstall the package)")
+        return 2
+    model = load_model(ckpt, backend=args.backend)
+    cfg = model.config
+    out = args.out or f"protdiff-demo-{_time.strftime('%Y%m%d-%H%M%S')}"
+    rng = np.random.default_rng(args.seed)
+    lengths = [int(v) for v in rng.integers(args.min_length, args.max_length + 1, size=args.num)]
+    print(f"ProtDiff ({sum(p.numel() for p in model.parameters())} parameters, H={cfg.hidden_dim}, "
+          f"{cfg.num_layers} layers, T={cfg.num_timesteps}), backend {model.blocks[0].egnn.backend_for('cpu')}: "
+          f"sampling {args.num} backbones of lengths {lengths}")
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend)
+    t0 = _time.perf_counter()
+    with torch.no_grad():
+        designs = sample(model, lengths, seed=args.seed, scheduler=scheduler, out_dir=out, progress=True)
+    print(f"{len(designs)} backbones in {_time.perf_counter() - t0:.1f} s -> {out}/design_*.pdb")
+    real = np.load(demo_data_path(), allow_pickle=False)
+    held_out = [real["ca"][real["offsets"][i]:real["offsets"][i + 1]] for i in np.where(real["split"] == "val")[0]]
+    columns = {"samples": summarize([backbone_metrics(ca) for ca in designs]),
+               "real (held out)": summarize([backbone_metrics(ca) for ca in held_out])}
+    print("clash: non-adjacent CA pairs < 3.0 A; ideal CA-CA 3.80 A; rg_ratio: Rg / (2.2 N^0.38 A)")
+    print(format_table(columns))
+    return 0
+
+
 def shipped_checkpoint():
     from pathlib import Path as _Path
 
@@ -197,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)
+    demo = sub.add_parser("demo", help="sample a few backbones with the shipped model and compare them with real ones")
+    demo.add_argument("--num", type=int, default=4)
+    demo.add_argument("--min-length", type=int, default=50)
+    demo.add_argument("--max-length", type=int, default=80)
+    demo.add_argument("--out", default=None, help="output folder (default: a new protdiff-demo-<time> folder)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--backend", default="auto")
+    demo.set_defaults(func=_cmd_demo)
     sm = sub.add_parser("sample", help="sample backbones with a trained model (default: the shipped one)")
     sm.add_argument("--length", default="64..128", help="N, LO..HI (inclusive, drawn uniformly) or a,b,c")
     sm.add_argument("--num", type=int, default=8, help="number of backbones")
@@ -226,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tm", action="store_true", help="mean pairwise TM-score per set (needs tmtools)")
     ev.set_defaults(func=_cmd_evaluate)
     bench = sub.add_parser("bench", help="benchmark suites: time, peak memory, FLOP/s against this device's own limits")
-    bench.add_argument("suite", nargs="?", default="egnn", choices=["egnn", "ddpm-step", "all"],
-                       help="which suite (the sampler and train-step suites come with those features)")
+    bench.add_argument("suite", nargs="?", default="egnn", choices=["egnn", "ddpm-step", "train-step", "all"],
+                       help="which suite (a sampler suite is still to come)")
     bench.add_argument("--targets", action="store_true",
                        help="only the rows the kernel issues set targets on (B=4 N=256, N=1024, N=4096, the step)")
     bench.add_argument("--quick", action="store_true", help="a small grid that runs in about a minute")

@@ -7,7 +7,7 @@ import pytest
 
 from protdiff_fast.cli import main
 from protdiff_fast.io import read_backbones
-from protdiff_fast.metrics import backbone_metrics, clashes, format_table, secondary_structure, summarize
+from protdiff_fast.metrics import backbone_metrics, clashes, format_table, secondary_structure, summarize, tm_diversity
 
 DATA = Path(__file__).parent / "data"
 
@@ -80,3 +80,14 @@ def test_summary_table_and_evaluate_cli(tmp_path, capsys):
         assert plot.is_file() and plot.stat().st_size > 1000
     except ImportError:
         assert "matplotlib" in out
+
+
+def test_tm_diversity():
+    pytest.importorskip("tmtools", reason="tmtools is pinned in requirements-dev.txt; missing only outside dev/CI")
+    crambin = read_backbones(DATA / "1crn.pdb")[0].ca
+    top7 = read_backbones(DATA / "1qys.pdb")[0].ca
+    ten = read_backbones(DATA / "1TEN_A.pdb")[0].ca
+    rot = crambin @ np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0].T + 5.0
+    assert tm_diversity([crambin, rot]) > 0.99  # the same fold, moved: TM-score 1
+    assert tm_diversity([crambin, top7, ten]) < 0.5  # unrelated folds
+    assert tm_diversity([crambin]) is None

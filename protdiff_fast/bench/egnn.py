@@ -91,4 +91,27 @@ def make_ddpm_step_case(provider: str, B: int, N: int, dtype: torch.dtype, devic
     return run
 
 
-SUITES: Dict[str, Callable] = {"egnn": make_case, "ddpm-step": make_ddpm_step_case}
+def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
+    """One training step's forward + backward of the ProtDiff model (4 layers, edge width H)."""
+    from protdiff_fast.models import ProtDiff
+
+    torch.manual_seed(0)
+    model = ProtDiff(hidden_dim=H, edge_dim=H, num_layers=4, max_length=max(N, 128), backend=provider)
+    model = model.to(device=device, dtype=dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, N, 3, generator=g).to(device=device, dtype=dtype)
+    t = torch.randint(1, 1025, (B,), generator=g).to(device)
+    mask = torch.ones(B, N, dtype=torch.bool, device=device)
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x, t, mask).pow(2).sum().backward()
+
+    return run
+
+
+def train_step_flops(B: int, N: int, H: int) -> float:
+    return 4 * flops(B, N, H, "fwdbwd")
+
+
+SUITES: Dict[str, Callable] = {"egnn": make_case, "ddpm-step": make_ddpm_step_case, "train-step": make_train_step_case}

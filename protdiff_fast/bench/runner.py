@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from protdiff_fast.bench.egnn import ddpm_step_bytes, egnn_pytorch_available, flops
+from protdiff_fast.bench.egnn import ddpm_step_bytes, egnn_pytorch_available, flops, train_step_flops
 
 
 def _git_commit() -> str:
@@ -112,6 +112,9 @@ def target_rows(device: str) -> List[Dict]:
     for N in (64, 128, 256):
         for p in ("reference", "cpu"):
             rows.append(dict(suite="ddpm-step", provider=p, B=256, N=N, H=0, mode="fwd", dtype="float32"))
+    for B in (1, 4):  # the ProtDiff model at its published size: H = 256, 4 layers, 256-d offset edges
+        for p in base:
+            rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype="float32"))
     return rows
 
 
@@ -142,6 +145,11 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
         if not quick and not device.startswith("cuda"):  # the long-sequence row: bounded memory at N = 4096
             rows.append(dict(suite="egnn", provider="cpu", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
             rows.append(dict(suite="egnn", provider="reference", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
+    if "train-step" in suites:
+        for B in ([1] if quick else [1, 4]):
+            for p in (["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]):
+                rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256 if not quick else 64,
+                                 mode="fwdbwd", dtype="float32"))
     if "ddpm-step" in suites:
         providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference"]
         for B in ([256] if quick else [64, 256, 1024]):
@@ -171,6 +179,9 @@ def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: fl
         if row["suite"] == "ddpm-step":
             out["bytes"] = ddpm_step_bytes(row["B"], row["N"])
             out["gbytes_per_s"] = out["bytes"] / out["median_s"] / 1e9
+        elif row["suite"] == "train-step":
+            out["flops"] = train_step_flops(row["B"], row["N"], row["H"])
+            out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
         else:
             out["flops"] = flops(row["B"], row["N"], row["H"], row["mode"])
             out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
