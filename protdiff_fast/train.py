@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,7 +175,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 15.0)  # logs: a line per 15 s
     last_val = history[-1].get("val_loss") if history else None
     residues, t0 = 0, time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)

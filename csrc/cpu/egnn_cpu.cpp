@@ -39,6 +39,10 @@
 #include <omp.h>
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 #ifndef PROTDIFF_ISA
 #error "PROTDIFF_ISA must name the namespace of this instruction set"
 #endif
@@ -92,6 +96,20 @@ class Buffer {
  private:
   T* data_ = nullptr;
   int64_t size_ = 0;
+};
+
+// Flush denormals to zero (and treat denormal inputs as zero) while a kernel runs on this thread:
+// saturated sigmoids produce values near 1e-39, and denormal arithmetic is ~100x slower. Results
+// differ from IEEE only below 1.2e-38 in magnitude. The previous mode is restored on exit.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
 };
 
 template <typename T>
@@ -365,6 +383,7 @@ void egnn_forward(const EgnnProblem<T>& pr, T* m_out, T* dx_out) {
   const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (N + BJ - 1) / BJ;
 #pragma omp parallel
   {
+    FlushDenormals ftz;
     Scratch<T> s(pk, false);
     Buffer<T> m_acc(BI * Hp);
     T dx_acc[BI][3];
@@ -421,6 +440,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
 
 #pragma omp parallel
   {
+    FlushDenormals ftz;
     Scratch<T> s(pk, true);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {

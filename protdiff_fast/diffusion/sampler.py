@@ -12,6 +12,7 @@ lengths, batch size and seed, but not per design.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -107,7 +108,8 @@ def sample(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batches) * len(steps), unit="step", desc="sampling", dynamic_ncols=True)
+        bar = tqdm(total=len(batches) * len(steps), unit="step", desc="sampling", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 15.0)  # logs: a line per 15 s
     started, done = time.perf_counter(), 0
     for idx in batches:
         L = int(max(lengths[i] for i in idx))
