@@ -99,6 +99,7 @@ _REGISTRY: Dict[str, Dict[str, str]] = {
     },
     "ddpm_step": {
         "reference": "protdiff_fast.reference.ddpm:ddpm_step_reference",
+        "triton": "protdiff_fast.ops.ddpm_triton:ddpm_step_triton",
         "cpu": "protdiff_fast.ops.ddpm_cpu:ddpm_step_cpu",
     },
 }

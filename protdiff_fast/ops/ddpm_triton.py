@@ -1,0 +1,116 @@
+"""The fused DDPM ancestral step as one Triton kernel launch per step.
+
+Same contract as :func:`protdiff_fast.reference.ddpm.ddpm_step_reference` (math in that module):
+one program per sample b holds the sample's N x 3 coordinates, forms
+
+    mean_b = P( c1[b] (x_t - c2[b] eps_hat) ),   x_{t-1} = P( mean_b + sigma[b] P z ),   x0 = x0_a[b] x_t - x0_b[b] eps_hat
+
+with P the zero-centre-of-mass projection over the sample's real nodes (padding exactly zero) and
+sigma[b] = 0 at t = 1. z is the explicit ``noise`` or ``tl.randn`` (Philox) keyed by the sample's
+seed and counted by t_b * 3N + element, so the draw depends on the sample's seed and step only.
+Coefficients are computed in float64 on the host and applied in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from protdiff_fast.diffusion.schedule import NoiseSchedule
+from protdiff_fast.reference.ddpm import DDPMStepOutput, check_step_inputs, step_coefficients
+
+MAX_NODES = 16384  # one program holds a whole sample
+
+
+@triton.jit
+def _masked_center(v, mf, n_real):
+    """P v along the node axis: subtract the mean over real nodes, zero the padding."""
+    return (v - tl.sum(v * mf, axis=0) / n_real) * mf
+
+
+@triton.jit
+def _ddpm_step_kernel(
+    x_ptr, eps_ptr, noise_ptr, mask_ptr,  # (B, N, 3) x_t, eps_hat, optional noise; (B, N) uint8 mask
+    c1_ptr, c2_ptr, sigma_ptr, x0a_ptr, x0b_ptr,  # (B,) float32 per-sample coefficients
+    seed_ptr, t_ptr,  # (B,) int64 seeds and timesteps
+    prev_ptr, mean_ptr, x0_ptr,  # (B, N, 3) outputs
+    N,  # nodes per sample (padded length)
+    HAS_NOISE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    nodes = tl.arange(0, BLOCK_N)
+    valid = nodes < N
+    mf = ((tl.load(mask_ptr + b * N + nodes, mask=valid, other=0) != 0) & valid).to(tl.float32)
+    n_real = tl.sum(mf, axis=0)
+    c1 = tl.load(c1_ptr + b)
+    c2 = tl.load(c2_ptr + b)
+    sigma = tl.load(sigma_ptr + b)
+    x0a = tl.load(x0a_ptr + b)
+    x0b = tl.load(x0b_ptr + b)
+    seed = tl.load(seed_ptr + b)
+    t = tl.load(t_ptr + b)
+    base = b * N * 3
+    for c in tl.static_range(3):  # x, y, z columns of the (N, 3) block
+        offs = base + nodes * 3 + c
+        x_t = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        eps_hat = tl.load(eps_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        mean = _masked_center(c1 * (x_t - c2 * eps_hat), mf, n_real)  # mu_theta (DDPM eq. 11), projected
+        if HAS_NOISE:
+            z = tl.load(noise_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        else:
+            z = tl.randn(seed, (t * N * 3 + nodes * 3 + c).to(tl.int32))
+        z = _masked_center(z, mf, n_real)
+        prev = _masked_center(mean + sigma * z, mf, n_real)
+        x0 = (x0a * x_t - x0b * eps_hat) * mf
+        tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=valid)
+        tl.store(mean_ptr + offs, mean.to(mean_ptr.dtype.element_ty), mask=valid)
+        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=valid)
+
+
+def _seeds(seed, generator, batch: int, device) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):
+        if seed.shape != (batch,) or seed.dtype.is_floating_point:
+            raise ValueError(f"seed: expected an int or an integer tensor of shape ({batch},), got "
+                             f"{seed.dtype} {tuple(seed.shape)}")
+        return seed.to(device=device, dtype=torch.int64).contiguous()
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int or an integer tensor, got {type(seed).__name__}")
+    # one run seed -> distinct per-sample seeds (tl.randn keys Philox with the low 64 bits)
+    return (torch.arange(batch, dtype=torch.int64) * 1000003 + seed).to(device)
+
+
+def ddpm_step_triton(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps_hat: torch.Tensor,
+    t,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    seed: Union[int, torch.Tensor, None] = None,
+    generator: Optional[torch.Generator] = None,
+    variance: str = "fixed_small",
+) -> DDPMStepOutput:
+    t, mask = check_step_inputs(schedule, x_t, eps_hat, t, mask, noise, variance)
+    B, N, _ = x_t.shape
+    if N > MAX_NODES:
+        raise ValueError(f"x_t: the triton step holds a sample in one program; N = {N} > {MAX_NODES}")
+    device = x_t.device
+    coefs = {k: v.to(device=device, dtype=torch.float32) for k, v in step_coefficients(schedule, t, variance).items()}
+    x = x_t.contiguous()
+    e = eps_hat.contiguous()
+    z = noise.contiguous() if noise is not None else x  # placeholder pointer when unused
+    prev, mean, x0 = (torch.empty_like(x) for _ in range(3))
+    _ddpm_step_kernel[(B,)](
+        x, e, z, mask.to(torch.uint8).contiguous(),
+        coefs["c1"], coefs["c2"], coefs["sigma"], coefs["x0_a"], coefs["x0_b"],
+        _seeds(seed if noise is None else 0, generator, B, device), t.contiguous(),
+        prev, mean, x0, N,
+        HAS_NOISE=noise is not None, BLOCK_N=triton.next_power_of_2(max(N, 16)),
+    )
+    return DDPMStepOutput(prev_sample=prev, pred_original_sample=x0, mean=mean)
