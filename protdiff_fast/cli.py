@@ -26,7 +26,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from protdiff_fast.bench import runner
 
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    suites = ["egnn", "ddpm-step", "train-step"] if args.suite == "all" else [args.suite]
+    suites = ["egnn", "ddpm-step", "sampler", "train-step"] if args.suite == "all" else [args.suite]
     command = "protdiff-fast " + " ".join(sys.argv[1:]) if sys.argv and "protdiff" in sys.argv[0] else \
         "protdiff-fast bench " + " ".join(a for a in (args.suite, "--quick" if args.quick else "") if a)
     result = runner.run(suites, device, args.quick, args.out, args.timeout, args.compare, command,
@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tm", action="store_true", help="mean pairwise TM-score per set (needs tmtools)")
     ev.set_defaults(func=_cmd_evaluate)
     bench = sub.add_parser("bench", help="benchmark suites: time, peak memory, FLOP/s against this device's own limits")
-    bench.add_argument("suite", nargs="?", default="egnn", choices=["egnn", "ddpm-step", "train-step", "all"],
-                       help="which suite (a sampler suite is still to come)")
+    bench.add_argument("suite", nargs="?", default="egnn", choices=["egnn", "ddpm-step", "sampler", "train-step", "all"],
+                       help="which suite")
     bench.add_argument("--targets", action="store_true",
                        help="only the rows the kernel issues set targets on (B=4 N=256, N=1024, N=4096, the step)")
     bench.add_argument("--quick", action="store_true", help="a small grid that runs in about a minute")

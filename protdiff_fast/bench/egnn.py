@@ -110,8 +110,41 @@ def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dty
     return run
 
 
+SAMPLER_STEPS = 20  # denoising steps timed per repetition; backbones/s is derived for T = 1000
+
+
+def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
+    """SAMPLER_STEPS reverse steps (model + step) of a batch of B backbones of length N.
+
+    ``provider`` picks the backend of both the EGNN and the step ("reference" or "cpu"/"triton");
+    the model is a fixed small ProtDiff (H, 4 layers) with random weights.
+    """
+    from protdiff_fast.diffusion import NoiseSchedule
+    from protdiff_fast.models import ProtDiff
+    from protdiff_fast.ops import ddpm_step
+
+    torch.manual_seed(0)
+    model = ProtDiff(hidden_dim=H, edge_dim=H, num_layers=4, max_length=max(N, 128), backend=provider)
+    model = model.to(device=device, dtype=dtype).eval()
+    schedule = NoiseSchedule(1000)
+    x0 = torch.randn(B, N, 3, device=device, dtype=dtype) * 0.1
+    seeds = torch.arange(B, device=device)
+
+    def run() -> None:
+        x = x0
+        with torch.no_grad():
+            for k in range(SAMPLER_STEPS):
+                t = torch.full((B,), 1000 - k, dtype=torch.long, device=device)
+                eps = model(x, t)
+                x = ddpm_step(schedule, x, eps, t, seed=seeds if provider != "reference" else k,
+                              backend=provider).prev_sample
+
+    return run
+
+
 def train_step_flops(B: int, N: int, H: int) -> float:
     return 4 * flops(B, N, H, "fwdbwd")
 
 
-SUITES: Dict[str, Callable] = {"egnn": make_case, "ddpm-step": make_ddpm_step_case, "train-step": make_train_step_case}
+SUITES: Dict[str, Callable] = {"egnn": make_case, "ddpm-step": make_ddpm_step_case, "train-step": make_train_step_case,
+                               "sampler": make_sampler_case}

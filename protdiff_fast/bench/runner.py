@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from protdiff_fast.bench.egnn import ddpm_step_bytes, egnn_pytorch_available, flops, train_step_flops
+from protdiff_fast.bench.egnn import SAMPLER_STEPS, ddpm_step_bytes, egnn_pytorch_available, flops, train_step_flops
 
 
 def _git_commit() -> str:
@@ -112,6 +112,9 @@ def target_rows(device: str) -> List[Dict]:
     for N in (64, 128, 256):
         for p in ("reference", "cpu"):
             rows.append(dict(suite="ddpm-step", provider=p, B=256, N=N, H=0, mode="fwd", dtype="float32"))
+    for N in (64, 128):  # whole reverse steps (model + fused step) of a small fixed model
+        for p in base:
+            rows.append(dict(suite="sampler", provider=p, B=16, N=N, H=64, mode="fwd", dtype="float32"))
     for B in (1, 4):  # the ProtDiff model at its published size: H = 256, 4 layers, 256-d offset edges
         for p in base:
             rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype="float32"))
@@ -145,6 +148,12 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
         if not quick and not device.startswith("cuda"):  # the long-sequence row: bounded memory at N = 4096
             rows.append(dict(suite="egnn", provider="cpu", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
             rows.append(dict(suite="egnn", provider="reference", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
+    if "sampler" in suites:
+        fused = "cpu" if not device.startswith("cuda") else "triton"
+        for N in ([64] if quick else [64, 128]):
+            for B in ([16] if quick else [16, 64]):
+                for p in ("reference", fused):
+                    rows.append(dict(suite="sampler", provider=p, B=B, N=N, H=64, mode="fwd", dtype="float32"))
     if "train-step" in suites:
         for B in ([1] if quick else [1, 4]):
             for p in (["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]):
@@ -179,6 +188,10 @@ def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: fl
         if row["suite"] == "ddpm-step":
             out["bytes"] = ddpm_step_bytes(row["B"], row["N"])
             out["gbytes_per_s"] = out["bytes"] / out["median_s"] / 1e9
+        elif row["suite"] == "sampler":
+            per_step = out["median_s"] / SAMPLER_STEPS
+            out["steps_per_s"] = 1.0 / per_step
+            out["backbones_per_s_T1000"] = row["B"] / (per_step * 1000)  # derived from the measured step time
         elif row["suite"] == "train-step":
             out["flops"] = train_step_flops(row["B"], row["N"], row["H"])
             out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
@@ -223,6 +236,13 @@ def markdown(result: Dict) -> str:
                          f"{r['provider']} | **{r['status']}** | | | | |")
             continue
         speed = f"{ref[key]['median_s'] / r['median_s']:.1f}x" if key in ref else ""
+        if r["suite"] == "sampler":
+            lines.append(
+                f"| {r['suite']} | {SAMPLER_STEPS} steps | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
+                f"{r['median_s'] * 1e3:.1f} ({r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}) | "
+                f"{r['steps_per_s']:.1f} steps/s | {r['backbones_per_s_T1000']:.3f} backbones/s at T=1000 (derived) | "
+                f"{_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
+            continue
         if r["suite"] == "ddpm-step":
             bw = r["bytes"] / r["median_s"]
             rate, frac = f"{bw / 1e9:.1f}", f"{100 * bw / rates['copy_bytes_per_s']:.0f}% of copy"
