@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from protdiff_fast.diffusion.schedule import NoiseSchedule
+from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.reference.ddpm import DDPMStepOutput, check_step_inputs, step_coefficients
 
 MAX_NODES = 16384  # one program holds a whole sample
@@ -71,17 +73,10 @@ def _ddpm_step_kernel(
 
 
 def _seeds(seed, generator, batch: int, device) -> torch.Tensor:
-    if isinstance(seed, torch.Tensor):
-        if seed.shape != (batch,) or seed.dtype.is_floating_point:
-            raise ValueError(f"seed: expected an int or an integer tensor of shape ({batch},), got "
-                             f"{seed.dtype} {tuple(seed.shape)}")
-        return seed.to(device=device, dtype=torch.int64).contiguous()
+    """(B,) int64 per-sample seeds, derived exactly as the C++ step derives them."""
     if seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int or an integer tensor, got {type(seed).__name__}")
-    # one run seed -> distinct per-sample seeds (tl.randn keys Philox with the low 64 bits)
-    return (torch.arange(batch, dtype=torch.int64) * 1000003 + seed).to(device)
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    return torch.from_numpy(per_sample_seeds(seed, batch).view(np.int64).copy()).to(device)
 
 
 def ddpm_step_triton(
