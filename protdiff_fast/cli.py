@@ -132,6 +132,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from protdiff_fast.diffusion import DDPMScheduler
     from protdiff_fast.diffusion.sampler import sample
     from protdiff_fast.metrics import backbone_metrics, format_table, summarize
+    from pathlib import Path as _Path
+
     from protdiff_fast.train import load_model
 
     ckpt = args.ckpt or str(shipped_checkpoint())
@@ -144,10 +146,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     with __import__("torch").no_grad():
         designs = sample(model, chosen, batch_size=args.batch_size, seed=args.seed, scheduler=scheduler,
                          num_inference_steps=args.steps, device=args.device, out_dir=args.out,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, resume=args.resume,
+                         design_indices=None if args.design_index is None else [args.design_index])
+    if any(ca is None for ca in designs):  # resumed or single-design runs: metrics over every finished file
+        from protdiff_fast.io import read_backbones
+
+        designs = [read_backbones(p)[0].ca for p in sorted(_Path(args.out).glob("design_*.pdb"))]
     rows = [dict(design=f"design_{i:06d}.pdb", **backbone_metrics(ca)) for i, ca in enumerate(designs)]
     summary = summarize(rows)
-    from pathlib import Path as _Path
 
     from protdiff_fast.io.structure import _atomic_write
 
@@ -254,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--backend", default="auto")
     sm.add_argument("--device", default="cpu")
     sm.add_argument("--no-progress", action="store_true")
+    sm.add_argument("--resume", action="store_true", help="continue a killed run in OUT: skip finished designs")
+    sm.add_argument("--design-index", type=int, default=None, help="regenerate only this design of the run")
     sm.set_defaults(func=_cmd_sample)
     prep = sub.add_parser("prepare", help="turn PDB/mmCIF files into a cached training set (.npz), reporting skips")
     prep.add_argument("paths", nargs="+", help="files or folders (searched recursively; .pdb/.cif/.ent, also .gz)")
@@ -297,7 +305,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:  # bad input: a message, not a traceback
+        print(f"protdiff-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

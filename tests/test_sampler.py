@@ -1,6 +1,11 @@
 """Scheduler (diffusers-shaped) and the large-batch sampler: exact Gaussian sampling through the
 public API with mixed lengths, strided DDIM, per-design reproducibility, bad input."""
+import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -131,8 +136,10 @@ def test_sampler_writes_pdb_files_and_shows_progress(tmp_path, capsys):
     sched = DDPMScheduler(50)
     model = ExactGaussianEps(sched.schedule, 1.0)
     out = sample(model, [10, 12], seed=0, scheduler=sched, out_dir=tmp_path / "designs", progress=True)
-    files = sorted((tmp_path / "designs").iterdir())
+    files = sorted((tmp_path / "designs").glob("design_*.pdb"))
     assert [f.name for f in files] == ["design_000000.pdb", "design_000001.pdb"]
+    manifest = json.loads((tmp_path / "designs" / "manifest.json").read_text())
+    assert sorted(manifest["designs"]) == ["0", "1"] and manifest["run"]["lengths"] == [10, 12]
     back = read_backbones(files[1])[0]
     np.testing.assert_allclose(back.ca, out[1], atol=2e-3)  # written in Angstrom
     assert "backbones_per_s" in capsys.readouterr().err
@@ -158,3 +165,40 @@ def test_sampler_bad_input_and_nan_model():
 
     with pytest.raises(SamplingError, match=r"NaN/Inf at t=7 for design \d \(length 9"):
         sample(broken, [9, 9, 9], scheduler=sched, progress=False)
+
+
+def _sample_cmd(out, extra=()):
+    return [sys.executable, "-m", "protdiff_fast.cli", "sample", "--length", "10..14", "--num", "6",
+            "--batch-size", "2", "--seed", "5", "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CPU, reason="per-design noise (resume = identical designs) needs the C++ step")
+def test_killed_sampling_run_resumes_without_duplicates(tmp_path):
+    full = subprocess.run(_sample_cmd(tmp_path / "full"), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(_sample_cmd(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 120
+    while not manifest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(json.loads(manifest.read_text())["designs"])
+    assert 0 < done_at_kill < 6, "the run finished before it could be killed"
+    with pytest.raises(subprocess.CalledProcessError):  # a non-empty folder is never reused silently
+        subprocess.run(_sample_cmd(tmp_path / "killed"), check=True, capture_output=True)
+    res = subprocess.run(_sample_cmd(tmp_path / "killed", ["--resume"]), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    a = sorted(p.name for p in (tmp_path / "full").glob("design_*.pdb"))
+    b = sorted(p.name for p in (tmp_path / "killed").glob("design_*.pdb"))
+    assert a == b and len(a) == 6
+    for name in a:
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
+    one = subprocess.run(_sample_cmd(tmp_path / "one", ["--design-index", "3"]), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert [p.name for p in (tmp_path / "one").glob("design_*.pdb")] == ["design_000003.pdb"]
+    assert (tmp_path / "one" / "design_000003.pdb").read_bytes() == (tmp_path / "full" / "design_000003.pdb").read_bytes()
+    other = subprocess.run([*_sample_cmd(tmp_path / "killed", ["--resume"])[:-2], "--seed", "6", "--resume"],
+                           capture_output=True, text=True)
+    assert other.returncode != 0 and "cannot resume" in other.stderr

@@ -11,7 +11,7 @@ lengths, batch size and seed, but not per design.
 """
 from __future__ import annotations
 
-import math
+import json
 import sys
 import time
 from pathlib import Path
@@ -77,12 +77,18 @@ def sample(
     progress: bool = True,
     out_dir: Optional[Union[str, Path]] = None,
     scale: float = SCALE_A,
-) -> List[np.ndarray]:
+    resume: bool = False,
+    design_indices: Optional[Sequence[int]] = None,
+) -> List[Optional[np.ndarray]]:
     """Sample one backbone per entry of ``lengths`` (times ``num_samples`` when given).
 
     ``model(x_t, t, mask) -> eps_hat`` works in model units (1 unit = ``scale`` A); the results are
     returned in Angstrom, in the order of ``lengths``. With ``out_dir`` each design is also written
-    to ``design_<index>.pdb`` (the folder must be new or empty).
+    to ``design_<index>.pdb`` and recorded in ``manifest.json`` (rewritten atomically after every
+    batch). The folder must be new or empty, unless ``resume``: then the designs the manifest lists
+    as finished are skipped (their entries in the result are None) and the run must have the same
+    lengths, seed and schedule. ``design_indices`` samples only those designs (e.g. one design of
+    a large run, alone: on the fused backends it comes out identical to its copy in the big run).
     """
     scheduler = scheduler or DDPMScheduler()
     scheduler.set_timesteps(num_inference_steps)
@@ -90,17 +96,32 @@ def sample(
     lengths = _expand_lengths(lengths, num_samples, getattr(model, "max_length", None))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seeds = design_seeds(seed, len(lengths))
+    run_info = dict(lengths=lengths, seed=int(seed), num_inference_steps=scheduler.num_inference_steps,
+                    scheduler=scheduler.config, scale=scale)
+    finished: Dict[str, Dict] = {}
     if out_dir is not None:
         out_dir = Path(out_dir)
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder (nothing is overwritten)")
+        manifest = out_dir / MANIFEST
+        if resume and manifest.is_file():
+            saved = json.loads(manifest.read_text())
+            if saved["run"] != json.loads(json.dumps(run_info)):
+                raise ValueError(f"{manifest}: written by a run with other lengths/seed/schedule; cannot resume it")
+            finished = saved["designs"]
+        elif out_dir.exists() and any(out_dir.iterdir()):
+            raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder, or resume a run "
+                                  "(nothing is overwritten)")
         out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = design_seeds(seed, len(lengths))
+    wanted = set(range(len(lengths))) if design_indices is None else {int(i) for i in design_indices}
+    if any(i < 0 or i >= len(lengths) for i in wanted):
+        raise ValueError(f"design_indices: must lie in [0, {len(lengths) - 1}]")
+    todo = [i for i in sorted(wanted) if str(i) not in finished]
     # the fused C++ step keys its noise by (design seed, t): a design does not depend on its batch
     from protdiff_fast.backends import resolve
 
     per_design_noise = not scheduler.strided and resolve("ddpm_step", scheduler.backend, device) == "cpu"
-    order = np.argsort(np.asarray(lengths), kind="stable")
+    todo_arr = np.asarray(todo, dtype=np.int64)
+    order = todo_arr[np.argsort(np.asarray([lengths[i] for i in todo]), kind="stable")] if todo else todo_arr
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     steps = scheduler.timesteps.tolist()
     results: Dict[int, np.ndarray] = {}
@@ -143,10 +164,23 @@ def sample(
             if out_dir is not None:
                 from protdiff_fast.io.structure import write_backbone
 
-                write_backbone(out_dir / f"design_{int(i):06d}.pdb", ca)
+                name = f"design_{int(i):06d}.pdb"
+                write_backbone(out_dir / name, ca, overwrite=True)  # a resumed batch may have written it
+                finished[str(int(i))] = dict(file=name, length=lengths[i], seed=int(seeds[i]))
+        if out_dir is not None:
+            _write_manifest(out_dir / MANIFEST, dict(run=run_info, designs=finished))
         if bar is not None:
             elapsed = time.perf_counter() - started
             bar.set_postfix(backbones=done, backbones_per_s=f"{done / max(elapsed, 1e-9):.2f}")
     if bar is not None:
         bar.close()
-    return [results[i] for i in range(len(lengths))]
+    return [results.get(i) for i in range(len(lengths))]
+
+
+MANIFEST = "manifest.json"
+
+
+def _write_manifest(path: Path, content: Dict) -> None:
+    from protdiff_fast.io.structure import _atomic_write
+
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1, sort_keys=True)))
