@@ -127,8 +127,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import json as _json
     import random
 
-    import numpy as np
-
     from protdiff_fast.diffusion import DDPMScheduler
     from protdiff_fast.diffusion.sampler import sample
     from protdiff_fast.metrics import backbone_metrics, format_table, summarize
@@ -162,7 +160,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                                                                 indent=1)))
     print(f"{len(designs)} backbones -> {args.out} (checkpoint {ckpt})")
     print(format_table({"samples": summary}))
-    del np
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The ``egnn`` benchmark suite: the fused pair aggregation (and egnn-pytorch's dense layer as a
-baseline), forward or forward+backward, over B, N, H, dtype and backend.
+"""The benchmark cases: ``egnn`` (the fused pair aggregation, and egnn-pytorch's dense layer as a
+baseline, forward or forward+backward), ``ddpm-step``, ``sampler`` and ``train-step``.
 
 FLOPs counted per real pair (i != j) are the pair MLP's two H x H products: 4 H^2 forward,
 8 H^2 backward (4 products), so 12 H^2 for forward+backward; the backward's recomputation of the
