@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", required=True, help="new (or empty) folder for the PDB files and metrics.json")
     sm.add_argument("--ckpt", default=None, help="checkpoint (default: the small model shipped in the package)")
     sm.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all)")
-    sm.add_argument("--batch-size", type=int, default=64)
+    sm.add_argument("--batch-size", type=int, default=None, help="designs per batch (default: the largest estimated to fit)")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--backend", default="auto")
     sm.add_argument("--device", default="cpu")

@@ -202,3 +202,50 @@ def test_killed_sampling_run_resumes_without_duplicates(tmp_path):
     other = subprocess.run([*_sample_cmd(tmp_path / "killed", ["--resume"])[:-2], "--seed", "6", "--resume"],
                            capture_output=True, text=True)
     assert other.returncode != 0 and "cannot resume" in other.stderr
+
+
+class OOMAbove:
+    """Wraps a model and raises torch's out-of-memory error for batches larger than `limit`."""
+
+    def __init__(self, inner, limit):
+        self.inner, self.limit, self.max_length = inner, limit, 64
+
+    def __call__(self, x, t, mask):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return self.inner(x, t, mask)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="per-design noise (same designs whatever the batching) needs the C++ step")
+def test_out_of_memory_halves_the_batch_and_keeps_the_designs(capsys):
+    sched = DDPMScheduler(60, backend="cpu")
+    inner = ExactGaussianEps(sched.schedule, 1.0)
+    lengths = [9, 11, 9, 10, 12, 8, 9, 11, 10, 12]
+    want = sample(inner, lengths, batch_size=2, seed=4, scheduler=sched, progress=False)
+    got = sample(OOMAbove(inner, 3), lengths, batch_size=8, seed=4, scheduler=sched, progress=False)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    err = capsys.readouterr().err
+    assert "out of memory with a batch of 8" in err and "retrying as 4 + 4" in err
+
+    def broken(x, t, mask):
+        raise RuntimeError("something else went wrong")
+
+    with pytest.raises(RuntimeError, match="something else"):  # only OOM is retried
+        sample(broken, [5, 5], batch_size=2, scheduler=sched, progress=False)
+    with pytest.raises(torch.OutOfMemoryError):  # a single design that does not fit is an error
+        sample(OOMAbove(inner, 0), [5], batch_size=1, scheduler=sched, progress=False)
+
+
+def test_automatic_batch_size_is_reported(capsys):
+    from protdiff_fast.diffusion.sampler import auto_batch_size
+    from protdiff_fast.models import ProtDiff
+
+    model = ProtDiff(hidden_dim=16, edge_dim=8, num_layers=2, num_timesteps=30)
+    small, large = auto_batch_size(model, 32, torch.device("cpu")), auto_batch_size(model, 128, torch.device("cpu"))
+    assert 1 <= large <= small <= 256
+    huge = ProtDiff(hidden_dim=64, edge_dim=64, num_layers=2, num_timesteps=30)
+    assert auto_batch_size(huge, 128, torch.device("cpu"), safety=1e-6) == 1
+    sched = DDPMScheduler(30)
+    sample(ExactGaussianEps(sched.schedule, 1.0), [6, 7], scheduler=sched, progress=False)
+    assert "sample: batch size" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -46,6 +47,35 @@ def initial_noise(seeds: Sequence[int], max_len: int, mask: torch.Tensor, dtype,
     return remove_center_of_mass_reference(z, mask.cpu()).to(dtype=dtype, device=device)
 
 
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+
+
+def auto_batch_size(model, max_len: int, device: torch.device, safety: float = 0.5, cap: int = 1024) -> int:
+    """The largest batch of length ``max_len`` that fits in ``safety`` of the free memory.
+
+    Memory model of a no-grad reverse step with the fused EGNN (no N x N tensor): per design about
+    4 bytes x N x (16 H + 4 E) per layer for the node activations, the per-node halves and the
+    kernels' scratch, times the layers; a second value bounds CPU throughput (no gain past ~256).
+    """
+    cfg = getattr(model, "config", None)
+    H = getattr(cfg, "hidden_dim", 256)
+    E = getattr(cfg, "edge_dim", H)
+    layers = getattr(cfg, "num_layers", 4)
+    per_design = 4 * max_len * (16 * H + 4 * E) * layers + 4 * max_len * 3 * 8
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = 8 << 30
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+        except (OSError, StopIteration):
+            pass
+        cap = min(cap, 256)
+    return int(max(1, min(cap, safety * free // per_design)))
+
+
 def _expand_lengths(lengths: Union[int, Sequence[int]], num_samples: Optional[int], max_length: Optional[int]):
     if isinstance(lengths, int):
         lengths = [lengths]
@@ -68,7 +98,7 @@ def sample(
     lengths: Union[int, Sequence[int]],
     num_samples: Optional[int] = None,
     *,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
     seed: int = 0,
     scheduler: Optional[DDPMScheduler] = None,
     num_inference_steps: Optional[int] = None,
@@ -94,7 +124,7 @@ def sample(
     scheduler.set_timesteps(num_inference_steps)
     device = torch.device(device)
     lengths = _expand_lengths(lengths, num_samples, getattr(model, "max_length", None))
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seeds = design_seeds(seed, len(lengths))
     run_info = dict(lengths=lengths, seed=int(seed), num_inference_steps=scheduler.num_inference_steps,
@@ -122,7 +152,11 @@ def sample(
     per_design_noise = not scheduler.strided and resolve("ddpm_step", scheduler.backend, device) == "cpu"
     todo_arr = np.asarray(todo, dtype=np.int64)
     order = todo_arr[np.argsort(np.asarray([lengths[i] for i in todo]), kind="stable")] if todo else todo_arr
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    if batch_size is None:
+        batch_size = auto_batch_size(model, max(lengths), device)
+        print(f"sample: batch size {batch_size} (estimated to fit {device} memory for length {max(lengths)}; "
+              "--batch-size overrides)", file=sys.stderr)
+    batches = deque(order[k:k + batch_size] for k in range(0, len(order), batch_size))
     steps = scheduler.timesteps.tolist()
     results: Dict[int, np.ndarray] = {}
     bar = None
@@ -132,31 +166,22 @@ def sample(
         bar = tqdm(total=len(batches) * len(steps), unit="step", desc="sampling", dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 15.0)  # logs: a line per 15 s
     started, done = time.perf_counter(), 0
-    for idx in batches:
-        L = int(max(lengths[i] for i in idx))
-        mask = torch.zeros(len(idx), L, dtype=torch.bool)
-        for k, i in enumerate(idx):
-            mask[k, : lengths[i]] = True
-        mask = mask.to(device)
-        batch_seeds = seeds[idx]
-        if per_design_noise:
-            step_seed = torch.from_numpy(batch_seeds.view(np.int64).copy())
-        else:  # one generator per batch: reproducible for the same batching only
-            step_seed = None
-            generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]) & ((1 << 63) - 1))
-        x = initial_noise(batch_seeds.tolist(), L, mask, dtype, device)
-        for step_t in steps:
-            t = torch.full((len(idx),), step_t, dtype=torch.long, device=device)
-            eps = model(x, t, mask)
-            bad = ~torch.isfinite(eps).flatten(1).all(1)
-            if bool(bad.any()):
-                first = int(idx[int(bad.nonzero()[0])])
-                raise SamplingError(f"model output is NaN/Inf at t={step_t} for design {first} "
-                                    f"(length {lengths[first]}, seed {seeds[first]})")
-            x = scheduler.step(eps, t, x, mask=mask, seed=step_seed,
-                               generator=None if per_design_noise else generator).prev_sample
+    while batches:
+        idx = batches.popleft()
+        try:
+            x = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar)
+        except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
+            if not _is_oom(err) or len(idx) == 1:
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(idx) // 2
+            print(f"sample: out of memory with a batch of {len(idx)} (length {lengths[idx[-1]]}); "
+                  f"retrying as {half} + {len(idx) - half}", file=sys.stderr)
+            batches.extendleft([idx[half:], idx[:half]])
             if bar is not None:
-                bar.update(1)
+                bar.total += len(steps)  # the retried half-batches are extra steps
+            continue
         done += len(idx)
         for k, i in enumerate(idx):
             ca = (x[k, : lengths[i]].double().cpu().numpy() * scale)
@@ -175,6 +200,35 @@ def sample(
     if bar is not None:
         bar.close()
     return [results.get(i) for i in range(len(lengths))]
+
+
+def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar):
+    """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units."""
+    L = int(max(lengths[i] for i in idx))
+    mask = torch.zeros(len(idx), L, dtype=torch.bool)
+    for k, i in enumerate(idx):
+        mask[k, : lengths[i]] = True
+    mask = mask.to(device)
+    batch_seeds = seeds[idx]
+    if per_design_noise:
+        step_seed = torch.from_numpy(batch_seeds.view(np.int64).copy())
+    else:  # one generator per batch: reproducible for the same batching only
+        step_seed = None
+        generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]) & ((1 << 63) - 1))
+    x = initial_noise(batch_seeds.tolist(), L, mask, dtype, device)
+    for step_t in steps:
+        t = torch.full((len(idx),), step_t, dtype=torch.long, device=device)
+        eps = model(x, t, mask)
+        bad = ~torch.isfinite(eps).flatten(1).all(1)
+        if bool(bad.any()):
+            first = int(idx[int(bad.nonzero()[0])])
+            raise SamplingError(f"model output is NaN/Inf at t={step_t} for design {first} "
+                                f"(length {lengths[first]}, seed {seeds[first]})")
+        x = scheduler.step(eps, t, x, mask=mask, seed=step_seed,
+                           generator=None if per_design_noise else generator).prev_sample
+        if bar is not None:
+            bar.update(1)
+    return x
 
 
 MANIFEST = "manifest.json"
