@@ -134,6 +134,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from protdiff_fast.train import load_model
 
+    import torch.distributed as dist
+
+    from protdiff_fast.train import init_distributed
+
+    init_distributed(args.device)  # under torchrun: each rank samples its share of the designs
+    rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt = args.ckpt or str(shipped_checkpoint())
     model = load_model(ckpt, backend=args.backend, device=args.device)
     cfg = model.config
@@ -146,7 +152,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                          num_inference_steps=args.steps, device=args.device, out_dir=args.out,
                          progress=not args.no_progress, resume=args.resume,
                          design_indices=None if args.design_index is None else [args.design_index])
-    if any(ca is None for ca in designs):  # resumed or single-design runs: metrics over every finished file
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files are written
+        if rank != 0:
+            return 0
+    if any(ca is None for ca in designs):  # resumed, sharded or single-design runs: every finished file
         from protdiff_fast.io import read_backbones
 
         designs = [read_backbones(p)[0].ca for p in sorted(_Path(args.out).glob("design_*.pdb"))]
@@ -246,9 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", default="auto")
     demo.set_defaults(func=_cmd_demo)
-    sm = sub.add_parser("sample", help="sample backbones with a trained model (default: the shipped one)")
+    sm = sub.add_parser("sample", help="sample backbones (default model: the shipped one); "
+                                       "torchrun --nproc-per-node K -m protdiff_fast.cli sample ... shards the designs")
     sm.add_argument("--length", default="64..128", help="N, LO..HI (inclusive, drawn uniformly) or a,b,c")
-    sm.add_argument("--num", type=int, default=8, help="number of backbones")
+    sm.add_argument("--num", "--num-designs", dest="num", type=int, default=8,
+                    help="number of backbones (spell it --num-designs under torchrun, whose own parser "
+                         "mistakes --num for its --numa-binding)")
     sm.add_argument("--out", required=True, help="new (or empty) folder for the PDB files and metrics.json")
     sm.add_argument("--ckpt", default=None, help="checkpoint (default: the small model shipped in the package)")
     sm.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all)")

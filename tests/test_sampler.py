@@ -168,7 +168,7 @@ def test_sampler_bad_input_and_nan_model():
 
 
 def _sample_cmd(out, extra=()):
-    return [sys.executable, "-m", "protdiff_fast.cli", "sample", "--length", "10..14", "--num", "6",
+    return [sys.executable, "-m", "protdiff_fast.cli", "sample", "--length", "10..14", "--num-designs", "6",
             "--batch-size", "2", "--seed", "5", "--out", str(out), "--no-progress", *extra]
 
 
@@ -249,3 +249,25 @@ def test_automatic_batch_size_is_reported(capsys):
     sched = DDPMScheduler(30)
     sample(ExactGaussianEps(sched.schedule, 1.0), [6, 7], scheduler=sched, progress=False)
     assert "sample: batch size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CPU, reason="per-design noise (same designs whatever the rank) needs the C++ step")
+def test_torchrun_sharded_sampling_matches_one_process(tmp_path):
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run(_sample_cmd(tmp_path / "one"), capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(30500 + os.getpid() % 1000), *_sample_cmd(tmp_path / "two")[1:]],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "one").glob("design_*.pdb"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("design_*.pdb")) and len(names) == 6
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    shards = [json.loads((tmp_path / "two" / f"manifest.rank{r}.json").read_text())["designs"] for r in (0, 1)]
+    assert set(shards[0]).isdisjoint(shards[1]) and set(shards[0]) | set(shards[1]) == {str(i) for i in range(6)}
+    summary = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert summary["summary"]["count"] == 6  # rank 0's combined summary over every rank's files

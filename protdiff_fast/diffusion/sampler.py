@@ -47,6 +47,13 @@ def initial_noise(seeds: Sequence[int], max_len: int, mask: torch.Tensor, dtype,
     return remove_center_of_mass_reference(z, mask.cpu()).to(dtype=dtype, device=device)
 
 
+def _distributed():
+    """(rank, world size) of a torchrun job that has joined its process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
 
@@ -119,6 +126,8 @@ def sample(
     as finished are skipped (their entries in the result are None) and the run must have the same
     lengths, seed and schedule. ``design_indices`` samples only those designs (e.g. one design of
     a large run, alone: on the fused backends it comes out identical to its copy in the big run).
+    Under torchrun (process group initialised) rank r samples the designs with index % world == r
+    and keeps its own ``manifest.rank<r>.json``.
     """
     scheduler = scheduler or DDPMScheduler()
     scheduler.set_timesteps(num_inference_steps)
@@ -130,9 +139,10 @@ def sample(
     run_info = dict(lengths=lengths, seed=int(seed), num_inference_steps=scheduler.num_inference_steps,
                     scheduler=scheduler.config, scale=scale)
     finished: Dict[str, Dict] = {}
+    rank, world = _distributed()
     if out_dir is not None:
         out_dir = Path(out_dir)
-        manifest = out_dir / MANIFEST
+        manifest = out_dir / (MANIFEST if world == 1 else f"manifest.rank{rank}.json")
         if resume and manifest.is_file():
             saved = json.loads(manifest.read_text())
             if saved["run"] != json.loads(json.dumps(run_info)):
@@ -141,11 +151,14 @@ def sample(
         elif out_dir.exists() and any(out_dir.iterdir()):
             raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder, or resume a run "
                                   "(nothing is overwritten)")
+        if world > 1:  # every rank has checked the folder before any rank writes into it
+            torch.distributed.barrier()
         out_dir.mkdir(parents=True, exist_ok=True)
     wanted = set(range(len(lengths))) if design_indices is None else {int(i) for i in design_indices}
     if any(i < 0 or i >= len(lengths) for i in wanted):
         raise ValueError(f"design_indices: must lie in [0, {len(lengths) - 1}]")
-    todo = [i for i in sorted(wanted) if str(i) not in finished]
+    # under torchrun every rank takes every world-th design: no overlap, similar lengths per rank
+    todo = [i for i in sorted(wanted) if str(i) not in finished and i % world == rank]
     # the fused C++ step keys its noise by (design seed, t): a design does not depend on its batch
     from protdiff_fast.backends import resolve
 
@@ -193,7 +206,7 @@ def sample(
                 write_backbone(out_dir / name, ca, overwrite=True)  # a resumed batch may have written it
                 finished[str(int(i))] = dict(file=name, length=lengths[i], seed=int(seeds[i]))
         if out_dir is not None:
-            _write_manifest(out_dir / MANIFEST, dict(run=run_info, designs=finished))
+            _write_manifest(manifest, dict(run=run_info, designs=finished))
         if bar is not None:
             elapsed = time.perf_counter() - started
             bar.set_postfix(backbones=done, backbones_per_s=f"{done / max(elapsed, 1e-9):.2f}")
