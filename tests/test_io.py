@@ -1,5 +1,6 @@
 """Structure I/O: real files, altlocs, insertion codes, models, gzip, chain breaks, round trips, bad files."""
 import gzip
+import re
 import shutil
 from pathlib import Path
 
@@ -161,3 +162,95 @@ def test_find_structure_files(tmp_path):
     assert [p.name for p in find_structure_files(tmp_path)] == ["a.pdb", "b.cif.gz", "c.ent"]
     with pytest.raises(FileNotFoundError, match="nothere"):
         find_structure_files(tmp_path / "nothere")
+
+
+def _check_pdb_columns(text, ca):
+    """Every ATOM record of a written PDB file against the format's column rules (1-based columns):
+    serial 7-11, name 13-16, altLoc 17, resName 18-20, chainID 22, resSeq 23-26, x/y/z 31-38/39-46/47-54
+    as %8.3f, occupancy 55-60, tempFactor 61-66, element 77-78; every line 80 characters."""
+    atoms = [line for line in text.splitlines() if line.startswith("ATOM")]
+    assert len(atoms) == len(ca)
+    for line in text.splitlines():
+        assert len(line) == 80, repr(line)
+    for i, line in enumerate(atoms):
+        assert line[0:6] == "ATOM  "
+        assert line[6:11] == f"{i + 1:>5}" and line[11] == " "
+        assert line[12:16] == " CA " and line[16] == " "
+        assert line[17:20] == "GLY" and line[20] == " " and line[21] == "A"
+        assert line[22:26] == f"{i + 1:>4}" and line[26] == " " and line[27:30] == "   "
+        for k, (a, b) in enumerate(((30, 38), (38, 46), (46, 54))):
+            field = line[a:b]
+            # %8.3f of the value (gemmi prints -0.000 as 0.000): right-aligned, three decimals, no spill
+            assert re.fullmatch(r" *-?\d+\.\d{3}", field), (line, k)
+            assert field == f"{ca[i, k]:8.3f}".replace("-0.000", " 0.000"), (line, k)
+        assert line[54:60] == "  1.00" and line[60:66] == "  0.00"
+        assert line[66:76].strip() == "" and line[76:78] == " C"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_written_pdb_obeys_the_column_rules_and_gemmi_reads_it(tmp_path, gz):
+    import gemmi
+
+    g = np.random.default_rng(0)
+    ca = np.cumsum(g.normal(size=(120, 3)) * 2.2, axis=0)
+    ca[3] = (-999.999, 9999.999, 0.0)  # the extremes that %8.3f still holds
+    ca[4] = (-999.9994, 9999.9994, -0.0004)  # ... and values that round onto them
+    path = write_backbone(tmp_path / ("d.pdb.gz" if gz else "d.pdb"), ca)
+    raw = path.read_bytes()
+    assert (raw[:2] == b"\x1f\x8b") == gz
+    text = gzip.decompress(raw).decode() if gz else raw.decode()
+    _check_pdb_columns(text, ca)
+    st = gemmi.read_structure(str(path))
+    got = np.array([[a.pos.x, a.pos.y, a.pos.z] for r in st[0]["A"] for a in r])
+    np.testing.assert_allclose(got, ca, atol=5e-4)
+    # gzip output is deterministic (no time stamp, no name): the same design gives the same bytes
+    again = write_backbone(tmp_path / ("e.pdb.gz" if gz else "e.pdb"), ca)
+    assert again.read_bytes() == raw
+
+
+@pytest.mark.parametrize("value", [-1000.0, -1500.25, 10000.0, 1e7])
+def test_pdb_refuses_coordinates_that_overflow_its_columns(tmp_path, value):
+    ca = np.zeros((6, 3))
+    ca[:, 0] = np.arange(6) * 3.8
+    ca[2, 1] = value
+    with pytest.raises(ValueError, match=rf"coordinate {value:.3f} A \(y of residue 3\) does not fit .*mmCIF"):
+        write_backbone(tmp_path / "d.pdb", ca)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    # mmCIF has no fixed columns: the same coordinates round-trip there
+    back = read_backbones(write_backbone(tmp_path / "d.cif.gz", ca))[0]
+    np.testing.assert_allclose(back.ca, ca, atol=1e-6 * max(1.0, abs(value)))
+
+
+def test_mmcif_has_labels_viewers_use(tmp_path):
+    import gemmi
+
+    ca = np.stack([np.arange(5) * 3.8, np.zeros(5), np.zeros(5)], axis=1)
+    doc = gemmi.cif.read(str(write_backbone(tmp_path / "d.cif", ca)))
+    block = doc.sole_block()
+    assert list(block.find_loop("_atom_site.label_seq_id")) == ["1", "2", "3", "4", "5"]
+    assert set(block.find_loop("_atom_site.label_asym_id")) == {"A"}
+    assert list(block.find_loop("_atom_site.Cartn_x")) == ["0", "3.8", "7.6", "11.4", "15.2"]
+
+
+def test_trajectory_is_a_multi_model_mmcif(tmp_path):
+    import gemmi
+
+    from protdiff_fast.io import write_trajectory
+
+    g = np.random.default_rng(1)
+    frames = [g.normal(size=(9, 3)) * s for s in (3e4, 50.0, 4.0)]  # frame 0 overflows PDB by far
+    path = write_trajectory(tmp_path / "t.cif.gz", frames, timesteps=[1000, 10, 0])
+    st = gemmi.read_structure(str(path))
+    assert len(st) == 3 and [m.num for m in st] == [1, 2, 3]
+    for model, frame in zip(st, frames):
+        got = np.array([[a.pos.x, a.pos.y, a.pos.z] for r in model["A"] for a in r])
+        np.testing.assert_allclose(got, frame, atol=5e-4)
+    block = gemmi.cif.read(str(path)).sole_block()
+    assert list(block.find_loop("_protdiff_fast_frame.timestep")) == ["1000", "10", "0"]
+    with pytest.raises(ValueError, match="mmCIF"):
+        write_trajectory(tmp_path / "t.pdb", frames)
+    with pytest.raises(ValueError, match="frame 1 has 8 residues"):
+        write_trajectory(tmp_path / "u.cif", [frames[0], frames[1][:8]])
+    with pytest.raises(FileExistsError):
+        write_trajectory(path, frames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.cif.gz"]

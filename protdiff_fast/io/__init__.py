@@ -10,10 +10,12 @@ from protdiff_fast.io.structure import (
     read_backbones,
     read_structure,
     write_backbone,
+    write_trajectory,
 )
 
 __all__ = [
     "BackboneDataset", "SCALE_A", "SkipReport", "demo_data_path", "random_rotations",
     "Backbone", "CHAIN_BREAK_A", "StructureError", "backbone_structure", "find_chain_breaks",
     "find_structure_files", "read_backbones", "read_structure", "write_backbone",
+    "write_trajectory",
 ]

@@ -5,11 +5,15 @@ modified, e.g. MSE read as M) that have a CA atom, in file order: one residue pe
 position (microheterogeneity: the first), the CA altloc of highest occupancy, no waters, ligands
 or ions. Chain breaks are flagged where consecutive CA atoms are more than 4.2 A apart.
 
-Writing produces CA-only files (PDB with a CRYST1 record, or mmCIF) that gemmi and viewers read
-back; files are written to a temporary name and renamed, so a crash never leaves half a file.
+Writing produces CA-only files (PDB with a CRYST1 record, or mmCIF; either gzipped when the name
+ends in .gz) that gemmi and viewers read back; files are written to a temporary name and renamed,
+so a crash never leaves half a file. PDB's fixed-width columns hold x, y, z as %8.3f, i.e. only
+-999.999 .. 9999.999 A: a PDB write outside that range raises (mmCIF has no such limit, which is
+why trajectories, whose early frames can be far out, are mmCIF only).
 """
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +23,9 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 CHAIN_BREAK_A = 4.2
+# what PDB's %8.3f coordinate columns (31-38, 39-46, 47-54) can hold, and its 4-column resSeq
+PDB_COORD_MIN, PDB_COORD_MAX = -999.999, 9999.999
+PDB_MAX_RESIDUES = 9999
 PathLike = Union[str, os.PathLike]
 
 THREE_LETTER = {
@@ -174,9 +181,27 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def check_pdb_coordinates(ca: np.ndarray) -> None:
+    """Raise ValueError unless every coordinate fits PDB's %8.3f columns (and L fits resSeq)."""
+    ca = np.asarray(ca, dtype=np.float64)
+    # values that round to the limits still print in 8 characters
+    bad = ~((ca > PDB_COORD_MIN - 0.0005) & (ca < PDB_COORD_MAX + 0.0005))
+    if bad.any():
+        i, k = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"ca: coordinate {ca[i, k]:.3f} A ({'xyz'[k]} of residue {i + 1}) does not fit the PDB "
+                         f"format's %8.3f columns ({PDB_COORD_MIN} .. {PDB_COORD_MAX} A); are they in Angstrom? "
+                         "Write mmCIF (.cif) for larger coordinates")
+    if len(ca) > PDB_MAX_RESIDUES:
+        raise ValueError(f"ca: {len(ca)} residues do not fit the PDB format's 4-column residue number; write mmCIF")
+
+
 def backbone_structure(ca: np.ndarray, sequence: Optional[str] = None, chain_id: str = "A",
-                       name: str = "protdiff_fast"):
-    """A gemmi.Structure holding one CA-only chain (residues GLY unless a sequence is given)."""
+                       name: str = "protdiff_fast", pdb_range: bool = True):
+    """A gemmi.Structure holding one CA-only chain (residues GLY unless a sequence is given).
+
+    ``pdb_range``: refuse coordinates that PDB's fixed-width columns cannot hold (pass False for
+    mmCIF-only use, e.g. trajectories).
+    """
     import gemmi
 
     ca = np.asarray(ca, dtype=np.float64)
@@ -184,8 +209,8 @@ def backbone_structure(ca: np.ndarray, sequence: Optional[str] = None, chain_id:
         raise ValueError(f"ca: expected shape (L, 3) with L >= 1, got {ca.shape}")
     if not np.isfinite(ca).all():
         raise ValueError("ca: contains NaN or Inf")
-    if np.abs(ca).max() >= 9999.0:
-        raise ValueError("ca: coordinates beyond the PDB format's range (|x| < 9999 A); are they in Angstrom?")
+    if pdb_range:
+        check_pdb_coordinates(ca)
     if sequence is not None and len(sequence) != len(ca):
         raise ValueError(f"sequence: length {len(sequence)} differs from {len(ca)} residues")
     st = gemmi.Structure()
@@ -198,6 +223,7 @@ def backbone_structure(ca: np.ndarray, sequence: Optional[str] = None, chain_id:
         res = gemmi.Residue()
         res.name = THREE_LETTER.get((sequence or "G")[i] if sequence else "G", "UNK")
         res.seqid = gemmi.SeqId(i + 1, " ")
+        res.subchain = chain_id  # label_asym_id = auth chain (gemmi would invent "Axp")
         res.entity_type = gemmi.EntityType.Polymer
         atom = gemmi.Atom()
         atom.name = "CA"
@@ -210,23 +236,97 @@ def backbone_structure(ca: np.ndarray, sequence: Optional[str] = None, chain_id:
     model.add_chain(chain)
     st.add_model(model)
     st.setup_entities()
+    # the entity's sequence gives mmCIF a label_seq_id per residue (viewers number residues by it)
+    st.entities[0].full_sequence = [res.name for res in st[0][0]]
+    st.assign_label_seq_id()
     return st
+
+
+def _format_of(path: Path):
+    """('pdb' | 'cif', gzipped) from a name such as design.pdb, design.cif.gz."""
+    gz = path.suffix == ".gz"
+    suffix = Path(path.stem).suffix if gz else path.suffix
+    fmt = {".pdb": "pdb", ".cif": "cif", ".mmcif": "cif"}.get(suffix)
+    if fmt is None:
+        raise ValueError(f"{path}: unknown format {suffix!r}; use .pdb or .cif (optionally .gz)")
+    return fmt, gz
+
+
+def _write_text(tmp: str, text: str, gz: bool) -> None:
+    if gz:  # mtime 0 and no name in the header: the same structure gives the same bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as out:
+            out.write(text.encode())
+    else:
+        with open(tmp, "w") as out:
+            out.write(text)
 
 
 def write_backbone(path: PathLike, ca: np.ndarray, sequence: Optional[str] = None, chain_id: str = "A",
                    overwrite: bool = False) -> Path:
-    """Write a CA-only PDB (``.pdb``) or mmCIF (``.cif``) file atomically; coordinates in Angstrom."""
+    """Write a CA-only PDB (``.pdb``) or mmCIF (``.cif``) file atomically; coordinates in Angstrom.
+
+    A name ending in ``.gz`` (``design.pdb.gz``) is gzipped. PDB refuses coordinates outside its
+    %8.3f columns (ValueError naming the value; use mmCIF for those).
+    """
     path = Path(path)
+    fmt, gz = _format_of(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
-    st = backbone_structure(ca, sequence, chain_id, name=path.name.split(".")[0])
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix == ".pdb":
-        _atomic_write(path, lambda tmp: st.write_pdb(tmp))
-    elif suffix in (".cif", ".mmcif"):
-        _atomic_write(path, lambda tmp: st.make_mmcif_document().write_file(tmp))
-    else:
-        raise ValueError(f"{path}: unknown format {suffix!r}; use .pdb or .cif")
+    st = backbone_structure(ca, sequence, chain_id, name=path.name.split(".")[0], pdb_range=fmt == "pdb")
+    text = _pdb_string(st) if fmt == "pdb" else st.make_mmcif_document().as_string()
+    _atomic_write(path, lambda tmp: _write_text(tmp, text, gz))
+    return path
+
+
+def _pdb_string(st) -> str:
+    import gemmi
+
+    options = gemmi.PdbWriteOptions()
+    options.seqres_records = False  # a poly-GLY placeholder sequence says nothing; CRYST1 comes first
+    return st.make_pdb_string(options)
+
+
+def write_trajectory(path: PathLike, frames: Sequence[np.ndarray], timesteps: Optional[Sequence[int]] = None,
+                     chain_id: str = "A", overwrite: bool = False) -> Path:
+    """Write CA frames (each (L, 3), Angstrom) as one multi-model mmCIF file (``.cif`` or ``.cif.gz``).
+
+    Model k + 1 holds frame k. mmCIF only: early diffusion frames can lie far outside PDB's
+    fixed-width columns. ``timesteps`` (one per frame) are stored in a ``_protdiff_fast_frame``
+    loop (model number -> diffusion timestep t of that frame; t = 0 is the final sample).
+    """
+    import gemmi
+
+    path = Path(path)
+    fmt, gz = _format_of(path)
+    if fmt != "cif":
+        raise ValueError(f"{path}: trajectories are written as mmCIF (.cif or .cif.gz): early frames overflow "
+                         "PDB's fixed-width coordinate columns")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
+    if len(frames) == 0:
+        raise ValueError("frames: nothing to write")
+    if timesteps is not None and len(timesteps) != len(frames):
+        raise ValueError(f"timesteps: {len(timesteps)} values for {len(frames)} frames")
+    st = None
+    for k, ca in enumerate(frames):
+        ca = np.round(np.asarray(ca, dtype=np.float64), 3)  # PDB's precision; mmCIF would print 8+ digits
+        one = backbone_structure(ca, chain_id=chain_id, name=path.name.split(".")[0], pdb_range=False)
+        if st is None:
+            st = one
+            st[0].num = 1
+        else:
+            if len(ca) != len(frames[0]):
+                raise ValueError(f"frames: frame {k} has {len(ca)} residues, frame 0 has {len(frames[0])}")
+            model = one[0]
+            model.num = k + 1
+            st.add_model(model)
+    doc = st.make_mmcif_document()
+    if timesteps is not None:
+        loop = doc[0].init_loop("_protdiff_fast_frame.", ["model_num", "timestep"])
+        for k, t in enumerate(timesteps):
+            loop.add_row([str(k + 1), str(int(t))])
+    text = doc.as_string()
+    _atomic_write(path, lambda tmp: _write_text(tmp, text, gz))
     return path
 
 
