@@ -19,7 +19,7 @@ void def_egnn(py::module_& m) {
         py::arg("W3").noconvert(), py::arg("b3").noconvert(), py::arg("w4").noconvert(),
         py::arg("edge_attr").noconvert() = none, py::arg("W_e").noconvert() = none,
         py::arg("rel").noconvert() = none, py::arg("w_att").noconvert() = none, py::arg("b_att") = 0.0,
-        py::arg("mask").noconvert() = none, py::arg("normalize") = false, py::arg("tanh") = false,
+        py::arg("mask").noconvert() = none, py::arg("normalize") = 0, py::arg("tanh") = false,
         py::arg("mean_agg") = true, py::arg("eps") = 1e-8, py::arg("m_out").noconvert(),
         py::arg("dx_out").noconvert(),
         "Fused EGNN pair aggregation forward (the egnn_pair_aggregate contract): writes m_i into m_out "
@@ -29,7 +29,7 @@ void def_egnn(py::module_& m) {
         py::arg("W3").noconvert(), py::arg("b3").noconvert(), py::arg("w4").noconvert(),
         py::arg("edge_attr").noconvert() = none, py::arg("W_e").noconvert() = none,
         py::arg("rel").noconvert() = none, py::arg("w_att").noconvert() = none, py::arg("b_att") = 0.0,
-        py::arg("mask").noconvert() = none, py::arg("normalize") = false, py::arg("tanh") = false,
+        py::arg("mask").noconvert() = none, py::arg("normalize") = 0, py::arg("tanh") = false,
         py::arg("mean_agg") = true, py::arg("eps") = 1e-8, py::arg("grad_m").noconvert(),
         py::arg("grad_dx").noconvert(), py::arg("d_x").noconvert(), py::arg("d_p").noconvert(),
         py::arg("d_q").noconvert(), py::arg("d_w_d").noconvert(), py::arg("d_W2").noconvert(),

@@ -297,7 +297,7 @@ def _op_args(B=2, N=5, H=4, dtype=F64):
     ("x 2-D", ValueError, r"x: expected shape \(\*, \*, 3\)"),
     ("x 4 coords", ValueError, r"x: expected shape"),
     ("q wrong N", ValueError, r"q: expected shape \(2, 5, 4\)"),
-    ("W2 wrong", ValueError, r"W2: expected shape \(4, 4\)"),
+    ("W2 wrong", ValueError, r"W2: expected shape \(4, \*\)"),  # (H_e, M): M is free, H_e is p's
     ("int x", TypeError, r"x: expected a floating-point tensor"),
     ("mixed dtype", TypeError, r"p: expected dtype torch.float64"),
     ("meta device", ValueError, r"q: is on device meta"),
@@ -321,7 +321,7 @@ def test_pair_aggregate_rejects_bad_input(case, error, match):
     elif case == "q wrong N":
         a[2] = torch.randn(2, 6, 4, dtype=F64)
     elif case == "W2 wrong":
-        a[4] = torch.randn(4, 5, dtype=F64)
+        a[4] = torch.randn(5, 4, dtype=F64)
     elif case == "int x":
         a[0] = torch.ones(2, 5, 3, dtype=torch.long)
     elif case == "mixed dtype":

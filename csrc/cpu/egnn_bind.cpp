@@ -49,7 +49,7 @@ EgnnProblem<T> make_problem(const CArray<T>& x, const CArray<T>& p, const CArray
                             const CArray<T>& W2, const CArray<T>& b2, const CArray<T>& W3, const CArray<T>& b3,
                             const CArray<T>& w4, const OptArray<T>& edge_attr, const OptArray<T>& W_e,
                             const OptArray<T>& rel, const OptArray<T>& w_att, double b_att,
-                            const OptArray<std::uint8_t>& mask, bool normalize, bool use_tanh, bool mean_agg,
+                            const OptArray<std::uint8_t>& mask, int normalize, bool use_tanh, bool mean_agg,
                             double eps) {
   check_shape(x, "x", {-1, -1, 3});
   EgnnProblem<T> pr;
@@ -91,6 +91,7 @@ EgnnProblem<T> make_problem(const CArray<T>& x, const CArray<T>& p, const CArray
     pr.mask = mask->data();
   }
   if (!(eps > 0)) throw std::invalid_argument("eps must be > 0");
+  if (normalize < 0 || normalize > 2) throw std::invalid_argument("normalize must be 0, 1 or 2");
   pr.x = x.data(), pr.p = p.data(), pr.q = q.data(), pr.w_d = w_d.data(), pr.W2 = W2.data(), pr.b2 = b2.data();
   pr.W3 = W3.data(), pr.b3 = b3.data(), pr.w4 = w4.data();
   pr.normalize = normalize, pr.use_tanh = use_tanh, pr.mean_agg = mean_agg, pr.eps = static_cast<T>(eps);
@@ -121,7 +122,7 @@ void set_simd_isa(const std::string& name) {
 template <typename T>
 void egnn_forward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArray<T> W2, CArray<T> b2,
                      CArray<T> W3, CArray<T> b3, CArray<T> w4, OptArray<T> edge_attr, OptArray<T> W_e,
-                     OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, bool normalize,
+                     OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, int normalize,
                      bool use_tanh, bool mean_agg, double eps, CArray<T> m_out, CArray<T> dx_out) {
   const EgnnProblem<T> pr = make_problem(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask,
                                          normalize, use_tanh, mean_agg, eps);
@@ -142,7 +143,7 @@ void egnn_forward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArra
 template <typename T>
 void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArray<T> W2, CArray<T> b2,
                       CArray<T> W3, CArray<T> b3, CArray<T> w4, OptArray<T> edge_attr, OptArray<T> W_e,
-                      OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, bool normalize,
+                      OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, int normalize,
                       bool use_tanh, bool mean_agg, double eps, CArray<T> grad_m, CArray<T> grad_dx,
                       CArray<T> d_x, CArray<T> d_p, CArray<T> d_q, CArray<T> d_w_d, CArray<T> d_W2,
                       CArray<T> d_b2, CArray<T> d_W3, CArray<T> d_b3, CArray<T> d_w4, OptArray<T> d_edge_attr,
@@ -187,11 +188,11 @@ void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArr
 #define PROTDIFF_INSTANTIATE(T)                                                                                  \
   template void egnn_forward_np<T>(CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, \
                                    CArray<T>, CArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>,    \
-                                   double, OptArray<std::uint8_t>, bool, bool, bool, double, CArray<T>,         \
+                                   double, OptArray<std::uint8_t>, int, bool, bool, double, CArray<T>,          \
                                    CArray<T>);                                                                  \
   template void egnn_backward_np<T>(                                                                            \
       CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>,       \
-      OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, double, OptArray<std::uint8_t>, bool, bool, bool,      \
+      OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, double, OptArray<std::uint8_t>, int, bool, bool,       \
       double, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, \
       CArray<T>, CArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>);
 PROTDIFF_INSTANTIATE(float)

@@ -16,13 +16,13 @@ using OptArray = std::optional<CArray<T>>;
 template <typename T>
 void egnn_forward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArray<T> W2, CArray<T> b2,
                      CArray<T> W3, CArray<T> b3, CArray<T> w4, OptArray<T> edge_attr, OptArray<T> W_e,
-                     OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, bool normalize,
+                     OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, int normalize,
                      bool use_tanh, bool mean_agg, double eps, CArray<T> m_out, CArray<T> dx_out);
 
 template <typename T>
 void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArray<T> W2, CArray<T> b2,
                       CArray<T> W3, CArray<T> b3, CArray<T> w4, OptArray<T> edge_attr, OptArray<T> W_e,
-                      OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, bool normalize,
+                      OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, int normalize,
                       bool use_tanh, bool mean_agg, double eps, CArray<T> grad_m, CArray<T> grad_dx,
                       CArray<T> d_x, CArray<T> d_p, CArray<T> d_q, CArray<T> d_w_d, CArray<T> d_W2,
                       CArray<T> d_b2, CArray<T> d_W3, CArray<T> d_b3, CArray<T> d_w4, OptArray<T> d_edge_attr,

@@ -369,10 +369,21 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
   }
 }
 
-// The coordinate direction u_ij: x_i - x_j, or divided by (stopgrad |x_i - x_j| + eps).
+// The coordinate direction u_ij = s(d2) (x_i - x_j): s = 1, 1 / (stopgrad |x_i - x_j| + eps)
+// (normalize 1), or 1 / max(|x_i - x_j|, eps) (normalize 2, egnn-pytorch's CoorsNorm).
 template <typename T>
 inline T direction_scale(const EgnnProblem<T>& pr, T d2) {
-  return pr.normalize ? T(1) / (std::sqrt(d2) + pr.eps) : T(1);
+  if (pr.normalize == 1) return T(1) / (std::sqrt(d2) + pr.eps);
+  if (pr.normalize == 2) return T(1) / (std::sqrt(d2) > pr.eps ? std::sqrt(d2) : pr.eps);
+  return T(1);
+}
+
+// ds/dd2: nonzero only for normalize 2 above eps (-1/2 d2^(-3/2)); normalize 1 stops the gradient.
+template <typename T>
+inline T direction_scale_grad(const EgnnProblem<T>& pr, T d2) {
+  if (pr.normalize != 2) return T(0);
+  const T r = std::sqrt(d2);
+  return r > pr.eps ? T(-0.5) / (d2 * r) : T(0);
 }
 
 template <typename T>
@@ -536,8 +547,10 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
               T* dr = prel + (clip64(j - i, -pr.K, pr.K) + Kt) * Hp;
               for (int64_t k = 0; k < Hp; k += L) simd::store(dr + k, simd::load(dr + k) + simd::load(dz + k));
             }
-            const T dd2 = dot_rows(dz, pk.wd.get(), Hp);
             const T* gx = grad_dx + (b * N + i) * 3;
+            const T gxd = gx[0] * s.d[r][0] + gx[1] * s.d[r][1] + gx[2] * s.d[r][2];
+            // d2 enters z (through w_d) and, for normalize 2, the direction scale s(d2)
+            const T dd2 = dot_rows(dz, pk.wd.get(), Hp) + C * s.psi[r] * gxd * direction_scale_grad(pr, s.d2[r]);
             const T du = C * s.psi[r] * direction_scale(pr, s.d2[r]);
             for (int c = 0; c < 3; ++c) {
               const T gc = T(2) * dd2 * s.d[r][c] + du * gx[c];

@@ -30,7 +30,8 @@ struct EgnnProblem {
   const T* w_att = nullptr;      // (H); attention on when non-null
   T b_att = 0;
   const std::uint8_t* mask = nullptr;  // (B, N); all real when null
-  bool normalize = false, use_tanh = false, mean_agg = true;
+  int normalize = 0;  // 0: u = x_i - x_j; 1: u / (stopgrad |u| + eps); 2: u / max(|u|, eps), gradient through |u|
+  bool use_tanh = false, mean_agg = true;
   T eps = T(1e-8);
 };
 

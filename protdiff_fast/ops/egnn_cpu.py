@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from protdiff_fast.backends import cpu_extension
-from protdiff_fast.reference.egnn import check_egnn_pair_aggregate_inputs
+from protdiff_fast.reference.egnn import check_egnn_pair_aggregate_inputs, check_normalize
 
 # positions of the tensor inputs of _EgnnPairAggregateCPU.forward
 _NAMES = ("x", "p", "q", "w_d", "W2", "b2", "W3", "b3", "w4", "edge_attr", "W_e", "rel", "w_att", "b_att")
@@ -98,19 +98,30 @@ def egnn_pair_aggregate_cpu(
     rel: Optional[torch.Tensor] = None,
     w_att: Optional[torch.Tensor] = None,
     b_att: Optional[torch.Tensor] = None,
-    normalize: bool = False,
+    normalize=False,
     tanh: bool = False,
     coords_agg: str = "mean",
     eps: float = 1e-8,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(m_i, dx_i) of the fused-op contract, computed by the C++ kernels."""
+    """(m_i, dx_i) of the fused-op contract, computed by the C++ kernels (square widths only:
+    H_e = M = H_x; the dispatcher pads other shapes, see :mod:`protdiff_fast.ops._padding`)."""
+    check_normalize(normalize)
     if x.device.type != "cpu":
         raise ValueError(f"x: the cpu backend takes CPU tensors, got device {x.device}")
     mask, b_att = check_egnn_pair_aggregate_inputs(
         x, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, edge_attr=edge_attr, W_e=W_e, rel=rel,
         w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
     )
-    flags = dict(normalize=bool(normalize), tanh=bool(tanh), mean_agg=coords_agg == "mean", eps=float(eps))
+    if not p.shape[2] == W2.shape[1] == W3.shape[1]:
+        raise ValueError(f"the cpu kernels take square widths H_e = M = H_x, got {p.shape[2]}, {W2.shape[1]}, "
+                         f"{W3.shape[1]}; call protdiff_fast.ops.egnn_pair_aggregate, which pads them")
+    # the kernels' normalize mode: 0 none, 1 stopgrad length + eps, 2 "clamp" (max(length, eps), no stopgrad)
+    flags = dict(normalize=2 if isinstance(normalize, str) else int(bool(normalize)), tanh=bool(tanh), mean_agg=coords_agg == "mean", eps=float(eps))
     mask_u8 = mask.to(torch.uint8).contiguous()
     return _EgnnPairAggregateCPU.apply(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att,
                                        mask_u8, flags)
+
+
+def square_hidden(width: int) -> int:
+    """The square width the cpu kernels run for widths up to ``width``: any (they pad internally)."""
+    return width

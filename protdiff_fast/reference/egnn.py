@@ -31,21 +31,31 @@ are computed outside the op with GEMMs: W1 [h_i, h_j, d2, a] + b1 = p_i + q_j + 
 
     p = h @ W_src + b1   (B, N, H)      q = h @ W_dst   (B, N, H)
 
-Every backend implements, with weights in (in, out) layout (``y = x @ W + b``):
+Every backend implements, with weights in (in, out) layout (``y = x @ W + b``) and three widths
+that need not agree: H_e (phi_e's hidden layer), M (the messages), H_x (phi_x's hidden layer);
+EGNNLayer uses H_e = M = H_x = H, egnn-pytorch's layer (``protdiff_fast.nn.compat``) does not:
 
-    inputs   x (B, N, 3); p, q (B, N, H); w_d (H,)
-             edge term, one of: none | edge_attr (B, N, N, E) with W_e (E, H) | rel (2K+1, H)
-             W2 (H, H), b2 (H,); optional attention w_att (H,), b_att ()
-             W3 (H, H), b3 (H,), w4 (H,)
+    inputs   x (B, N, 3); p, q (B, N, H_e); w_d (H_e,)
+             edge term, one of: none | edge_attr (B, N, N, E) with W_e (E, H_e) | rel (2K+1, H_e)
+             W2 (H_e, M), b2 (M,); optional attention w_att (M,), b_att ()
+             W3 (M, H_x), b3 (H_x,), w4 (H_x,)
              mask (B, N) bool or None; flags normalize, tanh, coords_agg in {"mean", "sum"}; eps
     per pair z_ij   = p_i + q_j + w_d * d2_ij + e_ij,  d2_ij = ||x_i - x_j||^2
                     e_ij = edge_attr_ij @ W_e | rel[clip(j - i, -K, K) + K] | 0
              m_ij   = silu(silu(z_ij) @ W2 + b2)          [* sigmoid(m_ij . w_att + b_att)]
              phi_ij = silu(m_ij @ W3 + b3) . w4             [tanh]
-    outputs  m_i  = sum_{j != i, real} m_ij                                (B, N, H)
+    outputs  m_i  = sum_{j != i, real} m_ij                                (B, N, M)
              dx_i = C * sum_{j != i, real} u_ij * phi_ij                    (B, N, 3)
-                    u_ij = x_i - x_j, or (x_i - x_j) / (stopgrad sqrt(d2_ij) + eps) under normalize
+                    u_ij = x_i - x_j                                         normalize=False
+                           (x_i - x_j) / (stopgrad sqrt(d2_ij) + eps)        normalize=True
+                           (x_i - x_j) / max(sqrt(d2_ij), eps)               normalize="clamp"
+                    ("clamp" is egnn-pytorch's CoorsNorm without its scale: no stopgrad, the
+                    gradient flows through the length where it exceeds eps)
              rows of padding nodes are zero.
+
+Backends may run only square widths of certain sizes (H_e = M = H_x = S): the dispatcher
+``protdiff_fast.ops.egnn_pair_aggregate`` pads with zeros for them (exact, since silu(0) = 0);
+see :mod:`protdiff_fast.ops._padding`.
 
 The rest of the layer (the GEMMs for p and q, phi_h, residuals) is plain torch around the op.
 This reference materializes the (B, N, N, H) message tensor: that is what it is for.
@@ -60,6 +70,7 @@ import torch.nn.functional as F
 from protdiff_fast._checks import check_finite, check_mask, check_tensor
 
 COORDS_AGG = ("mean", "sum")
+NORMALIZE = (False, True, "clamp")
 
 
 def relative_offset_index(num_nodes: int, max_offset: int, device: torch.device) -> torch.Tensor:
@@ -83,6 +94,12 @@ def _coord_scale(mask: torch.Tensor, coords_agg: str, dtype: torch.dtype) -> tor
     return (1.0 / (n_real - 1).clamp(min=1)).view(-1, 1, 1)
 
 
+def check_normalize(normalize) -> None:
+    """``normalize`` is False, True (stopgrad length + eps) or "clamp" (max(length, eps), no stopgrad)."""
+    if not any(normalize is v or (isinstance(v, str) and normalize == v) for v in NORMALIZE):
+        raise ValueError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
+
+
 def _check_flags(coords_agg: str, eps: float) -> None:
     if coords_agg not in COORDS_AGG:
         raise ValueError(f"coords_agg: expected one of {COORDS_AGG}, got {coords_agg!r}")
@@ -101,10 +118,13 @@ def check_egnn_pair_aggregate_inputs(
     B, N, _ = x.shape
     dtype, device = x.dtype, x.device
     check_tensor("p", p, (B, N, None), dtype=dtype, device=device)
-    H = p.shape[2]
-    check_tensor("q", q, (B, N, H), dtype=dtype, device=device)
-    for name, t, shape in (("w_d", w_d, (H,)), ("W2", W2, (H, H)), ("b2", b2, (H,)),
-                           ("W3", W3, (H, H)), ("b3", b3, (H,)), ("w4", w4, (H,))):
+    H_e = p.shape[2]
+    check_tensor("q", q, (B, N, H_e), dtype=dtype, device=device)
+    check_tensor("W2", W2, (H_e, None), dtype=dtype, device=device)
+    M = W2.shape[1]
+    check_tensor("W3", W3, (M, None), dtype=dtype, device=device)
+    H_x = W3.shape[1]
+    for name, t, shape in (("w_d", w_d, (H_e,)), ("b2", b2, (M,)), ("b3", b3, (H_x,)), ("w4", w4, (H_x,))):
         check_tensor(name, t, shape, dtype=dtype, device=device)
     _check_flags(coords_agg, eps)
     mask = check_mask(mask, B, N, device)
@@ -114,16 +134,16 @@ def check_egnn_pair_aggregate_inputs(
         raise ValueError("edge_attr and W_e come together: the dense edge term is edge_attr @ W_e")
     if edge_attr is not None:
         check_tensor("edge_attr", edge_attr, (B, N, N, None), dtype=dtype, device=device)
-        check_tensor("W_e", W_e, (edge_attr.shape[3], H), dtype=dtype, device=device)
+        check_tensor("W_e", W_e, (edge_attr.shape[3], H_e), dtype=dtype, device=device)
         check_finite("edge_attr", edge_attr)
     if rel is not None:
-        check_tensor("rel", rel, (None, H), dtype=dtype, device=device)
+        check_tensor("rel", rel, (None, H_e), dtype=dtype, device=device)
         if rel.shape[0] % 2 != 1:
             raise ValueError(f"rel: expected 2K + 1 rows (offsets -K..K), got {rel.shape[0]}")
     if (w_att is None) != (b_att is None):
         raise ValueError("w_att and b_att come together (the attention gate sigmoid(m_ij . w_att + b_att))")
     if w_att is not None:
-        check_tensor("w_att", w_att, (H,), dtype=dtype, device=device)
+        check_tensor("w_att", w_att, (M,), dtype=dtype, device=device)
         if not isinstance(b_att, torch.Tensor) or b_att.numel() != 1:
             raise ValueError("b_att: expected a scalar tensor (shape () or (1,))")
         b_att = check_tensor("b_att", b_att.reshape(()), (), dtype=dtype, device=device)
@@ -149,12 +169,13 @@ def egnn_pair_aggregate_reference(
     rel: Optional[torch.Tensor] = None,
     w_att: Optional[torch.Tensor] = None,
     b_att: Optional[torch.Tensor] = None,
-    normalize: bool = False,
+    normalize=False,
     tanh: bool = False,
     coords_agg: str = "mean",
     eps: float = 1e-8,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(m_i, dx_i) of the fused-op contract in the module docstring, dense over all pairs."""
+    check_normalize(normalize)
     mask, b_att = check_egnn_pair_aggregate_inputs(
         x, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, edge_attr=edge_attr, W_e=W_e, rel=rel,
         w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
@@ -177,7 +198,11 @@ def egnn_pair_aggregate_reference(
         phi_ij = torch.tanh(phi_ij)
 
     u_ij = x[:, :, None, :] - x[:, None, :, :]  # (B, N, N, 3)
-    if normalize:
+    if isinstance(normalize, str):  # "clamp": u / max(|u|, eps), the gradient through |u| where |u| > eps
+        above = d2 > eps * eps
+        length = torch.where(above, d2, torch.ones_like(d2)).sqrt()  # no sqrt'(0) = inf at i == j
+        u_ij = u_ij / torch.where(above, length, torch.full_like(length, eps))[..., None]
+    elif normalize:
         u_ij = u_ij / (d2.detach().sqrt() + eps)[..., None]
     pair = _pair_mask(mask).to(dtype)  # (B, N, N)
     m_i = (m_ij * pair[..., None]).sum(dim=2)
