@@ -1,5 +1,6 @@
 """The benchmark cases: ``egnn`` (the fused pair aggregation, and egnn-pytorch's dense layer as a
-baseline, forward or forward+backward), ``ddpm-step``, ``sampler`` and ``train-step``.
+baseline, forward or forward+backward), ``ddpm-step``, ``sampler``, ``sampler-mixed`` (a whole
+sampling run: mixed lengths, batching, files and manifest) and ``train-step``.
 
 FLOPs counted per real pair (i != j) are the pair MLP's two H x H products: 4 H^2 forward,
 8 H^2 backward (4 products), so 12 H^2 for forward+backward; the backward's recomputation of the
@@ -142,9 +143,61 @@ def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype,
     return run
 
 
+# a whole `protdiff-fast sample` run, kept small enough for a CPU: the shipped model, strided to
+# SAMPLER_MIXED_STEPS reverse steps, lengths spread over N/2..N, batches of SAMPLER_MIXED_BATCH
+SAMPLER_MIXED_STEPS = 50
+SAMPLER_MIXED_BATCH = 8
+
+
+def sampler_mixed_lengths(B: int, N: int):
+    """B design lengths spread evenly over N/2 .. N, in a shuffled (but fixed) order."""
+    import numpy as np
+
+    lengths = np.linspace(max(2, N // 2), N, B).round().astype(int)
+    return [int(v) for v in np.random.default_rng(0).permutation(lengths)]
+
+
+def make_sampler_mixed_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str,
+                            write: bool = True) -> Callable[[], None]:
+    """``sample()`` of B designs of mixed lengths end to end: length-sorted batches of
+    SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS strided steps of the shipped ProtDiff (``provider``
+    picks the EGNN and step backend), and with ``write`` the PDB files, per-design metrics and the
+    manifest in a fresh folder per repetition (deleted afterwards, outside the timing of the next).
+    ``H`` is the shipped model's (64); other values are refused.
+    """
+    import shutil
+    import tempfile
+
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.diffusion import DDPMScheduler
+    from protdiff_fast.diffusion.sampler import sample
+    from protdiff_fast.train import load_model
+
+    model = load_model(shipped_checkpoint(), backend=provider, device=device).to(dtype=dtype)
+    cfg = model.config
+    if H != cfg.hidden_dim:
+        raise ValueError(f"sampler-mixed uses the shipped model (H={cfg.hidden_dim}), not H={H}")
+    lengths = sampler_mixed_lengths(B, N)
+    folders = []
+
+    def run() -> None:
+        if folders:  # the previous repetition's files: removed here, so it is not timed as writing
+            shutil.rmtree(folders.pop(), ignore_errors=True)
+        out = tempfile.mkdtemp(prefix="protdiff-bench-") if write else None
+        if out:
+            folders.append(out)
+        scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=provider)
+        with torch.no_grad():
+            sample(model, lengths, batch_size=SAMPLER_MIXED_BATCH, seed=0, scheduler=scheduler,
+                   num_inference_steps=SAMPLER_MIXED_STEPS, device=device, dtype=dtype, progress=False,
+                   out_dir=None if out is None else out + "/designs")
+
+    return run
+
+
 def train_step_flops(B: int, N: int, H: int) -> float:
     return 4 * flops(B, N, H, "fwdbwd")
 
 
 SUITES: Dict[str, Callable] = {"egnn": make_case, "ddpm-step": make_ddpm_step_case, "train-step": make_train_step_case,
-                               "sampler": make_sampler_case}
+                               "sampler": make_sampler_case, "sampler-mixed": make_sampler_mixed_case}

@@ -19,7 +19,8 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from protdiff_fast.bench.egnn import SAMPLER_STEPS, ddpm_step_bytes, egnn_pytorch_available, flops, train_step_flops
+from protdiff_fast.bench.egnn import (SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, SAMPLER_STEPS, ddpm_step_bytes,
+                                     egnn_pytorch_available, flops, train_step_flops)
 
 
 def _git_commit() -> str:
@@ -154,6 +155,14 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
             for B in ([16] if quick else [16, 64]):
                 for p in ("reference", fused):
                     rows.append(dict(suite="sampler", provider=p, B=B, N=N, H=64, mode="fwd", dtype="float32"))
+    if "sampler-mixed" in suites:  # whole runs: B designs of lengths N/2..N, written (and not, for the fused one)
+        fused = "cpu" if not device.startswith("cuda") else "triton"
+        # lengths within the shipped model's training range (40..128): much shorter chains can diverge
+        for B, N in ([(8, 80)] if quick else [(24, 80)] if not device.startswith("cuda") else [(256, 128)]):
+            rows.append(dict(suite="sampler-mixed", provider="reference", B=B, N=N, H=64, mode="write",
+                             dtype="float32"))
+            for mode in ("write", "memory"):
+                rows.append(dict(suite="sampler-mixed", provider=fused, B=B, N=N, H=64, mode=mode, dtype="float32"))
     if "train-step" in suites:
         for B in ([1] if quick else [1, 4]):
             for p in (["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]):
@@ -192,6 +201,8 @@ def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: fl
             per_step = out["median_s"] / SAMPLER_STEPS
             out["steps_per_s"] = 1.0 / per_step
             out["backbones_per_s_T1000"] = row["B"] / (per_step * 1000)  # derived from the measured step time
+        elif row["suite"] == "sampler-mixed":
+            out["backbones_per_s"] = row["B"] / out["median_s"]  # measured: the whole run, writing included
         elif row["suite"] == "train-step":
             out["flops"] = train_step_flops(row["B"], row["N"], row["H"])
             out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
@@ -242,6 +253,13 @@ def markdown(result: Dict) -> str:
                 f"{r['median_s'] * 1e3:.1f} ({r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}) | "
                 f"{r['steps_per_s']:.1f} steps/s | {r['backbones_per_s_T1000']:.3f} backbones/s at T=1000 (derived) | "
                 f"{_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
+            continue
+        if r["suite"] == "sampler-mixed":
+            lines.append(
+                f"| {r['suite']} | {r['mode']}, {SAMPLER_MIXED_STEPS} steps, batch {SAMPLER_MIXED_BATCH} | {r['dtype']} | "
+                f"{r['H']} | {r['B']} designs | {r['N'] // 2}..{r['N']} | {r['provider']} | "
+                f"{r['median_s'] * 1e3:.0f} ({r['p20_s'] * 1e3:.0f}-{r['p80_s'] * 1e3:.0f}) | "
+                f"{r['backbones_per_s']:.2f} backbones/s (measured) | | {_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
             continue
         if r["suite"] == "ddpm-step":
             bw = r["bytes"] / r["median_s"]

@@ -39,7 +39,8 @@ def main(spec_json: str) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     import torch
 
-    from protdiff_fast.bench.egnn import make_case, make_ddpm_step_case, make_sampler_case, make_train_step_case
+    from protdiff_fast.bench.egnn import (make_case, make_ddpm_step_case, make_sampler_case, make_sampler_mixed_case,
+                                          make_train_step_case)
 
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
@@ -51,6 +52,9 @@ def main(spec_json: str) -> None:
             run = make_ddpm_step_case(spec["provider"], spec["B"], spec["N"], dtype, device)
         elif spec["suite"] == "sampler":
             run = make_sampler_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device)
+        elif spec["suite"] == "sampler-mixed":  # mode "write": files + manifest; "memory": results only
+            run = make_sampler_mixed_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device,
+                                          write=spec["mode"] == "write")
         elif spec["suite"] == "train-step":
             run = make_train_step_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device)
         else:
