@@ -26,7 +26,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from protdiff_fast.bench import runner
 
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    suites = ["egnn", "ddpm-step", "sampler", "train-step"] if args.suite == "all" else [args.suite]
+    suites = ["egnn", "ddpm-step", "sampler", "sampler-mixed", "train-step"] if args.suite == "all" else [args.suite]
     command = "protdiff-fast " + " ".join(sys.argv[1:]) if sys.argv and "protdiff" in sys.argv[0] else \
         "protdiff-fast bench " + " ".join(a for a in (args.suite, "--quick" if args.quick else "") if a)
     result = runner.run(suites, device, args.quick, args.out, args.timeout, args.compare, command,
@@ -129,7 +129,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from protdiff_fast.diffusion import DDPMScheduler
     from protdiff_fast.diffusion.sampler import sample
-    from protdiff_fast.metrics import backbone_metrics, format_table, summarize
+    from protdiff_fast.metrics import format_table, summarize
     from pathlib import Path as _Path
 
     from protdiff_fast.train import load_model
@@ -147,20 +147,32 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     chosen = [rng.choice(lengths) for _ in range(args.num)] if len(lengths) > 1 else lengths * args.num
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend)
-    with __import__("torch").no_grad():
-        designs = sample(model, chosen, batch_size=args.batch_size, seed=args.seed, scheduler=scheduler,
-                         num_inference_steps=args.steps, device=args.device, out_dir=args.out,
-                         progress=not args.no_progress, resume=args.resume,
-                         design_indices=None if args.design_index is None else [args.design_index])
+    from protdiff_fast.diffusion.sampler import OutputError, read_manifests
+
+    if args.design_index is not None and not 0 <= args.design_index < len(chosen):
+        raise ValueError(f"--design-index {args.design_index}: this run has designs 0..{len(chosen) - 1} "
+                         f"(--num {len(chosen)})")
+    try:
+        with __import__("torch").no_grad():
+            sample(model, chosen, batch_size=args.batch_size, seed=args.seed, scheduler=scheduler,
+                   num_inference_steps=args.steps, device=args.device, out_dir=args.out,
+                   progress=not args.no_progress, resume=args.resume,
+                   design_indices=None if args.design_index is None else [args.design_index],
+                   file_format=args.format, compress=args.gzip, trajectory_every=args.trajectory_every,
+                   overwrite=args.overwrite)
+    except OutputError as err:  # disk full: what is finished stays; say how to continue
+        print(f"protdiff-fast sample: error: {err.strerror}", file=sys.stderr)
+        return 3
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written
         if rank != 0:
             return 0
-    if any(ca is None for ca in designs):  # resumed, sharded or single-design runs: every finished file
-        from protdiff_fast.io import read_backbones
-
-        designs = [read_backbones(p)[0].ca for p in sorted(_Path(args.out).glob("design_*.pdb"))]
-    rows = [dict(design=f"design_{i:06d}.pdb", **backbone_metrics(ca)) for i, ca in enumerate(designs)]
+    # every finished design of the folder (all ranks, earlier resumed runs) with its metrics
+    finished = read_manifests(args.out)
+    rows = [dict(design=e["file"], length=e["length"],
+                 **{k: float("nan") if v is None else v for k, v in (e.get("metrics") or {}).items()})
+            for _, e in sorted(finished.items())]
+    designs = rows
     summary = summarize(rows)
 
     from protdiff_fast.io.structure import _atomic_write
@@ -262,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--num", "--num-designs", dest="num", type=int, default=8,
                     help="number of backbones (spell it --num-designs under torchrun, whose own parser "
                          "mistakes --num for its --numa-binding)")
-    sm.add_argument("--out", required=True, help="new (or empty) folder for the PDB files and metrics.json")
+    sm.add_argument("--out", required=True, help="new (or empty) folder for the design files, manifest.json/.csv "
+                                                 "and metrics.json")
     sm.add_argument("--ckpt", default=None, help="checkpoint (default: the small model shipped in the package)")
     sm.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all)")
     sm.add_argument("--batch-size", type=int, default=None, help="designs per batch (default: the largest estimated to fit)")
@@ -272,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--no-progress", action="store_true")
     sm.add_argument("--resume", action="store_true", help="continue a killed run in OUT: skip finished designs")
     sm.add_argument("--design-index", type=int, default=None, help="regenerate only this design of the run")
+    sm.add_argument("--format", choices=["pdb", "cif"], default="pdb", help="one file per design: PDB or mmCIF")
+    sm.add_argument("--gzip", action="store_true", help="gzip the design (and trajectory) files")
+    sm.add_argument("--trajectory-every", type=int, default=None, metavar="K",
+                    help="also write every K-th reverse step of each design to design_<i>.traj.cif (multi-model "
+                         "mmCIF); off by default")
+    sm.add_argument("--overwrite", action="store_true",
+                    help="OUT holds another run: delete that run's files and start again (default: refuse)")
     sm.set_defaults(func=_cmd_sample)
     prep = sub.add_parser("prepare", help="turn PDB/mmCIF files into a cached training set (.npz), reporting skips")
     prep.add_argument("paths", nargs="+", help="files or folders (searched recursively; .pdb/.cif/.ent, also .gz)")
@@ -290,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tm", action="store_true", help="mean pairwise TM-score per set (needs tmtools)")
     ev.set_defaults(func=_cmd_evaluate)
     bench = sub.add_parser("bench", help="benchmark suites: time, peak memory, FLOP/s against this device's own limits")
-    bench.add_argument("suite", nargs="?", default="egnn", choices=["egnn", "ddpm-step", "sampler", "train-step", "all"],
-                       help="which suite")
+    bench.add_argument("suite", nargs="?", default="egnn",
+                       choices=["egnn", "ddpm-step", "sampler", "sampler-mixed", "train-step", "all"],
+                       help="which suite (sampler-mixed: a whole sampling run of mixed lengths, files included)")
     bench.add_argument("--targets", action="store_true",
                        help="only the rows the kernel issues set targets on (B=4 N=256, N=1024, N=4096, the step)")
     bench.add_argument("--quick", action="store_true", help="a small grid that runs in about a minute")

@@ -142,9 +142,16 @@ def test_sampler_writes_pdb_files_and_shows_progress(tmp_path, capsys):
     assert sorted(manifest["designs"]) == ["0", "1"] and manifest["run"]["lengths"] == [10, 12]
     back = read_backbones(files[1])[0]
     np.testing.assert_allclose(back.ca, out[1], atol=2e-3)  # written in Angstrom
-    assert "backbones_per_s" in capsys.readouterr().err
-    with pytest.raises(FileExistsError, match="not empty"):
+    err = capsys.readouterr().err
+    assert "sampling: 2/2 designs (100%)" in err and "backbones/s" in err and "\r" not in err
+    with pytest.raises(ValueError, match="holds a different sampling run .*lengths: 2 designs in the folder vs 1"):
         sample(model, [10], scheduler=sched, out_dir=tmp_path / "designs", progress=False)
+    with pytest.raises(FileExistsError, match="holds this run with 2 of 2 designs finished; pass --resume"):
+        sample(model, [10, 12], seed=0, scheduler=sched, out_dir=tmp_path / "designs", progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        sample(model, [10], scheduler=sched, out_dir=tmp_path / "other", progress=False)
 
 
 def test_sampler_bad_input_and_nan_model():
@@ -271,3 +278,212 @@ def test_torchrun_sharded_sampling_matches_one_process(tmp_path):
     assert set(shards[0]).isdisjoint(shards[1]) and set(shards[0]) | set(shards[1]) == {str(i) for i in range(6)}
     summary = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert summary["summary"]["count"] == 6  # rank 0's combined summary over every rank's files
+
+
+# ---- output formats, manifests, trajectories, progress, bad output folders ----------------------------------
+
+def test_formats_manifest_and_trajectory(tmp_path):
+    import csv
+    import gemmi
+
+    sched = DDPMScheduler(12)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    out = sample(model, [8, 11, 9], seed=2, scheduler=sched, out_dir=tmp_path / "d", progress=False, batch_size=2,
+                 file_format="cif", compress=True, trajectory_every=5)
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert names == sorted([f"design_{i:06d}.cif.gz" for i in range(3)] + [f"design_{i:06d}.traj.cif.gz" for i in range(3)]
+                           + ["manifest.json", "manifest.csv"])
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    from protdiff_fast import __version__
+    from protdiff_fast.diffusion.sampler import design_seeds
+    from protdiff_fast.metrics import backbone_metrics
+
+    for i, n in enumerate([8, 11, 9]):
+        e = manifest["designs"][str(i)]
+        assert e["index"] == i and e["length"] == n and e["file"] == f"design_{i:06d}.cif.gz"
+        assert e["seed"] == int(design_seeds(2, 3)[i]) and e["version"] == __version__ and e["device"] == "cpu"
+        assert e["backend"]["ddpm_step"] in ("cpu", "reference")
+        want = backbone_metrics(out[i])
+        assert e["metrics"]["rg"] == pytest.approx(want["rg"]) and e["metrics"]["clash_pairs"] == want["clash_pairs"]
+        st = gemmi.read_structure(str(tmp_path / "d" / e["file"]))
+        got = np.array([[a.pos.x, a.pos.y, a.pos.z] for r in st[0]["A"] for a in r])
+        np.testing.assert_allclose(got, out[i], atol=1e-6)
+        # x_T, after steps 5 and 10 (t = 7, 2), and x_0 after the last step
+        traj = gemmi.read_structure(str(tmp_path / "d" / e["trajectory"]))
+        assert len(traj) == 4 and all(m.count_atom_sites() == n for m in traj)
+        block = gemmi.cif.read(str(tmp_path / "d" / e["trajectory"])).sole_block()
+        assert list(block.find_loop("_protdiff_fast_frame.timestep")) == ["12", "7", "2", "0"]
+        last = np.array([[a.pos.x, a.pos.y, a.pos.z] for r in traj[3]["A"] for a in r])
+        np.testing.assert_allclose(last, out[i], atol=6e-4)  # the final frame is the design
+    assert manifest["run"]["format"] == "cif" and manifest["run"]["gzip"] and manifest["run"]["trajectory_every"] == 5
+    with open(tmp_path / "d" / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in rows] == [0, 1, 2] and rows[1]["length"] == "11"
+    assert float(rows[2]["rg"]) == pytest.approx(manifest["designs"]["2"]["metrics"]["rg"])
+    # PDB (default) without trajectories: no trajectory files
+    sample(model, [8], seed=2, scheduler=sched, out_dir=tmp_path / "p", progress=False)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["design_000000.pdb", "manifest.csv", "manifest.json"]
+    with pytest.raises(ValueError, match="file_format: 'xyz'"):
+        sample(model, [8], scheduler=sched, out_dir=tmp_path / "x", progress=False, file_format="xyz")
+    with pytest.raises(ValueError, match="trajectory_every must be >= 1"):
+        sample(model, [8], scheduler=sched, progress=False, trajectory_every=0)
+
+
+def test_folder_of_a_different_run_is_refused_unless_overwrite(tmp_path):
+    from protdiff_fast.models import ProtDiff
+
+    torch.manual_seed(0)
+    net = ProtDiff(hidden_dim=8, edge_dim=4, num_layers=1, num_timesteps=6, max_length=32)
+    sched = DDPMScheduler(6)
+    folder = tmp_path / "d"
+    with torch.no_grad():
+        sample(net, [7, 9, 8], seed=1, scheduler=sched, out_dir=folder, progress=False)
+    (folder / "notes.txt").write_text("mine")
+    with torch.no_grad():
+        net.blocks[0].embedding_in.bias.add_(1.0)  # a different model: same shapes, other weights
+    cases = [(dict(), r"model: \"sha256:[0-9a-f]+\" in the folder vs \"sha256:[0-9a-f]+\" now"),
+             (dict(seed=2), r"seed: 1 in the folder vs 2 now"),
+             (dict(file_format="cif"), r"format: \"pdb\" in the folder vs \"cif\" now"),
+             (dict(num_inference_steps=3), r"num_inference_steps: 6 in the folder vs 3 now")]
+    for kw, match in cases:
+        kw = dict(dict(seed=1), **kw)
+        with pytest.raises(ValueError, match=r"holds a different sampling run \(manifest.json: .*" + match):
+            with torch.no_grad():
+                sample(net, [7, 9], scheduler=DDPMScheduler(6), out_dir=folder, progress=False, resume=True, **kw)
+    assert sorted(p.name for p in folder.iterdir()) == ["design_000000.pdb", "design_000001.pdb", "design_000002.pdb",
+                                                        "manifest.csv", "manifest.json", "notes.txt"]
+    with torch.no_grad():
+        sample(net, [7, 9], seed=1, scheduler=DDPMScheduler(6), out_dir=folder, progress=False, overwrite=True)
+    # the old run's files are gone (design 2 has no counterpart now), unrelated files stay
+    assert sorted(p.name for p in folder.iterdir()) == ["design_000000.pdb", "design_000001.pdb", "manifest.csv",
+                                                        "manifest.json", "notes.txt"]
+    assert sorted(json.loads((folder / "manifest.json").read_text())["designs"]) == ["0", "1"]
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        sample(net, [7], scheduler=sched, out_dir=folder, progress=False, resume=True, overwrite=True)
+
+
+def test_design_index_out_of_range_is_refused_before_anything_is_written(tmp_path):
+    sched = DDPMScheduler(10)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"design_indices: \[{bad}\] outside \[0, 2\] \(this run has 3 designs\)"):
+            sample(model, [5, 6, 7], scheduler=sched, out_dir=tmp_path / "d", progress=False, design_indices=[bad])
+    assert not (tmp_path / "d").exists()
+    from protdiff_fast.cli import main
+
+    assert main(["sample", "--length", "10", "--num", "3", "--design-index", "3", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
+
+
+class FailingWriter:
+    """Stands in for io.structure._atomic_write: the `fail_at`-th call raises ENOSPC (a full disk)."""
+
+    def __init__(self, real, fail_at):
+        self.real, self.fail_at, self.calls = real, fail_at, 0
+
+    def __call__(self, path, write):
+        import errno
+        import os
+
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return self.real(path, write)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="identical designs after a resume need the per-design noise of the C++ step")
+@pytest.mark.parametrize("fail_at", [6, 7, 8])  # a design file of batch 2, its manifest, its CSV
+def test_full_disk_fails_cleanly_and_resume_continues(tmp_path, monkeypatch, fail_at):
+    import protdiff_fast.io.structure as structure
+    from protdiff_fast.diffusion.sampler import OutputError
+
+    sched = DDPMScheduler(15, backend="cpu")
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    lengths = [9, 10, 11, 12, 13, 14]
+    want = sample(model, lengths, seed=3, scheduler=sched, batch_size=2, out_dir=tmp_path / "full", progress=False)
+    monkeypatch.setattr(structure, "_atomic_write", FailingWriter(structure._atomic_write, fail_at))
+    # each batch of 2 writes: 2 design files, manifest.json, manifest.csv
+    with pytest.raises(OutputError, match=r"failed: the disk is full\. (2|4) finished designs are on disk and listed "
+                                          r"in .*manifest.json; free space .* --resume"):
+        sample(model, lengths, seed=3, scheduler=sched, batch_size=2, out_dir=tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())  # still valid JSON
+    listed = sorted(int(i) for i in manifest["designs"])
+    assert listed == ([0, 1] if fail_at < 8 else [0, 1, 2, 3])
+    for i in listed:  # what the manifest lists is complete and final
+        name = f"design_{i:06d}.pdb"
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # no temporary files left behind
+    sample(model, lengths, seed=3, scheduler=sched, batch_size=2, out_dir=tmp_path / "run", progress=False,
+           resume=True)
+    names = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "run").iterdir())
+    for name in names:
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
+    assert len(want) == 6
+
+
+def test_cli_reports_a_full_disk_and_resumes(tmp_path, monkeypatch, capsys):
+    import protdiff_fast.io.structure as structure
+    from protdiff_fast.cli import main
+
+    args = ["sample", "--length", "12..16", "--num", "4", "--steps", "20", "--batch-size", "2", "--seed", "1",
+            "--out", str(tmp_path / "d"), "--no-progress", "--format", "cif", "--gzip"]
+    monkeypatch.setattr(structure, "_atomic_write", FailingWriter(structure._atomic_write, 5))
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "protdiff-fast sample: error: writing" in err and "the disk is full" in err and "--resume" in err
+    monkeypatch.undo()
+    assert main(args) == 2  # the folder holds this run: refused without --resume
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert metrics["summary"]["count"] == 4
+    assert sorted(r["design"] for r in metrics["designs"]) == [f"design_{i:06d}.cif.gz" for i in range(4)]
+
+
+def test_progress_line_on_a_terminal_and_in_a_log():
+    import io
+
+    from protdiff_fast.diffusion.sampler import RunProgress
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock, log = Clock(), io.StringIO()
+    p = RunProgress(10, 4, stream=log, interval=10.0, clock=clock)
+    p.start()
+    for batch in range(5):  # 5 batches of 2 designs, 4 steps each, 1 s per step
+        for _ in range(4):
+            clock.now += 1.0
+            p.advance(2)
+        p.finished(2)
+        if batch == 0:
+            assert p.line() == "sampling: 2/10 designs (20%) | 0.5 backbones/s | ETA 16s"
+    p.close()
+    lines = log.getvalue().splitlines(keepends=True)
+    assert "\r" not in log.getvalue() and all(line.endswith("\n") for line in lines)
+    # the start, a line per 10 s of wall time (not one per step or batch), and the end
+    assert [line.split(" | ")[0] for line in lines] == ["sampling: 0/10 designs (0%)", "sampling: 4/10 designs (40%)",
+                                                        "sampling: 8/10 designs (80%)", "sampling: 10/10 designs (100%)"]
+    assert lines[-1].strip() == "sampling: 10/10 designs (100%) | 0.5 backbones/s | done in 20s"
+    clock, term = Clock(), Terminal()
+    p = RunProgress(3, 2, stream=term, clock=clock, prefix="sampling [rank 1/2]")
+    p.start()
+    for _ in range(3):
+        clock.now += 1.0
+        p.advance(1)
+        clock.now += 1.0
+        p.advance(1)
+        p.finished(1)
+    p.close()
+    text = term.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 1 + 3 * 2 + 1
+    assert text.rstrip().split("\r")[-1].strip() == "sampling [rank 1/2]: 3/3 designs (100%) | 0.5 backbones/s | done in 6s"

@@ -8,9 +8,18 @@ backend the noise of every step too (Philox keyed by the design seed and t), so 
 the same whatever batch it shares (same device and backend). Elsewhere (the reference step,
 strided sampling) step noise comes from one generator per batch: reproducible for the same
 lengths, batch size and seed, but not per design.
+
+Output folders: one file per design (PDB or mmCIF, optionally gzipped), optional trajectories
+(multi-model mmCIF), and a manifest (JSON and CSV) rewritten atomically after every batch. The
+manifest's ``run`` entry (model fingerprint, lengths, seed, schedule, formats) identifies the run:
+a folder holding another run is refused, naming what differs, unless ``overwrite``.
 """
 from __future__ import annotations
 
+import csv
+import errno
+import hashlib
+import io
 import json
 import sys
 import time
@@ -31,6 +40,138 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class SamplingError(RuntimeError):
     """The model produced something unusable (NaN/Inf) at a given step and sample."""
+
+
+class OutputError(OSError):
+    """Writing the run's files failed (disk full, permissions); finished designs stay listed."""
+
+
+FORMATS = ("pdb", "cif")
+
+
+class RunProgress:
+    """One progress line for a whole sampling run: designs done / total, backbones/s, ETA.
+
+    Work is counted in design-steps (a batch of B designs advances B per reverse step), so the
+    rate and ETA move inside long batches too; "backbones/s" is design-steps / steps per design
+    per second of wall time, writing included. On a terminal the line is redrawn in place
+    (carriage return, at most every ``interval`` s, default 0.2); in a log (not a TTY) a plain
+    line is printed at most every ``interval`` s (default 30) and at the end, so logs stay short.
+    """
+
+    def __init__(self, total_designs: int, steps_per_design: int, stream=None, interval: Optional[float] = None,
+                 prefix: str = "sampling", clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty()) if isatty is not None else False
+        self.interval = interval if interval is not None else (0.2 if self.tty else 30.0)
+        self.total, self.steps = int(total_designs), max(1, int(steps_per_design))
+        self.prefix, self.clock = prefix, clock
+        self.done = 0  # finished (written) designs
+        self.units = 0  # design-steps computed, for the rate
+        self.started = clock()
+        self.last_emit = None
+        self.width = 0
+
+    def advance(self, designs_in_batch: int) -> None:
+        """One reverse step of a batch."""
+        self.units += designs_in_batch
+        self._maybe_emit()
+
+    def undo(self, units: int) -> None:
+        """A batch that failed (out of memory) and will be redone: its steps do not count."""
+        self.units -= units
+
+    def finished(self, n: int) -> None:
+        self.done += n
+        self.units = max(self.units, self.done * self.steps)
+        self._maybe_emit()
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.started, 1e-9)
+        rate = self.units / self.steps / elapsed
+        remaining = self.total * self.steps - self.units
+        if self.done >= self.total:
+            eta = f"done in {_fmt_duration(elapsed)}"
+        elif self.units > 0:
+            eta = f"ETA {_fmt_duration(remaining / (self.units / elapsed))}"
+        else:
+            eta = "ETA ?"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return f"{self.prefix}: {self.done}/{self.total} designs ({pct:.0f}%) | {rate:.3g} backbones/s | {eta}"
+
+    def _maybe_emit(self, force: bool = False) -> None:
+        now = self.clock()
+        if not force and self.last_emit is not None and now - self.last_emit < self.interval:
+            return
+        self.last_emit = now
+        text = self.line()
+        if self.tty:  # redraw in place; pad over a longer previous line
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = max(self.width, len(text))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def start(self) -> None:
+        self._maybe_emit(force=True)
+
+    def close(self) -> None:
+        self._maybe_emit(force=True)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of a module's parameters and buffers (names, shapes, dtypes, bytes), or its type name.
+
+    Identifies "the same model" across processes and checkpoint paths: a resumed run must use it.
+    """
+    state = getattr(model, "state_dict", None)
+    if state is None:
+        return f"{type(model).__module__}.{type(model).__qualname__}"
+    h = hashlib.sha256()
+    for name, tensor in sorted(state().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def _backends(model, scheduler, device) -> Dict[str, str]:
+    from protdiff_fast.backends import resolve
+
+    out = {"ddpm_step": resolve("ddpm_step", scheduler.backend, device)}
+    egnn = getattr(model, "backend", None)
+    if isinstance(egnn, str):
+        out["egnn"] = resolve("egnn_pair_aggregate", egnn, device)
+    return out
+
+
+def _run_differences(saved: Dict, now: Dict) -> List[str]:
+    """What differs between the run recorded in a folder and this one, in words."""
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key, "<not recorded>"), now.get(key, "<not recorded>")
+        if a == b:
+            continue
+        if key == "lengths" and isinstance(a, list) and isinstance(b, list):
+            first = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
+            diffs.append(f"lengths: {len(a)} designs in the folder vs {len(b)} now, first difference at design "
+                         f"{first}")
+        else:
+            diffs.append(f"{key}: {json.dumps(a, sort_keys=True)} in the folder vs {json.dumps(b, sort_keys=True)} now")
+    return diffs
 
 
 def design_seeds(seed: int, num_designs: int) -> np.ndarray:
@@ -116,18 +257,36 @@ def sample(
     scale: float = SCALE_A,
     resume: bool = False,
     design_indices: Optional[Sequence[int]] = None,
+    file_format: str = "pdb",
+    compress: bool = False,
+    trajectory_every: Optional[int] = None,
+    overwrite: bool = False,
+    metrics: bool = True,
+    progress_interval: Optional[float] = None,
+    progress_stream=None,
 ) -> List[Optional[np.ndarray]]:
     """Sample one backbone per entry of ``lengths`` (times ``num_samples`` when given).
 
     ``model(x_t, t, mask) -> eps_hat`` works in model units (1 unit = ``scale`` A); the results are
-    returned in Angstrom, in the order of ``lengths``. With ``out_dir`` each design is also written
-    to ``design_<index>.pdb`` and recorded in ``manifest.json`` (rewritten atomically after every
-    batch). The folder must be new or empty, unless ``resume``: then the designs the manifest lists
-    as finished are skipped (their entries in the result are None) and the run must have the same
-    lengths, seed and schedule. ``design_indices`` samples only those designs (e.g. one design of
-    a large run, alone: on the fused backends it comes out identical to its copy in the big run).
+    returned in Angstrom, in the order of ``lengths``.
+
+    With ``out_dir`` each design is written to ``design_<index>.<file_format>`` (``"pdb"`` or
+    ``"cif"``; ``.gz`` added with ``compress``) and recorded in ``manifest.json`` and
+    ``manifest.csv`` (index, file, length, seed, backbone metrics, backends, device, library
+    version), rewritten atomically after every batch. ``trajectory_every=k`` also writes every k-th
+    reverse step (and x_T and x_0) of each design to ``design_<index>.traj.cif[.gz]``, one model
+    per frame; this keeps B x (steps / k) frames of a batch in memory until it is written.
+
+    The folder must be new or empty. A folder holding a manifest of another run (other model,
+    lengths, seed, schedule or formats) is refused with a message naming what differs, unless
+    ``overwrite``: then that run's files are deleted first (other files are left alone). With
+    ``resume`` the designs the folder's manifests list as finished are skipped (their entries in
+    the result are None). ``design_indices`` samples only those designs (e.g. one design of a large
+    run, alone: on the fused backends it comes out identical to its copy in the big run).
+
     Under torchrun (process group initialised) rank r samples the designs with index % world == r
-    and keeps its own ``manifest.rank<r>.json``.
+    and keeps its own ``manifest.rank<r>.json``. A write that fails (disk full) raises OutputError
+    after the designs finished so far are on disk and in the manifest; ``resume`` continues.
     """
     scheduler = scheduler or DDPMScheduler()
     scheduler.set_timesteps(num_inference_steps)
@@ -135,34 +294,37 @@ def sample(
     lengths = _expand_lengths(lengths, num_samples, getattr(model, "max_length", None))
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if file_format not in FORMATS:
+        raise ValueError(f"file_format: {file_format!r}; choose one of {', '.join(FORMATS)}")
+    if trajectory_every is not None and trajectory_every < 1:
+        raise ValueError(f"trajectory_every must be >= 1, got {trajectory_every}")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume keeps the folder's designs, "
+                         "overwrite deletes them")
+    wanted = set(range(len(lengths))) if design_indices is None else {int(i) for i in design_indices}
+    out_of_range = sorted(i for i in wanted if i < 0 or i >= len(lengths))
+    if out_of_range:
+        raise ValueError(f"design_indices: {out_of_range[:5]} outside [0, {len(lengths) - 1}] "
+                         f"(this run has {len(lengths)} designs)")
     seeds = design_seeds(seed, len(lengths))
+    from protdiff_fast import __version__
+
+    backends_used = _backends(model, scheduler, device)
     run_info = dict(lengths=lengths, seed=int(seed), num_inference_steps=scheduler.num_inference_steps,
-                    scheduler=scheduler.config, scale=scale)
-    finished: Dict[str, Dict] = {}
+                    scheduler=scheduler.config, scale=scale, model=model_fingerprint(model),
+                    format=file_format, gzip=bool(compress), trajectory_every=trajectory_every)
+    run_info = json.loads(json.dumps(run_info))  # the form it has when read back from the manifest
+    finished: Dict[str, Dict] = {}  # this process's manifest
+    finished_any: set = set()  # finished by any process of this run (resume)
     rank, world = _distributed()
     if out_dir is not None:
         out_dir = Path(out_dir)
         manifest = out_dir / (MANIFEST if world == 1 else f"manifest.rank{rank}.json")
-        if resume and manifest.is_file():
-            saved = json.loads(manifest.read_text())
-            if saved["run"] != json.loads(json.dumps(run_info)):
-                raise ValueError(f"{manifest}: written by a run with other lengths/seed/schedule; cannot resume it")
-            finished = saved["designs"]
-        elif out_dir.exists() and any(out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder, or resume a run "
-                                  "(nothing is overwritten)")
-        if world > 1:  # every rank has checked the folder before any rank writes into it
-            torch.distributed.barrier()
-        out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = set(range(len(lengths))) if design_indices is None else {int(i) for i in design_indices}
-    if any(i < 0 or i >= len(lengths) for i in wanted):
-        raise ValueError(f"design_indices: must lie in [0, {len(lengths) - 1}]")
+        finished, finished_any = _prepare_folder(out_dir, manifest, run_info, resume, overwrite, rank, world)
     # under torchrun every rank takes every world-th design: no overlap, similar lengths per rank
-    todo = [i for i in sorted(wanted) if str(i) not in finished and i % world == rank]
+    todo = [i for i in sorted(wanted) if i not in finished_any and i % world == rank]
     # the fused C++ step keys its noise by (design seed, t): a design does not depend on its batch
-    from protdiff_fast.backends import resolve
-
-    per_design_noise = not scheduler.strided and resolve("ddpm_step", scheduler.backend, device) == "cpu"
+    per_design_noise = not scheduler.strided and backends_used["ddpm_step"] == "cpu"
     todo_arr = np.asarray(todo, dtype=np.int64)
     order = todo_arr[np.argsort(np.asarray([lengths[i] for i in todo]), kind="stable")] if todo else todo_arr
     if batch_size is None:
@@ -174,15 +336,20 @@ def sample(
     results: Dict[int, np.ndarray] = {}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches) * len(steps), unit="step", desc="sampling", dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 15.0)  # logs: a line per 15 s
-    started, done = time.perf_counter(), 0
+        if finished_any:
+            print(f"sample: resuming: {len(finished_any)} designs already finished, {len(todo)} to go",
+                  file=progress_stream or sys.stderr)
+        bar = RunProgress(len(todo), len(steps), stream=progress_stream, interval=progress_interval,
+                          prefix="sampling" if world == 1 else f"sampling [rank {rank}/{world}]")
+        bar.start()
+    version = __version__
+    suffix = "." + file_format + (".gz" if compress else "")
     while batches:
         idx = batches.popleft()
+        units_before = bar.units if bar is not None else 0
         try:
-            x = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar)
+            x, frames = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device,
+                                       dtype, bar, trajectory_every)
         except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
             if not _is_oom(err) or len(idx) == 1:
                 raise
@@ -193,30 +360,115 @@ def sample(
                   f"retrying as {half} + {len(idx) - half}", file=sys.stderr)
             batches.extendleft([idx[half:], idx[:half]])
             if bar is not None:
-                bar.total += len(steps)  # the retried half-batches are extra steps
+                bar.undo(bar.units - units_before)  # the failed steps are redone
             continue
-        done += len(idx)
         for k, i in enumerate(idx):
-            ca = (x[k, : lengths[i]].double().cpu().numpy() * scale)
-            results[int(i)] = ca
-            if out_dir is not None:
-                from protdiff_fast.io.structure import write_backbone
-
-                name = f"design_{int(i):06d}.pdb"
-                write_backbone(out_dir / name, ca, overwrite=True)  # a resumed batch may have written it
-                finished[str(int(i))] = dict(file=name, length=lengths[i], seed=int(seeds[i]))
+            results[int(i)] = x[k, : lengths[i]].double().cpu().numpy() * scale
         if out_dir is not None:
-            _write_manifest(manifest, dict(run=run_info, designs=finished))
+            _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, lengths, seeds, suffix,
+                         scale, metrics, dict(backend=backends_used, device=str(device), version=version))
         if bar is not None:
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(backbones=done, backbones_per_s=f"{done / max(elapsed, 1e-9):.2f}")
+            bar.finished(len(idx))
     if bar is not None:
         bar.close()
     return [results.get(i) for i in range(len(lengths))]
 
 
-def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar):
-    """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units."""
+def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool, overwrite: bool, rank: int,
+                    world: int):
+    """Check the output folder against this run; returns (own finished entries, finished by any rank)."""
+    saved = {}
+    if out_dir.is_dir():
+        for path in sorted(out_dir.glob("manifest*.json")):
+            try:
+                saved[path] = json.loads(path.read_text())
+                saved[path]["run"], saved[path]["designs"]  # noqa: B018 (shape check)
+            except (ValueError, KeyError, TypeError) as err:
+                if not overwrite:
+                    raise ValueError(f"{path}: not a readable sampling manifest ({err}); move it away or pass "
+                                     "--overwrite") from None
+                saved[path] = dict(run={}, designs={})
+    diffs = {path: _run_differences(m["run"], run_info) for path, m in saved.items()}
+    other = {path: d for path, d in diffs.items() if d}
+    if other and not overwrite:
+        path, d = next(iter(other.items()))
+        raise ValueError(f"{out_dir}: holds a different sampling run ({path.name}: " + "; ".join(d) +
+                         "); choose a new folder, or pass --overwrite to delete that run's files and start again")
+    finished, finished_any = {}, set()
+    if overwrite:
+        if rank == 0:  # one process deletes; the others wait at the barrier below
+            for path, m in saved.items():
+                for entry in m["designs"].values():
+                    for key in ("file", "trajectory"):
+                        name = entry.get(key) if isinstance(entry, dict) else None
+                        # only plain names inside the folder: a manifest never makes us delete elsewhere
+                        if name and Path(name).name == name and (out_dir / name).is_file():
+                            (out_dir / name).unlink()
+                for stale in (path, path.with_suffix(".csv")):
+                    if stale.exists():
+                        stale.unlink()
+            if saved and (out_dir / "metrics.json").is_file():
+                (out_dir / "metrics.json").unlink()
+    elif resume and saved:
+        for path, m in saved.items():
+            finished_any.update(int(i) for i in m["designs"])
+        if manifest in saved:
+            finished = dict(saved[manifest]["designs"])
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        what = (f"holds this run with {sum(len(m['designs']) for m in saved.values())} of "
+                f"{len(run_info['lengths'])} designs finished; pass --resume to continue it or --overwrite to "
+                "start again" if saved else "exists and is not empty; choose a new folder, or resume a run")
+        raise FileExistsError(f"{out_dir}: {what} (nothing is overwritten)")
+    if world > 1:  # every rank has checked the folder before any rank writes into it
+        torch.distributed.barrier()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return finished, finished_any
+
+
+def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, lengths, seeds, suffix, scale,
+                 with_metrics, provenance) -> None:
+    """Files of one finished batch, then the manifest; a failed write becomes an OutputError."""
+    from protdiff_fast.io.structure import write_backbone, write_trajectory
+    from protdiff_fast.metrics.backbone import backbone_metrics
+
+    current = None
+    try:
+        new = {}
+        for k, i in enumerate(idx):
+            i = int(i)
+            name = f"design_{i:06d}{suffix}"
+            current = out_dir / name
+            write_backbone(current, results[i], overwrite=True)  # a resumed batch may have written it
+            entry = dict(index=i, file=name, length=int(lengths[i]), seed=int(seeds[i]), **provenance)
+            if frames is not None:
+                traj_name = f"design_{i:06d}.traj.cif" + (".gz" if suffix.endswith(".gz") else "")
+                current = out_dir / traj_name
+                write_trajectory(current, [f[k, : lengths[i]] * scale for _, f in frames],
+                                 timesteps=[t for t, _ in frames], overwrite=True)
+                entry["trajectory"] = traj_name
+            if with_metrics:  # cheap per design (O(L^2) distances); NaN for undefined ones becomes null
+                entry["metrics"] = {key: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                                    for key, v in backbone_metrics(results[i]).items() if key != "length"}
+            new[str(i)] = entry
+        current = manifest
+        # the manifest lists a design only once its files are complete
+        _write_manifest(manifest, dict(run=run_info, designs={**finished, **new}))
+        finished.update(new)
+        current = manifest.with_suffix(".csv")
+        _write_manifest_csv(current, finished)
+    except OSError as err:
+        done = len(finished)
+        cause = ("the disk is full" if err.errno == errno.ENOSPC else
+                 "the disk quota is exceeded" if err.errno == errno.EDQUOT else err.strerror or str(err))
+        raise OutputError(err.errno, f"writing {current} failed: {cause}. {done} finished designs are on disk and "
+                                     f"listed in {manifest}; free space (or fix the folder) and run again with "
+                                     "--resume to continue") from err
+
+
+def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar,
+                   trajectory_every=None):
+    """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units, and the
+    trajectory frames [(timestep, (B, L, 3) cpu float32)] when ``trajectory_every`` is set."""
     L = int(max(lengths[i] for i in idx))
     mask = torch.zeros(len(idx), L, dtype=torch.bool)
     for k, i in enumerate(idx):
@@ -229,7 +481,10 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
         step_seed = None
         generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]) & ((1 << 63) - 1))
     x = initial_noise(batch_seeds.tolist(), L, mask, dtype, device)
-    for step_t in steps:
+    frames = None
+    if trajectory_every is not None:  # frame 0 is x_T; after step k the sample is x at the next timestep
+        frames = [(int(steps[0]), x.detach().float().cpu().numpy().astype(np.float64))]
+    for k, step_t in enumerate(steps):
         t = torch.full((len(idx),), step_t, dtype=torch.long, device=device)
         eps = model(x, t, mask)
         bad = ~torch.isfinite(eps).flatten(1).all(1)
@@ -239,15 +494,58 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
                                 f"(length {lengths[first]}, seed {seeds[first]})")
         x = scheduler.step(eps, t, x, mask=mask, seed=step_seed,
                            generator=None if per_design_noise else generator).prev_sample
+        bad = ~torch.isfinite(x).flatten(1).all(1)  # a diverging sample (e.g. too few strided steps)
+        if bool(bad.any()):
+            first = int(idx[int(bad.nonzero()[0])])
+            raise SamplingError(f"the sample diverged (coordinates overflow to Inf/NaN) after the step at t={step_t} "
+                                f"for design {first} (length {lengths[first]}, seed {seeds[first]}); "
+                                f"{len(steps)} reverse steps may be too few for this model")
+        if frames is not None and ((k + 1) % trajectory_every == 0 or k == len(steps) - 1):
+            t_now = int(steps[k + 1]) if k + 1 < len(steps) else 0
+            frames.append((t_now, x.detach().cpu().numpy().astype(np.float64)))
         if bar is not None:
-            bar.update(1)
-    return x
+            bar.advance(len(idx))
+    return x, frames
 
 
 MANIFEST = "manifest.json"
+CSV_FIRST = ["index", "file", "length", "seed", "device", "version", "backend", "trajectory"]
+
+
+def _manifest_csv(designs: Dict[str, Dict]) -> str:
+    """One row per design: the manifest's fields, metrics flattened, backends as egnn=cpu;ddpm_step=cpu."""
+    rows = [designs[k] for k in sorted(designs, key=int)]
+    metric_keys = sorted({m for r in rows for m in (r.get("metrics") or {})})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_FIRST + metric_keys)
+    for r in rows:
+        backend = r.get("backend")
+        backend = ";".join(f"{k}={v}" for k, v in sorted(backend.items())) if isinstance(backend, dict) else backend
+        base = dict(r, backend=backend)
+        writer.writerow([("" if base.get(c) is None else base.get(c)) for c in CSV_FIRST] +
+                        [("" if (r.get("metrics") or {}).get(m) is None else r["metrics"][m]) for m in metric_keys])
+    return buf.getvalue()
 
 
 def _write_manifest(path: Path, content: Dict) -> None:
     from protdiff_fast.io.structure import _atomic_write
 
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1, sort_keys=True)))
+
+
+def _write_manifest_csv(path: Path, designs: Dict[str, Dict]) -> None:
+    """The CSV copy, written after the JSON (which resume trusts): it never lists more than the JSON."""
+    from protdiff_fast.io.structure import _atomic_write
+
+    text = _manifest_csv(designs)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_manifests(out_dir: Union[str, Path]) -> Dict[int, Dict]:
+    """Every finished design of a run folder (all ranks' manifests), by index."""
+    designs: Dict[int, Dict] = {}
+    for path in sorted(Path(out_dir).glob("manifest*.json")):
+        for key, entry in json.loads(path.read_text())["designs"].items():
+            designs[int(key)] = entry
+    return designs
