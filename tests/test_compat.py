@@ -1,0 +1,291 @@
+"""egnn-pytorch drop-in (protdiff_fast.nn.compat) against the real egnn-pytorch 0.2.8 package.
+
+Their module with random parameters is loaded into ours (and ours into theirs): same outputs and
+same gradients w.r.t. feats, coors, edges and every parameter, on every row (padding rows too).
+Also: the rectangular-width zero-padding adapter of the dispatcher, errors for the options we do
+not support, and equivariance of the wrapper.
+"""
+import math
+
+import pytest
+import torch
+
+from helpers import random_mask, random_orthogonal, rel_err
+from protdiff_fast.nn import compat
+from protdiff_fast.ops import _padding, egnn_pair_aggregate
+from protdiff_fast.reference.egnn import egnn_pair_aggregate_reference
+
+egnn_pytorch = pytest.importorskip("egnn_pytorch")  # pinned in requirements-dev.txt; CI installs it
+
+F64, F32 = torch.float64, torch.float32
+BACKENDS = ["reference", "cpu"]
+DIM = 6
+OPTIONS = {
+    "plain": {},
+    "edges": dict(edge_dim=2),
+    "soft_edges": dict(soft_edges=True, m_dim=8),
+    "mean": dict(m_pool_method="mean"),
+    "norm_feats": dict(norm_feats=True),
+    "norm_coors": dict(norm_coors=True, edge_dim=1),
+    "no_feats": dict(update_feats=False, edge_dim=2),
+    "no_coors": dict(update_coors=False, soft_edges=True),
+    "all": dict(edge_dim=3, m_dim=8, soft_edges=True, m_pool_method="mean", norm_feats=True, norm_coors=True,
+                norm_coors_scale_init=0.5),
+}
+
+# Under norm_coors egnn-pytorch's own coors gradient is inexact: its self pair (i == j) adds
+# u_ii / max(|u_ii|, eps) * scale with eps = 1e-8 to x_i and subtracts it again (u_ii = x_i - x_i):
+# terms of size ~1e8 that cancel only in exact arithmetic, leaving ~1e-8 relative error in
+# float64 and ~1e-2 in float32. Ours has no self pair in the coordinate update.
+LOOSE = {"d coors": 1e-6}
+
+
+def randomize_(module, scale=0.5):
+    """Parameters of size O(1) (egnn-pytorch's init, std 1e-3, would hide most of the math)."""
+    with torch.no_grad():
+        for prm in module.parameters():
+            prm.copy_(torch.randn_like(prm) * scale)
+    return module
+
+
+def make_pair(backend, dtype=F64, **opts):
+    theirs = randomize_(egnn_pytorch.EGNN(dim=DIM, **opts)).to(dtype)
+    ours = compat.EGNN(dim=DIM, backend=backend, **opts).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def make_inputs(B, N, edge_dim, dtype=F64, masked=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, N, DIM, generator=g, dtype=F64).to(dtype)
+    coors = (1.5 * torch.randn(B, N, 3, generator=g, dtype=F64)).to(dtype)
+    edges = torch.randn(B, N, N, edge_dim, generator=g, dtype=F64).to(dtype) if edge_dim else None
+    mask = random_mask(B, N, generator=g) if masked else None
+    return feats, coors, edges, mask
+
+
+def run(module, feats, coors, edges, mask, seed=1):
+    """Outputs and the gradients of a random projection of them w.r.t. inputs and parameters."""
+    leaves = [t.detach().clone().requires_grad_() for t in (feats, coors)]
+    if edges is not None:
+        leaves.append(edges.detach().clone().requires_grad_())
+    h_out, x_out = module(leaves[0], leaves[1], leaves[2] if edges is not None else None, mask=mask)
+    g = torch.Generator().manual_seed(seed)
+    loss = (h_out * torch.randn(h_out.shape, generator=g, dtype=F64).to(h_out.dtype)).sum() + \
+        (x_out * torch.randn(x_out.shape, generator=g, dtype=F64).to(x_out.dtype)).sum()
+    names = ["feats", "coors", "edges"][:len(leaves)] + [n for n, _ in module.named_parameters()]
+    grads = torch.autograd.grad(loss, leaves + list(module.parameters()), allow_unused=True)
+    out = {"h_out": h_out, "x_out": x_out}
+    for name, grad in zip(names, grads):
+        out["d " + name] = grad
+    return out
+
+
+def compare(actual, expected, tol, floor_from=None, loose=None):
+    """Every output and gradient within tol (relative, norm-wise); with floor_from, within
+    2x the error of floor_from (egnn-pytorch in low precision) against expected, plus tol;
+    loose: {key: tol} for the entries that get a different tolerance."""
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        a, e = actual[key], expected[key]
+        if e is None:  # a parameter egnn-pytorch leaves unused (e.g. coors_norm.scale without update_coors)
+            assert a is None or float(a.abs().max()) == 0.0, key
+            continue
+        assert a is not None, key
+        bound = (loose or {}).get(key, tol)
+        bound = bound if floor_from is None else 2 * rel_err(floor_from[key], e) + bound
+        err = rel_err(a, e)
+        assert err <= bound, f"{key}: relative error {err:.3e} > {bound:.1e} (max abs {float((a.double() - e.double()).abs().max()):.2e})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Same numbers as egnn-pytorch
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("B,N", [(1, 1), (3, 7), (1, 33)])
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_egnn_pytorch_float64(backend, opt, B, N, masked):
+    opts = OPTIONS[opt]
+    theirs, ours = make_pair(backend, **opts)
+    inputs = make_inputs(B, N, opts.get("edge_dim", 0), masked=masked, seed=B * 100 + N)
+    compare(run(ours, *inputs), run(theirs, *inputs), 1e-10, loose=LOOSE if opts.get("norm_coors") else None)
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_egnn_pytorch_float32(backend, opt):
+    """Ours in float32 against theirs in float64, within 2x theirs in float32 (plus 2e-5)."""
+    opts = OPTIONS[opt]
+    theirs, ours = make_pair(backend, **opts)
+    inputs = make_inputs(3, 7, opts.get("edge_dim", 0), masked=True, seed=5)
+    expected = run(theirs, *inputs)
+    inputs32 = [None if t is None else (t.float() if t.is_floating_point() else t) for t in inputs]
+    theirs32 = run(theirs.float(), *inputs32)
+    compare(run(ours.float(), *inputs32), expected, 2e-5, floor_from=theirs32,
+            loose=LOOSE if opts.get("norm_coors") else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_both_ways_and_same_init(backend):
+    for opts in OPTIONS.values():
+        torch.manual_seed(3)
+        theirs = egnn_pytorch.EGNN(dim=DIM, dropout=0.1, **opts).double()
+        torch.manual_seed(3)
+        ours = compat.EGNN(dim=DIM, dropout=0.1, backend=backend, **opts).double()
+        # same submodules, same creation order, same init: identical parameters from the same seed
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), key
+        randomize_(ours)
+        theirs.load_state_dict(ours.state_dict())  # ours -> theirs
+        theirs.eval(), ours.eval()  # dropout > 0 is fine in eval mode
+        inputs = make_inputs(2, 5, opts.get("edge_dim", 0), masked=True)
+        compare(run(ours, *inputs), run(theirs, *inputs), 1e-10, loose=LOOSE if opts.get("norm_coors") else None)
+
+
+def test_network_matches_egnn_pytorch():
+    kw = dict(depth=2, dim=DIM, num_tokens=5, num_positions=9, edge_dim=2, num_edge_tokens=3, m_dim=8,
+              soft_edges=True, m_pool_method="mean")  # norm_coors: per layer above (LOOSE would spread here)
+    theirs = randomize_(egnn_pytorch.EGNN_Network(**kw)).double()
+    ours = compat.EGNN_Network(**kw, backend="cpu").double()
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 5, (2, 7), generator=g)
+    edge_tokens = torch.randint(0, 3, (2, 7, 7), generator=g)
+    coors = torch.randn(2, 7, 3, generator=g, dtype=F64, requires_grad=True)
+    mask = random_mask(2, 7, generator=g)
+    outs = []
+    for module in (theirs, ours):
+        h, x, changes = module(tokens, coors, edges=edge_tokens, mask=mask, return_coor_changes=True)
+        grads = torch.autograd.grad(h.sum() + (x * x).sum(), [coors] + list(module.parameters()))
+        outs.append({"h": h, "x": x, "changes": torch.stack(changes),
+                     **{f"d{k}": g for k, g in enumerate(grads)}})
+    compare(outs[1], outs[0], 1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Options we do not support: a clear error naming the option
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option,value", [
+    ("fourier_features", 2), ("num_nearest_neighbors", 4), ("only_sparse_neighbors", True),
+    ("valid_radius", 5.0), ("coor_weights_clamp_value", 2.0),
+])
+def test_unsupported_options_raise(option, value):
+    with pytest.raises(ValueError, match=f"{option}={value!r} is not supported"):
+        compat.EGNN(dim=DIM, **{option: value})
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="m_pool_method"):
+        compat.EGNN(dim=DIM, m_pool_method="max")
+    with pytest.raises(ValueError, match="update_feats, update_coors"):
+        compat.EGNN(dim=DIM, update_feats=False, update_coors=False)
+    layer = compat.EGNN(dim=DIM, dropout=0.1).double()
+    feats, coors, _, _ = make_inputs(1, 4, 0)
+    with pytest.raises(ValueError, match="dropout=0.1 is not supported"):
+        layer(feats, coors)  # training mode
+    layer.eval()
+    layer(feats, coors)
+    with pytest.raises(ValueError, match="adj_mat"):
+        layer(feats, coors, adj_mat=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="edges: this layer was built with edge_dim=0"):
+        layer(feats, coors, torch.randn(1, 4, 4, 2, dtype=F64))
+    with pytest.raises(ValueError, match="needs edges"):
+        compat.EGNN(dim=DIM, edge_dim=2).double()(feats, coors)
+    with pytest.raises(ValueError, match=r"feats: expected shape \(\*, \*, 6\)"):
+        layer(torch.randn(1, 4, 5, dtype=F64), coors)
+    with pytest.raises(ValueError, match="num_adj_degrees"):
+        compat.EGNN_Network(depth=1, dim=DIM, num_adj_degrees=2)
+    with pytest.raises(ValueError, match="global_linear_attn_every"):
+        compat.EGNN_Network(depth=1, dim=DIM, global_linear_attn_every=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Equivariance of the wrapper: E(3) on coors (rotation and reflection, translation), permutation
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reflect", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equivariance(backend, reflect):
+    _, layer = make_pair(backend, **OPTIONS["all"])
+    feats, coors, edges, mask = make_inputs(2, 9, 3, masked=True, seed=7)
+    g = torch.Generator().manual_seed(11)
+    R = random_orthogonal(reflect, generator=g)
+    t = torch.randn(1, 1, 3, generator=g, dtype=F64)
+    with torch.no_grad():
+        h0, x0 = layer(feats, coors, edges, mask)
+        h1, x1 = layer(feats, coors @ R + t, edges, mask)
+        assert rel_err(h1, h0) < 1e-10 and rel_err(x1, x0 @ R + t) < 1e-10
+        perm = torch.randperm(9, generator=g)
+        h2, x2 = layer(feats[:, perm], coors[:, perm], edges[:, perm][:, :, perm], mask[:, perm])
+        assert rel_err(h2, h0[:, perm]) < 1e-10 and rel_err(x2, x0[:, perm]) < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# The zero-padding adapter for square-only backends (ops/_padding.py)
+# ----------------------------------------------------------------------------------------------
+def _rect_problem(edge, attention, B=2, N=7, H_e=5, M=3, H_x=4, E=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64).requires_grad_()
+    args = [r(B, N, 3), r(B, N, H_e), r(B, N, H_e), r(H_e), r(H_e, M), r(M), r(M, H_x), r(H_x), r(H_x)]
+    kw = {"mask": random_mask(B, N, generator=g)}
+    if edge == "dense":
+        kw.update(edge_attr=r(B, N, N, E), W_e=r(E, H_e))
+    elif edge == "offset":
+        kw["rel"] = r(7, H_e)
+    if attention:
+        kw.update(w_att=r(M), b_att=r(()))
+    return args, kw
+
+
+def _outputs_and_grads(fn, args, kw):
+    m, dx = fn(*args, **kw)
+    leaves = args + [v for v in kw.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    g = torch.Generator().manual_seed(3)
+    loss = (m * torch.randn(m.shape, generator=g, dtype=F64)).sum() + (dx * torch.randn(dx.shape, generator=g,
+                                                                                        dtype=F64)).sum()
+    return [m, dx, *torch.autograd.grad(loss, leaves)]
+
+
+@pytest.mark.parametrize("normalize", [False, True, "clamp"])
+@pytest.mark.parametrize("edge,attention", [("none", False), ("dense", True), ("offset", True)])
+def test_padding_adapter_is_exact(edge, attention, normalize):
+    """Rectangular widths: the cpu backend (padded to max(H_e, M, H_x) by the dispatcher) and the
+    reference padded to a larger square size (as for triton's 16/32/...) equal the unpadded reference."""
+    args, kw = _rect_problem(edge, attention)
+    kw.update(normalize=normalize, coords_agg="sum")
+    expected = _outputs_and_grads(egnn_pair_aggregate_reference, args, kw)
+    padded_cpu = _outputs_and_grads(lambda *a, **k: egnn_pair_aggregate(*a, backend="cpu", **k), args, kw)
+    padded_ref = _outputs_and_grads(
+        lambda *a, **k: _padding.call_padded(egnn_pair_aggregate_reference, lambda w: 16, a, k), args, kw)
+    for got in (padded_cpu, padded_ref):
+        assert got[0].shape == expected[0].shape  # m_i sliced back to M
+        for a, e in zip(got, expected):
+            assert rel_err(a, e) < 1e-12
+
+
+def test_clamp_normalize_gradcheck_cpu():
+    args, kw = _rect_problem("dense", True, B=1, N=5, H_e=3, M=2, H_x=3)
+    kw["normalize"] = "clamp"
+    keys = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def f(*t):
+        return egnn_pair_aggregate(*t[:9], backend="cpu", **{**kw, **dict(zip(keys, t[9:]))})
+    assert torch.autograd.gradcheck(f, args + [kw[k] for k in keys])
+
+
+def test_padding_hook_api():
+    assert _padding.square_hidden("reference") is None  # the reference takes rectangular widths
+    assert _padding.square_hidden("cpu")(130) == 130
+    with pytest.raises(ValueError, match="normalize"):
+        egnn_pair_aggregate_reference(*_rect_problem("none", False)[0], normalize="detach")
+    with pytest.raises(TypeError, match="missing argument"):
+        _padding.call_padded(egnn_pair_aggregate_reference, lambda w: w, (torch.zeros(1, 1, 3),), {})
+
+
+def test_silu_one_constant():
+    assert compat.SILU_ONE == pytest.approx(float(torch.nn.functional.silu(torch.tensor(1.0, dtype=F64))), rel=1e-15)
+    assert math.isclose(compat.SILU_ONE, 1 / (1 + math.exp(-1)))
