@@ -362,6 +362,20 @@ def test_folder_of_a_different_run_is_refused_unless_overwrite(tmp_path):
         sample(net, [7], scheduler=sched, out_dir=folder, progress=False, resume=True, overwrite=True)
 
 
+def test_a_design_that_overflows_pdb_columns_names_itself_and_the_fix(tmp_path):
+    sched = DDPMScheduler(5)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    with pytest.raises(ValueError, match=r"design 0 \(seed \d+\): ca: coordinate .* does not fit the PDB format's "
+                                         r"%8.3f columns.*0 finished designs .* --format cif"):
+        sample(model, [6, 7], scheduler=sched, out_dir=tmp_path / "d", progress=False, batch_size=1,
+               scale=1e6)  # designs in units of 1e6 A: far beyond PDB's fixed-width columns
+    out = sample(model, [6, 7], scheduler=sched, out_dir=tmp_path / "c", progress=False, scale=1e6,
+                 file_format="cif")
+    from protdiff_fast.io import read_backbones
+
+    np.testing.assert_allclose(read_backbones(tmp_path / "c" / "design_000001.cif")[0].ca, out[1], atol=0.01)  # 1e-8 relative
+
+
 def test_design_index_out_of_range_is_refused_before_anything_is_written(tmp_path):
     sched = DDPMScheduler(10)
     model = ExactGaussianEps(sched.schedule, 1.0)

@@ -438,7 +438,11 @@ def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, le
             i = int(i)
             name = f"design_{i:06d}{suffix}"
             current = out_dir / name
-            write_backbone(current, results[i], overwrite=True)  # a resumed batch may have written it
+            try:
+                write_backbone(current, results[i], overwrite=True)  # a resumed batch may have written it
+            except ValueError as err:  # PDB's columns cannot hold it (e.g. an exploding sample)
+                raise ValueError(f"design {i} (seed {int(seeds[i])}): {err}; {len(finished)} finished designs are "
+                                 f"listed in {manifest}; sample again with --format cif (in a new folder)") from None
             entry = dict(index=i, file=name, length=int(lengths[i]), seed=int(seeds[i]), **provenance)
             if frames is not None:
                 traj_name = f"design_{i:06d}.traj.cif" + (".gz" if suffix.endswith(".gz") else "")
