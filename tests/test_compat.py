@@ -99,7 +99,8 @@ def compare(actual, expected, tol, floor_from=None, loose=None):
         bound = (loose or {}).get(key, tol)
         bound = bound if floor_from is None else 2 * rel_err(floor_from[key], e) + bound
         err = rel_err(a, e)
-        assert err <= bound, f"{key}: relative error {err:.3e} > {bound:.1e} (max abs {float((a.double() - e.double()).abs().max()):.2e})"
+        max_abs = float((a.double() - e.double()).abs().max())
+        assert err <= bound, f"{key}: relative error {err:.3e} > {bound:.1e} (max abs diff {max_abs:.2e})"
 
 
 # ----------------------------------------------------------------------------------------------
