@@ -208,7 +208,8 @@ def test_killed_sampling_run_resumes_without_duplicates(tmp_path):
     assert (tmp_path / "one" / "design_000003.pdb").read_bytes() == (tmp_path / "full" / "design_000003.pdb").read_bytes()
     other = subprocess.run([*_sample_cmd(tmp_path / "killed", ["--resume"])[:-2], "--seed", "6", "--resume"],
                            capture_output=True, text=True)
-    assert other.returncode != 0 and "cannot resume" in other.stderr
+    assert other.returncode == 2 and "holds a different sampling run" in other.stderr
+    assert "seed: 5 in the folder vs 6 now" in other.stderr
 
 
 class OOMAbove:
