@@ -95,6 +95,7 @@ _REGISTRY: Dict[str, Dict[str, str]] = {
     },
     "egnn_pair_aggregate": {
         "reference": "protdiff_fast.reference.egnn:egnn_pair_aggregate_reference",
+        "triton": "protdiff_fast.ops.egnn_triton:egnn_pair_aggregate_triton",
         "cpu": "protdiff_fast.ops.egnn_cpu:egnn_pair_aggregate_cpu",
     },
     "ddpm_step": {

@@ -16,7 +16,8 @@ def test_backend_resolution_rules():
     assert backends.resolve("egnn_pair_aggregate", "auto", "cpu") == ("cpu" if has_ext else "reference")
     assert backends.resolve("egnn_pair_aggregate", "reference", "cpu") == "reference"
     with pytest.raises(NotImplementedError, match="has no 'triton' backend yet"):
-        backends.resolve("egnn_pair_aggregate", "triton", "cpu")
+        backends.resolve("remove_center_of_mass", "triton", "cpu")
+    assert backends.resolve("egnn_pair_aggregate", "triton", "cpu") == "triton"  # interpreted (conftest)
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         backends.resolve("egnn_pair_aggregate", "cuda", "cpu")
     with pytest.raises(ValueError, match="unknown op"):

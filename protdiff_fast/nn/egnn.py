@@ -102,7 +102,17 @@ class EGNNLayer(nn.Module):
         x: torch.Tensor,
         edge_attr: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        rel_offsets: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """h (B, N, H), x (B, N, 3) -> (h', x'). Edge features: dense ``edge_attr`` (B, N, N, E), or
+        a relative-offset table ``rel_offsets`` (2K + 1, E) (also accepted as a 2-D ``edge_attr``)."""
+        if rel_offsets is not None:
+            if edge_attr is not None:
+                raise ValueError("give edge_attr (dense) or rel_offsets (offset table), not both: the layer "
+                                 "has one edge projection W_e")
+            if rel_offsets.dim() != 2:
+                raise ValueError(f"rel_offsets: expected a (2K + 1, E) table, got shape {tuple(rel_offsets.shape)}")
+            edge_attr = rel_offsets
         check_tensor("h", h, (None, None, self.hidden_dim))
         B, N, H = h.shape
         check_tensor("x", x, (B, N, 3), dtype=h.dtype, device=h.device)
@@ -157,10 +167,11 @@ class EGNN(nn.Module):
         x: torch.Tensor,
         edge_attr: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        rel_offsets: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.embedding_in(h)
         for k, layer in enumerate(self.layers):
-            h, x = layer(h, x, edge_attr, mask)
+            h, x = layer(h, x, edge_attr, mask, rel_offsets)
             if self.norms is not None:
                 h = self.norms[k](h)
         h = self.embedding_out(h)

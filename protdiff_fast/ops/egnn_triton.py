@@ -1,0 +1,571 @@
+r"""The fused EGNN pair aggregation as Triton kernels, forward and backward, never storing O(N^2) data.
+
+Same contract as :func:`protdiff_fast.reference.egnn.egnn_pair_aggregate_reference` (math, shapes
+and the deliberate differences from other EGNN codes are in that module's docstring):
+
+    z_ij   = p_i + q_j + w_d d2_ij + e_ij                 e_ij = edge_attr_ij W_e | rel[clip(j-i)+K] | 0
+    a_ij   = silu(z_ij)                    r_ij = a_ij W2 + b2        m_ij = silu(r_ij) [* g_ij]
+    g_ij   = sigmoid(m_ij . w_att + b_att) (attention only)
+    t_ij   = m_ij W3 + b3                  s_ij = silu(t_ij)          phi_ij = s_ij . w4 [tanh]
+    m_i    = sum_j v_ij m_ij               dx_i = C_b sum_j v_ij u_ij phi_ij
+
+with v_ij = 1 for real pairs j != i of the same sample, else 0. Like FlashAttention, one program
+owns a block of BLOCK_I rows i and loops over blocks of BLOCK_J columns j; the pair tile is
+flattened to [BLOCK_I * BLOCK_J, H] so the two H x H products are ``tl.dot``s (tensor cores on
+the GPU). Extra memory is O(B N H): m_i, dx_i and, in the backward, per-program partial sums of
+the weight gradients.
+
+Backward (recomputing every pair quantity instead of storing it):
+
+    pass "rows i"  (one program per i-block, loop over j): dp_i, the i-side of dx, and per-program
+                   partial sums of dW2, db2, dw_d, dw_att, db_att, dW_e, drel; d edge_attr_ij (each
+                   pair written once)
+    pass "rows j"  (one program per j-block, loop over i): dq_j, the j-side of dx, and partial sums
+                   of dW3, db3, dw4 (one [H, H] weight gradient per pass keeps registers in bounds)
+    partials are summed afterwards in torch: no atomics, so the result is deterministic.
+
+Precision: elementwise math and all accumulations in fp32. fp32 inputs use 3xTF32 dots (about
+fp32 accuracy on tensor cores) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, in
+which case plain TF32 (the trade PyTorch's own matmuls make under that flag); bf16/fp16 inputs
+multiply in their own type with fp32 accumulation. Under ``TRITON_INTERPRET=1`` low-precision
+operands are upcast before the dot: the interpreter's bf16 dot is wrong (triton#11584), and the
+upcast of already-rounded values gives what the tensor cores compute.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from protdiff_fast.reference.egnn import _coord_scale, check_egnn_pair_aggregate_inputs
+
+SUPPORTED_HIDDEN = (16, 32, 64, 128)  # H must be one of these (tl.dot needs K >= 16; 256 spills)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def padded_hidden(h: int) -> int:
+    """The hidden size this backend runs a width-``h`` op at (the zero-padding adapter's target)."""
+    for size in SUPPORTED_HIDDEN:
+        if h <= size:
+            return size
+    raise ValueError(f"the triton backend supports hidden sizes up to {SUPPORTED_HIDDEN[-1]}, got {h}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# (H, fp32?, kernel) -> (BLOCK_I, BLOCK_J, num_warps), chosen with scripts/compile_egnn_triton.py
+# (no register spills on sm_90). M = BLOCK_I * BLOCK_J rows per tile: the [M, H] fp32 intermediates
+# cost M * H / (32 * num_warps) registers per thread each, so big H gets small tiles.
+_CONFIGS = {
+    (16, False, "fwd"): (16, 16, 8), (16, True, "fwd"): (16, 16, 8),
+    (32, False, "fwd"): (16, 16, 8), (32, True, "fwd"): (16, 16, 8),
+    (64, False, "fwd"): (16, 8, 8), (64, True, "fwd"): (16, 8, 8),
+    (128, False, "fwd"): (8, 8, 8), (128, True, "fwd"): (8, 8, 8),
+}
+# Configurations that still spill registers on sm_90 (scripts/compile_egnn_triton.py measures how
+# much; benchmarks/results/egnn_triton_sm90_compile.md has the numbers). The backward kernels keep
+# the whole recomputed tile, its gradients and one [H, H] weight-gradient product live at once;
+# splitting them further (or chunking H) is the next step, to be chosen with GPU timings.
+KNOWN_SPILLS = {
+    (64, True, "fwd"), (128, False, "fwd"), (128, True, "fwd"),
+    *((H, fp32, kernel) for H in SUPPORTED_HIDDEN for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
+}
+
+
+def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd") -> Tuple[int, int, int]:
+    """(BLOCK_I, BLOCK_J, num_warps) for ``kernel`` in {"fwd", "bwd_i", "bwd_j"}."""
+    if _interpreting():  # the interpreter's cost is per program and loop step: large blocks
+        return 32, 32, 4
+    env = os.environ.get("PROTDIFF_FAST_TRITON_BLOCKS")  # "BI,BJ,WARPS": for tuning sweeps only
+    if env:
+        bi, bj, w = (int(v) for v in env.split(","))
+        return bi, bj, w
+    key = (H, dtype == torch.float32, kernel)
+    if key in _CONFIGS:
+        return _CONFIGS[key]
+    return 8, 8, 8  # the backward: M = 64 rows, the smallest tile that still runs on wgmma
+
+
+# --------------------------------------------------------------------------------------------
+# jitted helpers named after the math
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _silu_parts(x):
+    """(silu(x), sigmoid(x))."""
+    sig = tl.sigmoid(x)
+    return x * sig, sig
+
+
+@triton.jit
+def _dsilu(x, sig):
+    """d silu / dx from x and sigmoid(x)."""
+    return sig * (1.0 + x * (1.0 - sig))
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with a cast to b's type (fp32 accumulation)."""
+    a = a.to(b.dtype)
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, cols, COLS: tl.constexpr):
+    """[len(rows), COLS] block of a row-major (n_rows, COLS) matrix, zero outside."""
+    return tl.load(ptr + rows[:, None] * COLS + cols[None, :], mask=(rows < n_rows)[:, None], other=0.0)
+
+
+@triton.jit
+def _load_xyz(x_ptr, base, nodes, N):
+    ok = nodes < N
+    x0 = tl.load(x_ptr + base + nodes * 3 + 0, mask=ok, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + base + nodes * 3 + 1, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + base + nodes * 3 + 2, mask=ok, other=0.0).to(tl.float32)
+    return x0, x1, x2
+
+
+@triton.jit
+def _pair_tile(
+    b, i, j, N,  # sample, row indices [BI], column indices [BJ], nodes per sample
+    xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,  # coordinates, p_i [BI,H], q_j [BJ,H], masks
+    w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
+    E, K,  # edge width, offset-table half width
+    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+    EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Every pair quantity of the tile (i, j), flattened to M = BI * BJ rows."""
+    M: tl.constexpr = BI * BJ
+    hcol = tl.arange(0, H)
+    u0 = xi0[:, None] - xj0[None, :]  # u_ij = x_i - x_j, [BI, BJ]
+    u1 = xi1[:, None] - xj1[None, :]
+    u2 = xi2[:, None] - xj2[None, :]
+    d2 = u0 * u0 + u1 * u1 + u2 * u2
+    w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
+    z3 = p_i[:, None, :] + q_j[None, :, :] + d2[:, :, None] * w_d[None, None, :]  # [BI, BJ, H]
+    if EDGE == 2:  # offset table row clip(j - i, -K, K) + K
+        k = tl.minimum(tl.maximum(j[None, :] - i[:, None], -K), K) + K
+        z3 += tl.load(rel_ptr + k[:, :, None] * H + hcol[None, None, :]).to(tl.float32)
+    z = tl.reshape(z3, (M, H))
+    e = tl.zeros((M, EP), dtype=tl.float32)
+    if EDGE == 1:  # dense edge_attr (B, N, N, E) through W_e
+        ecol = tl.arange(0, EP)
+        in_range = (i[:, None] < N) & (j[None, :] < N)
+        pair_off = (b * N + i[:, None]) * N + j[None, :]
+        e3 = tl.load(ea_ptr + pair_off[:, :, None] * E + ecol[None, None, :],
+                     mask=in_range[:, :, None] & (ecol < E)[None, None, :], other=0.0)
+        e = tl.reshape(e3.to(tl.float32), (M, EP))
+        W_e = tl.load(We_ptr + ecol[:, None] * H + hcol[None, :], mask=(ecol < E)[:, None], other=0.0)
+        z += _mm(e, W_e, PRECISION, UPCAST)
+    a, sig_z = _silu_parts(z)  # phi_e's first SiLU
+    W2 = tl.load(W2_ptr + hcol[:, None] * H + hcol[None, :])
+    r = _mm(a, W2, PRECISION, UPCAST) + tl.load(b2_ptr + hcol).to(tl.float32)[None, :]
+    m0, sig_r = _silu_parts(r)  # m_ij before the gate
+    g = tl.full((M,), 1.0, tl.float32)
+    w_att = tl.zeros((H,), dtype=tl.float32)
+    if ATTENTION:
+        w_att = tl.load(watt_ptr + hcol).to(tl.float32)
+        g = tl.sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att)
+    m = m0 * g[:, None]
+    W3 = tl.load(W3_ptr + hcol[:, None] * H + hcol[None, :])
+    t = _mm(m, W3, PRECISION, UPCAST) + tl.load(b3_ptr + hcol).to(tl.float32)[None, :]
+    s, sig_t = _silu_parts(t)  # phi_x's hidden layer
+    w4 = tl.load(w4_ptr + hcol).to(tl.float32)
+    phi = tl.sum(s * w4[None, :], axis=1)  # [M]
+    if TANH:
+        phi = 2.0 * tl.sigmoid(2.0 * phi) - 1.0
+    v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])  # real pair, not the self pair
+    return u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v
+
+
+@triton.jit
+def _egnn_fwd_kernel(
+    x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,  # (B,N,3), (B,N,H) x2, (B,N) uint8, (B,) C_b fp32
+    w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,  # phi_e / phi_x weights, (in, out) layout
+    ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,  # edge term, attention (unused ones: any pointer)
+    m_out_ptr, dx_out_ptr,  # (B,N,H) fp32 zeroed, (B,N,3) outputs
+    N, E, K, eps,
+    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+    EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    b = tl.program_id(1)
+    hcol = tl.arange(0, H)
+    i = pid_i * BI + tl.arange(0, BI)
+    mi = (tl.load(mask_ptr + b * N + i, mask=i < N, other=0) != 0) & (i < N)
+    xi0, xi1, xi2 = _load_xyz(x_ptr, b * N * 3, i, N)
+    p_i = _load_rows(p_ptr + b * N * H, i, N, hcol, H).to(tl.float32)
+    m_rows = m_out_ptr + (b * N + i[:, None]) * H + hcol[None, :]  # fp32, zeroed by the launcher
+    dx0 = tl.zeros((BI,), dtype=tl.float32)  # sum_j u_ij phi_ij
+    dx1 = tl.zeros((BI,), dtype=tl.float32)
+    dx2 = tl.zeros((BI,), dtype=tl.float32)
+    for jb in range(0, tl.cdiv(N, BJ)):
+        j = jb * BJ + tl.arange(0, BJ)
+        mj = (tl.load(mask_ptr + b * N + j, mask=j < N, other=0) != 0) & (j < N)
+        xj0, xj1, xj2 = _load_xyz(x_ptr, b * N * 3, j, N)
+        q_j = _load_rows(q_ptr + b * N * H, j, N, hcol, H).to(tl.float32)
+        u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v = _pair_tile(
+            b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
+            w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
+            H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST)
+        vf = v.to(tl.float32)
+        # m_i: each tile's partial sum is added into the program's own rows of the output instead of a
+        # loop-carried [BI, H] register accumulator (whose layout costs registers and spills at H = 128)
+        m_part = tl.sum(tl.reshape(m, (BI, BJ, H)) * vf[:, :, None], axis=1)
+        tl.store(m_rows, tl.load(m_rows, mask=(i < N)[:, None], other=0.0) + m_part, mask=(i < N)[:, None])
+        tl.debug_barrier()
+        coef = tl.reshape(phi, (BI, BJ)) * vf
+        if NORMALIZE:
+            coef = coef / (tl.sqrt(d2) + eps)
+        dx0 += tl.sum(u0 * coef, axis=1)
+        dx1 += tl.sum(u1 * coef, axis=1)
+        dx2 += tl.sum(u2 * coef, axis=1)
+    C = tl.load(scale_ptr + b)
+    rows = i < N
+    tl.store(dx_out_ptr + (b * N + i) * 3 + 0, (C * dx0).to(dx_out_ptr.dtype.element_ty), mask=rows)
+    tl.store(dx_out_ptr + (b * N + i) * 3 + 1, (C * dx1).to(dx_out_ptr.dtype.element_ty), mask=rows)
+    tl.store(dx_out_ptr + (b * N + i) * 3 + 2, (C * dx2).to(dx_out_ptr.dtype.element_ty), mask=rows)
+
+
+@triton.jit
+def _egnn_bwd_kernel(
+    x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,
+    w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,
+    ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
+    gm_ptr, gdx_ptr,  # (B,N,H), (B,N,3) fp32 upstream gradients
+    dnode_ptr, dx_part_ptr,  # (B,N,H) dp (ROWS_ARE_I) or dq; (B,N,3) this side's share of dx
+    dea_ptr,  # (B,N,N,E) d edge_attr (ROWS_ARE_I and NEED_DEA)
+    pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr, prel_ptr,  # per-program partials: (P,H,H) x2, (P,6,H), (P,EP,H), (P,2K+1,H)
+    N, E, K, eps,
+    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
+    EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
+    ROWS_ARE_I: tl.constexpr, NEED_DEA: tl.constexpr,
+    PRECISION: tl.constexpr, PRECISION_F32: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr,
+):
+    M: tl.constexpr = BI * BJ
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    P = tl.num_programs(0)
+    hcol = tl.arange(0, H)
+    C = tl.load(scale_ptr + b)
+    # the program's own block: rows i (pass 1) or columns j (pass 2); the tile is always (i, j)
+    own = pid * (BI if ROWS_ARE_I else BJ) + tl.arange(0, BI if ROWS_ARE_I else BJ)
+    m_own = (tl.load(mask_ptr + b * N + own, mask=own < N, other=0) != 0) & (own < N)
+    xo0, xo1, xo2 = _load_xyz(x_ptr, b * N * 3, own, N)
+    if ROWS_ARE_I:
+        node_own = _load_rows(p_ptr + b * N * H, own, N, hcol, H).to(tl.float32)
+    else:
+        node_own = _load_rows(q_ptr + b * N * H, own, N, hcol, H).to(tl.float32)
+    d_node = tl.zeros((BI if ROWS_ARE_I else BJ, H), dtype=tl.float32)
+    dxo0 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
+    dxo1 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
+    dxo2 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
+    # per-program weight-gradient partials (pass 1 only)
+    acc_b2 = tl.zeros((H,), dtype=tl.float32)
+    acc_b3 = tl.zeros((H,), dtype=tl.float32)
+    acc_w4 = tl.zeros((H,), dtype=tl.float32)
+    acc_wd = tl.zeros((H,), dtype=tl.float32)
+    acc_watt = tl.zeros((H,), dtype=tl.float32)
+    acc_batt = tl.zeros((H,), dtype=tl.float32)  # db_att, spread over H lanes (summed on the host)
+    acc_We = tl.zeros((EP, H), dtype=tl.float32)
+    prog = b * P + pid
+    hh = hcol[:, None] * H + hcol[None, :]
+    n_other = tl.cdiv(N, BJ if ROWS_ARE_I else BI)
+    for ob in range(0, n_other):
+        other = ob * (BJ if ROWS_ARE_I else BI) + tl.arange(0, BJ if ROWS_ARE_I else BI)
+        m_oth = (tl.load(mask_ptr + b * N + other, mask=other < N, other=0) != 0) & (other < N)
+        xt0, xt1, xt2 = _load_xyz(x_ptr, b * N * 3, other, N)
+        if ROWS_ARE_I:
+            i, j, mi, mj = own, other, m_own, m_oth
+            xi0, xi1, xi2, xj0, xj1, xj2 = xo0, xo1, xo2, xt0, xt1, xt2
+            p_i = node_own
+            q_j = _load_rows(q_ptr + b * N * H, other, N, hcol, H).to(tl.float32)
+        else:
+            i, j, mi, mj = other, own, m_oth, m_own
+            xi0, xi1, xi2, xj0, xj1, xj2 = xt0, xt1, xt2, xo0, xo1, xo2
+            p_i = _load_rows(p_ptr + b * N * H, other, N, hcol, H).to(tl.float32)
+            q_j = node_own
+        u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v = _pair_tile(
+            b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
+            w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
+            H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST)
+        vf = v.to(tl.float32)
+        # upstream gradients of the tile's rows i
+        gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
+        g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i, N)
+        inv = tl.full((BI, BJ), 1.0, tl.float32)
+        if NORMALIZE:
+            inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached: no gradient through inv
+        d_phi = C * vf * inv * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2)  # dL/dphi_ij
+        d_phi = tl.reshape(d_phi, (M,))
+        if TANH:
+            d_phi = d_phi * (1.0 - phi * phi)
+        d_t = d_phi[:, None] * w4[None, :] * _dsilu(t, sig_t)  # [M, H]
+        W3T = tl.load(W3_ptr + hcol[None, :] * H + hcol[:, None])
+        # the chain d_t -> d_m -> d_r -> d_z multiplies in fp32 (TF32 or 3xTF32 on tensor cores) even for
+        # bf16/fp16 inputs: rounding these gradients to 8 bits made e.g. d b_att twice as bad as torch's
+        d_m = tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, H)) + _mm(d_t, W3T.to(tl.float32), PRECISION_BWD,
+                                                                          False)
+        if ATTENTION:
+            d_gate = tl.sum(d_m * m0, axis=1) * g * (1.0 - g)  # dL/d(w_att . m0 + b_att)
+            d_m0 = d_m * g[:, None] + d_gate[:, None] * w_att[None, :]
+        else:
+            d_m0 = d_m
+        d_r = d_m0 * _dsilu(r, sig_r)
+        W2T = tl.load(W2_ptr + hcol[None, :] * H + hcol[:, None])
+        d_z = _mm(d_r, W2T.to(tl.float32), PRECISION_BWD, False) * _dsilu(z, sig_z)  # [M, H]
+        d_z3 = tl.reshape(d_z, (BI, BJ, H))
+        w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
+        d_d2 = tl.sum(d_z3 * w_d[None, None, :], axis=2)  # [BI, BJ]
+        coef_u = C * vf * inv * tl.reshape(phi, (BI, BJ))
+        du0 = 2.0 * u0 * d_d2 + coef_u * g0[:, None]  # dL/du_ij
+        du1 = 2.0 * u1 * d_d2 + coef_u * g1[:, None]
+        du2 = 2.0 * u2 * d_d2 + coef_u * g2[:, None]
+        if ROWS_ARE_I:
+            d_node += tl.sum(d_z3, axis=1)
+            dxo0 += tl.sum(du0, axis=1)
+            dxo1 += tl.sum(du1, axis=1)
+            dxo2 += tl.sum(du2, axis=1)
+            # weight gradients: read-modify-write of the program's own partial (no loop-carried
+            # [H, H] register accumulators: they spill at H = 128)
+            aT = tl.trans(a)
+            tl.store(pW2_ptr + prog * H * H + hh,
+                     tl.load(pW2_ptr + prog * H * H + hh) + _mm(aT, d_r.to(W2T.dtype), PRECISION, UPCAST))
+            acc_b2 += tl.sum(d_r, axis=0)
+            acc_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
+            if ATTENTION:
+                acc_watt += tl.sum(m0 * d_gate[:, None], axis=0)
+                acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
+            if EDGE == 1:
+                acc_We += tl.dot(tl.trans(e), d_z, input_precision=PRECISION_F32)
+                if NEED_DEA:
+                    ecol = tl.arange(0, EP)
+                    WeT = tl.load(We_ptr + ecol[None, :] * H + hcol[:, None], mask=(ecol < E)[None, :], other=0.0)
+                    d_e = tl.reshape(_mm(d_z, WeT.to(tl.float32), PRECISION_F32, UPCAST), (BI, BJ, EP))
+                    pair_off = (b * N + i[:, None]) * N + j[None, :]
+                    ok = (i[:, None] < N) & (j[None, :] < N)
+                    tl.store(dea_ptr + pair_off[:, :, None] * E + ecol[None, None, :],
+                             d_e.to(dea_ptr.dtype.element_ty), mask=ok[:, :, None] & (ecol < E)[None, None, :])
+            if EDGE == 2:
+                # sum d_z over the tile's pairs with equal clipped offset k = clip(j-i)+K, as a one-hot
+                # product: rows w of the window [k_lo, k_lo + W_REL) of offsets this tile touches
+                k = tl.minimum(tl.maximum(j[None, :] - i[:, None], -K), K) + K  # [BI, BJ]
+                k_lo = tl.minimum(tl.maximum(ob * BJ - (pid * BI + BI - 1), -K), K) + K
+                w = tl.arange(0, W_REL)
+                onehot = (tl.reshape(k - k_lo, (M,))[None, :] == w[:, None]).to(tl.float32)  # [W_REL, M]
+                d_rel = tl.dot(onehot, d_z, input_precision=PRECISION_F32)
+                rows = k_lo + w
+                ok = (rows <= 2 * K)[:, None]
+                addr = prel_ptr + (prog * (2 * K + 1) + rows[:, None]) * H + hcol[None, :]
+                tl.store(addr, tl.load(addr, mask=ok, other=0.0) + d_rel, mask=ok)
+            tl.debug_barrier()  # the next tile's read-modify-writes may touch rows other threads wrote
+        else:
+            d_node += tl.sum(d_z3, axis=0)
+            dxo0 -= tl.sum(du0, axis=0)
+            dxo1 -= tl.sum(du1, axis=0)
+            dxo2 -= tl.sum(du2, axis=0)
+            # phi_x's weight gradients here, phi_e's in the other pass: one [H, H] partial per pass
+            tl.store(pW3_ptr + prog * H * H + hh,
+                     tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m), d_t.to(W3T.dtype), PRECISION, UPCAST))
+            acc_b3 += tl.sum(d_t, axis=0)
+            acc_w4 += tl.sum(s * d_phi[:, None], axis=0)
+            tl.debug_barrier()
+    ok = own < N
+    tl.store(dnode_ptr + (b * N + own[:, None]) * H + hcol[None, :], d_node, mask=ok[:, None])
+    tl.store(dx_part_ptr + (b * N + own) * 3 + 0, dxo0, mask=ok)
+    tl.store(dx_part_ptr + (b * N + own) * 3 + 1, dxo1, mask=ok)
+    tl.store(dx_part_ptr + (b * N + own) * 3 + 2, dxo2, mask=ok)
+    base = prog * 6 * H
+    if ROWS_ARE_I:
+        tl.store(pvec_ptr + base + 0 * H + hcol, acc_b2)
+        tl.store(pvec_ptr + base + 3 * H + hcol, acc_wd)
+        tl.store(pvec_ptr + base + 4 * H + hcol, acc_watt)
+        tl.store(pvec_ptr + base + 5 * H + hcol, acc_batt)
+        if EDGE == 1:
+            ecol = tl.arange(0, EP)
+            tl.store(pWe_ptr + (prog * EP + ecol[:, None]) * H + hcol[None, :], acc_We)
+    else:
+        tl.store(pvec_ptr + base + 1 * H + hcol, acc_b3)
+        tl.store(pvec_ptr + base + 2 * H + hcol, acc_w4)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "tf32"  # ignored for bf16/fp16 operands
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def _edge_mode(edge_attr, rel) -> int:
+    return 1 if edge_attr is not None else (2 if rel is not None else 0)
+
+
+def _launch_meta(x, p, edge_attr, rel, flags):
+    B, N, _ = x.shape
+    H = p.shape[-1]
+    BI, BJ, warps = block_sizes(H, x.dtype, "fwd")
+    E = edge_attr.shape[-1] if edge_attr is not None else 0
+    K = rel.shape[0] // 2 if rel is not None else 0
+    return dict(B=B, N=N, H=H, BI=BI, BJ=BJ, warps=warps, dtype=x.dtype, E=E, EP=max(16, triton.next_power_of_2(max(E, 1))),
+                K=K, EDGE=_edge_mode(edge_attr, rel), **flags)
+
+
+def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att):
+    B, N, H = meta["B"], meta["N"], meta["H"]
+    m_i = torch.zeros(B, N, H, dtype=torch.float32, device=x.device)  # accumulated in place
+    dx_i = torch.empty(B, N, 3, dtype=x.dtype, device=x.device)
+    dummy = x
+    _egnn_fwd_kernel[(triton.cdiv(N, meta["BI"]), B)](
+        x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
+        edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
+        rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
+        m_i, dx_i, N, meta["E"], meta["K"], meta["eps"],
+        H=H, EP=meta["EP"], BI=meta["BI"], BJ=meta["BJ"], EDGE=meta["EDGE"], ATTENTION=w_att is not None,
+        TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(x.dtype),
+        UPCAST=_interpreting() and x.dtype != torch.float32, num_warps=meta["warps"],
+    )
+    return m_i.to(x.dtype), dx_i
+
+
+def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel,
+              w_att, need_dea):
+    B, N, H, EP, K = (meta[k] for k in ("B", "N", "H", "EP", "K"))
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    BI1, BJ1, warps1 = block_sizes(H, x.dtype, "bwd_i")
+    BI2, BJ2, warps2 = block_sizes(H, x.dtype, "bwd_j")
+    n_ib, n_jb = triton.cdiv(N, BI1), triton.cdiv(N, BJ2)
+    P, P2 = B * n_ib, B * n_jb
+    d_p, d_q = torch.empty(B, N, H, **f32), torch.empty(B, N, H, **f32)
+    dx_i_side, dx_j_side = torch.empty(B, N, 3, **f32), torch.empty(B, N, 3, **f32)
+    pW2, pW3 = torch.zeros(P, H, H, **f32), torch.zeros(P2, H, H, **f32)  # read-modify-written per tile
+    pvec, pvec2 = torch.empty(P, 6, H, **f32), torch.empty(P2, 6, H, **f32)
+    pWe = torch.empty(P, EP, H, **f32) if meta["EDGE"] == 1 else pvec
+    prel = torch.zeros(P, 2 * K + 1, H, **f32) if meta["EDGE"] == 2 else pvec
+    d_ea = torch.empty_like(edge_attr) if need_dea else x
+    dummy = x
+    common = (x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
+              edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
+              rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
+              grad_m, grad_dx)
+    consts = dict(H=H, EP=EP, EDGE=meta["EDGE"],
+                  ATTENTION=w_att is not None, TANH=meta["tanh"], NORMALIZE=meta["normalize"],
+                  NEED_DEA=need_dea, PRECISION=_precision(x.dtype), PRECISION_F32=_precision(torch.float32),
+                  PRECISION_BWD=_precision(torch.float32) if x.dtype == torch.float32 else "tf32",
+                  UPCAST=_interpreting() and x.dtype != torch.float32)
+    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, prel,
+                                N, meta["E"], K, meta["eps"], ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
+                                W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), num_warps=warps1, **consts)
+    _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, prel,
+                                               N, meta["E"], K, meta["eps"], ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
+                                               W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), num_warps=warps2,
+                                               **consts)
+    vec, vec2 = pvec.sum(0), pvec2.sum(0)
+    return dict(
+        x=dx_i_side + dx_j_side, p=d_p, q=d_q, w_d=vec[3], W2=pW2.sum(0), b2=vec[0], W3=pW3.sum(0), b3=vec2[1],
+        w4=vec2[2], w_att=vec[4], b_att=vec[5].sum(),
+        W_e=pWe.sum(0)[: meta["E"]] if meta["EDGE"] == 1 else None,
+        rel=prel.sum(0) if meta["EDGE"] == 2 else None,
+        edge_attr=d_ea if need_dea else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+_INPUTS = ("x", "p", "q", "w_d", "W2", "b2", "W3", "b3", "w4", "edge_attr", "W_e", "rel", "w_att", "b_att")
+
+
+class _EgnnPairAggregateTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask_u8, scale, flags):
+        meta = _launch_meta(x, p, edge_attr, rel, flags)
+        meta["b_att"] = 0.0 if b_att is None else float(b_att)
+        tensors = [None if t is None else t.detach().contiguous()
+                   for t in (x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att)]
+        m_i, dx_i = _forward(meta, tensors[0], tensors[1], tensors[2], mask_u8, scale, *tensors[3:])
+        ctx.save_for_backward(*[t for t in tensors if t is not None], mask_u8, scale)
+        ctx.present = [t is not None for t in tensors]
+        ctx.meta = meta
+        ctx.b_att_like = b_att
+        return m_i, dx_i
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_dx):
+        saved = list(ctx.saved_tensors)
+        scale, mask_u8 = saved.pop(), saved.pop()
+        it = iter(saved)
+        t = [next(it) if present else None for present in ctx.present]
+        x, p = t[0], t[1]
+        B, N, _ = x.shape
+        H = p.shape[-1]
+        f32 = dict(dtype=torch.float32, device=x.device)
+        grad_m = torch.zeros(B, N, H, **f32) if grad_m is None else grad_m.to(torch.float32).contiguous()
+        grad_dx = torch.zeros(B, N, 3, **f32) if grad_dx is None else grad_dx.to(torch.float32).contiguous()
+        need_dea = t[9] is not None and ctx.needs_input_grad[9]  # O(N^2 E): only when asked
+        grads = _backward(ctx.meta, grad_m, grad_dx, x, p, t[2], mask_u8, scale, *t[3:], need_dea=need_dea)
+        out = []
+        for k, name in enumerate(_INPUTS):
+            g = grads.get(name)
+            like = ctx.b_att_like if name == "b_att" else t[k]
+            if g is None or like is None or not ctx.needs_input_grad[k]:
+                out.append(None)
+            else:
+                out.append(g.to(like.dtype).reshape(like.shape))
+        return (*out, None, None, None)
+
+
+def egnn_pair_aggregate_triton(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    w_d: torch.Tensor,
+    W2: torch.Tensor,
+    b2: torch.Tensor,
+    W3: torch.Tensor,
+    b3: torch.Tensor,
+    w4: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    edge_attr: Optional[torch.Tensor] = None,
+    W_e: Optional[torch.Tensor] = None,
+    rel: Optional[torch.Tensor] = None,
+    w_att: Optional[torch.Tensor] = None,
+    b_att: Optional[torch.Tensor] = None,
+    normalize: bool = False,
+    tanh: bool = False,
+    coords_agg: str = "mean",
+    eps: float = 1e-8,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(m_i, dx_i) of the fused-op contract, computed by the Triton kernels (differentiable)."""
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"x: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {x.device}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: the triton backend runs float32, bfloat16 or float16, got {x.dtype} "
+                        "(use backend='cpu' or 'reference' for float64)")
+    mask, b_att = check_egnn_pair_aggregate_inputs(
+        x, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, edge_attr=edge_attr, W_e=W_e, rel=rel,
+        w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
+    )
+    H = p.shape[-1]
+    if H not in SUPPORTED_HIDDEN:
+        raise ValueError(f"p: the triton kernels run hidden sizes {SUPPORTED_HIDDEN}, got H = {H} "
+                         "(egnn_pair_aggregate pads other sizes with zeros; call it instead)")
+    if q.shape[-1] != H or W2.shape != (H, H) or W3.shape != (H, H):
+        raise ValueError(f"the triton kernels need square hidden weights (H = {H}); got W2 {tuple(W2.shape)}, "
+                         f"W3 {tuple(W3.shape)}")
+    flags = dict(normalize=bool(normalize), tanh=bool(tanh), eps=float(eps))
+    scale = _coord_scale(mask, coords_agg, torch.float32).reshape(-1).contiguous()
+    mask_u8 = mask.to(torch.uint8).contiguous()
+    return _EgnnPairAggregateTriton.apply(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att,
+                                          mask_u8, scale, flags)

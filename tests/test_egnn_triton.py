@@ -1,0 +1,237 @@
+"""The Triton EGNN kernels (interpreted on the CPU) against the float64 reference: forward, every
+gradient, masks, odd sizes, every edge term and flag, fp32/bf16/fp16 error bounds, equivariance of
+the layer, bad input; and an ahead-of-time sm_90 compile of the shipped configurations."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_close_rel, random_mask, random_orthogonal, rel_err
+from protdiff_fast.nn import EGNNLayer
+from protdiff_fast.ops import egnn_pair_aggregate
+from test_egnn_cpu import FLAG_SETS, NAMES, flag_id, make_problem, run
+
+triton = pytest.importorskip("triton")
+egnn_triton = pytest.importorskip("protdiff_fast.ops.egnn_triton")
+
+F64 = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compare(B, N, H, E, edge_mode, flags, dtype, seed=0, K=None):
+    """Triton forward + gradients of every input against the float64 reference."""
+    args, kw = make_problem(B, N, H, E, edge_mode, flags, seed, K=K)
+    g = torch.Generator().manual_seed(seed + 1)
+    upstream = (torch.randn(B, N, H, generator=g, dtype=F64), torch.randn(B, N, 3, generator=g, dtype=F64))
+    want = run("reference", args, kw, F64, upstream)
+    got = run("triton", args, kw, dtype, upstream)
+    low_ref = run("reference", args, kw, dtype, upstream)
+    r_args = [a.to(dtype).double() for a in args]  # what rounding the inputs to dtype alone costs
+    r_kw = {k: (v.to(dtype).double() if torch.is_tensor(v) and v.dtype.is_floating_point else v)
+            for k, v in kw.items()}
+    rounded = run("reference", r_args, r_kw, F64, upstream)
+    extra = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
+    for k, (name, a, w) in enumerate(zip(NAMES + extra, got, want)):
+        assert a.dtype == dtype, name
+        assert bool(torch.isfinite(a).all()), f"{name}: non-finite values"
+        base = max(rel_err(low_ref[k], w), rel_err(rounded[k], w))
+        # a lone scalar (d b_att) is one random draw of rounding error, not a norm over many entries:
+        # it gets a factor 3 instead of 2 over the low-precision reference's own error
+        tol = (3 if w.numel() == 1 else 2) * base + max(5e-6, torch.finfo(dtype).eps / 2)
+        assert_close_rel(a, w, tol, f"{name} ({dtype}, B={B}, N={N}, H={H}, {edge_mode}, {flag_id(flags)})")
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=flag_id)
+def test_triton_matches_reference_every_flag_and_edge_term(edge_mode, flags):
+    compare(3, 33, 16, 5, edge_mode, flags, torch.float32, seed=11)
+
+
+@pytest.mark.parametrize("N", [1, 2, 7, 64])
+def test_triton_odd_sizes_and_single_node(N):
+    # N = 1: no neighbours, m_i = 0 and dx_i = 0, gradients still defined
+    compare(1, N, 16, 3, "offset", FLAG_SETS[4], torch.float32, seed=N, K=3)
+    compare(3, N, 16, 3, "dense", FLAG_SETS[5], torch.float32, seed=N + 50)
+
+
+@pytest.mark.parametrize("H", [32, 64])
+def test_triton_hidden_sizes(H):
+    compare(2, 19, H, 4, "offset", FLAG_SETS[4], torch.float32, seed=H)
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", [FLAG_SETS[0], FLAG_SETS[4]], ids=flag_id)
+def test_triton_bf16_within_reference_error(edge_mode, flags):
+    compare(2, 21, 32, 6, edge_mode, flags, torch.bfloat16, seed=200)
+
+
+def test_triton_fp16_within_reference_error():
+    compare(2, 21, 32, 6, "offset", FLAG_SETS[4], torch.float16, seed=300)
+
+
+def test_triton_padding_rows_are_zero_and_padding_changes_nothing():
+    args, kw = make_problem(2, 20, 16, 3, "offset", FLAG_SETS[4], seed=4)
+    args = [a.float() for a in args]
+    kw = {k: (v.float() if torch.is_tensor(v) and v.dtype.is_floating_point else v) for k, v in kw.items()}
+    mask = kw["mask"]
+    m, dx = egnn_pair_aggregate(*args, backend="triton", **kw)
+    assert (~mask).any() and float(m[~mask].abs().max()) == 0.0 and float(dx[~mask].abs().max()) == 0.0
+    # garbage in the padding rows does not reach the real rows
+    noisy = [a.clone() for a in args]
+    for t in noisy[:3]:
+        t[~mask] = torch.randn_like(t[~mask]) * 100
+    m2, dx2 = egnn_pair_aggregate(*noisy, backend="triton", **kw)
+    assert torch.equal(m2, m) and torch.equal(dx2, dx)
+
+
+def test_triton_repeat_runs_are_bitwise_equal():
+    args, kw = make_problem(2, 40, 16, 3, "offset", FLAG_SETS[4], seed=6)
+    g = torch.Generator().manual_seed(2)
+    up = (torch.randn(2, 40, 16, generator=g, dtype=F64), torch.randn(2, 40, 3, generator=g, dtype=F64))
+    first = run("triton", args, kw, torch.float32, up)
+    second = run("triton", args, kw, torch.float32, up)
+    for name, a, b in zip(NAMES + ["rel", "w_att", "b_att"], first, second):
+        assert torch.equal(a, b), name
+
+
+def _layer_pair(H, E, **kw):
+    torch.manual_seed(1)
+    ref = EGNNLayer(H, E, coord_init_gain=1.0, backend="reference", **kw)
+    fast = EGNNLayer(H, E, coord_init_gain=1.0, backend="triton", **kw)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def test_triton_layer_matches_reference_layer_with_parameter_gradients():
+    H, E, N = 32, 4, 19
+    ref, fast = _layer_pair(H, E, attention=True, normalize=True)
+    h, x = torch.randn(3, N, H), torch.randn(3, N, 3) * 3
+    table = torch.randn(2 * 6 + 1, E)
+    mask = random_mask(3, N)
+    outs = []
+    for layer in (ref.double(), fast):
+        dt = F64 if layer is ref else torch.float32
+        h_out, x_out = layer(h.to(dt), x.to(dt), table.to(dt), mask)
+        loss = h_out.pow(2).mean() + x_out.pow(2).mean()
+        outs.append((h_out, x_out, torch.autograd.grad(loss, list(layer.parameters()))))
+    assert_close_rel(outs[1][0], outs[0][0], 1e-5, "h")
+    assert_close_rel(outs[1][1], outs[0][1], 1e-5, "x")
+    for (name, _), a, b in zip(fast.named_parameters(), outs[1][2], outs[0][2]):
+        assert_close_rel(a, b, 1e-4, f"grad {name}")
+
+
+@pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
+def test_triton_layer_is_e3_and_permutation_equivariant(reflect):
+    H, N = 16, 13
+    _, layer = _layer_pair(H, 0, attention=True, tanh=True)
+    g = torch.Generator().manual_seed(5)
+    h, x = torch.randn(2, N, H, generator=g), torch.randn(2, N, 3, generator=g) * 3
+    mask = random_mask(2, N, generator=g, min_real=3)
+    h1, x1 = layer(h, x, mask=mask)
+    Q = random_orthogonal(reflect, generator=g, dtype=torch.float32)
+    shift = torch.randn(3, generator=g) * 10
+    h2, x2 = layer(h, x @ Q.T + shift, mask=mask)
+    keep = mask.unsqueeze(-1).float()
+    assert_close_rel(h2, h1, 1e-5, "h invariant")
+    assert_close_rel(x2, (x1 @ Q.T + shift) * keep, 1e-5, "x equivariant")
+    assert not torch.allclose(x1, x * keep, atol=1e-3), "the layer must move x for this test to mean anything"
+    perm = torch.randperm(N, generator=g)
+    h3, x3 = layer(h[:, perm], x[:, perm], mask=mask[:, perm])
+    assert_close_rel(h3, h1[:, perm], 1e-5, "h permuted")
+    assert_close_rel(x3, x1[:, perm], 1e-5, "x permuted")
+
+
+def test_triton_bad_input():
+    args, kw = make_problem(2, 5, 16, 2, "none", {}, seed=1)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16, got torch.float64"):
+        egnn_triton.egnn_pair_aggregate_triton(*args, **kw)
+    f32 = [a.float() for a in args]
+    bad = [a.clone() for a in f32]
+    bad[1][0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="p: contains"):
+        egnn_pair_aggregate(*bad, backend="triton", **kw)
+    with pytest.raises(ValueError, match=r"q: expected shape"):
+        egnn_pair_aggregate(f32[0], f32[1], f32[2][:, :4], *f32[3:], backend="triton", **kw)
+    with pytest.raises(ValueError, match=r"hidden sizes \(16, 32, 64, 128\), got H = 20"):
+        args20, kw20 = make_problem(1, 4, 20, 2, "none", {}, seed=1)
+        egnn_triton.egnn_pair_aggregate_triton(*[a.float() for a in args20], **kw20)
+    with pytest.raises(ValueError, match="device"):
+        egnn_pair_aggregate(f32[0], f32[1].to("meta"), *f32[2:], backend="triton", **kw)
+
+
+def test_triton_non_contiguous_inputs_are_handled():
+    args, kw = make_problem(2, 9, 16, 2, "none", FLAG_SETS[1], seed=8)
+    f32 = [a.float() for a in args]
+    kw = {k: (v.float() if torch.is_tensor(v) and v.dtype.is_floating_point else v) for k, v in kw.items()}
+    want = egnn_pair_aggregate(*f32, backend="reference", **kw)
+    W2_t = f32[4].t().contiguous().t()  # same values, transposed strides
+    p_strided = torch.cat([f32[1], f32[1]], dim=-1)[..., ::2]
+    p_strided.copy_(f32[1])
+    got = egnn_pair_aggregate(f32[0], p_strided, f32[2], f32[3], W2_t, *f32[5:], backend="triton", **kw)
+    assert not W2_t.is_contiguous() and not p_strided.is_contiguous()
+    for a, w in zip(got, want):
+        assert_close_rel(a, w, 1e-6, "non-contiguous")
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile for the H100 (sm_90): no GPU needed
+# ---------------------------------------------------------------------------------------------
+def test_kernels_compile_for_sm90_without_spills_and_use_tensor_cores(tmp_path):
+    """Compile the shipped configurations for sm_90a, run ptxas for registers/spills, and check the
+    PTX has tensor-core instructions. The records go to tmp_path and the test log."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile
+    out = tmp_path / "compile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_egnn_triton.py"), "--ci", "--json",
+                           str(out)], capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
+    print(proc.stdout)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.fail("the bundled ptxas is missing: " + proc.stderr[-500:])
+    assert out.exists(), proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert records, "no configuration compiled"
+    for r in records:
+        assert "error" not in r, r
+        assert r["wgmma"] + r["mma"] > 0, f"tl.dot did not become tensor-core instructions: {r}"
+        assert r["shared_bytes"] <= 232448, f"over the H100's shared memory: {r}"
+        if not r["known_spill"]:
+            assert r["spill_store_bytes"] == 0, f"register spills at a shipped configuration: {r}"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_dispatcher_pads_other_widths_for_triton():
+    """H_e = 20, M = 12, H_x = 24: zero-padded to the kernels' 32, sliced back, same answer."""
+    g = torch.Generator().manual_seed(3)
+    B, N, He, M, Hx = 2, 9, 20, 12, 24
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).requires_grad_(True)
+
+    args = [r(B, N, 3), r(B, N, He), r(B, N, He), r(He, scale=0.3), r(He, M, scale=He ** -0.5), r(M),
+            r(M, Hx, scale=M ** -0.5), r(Hx), r(Hx, scale=Hx ** -0.5)]
+    kw = dict(mask=random_mask(B, N, generator=g), rel=r(7, He), w_att=r(M), b_att=r(()))
+    leaves = args + [kw["rel"], kw["w_att"], kw["b_att"]]
+    want = egnn_pair_aggregate(*args, backend="reference", **kw)
+    f32 = [t.detach().float().requires_grad_(True) for t in leaves]
+    got = egnn_pair_aggregate(*f32[:9], backend="triton", mask=kw["mask"], rel=f32[9], w_att=f32[10],
+                              b_att=f32[11])
+    assert got[0].shape == (B, N, M)
+    up = [torch.randn(o.shape, generator=g, dtype=F64) for o in want]
+    gw = torch.autograd.grad(sum((o * u).sum() for o, u in zip(want, up)), leaves)
+    gg = torch.autograd.grad(sum((o.double() * u).sum() for o, u in zip(got, up)), f32)
+    for k, (a, w) in enumerate(zip(list(got) + list(gg), list(want) + list(gw))):
+        assert_close_rel(a, w, 2e-5, f"output/grad {k}")
+
+
+def test_layer_rel_offsets_keyword_is_the_offset_table():
+    torch.manual_seed(2)
+    layer = EGNNLayer(16, 3, backend="triton")
+    h, x, table = torch.randn(2, 8, 16), torch.randn(2, 8, 3), torch.randn(5, 3)
+    a = layer(h, x, rel_offsets=table)
+    b = layer(h, x, table)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="not both"):
+        layer(h, x, torch.randn(2, 8, 8, 3), rel_offsets=table)
