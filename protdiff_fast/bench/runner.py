@@ -92,7 +92,12 @@ def device_rates(device: str, H: int = 64) -> Dict:
     src = torch.randn(1 << 26, device=device)  # 256 MB
     dst = torch.empty_like(src)
     copy = 2 * src.numel() * 4 / _time_it(lambda: dst.copy_(src), 5, sync)
-    return dict(mm_fp32_square_flops=square, mm_fp32_pair_shape_flops=skinny, pair_shape_H=H, copy_bytes_per_s=copy)
+    rates = dict(mm_fp32_square_flops=square, mm_fp32_pair_shape_flops=skinny, pair_shape_H=H, copy_bytes_per_s=copy)
+    if device.startswith("cuda"):  # the tensor-core rate the triton kernels' bf16 target is measured against
+        n = 8192
+        a16, b16 = a.new_empty(n, n, dtype=torch.bfloat16).normal_(), a.new_empty(n, n, dtype=torch.bfloat16).normal_()
+        rates["mm_bf16_square_flops"] = 2 * n ** 3 / _time_it(lambda: a16 @ b16, 10, sync)
+    return rates
 
 
 # egnn-pytorch's dense layer runs at a few GFLOP/s on a CPU: larger rows would take many minutes each
@@ -110,8 +115,14 @@ def target_rows(device: str) -> List[Dict]:
     for p in base:
         rows.append(dict(suite="egnn", provider=p, B=1, N=1024, H=64, mode="fwdbwd", dtype="float32"))
         rows.append(dict(suite="egnn", provider=p, B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
+    if device.startswith("cuda"):  # the GPU targets of the Triton kernel issue: B=8, N=512, H=128, and N=8192
+        for mode in ("fwd", "fwdbwd"):
+            for p in ["reference", "triton"] + extra:
+                rows.append(dict(suite="egnn", provider=p, B=8, N=512, H=128, mode=mode, dtype="bfloat16"))
+        for p in ["reference", "triton"] + extra:  # the references are expected to run out of memory here
+            rows.append(dict(suite="egnn", provider=p, B=1, N=8192, H=128, mode="fwdbwd", dtype="bfloat16"))
     for N in (64, 128, 256):
-        for p in ("reference", "cpu"):
+        for p in ("reference", "cpu" if not device.startswith("cuda") else "triton"):
             rows.append(dict(suite="ddpm-step", provider=p, B=256, N=N, H=0, mode="fwd", dtype="float32"))
     for N in (64, 128):  # whole reverse steps (model + fused step) of a small fixed model
         for p in base:
@@ -129,8 +140,8 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
     if "egnn" in suites:
         if quick:
             Bs, Ns, Hs, modes = [1, 4], [64, 256], [64], ["fwd", "fwdbwd"]
-        elif device.startswith("cuda"):
-            Bs, Ns, Hs, modes = [1, 8], [128, 256, 512, 1024, 2048, 4096], [64, 128, 256], ["fwd", "fwdbwd"]
+        elif device.startswith("cuda"):  # the triton kernels run H <= 128 (wider is zero-padded up to 128)
+            Bs, Ns, Hs, modes = [1, 8], [128, 256, 512, 1024, 2048, 4096, 8192], [64, 128], ["fwd", "fwdbwd"]
         else:
             Bs, Ns, Hs, modes = [1, 8], [64, 128, 256, 512, 1024], [64, 128], ["fwd", "fwdbwd"]
         providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]
@@ -143,8 +154,13 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
                     for B in Bs:
                         for N in Ns:
                             for p in providers:
-                                if p == "egnn-pytorch" and B * N > EGNN_PYTORCH_MAX_BN and not quick:
+                                if p == "egnn-pytorch" and B * N > EGNN_PYTORCH_MAX_BN and not quick \
+                                        and not device.startswith("cuda"):
                                     continue  # minutes per row at ~1% of this machine's matmul rate
+                                if N > 4096 and p != "triton":
+                                    continue  # O(N^2 H) memory: one row at N = 8192 is in the targets
+                                if N > 4096 and B > 1:
+                                    continue
                                 rows.append(dict(suite="egnn", provider=p, B=B, N=N, H=H, mode=mode, dtype=dtype))
         if not quick and not device.startswith("cuda"):  # the long-sequence row: bounded memory at N = 4096
             rows.append(dict(suite="egnn", provider="cpu", B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
@@ -169,7 +185,7 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
                 rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256 if not quick else 64,
                                  mode="fwdbwd", dtype="float32"))
     if "ddpm-step" in suites:
-        providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference"]
+        providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]
         for B in ([256] if quick else [64, 256, 1024]):
             for N in ([128] if quick else [64, 128, 256]):
                 for p in providers:

@@ -564,6 +564,8 @@ def egnn_pair_aggregate_triton(
     if q.shape[-1] != H or W2.shape != (H, H) or W3.shape != (H, H):
         raise ValueError(f"the triton kernels need square hidden weights (H = {H}); got W2 {tuple(W2.shape)}, "
                          f"W3 {tuple(W3.shape)}")
+    if normalize not in (True, False):  # e.g. "clamp" (egnn-pytorch's CoorsNorm): not in these kernels
+        raise ValueError(f"normalize: the triton kernels implement True/False, got {normalize!r}")
     flags = dict(normalize=bool(normalize), tanh=bool(tanh), eps=float(eps))
     scale = _coord_scale(mask, coords_agg, torch.float32).reshape(-1).contiguous()
     mask_u8 = mask.to(torch.uint8).contiguous()
