@@ -1,0 +1,246 @@
+r"""Motif specifications: contig strings, motif residues from a structure file, per-design layouts.
+
+A contig lists the segments of a design from N- to C-terminus, comma separated, in the notation
+RFdiffusion users know:
+
+    "10-20,A15-30,5-15"   10..20 free (scaffold) residues, residues 15..30 of chain A, 5..15 free
+    "A1-7,20,A28-79"      a motif segment, exactly 20 free residues, another motif segment
+    "B19"                 a single motif residue (19 of chain B)
+
+A scaffold token is ``LO-HI`` or ``N`` (lengths, 0 allowed); a motif token is a chain id followed
+by ``FIRST-LAST`` or ``NUM`` (author residue numbers, negative ones allowed, e.g. ``A-3-10``).
+Together with a total-length range ``MIN-MAX`` it defines a set of layouts; every design draws
+one (:meth:`MotifSpec.sample_layout`) from its own seed, so designs are reproducible one by one.
+
+The motif's C-alpha coordinates are centred on their own centroid and divided by 10 A, like the
+training data (:data:`protdiff_fast.io.dataset.SCALE_A`); the motif is only known up to a rigid
+motion, and :mod:`protdiff_fast.motif.scaffold` conditions on exactly that.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from protdiff_fast.io.dataset import SCALE_A
+
+_SCAFFOLD = re.compile(r"^(\d+)(?:-(\d+))?$")
+_MOTIF = re.compile(r"^([A-Za-z][A-Za-z0-9]*?)(-?\d+)(?:-(-?\d+))?$")
+
+
+class ContigError(ValueError):
+    """A contig, length range or motif that cannot be used; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class ScaffoldSegment:
+    min_length: int
+    max_length: int
+
+    def __str__(self) -> str:
+        return f"{self.min_length}-{self.max_length}"
+
+
+@dataclass(frozen=True)
+class MotifSegment:
+    chain: str
+    first: int  # author residue numbers, inclusive
+    last: int
+
+    @property
+    def length(self) -> int:
+        return self.last - self.first + 1
+
+    def __str__(self) -> str:
+        return f"{self.chain}{self.first}-{self.last}"
+
+
+Segment = Union[ScaffoldSegment, MotifSegment]
+
+
+def parse_contig(contig: str) -> List[Segment]:
+    """Segments of a contig string, in order; ContigError for a malformed or overlapping contig."""
+    if not isinstance(contig, str) or not contig.strip():
+        raise ContigError("contig: empty; expected e.g. '10-20,A15-30,5-15'")
+    segments: List[Segment] = []
+    for raw in contig.replace(" ", "").split(","):
+        if not raw:
+            raise ContigError(f"contig {contig!r}: empty segment (two commas in a row, or a trailing comma)")
+        m = _SCAFFOLD.match(raw)
+        if m:
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if lo > hi:
+                raise ContigError(f"contig {contig!r}: scaffold segment {raw!r} has min {lo} > max {hi}")
+            segments.append(ScaffoldSegment(lo, hi))
+            continue
+        m = _MOTIF.match(raw)
+        if m:
+            first = int(m.group(2))
+            last = int(m.group(3)) if m.group(3) is not None else first
+            if first > last:
+                raise ContigError(f"contig {contig!r}: motif segment {raw!r} runs backwards ({first} > {last})")
+            segments.append(MotifSegment(m.group(1), first, last))
+            continue
+        raise ContigError(f"contig {contig!r}: cannot read segment {raw!r}; expected a length range like "
+                          "'10-20' or '5', or a motif segment like 'A15-30' or 'A15'")
+    motifs = [s for s in segments if isinstance(s, MotifSegment)]
+    if not motifs:
+        raise ContigError(f"contig {contig!r}: names no motif segment (e.g. 'A15-30')")
+    for i, a in enumerate(motifs):
+        for b in motifs[i + 1:]:
+            if a.chain == b.chain and a.first <= b.last and b.first <= a.last:
+                raise ContigError(f"contig {contig!r}: motif segments {a} and {b} overlap")
+    return segments
+
+
+def parse_length_range(spec: Union[str, int, Tuple[int, int], None]) -> Optional[Tuple[int, int]]:
+    """'60-80' -> (60, 80), '70' or 70 -> (70, 70), None -> None (no limit beyond the contig)."""
+    if spec is None:
+        return None
+    if isinstance(spec, tuple):
+        lo, hi = spec
+    elif isinstance(spec, int):
+        lo = hi = spec
+    else:
+        m = _SCAFFOLD.match(str(spec).strip().replace("..", "-"))
+        if not m:
+            raise ContigError(f"length: cannot read {spec!r}; expected 'MIN-MAX' or 'N'")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+    if lo < 1 or lo > hi:
+        raise ContigError(f"length: need 1 <= MIN <= MAX, got {lo}-{hi}")
+    return int(lo), int(hi)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One concrete design: its length and where each motif residue sits (0-based positions)."""
+
+    length: int
+    motif_positions: np.ndarray  # (M,) int64, in the order of MotifSpec.motif_ca
+    scaffold_lengths: Tuple[int, ...]  # the drawn length of each scaffold segment, in contig order
+
+    def contig(self, segments: Sequence[Segment]) -> str:
+        """The concrete contig of this layout, e.g. '14,A15-30,7'."""
+        it = iter(self.scaffold_lengths)
+        return ",".join(str(next(it)) if isinstance(s, ScaffoldSegment) else str(s) for s in segments)
+
+    @property
+    def motif_mask(self) -> np.ndarray:
+        mask = np.zeros(self.length, dtype=bool)
+        mask[self.motif_positions] = True
+        return mask
+
+
+@dataclass
+class MotifSpec:
+    """A parsed contig with the motif's coordinates; draws layouts within the length limits."""
+
+    segments: List[Segment]
+    motif_ca: np.ndarray  # (M, 3) Angstrom, in the frame of the source file
+    min_length: int
+    max_length: int
+    source: str = ""
+    contig: str = ""
+    sequence: str = ""  # one-letter codes of the motif residues
+
+    @property
+    def num_motif(self) -> int:
+        return int(self.motif_ca.shape[0])
+
+    def motif_model_units(self) -> np.ndarray:
+        """The motif centred on its centroid, in model units (A / 10) like the training data."""
+        ca = np.asarray(self.motif_ca, dtype=np.float64)
+        return (ca - ca.mean(0)) / SCALE_A
+
+    def sample_layout(self, seed: int) -> Layout:
+        """A layout drawn from this design's ``seed``: a total length uniform over the feasible
+        totals, then each scaffold segment uniform over the lengths that keep the total reachable
+        (so every draw is valid; no rejection loop)."""
+        rng = np.random.default_rng(int(seed) & ((1 << 63) - 1))
+        scaffolds = [s for s in self.segments if isinstance(s, ScaffoldSegment)]
+        total = int(rng.integers(self.min_length, self.max_length + 1))
+        free = total - self.num_motif
+        lo_rest = sum(s.min_length for s in scaffolds)
+        hi_rest = sum(s.max_length for s in scaffolds)
+        lengths = []
+        for s in scaffolds:
+            lo_rest -= s.min_length
+            hi_rest -= s.max_length
+            lo = max(s.min_length, free - hi_rest)
+            hi = min(s.max_length, free - lo_rest)
+            n = int(rng.integers(lo, hi + 1))
+            lengths.append(n)
+            free -= n
+        assert free == 0, "layout sampling left residues unplaced"  # guaranteed by the feasible range
+        positions, pos, it = [], 0, iter(lengths)
+        for s in self.segments:
+            if isinstance(s, ScaffoldSegment):
+                pos += next(it)
+            else:
+                positions.extend(range(pos, pos + s.length))
+                pos += s.length
+        return Layout(length=pos, motif_positions=np.asarray(positions, dtype=np.int64),
+                      scaffold_lengths=tuple(lengths))
+
+
+def motif_spec(
+    path: Union[str, Path],
+    contig: str,
+    length: Union[str, int, Tuple[int, int], None] = None,
+    max_model_length: Optional[int] = None,
+) -> MotifSpec:
+    """Read the motif residues named by ``contig`` from a PDB/mmCIF file (also .gz).
+
+    ``length`` limits the total design length (``'MIN-MAX'``); the contig's own segment ranges
+    limit it too, and so does ``max_model_length`` (the model's maximum). Errors (ContigError, or
+    StructureError for the file) name the missing chain or residues, overlapping segments, a motif
+    longer than the maximum length, and length limits that no layout can meet.
+    """
+    from protdiff_fast.io.structure import read_backbones
+
+    segments = parse_contig(contig)
+    limits = parse_length_range(length)
+    chains = {}
+    ca_parts, seq_parts = [], []
+    for seg in (s for s in segments if isinstance(s, MotifSegment)):
+        if seg.chain not in chains:
+            chains[seg.chain] = read_backbones(path, chain=seg.chain)[0]  # StructureError names a missing chain
+        bb = chains[seg.chain]
+        # author numbering; residues with insertion codes are not addressable by a contig
+        plain = np.asarray([ic == "" for ic in bb.icodes], dtype=bool)
+        index = {int(n): i for i, n in enumerate(bb.resnums) if plain[i]}
+        wanted = range(seg.first, seg.last + 1)
+        missing = [n for n in wanted if n not in index]
+        if missing:
+            have = f"{int(bb.resnums.min())}..{int(bb.resnums.max())}" if len(bb) else "none"
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise ContigError(f"{path}: chain {seg.chain} has no CA for residue(s) {shown} of motif segment {seg} "
+                              f"(chain {seg.chain} has residues {have})")
+        rows = [index[n] for n in wanted]
+        ca_parts.append(bb.ca[rows])
+        seq_parts.append("".join(bb.sequence[i] for i in rows))
+    motif_ca = np.concatenate(ca_parts, axis=0)
+    M = motif_ca.shape[0]
+    scaffolds = [s for s in segments if isinstance(s, ScaffoldSegment)]
+    lo = M + sum(s.min_length for s in scaffolds)
+    hi = M + sum(s.max_length for s in scaffolds)
+    want_lo, want_hi = limits if limits is not None else (lo, hi)
+    if M > want_hi:
+        raise ContigError(f"contig {contig!r}: the motif has {M} residues, more than the maximum length {want_hi}")
+    if max_model_length is not None and M > max_model_length:
+        raise ContigError(f"contig {contig!r}: the motif has {M} residues, more than the model's maximum "
+                          f"length {max_model_length}")
+    feasible_lo, feasible_hi = max(lo, want_lo), min(hi, want_hi)
+    if max_model_length is not None:
+        feasible_hi = min(feasible_hi, max_model_length)
+    if feasible_lo > feasible_hi:
+        model = f", model maximum {max_model_length}" if max_model_length is not None else ""
+        raise ContigError(f"contig {contig!r}: allows total lengths {lo}..{hi} ({M} motif residues), which "
+                          f"cannot meet the requested length {want_lo}-{want_hi}{model}")
+    return MotifSpec(segments=segments, motif_ca=motif_ca, min_length=feasible_lo, max_length=feasible_hi,
+                     source=str(path), contig=contig, sequence="".join(seq_parts))
