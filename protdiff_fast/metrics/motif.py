@@ -42,7 +42,7 @@ def motif_rmsd(pred: Union[torch.Tensor, np.ndarray], ref: Union[torch.Tensor, n
     ref = torch.as_tensor(ref).to(torch.float64).to(pred.device)
     if pred.dim() == 2:
         pred = pred[None]
-    if ref.dim() == 2:
+    if ref.dim() == 2 and pred.dim() == 3 and ref.shape == pred.shape[1:]:
         ref = ref[None].expand_as(pred)
     if pred.dim() != 3 or pred.shape[-1] != 3 or ref.shape != pred.shape:
         raise ValueError(f"motif_rmsd: expected pred (B, M, 3) and ref (B, M, 3) or (M, 3), got "

@@ -116,7 +116,7 @@ def parse_length_range(spec: Union[str, int, Tuple[int, int], None]) -> Optional
     return int(lo), int(hi)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on numpy arrays is ambiguous; compare fields explicitly
 class Layout:
     """One concrete design: its length and where each motif residue sits (0-based positions)."""
 

@@ -1,0 +1,341 @@
+"""Motif scaffolding: contigs and motif specs, Kabsch RMSD, resampling, replacement invariants, bad input."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import random_orthogonal
+from protdiff_fast.diffusion import DDPMScheduler
+from protdiff_fast.io.structure import StructureError
+from protdiff_fast.metrics.motif import motif_rmsd, success_rate
+from protdiff_fast.motif import (
+    ContigError,
+    MotifSegment,
+    ScaffoldingError,
+    ScaffoldSegment,
+    effective_sample_size,
+    motif_spec,
+    motif_trajectory,
+    parse_contig,
+    parse_length_range,
+    replace_motif,
+    residual_resample,
+    scaffold,
+    systematic_resample,
+)
+from protdiff_fast.reference.com import remove_center_of_mass_reference
+
+DATA = Path(__file__).parent / "data"
+MOTIF_5TPN = DATA / "motif_5tpn.pdb"  # A163-181
+MOTIF_1PRW = DATA / "motif_1prw.pdb"  # A16-35, A52-71
+
+
+# ------------------------------------------------------------------------------------------ contigs
+
+def test_parse_contig_segments_in_order():
+    segs = parse_contig("10-20,A15-30,5, B7,0-3")
+    assert segs == [ScaffoldSegment(10, 20), MotifSegment("A", 15, 30), ScaffoldSegment(5, 5),
+                    MotifSegment("B", 7, 7), ScaffoldSegment(0, 3)]
+    assert parse_contig("A-3-4")[0] == MotifSegment("A", -3, 4)  # negative author numbers
+
+
+@pytest.mark.parametrize("contig, words", [
+    ("", "empty"), ("10-20", "no motif"), ("10-20,,A1-5", "empty segment"), ("20-10,A1-5", "min 20 > max 10"),
+    ("A9-5", "backwards"), ("10-20,A1-10,5,A8-12", "overlap"), ("10-20,A1-5,x?", "cannot read"),
+])
+def test_parse_contig_errors(contig, words):
+    with pytest.raises(ContigError, match=words):
+        parse_contig(contig)
+
+
+def test_parse_length_range():
+    assert parse_length_range("60-80") == (60, 80)
+    assert parse_length_range("70") == (70, 70) and parse_length_range(70) == (70, 70)
+    assert parse_length_range(None) is None
+    for bad in ("80-60", "0-5", "abc"):
+        with pytest.raises(ContigError):
+            parse_length_range(bad)
+
+
+def test_motif_spec_reads_residues_and_centres_and_scales():
+    spec = motif_spec(MOTIF_1PRW, "5-20,A16-35,10-25,A52-71,5-20", "60-105")
+    assert spec.num_motif == 40 and (spec.min_length, spec.max_length) == (60, 105)
+    import gemmi
+
+    st = gemmi.read_structure(str(MOTIF_1PRW))
+    want = np.array([[a.pos.x, a.pos.y, a.pos.z] for r in st[0]["A"] for a in r if a.name == "CA"
+                     and (16 <= r.seqid.num <= 35 or 52 <= r.seqid.num <= 71)])
+    np.testing.assert_array_equal(spec.motif_ca, want)
+    units = spec.motif_model_units()
+    np.testing.assert_allclose(units.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(units * 10, want - want.mean(0), atol=1e-12)
+
+
+def test_motif_spec_reads_mmcif(tmp_path):
+    import gemmi
+
+    st = gemmi.read_structure(str(MOTIF_5TPN))
+    st.setup_entities()
+    cif = tmp_path / "motif.cif"
+    st.make_mmcif_document().write_file(str(cif))
+    a = motif_spec(MOTIF_5TPN, "10-40,A163-181,10-40", "50-75")
+    b = motif_spec(cif, "10-40,A163-181,10-40", "50-75")
+    np.testing.assert_allclose(a.motif_ca, b.motif_ca, atol=1e-3)
+
+
+@pytest.mark.parametrize("contig, length, words", [
+    ("10-40,B163-181,10-40", None, "no chain 'B'"),
+    ("10-40,A160-181,10-40", None, r"no CA for residue\(s\) 160, 161, 162"),
+    ("10-40,A163-181,10-40", "10-15", "19 residues, more than the maximum length 15"),
+    ("10-20,A163-181,10-20", "70-80", "cannot meet the requested length 70-80"),
+    ("0,A163-181,0", "25-30", "cannot meet"),
+])
+def test_motif_spec_errors(contig, length, words):
+    with pytest.raises((ContigError, StructureError), match=words):
+        motif_spec(MOTIF_5TPN, contig, length)
+
+
+def test_motif_spec_respects_model_max_length():
+    spec = motif_spec(MOTIF_5TPN, "0-200,A163-181,0-200", None, max_model_length=128)
+    assert spec.max_length == 128
+    with pytest.raises(ContigError, match="model"):
+        motif_spec(MOTIF_5TPN, "150-200,A163-181,0", None, max_model_length=128)
+
+
+def test_layouts_valid_reproducible_and_varied():
+    spec = motif_spec(MOTIF_1PRW, "5-20,A16-35,10-25,A52-71,5-20", "60-105")
+    seen = set()
+    for seed in range(200):
+        lay = spec.sample_layout(seed)
+        assert 60 <= lay.length <= 105
+        a, b, c = lay.scaffold_lengths
+        assert 5 <= a <= 20 and 10 <= b <= 25 and 5 <= c <= 20
+        np.testing.assert_array_equal(lay.motif_positions,
+                                      np.r_[a:a + 20, a + 20 + b:a + 40 + b])
+        assert lay.contig(spec.segments) == f"{a},A16-35,{b},A52-71,{c}"
+        assert lay.motif_mask.sum() == 40
+        again = spec.sample_layout(seed)  # the same seed gives the same layout
+        assert again.scaffold_lengths == lay.scaffold_lengths
+        np.testing.assert_array_equal(again.motif_positions, lay.motif_positions)
+        seen.add(lay.length)
+    assert len(seen) > 20  # lengths spread over the range, not stuck at one value
+    # a tight total length forces the scaffold lengths, and every draw still meets it
+    tight = motif_spec(MOTIF_1PRW, "5-20,A16-35,10-25,A52-71,5-20", "105")
+    assert all(tight.sample_layout(s).scaffold_lengths == (20, 25, 20) for s in range(5))
+
+
+# ------------------------------------------------------------------------------------------ Kabsch
+
+def _kabsch_numpy(P, Q):
+    """Float64 reference, one pair at a time (textbook Kabsch with the reflection fix)."""
+    P = P - P.mean(0)
+    Q = Q - Q.mean(0)
+    U, S, Vt = np.linalg.svd(P.T @ Q)
+    d = np.sign(np.linalg.det(Vt.T @ U.T))
+    R = Vt.T @ np.diag([1, 1, d]) @ U.T
+    return np.sqrt(((P @ R.T - Q) ** 2).sum(1).mean())
+
+
+def test_kabsch_matches_float64_reference_and_known_rotation():
+    g = torch.Generator().manual_seed(3)
+    B, M = 7, 13
+    Q = torch.randn(M, 3, generator=g, dtype=torch.float64) * 5
+    R = torch.stack([random_orthogonal(False, g) for _ in range(B)])
+    shift = torch.randn(B, 1, 3, generator=g, dtype=torch.float64) * 20
+    noise = torch.randn(B, M, 3, generator=g, dtype=torch.float64) * torch.linspace(0, 1, B).view(B, 1, 1)
+    P = (Q + noise) @ R.transpose(1, 2) + shift
+    got = motif_rmsd(P.float(), Q.float())
+    want = np.array([_kabsch_numpy(P[b].numpy(), Q.numpy()) for b in range(B)])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+    # a rotated and translated copy superposes exactly; the noisy ones equal the noise's own RMSD bound
+    assert float(got[0]) < 1e-4
+    direct = (noise - noise.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).sqrt()
+    assert bool((got.double() <= direct + 1e-5).all())
+
+
+def test_kabsch_does_not_superpose_a_mirror_image():
+    g = torch.Generator().manual_seed(4)
+    Q = torch.randn(20, 3, generator=g, dtype=torch.float64) * 5
+    mirror = Q @ random_orthogonal(True, g).T  # det -1: a reflection, not reachable by a rotation
+    assert float(motif_rmsd(mirror, Q)[0]) > 1.0
+    rotated = Q @ random_orthogonal(False, g).T
+    assert float(motif_rmsd(rotated, Q)[0]) < 1e-9
+
+
+def test_kabsch_rejects_nan_and_bad_shapes():
+    Q = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        motif_rmsd(torch.full((5, 3), float("nan")), Q)
+    with pytest.raises(ValueError, match="expected"):
+        motif_rmsd(torch.randn(2, 4, 3), Q)
+    assert success_rate([0.5, 1.5, float("nan"), 0.99]) == 0.5
+
+
+# ------------------------------------------------------------------------------------------ resampling
+
+@pytest.mark.parametrize("resample", [systematic_resample, residual_resample], ids=["systematic", "residual"])
+def test_resampling_keeps_count_and_is_unbiased(resample):
+    """E[copies of i] = K w_i. Tolerance from the variance: 5 standard errors of the mean count."""
+    K, reps = 16, 3000
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(K, generator=g, dtype=torch.float64) ** 3
+    w[3] = 0.0  # a dead particle must never be copied
+    w /= w.sum()
+    counts = torch.zeros(reps, K, dtype=torch.float64)
+    for r in range(reps):
+        anc = resample(w, g)
+        assert anc.shape == (K,) and anc.dtype == torch.long
+        counts[r] = torch.bincount(anc, minlength=K).double()
+    assert bool((counts.sum(1) == K).all())
+    assert float(counts[:, 3].max()) == 0
+    expected = K * w
+    if resample is systematic_resample:  # each count is floor or ceil of K w_i
+        assert bool(((counts >= expected.floor() - 1e-9) & (counts <= expected.ceil() + 1e-9)).all())
+    se = counts.std(0) / math.sqrt(reps)
+    err = (counts.mean(0) - expected).abs()
+    assert bool((err <= 5 * se + 1e-9).all()), f"bias {err.max():.4f} > 5 SE {se.max():.4f}"
+
+
+def test_unbiasedness_check_catches_a_biased_resampler():
+    """The criterion above must fail for a wrong resampler (multinomial on w^2): it is not vacuous."""
+    K, reps = 16, 3000
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(K, generator=g, dtype=torch.float64) ** 3
+    w /= w.sum()
+    counts = torch.stack([torch.bincount(torch.multinomial(w ** 2 / (w ** 2).sum(), K, True, generator=g),
+                                         minlength=K).double() for _ in range(reps)])
+    se = counts.std(0) / math.sqrt(reps)
+    assert not bool(((counts.mean(0) - K * w).abs() <= 5 * se + 1e-9).all())
+
+
+def test_resampling_bad_weights():
+    for bad in (torch.tensor([float("nan"), 1.0]), torch.zeros(3), torch.tensor([-1.0, 2.0]), torch.tensor([])):
+        with pytest.raises(ValueError, match="weights"):
+            systematic_resample(bad)
+
+
+def test_effective_sample_size():
+    K = 8
+    assert math.isclose(float(effective_sample_size(torch.full((K,), -math.log(K), dtype=torch.float64))), K)
+    one = torch.full((K,), -1e300, dtype=torch.float64)
+    one[2] = 0.0
+    assert math.isclose(float(effective_sample_size(one)), 1.0)
+
+
+# ------------------------------------------------------------------------------------------ replacement
+
+def test_motif_trajectory_is_the_forward_process():
+    """Row i is q(y_i | y_{i-1}) in the motif-centred subspace: centred, and its marginal at t matches
+    q(y_t | y_0) = N(sqrt(ab_t) y_0, (1 - ab_t) D) (checked by moments over many designs)."""
+    sch = DDPMScheduler(100, 1e-3, 0.1)
+    sch.set_timesteps(20)
+    asc = [0] + sch.timesteps.flip(0).tolist()
+    M, D = 4, 4000
+    y0 = torch.randn(M, 3, dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(i) for i in range(D)]
+    traj = motif_trajectory(sch, y0.expand(D, M, 3), gens, asc)
+    assert float(traj.mean(2).abs().max()) < 1e-12
+    ab = sch.schedule.alpha_bars
+    for i in (3, 10, len(asc) - 1):
+        t = asc[i]
+        mean = math.sqrt(float(ab[t])) * (y0 - y0.mean(0))
+        resid = traj[i] - mean
+        var = float(resid.pow(2).mean()) * M / (M - 1)  # D has rank M - 1 per axis
+        assert abs(float(resid.mean(0).abs().max())) < 5 * math.sqrt((1 - float(ab[t])) / D)
+        assert abs(var / (1 - float(ab[t])) - 1) < 0.05
+
+
+def test_replace_motif_keeps_centre_and_sets_shape():
+    g = torch.Generator().manual_seed(1)
+    x = remove_center_of_mass_reference(torch.randn(3, 10, 3, generator=g, dtype=torch.float64))
+    idx = torch.tensor([[2, 3, 4], [0, 5, 9], [7, 8, 9]])
+    shape = torch.randn(3, 3, 3, generator=g, dtype=torch.float64)
+    shape = shape - shape.mean(1, keepdim=True)
+    y = replace_motif(x, idx, shape)
+    assert float(y.mean(1).abs().max()) < 1e-12  # still zero centre of mass
+    got = y.gather(1, idx[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(got - got.mean(1, keepdim=True), shape, rtol=0, atol=1e-12)
+    keep = torch.ones(3, 10, dtype=torch.bool)
+    keep.scatter_(1, idx, False)
+    assert torch.equal(y[keep], x[keep])  # the scaffold is untouched
+
+
+class _RecordingModel:
+    """An eps model that records the motif shape it is shown at every call."""
+
+    max_length = 64
+
+    def __init__(self, positions):
+        self.positions, self.seen = positions, []
+
+    def __call__(self, x, t, mask):
+        idx = self.positions[:, None].expand(-1, 3)
+        shapes = torch.stack([xb.gather(0, idx) for xb in x])
+        self.seen.append((int(t[0]), (shapes - shapes.mean(1, keepdim=True)).double()))
+        return remove_center_of_mass_reference(0.1 * x, mask)
+
+
+@pytest.mark.parametrize("method", ["replacement", "fixed", "smc"])
+def test_model_sees_the_motif_exactly_at_its_noised_trajectory(method):
+    """Replacement (and SMCDiff) show the model y_t for every t; fixed shows y_0; the trajectory is
+    the one motif_trajectory draws from the design's seed."""
+    from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
+
+    positions = torch.tensor([3, 4, 5, 9])
+    model = _RecordingModel(positions)
+    sch = DDPMScheduler(50, 1e-3, 0.2, backend="reference")
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    res = scaffold(model, y0, [12, 12], positions.expand(2, 4), method=method, particles=3, scheduler=sch, seed=7,
+                   dtype=torch.float64)
+    assert len(model.seen) == 50 and res.particles[0].shape == (3, 12, 3)
+    seeds = per_sample_seeds(7, 2)
+    gens = [torch.Generator().manual_seed(int(per_sample_seeds(int(s) ^ 0x11, 1)[0]) & ((1 << 63) - 1))
+            for s in seeds]
+    traj = motif_trajectory(sch, y0.expand(2, 4, 3), gens, list(range(51)))
+    for t, shapes in model.seen:
+        want = traj[0 if method == "fixed" else t]
+        for d in range(2):
+            torch.testing.assert_close(shapes[3 * d:3 * d + 3], want[d].expand(3, 4, 3), rtol=0, atol=1e-12)
+
+
+def test_scaffold_bad_input():
+    sch = DDPMScheduler(20, 1e-3, 0.2, backend="reference")
+    model = _RecordingModel(torch.tensor([0, 1]))
+    y0 = torch.randn(2, 3)
+    ok = dict(scheduler=sch, dtype=torch.float64)
+    with pytest.raises(ValueError, match="particles must be an integer >= 1"):
+        scaffold(model, y0, [5], [[0, 1]], particles=0, **ok)
+    with pytest.raises(ValueError, match="method"):
+        scaffold(model, y0, [5], [[0, 1]], method="inpaint", **ok)
+    with pytest.raises(ValueError, match="distinct positions"):
+        scaffold(model, y0, [5], [[0, 5]], **ok)
+    with pytest.raises(ValueError, match="max_length"):
+        scaffold(model, y0, [100], [[0, 1]], **ok)
+    with pytest.raises(ValueError, match="NaN"):
+        scaffold(model, torch.full((2, 3), float("nan")), [5], [[0, 1]], **ok)
+
+
+def test_nan_model_output_and_degenerate_weights_raise_clearly():
+    sch = DDPMScheduler(20, 1e-3, 0.2, backend="reference")
+
+    def nan_model(x, t, mask):
+        out = torch.zeros_like(x)
+        if int(t[0]) == 7:
+            out[4] = float("nan")  # design 1 (K = 3), particle 1
+        return out
+
+    with pytest.raises(ScaffoldingError, match=r"NaN/Inf at t=7 for design 1 \(particle 1\)"):
+        scaffold(nan_model, torch.randn(2, 3), [5, 5], [[0, 1], [0, 1]], particles=3, scheduler=sch,
+                 dtype=torch.float64)
+
+    def exploding_model(x, t, mask):  # finite eps, but the motif likelihood overflows for every particle
+        spread = torch.arange(x.shape[1], dtype=x.dtype).view(1, -1, 1) - 2.0  # not a mere translation
+        return (1e300 * spread * torch.where(mask, 1.0, 0.0)[..., None]).expand_as(x).contiguous()
+
+    with pytest.raises(ScaffoldingError, match="weights of design 0 are NaN/Inf"):
+        scaffold(exploding_model, torch.randn(2, 3), [5], [[0, 1]], particles=4, scheduler=sch,
+                 dtype=torch.float64)
