@@ -92,7 +92,8 @@ def main(spec_json: str) -> None:
             # pages freed during the run can leave the high-water mark below the starting RSS: floor at 0
             out["peak_mem_bytes"] = max(0, _status_kb("VmHWM") - base_rss) * 1024 if peak_reset else None
             out["mem_method"] = "VmHWM - VmRSS after inputs (RSS, clear_refs reset)" if peak_reset else "unavailable"
-        q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+        # "inclusive": percentiles within the measured range (the default extrapolates past it for few reps)
+        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
         out.update(median_s=statistics.median(times), p20_s=q[0], p80_s=q[3], reps=len(times))
     except (MemoryError, RuntimeError) as err:
         msg = str(err)
