@@ -20,6 +20,7 @@ from protdiff_fast.motif.scaffold import (
     residual_resample,
     scaffold,
     systematic_resample,
+    systematic_resample_rows,
     transition_sigma,
 )
 
@@ -27,5 +28,5 @@ __all__ = [
     "METHODS", "ContigError", "Layout", "MotifSegment", "MotifSpec", "ScaffoldResult", "ScaffoldSegment",
     "ScaffoldingError", "effective_sample_size", "motif_spec", "motif_trajectory", "parse_contig",
     "parse_length_range", "replace_motif", "residual_resample", "scaffold", "systematic_resample",
-    "transition_sigma",
+    "systematic_resample_rows", "transition_sigma",
 ]

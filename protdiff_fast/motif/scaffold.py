@@ -88,11 +88,15 @@ def systematic_resample(weights: torch.Tensor, generator: Optional[torch.Generat
 
     Particle i gets floor(K w_i) or ceil(K w_i) copies, with E[copies] = K w_i (Kitagawa 1996).
     """
-    w = _check_weights(weights)
-    K = w.numel()
-    u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(K, dtype=torch.float64)) / K
-    cdf = torch.cumsum(w, 0)
-    cdf[-1] = 1.0  # rounding must not leave the last point past the end
+    return systematic_resample_rows(_check_weights(weights)[None], generator)[0]
+
+
+def systematic_resample_rows(weights: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Systematic resampling of every row of normalised weights (D, K) at once: ancestors (D, K)."""
+    D, K = weights.shape
+    u = (torch.rand(D, 1, generator=generator, dtype=torch.float64) + torch.arange(K, dtype=torch.float64)) / K
+    cdf = torch.cumsum(weights.to(torch.float64), 1)
+    cdf[:, -1] = 1.0  # rounding must not leave the last point past the end
     return torch.searchsorted(cdf, u, right=True).clamp_(max=K - 1)
 
 
@@ -265,10 +269,11 @@ def scaffold(
     def gen(s: int, salt: int) -> torch.Generator:  # independent streams per design and purpose
         return torch.Generator().manual_seed(int(per_sample_seeds(int(s) ^ salt, 1)[0]) & ((1 << 63) - 1))
 
-    traj_gens = [gen(s, 0x11) for s in seeds]  # per design: a design's motif trajectory and
-    resample_gens = [gen(s, 0x44) for s in seeds]  # resampling draws do not depend on the others
-    # particle noise from one stream for the whole batch: one randn per step, not one per design
+    traj_gens = [gen(s, 0x11) for s in seeds]  # per design: its motif trajectory does not depend on the others
+    # particle noise and resampling draws from one stream each for the whole batch (one call per step,
+    # not one per design): reproducible for the same run, not per design
     noise_gen = gen(int(seed) & ((1 << 64) - 1), 0x33)
+    resample_gen = gen(int(seed) & ((1 << 64) - 1), 0x44)
     traj = motif_trajectory(scheduler, motif, traj_gens, ascending)  # (S + 1, D, M, 3) float64
     if method == "fixed":  # the motif held at the data at every step
         traj = traj[:1].expand_as(traj)
@@ -331,12 +336,18 @@ def scaffold(
             else:  # the original code's test: total departure from uniform weights
                 need = (K * w - 1).abs().sum(1) > 0.75 * K
             if bool(need.any()):
-                ancestors = torch.arange(B)
-                for d in need.nonzero().flatten().tolist():
-                    ancestors[d * K:(d + 1) * K] = d * K + RESAMPLE_FNS[resampler](w[d], resample_gens[d])
+                chosen_designs = need.nonzero().flatten()
+                if resampler == "systematic":  # all designs that need it in one vectorised call
+                    local = systematic_resample_rows(w[chosen_designs], resample_gen)
+                else:
+                    local = torch.stack([residual_resample(w[d], resample_gen) for d in chosen_designs.tolist()])
+                ancestors = torch.arange(B).view(D, K)
+                ancestors[chosen_designs] = chosen_designs.view(-1, 1) * K + local
+                ancestors = ancestors.flatten()
+                for d in chosen_designs.tolist():
                     events.append(dict(step=s, t=t, design=d, ess=float(ess[d])))
-                    resampled_log[s, d] = True
-                    log_w[d] = -math.log(K)  # weights reset after resampling
+                resampled_log[s, chosen_designs.numpy()] = True
+                log_w[chosen_designs] = -math.log(K)  # weights reset after resampling
                 anc = ancestors.to(device)
                 # slot k takes ancestor a's mean with its own noise: duplicates diverge at once
                 prev = mean[anc] + (prev - mean)
@@ -365,7 +376,7 @@ def scaffold(
     chosen = np.zeros(D, dtype=np.int64)
     if method == "smc" and K > 1:  # report a particle drawn by the final weights (a draw from the SMC target)
         for d in range(D):
-            chosen[d] = int(torch.multinomial(log_w[d].exp(), 1, generator=resample_gens[d]))
+            chosen[d] = int(torch.multinomial(log_w[d].exp(), 1, generator=resample_gen))
     result_particles = [x[d * K:(d + 1) * K, : lengths[d]].numpy() for d in range(D)]
     return ScaffoldResult(particles=result_particles, log_weights=log_w.numpy(), chosen=chosen,
                           motif_positions=positions.numpy(), timesteps=steps, ess=ess_log,
