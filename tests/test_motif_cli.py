@@ -1,0 +1,90 @@
+"""``protdiff-fast scaffold`` end to end with the shipped model at tiny settings, and its bad-input messages."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import pytest
+
+from protdiff_fast.cli import main
+from protdiff_fast.metrics.motif import motif_rmsd
+from protdiff_fast.motif import motif_spec
+
+DATA = Path(__file__).parent / "data"
+PDB = DATA / "motif_5tpn.pdb"
+CONTIG = "10-40,A163-181,10-40"
+
+
+def _args(out, method="smc", *extra):
+    return ["scaffold", "--pdb", str(PDB), "--contig", CONTIG, "--length", "50-60", "--num", "2", "--particles", "3",
+            "--method", method, "--steps", "6", "--redenoise-t", "3", "--seed", "5", "--out", str(out),
+            "--no-progress", *extra]
+
+
+def test_scaffold_cli_writes_marked_designs_and_summary(tmp_path, capsys):
+    out = tmp_path / "smc"
+    assert main(_args(out)) == 0
+    printed = capsys.readouterr()
+    assert "2 designs (smc, 3 particle(s) each, 6 steps" in printed.out
+    assert "min ESS" in printed.err  # the non-TTY progress log line
+    content = json.loads((out / "summary.json").read_text())
+    s = content["summary"]
+    assert s["num_designs"] == 2 and s["particles"] == 3 and s["steps"] == 6
+    spec = motif_spec(PDB, CONTIG, "50-60")
+    for row in content["designs"]:
+        assert 50 <= row["length"] <= 60
+        st = gemmi.read_structure(str(out / row["design"]))
+        res = list(st[0]["A"])
+        assert len(res) == row["length"]
+        pos = np.asarray(row["motif_positions"]) - 1  # 1-based in the summary
+        marked = [i for i, r in enumerate(res) if r[0].b_iso == 1.0]
+        assert marked == pos.tolist()  # B-factor marks exactly the motif residues
+        assert "".join(gemmi.find_tabulated_residue(res[i].name).one_letter_code.upper() for i in pos) == spec.sequence
+        assert any("MOTIF RESIDUES" in line for line in st.raw_remarks)
+        ca = np.array([[r[0].pos.x, r[0].pos.y, r[0].pos.z] for r in res])
+        # the summary's RMSD is the RMSD of the written file (PDB rounds to 1e-3 A)
+        assert abs(float(motif_rmsd(ca[pos], spec.motif_ca)[0]) - row["motif_rmsd"]) < 5e-3
+        assert np.isfinite(row["redenoise_motif_rmsd"]) and np.isfinite(row["log_weight"])
+        assert row["ca_ca_dev"] >= 0
+    assert 0.0 <= s["success_rate"] <= 1.0 and np.isfinite(s["mean_motif_rmsd"])
+    log = content["smc_log"]
+    assert len(log["min_ess"]) == 6 and s["resampling_events"] == len(log["resampling_events"])
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["design"] for r in rows] == [r["design"] for r in content["designs"]]
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_scaffold_cli_is_reproducible_and_baselines_run(tmp_path):
+    assert main(_args(tmp_path / "a", "replacement")) == 0
+    assert main(_args(tmp_path / "b", "replacement")) == 0
+    assert (tmp_path / "a" / "design_0000.pdb").read_bytes() == (tmp_path / "b" / "design_0000.pdb").read_bytes()
+    assert main(_args(tmp_path / "c", "fixed")) == 0
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert s["summary"]["particles"] == 1 and s["smc_log"] is None
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"--contig": "10-40,B163-181,10-40"}, "no chain 'B'"),
+    ({"--contig": "10-40,A150-181,10-40"}, "no CA for residue"),
+    ({"--length": "5-10"}, "more than the maximum length 10"),
+    ({"--particles": "0"}, "--particles must be >= 1"),
+    ({"--contig": "10-40,A163-181,A170-175"}, "overlap"),
+])
+def test_scaffold_cli_bad_input_is_a_message(tmp_path, capsys, change, words):
+    args = _args(tmp_path / "x")
+    for flag, value in change.items():
+        args[args.index(flag) + 1] = value
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "protdiff-fast scaffold: error:" in err and words in err
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_scaffold_cli_refuses_a_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    assert main(_args(tmp_path / "x")) == 2
+    assert "not an empty folder" in capsys.readouterr().err
