@@ -293,7 +293,7 @@ def _egnn_bwd_kernel(
             xi0, xi1, xi2, xj0, xj1, xj2 = xt0, xt1, xt2, xo0, xo1, xo2
             p_i = _load_rows(p_ptr + b * N * H, other, N, hcol, H).to(tl.float32)
             q_j = node_own
-        u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v = _pair_tile(
+        u0, u1, u2, d2, z, _sig_z, e, _a, r, _sig_r, _m0, g, w_att, _m, t, sig_t, _s, w4, phi, v = _pair_tile(
             b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
             w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
             H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST)
@@ -305,45 +305,68 @@ def _egnn_bwd_kernel(
         if NORMALIZE:
             inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached: no gradient through inv
         d_phi = C * vf * inv * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2)  # dL/dphi_ij
+        # dL/du_ij = C v inv phi_ij g_i (through the update) + 2 u_ij dL/dd2_ij (through the distance):
+        # the first part now, so g, phi and inv need not stay live until d_z exists
+        coef_u = C * vf * inv * tl.reshape(phi, (BI, BJ))
+        if ROWS_ARE_I:
+            dxo0 += tl.sum(coef_u, axis=1) * g0
+            dxo1 += tl.sum(coef_u, axis=1) * g1
+            dxo2 += tl.sum(coef_u, axis=1) * g2
+        else:
+            dxo0 -= tl.sum(coef_u * g0[:, None], axis=0)
+            dxo1 -= tl.sum(coef_u * g1[:, None], axis=0)
+            dxo2 -= tl.sum(coef_u * g2[:, None], axis=0)
         d_phi = tl.reshape(d_phi, (M,))
         if TANH:
             d_phi = d_phi * (1.0 - phi * phi)
         d_t = d_phi[:, None] * w4[None, :] * _dsilu(t, sig_t)  # [M, H]
         W3T = tl.load(W3_ptr + hcol[None, :] * H + hcol[:, None])
+        # weight gradients as early as their operands exist, read-modify-writing the program's own
+        # partial (a loop-carried [H, H] register accumulator spills), and from recomputed
+        # activations (a = silu(z), m = silu(r) g, s = silu(t)) so fewer [M, H] tiles stay live
+        if not ROWS_ARE_I:  # phi_x's weights in this pass, phi_e's in the other: one [H, H] product each
+            m_re = r * tl.sigmoid(r) * g[:, None]
+            tl.store(pW3_ptr + prog * H * H + hh,
+                     tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION, UPCAST))
+            acc_b3 += tl.sum(d_t, axis=0)
+            acc_w4 += tl.sum(t * sig_t * d_phi[:, None], axis=0)
         # the chain d_t -> d_m -> d_r -> d_z multiplies in fp32 (TF32 or 3xTF32 on tensor cores) even for
         # bf16/fp16 inputs: rounding these gradients to 8 bits made e.g. d b_att twice as bad as torch's
         d_m = tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, H)) + _mm(d_t, W3T.to(tl.float32), PRECISION_BWD,
                                                                           False)
+        sig_r = tl.sigmoid(r)
+        d_gate = tl.zeros((M,), dtype=tl.float32)
         if ATTENTION:
-            d_gate = tl.sum(d_m * m0, axis=1) * g * (1.0 - g)  # dL/d(w_att . m0 + b_att)
+            d_gate = tl.sum(d_m * r * sig_r, axis=1) * g * (1.0 - g)  # dL/d(w_att . m0 + b_att)
             d_m0 = d_m * g[:, None] + d_gate[:, None] * w_att[None, :]
         else:
             d_m0 = d_m
         d_r = d_m0 * _dsilu(r, sig_r)
         W2T = tl.load(W2_ptr + hcol[None, :] * H + hcol[:, None])
+        if ROWS_ARE_I:
+            sig_z = tl.sigmoid(z)
+            tl.store(pW2_ptr + prog * H * H + hh,
+                     tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(z * sig_z), d_r.to(W2T.dtype), PRECISION,
+                                                                UPCAST))
+            acc_b2 += tl.sum(d_r, axis=0)
+            if ATTENTION:
+                acc_watt += tl.sum(r * sig_r * d_gate[:, None], axis=0)
+                acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
+        else:
+            sig_z = tl.sigmoid(z)
         d_z = _mm(d_r, W2T.to(tl.float32), PRECISION_BWD, False) * _dsilu(z, sig_z)  # [M, H]
         d_z3 = tl.reshape(d_z, (BI, BJ, H))
         w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
-        d_d2 = tl.sum(d_z3 * w_d[None, None, :], axis=2)  # [BI, BJ]
-        coef_u = C * vf * inv * tl.reshape(phi, (BI, BJ))
-        du0 = 2.0 * u0 * d_d2 + coef_u * g0[:, None]  # dL/du_ij
-        du1 = 2.0 * u1 * d_d2 + coef_u * g1[:, None]
-        du2 = 2.0 * u2 * d_d2 + coef_u * g2[:, None]
+        d_d2 = tl.reshape(tl.sum(d_z * w_d[None, :], axis=1), (BI, BJ))  # dL/dd2_ij
+        du0 = 2.0 * u0 * d_d2  # the distance part of dL/du_ij
+        du1 = 2.0 * u1 * d_d2
+        du2 = 2.0 * u2 * d_d2
         if ROWS_ARE_I:
             d_node += tl.sum(d_z3, axis=1)
             dxo0 += tl.sum(du0, axis=1)
             dxo1 += tl.sum(du1, axis=1)
             dxo2 += tl.sum(du2, axis=1)
-            # weight gradients: read-modify-write of the program's own partial (no loop-carried
-            # [H, H] register accumulators: they spill at H = 128)
-            aT = tl.trans(a)
-            tl.store(pW2_ptr + prog * H * H + hh,
-                     tl.load(pW2_ptr + prog * H * H + hh) + _mm(aT, d_r.to(W2T.dtype), PRECISION, UPCAST))
-            acc_b2 += tl.sum(d_r, axis=0)
             acc_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
-            if ATTENTION:
-                acc_watt += tl.sum(m0 * d_gate[:, None], axis=0)
-                acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
             if EDGE == 1:
                 acc_We += tl.dot(tl.trans(e), d_z, input_precision=PRECISION_F32)
                 if NEED_DEA:
@@ -372,11 +395,6 @@ def _egnn_bwd_kernel(
             dxo0 -= tl.sum(du0, axis=0)
             dxo1 -= tl.sum(du1, axis=0)
             dxo2 -= tl.sum(du2, axis=0)
-            # phi_x's weight gradients here, phi_e's in the other pass: one [H, H] partial per pass
-            tl.store(pW3_ptr + prog * H * H + hh,
-                     tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m), d_t.to(W3T.dtype), PRECISION, UPCAST))
-            acc_b3 += tl.sum(d_t, axis=0)
-            acc_w4 += tl.sum(s * d_phi[:, None], axis=0)
             tl.debug_barrier()
     ok = own < N
     tl.store(dnode_ptr + (b * N + own[:, None]) * H + hcol[None, :], d_node, mask=ok[:, None])
