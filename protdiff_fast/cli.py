@@ -388,11 +388,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from protdiff_fast.diffusion.sampler import SamplingError
+
     try:
         return args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:  # bad input: a message, not a traceback
         print(f"protdiff-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except SamplingError as err:  # e.g. a diverging model: the sampler's message, not a traceback
+        print(f"protdiff-fast {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -100,12 +100,33 @@ class DDPMScheduler:
         x0 = (sample - (1 - ab).sqrt() * model_output) / ab.sqrt()  # DDIM eq. 12, "predicted x_0"
         sigma = self.eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
         if noise is None:
-            if seed is not None and not isinstance(seed, torch.Tensor):
-                generator = torch.Generator(device=sample.device).manual_seed(int(seed))
-            noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=sample.device)
+            if isinstance(seed, torch.Tensor):  # one stream per sample, keyed by (its seed, its t)
+                noise = _per_sample_noise(seed, t, sample)
+            else:
+                if seed is not None:
+                    generator = torch.Generator(device=sample.device).manual_seed(int(seed))
+                noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=sample.device)
         z = remove_center_of_mass_reference(noise, mask)
         mean = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * model_output
         mean = remove_center_of_mass_reference(mean, mask)
         prev = remove_center_of_mass_reference(mean + sigma * z, mask)
         keep = mask.unsqueeze(-1)
         return SchedulerOutput(prev, torch.where(keep, x0, torch.zeros_like(x0)), mean)
+
+
+def _per_sample_noise(seeds: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """(B, N, 3) standard normals, sample b's drawn from a generator seeded by SplitMix64(seed_b, t_b):
+    a design's noise depends on its own seed and step only, never on what else is in the batch."""
+    import numpy as np
+
+    from protdiff_fast.ops.ddpm_cpu import per_sample_seeds, splitmix64
+
+    B = sample.shape[0]
+    base = per_sample_seeds(seeds, B)  # validates shape and dtype
+    with np.errstate(over="ignore"):
+        keys = splitmix64(base ^ (t.cpu().numpy().astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+    out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    for b in range(B):
+        gen = torch.Generator(device=sample.device).manual_seed(int(keys[b] & np.uint64(0x7FFFFFFFFFFFFFFF)))
+        out[b] = torch.randn(sample.shape[1:], generator=gen, dtype=sample.dtype, device=sample.device)
+    return out
