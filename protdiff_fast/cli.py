@@ -33,8 +33,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         providers=args.providers.split(",") if args.providers else None,
                         which="targets" if args.targets else "full")
     print(f"wrote {args.out}/results.json, {args.out}/results.md" +
-          (f" and {len(result['plots'])} plots" if result["plots"] else " (no plots: none for this suite, or matplotlib missing)"))
-    return 0
+          (f" and {len(result['plots'])} plots" if result["plots"] else " (no plots: matplotlib missing)"))
+    return 1 if result["regressions"] else 0
 
 
 def _metric_rows(paths, clash_threshold):

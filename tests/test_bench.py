@@ -44,3 +44,49 @@ def test_sampler_mixed_row_measures_a_whole_run():
                               rates=dict(mm_fp32_square_flops=1.0, mm_fp32_pair_shape_flops=1.0, pair_shape_H=64,
                                          copy_bytes_per_s=1.0), command="cmd", rows=[out]))
     assert "| sampler-mixed | write, 50 steps, batch 8 | float32 | 64 | 2 designs | 20..40 | cpu |" in md
+
+
+def _synthetic(provider, N, time_exp, mem_exp, suite="egnn"):
+    return dict(suite=suite, provider=provider, B=1, N=N, H=64, mode="fwd", dtype="float32", status="ok",
+                median_s=1e-6 * N ** time_exp, peak_mem_bytes=int(100 * N ** mem_exp))
+
+
+def test_scaling_fits_exponents_and_flags_a_memory_regression():
+    rows = [_synthetic("reference", N, 2.0, 2.0) for N in (64, 128, 256, 512, 1024)]
+    rows += [_synthetic("cpu", N, 2.0, 1.0) for N in (128, 256, 512, 1024)]
+    fits = {f["provider"]: f for f in runner.scaling(dict(rows=rows))}
+    assert abs(fits["reference"]["time_exponent"] - 2) < 1e-6 and abs(fits["reference"]["memory_exponent"] - 2) < 1e-3
+    assert fits["reference"]["n_min"] == 128  # small N left out of the fit
+    assert abs(fits["cpu"]["memory_exponent"] - 1) < 1e-3 and not fits["cpu"]["memory_regression"]
+    assert not fits["reference"]["memory_regression"]  # the reference may be quadratic
+    bad = [_synthetic("cpu", N, 2.0, 1.5) for N in (128, 256, 512)]
+    (fit,) = runner.scaling(dict(rows=bad))
+    assert fit["memory_regression"]
+    assert "REGRESSION" in runner.scaling_markdown([fit])
+    assert runner.scaling(dict(rows=rows[:2])) == []  # fewer than 3 sizes: no fit
+
+
+def test_plots_for_every_suite(tmp_path):
+    import matplotlib  # noqa: F401 - pinned in requirements-dev: the plots are part of the product
+    rows = [_synthetic(p, N, 2.0, 1.0) for p in ("reference", "cpu") for N in (128, 256)]
+    rows += [_synthetic(p, 64, 1.0, 1.0, suite=s) for s in ("ddpm-step", "sampler", "train-step")
+             for p in ("reference", "cpu")]
+    rows.append(dict(_synthetic("reference", 128, 1.0, 1.0, suite="train-step"), status="OOM"))
+    result = dict(rows=rows, environment=dict(cpu="test cpu"))
+    names = runner.plot(result, tmp_path)
+    assert {"ddpm-step.png", "sampler.png", "train-step.png"} <= set(names)
+    assert any(n.startswith("egnn_fwd") for n in names)
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)
+
+
+def test_pytest_benchmark_suites_run_once_as_smoke_tests():
+    """`pytest benchmarks/ --benchmark-disable`: every pytest-benchmark case runs once and passes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/",
+                           "--benchmark-disable"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

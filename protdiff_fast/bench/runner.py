@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -292,6 +293,61 @@ def markdown(result: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FUSED_PROVIDERS = ("cpu", "triton")
+MEMORY_EXPONENT_LIMIT = 1.2  # our fused backends must stay O(N) in memory: fail loudly above this
+SCALING_MIN_N = 128  # smaller N are dominated by fixed costs and would bend the fit
+
+
+def _slope(xs: List[float], ys: List[float]) -> float:
+    """Least-squares slope of log(y) against log(x)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    var = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / var
+
+
+def scaling(result: Dict) -> List[Dict]:
+    """Exponents of time and peak memory in N per (egnn mode, dtype, H, B, provider), from rows with
+    N >= SCALING_MIN_N (at least 3 distinct N); ``memory_regression`` marks a fused backend whose
+    memory grows faster than N^MEMORY_EXPONENT_LIMIT."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in result["rows"]:
+        if r["suite"] == "egnn" and r.get("status") == "ok" and r["N"] >= SCALING_MIN_N:
+            groups.setdefault((r["mode"], r["dtype"], r["H"], r["B"], r["provider"]), []).append(r)
+    fits = []
+    for (mode, dtype, H, B, provider), rs in sorted(groups.items()):
+        if len({r["N"] for r in rs}) < 3:
+            continue
+        ns = [r["N"] for r in rs]
+        fit = dict(mode=mode, dtype=dtype, H=H, B=B, provider=provider, n_min=min(ns), n_max=max(ns),
+                   time_exponent=_slope(ns, [r["median_s"] for r in rs]), memory_exponent=None)
+        mems = [r.get("peak_mem_bytes") for r in rs]
+        if all(m is not None and m > 0 for m in mems):
+            fit["memory_exponent"] = _slope(ns, mems)
+        fit["memory_regression"] = bool(provider in FUSED_PROVIDERS and fit["memory_exponent"] is not None
+                                        and fit["memory_exponent"] > MEMORY_EXPONENT_LIMIT)
+        fits.append(fit)
+    return fits
+
+
+def scaling_markdown(fits: List[Dict]) -> str:
+    if not fits:
+        return ""
+    lines = ["", "## Scaling in N (least-squares exponent of log time / log peak memory vs log N, "
+             f"N >= {SCALING_MIN_N})", "",
+             "Expected: time ~2 for every backend (all pairs); memory ~1 for the fused backends, ~2 for the "
+             f"references. A fused backend above {MEMORY_EXPONENT_LIMIT} in memory is a regression.", "",
+             "| mode | dtype | H | B | provider | N range | time exponent | memory exponent |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f in fits:
+        mem = "n/a" if f["memory_exponent"] is None else f"{f['memory_exponent']:.2f}"
+        if f["memory_regression"]:
+            mem = f"**{mem} REGRESSION**"
+        lines.append(f"| {f['mode']} | {f['dtype']} | {f['H']} | {f['B']} | {f['provider']} | "
+                     f"{f['n_min']}..{f['n_max']} | {f['time_exponent']:.2f} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "w") as f:
@@ -343,6 +399,46 @@ def plot(result: Dict, out_dir: Path) -> List[str]:
                 fig.savefig(out_dir / name, dpi=110)
                 plt.close(fig)
                 written.append(name)
+    written += _plot_other_suites(result, out_dir, plt)
+    return written
+
+
+def _plot_other_suites(result: Dict, out_dir: Path, plt) -> List[str]:
+    """One bar chart per non-egnn suite: median time per configuration, one bar per provider
+    (log scale; rows that did not finish are labelled with their status)."""
+    written = []
+    for suite in sorted({r["suite"] for r in result["rows"]} - {"egnn"}):
+        rows = [r for r in result["rows"] if r["suite"] == suite]
+        configs = sorted({(r["mode"], r["dtype"], r["H"], r["B"], r["N"]) for r in rows})
+        providers = sorted({r["provider"] for r in rows})
+        width = 0.8 / len(providers)
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(configs) * len(providers)), 4))
+        for k, provider in enumerate(providers):
+            for c, cfg in enumerate(configs):
+                r = next((r for r in rows if r["provider"] == provider and
+                          (r["mode"], r["dtype"], r["H"], r["B"], r["N"]) == cfg), None)
+                if r is None:
+                    continue
+                xpos = c + (k - (len(providers) - 1) / 2) * width
+                if r.get("status") == "ok":
+                    ax.bar(xpos, r["median_s"] * 1e3, width, color=f"C{k}", label=provider if c == 0 else None)
+                else:
+                    ax.text(xpos, 1, r.get("status", "?"), rotation=90, fontsize=7, ha="center")
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels([f"{m}\nB={B} N={N}\nH={H} {d}" for m, d, H, B, N in configs], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("median time (ms)")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=8)
+        env = result["environment"]
+        ax.set_title(f"{suite} ({env.get('gpu') or env['cpu']})", fontsize=9)
+        fig.tight_layout()
+        name = f"{suite}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
     return written
 
 
@@ -384,9 +480,16 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
         shown = f"{res['median_s'] * 1e3:9.2f} ms" if status == "ok" else f"{status:>12}"
         print(f"[{k + 1}/{len(rows)}] {row['suite']} {row['provider']:>12} {row['mode']:>6} {row['dtype']} "
               f"H={row['H']} B={row['B']} N={row['N']}: {shown}", flush=True)
+    result["scaling"] = scaling(result)
     _atomic_write(out / "results.json", json.dumps(result, indent=1))
-    _atomic_write(out / "results.md", markdown(result))
+    _atomic_write(out / "results.md", markdown(result) + scaling_markdown(result["scaling"]))
     result["plots"] = plot(result, out)
+    if result["scaling"]:
+        print(scaling_markdown(result["scaling"]))
+    result["regressions"] = [f for f in result["scaling"] if f["memory_regression"]]
+    for f in result["regressions"]:
+        print(f"REGRESSION: {f['provider']} egnn {f['mode']} memory grows as N^{f['memory_exponent']:.2f} "
+              f"(limit {MEMORY_EXPONENT_LIMIT}) at H={f['H']} B={f['B']} {f['dtype']}", flush=True)
     if compare_to:
         print(compare(compare_to, result))
     return result

@@ -1,0 +1,67 @@
+"""The Triton EGNN kernels on a real GPU against the float64 reference: forward and every gradient.
+
+The interpreter tests (tests/test_egnn_triton.py) cannot see the real compiler, tensor cores, races or
+TF32; this runs the same comparison on CUDA tensors for the configurations that matter (ProtDiff's
+offset-table layer with every flag, and the dense edge term), with fresh random inputs and
+odd sizes, and a repeat run for determinism. Prints one line per case and exits 1 on a failure.
+
+    python benchmarks/gpu_check.py            # a few minutes, most of it compiling kernels
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import rel_err  # noqa: E402
+from test_egnn_cpu import FLAG_SETS, make_problem  # noqa: E402
+
+from protdiff_fast.ops import egnn_pair_aggregate  # noqa: E402
+
+F64 = torch.float64
+
+
+def run(backend, args, kw, dtype, upstream):
+    floats = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
+    leaves = [a.to("cuda", dtype).requires_grad_(True) for a in args] + \
+             [kw[k].to("cuda", dtype).requires_grad_(True) for k in floats]
+    kw2 = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    kw2.update(dict(zip(floats, leaves[len(args):])))
+    out = egnn_pair_aggregate(*leaves[:len(args)], backend=backend, **kw2)
+    loss = sum((o.double() * u).sum() for o, u in zip(out, upstream))
+    return [o.detach() for o in out] + [g.detach() for g in torch.autograd.grad(loss, leaves)]
+
+
+def main() -> int:
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    cases = [(64, "offset", FLAG_SETS[4]), (128, "offset", FLAG_SETS[4]), (32, "dense", FLAG_SETS[5]),
+             (16, "none", FLAG_SETS[0])]
+    worst, failed = 0.0, 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for H, edge, flags in cases:
+            for B, N in ((3, 97), (1, 1), (2, 513)):
+                args, kw = make_problem(B, N, H, 6, edge, flags, seed=H + N)
+                g = torch.Generator().manual_seed(1)
+                up = [torch.randn(B, N, H, generator=g, dtype=F64).cuda(),
+                      torch.randn(B, N, 3, generator=g, dtype=F64).cuda()]
+                want = run("reference", args, kw, F64, up)
+                low = run("reference", args, kw, dtype, up)
+                got = run("triton", args, kw, dtype, up)
+                again = run("triton", args, kw, dtype, up)
+                same = all(torch.equal(a, b) for a, b in zip(got, again))
+                ratios = []
+                for a, w, r in zip(got, want, low):
+                    err, base = rel_err(a, w), rel_err(r, w)
+                    ratios.append(err / max(base, 1e-7 if dtype == torch.float32 else 1e-4))
+                ok = same and max(ratios) <= 3.0 and all(bool(torch.isfinite(a).all()) for a in got)
+                worst = max(worst, max(ratios))
+                failed += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {str(dtype):<15} H={H:<4} {edge:<7} B={B} N={N:<4} "
+                      f"m err {rel_err(got[0], want[0]):.1e} dx err {rel_err(got[1], want[1]):.1e} "
+                      f"worst error / torch's own at this dtype {max(ratios):.2f} deterministic {same}", flush=True)
+    print(f"{failed} failed; worst ratio {worst:.2f}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
