@@ -19,6 +19,12 @@ from protdiff_fast.ops import egnn_pair_aggregate
 from protdiff_fast.reference.egnn import COORDS_AGG
 
 
+def _no_context():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 class EGNNLayer(nn.Module):
     """One E(n)-equivariant layer: ``forward(h, x, edge_attr=None, mask=None) -> (h', x')``.
 
@@ -115,7 +121,10 @@ class EGNNLayer(nn.Module):
             edge_attr = rel_offsets
         check_tensor("h", h, (None, None, self.hidden_dim))
         B, N, H = h.shape
-        check_tensor("x", x, (B, N, 3), dtype=h.dtype, device=h.device)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        # under autocast h may come in the autocast dtype while x stays float32: coordinates of tens of
+        # Angstrom would lose a tenth of an Angstrom in bf16
+        check_tensor("x", x, (B, N, 3), dtype=None if autocast else h.dtype, device=h.device)
         first = self.phi_e[0]
         W_src, W_dst = first.weight[:, :H], first.weight[:, H:2 * H]  # (H, H) each, nn.Linear layout
         w_d, W_e = first.weight[:, 2 * H], first.weight[:, 2 * H + 1:]  # (H,), (H, E)
@@ -124,18 +133,26 @@ class EGNNLayer(nn.Module):
         attention = {}
         if self.att is not None:
             attention = {"w_att": self.att[0].weight[0], "b_att": self.att[0].bias[0]}
-        m_i, dx_i = egnn_pair_aggregate(
-            x, p, q, w_d,
-            self.phi_e[2].weight.t(), self.phi_e[2].bias,
-            self.phi_x[0].weight.t(), self.phi_x[0].bias, self.phi_x[2].weight[0],
-            mask=mask, normalize=self.normalize, tanh=self.tanh, coords_agg=self.coords_agg, eps=self.eps,
-            backend=self.backend, **attention, **self._edge_kwargs(edge_attr, B, N, W_e),
-        )
-        h_out = h + self.phi_h(torch.cat([h, m_i], dim=-1)) if self.phi_h is not None else h
-        x_out = x + dx_i
+        pair_inputs = [x, p, q, w_d, self.phi_e[2].weight.t(), self.phi_e[2].bias, self.phi_x[0].weight.t(),
+                       self.phi_x[0].bias, self.phi_x[2].weight[0]]
+        edge = self._edge_kwargs(edge_attr, B, N, W_e)
+        if autocast:
+            # The fused op is not an autocast-aware torch op: under autocast it runs in float32 (the
+            # GEMMs for p, q and phi_h around it still run in the autocast dtype). For a bf16 pair MLP,
+            # cast the model itself to bf16 instead.
+            pair_inputs = [t.float() for t in pair_inputs]
+            edge = {k: v.float() for k, v in edge.items()}
+            attention = {k: v.float() for k, v in attention.items()}
+        with torch.autocast(h.device.type, enabled=False) if autocast else _no_context():
+            m_i, dx_i = egnn_pair_aggregate(
+                *pair_inputs, mask=mask, normalize=self.normalize, tanh=self.tanh, coords_agg=self.coords_agg,
+                eps=self.eps, backend=self.backend, **attention, **edge,
+            )
+        h_out = h + self.phi_h(torch.cat([h, m_i.to(h.dtype)], dim=-1)) if self.phi_h is not None else h
+        x_out = x + dx_i.to(x.dtype)
         if mask is not None:
-            keep = mask.unsqueeze(-1).to(h.dtype)
-            h_out, x_out = h_out * keep, x_out * keep
+            keep = mask.unsqueeze(-1)
+            h_out, x_out = h_out * keep.to(h_out.dtype), x_out * keep.to(x_out.dtype)
         return h_out, x_out
 
 
