@@ -296,6 +296,7 @@ def markdown(result: Dict) -> str:
 FUSED_PROVIDERS = ("cpu", "triton")
 MEMORY_EXPONENT_LIMIT = 1.2  # our fused backends must stay O(N) in memory: fail loudly above this
 SCALING_MIN_N = 128  # smaller N are dominated by fixed costs and would bend the fit
+MEMORY_FIT_FLOOR = 1 << 20  # peaks under 1 MiB are page and allocator noise (CPU RSS), not the algorithm
 
 
 def _slope(xs: List[float], ys: List[float]) -> float:
@@ -308,8 +309,8 @@ def _slope(xs: List[float], ys: List[float]) -> float:
 
 def scaling(result: Dict) -> List[Dict]:
     """Exponents of time and peak memory in N per (egnn mode, dtype, H, B, provider), from rows with
-    N >= SCALING_MIN_N (at least 3 distinct N); ``memory_regression`` marks a fused backend whose
-    memory grows faster than N^MEMORY_EXPONENT_LIMIT."""
+    N >= SCALING_MIN_N (at least 3 distinct N; for memory, at least 3 with peaks >= 1 MiB);
+    ``memory_regression`` marks a fused backend whose memory grows faster than N^MEMORY_EXPONENT_LIMIT."""
     groups: Dict[tuple, List[Dict]] = {}
     for r in result["rows"]:
         if r["suite"] == "egnn" and r.get("status") == "ok" and r["N"] >= SCALING_MIN_N:
@@ -321,9 +322,9 @@ def scaling(result: Dict) -> List[Dict]:
         ns = [r["N"] for r in rs]
         fit = dict(mode=mode, dtype=dtype, H=H, B=B, provider=provider, n_min=min(ns), n_max=max(ns),
                    time_exponent=_slope(ns, [r["median_s"] for r in rs]), memory_exponent=None)
-        mems = [r.get("peak_mem_bytes") for r in rs]
-        if all(m is not None and m > 0 for m in mems):
-            fit["memory_exponent"] = _slope(ns, mems)
+        big = [r for r in rs if (r.get("peak_mem_bytes") or 0) >= MEMORY_FIT_FLOOR]
+        if len({r["N"] for r in big}) >= 3:
+            fit["memory_exponent"] = _slope([r["N"] for r in big], [r["peak_mem_bytes"] for r in big])
         fit["memory_regression"] = bool(provider in FUSED_PROVIDERS and fit["memory_exponent"] is not None
                                         and fit["memory_exponent"] > MEMORY_EXPONENT_LIMIT)
         fits.append(fit)
@@ -334,7 +335,7 @@ def scaling_markdown(fits: List[Dict]) -> str:
     if not fits:
         return ""
     lines = ["", "## Scaling in N (least-squares exponent of log time / log peak memory vs log N, "
-             f"N >= {SCALING_MIN_N})", "",
+             f"N >= {SCALING_MIN_N}; memory from peaks >= 1 MiB only)", "",
              "Expected: time ~2 for every backend (all pairs); memory ~1 for the fused backends, ~2 for the "
              f"references. A fused backend above {MEMORY_EXPONENT_LIMIT} in memory is a regression.", "",
              "| mode | dtype | H | B | provider | N range | time exponent | memory exponent |",
