@@ -71,14 +71,14 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None):
                   PRECISION=et._precision(getattr(torch, torch_dtype)), UPCAST=False)
     if pass_ != "fwd":
         consts.update(W_REL=triton.next_power_of_2(BI + BJ - 1), ROWS_ARE_I=pass_ == "bwd_i",
-                      NEED_DEA=edge == 1, PRECISION_F32=et._precision(torch.float32),
+                      NEED_DEA=edge == 1,
                       PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32" else "tf32")
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
     rec = dict(H=H, dtype=dtype, edge=["none", "dense", "offset"][edge], attention=attention, tanh=tanh,
                normalize=normalize, kernel=pass_, block_i=BI, block_j=BJ, num_warps=warps,
                known_spill=(H, dtype == "fp32", pass_) in et.KNOWN_SPILLS)
     try:
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": int(os.environ.get("STAGES", "2"))})
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": et.NUM_STAGES})
     except Exception as err:  # noqa: BLE001 - reported, and the run fails
         rec.update(ok=False, error=f"{type(err).__name__}: {str(err)[:400]}")
         return rec

@@ -59,21 +59,31 @@ def _interpreting() -> bool:
 
 
 # (H, fp32?, kernel) -> (BLOCK_I, BLOCK_J, num_warps), chosen with scripts/compile_egnn_triton.py
-# (no register spills on sm_90). M = BLOCK_I * BLOCK_J rows per tile: the [M, H] fp32 intermediates
-# cost M * H / (32 * num_warps) registers per thread each, so big H gets small tiles.
+# (register spills on sm_90; notes in benchmarks/results/egnn_triton_spill_notes.md). M = BLOCK_I *
+# BLOCK_J rows per tile: the [M, H] fp32 intermediates cost M * H / (32 * num_warps) registers per
+# thread each, so big H gets small tiles. The backward runs M = 16 tiles (2 rows of the program's
+# own block x 8 of the other): mma.sync instead of wgmma, but each of its ~10 live [M, H] tiles
+# costs a quarter of what it does at M = 64, and M = 64 spilled 0.1-13 KB at every size.
 _CONFIGS = {
     (16, False, "fwd"): (16, 16, 8), (16, True, "fwd"): (16, 16, 8),
     (32, False, "fwd"): (16, 16, 8), (32, True, "fwd"): (16, 16, 8),
     (64, False, "fwd"): (16, 8, 8), (64, True, "fwd"): (16, 8, 8),
     (128, False, "fwd"): (8, 8, 8), (128, True, "fwd"): (8, 8, 8),
+    **{(H, fp32, "bwd_i"): (2, 8, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
+    **{(H, fp32, "bwd_j"): (8, 2, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
 }
+# software-pipelining depth of the j-loop, passed by the launchers and used by the compile script
+NUM_STAGES = 2
 # Configurations that still spill registers on sm_90 (scripts/compile_egnn_triton.py measures how
-# much; benchmarks/results/egnn_triton_sm90_compile.md has the numbers). The backward kernels keep
-# the whole recomputed tile, its gradients and one [H, H] weight-gradient product live at once;
-# splitting them further (or chunking H) is the next step, to be chosen with GPU timings.
+# much; benchmarks/results/egnn_triton_sm90_compile.md has the numbers).
 KNOWN_SPILLS = {
+    # the forward at M = 64-128 keeps [M, H] tiles of 32-64 registers each (fp32: 3xTF32 operand splits)
     (64, True, "fwd"), (128, False, "fwd"), (128, True, "fwd"),
-    *((H, fp32, kernel) for H in SUPPORTED_HIDDEN for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
+    # fp32 rows-i pass: the 3xTF32 operand splits (hi/lo copies of each [M, H] operand) plus the offset
+    # window's gather-sum; 36-212 B at H = 32/64
+    (32, True, "bwd_i"), (64, True, "bwd_i"),
+    # H = 128: the mma.sync operands of [M, 128] x [128, 128] products are replicated per warp
+    *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
 }
 
 
@@ -85,10 +95,7 @@ def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd"
     if env:
         bi, bj, w = (int(v) for v in env.split(","))
         return bi, bj, w
-    key = (H, dtype == torch.float32, kernel)
-    if key in _CONFIGS:
-        return _CONFIGS[key]
-    return 8, 8, 8  # the backward: M = 64 rows, the smallest tile that still runs on wgmma
+    return _CONFIGS[(H, dtype == torch.float32, kernel)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +255,7 @@ def _egnn_bwd_kernel(
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
     ROWS_ARE_I: tl.constexpr, NEED_DEA: tl.constexpr,
-    PRECISION: tl.constexpr, PRECISION_F32: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr,
 ):
     M: tl.constexpr = BI * BJ
     pid = tl.program_id(0)
@@ -275,7 +282,6 @@ def _egnn_bwd_kernel(
     acc_wd = tl.zeros((H,), dtype=tl.float32)
     acc_watt = tl.zeros((H,), dtype=tl.float32)
     acc_batt = tl.zeros((H,), dtype=tl.float32)  # db_att, spread over H lanes (summed on the host)
-    acc_We = tl.zeros((EP, H), dtype=tl.float32)
     prog = b * P + pid
     hh = hcol[:, None] * H + hcol[None, :]
     n_other = tl.cdiv(N, BJ if ROWS_ARE_I else BI)
@@ -368,15 +374,19 @@ def _egnn_bwd_kernel(
             dxo2 += tl.sum(du2, axis=1)
             acc_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
             if EDGE == 1:
-                acc_We += tl.dot(tl.trans(e), d_z, input_precision=PRECISION_F32)
-                if NEED_DEA:
-                    ecol = tl.arange(0, EP)
-                    WeT = tl.load(We_ptr + ecol[None, :] * H + hcol[:, None], mask=(ecol < E)[None, :], other=0.0)
-                    d_e = tl.reshape(_mm(d_z, WeT.to(tl.float32), PRECISION_F32, UPCAST), (BI, BJ, EP))
-                    pair_off = (b * N + i[:, None]) * N + j[None, :]
-                    ok = (i[:, None] < N) & (j[None, :] < N)
-                    tl.store(dea_ptr + pair_off[:, :, None] * E + ecol[None, None, :],
-                             d_e.to(dea_ptr.dtype.element_ty), mask=ok[:, :, None] & (ecol < E)[None, None, :])
+                ecol = tl.arange(0, EP)
+                addr_We = pWe_ptr + (prog * EP + ecol[:, None]) * H + hcol[None, :]
+                tl.store(addr_We, tl.load(addr_We) + tl.dot(tl.trans(e), d_z, input_precision=PRECISION_BWD))
+                if NEED_DEA:  # d edge_attr_ij = W_e d_z_ij, one column at a time: a tl.dot here (N = EP) would
+                    # impose its operand layout on the whole d_z chain and spill
+                    pair = tl.arange(0, M)
+                    i_m = pid * BI + pair // BJ
+                    j_m = ob * BJ + pair % BJ
+                    ok = (i_m < N) & (j_m < N)
+                    dea_row = dea_ptr + ((b * N + i_m) * N + j_m) * E
+                    for c in range(0, E):
+                        We_c = tl.load(We_ptr + c * H + hcol).to(tl.float32)
+                        tl.store(dea_row + c, tl.sum(d_z * We_c[None, :], axis=1).to(dea_ptr.dtype.element_ty), mask=ok)
             if EDGE == 2:
                 # sum d_z over the tile's pairs with equal clipped offset k = clip(j-i)+K, as a one-hot
                 # product: rows w of the window [k_lo, k_lo + W_REL) of offsets this tile touches
@@ -384,7 +394,7 @@ def _egnn_bwd_kernel(
                 k_lo = tl.minimum(tl.maximum(ob * BJ - (pid * BI + BI - 1), -K), K) + K
                 w = tl.arange(0, W_REL)
                 onehot = (tl.reshape(k - k_lo, (M,))[None, :] == w[:, None]).to(tl.float32)  # [W_REL, M]
-                d_rel = tl.dot(onehot, d_z, input_precision=PRECISION_F32)
+                d_rel = tl.dot(onehot, d_z, input_precision="ieee")  # exact (a gather-sum) and lighter than 3xTF32
                 rows = k_lo + w
                 ok = (rows <= 2 * K)[:, None]
                 addr = prel_ptr + (prog * (2 * K + 1) + rows[:, None]) * H + hcol[None, :]
@@ -407,9 +417,6 @@ def _egnn_bwd_kernel(
         tl.store(pvec_ptr + base + 3 * H + hcol, acc_wd)
         tl.store(pvec_ptr + base + 4 * H + hcol, acc_watt)
         tl.store(pvec_ptr + base + 5 * H + hcol, acc_batt)
-        if EDGE == 1:
-            ecol = tl.arange(0, EP)
-            tl.store(pWe_ptr + (prog * EP + ecol[:, None]) * H + hcol[None, :], acc_We)
     else:
         tl.store(pvec_ptr + base + 1 * H + hcol, acc_b3)
         tl.store(pvec_ptr + base + 2 * H + hcol, acc_w4)
@@ -450,7 +457,7 @@ def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, 
         m_i, dx_i, N, meta["E"], meta["K"], meta["eps"],
         H=H, EP=meta["EP"], BI=meta["BI"], BJ=meta["BJ"], EDGE=meta["EDGE"], ATTENTION=w_att is not None,
         TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(x.dtype),
-        UPCAST=_interpreting() and x.dtype != torch.float32, num_warps=meta["warps"],
+        UPCAST=_interpreting() and x.dtype != torch.float32, num_warps=meta["warps"], num_stages=NUM_STAGES,
     )
     return m_i.to(x.dtype), dx_i
 
@@ -468,7 +475,7 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     dx_i_side, dx_j_side = torch.empty(B, N, 3, **f32), torch.empty(B, N, 3, **f32)
     pW2, pW3 = torch.zeros(P, H, H, **f32), torch.zeros(P2, H, H, **f32)  # read-modify-written per tile
     pvec, pvec2 = torch.empty(P, 6, H, **f32), torch.empty(P2, 6, H, **f32)
-    pWe = torch.empty(P, EP, H, **f32) if meta["EDGE"] == 1 else pvec
+    pWe = torch.zeros(P, EP, H, **f32) if meta["EDGE"] == 1 else pvec
     prel = torch.zeros(P, 2 * K + 1, H, **f32) if meta["EDGE"] == 2 else pvec
     d_ea = torch.empty_like(edge_attr) if need_dea else x
     dummy = x
@@ -478,16 +485,17 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
               grad_m, grad_dx)
     consts = dict(H=H, EP=EP, EDGE=meta["EDGE"],
                   ATTENTION=w_att is not None, TANH=meta["tanh"], NORMALIZE=meta["normalize"],
-                  NEED_DEA=need_dea, PRECISION=_precision(x.dtype), PRECISION_F32=_precision(torch.float32),
+                  NEED_DEA=need_dea, PRECISION=_precision(x.dtype),
                   PRECISION_BWD=_precision(torch.float32) if x.dtype == torch.float32 else "tf32",
                   UPCAST=_interpreting() and x.dtype != torch.float32)
     _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, prel,
                                 N, meta["E"], K, meta["eps"], ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
-                                W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), num_warps=warps1, **consts)
+                                W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), num_warps=warps1, num_stages=NUM_STAGES,
+                                **consts)
     _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, prel,
                                                N, meta["E"], K, meta["eps"], ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
                                                W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), num_warps=warps2,
-                                               **consts)
+                                               num_stages=NUM_STAGES, **consts)
     vec, vec2 = pvec.sum(0), pvec2.sum(0)
     return dict(
         x=dx_i_side + dx_j_side, p=d_p, q=d_q, w_d=vec[3], W2=pW2.sum(0), b2=vec[0], W3=pW3.sum(0), b3=vec2[1],
