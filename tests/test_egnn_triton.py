@@ -69,6 +69,14 @@ def test_triton_bf16_within_reference_error(edge_mode, flags):
     compare(2, 21, 32, 6, edge_mode, flags, torch.bfloat16, seed=200)
 
 
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_weight_gradients_in_row_chunks(edge_mode, dtype, monkeypatch):
+    # the shipped configs chunk dW2/dW3 only at some sizes (H = 128 bf16, fp32 rows-i): force it here
+    monkeypatch.setattr(egnn_triton, "dw_chunk", lambda H, dtype=None, kernel=None: 16)
+    compare(2, 13, 32, 3, edge_mode, FLAG_SETS[4], dtype, seed=17, K=3)
+
+
 def test_triton_fp16_within_reference_error():
     compare(2, 21, 32, 6, "offset", FLAG_SETS[4], torch.float16, seed=300)
 

@@ -79,12 +79,24 @@ NUM_STAGES = 2
 KNOWN_SPILLS = {
     # the forward at M = 64-128 keeps [M, H] tiles of 32-64 registers each (fp32: 3xTF32 operand splits)
     (64, True, "fwd"), (128, False, "fwd"), (128, True, "fwd"),
-    # fp32 rows-i pass: the 3xTF32 operand splits (hi/lo copies of each [M, H] operand) plus the offset
-    # window's gather-sum; 36-212 B at H = 32/64
-    (32, True, "bwd_i"), (64, True, "bwd_i"),
-    # H = 128: the mma.sync operands of [M, 128] x [128, 128] products are replicated per warp
+    # fp32 rows-i pass at H = 64: the 3xTF32 operand splits (hi/lo copies of each [M, H] operand); 8-148 B
+    (64, True, "bwd_i"),
+    # H = 128: each warp holds the whole [16, 128] A operand of every mma.sync product (64 registers
+    # in fp32/TF32); bf16 0-504 B, fp32 0.7-1.1 KB
     *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
 }
+
+
+def dw_chunk(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "bwd_i") -> int:
+    """Rows of the pass's [H, H] weight gradient (dW2 in "bwd_i", dW3 in "bwd_j") per product; H: one product.
+
+    A chunk of rows needs the matching columns of the activation (a or m) again: rebuilt from the
+    inputs for a (elementwise), from a W2[:, cols] for m (an extra [M, H] x [H, C] product, which
+    made the fp32 rows-j pass spill more, not less). Chosen with scripts/compile_egnn_triton.py.
+    """
+    if dtype == torch.float32:
+        return 16 if kernel == "bwd_i" and H >= 32 else H
+    return 16 if H >= 128 else H
 
 
 def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd") -> Tuple[int, int, int]:
@@ -193,6 +205,29 @@ def _pair_tile(
 
 
 @triton.jit
+def _preact_cols(
+    b, i, j, N, d2, e, cols,  # sample, rows [BI], columns [BJ], nodes, d2 [BI, BJ], e [M, EP], hidden columns [C]
+    p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+    H: tl.constexpr, EP: tl.constexpr, EDGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Columns ``cols`` of _pair_tile's z, rebuilt from the inputs: [M, C]."""
+    M: tl.constexpr = i.shape[0] * j.shape[0]
+    p_c = _load_rows(p_ptr + b * N * H, i, N, cols, H).to(tl.float32)
+    q_c = _load_rows(q_ptr + b * N * H, j, N, cols, H).to(tl.float32)
+    w_d = tl.load(w_d_ptr + cols).to(tl.float32)
+    z3 = p_c[:, None, :] + q_c[None, :, :] + d2[:, :, None] * w_d[None, None, :]
+    if EDGE == 2:
+        k = tl.minimum(tl.maximum(j[None, :] - i[:, None], -K), K) + K
+        z3 += tl.load(rel_ptr + k[:, :, None] * H + cols[None, None, :]).to(tl.float32)
+    z = tl.reshape(z3, (M, cols.shape[0]))
+    if EDGE == 1:
+        ecol = tl.arange(0, EP)
+        W_e = tl.load(We_ptr + ecol[:, None] * H + cols[None, :], mask=(ecol < E)[:, None], other=0.0)
+        z += _mm(e, W_e, PRECISION, UPCAST)
+    return z
+
+
+@triton.jit
 def _egnn_fwd_kernel(
     x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,  # (B,N,3), (B,N,H) x2, (B,N) uint8, (B,) C_b fp32
     w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,  # phi_e / phi_x weights, (in, out) layout
@@ -254,7 +289,7 @@ def _egnn_bwd_kernel(
     N, E, K, eps,
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
-    ROWS_ARE_I: tl.constexpr, NEED_DEA: tl.constexpr,
+    ROWS_ARE_I: tl.constexpr, NEED_DEA: tl.constexpr, DW_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr,
 ):
     M: tl.constexpr = BI * BJ
@@ -331,9 +366,20 @@ def _egnn_bwd_kernel(
         # partial (a loop-carried [H, H] register accumulator spills), and from recomputed
         # activations (a = silu(z), m = silu(r) g, s = silu(t)) so fewer [M, H] tiles stay live
         if not ROWS_ARE_I:  # phi_x's weights in this pass, phi_e's in the other: one [H, H] product each
-            m_re = r * tl.sigmoid(r) * g[:, None]
-            tl.store(pW3_ptr + prog * H * H + hh,
-                     tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION, UPCAST))
+            if DW_CHUNK == H:
+                m_re = r * tl.sigmoid(r) * g[:, None]
+                tl.store(pW3_ptr + prog * H * H + hh,
+                         tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION,
+                                                                    UPCAST))
+            else:  # dW3 = m^T d_t by rows: m's columns from r's, recomputed as a W2[:, cols]
+                a_re = z * tl.sigmoid(z)
+                for c0 in tl.static_range(0, H, DW_CHUNK):
+                    cols = c0 + tl.arange(0, DW_CHUNK)
+                    W2_c = tl.load(W2_ptr + hcol[:, None] * H + cols[None, :])
+                    r_c = _mm(a_re, W2_c, PRECISION, UPCAST) + tl.load(b2_ptr + cols).to(tl.float32)[None, :]
+                    m_c = r_c * tl.sigmoid(r_c) * g[:, None]
+                    addr = pW3_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
+                    tl.store(addr, tl.load(addr) + _mm(tl.trans(m_c), d_t.to(W3T.dtype), PRECISION, UPCAST))
             acc_b3 += tl.sum(d_t, axis=0)
             acc_w4 += tl.sum(t * sig_t * d_phi[:, None], axis=0)
         # the chain d_t -> d_m -> d_r -> d_z multiplies in fp32 (TF32 or 3xTF32 on tensor cores) even for
@@ -351,9 +397,19 @@ def _egnn_bwd_kernel(
         W2T = tl.load(W2_ptr + hcol[None, :] * H + hcol[:, None])
         if ROWS_ARE_I:
             sig_z = tl.sigmoid(z)
-            tl.store(pW2_ptr + prog * H * H + hh,
-                     tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(z * sig_z), d_r.to(W2T.dtype), PRECISION,
-                                                                UPCAST))
+            if DW_CHUNK == H:
+                tl.store(pW2_ptr + prog * H * H + hh,
+                         tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(z * sig_z), d_r.to(W2T.dtype), PRECISION,
+                                                                    UPCAST))
+            else:  # dW2 = a^T d_r by rows: a's columns rebuilt from the inputs (an [H, H] product held
+                # H^2 / threads registers on top of the tile: ~300 B of spills at H = 128)
+                for c0 in tl.static_range(0, H, DW_CHUNK):
+                    cols = c0 + tl.arange(0, DW_CHUNK)
+                    z_c = _preact_cols(b, i, j, N, d2, e, cols, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                                       H, EP, EDGE, PRECISION, UPCAST)
+                    a_c = z_c * tl.sigmoid(z_c)
+                    addr = pW2_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
+                    tl.store(addr, tl.load(addr) + _mm(tl.trans(a_c), d_r.to(W2T.dtype), PRECISION, UPCAST))
             acc_b2 += tl.sum(d_r, axis=0)
             if ATTENTION:
                 acc_watt += tl.sum(r * sig_r * d_gate[:, None], axis=0)
@@ -490,12 +546,12 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
                   UPCAST=_interpreting() and x.dtype != torch.float32)
     _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, prel,
                                 N, meta["E"], K, meta["eps"], ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
-                                W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), num_warps=warps1, num_stages=NUM_STAGES,
-                                **consts)
+                                W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=dw_chunk(H, x.dtype, "bwd_i"),
+                                num_warps=warps1, num_stages=NUM_STAGES, **consts)
     _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, prel,
-                                               N, meta["E"], K, meta["eps"], ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
-                                               W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), num_warps=warps2,
-                                               num_stages=NUM_STAGES, **consts)
+                                N, meta["E"], K, meta["eps"], ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
+                                W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), DW_CHUNK=dw_chunk(H, x.dtype, "bwd_j"),
+                                num_warps=warps2, num_stages=NUM_STAGES, **consts)
     vec, vec2 = pvec.sum(0), pvec2.sum(0)
     return dict(
         x=dx_i_side + dx_j_side, p=d_p, q=d_q, w_d=vec[3], W2=pW2.sum(0), b2=vec[0], W3=pW3.sum(0), b3=vec2[1],
