@@ -159,7 +159,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    progress=not args.no_progress, resume=args.resume,
                    design_indices=None if args.design_index is None else [args.design_index],
                    file_format=args.format, compress=args.gzip, trajectory_every=args.trajectory_every,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, cuda_graphs=False if args.no_cuda_graphs else None)
     except OutputError as err:  # disk full: what is finished stays; say how to continue
         print(f"protdiff-fast sample: error: {err.strerror}", file=sys.stderr)
         return 3
@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--ckpt", default=None, help="checkpoint (default: the small model shipped in the package)")
     sm.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all)")
     sm.add_argument("--batch-size", type=int, default=None, help="designs per batch (default: the largest estimated to fit)")
+    sm.add_argument("--no-cuda-graphs", action="store_true",
+                    help="on a GPU, run each step uncaptured (default: one CUDA graph per batch, same results)")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--backend", default="auto")
     sm.add_argument("--device", default="cpu")

@@ -94,3 +94,21 @@ def test_triton_step_compiles_for_sm90():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.fail("the bundled ptxas is missing: " + proc.stderr[-500:])
     assert proc.returncode == 0 and "COMPILED" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_triton_step_noise_of_a_sample_does_not_depend_on_its_padding():
+    """Keyed by (seed, t) with a fixed stride per step: the same design padded to 9 or to 40 nodes
+    (i.e. in another batch) draws the same noise on its real nodes."""
+    from protdiff_fast.diffusion.schedule import NoiseSchedule
+    from protdiff_fast.ops import ddpm_step
+
+    s = NoiseSchedule(1000)
+    zero_small, zero_big = torch.zeros(1, 9, 3), torch.zeros(1, 40, 3)
+    mask_small = torch.ones(1, 9, dtype=torch.bool)
+    mask_big = torch.zeros(1, 40, dtype=torch.bool)
+    mask_big[0, :9] = True
+    t, seeds = torch.tensor([700]), torch.tensor([123456789])
+    small = ddpm_step(s, zero_small, zero_small, t, mask=mask_small, seed=seeds, backend="triton").prev_sample
+    big = ddpm_step(s, zero_big, zero_big, t, mask=mask_big, seed=seeds, backend="triton").prev_sample
+    assert float(small.abs().max()) > 0 and torch.equal(small[0], big[0, :9])
+    assert float(big[0, 9:].abs().max()) == 0.0

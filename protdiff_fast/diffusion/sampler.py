@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from protdiff_fast.diffusion.graphs import DenoiseStep
 from protdiff_fast.diffusion.scheduler import DDPMScheduler
 from protdiff_fast.io.dataset import SCALE_A
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
@@ -264,6 +265,7 @@ def sample(
     metrics: bool = True,
     progress_interval: Optional[float] = None,
     progress_stream=None,
+    cuda_graphs: Optional[bool] = None,
 ) -> List[Optional[np.ndarray]]:
     """Sample one backbone per entry of ``lengths`` (times ``num_samples`` when given).
 
@@ -283,6 +285,10 @@ def sample(
     ``resume`` the designs the folder's manifests list as finished are skipped (their entries in
     the result are None). ``design_indices`` samples only those designs (e.g. one design of a large
     run, alone: on the fused backends it comes out identical to its copy in the big run).
+
+    ``cuda_graphs`` (default: on for CUDA devices) captures each batch's reverse step (model + fused
+    step) once as a CUDA graph and replays it (:mod:`protdiff_fast.diffusion.graphs`); results are
+    the same as without. It needs the fused step's per-design seeds (not the strided scheduler).
 
     Under torchrun (process group initialised) rank r samples the designs with index % world == r
     and keeps its own ``manifest.rank<r>.json``. A write that fails (disk full) raises OutputError
@@ -323,8 +329,10 @@ def sample(
         finished, finished_any = _prepare_folder(out_dir, manifest, run_info, resume, overwrite, rank, world)
     # under torchrun every rank takes every world-th design: no overlap, similar lengths per rank
     todo = [i for i in sorted(wanted) if i not in finished_any and i % world == rank]
-    # the fused C++ step keys its noise by (design seed, t): a design does not depend on its batch
-    per_design_noise = not scheduler.strided and backends_used["ddpm_step"] == "cpu"
+    # the fused steps key their noise by (design seed, t): a design does not depend on its batch
+    per_design_noise = not scheduler.strided and backends_used["ddpm_step"] in ("cpu", "triton")
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
     todo_arr = np.asarray(todo, dtype=np.int64)
     order = todo_arr[np.argsort(np.asarray([lengths[i] for i in todo]), kind="stable")] if todo else todo_arr
     if batch_size is None:
@@ -349,7 +357,7 @@ def sample(
         units_before = bar.units if bar is not None else 0
         try:
             x, frames = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device,
-                                       dtype, bar, trajectory_every)
+                                       dtype, bar, trajectory_every, cuda_graphs)
         except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
             if not _is_oom(err) or len(idx) == 1:
                 raise
@@ -470,7 +478,7 @@ def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, le
 
 
 def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar,
-                   trajectory_every=None):
+                   trajectory_every=None, cuda_graphs=False):
     """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units, and the
     trajectory frames [(timestep, (B, L, 3) cpu float32)] when ``trajectory_every`` is set."""
     L = int(max(lengths[i] for i in idx))
@@ -485,19 +493,19 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
         step_seed = None
         generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]) & ((1 << 63) - 1))
     x = initial_noise(batch_seeds.tolist(), L, mask, dtype, device)
+    runner = DenoiseStep(model, scheduler, mask, seeds=None if step_seed is None else step_seed.to(device),
+                         generator=None if per_design_noise else generator, capture=cuda_graphs)
     frames = None
     if trajectory_every is not None:  # frame 0 is x_T; after step k the sample is x at the next timestep
         frames = [(int(steps[0]), x.detach().float().cpu().numpy().astype(np.float64))]
     for k, step_t in enumerate(steps):
         t = torch.full((len(idx),), step_t, dtype=torch.long, device=device)
-        eps = model(x, t, mask)
+        eps, x = runner(x, t)  # model + step (a CUDA graph replay on GPU); outputs checked here
         bad = ~torch.isfinite(eps).flatten(1).all(1)
         if bool(bad.any()):
             first = int(idx[int(bad.nonzero()[0])])
             raise SamplingError(f"model output is NaN/Inf at t={step_t} for design {first} "
                                 f"(length {lengths[first]}, seed {seeds[first]})")
-        x = scheduler.step(eps, t, x, mask=mask, seed=step_seed,
-                           generator=None if per_design_noise else generator).prev_sample
         bad = ~torch.isfinite(x).flatten(1).all(1)  # a diverging sample (e.g. too few strided steps)
         if bool(bad.any()):
             first = int(idx[int(bad.nonzero()[0])])

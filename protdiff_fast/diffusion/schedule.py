@@ -18,6 +18,8 @@ from typing import Dict, Tuple, Union
 
 import torch
 
+from protdiff_fast._checks import value_checks_enabled
+
 SCHEDULES = ("linear", "cosine")
 
 
@@ -97,6 +99,8 @@ class NoiseSchedule:
             raise ValueError(f"t: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
         if t.device != torch.device(device):
             raise ValueError(f"t: is on device {t.device}, but the samples are on {device}")
+        if not value_checks_enabled():
+            return t.long()
         lo, hi = int(t.min()), int(t.max())
         if lo < 1 or hi > self.num_timesteps:
             raise ValueError(f"t: timesteps must lie in [1, {self.num_timesteps}], got values in [{lo}, {hi}]")

@@ -24,6 +24,7 @@ from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.reference.ddpm import DDPMStepOutput, check_step_inputs, step_coefficients
 
 MAX_NODES = 16384  # one program holds a whole sample
+_NOISE_STRIDE = tl.constexpr(3 * MAX_NODES)  # noise counter per timestep: (t, node, column)
 
 
 @triton.jit
@@ -63,7 +64,9 @@ def _ddpm_step_kernel(
         if HAS_NOISE:
             z = tl.load(noise_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         else:
-            z = tl.randn(seed, (t * N * 3 + nodes * 3 + c).to(tl.int32))
+            # counted by (t, node, column) with a fixed stride, not the padded N: a sample's noise
+            # does not depend on the length it is padded to, i.e. on its batch mates
+            z = tl.randn(seed, (t * _NOISE_STRIDE + nodes * 3 + c).to(tl.int32))
         z = _masked_center(z, mf, n_real)
         prev = _masked_center(mean + sigma * z, mf, n_real)
         x0 = (x0a * x_t - x0b * eps_hat) * mf
@@ -73,10 +76,27 @@ def _ddpm_step_kernel(
 
 
 def _seeds(seed, generator, batch: int, device) -> torch.Tensor:
-    """(B,) int64 per-sample seeds, derived exactly as the C++ step derives them."""
+    """(B,) int64 per-sample seeds, derived exactly as the C++ step derives them. A (B,) integer
+    tensor already on the device is used as is (no host round trip: CUDA-graph safe)."""
+    if isinstance(seed, torch.Tensor) and seed.device == torch.device(device) and seed.shape == (batch,) \
+            and seed.dtype == torch.int64:
+        return seed
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
     return torch.from_numpy(per_sample_seeds(seed, batch).view(np.int64).copy()).to(device)
+
+
+def _coefficient_tables(schedule: NoiseSchedule, variance: str, device) -> dict:
+    """float32 tables (T + 1,) of the step coefficients on ``device``, indexed by t (row 0 unused),
+    computed once in float64: per step a device gather instead of a host round trip."""
+    key = ("ddpm_step_triton", variance, torch.device(device))
+    tables = schedule._device_cache.get(key)
+    if tables is None:
+        ts = torch.arange(1, schedule.num_timesteps + 1)
+        full = step_coefficients(schedule, ts, variance)
+        tables = {k: torch.cat([v[:1], v]).to(device=device, dtype=torch.float32) for k, v in full.items()}
+        schedule._device_cache[key] = tables
+    return tables
 
 
 def ddpm_step_triton(
@@ -96,7 +116,9 @@ def ddpm_step_triton(
     if N > MAX_NODES:
         raise ValueError(f"x_t: the triton step holds a sample in one program; N = {N} > {MAX_NODES}")
     device = x_t.device
-    coefs = {k: v.to(device=device, dtype=torch.float32) for k, v in step_coefficients(schedule, t, variance).items()}
+    if schedule.num_timesteps * MAX_NODES * 3 >= 2 ** 31:
+        raise ValueError(f"schedule: the triton step counts noise in int32; T = {schedule.num_timesteps} is too long")
+    coefs = {k: v[t] for k, v in _coefficient_tables(schedule, variance, device).items()}
     x = x_t.contiguous()
     e = eps_hat.contiguous()
     z = noise.contiguous() if noise is not None else x  # placeholder pointer when unused

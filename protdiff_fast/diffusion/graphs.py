@@ -1,0 +1,76 @@
+"""One reverse step of a padded batch (model call + scheduler step), captured as a CUDA graph on GPU.
+
+At small proteins the ~10 kernel launches per EGNN layer and the step cost more in launch overhead
+than in arithmetic; a CUDA graph replays the whole step (model + fused step) as one launch. The
+graph is captured once per batch (its shape, mask and seeds are fixed for all of its steps) and
+replayed with new x_t and t copied into its static input buffers.
+
+Inside the step the library's value checks (NaN/Inf sweeps, mask contents, timestep range) are off:
+each is a device-to-host sync, which a capture cannot contain. The sampler checks the inputs once
+and every step's outputs itself. The same code runs uncaptured on CPU (``capture=False``), so the
+tests exercise everything but the capture call; if a capture fails on a GPU, the runner warns once
+and goes on uncaptured.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from protdiff_fast._checks import skip_value_checks
+
+_capture_failed = False  # after one failure, later batches do not try again
+
+
+class DenoiseStep:
+    """``step(x_t, t) -> (eps_hat, x_{t_prev})`` for one padded batch with fixed ``mask`` and per-design
+    ``seeds`` (a (B,) int64 tensor on the batch's device), or a ``generator`` for the scheduler's noise."""
+
+    def __init__(self, model: Callable, scheduler, mask: torch.Tensor, seeds: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None, capture: bool = False) -> None:
+        self.model, self.scheduler, self.mask = model, scheduler, mask
+        self.seeds, self.generator = seeds, generator
+        # a CUDA graph replays fixed kernels: noise must come from the kernels' own Philox (seeds)
+        self.capture = bool(capture and mask.device.type == "cuda" and seeds is not None and not _capture_failed)
+        self.graph = None
+        self.captured = False
+
+    def _step(self, x: torch.Tensor, t: torch.Tensor, check_eps: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        with skip_value_checks(), torch.no_grad():
+            eps = self.model(x, t, self.mask)
+            if check_eps and not bool(torch.isfinite(eps).all()):
+                return eps, x  # the caller names the step and design; the step itself would refuse NaN
+            out = self.scheduler.step(eps, t, x, mask=self.mask, seed=self.seeds, generator=self.generator)
+        return eps, out.prev_sample
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not self.capture:
+            return self._step(x, t, check_eps=True)
+        if self.graph is None:
+            try:
+                self._capture(x, t)
+            except Exception as err:  # noqa: BLE001 - any capture failure: run uncaptured, say so once
+                global _capture_failed
+                _capture_failed, self.capture, self.graph = True, False, None
+                warnings.warn(f"protdiff_fast: CUDA graph capture of the sampling step failed ({err}); "
+                              "sampling goes on without graphs", RuntimeWarning, stacklevel=2)
+                torch.cuda.synchronize()
+                return self._step(x, t, check_eps=True)
+        self.x_in.copy_(x)
+        self.t_in.copy_(t)
+        self.graph.replay()
+        return self.eps_out, self.x_out
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        self.x_in, self.t_in = x.clone(), t.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: kernel compiles, caches and allocations happen here
+            for _ in range(2):
+                self._step(self.x_in, self.t_in)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.eps_out, self.x_out = self._step(self.x_in, self.t_in)
+        self.captured = True
