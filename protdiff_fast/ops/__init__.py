@@ -5,12 +5,14 @@ the math and the contract live in the reference implementation's docstring.
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional, Tuple
 
 import torch
 
 from protdiff_fast.backends import get_impl
-from protdiff_fast.ops._padding import CLAMP_NORMALIZE, call_padded, square_hidden
+from protdiff_fast.ops._padding import CLAMP_NORMALIZE, bind_arguments, call_padded, square_hidden
 
 
 def remove_center_of_mass(
@@ -33,6 +35,11 @@ def egnn_pair_aggregate(*args, backend: str = "auto", **kwargs) -> Tuple[torch.T
     """
     x = kwargs["x"] if "x" in kwargs else args[0]
     name, fn = get_impl("egnn_pair_aggregate", backend, x.device)
+    if backend == "auto" and name != "reference":
+        why = _cannot_run(name, args, kwargs)
+        if why:  # "auto" never fails for lack of a fast path: the reference runs everything
+            _warn_fallback(name, why)
+            name, fn = get_impl("egnn_pair_aggregate", "reference", x.device)
     if isinstance(kwargs.get("normalize"), str) and name not in CLAMP_NORMALIZE:
         raise NotImplementedError(f"normalize={kwargs['normalize']!r} is not implemented by the {name!r} backend "
                                   f"(implemented by: {', '.join(CLAMP_NORMALIZE)})")
@@ -40,6 +47,29 @@ def egnn_pair_aggregate(*args, backend: str = "auto", **kwargs) -> Tuple[torch.T
     if square is None:
         return fn(*args, **kwargs)
     return call_padded(fn, square, args, kwargs)
+
+
+def _cannot_run(name: str, args: tuple, kwargs: dict) -> Optional[str]:
+    """Why backend ``name`` cannot run these arguments (unsupported width or option), or None."""
+    if isinstance(kwargs.get("normalize"), str) and name not in CLAMP_NORMALIZE:
+        return f"normalize={kwargs['normalize']!r}"
+    square = square_hidden(name)
+    if square is None:
+        return None
+    try:
+        named = bind_arguments(args, kwargs)
+        widths = [t.shape[-1] for t in (named["p"], named["W2"], named["W3"]) if isinstance(t, torch.Tensor)]
+        if widths:
+            square(max(widths))
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(name: str, why: str) -> None:
+    warnings.warn(f"protdiff_fast: egnn_pair_aggregate: backend 'auto' picked {name!r}, which cannot run this "
+                  f"call ({why}); running the reference instead (O(N^2 H) memory)", RuntimeWarning, stacklevel=3)
 
 
 def ddpm_step(schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t, *, backend: str = "auto", **kwargs):
