@@ -94,3 +94,18 @@ def test_pytest_benchmark_suites_run_once_as_smoke_tests():
                            "--benchmark-disable"], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_sampler_case_through_the_graph_runner_matches_the_plain_loop():
+    """The sampler suite's "graphs" rows run the sampler's step runner (captured on CUDA); on a CPU
+    it runs uncaptured and must compute what the plain loop computes."""
+    import torch
+
+    from protdiff_fast.bench import egnn as cases
+
+    outs = {graphs: cases.make_sampler_case("cpu", 2, 10, 16, torch.float32, "cpu", graphs=graphs)()
+            for graphs in (False, True)}
+    assert bool(torch.isfinite(outs[True]).all()) and torch.equal(outs[True], outs[False])
+    rows = runner.grid("cuda", quick=True, suites=["sampler"])
+    assert any(r["mode"] == "graphs" and r["provider"] == "triton" for r in rows)
+    assert not any(r["mode"] == "graphs" for r in runner.grid("cpu", quick=True, suites=["sampler"]))

@@ -114,11 +114,14 @@ def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dty
 SAMPLER_STEPS = 20  # denoising steps timed per repetition; backbones/s is derived for T = 1000
 
 
-def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
+def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str,
+                      graphs: bool = False) -> Callable[[], None]:
     """SAMPLER_STEPS reverse steps (model + step) of a batch of B backbones of length N.
 
     ``provider`` picks the backend of both the EGNN and the step ("reference" or "cpu"/"triton");
-    the model is a fixed small ProtDiff (H, 4 layers) with random weights.
+    the model is a fixed small ProtDiff (H, 4 layers) with random weights. ``graphs`` runs the
+    sampler's own step runner (:class:`protdiff_fast.diffusion.graphs.DenoiseStep`), which captures
+    model + step as one CUDA graph (captured in the warm-up run, replayed in the timed ones).
     """
     from protdiff_fast.diffusion import NoiseSchedule
     from protdiff_fast.models import ProtDiff
@@ -131,7 +134,23 @@ def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype,
     x0 = torch.randn(B, N, 3, device=device, dtype=dtype) * 0.1
     seeds = torch.arange(B, device=device)
 
-    def run() -> None:
+    if graphs:
+        from protdiff_fast.diffusion import DDPMScheduler
+        from protdiff_fast.diffusion.graphs import DenoiseStep
+
+        scheduler = DDPMScheduler(1000, backend=provider)
+        mask = torch.ones(B, N, dtype=torch.bool, device=device)
+        runner = DenoiseStep(model, scheduler, mask, seeds=seeds.long(), capture=True)
+
+        def run_graphed() -> torch.Tensor:
+            x = x0
+            for k in range(SAMPLER_STEPS):
+                _, x = runner(x, torch.full((B,), 1000 - k, dtype=torch.long, device=device))
+            return x
+
+        return run_graphed
+
+    def run() -> torch.Tensor:
         x = x0
         with torch.no_grad():
             for k in range(SAMPLER_STEPS):
@@ -139,6 +158,7 @@ def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype,
                 eps = model(x, t)
                 x = ddpm_step(schedule, x, eps, t, seed=seeds if provider != "reference" else k,
                               backend=provider).prev_sample
+        return x
 
     return run
 

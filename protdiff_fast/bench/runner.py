@@ -128,6 +128,8 @@ def target_rows(device: str) -> List[Dict]:
     for N in (64, 128):  # whole reverse steps (model + fused step) of a small fixed model
         for p in base:
             rows.append(dict(suite="sampler", provider=p, B=16, N=N, H=64, mode="fwd", dtype="float32"))
+        if device.startswith("cuda"):
+            rows.append(dict(suite="sampler", provider="triton", B=16, N=N, H=64, mode="graphs", dtype="float32"))
     for B in (1, 4):  # the ProtDiff model at its published size: H = 256, 4 layers, 256-d offset edges
         for p in base:
             rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype="float32"))
@@ -172,6 +174,9 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
             for B in ([16] if quick else [16, 64]):
                 for p in ("reference", fused):
                     rows.append(dict(suite="sampler", provider=p, B=B, N=N, H=64, mode="fwd", dtype="float32"))
+                if device.startswith("cuda"):  # the same steps replayed as one CUDA graph per step
+                    rows.append(dict(suite="sampler", provider=fused, B=B, N=N, H=64, mode="graphs",
+                                     dtype="float32"))
     if "sampler-mixed" in suites:  # whole runs: B designs of lengths N/2..N, written (and not, for the fused one)
         fused = "cpu" if not device.startswith("cuda") else "triton"
         # lengths within the shipped model's training range (40..128): much shorter chains can diverge
@@ -266,7 +271,7 @@ def markdown(result: Dict) -> str:
         speed = f"{ref[key]['median_s'] / r['median_s']:.1f}x" if key in ref else ""
         if r["suite"] == "sampler":
             lines.append(
-                f"| {r['suite']} | {SAMPLER_STEPS} steps | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
+                f"| {r['suite']} | {SAMPLER_STEPS} steps{', CUDA graphs' if r['mode'] == 'graphs' else ''} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
                 f"{r['median_s'] * 1e3:.1f} ({r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}) | "
                 f"{r['steps_per_s']:.1f} steps/s | {r['backbones_per_s_T1000']:.3f} backbones/s at T=1000 (derived) | "
                 f"{_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")

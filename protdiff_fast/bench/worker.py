@@ -51,7 +51,8 @@ def main(spec_json: str) -> None:
         if spec["suite"] == "ddpm-step":
             run = make_ddpm_step_case(spec["provider"], spec["B"], spec["N"], dtype, device)
         elif spec["suite"] == "sampler":
-            run = make_sampler_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device)
+            run = make_sampler_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device,
+                                    graphs=spec["mode"] == "graphs")
         elif spec["suite"] == "sampler-mixed":  # mode "write": files + manifest; "memory": results only
             run = make_sampler_mixed_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device,
                                           write=spec["mode"] == "write")
