@@ -24,12 +24,20 @@ Backward (recomputing every pair quantity instead of storing it):
                    of dW3, db3, dw4 (one [H, H] weight gradient per pass keeps registers in bounds)
     partials are summed afterwards in torch: no atomics, so the result is deterministic.
 
+Registers (sm_90, measured with scripts/compile_egnn_triton.py): the backward runs tiles of M = 16
+pairs on mma.sync; a weight gradient's [H, H] product is split into row chunks (``dw_chunk``) whose
+activation columns are rebuilt (a from the inputs, m from a W2[:, cols]); d edge_attr is one column
+of W_e at a time, not a tl.dot. Configurations that still spill are listed in ``KNOWN_SPILLS``.
+
 Precision: elementwise math and all accumulations in fp32. fp32 inputs use 3xTF32 dots (about
 fp32 accuracy on tensor cores) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, in
 which case plain TF32 (the trade PyTorch's own matmuls make under that flag); bf16/fp16 inputs
-multiply in their own type with fp32 accumulation. Under ``TRITON_INTERPRET=1`` low-precision
-operands are upcast before the dot: the interpreter's bf16 dot is wrong (triton#11584), and the
-upcast of already-rounded values gives what the tensor cores compute.
+multiply in their own type with fp32 accumulation, and on the GPU their sigmoids (hence SiLUs) use
+one tanh.approx each (relative error ~2^-11, below bf16's 2^-8; fp32 keeps tl.sigmoid). Under
+``TRITON_INTERPRET=1`` low-precision operands are upcast before the dot: the interpreter's bf16 dot
+is wrong (triton#11584), and the upcast of already-rounded values gives what the tensor cores
+compute; the sigmoids stay tl.sigmoid there (no inline PTX), so the tanh.approx path is checked
+only on a GPU.
 """
 from __future__ import annotations
 
@@ -67,8 +75,8 @@ def _interpreting() -> bool:
 _CONFIGS = {
     (16, False, "fwd"): (16, 16, 8), (16, True, "fwd"): (16, 16, 8),
     (32, False, "fwd"): (16, 16, 8), (32, True, "fwd"): (16, 16, 8),
-    (64, False, "fwd"): (16, 8, 8), (64, True, "fwd"): (16, 8, 8),
-    (128, False, "fwd"): (8, 8, 8), (128, True, "fwd"): (8, 8, 8),
+    (64, False, "fwd"): (16, 8, 8), (64, True, "fwd"): (8, 16, 8),
+    (128, False, "fwd"): (4, 32, 8), (128, True, "fwd"): (2, 8, 8),
     **{(H, fp32, "bwd_i"): (2, 8, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
     **{(H, fp32, "bwd_j"): (8, 2, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
 }
@@ -77,8 +85,8 @@ NUM_STAGES = 2
 # Configurations that still spill registers on sm_90 (scripts/compile_egnn_triton.py measures how
 # much; benchmarks/results/egnn_triton_sm90_compile.md has the numbers).
 KNOWN_SPILLS = {
-    # the forward at M = 64-128 keeps [M, H] tiles of 32-64 registers each (fp32: 3xTF32 operand splits)
-    (64, True, "fwd"), (128, False, "fwd"), (128, True, "fwd"),
+    # fp32 forward at H = 128: the 3xTF32 hi/lo operand copies (M = 16: ~300 B; M = 64-128: 1-2.4 KB)
+    (128, True, "fwd"),
     # fp32 rows-i pass at H = 64: the 3xTF32 operand splits (hi/lo copies of each [M, H] operand); 8-148 B
     (64, True, "bwd_i"),
     # H = 128: each warp holds the whole [16, 128] A operand of every mma.sync product (64 registers
@@ -114,9 +122,20 @@ def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd"
 # jitted helpers named after the math
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _silu_parts(x):
+def _sigmoid(x, FAST: tl.constexpr):
+    """sigmoid(x); FAST: as 0.5 + 0.5 tanh(x / 2) with one tanh.approx (relative error ~2^-11, for
+    bf16/fp16 inputs on the GPU; tl.sigmoid needs an exp and a division)."""
+    if FAST:
+        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * x], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+        return 0.5 + 0.5 * th
+    return tl.sigmoid(x)
+
+
+@triton.jit
+def _silu_parts(x, FAST: tl.constexpr):
     """(silu(x), sigmoid(x))."""
-    sig = tl.sigmoid(x)
+    sig = _sigmoid(x, FAST)
     return x * sig, sig
 
 
@@ -158,7 +177,7 @@ def _pair_tile(
     E, K,  # edge width, offset-table half width
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
     """Every pair quantity of the tile (i, j), flattened to M = BI * BJ rows."""
     M: tl.constexpr = BI * BJ
@@ -183,23 +202,23 @@ def _pair_tile(
         e = tl.reshape(e3.to(tl.float32), (M, EP))
         W_e = tl.load(We_ptr + ecol[:, None] * H + hcol[None, :], mask=(ecol < E)[:, None], other=0.0)
         z += _mm(e, W_e, PRECISION, UPCAST)
-    a, sig_z = _silu_parts(z)  # phi_e's first SiLU
+    a, sig_z = _silu_parts(z, FAST)  # phi_e's first SiLU
     W2 = tl.load(W2_ptr + hcol[:, None] * H + hcol[None, :])
     r = _mm(a, W2, PRECISION, UPCAST) + tl.load(b2_ptr + hcol).to(tl.float32)[None, :]
-    m0, sig_r = _silu_parts(r)  # m_ij before the gate
+    m0, sig_r = _silu_parts(r, FAST)  # m_ij before the gate
     g = tl.full((M,), 1.0, tl.float32)
     w_att = tl.zeros((H,), dtype=tl.float32)
     if ATTENTION:
         w_att = tl.load(watt_ptr + hcol).to(tl.float32)
-        g = tl.sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att)
+        g = _sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att, FAST)
     m = m0 * g[:, None]
     W3 = tl.load(W3_ptr + hcol[:, None] * H + hcol[None, :])
     t = _mm(m, W3, PRECISION, UPCAST) + tl.load(b3_ptr + hcol).to(tl.float32)[None, :]
-    s, sig_t = _silu_parts(t)  # phi_x's hidden layer
+    s, sig_t = _silu_parts(t, FAST)  # phi_x's hidden layer
     w4 = tl.load(w4_ptr + hcol).to(tl.float32)
     phi = tl.sum(s * w4[None, :], axis=1)  # [M]
     if TANH:
-        phi = 2.0 * tl.sigmoid(2.0 * phi) - 1.0
+        phi = 2.0 * _sigmoid(2.0 * phi, FAST) - 1.0
     v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])  # real pair, not the self pair
     return u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v
 
@@ -236,7 +255,7 @@ def _egnn_fwd_kernel(
     N, E, K, eps,
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     b = tl.program_id(1)
@@ -257,7 +276,7 @@ def _egnn_fwd_kernel(
         u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v = _pair_tile(
             b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
             w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
-            H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST)
+            H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
         vf = v.to(tl.float32)
         # m_i: each tile's partial sum is added into the program's own rows of the output instead of a
         # loop-carried [BI, H] register accumulator (whose layout costs registers and spills at H = 128)
@@ -290,7 +309,7 @@ def _egnn_bwd_kernel(
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
     ROWS_ARE_I: tl.constexpr, NEED_DEA: tl.constexpr, DW_CHUNK: tl.constexpr,
-    PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
     M: tl.constexpr = BI * BJ
     pid = tl.program_id(0)
@@ -337,7 +356,7 @@ def _egnn_bwd_kernel(
         u0, u1, u2, d2, z, _sig_z, e, _a, r, _sig_r, _m0, g, w_att, _m, t, sig_t, _s, w4, phi, v = _pair_tile(
             b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
             w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
-            H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST)
+            H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
         vf = v.to(tl.float32)
         # upstream gradients of the tile's rows i
         gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
@@ -367,17 +386,17 @@ def _egnn_bwd_kernel(
         # activations (a = silu(z), m = silu(r) g, s = silu(t)) so fewer [M, H] tiles stay live
         if not ROWS_ARE_I:  # phi_x's weights in this pass, phi_e's in the other: one [H, H] product each
             if DW_CHUNK == H:
-                m_re = r * tl.sigmoid(r) * g[:, None]
+                m_re = r * _sigmoid(r, FAST) * g[:, None]
                 tl.store(pW3_ptr + prog * H * H + hh,
                          tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION,
                                                                     UPCAST))
             else:  # dW3 = m^T d_t by rows: m's columns from r's, recomputed as a W2[:, cols]
-                a_re = z * tl.sigmoid(z)
+                a_re = z * _sigmoid(z, FAST)
                 for c0 in tl.static_range(0, H, DW_CHUNK):
                     cols = c0 + tl.arange(0, DW_CHUNK)
                     W2_c = tl.load(W2_ptr + hcol[:, None] * H + cols[None, :])
                     r_c = _mm(a_re, W2_c, PRECISION, UPCAST) + tl.load(b2_ptr + cols).to(tl.float32)[None, :]
-                    m_c = r_c * tl.sigmoid(r_c) * g[:, None]
+                    m_c = r_c * _sigmoid(r_c, FAST) * g[:, None]
                     addr = pW3_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
                     tl.store(addr, tl.load(addr) + _mm(tl.trans(m_c), d_t.to(W3T.dtype), PRECISION, UPCAST))
             acc_b3 += tl.sum(d_t, axis=0)
@@ -386,7 +405,7 @@ def _egnn_bwd_kernel(
         # bf16/fp16 inputs: rounding these gradients to 8 bits made e.g. d b_att twice as bad as torch's
         d_m = tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, H)) + _mm(d_t, W3T.to(tl.float32), PRECISION_BWD,
                                                                           False)
-        sig_r = tl.sigmoid(r)
+        sig_r = _sigmoid(r, FAST)
         d_gate = tl.zeros((M,), dtype=tl.float32)
         if ATTENTION:
             d_gate = tl.sum(d_m * r * sig_r, axis=1) * g * (1.0 - g)  # dL/d(w_att . m0 + b_att)
@@ -396,7 +415,7 @@ def _egnn_bwd_kernel(
         d_r = d_m0 * _dsilu(r, sig_r)
         W2T = tl.load(W2_ptr + hcol[None, :] * H + hcol[:, None])
         if ROWS_ARE_I:
-            sig_z = tl.sigmoid(z)
+            sig_z = _sigmoid(z, FAST)
             if DW_CHUNK == H:
                 tl.store(pW2_ptr + prog * H * H + hh,
                          tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(z * sig_z), d_r.to(W2T.dtype), PRECISION,
@@ -407,7 +426,7 @@ def _egnn_bwd_kernel(
                     cols = c0 + tl.arange(0, DW_CHUNK)
                     z_c = _preact_cols(b, i, j, N, d2, e, cols, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
                                        H, EP, EDGE, PRECISION, UPCAST)
-                    a_c = z_c * tl.sigmoid(z_c)
+                    a_c = z_c * _sigmoid(z_c, FAST)
                     addr = pW2_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
                     tl.store(addr, tl.load(addr) + _mm(tl.trans(a_c), d_r.to(W2T.dtype), PRECISION, UPCAST))
             acc_b2 += tl.sum(d_r, axis=0)
@@ -415,7 +434,7 @@ def _egnn_bwd_kernel(
                 acc_watt += tl.sum(r * sig_r * d_gate[:, None], axis=0)
                 acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
         else:
-            sig_z = tl.sigmoid(z)
+            sig_z = _sigmoid(z, FAST)
         d_z = _mm(d_r, W2T.to(tl.float32), PRECISION_BWD, False) * _dsilu(z, sig_z)  # [M, H]
         d_z3 = tl.reshape(d_z, (BI, BJ, H))
         w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
@@ -487,6 +506,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
+def _fast_sigmoid(dtype: torch.dtype) -> bool:
+    """tanh.approx sigmoids: for bf16/fp16 inputs on the GPU (the interpreter has no inline PTX)."""
+    return dtype != torch.float32 and not _interpreting()
+
+
 def _edge_mode(edge_attr, rel) -> int:
     return 1 if edge_attr is not None else (2 if rel is not None else 0)
 
@@ -513,7 +537,8 @@ def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, 
         m_i, dx_i, N, meta["E"], meta["K"], meta["eps"],
         H=H, EP=meta["EP"], BI=meta["BI"], BJ=meta["BJ"], EDGE=meta["EDGE"], ATTENTION=w_att is not None,
         TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(x.dtype),
-        UPCAST=_interpreting() and x.dtype != torch.float32, num_warps=meta["warps"], num_stages=NUM_STAGES,
+        UPCAST=_interpreting() and x.dtype != torch.float32, FAST=_fast_sigmoid(x.dtype),
+        num_warps=meta["warps"], num_stages=NUM_STAGES,
     )
     return m_i.to(x.dtype), dx_i
 
@@ -543,7 +568,7 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
                   ATTENTION=w_att is not None, TANH=meta["tanh"], NORMALIZE=meta["normalize"],
                   NEED_DEA=need_dea, PRECISION=_precision(x.dtype),
                   PRECISION_BWD=_precision(torch.float32) if x.dtype == torch.float32 else "tf32",
-                  UPCAST=_interpreting() and x.dtype != torch.float32)
+                  UPCAST=_interpreting() and x.dtype != torch.float32, FAST=_fast_sigmoid(x.dtype))
     _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, prel,
                                 N, meta["E"], K, meta["eps"], ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
                                 W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=dw_chunk(H, x.dtype, "bwd_i"),
