@@ -254,7 +254,9 @@ def markdown(result: Dict) -> str:
              f"- measured fp32 matmul: {rates['mm_fp32_square_flops'] / 1e9:.1f} GFLOP/s (2048^2), "
              f"{rates['mm_fp32_pair_shape_flops'] / 1e9:.1f} GFLOP/s ([2^18, {rates['pair_shape_H']}] x "
              f"[{rates['pair_shape_H']}, {rates['pair_shape_H']}], the pair-MLP shape); copy "
-             f"{rates['copy_bytes_per_s'] / 1e9:.1f} GB/s",
+             f"{rates['copy_bytes_per_s'] / 1e9:.1f} GB/s" + (
+                 f"; bf16 matmul {rates['mm_bf16_square_flops'] / 1e12:.1f} TFLOP/s (8192^2)"
+                 if rates.get("mm_bf16_square_flops") else ""),
              f"- memory: {result.get('mem_method', '')}",
              f"- egnn-pytorch (dense baseline) rows only where B * N <= {EGNN_PYTORCH_MAX_BN} on CPU", "",
              "| suite | mode | dtype | H | B | N | provider | median ms (p20-p80) | GFLOP/s (egnn) or GB/s (step) "
@@ -291,6 +293,8 @@ def markdown(result: Dict) -> str:
             rate = f"{gf / 1e9:.1f}"
             frac = (f"{100 * gf / rates['mm_fp32_square_flops']:.0f}% / "
                     f"{100 * gf / rates['mm_fp32_pair_shape_flops']:.0f}%")
+            if r["dtype"] == "bfloat16" and rates.get("mm_bf16_square_flops"):  # against the tensor-core rate
+                frac = f"{100 * gf / rates['mm_bf16_square_flops']:.0f}% of bf16 mm"
         lines.append(
             f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
             f"{r['median_s'] * 1e3:.3f} ({r['p20_s'] * 1e3:.3f}-{r['p80_s'] * 1e3:.3f}) | {rate} | {frac} | "
