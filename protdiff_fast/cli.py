@@ -124,7 +124,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import json as _json
     import random
 
     from protdiff_fast.diffusion import DDPMScheduler
@@ -175,11 +174,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     designs = rows
     summary = summarize(rows)
 
+    from protdiff_fast.io.jsonio import dumps_strict
     from protdiff_fast.io.structure import _atomic_write
 
     _atomic_write(_Path(args.out) / "metrics.json",
-                  lambda tmp: _Path(tmp).write_text(_json.dumps(dict(checkpoint=ckpt, summary=summary, designs=rows),
-                                                                indent=1)))
+                  lambda tmp: _Path(tmp).write_text(dumps_strict(dict(checkpoint=ckpt, summary=summary, designs=rows),
+                                                                 indent=1)))
     print(f"{len(designs)} backbones -> {args.out} (checkpoint {ckpt})")
     print(format_table({"samples": summary}))
     return 0
@@ -400,6 +400,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SamplingError as err:  # e.g. a diverging model: the sampler's message, not a traceback
         print(f"protdiff-fast {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as err:  # a path we may not use
+        print(f"protdiff-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

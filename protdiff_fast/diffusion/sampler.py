@@ -35,6 +35,7 @@ from protdiff_fast.diffusion.scheduler import DDPMScheduler
 from protdiff_fast.io.dataset import SCALE_A
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.reference.com import remove_center_of_mass_reference
+from protdiff_fast.io.jsonio import dumps_strict
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -543,7 +544,7 @@ def _manifest_csv(designs: Dict[str, Dict]) -> str:
 def _write_manifest(path: Path, content: Dict) -> None:
     from protdiff_fast.io.structure import _atomic_write
 
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1, sort_keys=True)))
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(dumps_strict(content, indent=1, sort_keys=True)))
 
 
 def _write_manifest_csv(path: Path, designs: Dict[str, Dict]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from protdiff_fast.io.dataset import SCALE_A
 from protdiff_fast.metrics.motif import SUCCESS_RMSD_A, motif_rmsd, success_rate
+from protdiff_fast.io.jsonio import dumps_strict
 
 LAYOUT_SALT = 0x5CAFF01D  # layouts draw from their own stream, independent of the sampler's
 
@@ -154,7 +154,7 @@ def run_scaffold(
                        resampling_events=result.events)
         summary["resampling_events"] = len(result.events)
     content = dict(summary=summary, designs=rows, smc_log=smc_log)
-    _atomic_write(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
+    _atomic_write(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(dumps_strict(content, indent=1)))
     buf = io.StringIO()
     keys = [k for k in rows[0] if k != "motif_positions"]
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
