@@ -40,7 +40,7 @@ def _signature(kernel, dtype: str, pass_: str):
     sig = {}
     for name in names:
         if name in ("x_ptr", "p_ptr", "q_ptr", "w_d_ptr", "W2_ptr", "b2_ptr", "W3_ptr", "b3_ptr", "w4_ptr",
-                    "ea_ptr", "We_ptr", "rel_ptr", "watt_ptr", "dx_out_ptr", "dea_ptr"):
+                    "ea_ptr", "We_ptr", "rel_ptr", "watt_ptr", "dx_out_ptr", "dea_ptr", "stage_ptr"):
             sig[name] = ptr
         elif name == "mask_ptr":
             sig[name] = "*u8"

@@ -25,9 +25,10 @@ Backward (recomputing every pair quantity instead of storing it):
     partials are summed afterwards in torch: no atomics, so the result is deterministic.
 
 Registers (sm_90, measured with scripts/compile_egnn_triton.py): the backward runs tiles of M = 16
-pairs on mma.sync; a weight gradient's [H, H] product is split into row chunks (``dw_chunk``) whose
-activation columns are rebuilt (a from the inputs, m from a W2[:, cols]); d edge_attr is one column
-of W_e at a time, not a tl.dot. Configurations that still spill are listed in ``KNOWN_SPILLS``.
+pairs on mma.sync; a weight gradient's [H, H] product is split into row chunks (``dw_chunk``): dW2's
+take a's columns rebuilt from the inputs, dW3's take rows of m^T from a per-program scratch copy of
+the m tile (O(B N H)); d edge_attr is one column of W_e at a time, not a tl.dot. Configurations
+that still spill are listed in ``KNOWN_SPILLS``.
 
 Precision: elementwise math and all accumulations in fp32. fp32 inputs use 3xTF32 dots (about
 fp32 accuracy on tensor cores) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, in
@@ -69,16 +70,17 @@ def _interpreting() -> bool:
 # (H, fp32?, kernel) -> (BLOCK_I, BLOCK_J, num_warps), chosen with scripts/compile_egnn_triton.py
 # (register spills on sm_90; notes in benchmarks/results/egnn_triton_spill_notes.md). M = BLOCK_I *
 # BLOCK_J rows per tile: the [M, H] fp32 intermediates cost M * H / (32 * num_warps) registers per
-# thread each, so big H gets small tiles. The backward runs M = 16 tiles (2 rows of the program's
-# own block x 8 of the other): mma.sync instead of wgmma, but each of its ~10 live [M, H] tiles
-# costs a quarter of what it does at M = 64, and M = 64 spilled 0.1-13 KB at every size.
+# thread each, so big H gets small tiles. The backward runs M = 16 tiles (1 row of the program's
+# own block x 16 of the other): mma.sync instead of wgmma, but each of its ~10 live [M, H] tiles
+# costs a quarter of what it does at M = 64, and M = 64 spilled 0.1-13 KB at every size (2 x 8
+# spilled a little more than 1 x 16 at H = 64-128).
 _CONFIGS = {
     (16, False, "fwd"): (16, 16, 8), (16, True, "fwd"): (16, 16, 8),
     (32, False, "fwd"): (16, 16, 8), (32, True, "fwd"): (16, 16, 8),
     (64, False, "fwd"): (16, 8, 8), (64, True, "fwd"): (8, 16, 8),
     (128, False, "fwd"): (4, 32, 8), (128, True, "fwd"): (2, 8, 8),
-    **{(H, fp32, "bwd_i"): (2, 8, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
-    **{(H, fp32, "bwd_j"): (8, 2, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
+    **{(H, fp32, "bwd_i"): (1, 16, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
+    **{(H, fp32, "bwd_j"): (16, 1, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
 }
 # software-pipelining depth of the j-loop, passed by the launchers and used by the compile script
 NUM_STAGES = 2
@@ -87,10 +89,10 @@ NUM_STAGES = 2
 KNOWN_SPILLS = {
     # fp32 forward at H = 128: the 3xTF32 hi/lo operand copies (M = 16: ~300 B; M = 64-128: 1-2.4 KB)
     (128, True, "fwd"),
-    # fp32 rows-i pass at H = 64: the 3xTF32 operand splits (hi/lo copies of each [M, H] operand); 8-148 B
+    # fp32 rows-i pass at H = 64, no edge term, no flags: 8 B (the 3xTF32 hi/lo operand copies)
     (64, True, "bwd_i"),
     # H = 128: each warp holds the whole [16, 128] A operand of every mma.sync product (64 registers
-    # in fp32/TF32); bf16 0-504 B, fp32 0.7-1.1 KB
+    # in TF32); bf16 0-148 B, fp32 0.3-0.7 KB
     *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
 }
 
@@ -98,12 +100,14 @@ KNOWN_SPILLS = {
 def dw_chunk(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "bwd_i") -> int:
     """Rows of the pass's [H, H] weight gradient (dW2 in "bwd_i", dW3 in "bwd_j") per product; H: one product.
 
-    A chunk of rows needs the matching columns of the activation (a or m) again: rebuilt from the
-    inputs for a (elementwise), from a W2[:, cols] for m (an extra [M, H] x [H, C] product, which
-    made the fp32 rows-j pass spill more, not less). Chosen with scripts/compile_egnn_triton.py.
+    A chunk of dW2's rows takes the matching columns of a, rebuilt from the inputs (elementwise); a
+    chunk of dW3's rows takes rows of m^T, read back from the program's scratch copy of the m tile.
+    Chosen with scripts/compile_egnn_triton.py (benchmarks/results/egnn_triton_spill_notes.md).
     """
-    if dtype == torch.float32:
-        return 16 if kernel == "bwd_i" and H >= 32 else H
+    if kernel == "bwd_i":
+        if dtype == torch.float32:
+            return 16 if H >= 32 else H
+        return 64 if H >= 128 else H
     return 16 if H >= 128 else H
 
 
@@ -305,6 +309,7 @@ def _egnn_bwd_kernel(
     dnode_ptr, dx_part_ptr,  # (B,N,H) dp (ROWS_ARE_I) or dq; (B,N,3) this side's share of dx
     dea_ptr,  # (B,N,N,E) d edge_attr (ROWS_ARE_I and NEED_DEA)
     pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr, prel_ptr,  # per-program partials: (P,H,H) x2, (P,6,H), (P,EP,H), (P,2K+1,H)
+    stage_ptr,  # (P, M, H), input dtype: per-program scratch for the activation of a chunked weight gradient
     N, E, K, eps,
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -390,15 +395,18 @@ def _egnn_bwd_kernel(
                 tl.store(pW3_ptr + prog * H * H + hh,
                          tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION,
                                                                     UPCAST))
-            else:  # dW3 = m^T d_t by rows: m's columns from r's, recomputed as a W2[:, cols]
-                a_re = z * _sigmoid(z, FAST)
+            else:  # dW3 = m^T d_t by rows of m^T, read back from this program's scratch copy of m (a
+                # register tile cannot be sliced; recomputing m's columns as a W2[:, cols] spilled more)
+                stage = stage_ptr + prog * M * H
+                mrow = tl.arange(0, M)
+                tl.store(stage + mrow[:, None] * H + hcol[None, :],
+                         (r * _sigmoid(r, FAST) * g[:, None]).to(stage_ptr.dtype.element_ty))
+                tl.debug_barrier()
                 for c0 in tl.static_range(0, H, DW_CHUNK):
                     cols = c0 + tl.arange(0, DW_CHUNK)
-                    W2_c = tl.load(W2_ptr + hcol[:, None] * H + cols[None, :])
-                    r_c = _mm(a_re, W2_c, PRECISION, UPCAST) + tl.load(b2_ptr + cols).to(tl.float32)[None, :]
-                    m_c = r_c * _sigmoid(r_c, FAST) * g[:, None]
+                    mT_c = tl.load(stage + mrow[None, :] * H + cols[:, None])  # [C, M]
                     addr = pW3_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
-                    tl.store(addr, tl.load(addr) + _mm(tl.trans(m_c), d_t.to(W3T.dtype), PRECISION, UPCAST))
+                    tl.store(addr, tl.load(addr) + _mm(mT_c, d_t.to(W3T.dtype), PRECISION, UPCAST))
             acc_b3 += tl.sum(d_t, axis=0)
             acc_w4 += tl.sum(t * sig_t * d_phi[:, None], axis=0)
         # the chain d_t -> d_m -> d_r -> d_z multiplies in fp32 (TF32 or 3xTF32 on tensor cores) even for
@@ -559,6 +567,8 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     pWe = torch.zeros(P, EP, H, **f32) if meta["EDGE"] == 1 else pvec
     prel = torch.zeros(P, 2 * K + 1, H, **f32) if meta["EDGE"] == 2 else pvec
     d_ea = torch.empty_like(edge_attr) if need_dea else x
+    chunk_i, chunk_j = dw_chunk(H, x.dtype, "bwd_i"), dw_chunk(H, x.dtype, "bwd_j")
+    stage = torch.empty(P2, BI2 * BJ2, H, dtype=W3.dtype, device=dev) if chunk_j < H else x  # rows-j scratch
     dummy = x
     common = (x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
               edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
@@ -569,13 +579,13 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
                   NEED_DEA=need_dea, PRECISION=_precision(x.dtype),
                   PRECISION_BWD=_precision(torch.float32) if x.dtype == torch.float32 else "tf32",
                   UPCAST=_interpreting() and x.dtype != torch.float32, FAST=_fast_sigmoid(x.dtype))
-    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, prel,
+    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, prel, x,
                                 N, meta["E"], K, meta["eps"], ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
-                                W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=dw_chunk(H, x.dtype, "bwd_i"),
+                                W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=chunk_i,
                                 num_warps=warps1, num_stages=NUM_STAGES, **consts)
-    _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, prel,
+    _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, prel, stage,
                                 N, meta["E"], K, meta["eps"], ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
-                                W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), DW_CHUNK=dw_chunk(H, x.dtype, "bwd_j"),
+                                W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), DW_CHUNK=chunk_j,
                                 num_warps=warps2, num_stages=NUM_STAGES, **consts)
     vec, vec2 = pvec.sum(0), pvec2.sum(0)
     return dict(
