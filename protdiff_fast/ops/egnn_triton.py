@@ -89,10 +89,8 @@ NUM_STAGES = 2
 KNOWN_SPILLS = {
     # fp32 forward at H = 128: the 3xTF32 hi/lo operand copies (M = 16: ~300 B; M = 64-128: 1-2.4 KB)
     (128, True, "fwd"),
-    # fp32 rows-i pass at H = 64, no edge term, no flags: 8 B (the 3xTF32 hi/lo operand copies)
-    (64, True, "bwd_i"),
-    # H = 128: each warp holds the whole [16, 128] A operand of every mma.sync product (64 registers
-    # in TF32); bf16 0-148 B, fp32 0.3-0.7 KB
+    # H = 128 backward: each warp holds the whole [16, 128] A operand of every mma.sync product (64
+    # registers in TF32; fp32 also splits operands hi/lo for 3xTF32); bf16 0-84 B, fp32 0.4-0.65 KB
     *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
 }
 
@@ -423,10 +421,10 @@ def _egnn_bwd_kernel(
         d_r = d_m0 * _dsilu(r, sig_r)
         W2T = tl.load(W2_ptr + hcol[None, :] * H + hcol[:, None])
         if ROWS_ARE_I:
-            sig_z = _sigmoid(z, FAST)
             if DW_CHUNK == H:
+                a_re = z * _sigmoid(z, FAST)
                 tl.store(pW2_ptr + prog * H * H + hh,
-                         tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(z * sig_z), d_r.to(W2T.dtype), PRECISION,
+                         tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(a_re), d_r.to(W2T.dtype), PRECISION,
                                                                     UPCAST))
             else:  # dW2 = a^T d_r by rows: a's columns rebuilt from the inputs (an [H, H] product held
                 # H^2 / threads registers on top of the tile: ~300 B of spills at H = 128)
@@ -441,8 +439,11 @@ def _egnn_bwd_kernel(
             if ATTENTION:
                 acc_watt += tl.sum(r * sig_r * d_gate[:, None], axis=0)
                 acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
-        else:
-            sig_z = _sigmoid(z, FAST)
+        # z again from the inputs instead of keeping the tile live through the chain above (fewer spills
+        # at H = 64-128 for a reload of p_i, q_j, rel rows and e W_e)
+        z = _preact_cols(b, i, j, N, d2, e, hcol, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                         H, EP, EDGE, PRECISION, UPCAST)
+        sig_z = _sigmoid(z, FAST)
         d_z = _mm(d_r, W2T.to(tl.float32), PRECISION_BWD, False) * _dsilu(z, sig_z)  # [M, H]
         d_z3 = tl.reshape(d_z, (BI, BJ, H))
         w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
