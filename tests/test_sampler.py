@@ -173,6 +173,16 @@ def test_sampler_bad_input_and_nan_model():
     with pytest.raises(SamplingError, match=r"NaN/Inf at t=7 for design \d \(length 9"):
         sample(broken, [9, 9, 9], scheduler=sched, progress=False)
 
+    def exploding(x, t, mask):  # finite but huge outputs for design 2 from t = 500 on: x grows without bound
+        eps = torch.zeros_like(x)
+        if int(t[0]) <= 500:
+            eps[2] = -1e6 * x[2]
+        return eps
+
+    with pytest.raises(SamplingError, match=r"diverged \(coordinates beyond 1e\+05 A or Inf/NaN\) after the step at "
+                                            r"t=\d+ for design 2 \(length 9"):
+        sample(exploding, [9, 9, 9], scheduler=sched, progress=False)
+
 
 def _sample_cmd(out, extra=()):
     return [sys.executable, "-m", "protdiff_fast.cli", "sample", "--length", "10..14", "--num-designs", "6",

@@ -358,7 +358,7 @@ def sample(
         units_before = bar.units if bar is not None else 0
         try:
             x, frames = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device,
-                                       dtype, bar, trajectory_every, cuda_graphs)
+                                       dtype, bar, trajectory_every, cuda_graphs, scale)
         except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
             if not _is_oom(err) or len(idx) == 1:
                 raise
@@ -478,8 +478,11 @@ def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, le
                                      "--resume to continue") from err
 
 
+DIVERGED_A = 1e5  # Angstrom: no backbone coordinate (centred) gets anywhere near; PDB's limit is 1e4
+
+
 def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar,
-                   trajectory_every=None, cuda_graphs=False):
+                   trajectory_every=None, cuda_graphs=False, scale=SCALE_A):
     """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units, and the
     trajectory frames [(timestep, (B, L, 3) cpu float32)] when ``trajectory_every`` is set."""
     L = int(max(lengths[i] for i in idx))
@@ -494,6 +497,7 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
         step_seed = None
         generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]) & ((1 << 63) - 1))
     x = initial_noise(batch_seeds.tolist(), L, mask, dtype, device)
+    diverged_at = DIVERGED_A / scale
     runner = DenoiseStep(model, scheduler, mask, seeds=None if step_seed is None else step_seed.to(device),
                          generator=None if per_design_noise else generator, capture=cuda_graphs)
     frames = None
@@ -507,12 +511,15 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
             first = int(idx[int(bad.nonzero()[0])])
             raise SamplingError(f"model output is NaN/Inf at t={step_t} for design {first} "
                                 f"(length {lengths[first]}, seed {seeds[first]})")
-        bad = ~torch.isfinite(x).flatten(1).all(1)  # a diverging sample (e.g. too few strided steps)
+        # a diverging sample (e.g. too few strided steps, or lengths far outside the training range):
+        # NaN/Inf, or coordinates no protein has; one reduction (NaN fails the comparison too)
+        bad = ~(x.abs().flatten(1).amax(1) <= diverged_at)
         if bool(bad.any()):
             first = int(idx[int(bad.nonzero()[0])])
-            raise SamplingError(f"the sample diverged (coordinates overflow to Inf/NaN) after the step at t={step_t} "
-                                f"for design {first} (length {lengths[first]}, seed {seeds[first]}); "
-                                f"{len(steps)} reverse steps may be too few for this model")
+            raise SamplingError(f"the sample diverged (coordinates beyond {DIVERGED_A:.0e} A or Inf/NaN) after the "
+                                f"step at t={step_t} for design {first} (length {lengths[first]}, seed "
+                                f"{seeds[first]}); {len(steps)} reverse steps may be too few for this model, or the "
+                                "length outside what it was trained on")
         if frames is not None and ((k + 1) % trajectory_every == 0 or k == len(steps) - 1):
             t_now = int(steps[k + 1]) if k + 1 < len(steps) else 0
             frames.append((t_now, x.detach().cpu().numpy().astype(np.float64)))
