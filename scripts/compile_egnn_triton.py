@@ -70,6 +70,10 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None):
     consts = dict(H=H, EP=16, BI=BI, BJ=BJ, EDGE=edge, ATTENTION=attention, TANH=tanh, NORMALIZE=normalize,
                   PRECISION=et._precision(getattr(torch, torch_dtype)), UPCAST=False,
                   FAST=bool(int(os.environ.get("FAST", "1"))) and dtype != "fp32")
+    if pass_ == "fwd":  # K_CHUNK / N_CHUNK from the environment ("32,64"): for sweeps
+        env_chunks = os.environ.get("FWD_CHUNKS")
+        kc, nc = (int(v) for v in env_chunks.split(",")) if env_chunks else et.fwd_chunks(H, getattr(torch, torch_dtype))
+        consts.update(K_CHUNK=kc, N_CHUNK=nc)
     if pass_ != "fwd":
         consts.update(W_REL=triton.next_power_of_2(BI + BJ - 1), ROWS_ARE_I=pass_ == "bwd_i",
                       NEED_DEA=edge == 1,  # DW_CHUNK from the environment: for sweeps
@@ -113,11 +117,15 @@ def configs(quick: bool, ci: bool = False):
             yield H, "bf16", 2, True, True, True, "fwd"
         yield 32, "fp32", 1, True, False, True, "fwd"
         yield 128, "bf16", 2, True, True, True, "fwd"  # the GPU target's size
+        yield 256, "bf16", 2, True, True, True, "fwd"  # ProtDiff's published size (chunked products)
+        yield 256, "fp32", 1, True, False, True, "fwd"  # a known spill (3xTF32), still within shared memory
         yield 32, "bf16", 2, True, True, True, "bwd_i"
         yield 32, "bf16", 2, True, True, True, "bwd_j"
         return
     hs = (32, 128) if quick else et.SUPPORTED_HIDDEN
     for H, dtype, pass_ in itertools.product(hs, ("fp32", "bf16"), ("fwd", "bwd_i", "bwd_j")):
+        if pass_ != "fwd" and H not in et.BACKWARD_HIDDEN:
+            continue  # no fused backward at this size (the reference recomputes the gradients)
         flag_sets = [(0, False, False, False), (2, True, True, True), (1, True, False, True)]
         if quick:
             flag_sets = flag_sets[1:]

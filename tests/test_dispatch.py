@@ -19,14 +19,14 @@ def _auto_picks_triton(monkeypatch):
 
 def test_auto_falls_back_to_reference_for_a_width_triton_lacks(monkeypatch):
     _auto_picks_triton(monkeypatch)
-    args, kw = make_problem(1, 6, 200, 2, "offset", FLAG_SETS[1], seed=2)  # H = 200 > 128
+    args, kw = make_problem(1, 6, 300, 2, "offset", FLAG_SETS[1], seed=2)  # H = 300 > 256
     args = [a.float() for a in args]
     kw = {k: (v.float() if torch.is_tensor(v) and v.dtype.is_floating_point else v) for k, v in kw.items()}
-    with pytest.warns(RuntimeWarning, match="cannot run this call.*up to 128.*reference instead"):
+    with pytest.warns(RuntimeWarning, match="cannot run this call.*up to 256.*reference instead"):
         got = egnn_pair_aggregate(*args, backend="auto", **kw)
     want = egnn_pair_aggregate(*args, backend="reference", **kw)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    with pytest.raises(ValueError, match="up to 128"):
+    with pytest.raises(ValueError, match="up to 256"):
         egnn_pair_aggregate(*args, backend="triton", **kw)
 
 

@@ -77,6 +77,35 @@ def test_triton_weight_gradients_in_row_chunks(edge_mode, dtype, monkeypatch):
     compare(2, 13, 32, 3, edge_mode, FLAG_SETS[4], dtype, seed=17, K=3)
 
 
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=flag_id)
+def test_triton_forward_in_chunks_every_flag_and_edge_term(edge_mode, flags, monkeypatch):
+    # the chunked forward products (shipped at H = 256 only) forced at a small width, where it is cheap
+    monkeypatch.setattr(egnn_triton, "fwd_chunks", lambda H, dtype=None: (16, 16))
+    compare(2, 17, 32, 4, edge_mode, flags, torch.float32, seed=23, K=3)
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_hidden_256_forward_and_gradients(edge_mode, dtype):
+    # H = 256: the chunked forward at the shipped chunk sizes; gradients recomputed through the reference
+    assert egnn_triton.fwd_chunks(256, dtype)[0] < 256 and 256 not in egnn_triton.BACKWARD_HIDDEN
+    compare(2, 13, 256, 3, edge_mode, FLAG_SETS[4], dtype, seed=31, K=3)
+
+
+@pytest.mark.parametrize("flags", [FLAG_SETS[0], FLAG_SETS[5]], ids=flag_id)
+def test_triton_hidden_256_other_flags(flags):
+    compare(1, 11, 256, 2, "offset", flags, torch.bfloat16, seed=37, K=2)
+    compare(2, 9, 256, 2, "dense", flags, torch.float32, seed=41)
+
+
+def test_triton_padded_hidden_up_to_256():
+    assert [egnn_triton.padded_hidden(h) for h in (1, 16, 20, 100, 128, 129, 200, 256)] == \
+        [16, 16, 32, 128, 128, 256, 256, 256]
+    with pytest.raises(ValueError, match="up to 256, got 257"):
+        egnn_triton.padded_hidden(257)
+
+
 def test_triton_fp16_within_reference_error():
     compare(2, 21, 32, 6, "offset", FLAG_SETS[4], torch.float16, seed=300)
 
@@ -164,7 +193,7 @@ def test_triton_bad_input():
         egnn_pair_aggregate(*bad, backend="triton", **kw)
     with pytest.raises(ValueError, match=r"q: expected shape"):
         egnn_pair_aggregate(f32[0], f32[1], f32[2][:, :4], *f32[3:], backend="triton", **kw)
-    with pytest.raises(ValueError, match=r"hidden sizes \(16, 32, 64, 128\), got H = 20"):
+    with pytest.raises(ValueError, match=r"hidden sizes \(16, 32, 64, 128, 256\), got H = 20"):
         args20, kw20 = make_problem(1, 4, 20, 2, "none", {}, seed=1)
         egnn_triton.egnn_pair_aggregate_triton(*[a.float() for a in args20], **kw20)
     with pytest.raises(ValueError, match="device"):

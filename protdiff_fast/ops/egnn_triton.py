@@ -15,7 +15,16 @@ flattened to [BLOCK_I * BLOCK_J, H] so the two H x H products are ``tl.dot``s (t
 the GPU). Extra memory is O(B N H): m_i, dx_i and, in the backward, per-program partial sums of
 the weight gradients.
 
-Backward (recomputing every pair quantity instead of storing it):
+Hidden sizes H in SUPPORTED_HIDDEN = (16, 32, 64, 128, 256) (the dispatcher zero-pads other widths up,
+:func:`padded_hidden`). At H = 256 the forward splits both H x H products into chunks
+(:func:`fwd_chunks`): r = b2 + sum_c silu(z[:, c]) W2[c, :] over K chunks, z's columns rebuilt from
+the inputs per chunk, and phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c] over output-column chunks,
+weight chunks loaded inside the loops; sm_90: bf16 spill-free, fp32 236-408 B (``KNOWN_SPILLS``).
+There is no fused backward at H = 256 (``BACKWARD_HIDDEN``): its gradients are recomputed through
+the reference implementation in fp32 on the saved inputs, which costs O(B N^2 H) memory like the
+reference (fine for inference and small N; H = 256 training at large N is memory-bound this way).
+
+Backward at H <= 128 (recomputing every pair quantity instead of storing it):
 
     pass "rows i"  (one program per i-block, loop over j): dp_i, the i-side of dx, and per-program
                    partial sums of dW2, db2, dw_d, dw_att, db_att, dW_e, drel; d edge_attr_ij (each
@@ -49,9 +58,13 @@ import torch
 import triton
 import triton.language as tl
 
-from protdiff_fast.reference.egnn import _coord_scale, check_egnn_pair_aggregate_inputs
+from protdiff_fast.reference.egnn import _coord_scale, check_egnn_pair_aggregate_inputs, egnn_pair_aggregate_reference
 
-SUPPORTED_HIDDEN = (16, 32, 64, 128)  # H must be one of these (tl.dot needs K >= 16; 256 spills)
+SUPPORTED_HIDDEN = (16, 32, 64, 128, 256)  # H must be one of these (tl.dot needs K >= 16)
+# hidden sizes of the fused backward kernels; at H = 256 the backward recomputes through the reference
+# (see _backward_by_reference: the two-pass kernel's ~10 live [M, H] tiles and [H, H] weight-gradient
+# chunks were not made to fit at 256)
+BACKWARD_HIDDEN = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -79,9 +92,14 @@ _CONFIGS = {
     (32, False, "fwd"): (16, 16, 8), (32, True, "fwd"): (16, 16, 8),
     (64, False, "fwd"): (16, 8, 8), (64, True, "fwd"): (8, 16, 8),
     (128, False, "fwd"): (4, 32, 8), (128, True, "fwd"): (2, 8, 8),
-    **{(H, fp32, "bwd_i"): (1, 16, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
-    **{(H, fp32, "bwd_j"): (16, 1, 8) for H in SUPPORTED_HIDDEN for fp32 in (False, True)},
+    (256, False, "fwd"): (4, 16, 8), (256, True, "fwd"): (4, 16, 8),
+    **{(H, fp32, "bwd_i"): (1, 16, 8) for H in BACKWARD_HIDDEN for fp32 in (False, True)},
+    **{(H, fp32, "bwd_j"): (16, 1, 8) for H in BACKWARD_HIDDEN for fp32 in (False, True)},
 }
+# H = 256 forward: (K_CHUNK, N_CHUNK) by fp32?. Swept on sm_90 at M = 4 x 16, 8 warps: bf16 (32, 64) 0 B
+# of spills, 97 KB smem; fp32 (16, 32) 236-408 B, 224 KB smem ((16, 16): 252-436 B; 64-column W3 chunks
+# put fp32 over the 227 KB of shared memory)
+_FWD_CHUNKS = {False: (32, 64), True: (16, 32)}
 # software-pipelining depth of the j-loop, passed by the launchers and used by the compile script
 NUM_STAGES = 2
 # Configurations that still spill registers on sm_90 (scripts/compile_egnn_triton.py measures how
@@ -92,7 +110,18 @@ KNOWN_SPILLS = {
     # H = 128 backward: each warp holds the whole [16, 128] A operand of every mma.sync product (64
     # registers in TF32; fp32 also splits operands hi/lo for 3xTF32); bf16 0-84 B, fp32 0.4-0.65 KB
     *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
+    # fp32 forward at H = 256 (chunks 16 / 32): 236-408 B, for the same 3xTF32 operand copies; bf16 is 0
+    (256, True, "fwd"),
 }
+
+
+def fwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
+    """(K_CHUNK, N_CHUNK) of the forward: the first product's K and the second's output columns per
+    chunk; (H, H) = unchunked. H = 256 needs both split (toolchain notes: 16-64 / 32-64 fit at M = 64,
+    8 warps); chosen with scripts/compile_egnn_triton.py."""
+    if H <= 128:
+        return H, H
+    return _FWD_CHUNKS[dtype == torch.float32]
 
 
 def dw_chunk(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "bwd_i") -> int:
@@ -249,6 +278,66 @@ def _preact_cols(
 
 
 @triton.jit
+def _pair_phi_chunked(
+    b, i, j, N,  # sample, row indices [BI], column indices [BJ], nodes per sample
+    xi0, xi1, xi2, xj0, xj1, xj2, mi, mj,  # coordinates, masks
+    p_ptr, q_ptr, w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
+    E, K,
+    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+    K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
+    EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+):
+    """The forward's pair quantities (u, d2, m, phi, v) of the tile (i, j) with both H x H products
+    split into chunks, for H = 256 where neither a whole [M, H] pre-activation tile next to r nor a
+    resident W2 / W3 fits in registers (toolchain notes: spills or "register allocation failed").
+
+        r = b2 + sum_c silu(z[:, c]) W2[c, :]      over K chunks c: z's columns rebuilt from the inputs
+        phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c]   over output-column chunks c (exact: silu is
+                                                       elementwise, so s's columns are independent)
+
+    Weight chunks are loaded inside the loops (from L2 on the GPU), never held whole."""
+    M: tl.constexpr = BI * BJ
+    hcol = tl.arange(0, H)
+    u0 = xi0[:, None] - xj0[None, :]  # u_ij = x_i - x_j, [BI, BJ]
+    u1 = xi1[:, None] - xj1[None, :]
+    u2 = xi2[:, None] - xj2[None, :]
+    d2 = u0 * u0 + u1 * u1 + u2 * u2
+    e = tl.zeros((M, EP), dtype=tl.float32)
+    if EDGE == 1:  # dense edge_attr (B, N, N, E), [M, EP]: small, kept for every K chunk
+        ecol = tl.arange(0, EP)
+        in_range = (i[:, None] < N) & (j[None, :] < N)
+        pair_off = (b * N + i[:, None]) * N + j[None, :]
+        e3 = tl.load(ea_ptr + pair_off[:, :, None] * E + ecol[None, None, :],
+                     mask=in_range[:, :, None] & (ecol < E)[None, None, :], other=0.0)
+        e = tl.reshape(e3.to(tl.float32), (M, EP))
+    r = tl.zeros((M, H), dtype=tl.float32) + tl.load(b2_ptr + hcol).to(tl.float32)[None, :]
+    for k0 in tl.range(0, H, K_CHUNK):
+        kc = k0 + tl.arange(0, K_CHUNK)
+        z_c = _preact_cols(b, i, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                           H, EP, EDGE, PRECISION, UPCAST)
+        a_c = z_c * _sigmoid(z_c, FAST)  # phi_e's first SiLU, K_CHUNK columns
+        W2_c = tl.load(W2_ptr + kc[:, None] * H + hcol[None, :])  # rows kc of W2
+        r += _mm(a_c, W2_c, PRECISION, UPCAST)
+    m = r * _sigmoid(r, FAST)  # m_ij before the gate
+    if ATTENTION:
+        w_att = tl.load(watt_ptr + hcol).to(tl.float32)
+        m = m * _sigmoid(tl.sum(m * w_att[None, :], axis=1) + b_att, FAST)[:, None]
+    m_op = m.to(W3_ptr.dtype.element_ty)  # the second product's A operand, cast once
+    phi = tl.zeros((M,), dtype=tl.float32)
+    for n0 in tl.range(0, H, N_CHUNK):
+        nc = n0 + tl.arange(0, N_CHUNK)
+        W3_c = tl.load(W3_ptr + hcol[:, None] * H + nc[None, :])  # columns nc of W3
+        t_c = _mm(m_op, W3_c, PRECISION, UPCAST) + tl.load(b3_ptr + nc).to(tl.float32)[None, :]
+        s_c = t_c * _sigmoid(t_c, FAST)  # phi_x's hidden layer, N_CHUNK columns
+        phi += tl.sum(s_c * tl.load(w4_ptr + nc).to(tl.float32)[None, :], axis=1)
+    if TANH:
+        phi = 2.0 * _sigmoid(2.0 * phi, FAST) - 1.0
+    v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])  # real pair, not the self pair
+    return u0, u1, u2, d2, m, phi, v
+
+
+@triton.jit
 def _egnn_fwd_kernel(
     x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,  # (B,N,3), (B,N,H) x2, (B,N) uint8, (B,) C_b fp32
     w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,  # phi_e / phi_x weights, (in, out) layout
@@ -258,14 +347,17 @@ def _egnn_fwd_kernel(
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,  # < H: the products split into chunks (fwd_chunks)
 ):
+    CHUNKED: tl.constexpr = K_CHUNK * N_CHUNK < H * H  # either product split
     pid_i = tl.program_id(0)
     b = tl.program_id(1)
     hcol = tl.arange(0, H)
     i = pid_i * BI + tl.arange(0, BI)
     mi = (tl.load(mask_ptr + b * N + i, mask=i < N, other=0) != 0) & (i < N)
     xi0, xi1, xi2 = _load_xyz(x_ptr, b * N * 3, i, N)
-    p_i = _load_rows(p_ptr + b * N * H, i, N, hcol, H).to(tl.float32)
+    if not CHUNKED:
+        p_i = _load_rows(p_ptr + b * N * H, i, N, hcol, H).to(tl.float32)
     m_rows = m_out_ptr + (b * N + i[:, None]) * H + hcol[None, :]  # fp32, zeroed by the launcher
     dx0 = tl.zeros((BI,), dtype=tl.float32)  # sum_j u_ij phi_ij
     dx1 = tl.zeros((BI,), dtype=tl.float32)
@@ -274,11 +366,17 @@ def _egnn_fwd_kernel(
         j = jb * BJ + tl.arange(0, BJ)
         mj = (tl.load(mask_ptr + b * N + j, mask=j < N, other=0) != 0) & (j < N)
         xj0, xj1, xj2 = _load_xyz(x_ptr, b * N * 3, j, N)
-        q_j = _load_rows(q_ptr + b * N * H, j, N, hcol, H).to(tl.float32)
-        u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v = _pair_tile(
-            b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
-            w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
-            H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
+        if CHUNKED:
+            u0, u1, u2, d2, m, phi, v = _pair_phi_chunked(
+                b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, mi, mj,
+                p_ptr, q_ptr, w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr,
+                b_att, E, K, H, EP, BI, BJ, K_CHUNK, N_CHUNK, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
+        else:
+            q_j = _load_rows(q_ptr + b * N * H, j, N, hcol, H).to(tl.float32)
+            u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v = _pair_tile(
+                b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
+                w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
+                H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
         vf = v.to(tl.float32)
         # m_i: each tile's partial sum is added into the program's own rows of the output instead of a
         # loop-carried [BI, H] register accumulator (whose layout costs registers and spills at H = 128)
@@ -530,7 +628,8 @@ def _launch_meta(x, p, edge_attr, rel, flags):
     BI, BJ, warps = block_sizes(H, x.dtype, "fwd")
     E = edge_attr.shape[-1] if edge_attr is not None else 0
     K = rel.shape[0] // 2 if rel is not None else 0
-    return dict(B=B, N=N, H=H, BI=BI, BJ=BJ, warps=warps, dtype=x.dtype, E=E, EP=max(16, triton.next_power_of_2(max(E, 1))),
+    K_CHUNK, N_CHUNK = fwd_chunks(H, x.dtype)
+    return dict(K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, B=B, N=N, H=H, BI=BI, BJ=BJ, warps=warps, dtype=x.dtype, E=E, EP=max(16, triton.next_power_of_2(max(E, 1))),
                 K=K, EDGE=_edge_mode(edge_attr, rel), **flags)
 
 
@@ -547,7 +646,7 @@ def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, 
         H=H, EP=meta["EP"], BI=meta["BI"], BJ=meta["BJ"], EDGE=meta["EDGE"], ATTENTION=w_att is not None,
         TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(x.dtype),
         UPCAST=_interpreting() and x.dtype != torch.float32, FAST=_fast_sigmoid(x.dtype),
-        num_warps=meta["warps"], num_stages=NUM_STAGES,
+        K_CHUNK=meta["K_CHUNK"], N_CHUNK=meta["N_CHUNK"], num_warps=meta["warps"], num_stages=NUM_STAGES,
     )
     return m_i.to(x.dtype), dx_i
 
@@ -631,6 +730,8 @@ class _EgnnPairAggregateTriton(torch.autograd.Function):
         grad_m = torch.zeros(B, N, H, **f32) if grad_m is None else grad_m.to(torch.float32).contiguous()
         grad_dx = torch.zeros(B, N, 3, **f32) if grad_dx is None else grad_dx.to(torch.float32).contiguous()
         need_dea = t[9] is not None and ctx.needs_input_grad[9]  # O(N^2 E): only when asked
+        if H not in BACKWARD_HIDDEN:
+            return (*_backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx), None, None, None)
         grads = _backward(ctx.meta, grad_m, grad_dx, x, p, t[2], mask_u8, scale, *t[3:], need_dea=need_dea)
         out = []
         for k, name in enumerate(_INPUTS):
@@ -641,6 +742,27 @@ class _EgnnPairAggregateTriton(torch.autograd.Function):
             else:
                 out.append(g.to(like.dtype).reshape(like.shape))
         return (*out, None, None, None)
+
+
+def _backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx):
+    """The gradients at a hidden size without a fused backward (H = 256): recompute the forward through
+    the reference implementation in fp32 on the saved inputs and differentiate it. Correct, but
+    O(B N^2 H) memory and time like the reference itself: at H = 256 training is memory-bound this way."""
+    meta = ctx.meta
+    like = list(t) + [ctx.b_att_like]
+    with torch.enable_grad():
+        leaves = [None if v is None else v.detach().to(torch.float32).requires_grad_(bool(ctx.needs_input_grad[k]))
+                  for k, v in enumerate(like)]
+        m_i, dx_i = egnn_pair_aggregate_reference(
+            *leaves[:9], mask=mask_u8.bool(), edge_attr=leaves[9], W_e=leaves[10], rel=leaves[11],
+            w_att=leaves[12], b_att=leaves[13], normalize=meta["normalize"], tanh=meta["tanh"],
+            coords_agg=meta["coords_agg"], eps=meta["eps"])
+        wanted = [k for k, leaf in enumerate(leaves) if leaf is not None and leaf.requires_grad]
+        grads = torch.autograd.grad((m_i, dx_i), [leaves[k] for k in wanted], (grad_m, grad_dx), allow_unused=True)
+    out = [None] * len(_INPUTS)
+    for k, g in zip(wanted, grads):
+        out[k] = torch.zeros_like(like[k]) if g is None else g.to(like[k].dtype).reshape(like[k].shape)
+    return out
 
 
 def egnn_pair_aggregate_triton(
@@ -684,7 +806,7 @@ def egnn_pair_aggregate_triton(
                          f"W3 {tuple(W3.shape)}")
     if normalize not in (True, False):  # e.g. "clamp" (egnn-pytorch's CoorsNorm): not in these kernels
         raise ValueError(f"normalize: the triton kernels implement True/False, got {normalize!r}")
-    flags = dict(normalize=bool(normalize), tanh=bool(tanh), eps=float(eps))
+    flags = dict(normalize=bool(normalize), tanh=bool(tanh), eps=float(eps), coords_agg=coords_agg)
     scale = _coord_scale(mask, coords_agg, torch.float32).reshape(-1).contiguous()
     mask_u8 = mask.to(torch.uint8).contiguous()
     return _EgnnPairAggregateTriton.apply(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att,
