@@ -179,8 +179,8 @@ def test_sampler_bad_input_and_nan_model():
             eps[2] = -1e6 * x[2]
         return eps
 
-    with pytest.raises(SamplingError, match=r"diverged \(coordinates beyond 1e\+05 A or Inf/NaN\) after the step at "
-                                            r"t=\d+ for design 2 \(length 9"):
+    with pytest.raises(SamplingError, match=r"diverged \(coordinates beyond 1e\+04 model units, or Inf/NaN\) after "
+                                            r"the step at t=\d+ for design 2 \(length 9"):
         sample(exploding, [9, 9, 9], scheduler=sched, progress=False)
 
 

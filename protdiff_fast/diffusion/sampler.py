@@ -358,7 +358,7 @@ def sample(
         units_before = bar.units if bar is not None else 0
         try:
             x, frames = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device,
-                                       dtype, bar, trajectory_every, cuda_graphs, scale)
+                                       dtype, bar, trajectory_every, cuda_graphs)
         except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
             if not _is_oom(err) or len(idx) == 1:
                 raise
@@ -478,11 +478,13 @@ def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, le
                                      "--resume to continue") from err
 
 
-DIVERGED_A = 1e5  # Angstrom: no backbone coordinate (centred) gets anywhere near; PDB's limit is 1e4
+# model units (data and noise are O(1) there; 1e4 units is 1e5 A at the default scale): a sample this
+# far out has diverged
+DIVERGED_UNITS = 1e4
 
 
 def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar,
-                   trajectory_every=None, cuda_graphs=False, scale=SCALE_A):
+                   trajectory_every=None, cuda_graphs=False):
     """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units, and the
     trajectory frames [(timestep, (B, L, 3) cpu float32)] when ``trajectory_every`` is set."""
     L = int(max(lengths[i] for i in idx))
@@ -497,7 +499,6 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
         step_seed = None
         generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]) & ((1 << 63) - 1))
     x = initial_noise(batch_seeds.tolist(), L, mask, dtype, device)
-    diverged_at = DIVERGED_A / scale
     runner = DenoiseStep(model, scheduler, mask, seeds=None if step_seed is None else step_seed.to(device),
                          generator=None if per_design_noise else generator, capture=cuda_graphs)
     frames = None
@@ -513,10 +514,11 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
                                 f"(length {lengths[first]}, seed {seeds[first]})")
         # a diverging sample (e.g. too few strided steps, or lengths far outside the training range):
         # NaN/Inf, or coordinates no protein has; one reduction (NaN fails the comparison too)
-        bad = ~(x.abs().flatten(1).amax(1) <= diverged_at)
+        bad = ~(x.abs().flatten(1).amax(1) <= DIVERGED_UNITS)
         if bool(bad.any()):
             first = int(idx[int(bad.nonzero()[0])])
-            raise SamplingError(f"the sample diverged (coordinates beyond {DIVERGED_A:.0e} A or Inf/NaN) after the "
+            raise SamplingError(f"the sample diverged (coordinates beyond {DIVERGED_UNITS:.0e} model units, or "
+                                f"Inf/NaN) after the "
                                 f"step at t={step_t} for design {first} (length {lengths[first]}, seed "
                                 f"{seeds[first]}); {len(steps)} reverse steps may be too few for this model, or the "
                                 "length outside what it was trained on")
