@@ -20,11 +20,13 @@ Hidden sizes H in SUPPORTED_HIDDEN = (16, 32, 64, 128, 256) (the dispatcher zero
 (:func:`fwd_chunks`): r = b2 + sum_c silu(z[:, c]) W2[c, :] over K chunks, z's columns rebuilt from
 the inputs per chunk, and phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c] over output-column chunks,
 weight chunks loaded inside the loops; sm_90: bf16 spill-free, fp32 236-408 B (``KNOWN_SPILLS``).
-There is no fused backward at H = 256 (``BACKWARD_HIDDEN``): its gradients are recomputed through
-the reference implementation in fp32 on the saved inputs, which costs O(B N^2 H) memory like the
-reference (fine for inference and small N; H = 256 training at large N is memory-bound this way).
+The fused backward below runs H = 256 for bf16/fp16 unchanged (sm_90: 0.9-1.5 KB of spills, 144 KB
+shared memory); for fp32 at H = 256 its whole-W2/W3 operands need 256 KB of shared memory (over the
+227 KB limit), so fp32 gradients there are recomputed through the reference implementation on the
+saved inputs (:func:`has_fused_backward`), which costs O(B N^2 H) memory like the reference (fine
+for inference and small N; fp32 training at H = 256 and large N is memory-bound this way).
 
-Backward at H <= 128 (recomputing every pair quantity instead of storing it):
+Backward (recomputing every pair quantity instead of storing it):
 
     pass "rows i"  (one program per i-block, loop over j): dp_i, the i-side of dx, and per-program
                    partial sums of dW2, db2, dw_d, dw_att, db_att, dW_e, drel; d edge_attr_ij (each
@@ -61,9 +63,8 @@ import triton.language as tl
 from protdiff_fast.reference.egnn import _coord_scale, check_egnn_pair_aggregate_inputs, egnn_pair_aggregate_reference
 
 SUPPORTED_HIDDEN = (16, 32, 64, 128, 256)  # H must be one of these (tl.dot needs K >= 16)
-# hidden sizes of the fused backward kernels; at H = 256 the backward recomputes through the reference
-# (see _backward_by_reference: the two-pass kernel's ~10 live [M, H] tiles and [H, H] weight-gradient
-# chunks were not made to fit at 256)
+# hidden sizes of the fused backward kernels for every dtype; at H = 256 bf16/fp16 run them too (with
+# spills), fp32 recomputes through the reference (has_fused_backward, _backward_by_reference)
 BACKWARD_HIDDEN = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -95,6 +96,10 @@ _CONFIGS = {
     (256, False, "fwd"): (4, 16, 8), (256, True, "fwd"): (4, 16, 8),
     **{(H, fp32, "bwd_i"): (1, 16, 8) for H in BACKWARD_HIDDEN for fp32 in (False, True)},
     **{(H, fp32, "bwd_j"): (16, 1, 8) for H in BACKWARD_HIDDEN for fp32 in (False, True)},
+    # H = 256 backward, bf16/fp16 only: the unchunked _pair_tile takes W2 and W3 whole as dot operands,
+    # 144 KB of shared memory in bf16 but 256 KB in fp32 (over the 227 KB limit: a launch failure; ptxas
+    # also spilled ~48 KB there)
+    (256, False, "bwd_i"): (1, 16, 8), (256, False, "bwd_j"): (16, 1, 8),
 }
 # H = 256 forward: (K_CHUNK, N_CHUNK) by fp32?. Swept on sm_90 at M = 4 x 16, 8 warps: bf16 (32, 64) 0 B
 # of spills, 97 KB smem; fp32 (16, 32) 236-408 B, 224 KB smem ((16, 16): 252-436 B; 64-column W3 chunks
@@ -112,6 +117,8 @@ KNOWN_SPILLS = {
     *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
     # fp32 forward at H = 256 (chunks 16 / 32): 236-408 B, for the same 3xTF32 operand copies; bf16 is 0
     (256, True, "fwd"),
+    # bf16 backward at H = 256 (dw_chunk 64 / 16, the best of 16-256): bwd_i 1.1-1.5 KB, bwd_j 0.9-1.3 KB
+    (256, False, "bwd_i"), (256, False, "bwd_j"),
 }
 
 
@@ -122,6 +129,11 @@ def fwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
     if H <= 128:
         return H, H
     return _FWD_CHUNKS[dtype == torch.float32]
+
+
+def has_fused_backward(H: int, dtype: torch.dtype) -> bool:
+    """Whether the fused backward kernels run (H, dtype); otherwise _backward_by_reference (fp32 at H = 256)."""
+    return (H, dtype == torch.float32, "bwd_i") in _CONFIGS
 
 
 def dw_chunk(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "bwd_i") -> int:
@@ -730,7 +742,7 @@ class _EgnnPairAggregateTriton(torch.autograd.Function):
         grad_m = torch.zeros(B, N, H, **f32) if grad_m is None else grad_m.to(torch.float32).contiguous()
         grad_dx = torch.zeros(B, N, 3, **f32) if grad_dx is None else grad_dx.to(torch.float32).contiguous()
         need_dea = t[9] is not None and ctx.needs_input_grad[9]  # O(N^2 E): only when asked
-        if H not in BACKWARD_HIDDEN:
+        if not has_fused_backward(H, x.dtype):
             return (*_backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx), None, None, None)
         grads = _backward(ctx.meta, grad_m, grad_dx, x, p, t[2], mask_u8, scale, *t[3:], need_dea=need_dea)
         out = []
@@ -745,9 +757,10 @@ class _EgnnPairAggregateTriton(torch.autograd.Function):
 
 
 def _backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx):
-    """The gradients at a hidden size without a fused backward (H = 256): recompute the forward through
-    the reference implementation in fp32 on the saved inputs and differentiate it. Correct, but
-    O(B N^2 H) memory and time like the reference itself: at H = 256 training is memory-bound this way."""
+    """The gradients where the fused backward does not run (fp32 at H = 256: its W2 / W3 operands alone
+    need 256 KB of shared memory): recompute the forward through the reference implementation in fp32
+    on the saved inputs and differentiate it. Correct, but O(B N^2 H) memory and time like the
+    reference itself: fp32 training at H = 256 is memory-bound this way (bf16 is fused)."""
     meta = ctx.meta
     like = list(t) + [ctx.b_att_like]
     with torch.enable_grad():
