@@ -274,3 +274,12 @@ def test_layer_rel_offsets_keyword_is_the_offset_table():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="not both"):
         layer(h, x, torch.randn(2, 8, 8, 3), rel_offsets=table)
+
+
+@pytest.mark.parametrize("edge_mode", ["dense", "offset"])
+def test_backward_with_fewer_programs_than_blocks(monkeypatch, edge_mode):
+    """The backward launches a bounded number of programs (its weight-gradient partials are
+    O(programs * H^2), not O(N H^2)); each loops over several own blocks. One program per sample
+    walks all blocks: same answer."""
+    monkeypatch.setattr(egnn_triton, "BACKWARD_PROGRAMS", 1)
+    compare(2, 70, 16, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=71)

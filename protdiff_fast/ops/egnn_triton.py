@@ -430,18 +430,6 @@ def _egnn_bwd_kernel(
     P = tl.num_programs(0)
     hcol = tl.arange(0, H)
     C = tl.load(scale_ptr + b)
-    # the program's own block: rows i (pass 1) or columns j (pass 2); the tile is always (i, j)
-    own = pid * (BI if ROWS_ARE_I else BJ) + tl.arange(0, BI if ROWS_ARE_I else BJ)
-    m_own = (tl.load(mask_ptr + b * N + own, mask=own < N, other=0) != 0) & (own < N)
-    xo0, xo1, xo2 = _load_xyz(x_ptr, b * N * 3, own, N)
-    if ROWS_ARE_I:
-        node_own = _load_rows(p_ptr + b * N * H, own, N, hcol, H).to(tl.float32)
-    else:
-        node_own = _load_rows(q_ptr + b * N * H, own, N, hcol, H).to(tl.float32)
-    d_node = tl.zeros((BI if ROWS_ARE_I else BJ, H), dtype=tl.float32)
-    dxo0 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
-    dxo1 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
-    dxo2 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
     # per-program weight-gradient partials (pass 1 only)
     acc_b2 = tl.zeros((H,), dtype=tl.float32)
     acc_b3 = tl.zeros((H,), dtype=tl.float32)
@@ -451,160 +439,176 @@ def _egnn_bwd_kernel(
     acc_batt = tl.zeros((H,), dtype=tl.float32)  # db_att, spread over H lanes (summed on the host)
     prog = b * P + pid
     hh = hcol[:, None] * H + hcol[None, :]
-    n_other = tl.cdiv(N, BJ if ROWS_ARE_I else BI)
-    for ob in range(0, n_other):
-        other = ob * (BJ if ROWS_ARE_I else BI) + tl.arange(0, BJ if ROWS_ARE_I else BI)
-        m_oth = (tl.load(mask_ptr + b * N + other, mask=other < N, other=0) != 0) & (other < N)
-        xt0, xt1, xt2 = _load_xyz(x_ptr, b * N * 3, other, N)
+    # a bounded number of programs per sample (the launcher's grid), each looping over its share of
+    # the own blocks: the weight-gradient partials are O(programs * H^2), independent of N
+    n_own = tl.cdiv(N, BI if ROWS_ARE_I else BJ)
+    for blk in range(pid, n_own, P):
+        # the program's own block: rows i (pass 1) or columns j (pass 2); the tile is always (i, j)
+        own = blk * (BI if ROWS_ARE_I else BJ) + tl.arange(0, BI if ROWS_ARE_I else BJ)
+        m_own = (tl.load(mask_ptr + b * N + own, mask=own < N, other=0) != 0) & (own < N)
+        xo0, xo1, xo2 = _load_xyz(x_ptr, b * N * 3, own, N)
         if ROWS_ARE_I:
-            i, j, mi, mj = own, other, m_own, m_oth
-            xi0, xi1, xi2, xj0, xj1, xj2 = xo0, xo1, xo2, xt0, xt1, xt2
-            p_i = node_own
-            q_j = _load_rows(q_ptr + b * N * H, other, N, hcol, H).to(tl.float32)
+            node_own = _load_rows(p_ptr + b * N * H, own, N, hcol, H).to(tl.float32)
         else:
-            i, j, mi, mj = other, own, m_oth, m_own
-            xi0, xi1, xi2, xj0, xj1, xj2 = xt0, xt1, xt2, xo0, xo1, xo2
-            p_i = _load_rows(p_ptr + b * N * H, other, N, hcol, H).to(tl.float32)
-            q_j = node_own
-        u0, u1, u2, d2, z, _sig_z, e, _a, r, _sig_r, _m0, g, w_att, _m, t, sig_t, _s, w4, phi, v = _pair_tile(
-            b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
-            w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
-            H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
-        vf = v.to(tl.float32)
-        # upstream gradients of the tile's rows i
-        gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
-        g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i, N)
-        inv = tl.full((BI, BJ), 1.0, tl.float32)
-        if NORMALIZE:
-            inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached: no gradient through inv
-        d_phi = C * vf * inv * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2)  # dL/dphi_ij
-        # dL/du_ij = C v inv phi_ij g_i (through the update) + 2 u_ij dL/dd2_ij (through the distance):
-        # the first part now, so g, phi and inv need not stay live until d_z exists
-        coef_u = C * vf * inv * tl.reshape(phi, (BI, BJ))
-        if ROWS_ARE_I:
-            dxo0 += tl.sum(coef_u, axis=1) * g0
-            dxo1 += tl.sum(coef_u, axis=1) * g1
-            dxo2 += tl.sum(coef_u, axis=1) * g2
-        else:
-            dxo0 -= tl.sum(coef_u * g0[:, None], axis=0)
-            dxo1 -= tl.sum(coef_u * g1[:, None], axis=0)
-            dxo2 -= tl.sum(coef_u * g2[:, None], axis=0)
-        d_phi = tl.reshape(d_phi, (M,))
-        if TANH:
-            d_phi = d_phi * (1.0 - phi * phi)
-        d_t = d_phi[:, None] * w4[None, :] * _dsilu(t, sig_t)  # [M, H]
-        W3T = tl.load(W3_ptr + hcol[None, :] * H + hcol[:, None])
-        # weight gradients as early as their operands exist, read-modify-writing the program's own
-        # partial (a loop-carried [H, H] register accumulator spills), and from recomputed
-        # activations (a = silu(z), m = silu(r) g, s = silu(t)) so fewer [M, H] tiles stay live
-        if not ROWS_ARE_I:  # phi_x's weights in this pass, phi_e's in the other: one [H, H] product each
-            if DW_CHUNK == H:
-                m_re = r * _sigmoid(r, FAST) * g[:, None]
-                tl.store(pW3_ptr + prog * H * H + hh,
-                         tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION,
-                                                                    UPCAST))
-            else:  # dW3 = m^T d_t by rows of m^T, read back from this program's scratch copy of m (a
-                # register tile cannot be sliced; recomputing m's columns as a W2[:, cols] spilled more)
-                stage = stage_ptr + prog * M * H
-                mrow = tl.arange(0, M)
-                tl.store(stage + mrow[:, None] * H + hcol[None, :],
-                         (r * _sigmoid(r, FAST) * g[:, None]).to(stage_ptr.dtype.element_ty))
-                tl.debug_barrier()
-                for c0 in tl.static_range(0, H, DW_CHUNK):
-                    cols = c0 + tl.arange(0, DW_CHUNK)
-                    mT_c = tl.load(stage + mrow[None, :] * H + cols[:, None])  # [C, M]
-                    addr = pW3_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
-                    tl.store(addr, tl.load(addr) + _mm(mT_c, d_t.to(W3T.dtype), PRECISION, UPCAST))
-            acc_b3 += tl.sum(d_t, axis=0)
-            acc_w4 += tl.sum(t * sig_t * d_phi[:, None], axis=0)
-        # the chain d_t -> d_m -> d_r -> d_z multiplies in fp32 (TF32 or 3xTF32 on tensor cores) even for
-        # bf16/fp16 inputs: rounding these gradients to 8 bits made e.g. d b_att twice as bad as torch's
-        d_m = tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, H)) + _mm(d_t, W3T.to(tl.float32), PRECISION_BWD,
-                                                                          False)
-        sig_r = _sigmoid(r, FAST)
-        d_gate = tl.zeros((M,), dtype=tl.float32)
-        if ATTENTION:
-            d_gate = tl.sum(d_m * r * sig_r, axis=1) * g * (1.0 - g)  # dL/d(w_att . m0 + b_att)
-            d_m0 = d_m * g[:, None] + d_gate[:, None] * w_att[None, :]
-        else:
-            d_m0 = d_m
-        d_r = d_m0 * _dsilu(r, sig_r)
-        W2T = tl.load(W2_ptr + hcol[None, :] * H + hcol[:, None])
-        if ROWS_ARE_I:
-            if DW_CHUNK == H:
-                a_re = z * _sigmoid(z, FAST)
-                tl.store(pW2_ptr + prog * H * H + hh,
-                         tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(a_re), d_r.to(W2T.dtype), PRECISION,
-                                                                    UPCAST))
-            else:  # dW2 = a^T d_r by rows: a's columns rebuilt from the inputs (an [H, H] product held
-                # H^2 / threads registers on top of the tile: ~300 B of spills at H = 128)
-                for c0 in tl.static_range(0, H, DW_CHUNK):
-                    cols = c0 + tl.arange(0, DW_CHUNK)
-                    z_c = _preact_cols(b, i, j, N, d2, e, cols, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
-                                       H, EP, EDGE, PRECISION, UPCAST)
-                    a_c = z_c * _sigmoid(z_c, FAST)
-                    addr = pW2_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
-                    tl.store(addr, tl.load(addr) + _mm(tl.trans(a_c), d_r.to(W2T.dtype), PRECISION, UPCAST))
-            acc_b2 += tl.sum(d_r, axis=0)
+            node_own = _load_rows(q_ptr + b * N * H, own, N, hcol, H).to(tl.float32)
+        d_node = tl.zeros((BI if ROWS_ARE_I else BJ, H), dtype=tl.float32)
+        dxo0 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
+        dxo1 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
+        dxo2 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
+        n_other = tl.cdiv(N, BJ if ROWS_ARE_I else BI)
+        for ob in range(0, n_other):
+            other = ob * (BJ if ROWS_ARE_I else BI) + tl.arange(0, BJ if ROWS_ARE_I else BI)
+            m_oth = (tl.load(mask_ptr + b * N + other, mask=other < N, other=0) != 0) & (other < N)
+            xt0, xt1, xt2 = _load_xyz(x_ptr, b * N * 3, other, N)
+            if ROWS_ARE_I:
+                i, j, mi, mj = own, other, m_own, m_oth
+                xi0, xi1, xi2, xj0, xj1, xj2 = xo0, xo1, xo2, xt0, xt1, xt2
+                p_i = node_own
+                q_j = _load_rows(q_ptr + b * N * H, other, N, hcol, H).to(tl.float32)
+            else:
+                i, j, mi, mj = other, own, m_oth, m_own
+                xi0, xi1, xi2, xj0, xj1, xj2 = xt0, xt1, xt2, xo0, xo1, xo2
+                p_i = _load_rows(p_ptr + b * N * H, other, N, hcol, H).to(tl.float32)
+                q_j = node_own
+            u0, u1, u2, d2, z, _sig_z, e, _a, r, _sig_r, _m0, g, w_att, _m, t, sig_t, _s, w4, phi, v = _pair_tile(
+                b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
+                w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
+                H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
+            vf = v.to(tl.float32)
+            # upstream gradients of the tile's rows i
+            gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
+            g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i, N)
+            inv = tl.full((BI, BJ), 1.0, tl.float32)
+            if NORMALIZE:
+                inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached: no gradient through inv
+            d_phi = C * vf * inv * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2)  # dL/dphi_ij
+            # dL/du_ij = C v inv phi_ij g_i (through the update) + 2 u_ij dL/dd2_ij (through the distance):
+            # the first part now, so g, phi and inv need not stay live until d_z exists
+            coef_u = C * vf * inv * tl.reshape(phi, (BI, BJ))
+            if ROWS_ARE_I:
+                dxo0 += tl.sum(coef_u, axis=1) * g0
+                dxo1 += tl.sum(coef_u, axis=1) * g1
+                dxo2 += tl.sum(coef_u, axis=1) * g2
+            else:
+                dxo0 -= tl.sum(coef_u * g0[:, None], axis=0)
+                dxo1 -= tl.sum(coef_u * g1[:, None], axis=0)
+                dxo2 -= tl.sum(coef_u * g2[:, None], axis=0)
+            d_phi = tl.reshape(d_phi, (M,))
+            if TANH:
+                d_phi = d_phi * (1.0 - phi * phi)
+            d_t = d_phi[:, None] * w4[None, :] * _dsilu(t, sig_t)  # [M, H]
+            W3T = tl.load(W3_ptr + hcol[None, :] * H + hcol[:, None])
+            # weight gradients as early as their operands exist, read-modify-writing the program's own
+            # partial (a loop-carried [H, H] register accumulator spills), and from recomputed
+            # activations (a = silu(z), m = silu(r) g, s = silu(t)) so fewer [M, H] tiles stay live
+            if not ROWS_ARE_I:  # phi_x's weights in this pass, phi_e's in the other: one [H, H] product each
+                if DW_CHUNK == H:
+                    m_re = r * _sigmoid(r, FAST) * g[:, None]
+                    tl.store(pW3_ptr + prog * H * H + hh,
+                             tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION,
+                                                                        UPCAST))
+                else:  # dW3 = m^T d_t by rows of m^T, read back from this program's scratch copy of m (a
+                    # register tile cannot be sliced; recomputing m's columns as a W2[:, cols] spilled more)
+                    stage = stage_ptr + prog * M * H
+                    mrow = tl.arange(0, M)
+                    tl.store(stage + mrow[:, None] * H + hcol[None, :],
+                             (r * _sigmoid(r, FAST) * g[:, None]).to(stage_ptr.dtype.element_ty))
+                    tl.debug_barrier()
+                    for c0 in tl.static_range(0, H, DW_CHUNK):
+                        cols = c0 + tl.arange(0, DW_CHUNK)
+                        mT_c = tl.load(stage + mrow[None, :] * H + cols[:, None])  # [C, M]
+                        addr = pW3_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
+                        tl.store(addr, tl.load(addr) + _mm(mT_c, d_t.to(W3T.dtype), PRECISION, UPCAST))
+                acc_b3 += tl.sum(d_t, axis=0)
+                acc_w4 += tl.sum(t * sig_t * d_phi[:, None], axis=0)
+            # the chain d_t -> d_m -> d_r -> d_z multiplies in fp32 (TF32 or 3xTF32 on tensor cores) even for
+            # bf16/fp16 inputs: rounding these gradients to 8 bits made e.g. d b_att twice as bad as torch's
+            d_m = tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, H)) + _mm(d_t, W3T.to(tl.float32), PRECISION_BWD,
+                                                                              False)
+            sig_r = _sigmoid(r, FAST)
+            d_gate = tl.zeros((M,), dtype=tl.float32)
             if ATTENTION:
-                acc_watt += tl.sum(r * sig_r * d_gate[:, None], axis=0)
-                acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
-        # z again from the inputs instead of keeping the tile live through the chain above (fewer spills
-        # at H = 64-128 for a reload of p_i, q_j, rel rows and e W_e)
-        z = _preact_cols(b, i, j, N, d2, e, hcol, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
-                         H, EP, EDGE, PRECISION, UPCAST)
-        sig_z = _sigmoid(z, FAST)
-        d_z = _mm(d_r, W2T.to(tl.float32), PRECISION_BWD, False) * _dsilu(z, sig_z)  # [M, H]
-        d_z3 = tl.reshape(d_z, (BI, BJ, H))
-        w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
-        d_d2 = tl.reshape(tl.sum(d_z * w_d[None, :], axis=1), (BI, BJ))  # dL/dd2_ij
-        du0 = 2.0 * u0 * d_d2  # the distance part of dL/du_ij
-        du1 = 2.0 * u1 * d_d2
-        du2 = 2.0 * u2 * d_d2
-        if ROWS_ARE_I:
-            d_node += tl.sum(d_z3, axis=1)
-            dxo0 += tl.sum(du0, axis=1)
-            dxo1 += tl.sum(du1, axis=1)
-            dxo2 += tl.sum(du2, axis=1)
-            acc_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
-            if EDGE == 1:
-                ecol = tl.arange(0, EP)
-                addr_We = pWe_ptr + (prog * EP + ecol[:, None]) * H + hcol[None, :]
-                tl.store(addr_We, tl.load(addr_We) + tl.dot(tl.trans(e), d_z, input_precision=PRECISION_BWD))
-                if NEED_DEA:  # d edge_attr_ij = W_e d_z_ij, one column at a time: a tl.dot here (N = EP) would
-                    # impose its operand layout on the whole d_z chain and spill
-                    pair = tl.arange(0, M)
-                    i_m = pid * BI + pair // BJ
-                    j_m = ob * BJ + pair % BJ
-                    ok = (i_m < N) & (j_m < N)
-                    dea_row = dea_ptr + ((b * N + i_m) * N + j_m) * E
-                    for c in range(0, E):
-                        We_c = tl.load(We_ptr + c * H + hcol).to(tl.float32)
-                        tl.store(dea_row + c, tl.sum(d_z * We_c[None, :], axis=1).to(dea_ptr.dtype.element_ty), mask=ok)
-            if EDGE == 2:
-                # sum d_z over the tile's pairs with equal clipped offset k = clip(j-i)+K, as a one-hot
-                # product: rows w of the window [k_lo, k_lo + W_REL) of offsets this tile touches
-                k = tl.minimum(tl.maximum(j[None, :] - i[:, None], -K), K) + K  # [BI, BJ]
-                k_lo = tl.minimum(tl.maximum(ob * BJ - (pid * BI + BI - 1), -K), K) + K
-                w = tl.arange(0, W_REL)
-                onehot = (tl.reshape(k - k_lo, (M,))[None, :] == w[:, None]).to(tl.float32)  # [W_REL, M]
-                d_rel = tl.dot(onehot, d_z, input_precision="ieee")  # exact (a gather-sum) and lighter than 3xTF32
-                rows = k_lo + w
-                ok = (rows <= 2 * K)[:, None]
-                addr = prel_ptr + (prog * (2 * K + 1) + rows[:, None]) * H + hcol[None, :]
-                tl.store(addr, tl.load(addr, mask=ok, other=0.0) + d_rel, mask=ok)
-            tl.debug_barrier()  # the next tile's read-modify-writes may touch rows other threads wrote
-        else:
-            d_node += tl.sum(d_z3, axis=0)
-            dxo0 -= tl.sum(du0, axis=0)
-            dxo1 -= tl.sum(du1, axis=0)
-            dxo2 -= tl.sum(du2, axis=0)
-            tl.debug_barrier()
-    ok = own < N
-    tl.store(dnode_ptr + (b * N + own[:, None]) * H + hcol[None, :], d_node, mask=ok[:, None])
-    tl.store(dx_part_ptr + (b * N + own) * 3 + 0, dxo0, mask=ok)
-    tl.store(dx_part_ptr + (b * N + own) * 3 + 1, dxo1, mask=ok)
-    tl.store(dx_part_ptr + (b * N + own) * 3 + 2, dxo2, mask=ok)
+                d_gate = tl.sum(d_m * r * sig_r, axis=1) * g * (1.0 - g)  # dL/d(w_att . m0 + b_att)
+                d_m0 = d_m * g[:, None] + d_gate[:, None] * w_att[None, :]
+            else:
+                d_m0 = d_m
+            d_r = d_m0 * _dsilu(r, sig_r)
+            W2T = tl.load(W2_ptr + hcol[None, :] * H + hcol[:, None])
+            if ROWS_ARE_I:
+                if DW_CHUNK == H:
+                    a_re = z * _sigmoid(z, FAST)
+                    tl.store(pW2_ptr + prog * H * H + hh,
+                             tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(a_re), d_r.to(W2T.dtype), PRECISION,
+                                                                        UPCAST))
+                else:  # dW2 = a^T d_r by rows: a's columns rebuilt from the inputs (an [H, H] product held
+                    # H^2 / threads registers on top of the tile: ~300 B of spills at H = 128)
+                    for c0 in tl.static_range(0, H, DW_CHUNK):
+                        cols = c0 + tl.arange(0, DW_CHUNK)
+                        z_c = _preact_cols(b, i, j, N, d2, e, cols, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                                           H, EP, EDGE, PRECISION, UPCAST)
+                        a_c = z_c * _sigmoid(z_c, FAST)
+                        addr = pW2_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
+                        tl.store(addr, tl.load(addr) + _mm(tl.trans(a_c), d_r.to(W2T.dtype), PRECISION, UPCAST))
+                acc_b2 += tl.sum(d_r, axis=0)
+                if ATTENTION:
+                    acc_watt += tl.sum(r * sig_r * d_gate[:, None], axis=0)
+                    acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
+            # z again from the inputs instead of keeping the tile live through the chain above (fewer spills
+            # at H = 64-128 for a reload of p_i, q_j, rel rows and e W_e)
+            z = _preact_cols(b, i, j, N, d2, e, hcol, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                             H, EP, EDGE, PRECISION, UPCAST)
+            sig_z = _sigmoid(z, FAST)
+            d_z = _mm(d_r, W2T.to(tl.float32), PRECISION_BWD, False) * _dsilu(z, sig_z)  # [M, H]
+            d_z3 = tl.reshape(d_z, (BI, BJ, H))
+            w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
+            d_d2 = tl.reshape(tl.sum(d_z * w_d[None, :], axis=1), (BI, BJ))  # dL/dd2_ij
+            du0 = 2.0 * u0 * d_d2  # the distance part of dL/du_ij
+            du1 = 2.0 * u1 * d_d2
+            du2 = 2.0 * u2 * d_d2
+            if ROWS_ARE_I:
+                d_node += tl.sum(d_z3, axis=1)
+                dxo0 += tl.sum(du0, axis=1)
+                dxo1 += tl.sum(du1, axis=1)
+                dxo2 += tl.sum(du2, axis=1)
+                acc_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
+                if EDGE == 1:
+                    ecol = tl.arange(0, EP)
+                    addr_We = pWe_ptr + (prog * EP + ecol[:, None]) * H + hcol[None, :]
+                    tl.store(addr_We, tl.load(addr_We) + tl.dot(tl.trans(e), d_z, input_precision=PRECISION_BWD))
+                    if NEED_DEA:  # d edge_attr_ij = W_e d_z_ij, one column at a time: a tl.dot here (N = EP) would
+                        # impose its operand layout on the whole d_z chain and spill
+                        pair = tl.arange(0, M)
+                        i_m = blk * BI + pair // BJ
+                        j_m = ob * BJ + pair % BJ
+                        ok = (i_m < N) & (j_m < N)
+                        dea_row = dea_ptr + ((b * N + i_m) * N + j_m) * E
+                        for c in range(0, E):
+                            We_c = tl.load(We_ptr + c * H + hcol).to(tl.float32)
+                            tl.store(dea_row + c, tl.sum(d_z * We_c[None, :], axis=1).to(dea_ptr.dtype.element_ty), mask=ok)
+                if EDGE == 2:
+                    # sum d_z over the tile's pairs with equal clipped offset k = clip(j-i)+K, as a one-hot
+                    # product: rows w of the window [k_lo, k_lo + W_REL) of offsets this tile touches
+                    k = tl.minimum(tl.maximum(j[None, :] - i[:, None], -K), K) + K  # [BI, BJ]
+                    k_lo = tl.minimum(tl.maximum(ob * BJ - (blk * BI + BI - 1), -K), K) + K
+                    w = tl.arange(0, W_REL)
+                    onehot = (tl.reshape(k - k_lo, (M,))[None, :] == w[:, None]).to(tl.float32)  # [W_REL, M]
+                    d_rel = tl.dot(onehot, d_z, input_precision="ieee")  # exact (a gather-sum) and lighter than 3xTF32
+                    rows = k_lo + w
+                    ok = (rows <= 2 * K)[:, None]
+                    addr = prel_ptr + (prog * (2 * K + 1) + rows[:, None]) * H + hcol[None, :]
+                    tl.store(addr, tl.load(addr, mask=ok, other=0.0) + d_rel, mask=ok)
+                tl.debug_barrier()  # the next tile's read-modify-writes may touch rows other threads wrote
+            else:
+                d_node += tl.sum(d_z3, axis=0)
+                dxo0 -= tl.sum(du0, axis=0)
+                dxo1 -= tl.sum(du1, axis=0)
+                dxo2 -= tl.sum(du2, axis=0)
+                tl.debug_barrier()
+        ok = own < N
+        tl.store(dnode_ptr + (b * N + own[:, None]) * H + hcol[None, :], d_node, mask=ok[:, None])
+        tl.store(dx_part_ptr + (b * N + own) * 3 + 0, dxo0, mask=ok)
+        tl.store(dx_part_ptr + (b * N + own) * 3 + 1, dxo1, mask=ok)
+        tl.store(dx_part_ptr + (b * N + own) * 3 + 2, dxo2, mask=ok)
     base = prog * 6 * H
     if ROWS_ARE_I:
         tl.store(pvec_ptr + base + 0 * H + hcol, acc_b2)
@@ -663,6 +667,9 @@ def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, 
     return m_i.to(x.dtype), dx_i
 
 
+BACKWARD_PROGRAMS = 512  # per backward pass over all samples: partials (512, H, H) fp32 = 32 MB at H = 128
+
+
 def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel,
               w_att, need_dea):
     B, N, H, EP, K = (meta[k] for k in ("B", "N", "H", "EP", "K"))
@@ -670,7 +677,10 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     f32 = dict(dtype=torch.float32, device=dev)
     BI1, BJ1, warps1 = block_sizes(H, x.dtype, "bwd_i")
     BI2, BJ2, warps2 = block_sizes(H, x.dtype, "bwd_j")
-    n_ib, n_jb = triton.cdiv(N, BI1), triton.cdiv(N, BJ2)
+    # programs per sample: enough to fill a GPU, few enough that the per-program (H, H) partials stay
+    # small; each program loops over its share of the blocks (grid-stride)
+    n_ib = min(triton.cdiv(N, BI1), max(1, BACKWARD_PROGRAMS // B))
+    n_jb = min(triton.cdiv(N, BJ2), max(1, BACKWARD_PROGRAMS // B))
     P, P2 = B * n_ib, B * n_jb
     d_p, d_q = torch.empty(B, N, H, **f32), torch.empty(B, N, H, **f32)
     dx_i_side, dx_j_side = torch.empty(B, N, 3, **f32), torch.empty(B, N, 3, **f32)
