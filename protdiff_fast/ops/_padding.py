@@ -28,7 +28,7 @@ import torch.nn.functional as F
 # large. The dispatcher zero-pads to S. Backends not listed ("reference") take any widths.
 SQUARE_HIDDEN: Dict[str, str] = {
     "cpu": "protdiff_fast.ops.egnn_cpu:square_hidden",  # any S (the C++ kernels pad internally)
-    "triton": "protdiff_fast.ops.egnn_triton:padded_hidden",  # 16, 32, 64, 128
+    "triton": "protdiff_fast.ops.egnn_triton:padded_hidden",  # 16, 32, 64, 128, 256
 }
 # Backends whose kernels implement normalize="clamp" (egnn-pytorch's CoorsNorm); the dispatcher
 # refuses it for the others rather than let them read it as normalize=True.
