@@ -119,6 +119,9 @@ KNOWN_SPILLS = {
     (256, True, "fwd"),
     # bf16 backward at H = 256 (dw_chunk 64 / 16, the best of 16-256): bwd_i 1.1-1.5 KB, bwd_j 0.9-1.3 KB
     (256, False, "bwd_i"), (256, False, "bwd_j"),
+    # fp32 backward at H = 16 / 64 after the grid-stride loop over own blocks (which bounds the weight-
+    # gradient partials to O(programs H^2)): 8-32 B on some flag/edge sets, 0 before that loop
+    (16, True, "bwd_i"), (64, True, "bwd_i"), (64, True, "bwd_j"),
 }
 
 
