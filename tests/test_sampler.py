@@ -277,10 +277,16 @@ def test_torchrun_sharded_sampling_matches_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run(_sample_cmd(tmp_path / "one"), capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
+    with_progress = [a for a in _sample_cmd(tmp_path / "two")[1:] if a != "--no-progress"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(30500 + os.getpid() % 1000), *_sample_cmd(tmp_path / "two")[1:]],
+                          "--master-port", str(30500 + os.getpid() % 1000), *with_progress],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    # one progress line for the whole run: rank 0 counts all 6 designs (the others' from their
+    # manifests), rank 1 stays quiet
+    lines = [ln for ln in two.stderr.splitlines() if "designs (" in ln]
+    assert lines and all(ln.startswith("sampling: ") and "/6 designs" in ln for ln in lines), two.stderr[-2000:]
+    assert "[rank 1/2]" not in two.stderr
     names = sorted(p.name for p in (tmp_path / "one").glob("design_*.pdb"))
     assert names == sorted(p.name for p in (tmp_path / "two").glob("design_*.pdb")) and len(names) == 6
     for name in names:
@@ -536,3 +542,25 @@ def test_strided_step_with_per_sample_seeds_depends_on_each_sample_alone():
     sigma = float(s.eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt())
     var = float((prev / sigma).pow(2).sum() / (big * 5 * 3))  # 5 of 6 degrees of freedom per axis after centring
     assert abs(var - 1) < 0.05
+
+
+def test_progress_line_counts_designs_finished_elsewhere():
+    """Under torchrun rank 0's line adds the designs the other ranks finished (polled, at most every 2 s)."""
+    import io
+
+    from protdiff_fast.diffusion.sampler import RunProgress
+
+    now = [0.0]
+    polled = []
+
+    def others():
+        polled.append(now[0])
+        return 2
+
+    bar = RunProgress(6, 10, stream=io.StringIO(), interval=30, clock=lambda: now[0], others=others)
+    bar.finished(1)
+    now[0] = 10.0
+    assert bar.line().startswith("sampling: 3/6 designs (50%)")
+    now[0] = 11.0
+    bar.line()
+    assert polled == [0.0, 10.0], "polled at most every 2 s"

@@ -62,7 +62,8 @@ class RunProgress:
     """
 
     def __init__(self, total_designs: int, steps_per_design: int, stream=None, interval: Optional[float] = None,
-                 prefix: str = "sampling", clock: Callable[[], float] = time.monotonic) -> None:
+                 prefix: str = "sampling", clock: Callable[[], float] = time.monotonic,
+                 others: Optional[Callable[[], int]] = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", None)
         self.tty = bool(isatty()) if isatty is not None else False
@@ -74,6 +75,8 @@ class RunProgress:
         self.started = clock()
         self.last_emit = None
         self.width = 0
+        # designs finished elsewhere (other torchrun ranks), polled at most every 2 s
+        self.others, self.others_done, self.others_polled = others, 0, None
 
     def advance(self, designs_in_batch: int) -> None:
         """One reverse step of a batch."""
@@ -90,17 +93,22 @@ class RunProgress:
         self._maybe_emit()
 
     def line(self) -> str:
-        elapsed = max(self.clock() - self.started, 1e-9)
-        rate = self.units / self.steps / elapsed
-        remaining = self.total * self.steps - self.units
-        if self.done >= self.total:
+        now = self.clock()
+        if self.others is not None and (self.others_polled is None or now - self.others_polled >= 2.0):
+            self.others_done, self.others_polled = self.others(), now
+        elapsed = max(now - self.started, 1e-9)
+        done = self.done + self.others_done
+        units = self.units + self.others_done * self.steps
+        rate = units / self.steps / elapsed
+        remaining = self.total * self.steps - units
+        if done >= self.total:
             eta = f"done in {_fmt_duration(elapsed)}"
-        elif self.units > 0:
-            eta = f"ETA {_fmt_duration(remaining / (self.units / elapsed))}"
+        elif units > 0:
+            eta = f"ETA {_fmt_duration(remaining / (units / elapsed))}"
         else:
             eta = "ETA ?"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"{self.prefix}: {self.done}/{self.total} designs ({pct:.0f}%) | {rate:.3g} backbones/s | {eta}"
+        pct = 100.0 * done / self.total if self.total else 100.0
+        return f"{self.prefix}: {done}/{self.total} designs ({pct:.0f}%) | {rate:.3g} backbones/s | {eta}"
 
     def _maybe_emit(self, force: bool = False) -> None:
         now = self.clock()
@@ -344,12 +352,29 @@ def sample(
     steps = scheduler.timesteps.tolist()
     results: Dict[int, np.ndarray] = {}
     bar = None
-    if progress:
+    # under torchrun with an output folder, rank 0 shows the whole run (the other ranks' progress read
+    # from their manifests) and the other ranks stay quiet; without a folder each rank shows its share
+    whole_run = world > 1 and out_dir is not None
+    if progress and (rank == 0 or not whole_run):
+        run_todo = {i for i in wanted if i not in finished_any} if whole_run else set(todo)
         if finished_any:
-            print(f"sample: resuming: {len(finished_any)} designs already finished, {len(todo)} to go",
+            print(f"sample: resuming: {len(finished_any)} designs already finished, {len(run_todo)} to go",
                   file=progress_stream or sys.stderr)
-        bar = RunProgress(len(todo), len(steps), stream=progress_stream, interval=progress_interval,
-                          prefix="sampling" if world == 1 else f"sampling [rank {rank}/{world}]")
+        others = None
+        if whole_run:
+            def others() -> int:  # designs of this run finished by the other ranks so far
+                done = 0
+                for r in range(1, world):
+                    path = out_dir / f"manifest.rank{r}.json"
+                    try:
+                        keys = json.loads(path.read_text())["designs"]
+                    except (OSError, ValueError, KeyError):
+                        continue  # not written yet (or being replaced): count it next time
+                    done += sum(1 for key in keys if int(key) in run_todo)
+                return done
+        bar = RunProgress(len(run_todo), len(steps), stream=progress_stream, interval=progress_interval,
+                          prefix="sampling" if whole_run or world == 1 else f"sampling [rank {rank}/{world}]",
+                          others=others)
         bar.start()
     version = __version__
     suffix = "." + file_format + (".gz" if compress else "")
