@@ -115,7 +115,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       val_every=args.val_every, seed=args.seed, max_length=args.max_length,
-                      min_length=args.min_length, backend=args.backend, device=args.device, model=model)
+                      min_length=args.min_length, backend=args.backend, device=args.device, model=model,
+                      crop=args.crop, lr_schedule=args.lr_schedule, init=args.init or "")
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
           + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
@@ -285,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--min-length", type=int, default=40)
     tr.add_argument("--max-length", type=int, default=128)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--crop", action="store_true",
+                    help="also use chains longer than --max-length: a random break-free window of that many residues")
+    tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                    help="cosine: decay to 2%% of --lr at --steps")
+    tr.add_argument("--init", default=None, help="start from these weights (checkpoint or shipped .pt), fresh optimizer")
     tr.add_argument("--backend", default="auto")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")

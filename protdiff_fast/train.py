@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -48,19 +49,46 @@ class TrainConfig:
     rotate: bool = True
     min_length: int = 40
     max_length: int = 128
+    # crop: also train on chains longer than max_length, one random break-free window of max_length
+    # residues per chain and epoch (more data and more local structure than the short chains alone)
+    crop: bool = False
+    lr_schedule: str = "constant"  # or "cosine": lr * (f + (1 - f) (1 + cos(pi step / steps)) / 2), f = 0.02
+    init: str = ""  # start from these weights (a checkpoint's model/EMA or a shipped file), fresh optimizer
     backend: str = "auto"
     device: str = "cpu"
     model: Dict = field(default_factory=dict)  # ProtDiffConfig overrides
 
 
+LR_FLOOR = 0.02
+NO_MAX_LENGTH = 1 << 30
+
+
 def load_data(cfg: TrainConfig, split: Optional[str]) -> BackboneDataset:
+    """The chains of ``split``; with ``cfg.crop`` the training chains of any length >= min_length
+    that have a break-free window of ``max_length`` residues (validation keeps whole chains)."""
     path = Path(cfg.data)
+    crop = cfg.crop and split in (None, "train")
+    max_length = NO_MAX_LENGTH if crop else cfg.max_length
     if path.suffix == ".npz":
-        return BackboneDataset.from_npz(path, split=split, min_length=cfg.min_length, max_length=cfg.max_length)
-    if split not in (None, "train"):
+        data = BackboneDataset.from_npz(path, split=split, min_length=cfg.min_length, max_length=max_length)
+    elif split not in (None, "train"):
         return BackboneDataset([], [])
-    return BackboneDataset.from_structures(path, min_length=cfg.min_length, max_length=cfg.max_length,
-                                           cache=Path(cfg.out_dir) / "dataset_cache.npz")
+    else:
+        data = BackboneDataset.from_structures(path, min_length=cfg.min_length, max_length=max_length,
+                                               cache=Path(cfg.out_dir) / ("dataset_cache_crop.npz" if crop else
+                                                                          "dataset_cache.npz"))
+    if crop:
+        data = data.subset([i for i in range(len(data)) if len(data.crop_starts(i, cfg.max_length))])
+    return data
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based), a pure function of the step so resume is exact."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)))
+    raise ValueError(f"lr_schedule: unknown schedule {cfg.lr_schedule!r} (constant or cosine)")
 
 
 def _dist_info():
@@ -82,12 +110,13 @@ def training_batch(dataset: BackboneDataset, cfg: TrainConfig, step: int):
     """The global batch of ``step``: epoch e = step // batches_per_epoch, shuffled with (seed, e)."""
     per_epoch = max(1, len(dataset) // cfg.batch_size)
     epoch, k = divmod(step, per_epoch)
-    key = (id(dataset), cfg.batch_size, cfg.seed, cfg.rotate, epoch)
+    key = (id(dataset), cfg.batch_size, cfg.seed, cfg.rotate, cfg.crop, cfg.max_length, epoch)
     if _EPOCH_CACHE.get("key") != key:  # one epoch's batches at a time, rebuilt identically on resume
         _EPOCH_CACHE.clear()
         _EPOCH_CACHE["key"] = key
         _EPOCH_CACHE["batches"] = list(dataset.batches(cfg.batch_size, seed=cfg.seed * 100003 + epoch,
-                                                       rotate=cfg.rotate, drop_last=len(dataset) >= cfg.batch_size))
+                                                       rotate=cfg.rotate, drop_last=len(dataset) >= cfg.batch_size,
+                                                       crop=cfg.max_length if cfg.crop else None))
     return _EPOCH_CACHE["batches"][k]
 
 
@@ -104,6 +133,24 @@ def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank
         eps_hat = model(x_t, tt, m)
     sq = ((eps_hat.float() - eps) ** 2).sum(-1)[m].sum()
     return sq / int(mask.sum()), int(m.sum())
+
+
+def initial_weights(path, model_cfg: ProtDiffConfig, device) -> Dict:
+    """The weights to start from (a checkpoint's EMA weights, else its model's), refused when the
+    architecture differs (every ProtDiffConfig field but max_length, which sizes only buffers)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"init: cannot read {path}: {err}") from err
+    if not isinstance(state, dict) or "model_config" not in state or ("ema" not in state and "model" not in state):
+        raise ValueError(f"init: {path} is not a protdiff_fast checkpoint (no model_config / weights)")
+    theirs = {k: v for k, v in state["model_config"].items() if k != "max_length"}
+    ours = {k: v for k, v in model_cfg.to_dict().items() if k != "max_length"}
+    if theirs != ours:
+        diff = ", ".join(f"{k}: {theirs.get(k)} there, {ours.get(k)} here" for k in sorted(set(theirs) | set(ours))
+                         if theirs.get(k) != ours.get(k))
+        raise ValueError(f"init: {path} has another architecture ({diff})")
+    return state["ema" if "ema" in state else "model"]
 
 
 def save_checkpoint(path: Path, state: Dict) -> None:
@@ -144,8 +191,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, history = state["step"], state.get("history", [])
-    elif resume and rank == 0:
-        print(f"no checkpoint at {ckpt_path}: starting from step 0")
+    else:
+        if resume and rank == 0:
+            print(f"no checkpoint at {ckpt_path}: starting from step 0")
+        if cfg.init:
+            initial = initial_weights(cfg.init, model_cfg, device)
+            model.load_state_dict(initial)
+            ema.load_state_dict(initial)
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -184,6 +236,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         batch = training_batch(train_set, cfg, step)
         loss, n_local = diffusion_loss(ddp_model, schedule, batch["coords"], batch["mask"], generator, rank, world,
                                        device)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)
         (loss * world).backward()  # DDP averages over ranks; loss is already over the global residue count
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -205,7 +259,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         if bar is not None:
             rate = residues / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{last_val:.4f}" if last_val is not None else "-",
-                            residues_per_s=f"{rate:.0f}")
+                            residues_per_s=f"{rate:.0f}", refresh=False)
             bar.update(1)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0:
             checkpoint()

@@ -110,3 +110,59 @@ def test_prepare_command(folder, tmp_path, capsys):
     assert main(["prepare", str(folder), "--out", str(out)]) == 0
     assert "cache was up to date" in capsys.readouterr().out
     assert main(["prepare", str(folder / "1CKB.pdb"), "--out", str(tmp_path / "none.npz")]) == 2
+
+
+def _chain(length, gap_before=(), seed=0):
+    """A random walk of CA-CA 3.8 A steps, with 8 A jumps before the residues in ``gap_before``."""
+    rng = np.random.default_rng(seed)
+    steps = rng.normal(size=(length, 3))
+    steps *= (3.8 / np.linalg.norm(steps, axis=1))[:, None]
+    for k in gap_before:
+        steps[k] *= 8.0 / 3.8
+    steps[0] = 0
+    return np.cumsum(steps, axis=0)
+
+
+def test_crop_starts_are_the_break_free_windows():
+    ds = BackboneDataset(["short", "gappy", "hopeless"],
+                         [_chain(30), _chain(100, gap_before=(20, 61)), _chain(50, gap_before=(10, 20, 30, 40))])
+    crop = 35
+    assert ds.crop_starts(0, crop).tolist() == [0]
+    from protdiff_fast.io.structure import find_chain_breaks
+
+    for i in (1, 2):
+        L = len(ds.coords[i])
+        gaps = find_chain_breaks(ds.coords[i].double().numpy() * SCALE_A)
+        brute = [s for s in range(L - crop + 1) if not gaps[s + 1: s + crop].any()]
+        assert ds.crop_starts(i, crop).tolist() == brute
+    assert ds.crop_starts(1, crop).tolist() == list(range(20, 27)) + list(range(61, 66))  # gaps before 20 and 61
+    assert len(ds.crop_starts(2, crop)) == 0
+
+
+def test_cropped_batches_are_break_free_recentred_windows():
+    long_chain = _chain(200, gap_before=(120,), seed=1)
+    ds = BackboneDataset(["short", "long", "hopeless"], [_chain(40), long_chain, _chain(90, gap_before=(30, 60))])
+    crop = 64
+    seen = set()
+    for seed in range(20):
+        batches = list(ds.batches(3, seed=seed, crop=crop))
+        assert sum(len(b["names"]) for b in batches) == 2, "the chain with no break-free window is left out"
+        for b in batches:
+            for k, name in enumerate(b["names"]):
+                n = int(b["mask"][k].sum())
+                c = b["coords"][k, :n].double()
+                assert torch.allclose(c.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+                if name == "short":
+                    assert n == 40
+                    continue
+                assert name.startswith("long:") and n == crop
+                first, last = (int(v) for v in name.split(":")[1].split("-"))
+                assert last - first + 1 == crop and (last < 121 or first > 120)
+                window = torch.from_numpy(long_chain[first - 1: last]) / SCALE_A
+                assert torch.allclose(c, window - window.mean(0), atol=1e-5)  # the real residues, re-centred
+                seen.add(first)
+    assert len(seen) > 5, "windows are drawn at random"
+    again = [b["names"] for b in ds.batches(3, seed=3, crop=crop)]
+    assert again == [b["names"] for b in ds.batches(3, seed=3, crop=crop)]
+    with pytest.raises(ValueError, match="crop must be >= 1"):
+        next(ds.batches(3, crop=0))

@@ -219,3 +219,48 @@ def test_bf16_autocast_training_step_matches_float32_within_bf16_error():
     (ref_out, ref_grad), (cpu_out, cpu_grad) = results["reference"], results["cpu"]
     assert 0 < ref_out < 0.05, "autocast must actually change the arithmetic for this test to mean anything"
     assert cpu_out <= 2 * ref_out + 1e-3 and cpu_grad <= 2 * ref_grad + 1e-3, results
+
+
+def test_cosine_learning_rate_is_a_function_of_the_step():
+    from protdiff_fast.train import LR_FLOOR, learning_rate
+
+    c = TrainConfig(lr=1e-3, steps=100, lr_schedule="cosine")
+    lrs = [learning_rate(c, s) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(LR_FLOOR * 1e-3)
+    assert lrs[50] == pytest.approx(1e-3 * (1 + LR_FLOOR) / 2)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert learning_rate(TrainConfig(lr=2e-4), 77) == 2e-4
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        learning_rate(TrainConfig(lr_schedule="step"), 0)
+
+
+def test_cropped_cosine_training_resumes_bit_for_bit(tmp_path):
+    kw = dict(crop=True, max_length=60, lr_schedule="cosine", steps=8)
+    straight = train(cfg(tmp_path, "a", **kw), progress=False)
+    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=3)
+    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
+    for p, q in zip(params(straight["model"]), params(resumed["model"])):
+        assert torch.equal(p, q)
+    # cropping served windows of longer demo chains (the demo set has chains of 40..128)
+    from protdiff_fast.train import load_data, training_batch
+
+    c = cfg(tmp_path, "c", **kw)
+    data = load_data(c, "train")
+    assert data.lengths.max() > 60
+    names = [n for s in range(4) for n in training_batch(data, c, s)["names"]]
+    assert any(":" in n for n in names)
+    assert all(training_batch(data, c, s)["coords"].shape[1] <= 60 for s in range(4))
+
+
+def test_init_starts_from_given_weights_and_refuses_another_architecture(tmp_path):
+    first = train(cfg(tmp_path, "first", steps=4), progress=False)
+    ckpt = tmp_path / "first" / "checkpoint.pt"
+    second = train(cfg(tmp_path, "second", steps=0, init=str(ckpt)), progress=False)
+    for p, q in zip(params(first["ema"]), params(second["model"])):
+        assert torch.equal(p, q)
+    other = dict(SMALL, hidden_dim=8, num_timesteps=100)
+    with pytest.raises(ValueError, match=r"another architecture \(hidden_dim: 16 there, 8 here\)"):
+        train(cfg(tmp_path, "third", steps=1, init=str(ckpt), model=other), progress=False)
+    with pytest.raises(ValueError, match="not a protdiff_fast checkpoint"):
+        torch.save({"x": 1}, tmp_path / "junk.pt")
+        train(cfg(tmp_path, "fourth", steps=1, init=str(tmp_path / "junk.pt")), progress=False)

@@ -8,6 +8,7 @@ Files that cannot be used are skipped with a reason, never fatal.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -185,34 +186,82 @@ class BackboneDataset(torch.utils.data.Dataset):
         _atomic_write(Path(path), write)
 
     # ------------------------------------------------------------------ batches
+    def subset(self, indices: Sequence[int]) -> "BackboneDataset":
+        """The dataset of the chains at ``indices`` (same coordinates, same skip report)."""
+        sub = copy.copy(self)
+        sub.names = [self.names[i] for i in indices]
+        sub.coords = [self.coords[i] for i in indices]
+        sub.sequences = [self.sequences[i] for i in indices]
+        sub.__dict__.pop("_crop_cache", None)
+        return sub
+
+    def crop_starts(self, i: int, crop: int) -> np.ndarray:
+        """Start residues of the ``crop``-residue windows of chain i that contain no chain break
+        (CA-CA gap > 4.2 A); ``[0]`` for a chain of at most ``crop`` residues."""
+        from protdiff_fast.io.structure import find_chain_breaks
+
+        L = len(self.coords[i])
+        if L <= crop:
+            return np.zeros(1, dtype=np.int64)
+        gaps = find_chain_breaks(self.coords[i].double().numpy() * self.scale)  # gap before residue k
+        # window [s, s + crop) is whole when no gap lies at k in (s, s + crop)
+        inside = np.concatenate([[0], np.cumsum(gaps[1:].astype(np.int64))])  # gaps at 1..k
+        starts = np.arange(L - crop + 1)
+        return starts[inside[starts + crop - 1] - inside[starts] == 0]
+
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, rotate: bool = False,
-                drop_last: bool = False) -> Iterator[Dict]:
+                drop_last: bool = False, crop: Optional[int] = None) -> Iterator[Dict]:
         """Length-bucketed padded batches: ``coords`` (B, L_max, 3) with zero padding, ``mask`` (B, L_max).
 
         Items are sorted by length (ties and batch order shuffled with ``seed``), so a batch pads
         little; ``rotate`` applies an independent uniformly random rotation to each item.
+        ``crop``: a chain longer than ``crop`` residues is served as one window of ``crop``
+        consecutive residues without a chain break, drawn uniformly with ``seed`` and re-centred
+        (chains with no such window are left out: see ``crop_starts``).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if crop is not None and crop < 1:
+            raise ValueError(f"crop must be >= 1 residues, got {crop}")
         g = torch.Generator().manual_seed(seed)
         n = len(self)
+        lengths = self.lengths
+        window = {}
+        if crop is not None:
+            if getattr(self, "_crop_cache", (None,))[0] != crop:
+                self._crop_cache = (crop, [self.crop_starts(i, crop) for i in range(n)])
+            starts = self._crop_cache[1]
+            picks = torch.rand(n, generator=g).numpy()
+            for i in range(n):
+                if lengths[i] > crop and len(starts[i]):
+                    window[i] = int(starts[i][min(int(picks[i] * len(starts[i])), len(starts[i]) - 1)])
+            usable = np.array([lengths[i] <= crop or i in window for i in range(n)], dtype=bool)
+            lengths = np.minimum(lengths, crop)
+        else:
+            usable = np.ones(n, dtype=bool)
         jitter = torch.rand(n, generator=g).numpy() if shuffle else np.zeros(n)
-        order = np.lexsort((jitter, self.lengths))
-        chunks = [order[k:k + batch_size] for k in range(0, n, batch_size)]
+        order = np.lexsort((jitter, lengths))
+        order = order[usable[order]]
+        chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
         if drop_last and chunks and len(chunks[-1]) < batch_size:
             chunks = chunks[:-1]
         if shuffle:
             chunks = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
         for idx in chunks:
-            L = int(max(len(self.coords[i]) for i in idx))
+            L = int(max(lengths[i] for i in idx))
             coords = torch.zeros(len(idx), L, 3)
             mask = torch.zeros(len(idx), L, dtype=torch.bool)
             rots = random_rotations(len(idx), g) if rotate else None
             for k, i in enumerate(idx):
                 c = self.coords[i]
+                if i in window:
+                    c = c[window[i]: window[i] + crop]
+                    c = c - c.mean(0)
                 coords[k, : len(c)] = c @ rots[k].T if rotate else c
                 mask[k, : len(c)] = True
-            yield dict(coords=coords, mask=mask, names=[self.names[i] for i in idx])
+            names = [self.names[i] if i not in window else f"{self.names[i]}:{window[i] + 1}-{window[i] + crop}"
+                     for i in idx]
+            yield dict(coords=coords, mask=mask, names=names)
 
 
 def demo_data_path() -> Path:
