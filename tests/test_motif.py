@@ -339,3 +339,62 @@ def test_nan_model_output_and_degenerate_weights_raise_clearly():
     with pytest.raises(ScaffoldingError, match="weights of design 0 are NaN/Inf"):
         scaffold(exploding_model, torch.randn(2, 3), [5], [[0, 1]], particles=4, scheduler=sch,
                  dtype=torch.float64)
+
+
+def _with_insertion_codes(tmp_path):
+    """MOTIF_5TPN renumbered like an antibody loop: ..., 164, 165, 165A, 165B, 166, ... (file order kept)."""
+    import gemmi
+
+    st = gemmi.read_structure(str(MOTIF_5TPN))
+    chain = st[0]["A"]
+    plain = [r.seqid.num for r in chain]
+    k = plain.index(166)
+    for offset, r in enumerate(list(chain)[k:]):
+        if offset < 2:
+            r.seqid = gemmi.SeqId(165, "AB"[offset])
+        else:
+            r.seqid = gemmi.SeqId(plain[k + offset] - 2, " ")
+    out = tmp_path / "icodes.pdb"
+    st.write_pdb(str(out))
+    ca = [[a.pos.x, a.pos.y, a.pos.z] for r in chain for a in r if a.name == "CA"]
+    ids = [f"{r.seqid.num}{r.seqid.icode.strip()}" for r in chain if r.find_atom("CA", "*")]
+    return out, np.array(ca), ids
+
+
+def test_motif_ranges_include_residues_with_insertion_codes(tmp_path):
+    path, ca, ids = _with_insertion_codes(tmp_path)
+    spec = motif_spec(path, "10,A163-170,10")
+    rows = list(range(ids.index("163"), ids.index("170") + 1))
+    assert [ids[r] for r in rows][2:6] == ["165", "165A", "165B", "166"]
+    assert spec.num_motif == len(rows) == 10  # 163..170 is 8 numbers, plus 165A and 165B
+    np.testing.assert_array_equal(spec.motif_ca, ca[rows])
+    assert spec.segments[1].length == 10 and spec.segments[1].count == 10
+    layout = spec.sample_layout(0)
+    assert layout.length == 30 and len(layout.motif_positions) == 10
+    assert layout.contig(spec.segments) == "10,A163-170,10"
+    # insertion codes in the contig address those residues; lower case is accepted
+    two = motif_spec(path, "5,A165A-165b,5")
+    np.testing.assert_array_equal(two.motif_ca, ca[[ids.index("165A"), ids.index("165B")]])
+    one = motif_spec(path, "5,A165B,5")
+    np.testing.assert_array_equal(one.motif_ca, ca[[ids.index("165B")]])
+    both = motif_spec(path, "3,A163-165A,4,A165B-168,3")
+    assert both.num_motif == 4 + 4
+
+
+@pytest.mark.parametrize("contig, words", [
+    ("5,A165C,5", r"no CA for residue\(s\) 165C"),
+    ("5,A163-165A,4,A165A-168,5", "overlap"),
+    ("5,A165B-165A,5", "backwards"),
+])
+def test_motif_insertion_code_errors(tmp_path, contig, words):
+    path, _, _ = _with_insertion_codes(tmp_path)
+    with pytest.raises(ContigError, match=words):
+        motif_spec(path, contig)
+
+
+def test_segment_length_with_insertion_codes_needs_the_structure():
+    seg = parse_contig("A52A-53")[0]
+    assert seg == MotifSegment("A", 52, 53, "A", "")
+    assert str(seg) == "A52A-53"
+    with pytest.raises(ContigError, match="insertion codes"):
+        seg.length

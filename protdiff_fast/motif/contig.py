@@ -8,7 +8,10 @@ RFdiffusion users know:
     "B19"                 a single motif residue (19 of chain B)
 
 A scaffold token is ``LO-HI`` or ``N`` (lengths, 0 allowed); a motif token is a chain id followed
-by ``FIRST-LAST`` or ``NUM`` (author residue numbers, negative ones allowed, e.g. ``A-3-10``).
+by ``FIRST-LAST`` or ``NUM`` (author residue numbers, negative ones allowed, e.g. ``A-3-10``;
+an end may carry an insertion code, ``H52A-56``). A range is the stretch of the chain from its
+first to its last residue as the file lists it, so ``H50-56`` includes 52A, 52B when the file
+has them (antibody numbering); a missing residue number inside a range is an error.
 Together with a total-length range ``MIN-MAX`` it defines a set of layouts; every design draws
 one (:meth:`MotifSpec.sample_layout`) from its own seed, so designs are reproducible one by one.
 
@@ -18,6 +21,7 @@ motion, and :mod:`protdiff_fast.motif.scaffold` conditions on exactly that.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,7 @@ import numpy as np
 from protdiff_fast.io.dataset import SCALE_A
 
 _SCAFFOLD = re.compile(r"^(\d+)(?:-(\d+))?$")
-_MOTIF = re.compile(r"^([A-Za-z][A-Za-z0-9]*?)(-?\d+)(?:-(-?\d+))?$")
+_MOTIF = re.compile(r"^([A-Za-z][A-Za-z0-9]*?)(-?\d+)([A-Za-z]?)(?:-(-?\d+)([A-Za-z]?))?$")
 
 
 class ContigError(ValueError):
@@ -49,13 +53,22 @@ class MotifSegment:
     chain: str
     first: int  # author residue numbers, inclusive
     last: int
+    first_icode: str = ""  # insertion codes of the end residues ("" for none)
+    last_icode: str = ""
+    count: Optional[int] = None  # residues in the structure from first to last (set by motif_spec)
 
     @property
     def length(self) -> int:
+        if self.count is not None:
+            return self.count
+        if self.first_icode or self.last_icode:
+            raise ContigError(f"motif segment {self}: its length depends on the structure's insertion codes; "
+                              "read it with motif_spec")
         return self.last - self.first + 1
 
     def __str__(self) -> str:
-        return f"{self.chain}{self.first}-{self.last}"
+        first, last = f"{self.first}{self.first_icode}", f"{self.last}{self.last_icode}"
+        return f"{self.chain}{first}-{last}"
 
 
 Segment = Union[ScaffoldSegment, MotifSegment]
@@ -79,11 +92,12 @@ def parse_contig(contig: str) -> List[Segment]:
             continue
         m = _MOTIF.match(raw)
         if m:
-            first = int(m.group(2))
-            last = int(m.group(3)) if m.group(3) is not None else first
-            if first > last:
-                raise ContigError(f"contig {contig!r}: motif segment {raw!r} runs backwards ({first} > {last})")
-            segments.append(MotifSegment(m.group(1), first, last))
+            first, first_icode = int(m.group(2)), m.group(3).upper()
+            last, last_icode = (int(m.group(4)), m.group(5).upper()) if m.group(4) is not None else (first, first_icode)
+            if (first, first_icode) > (last, last_icode):
+                raise ContigError(f"contig {contig!r}: motif segment {raw!r} runs backwards "
+                                  f"({first}{first_icode} > {last}{last_icode})")
+            segments.append(MotifSegment(m.group(1), first, last, first_icode, last_icode))
             continue
         raise ContigError(f"contig {contig!r}: cannot read segment {raw!r}; expected a length range like "
                           "'10-20' or '5', or a motif segment like 'A15-30' or 'A15'")
@@ -92,7 +106,8 @@ def parse_contig(contig: str) -> List[Segment]:
         raise ContigError(f"contig {contig!r}: names no motif segment (e.g. 'A15-30')")
     for i, a in enumerate(motifs):
         for b in motifs[i + 1:]:
-            if a.chain == b.chain and a.first <= b.last and b.first <= a.last:
+            if a.chain == b.chain and (a.first, a.first_icode) <= (b.last, b.last_icode) \
+                    and (b.first, b.first_icode) <= (a.last, a.last_icode):
                 raise ContigError(f"contig {contig!r}: motif segments {a} and {b} overlap")
     return segments
 
@@ -188,6 +203,34 @@ class MotifSpec:
                       scaffold_lengths=tuple(lengths))
 
 
+def _segment_rows(path, bb, seg: MotifSegment) -> List[int]:
+    """Rows of ``bb`` (file order) from residue first[icode] to last[icode] of ``seg``, inclusive.
+
+    A range covers the chain as it is in the file, so residues with insertion codes inside it
+    (antibody numbering: 52, 52A, 52B, 53) belong to it: leaving them out would join residues
+    that are not neighbours. Every plain number in the range must be present (a missing residue
+    is an error, not a silent gap)."""
+    keys = [(int(n), ic) for n, ic in zip(bb.resnums, bb.icodes)]
+    have = f"{int(bb.resnums.min())}..{int(bb.resnums.max())}" if len(bb) else "none"
+    present = set(keys)
+    ends = [(seg.first, seg.first_icode)] + ([(seg.last, seg.last_icode)] if seg.last != seg.first
+                                              or seg.last_icode != seg.first_icode else [])
+    missing = [f"{n}{ic}" for n, ic in ends if (n, ic) not in present]
+    missing += [str(n) for n in range(seg.first + 1, seg.last) if (n, "") not in present]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise ContigError(f"{path}: chain {seg.chain} has no CA for residue(s) {shown} of motif segment {seg} "
+                          f"(chain {seg.chain} has residues {have})")
+    start, end = keys.index((seg.first, seg.first_icode)), keys.index((seg.last, seg.last_icode))
+    rows = list(range(start, end + 1))
+    strays = [f"{n}{ic}" for n, ic in (keys[r] for r in rows) if not seg.first <= n <= seg.last]
+    if end < start or strays:
+        raise ContigError(f"{path}: chain {seg.chain}: residues {seg.first}{seg.first_icode}..{seg.last}"
+                          f"{seg.last_icode} are not in order in the file"
+                          + (f" (between them: {', '.join(strays[:10])})" if strays else ""))
+    return rows
+
+
 def motif_spec(
     path: Union[str, Path],
     contig: str,
@@ -206,24 +249,24 @@ def motif_spec(
     segments = parse_contig(contig)
     limits = parse_length_range(length)
     chains = {}
-    ca_parts, seq_parts = [], []
-    for seg in (s for s in segments if isinstance(s, MotifSegment)):
+    ca_parts, seq_parts, resolved, used = [], [], [], {}
+    for seg in segments:
+        if not isinstance(seg, MotifSegment):
+            resolved.append(seg)
+            continue
         if seg.chain not in chains:
             chains[seg.chain] = read_backbones(path, chain=seg.chain)[0]  # StructureError names a missing chain
         bb = chains[seg.chain]
-        # author numbering; residues with insertion codes are not addressable by a contig
-        plain = np.asarray([ic == "" for ic in bb.icodes], dtype=bool)
-        index = {int(n): i for i, n in enumerate(bb.resnums) if plain[i]}
-        wanted = range(seg.first, seg.last + 1)
-        missing = [n for n in wanted if n not in index]
-        if missing:
-            have = f"{int(bb.resnums.min())}..{int(bb.resnums.max())}" if len(bb) else "none"
-            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise ContigError(f"{path}: chain {seg.chain} has no CA for residue(s) {shown} of motif segment {seg} "
-                              f"(chain {seg.chain} has residues {have})")
-        rows = [index[n] for n in wanted]
+        rows = _segment_rows(path, bb, seg)
+        for r in rows:
+            if (seg.chain, r) in used:
+                raise ContigError(f"contig {contig!r}: motif segments {used[(seg.chain, r)]} and {seg} overlap "
+                                  f"(both contain residue {bb.resnums[r]}{bb.icodes[r]})")
+            used[(seg.chain, r)] = seg
+        resolved.append(dataclasses.replace(seg, count=len(rows)))
         ca_parts.append(bb.ca[rows])
         seq_parts.append("".join(bb.sequence[i] for i in rows))
+    segments = resolved
     motif_ca = np.concatenate(ca_parts, axis=0)
     M = motif_ca.shape[0]
     scaffolds = [s for s in segments if isinstance(s, ScaffoldSegment)]
