@@ -154,7 +154,7 @@ def initial_weights(path, model_cfg: ProtDiffConfig, device) -> Dict:
 
 
 def save_checkpoint(path: Path, state: Dict) -> None:
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    _atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None) -> Dict:

@@ -264,3 +264,15 @@ def test_init_starts_from_given_weights_and_refuses_another_architecture(tmp_pat
     with pytest.raises(ValueError, match="not a protdiff_fast checkpoint"):
         torch.save({"x": 1}, tmp_path / "junk.pt")
         train(cfg(tmp_path, "fourth", steps=1, init=str(tmp_path / "junk.pt")), progress=False)
+
+
+def test_checkpoints_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    from protdiff_fast.train import save_checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    save_checkpoint(tmp_path / "ckpt.pt", {"step": 3})
+    assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the folder
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False) == {"step": 3}

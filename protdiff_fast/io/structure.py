@@ -164,8 +164,11 @@ def read_backbones(path: PathLike, chain: Optional[str] = None, min_length: int 
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it over."""
+def _atomic_write(path: Path, write, durable: bool = False) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it over.
+
+    ``durable``: fsync the file before the rename and the folder after it, so a power cut leaves
+    the old or the new file, never an empty one (used for checkpoints; a few ms per call)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     os.close(fd)
@@ -174,11 +177,29 @@ def _atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            _fsync_folder(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory fds: the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_pdb_coordinates(ca: np.ndarray) -> None:
