@@ -21,9 +21,11 @@ void def_egnn(py::module_& m) {
         py::arg("rel").noconvert() = none, py::arg("w_att").noconvert() = none, py::arg("b_att") = 0.0,
         py::arg("mask").noconvert() = none, py::arg("normalize") = 0, py::arg("tanh") = false,
         py::arg("mean_agg") = true, py::arg("eps") = 1e-8, py::arg("m_out").noconvert(),
-        py::arg("dx_out").noconvert(),
+        py::arg("dx_out").noconvert(), py::arg("amx") = false,
         "Fused EGNN pair aggregation forward (the egnn_pair_aggregate contract): writes m_i into m_out "
-        "(B, N, H) and dx_i into dx_out (B, N, 3). Weights in (in, out) layout; mask uint8 (B, N).");
+        "(B, N, H) and dx_i into dx_out (B, N, 3). Weights in (in, out) layout; mask uint8 (B, N). "
+        "amx=True: the two H x H products per pair in bf16 on AMX (float32 buffers, avx512 kernels; "
+        "see amx_available()).");
   m.def("egnn_backward", &protdiff::egnn_backward_np<T>, py::arg("x").noconvert(), py::arg("p").noconvert(),
         py::arg("q").noconvert(), py::arg("w_d").noconvert(), py::arg("W2").noconvert(), py::arg("b2").noconvert(),
         py::arg("W3").noconvert(), py::arg("b3").noconvert(), py::arg("w4").noconvert(),
@@ -77,6 +79,9 @@ PYBIND11_MODULE(_C, m) {
   def_ddpm<double>(m);
   m.def("philox4x32", &protdiff::philox4x32_np, py::arg("counter"), py::arg("key"),
         "One Philox4x32-10 block: 4 counter words and 2 key words in, 4 words out.");
+  m.def("amx_available", &protdiff::amx_available,
+        "Whether the bf16 AMX products can run here (build, CPU and the kernel's tile-state permission).");
+  m.def("amx_unavailable_reason", &protdiff::amx_unavailable_reason, "Why amx_available() is False ('' if True).");
   m.def("simd_isa", &protdiff::simd_isa, "Instruction set the EGNN kernels run with (avx512, avx2 or base).");
   m.def("set_simd_isa", &protdiff::set_simd_isa, py::arg("name"),
         "Run the EGNN kernels with another instruction set this CPU supports (for testing every build).");

@@ -18,6 +18,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if ext is not None:
         print(f"C++ extension: {ext.compiler}, {ext.build_type}, OpenMP {'on' if ext.has_openmp else 'off'} "
               f"({ext.max_threads()} threads), -march=native {'on' if ext.native_arch else 'off'}")
+        from protdiff_fast.ops.egnn_cpu import amx_status
+
+        usable, why = amx_status()
+        print("bf16 pair products on AMX: " + ("available (bf16 inputs, or float32 with --matmul-precision medium)"
+                                                if usable else f"not available ({why})"))
     print(backends.describe(args.device))
     return 0
 
@@ -266,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Kernel-accelerated ProtDiff: diffusion over protein C-alpha backbones with a fused EGNN.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default=None,
+                        help="torch.set_float32_matmul_precision for this run: 'medium' runs the EGNN pair "
+                             "products in bf16 on AMX CPUs (cpu backend) and lets GPUs use TF32/bf16; "
+                             "default: torch's ('highest')")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions, the C++ build, and which backend 'auto' picks per op")
     info.add_argument("--device", default=None, help="device to resolve 'auto' for (default: cuda if present, else cpu)")
@@ -396,6 +405,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.matmul_precision is not None:
+        import torch
+
+        torch.set_float32_matmul_precision(args.matmul_precision)
     from protdiff_fast.diffusion.sampler import SamplingError
 
     try:

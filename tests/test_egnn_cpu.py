@@ -232,3 +232,108 @@ def test_cpu_backend_bad_input():
         _C.egnn_forward(*f32, m_out=np.empty((2, 5, 3), np.float32), dx_out=dx_out)
     with pytest.raises(TypeError):  # float64 buffers into float32 outputs: no overload, no conversion
         _C.egnn_forward(*[a.numpy() for a in args], m_out=m_out, dx_out=dx_out)
+
+
+# ------------------------------------------------------------------ bf16 products on AMX
+from protdiff_fast.ops.egnn_cpu import amx_status, uses_amx  # noqa: E402
+
+needs_amx = pytest.mark.skipif(_C is None or not amx_status()[0],
+                               reason=f"no AMX here: {amx_status()[1] if _C is not None else 'no extension'}")
+
+
+@pytest.fixture
+def medium_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def _forward(args, kw, dtype):
+    cast = [a.to(dtype) for a in args]
+    kw_c = {k: (v.to(dtype) if torch.is_tensor(v) and v.dtype.is_floating_point else v) for k, v in kw.items()}
+    return egnn_pair_aggregate(*cast, backend="cpu", **kw_c)
+
+
+@needs_amx
+@pytest.mark.parametrize("N, H, edge_mode, flags", [
+    (7, 20, "offset", FLAG_SETS[4]), (33, 64, "dense", FLAG_SETS[1]), (50, 128, "none", FLAG_SETS[0]),
+    (19, 256, "offset", FLAG_SETS[5]),
+])
+def test_amx_bf16_forward_within_bf16_reference_error(N, H, edge_mode, flags, monkeypatch):
+    assert uses_amx(torch.bfloat16) and not uses_amx(torch.float32)
+    args, kw = make_problem(3, N, H, 5, edge_mode, flags, seed=N + H)
+    want = egnn_pair_aggregate_reference(*args, **kw)
+    bf16_args = [a.to(torch.bfloat16) for a in args]
+    bf16_kw = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.dtype.is_floating_point else v)
+               for k, v in kw.items()}
+    low_ref = egnn_pair_aggregate_reference(*bf16_args, **bf16_kw)
+    got = _forward(args, kw, torch.bfloat16)
+    monkeypatch.setenv("PROTDIFF_FAST_AMX", "0")
+    upcast = _forward(args, kw, torch.bfloat16)  # the fp32 kernels on the same bf16 inputs
+    for name, a, lo, w, u in zip(("m_i", "dx_i"), got, low_ref, want, upcast):
+        assert a.dtype == torch.bfloat16 and bool(torch.isfinite(a).all()), name
+        tol = 2 * rel_err(lo, w) + torch.finfo(torch.bfloat16).eps / 2
+        assert_close_rel(a, w, tol, f"{name} (AMX, N={N}, H={H}, {edge_mode}, {flag_id(flags)})")
+    assert any(not torch.equal(a, u) for a, u in zip(got, upcast)), "the AMX path did not run"
+
+
+@needs_amx
+def test_amx_fp32_inputs_under_medium_matmul_precision(medium_matmul_precision):
+    args, kw = make_problem(2, 37, 64, 4, "offset", FLAG_SETS[4], seed=3)
+    want = egnn_pair_aggregate_reference(*args, **kw)
+    bf16_ref = egnn_pair_aggregate_reference(*[a.to(torch.bfloat16) for a in args],
+                                             **{k: (v.to(torch.bfloat16) if torch.is_tensor(v) and
+                                                    v.dtype.is_floating_point else v) for k, v in kw.items()})
+    assert uses_amx(torch.float32)
+    got = _forward(args, kw, torch.float32)
+    torch.set_float32_matmul_precision("highest")
+    exact = _forward(args, kw, torch.float32)
+    for name, a, e, lo, w in zip(("m_i", "dx_i"), got, exact, bf16_ref, want):
+        assert a.dtype == torch.float32
+        assert_close_rel(a, w, 2 * rel_err(lo, w), f"{name} (fp32 inputs, bf16 products)")
+        assert_close_rel(e, w, 1e-5, f"{name} (fp32 inputs, highest precision)")
+        assert rel_err(a, w) > 10 * rel_err(e, w), "medium precision did not change the products"
+
+
+@needs_amx
+def test_amx_forward_gradients_are_the_fp32_ones(medium_matmul_precision):
+    """The backward recomputes in fp32: gradients equal those of the highest-precision run."""
+    args, kw = make_problem(2, 21, 32, 4, "offset", FLAG_SETS[1], seed=5)
+    grads = []
+    for precision in ("medium", "highest"):
+        torch.set_float32_matmul_precision(precision)
+        leaves = [a.float().requires_grad_(True) for a in args]
+        m, dx = egnn_pair_aggregate(*leaves, backend="cpu", **{k: (v.float() if torch.is_tensor(v) and
+                                                                  v.dtype.is_floating_point else v)
+                                                              for k, v in kw.items()})
+        grads.append(torch.autograd.grad(m.sum() + dx.sum(), leaves))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_amx_needs_the_avx512_kernels():
+    if _C is None or "avx2" not in _C.supported_simd_isas().split(","):
+        pytest.skip("no avx2 build to switch to")
+    before = _C.simd_isa()
+    try:
+        _C.set_simd_isa("avx2")
+        assert not uses_amx(torch.bfloat16) and "avx512" in amx_status()[1]
+        args, kw = make_problem(1, 5, 8, 2, "none", FLAG_SETS[0])
+        out = [np.zeros((1, 5, 8), np.float32), np.zeros((1, 5, 3), np.float32)]
+        with pytest.raises(ValueError, match="amx: (needs the avx512 kernels|this CPU|the kernel|this build)"):
+            _C.egnn_forward(*[a.float().numpy() for a in args], m_out=out[0], dx_out=out[1], amx=True)
+    finally:
+        _C.set_simd_isa(before)
+
+
+def test_cli_matmul_precision_flag(capsys):
+    from protdiff_fast.cli import main
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert main(["--matmul-precision", "medium", "info", "--device", "cpu"]) == 0
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert "bf16 pair products on AMX" in capsys.readouterr().out
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -1,7 +1,10 @@
 // Buffer checks and ISA dispatch for the fused EGNN op. The kernels are in egnn_cpu.cpp.
 #include "cpu/egnn_bind.h"
 
+#include "cpu/amx_gemm.h"
 #include "cpu/egnn_cpu.h"
+
+#include <type_traits>
 
 namespace protdiff {
 
@@ -102,6 +105,9 @@ EgnnProblem<T> make_problem(const CArray<T>& x, const CArray<T>& p, const CArray
 
 std::string simd_isa() { return isa_name(current_isa()); }
 
+bool amx_available() { return amx::available(); }
+std::string amx_unavailable_reason() { return amx::unavailable_reason(); }
+
 std::string supported_isas() {
   std::string s;
   for (int k = 0; k <= static_cast<int>(best_isa()); ++k) s += std::string(k ? "," : "") + isa_name(Isa(k));
@@ -123,9 +129,16 @@ template <typename T>
 void egnn_forward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArray<T> W2, CArray<T> b2,
                      CArray<T> W3, CArray<T> b3, CArray<T> w4, OptArray<T> edge_attr, OptArray<T> W_e,
                      OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, int normalize,
-                     bool use_tanh, bool mean_agg, double eps, CArray<T> m_out, CArray<T> dx_out) {
-  const EgnnProblem<T> pr = make_problem(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask,
-                                         normalize, use_tanh, mean_agg, eps);
+                     bool use_tanh, bool mean_agg, double eps, CArray<T> m_out, CArray<T> dx_out, bool amx) {
+  EgnnProblem<T> pr = make_problem(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask,
+                                   normalize, use_tanh, mean_agg, eps);
+  if (amx) {
+    if (!std::is_same<T, float>::value) throw std::invalid_argument("amx: the AMX products take float32 buffers");
+    if (current_isa() != Isa::avx512)
+      throw std::invalid_argument(std::string("amx: needs the avx512 kernels (running: ") + isa_name(current_isa()) + ")");
+    if (!amx::available()) throw std::invalid_argument(std::string("amx: ") + amx::unavailable_reason());
+    pr.amx = true;
+  }
   check_shape(m_out, "m_out", {pr.B, pr.N, pr.H});
   check_shape(dx_out, "dx_out", {pr.B, pr.N, 3});
   T* m = writable_data(m_out, "m_out");
@@ -189,7 +202,7 @@ void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArr
   template void egnn_forward_np<T>(CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, \
                                    CArray<T>, CArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>,    \
                                    double, OptArray<std::uint8_t>, int, bool, bool, double, CArray<T>,          \
-                                   CArray<T>);                                                                  \
+                                   CArray<T>, bool);                                                            \
   template void egnn_backward_np<T>(                                                                            \
       CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>,       \
       OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, double, OptArray<std::uint8_t>, int, bool, bool,       \

@@ -17,7 +17,7 @@ template <typename T>
 void egnn_forward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArray<T> W2, CArray<T> b2,
                      CArray<T> W3, CArray<T> b3, CArray<T> w4, OptArray<T> edge_attr, OptArray<T> W_e,
                      OptArray<T> rel, OptArray<T> w_att, double b_att, OptArray<std::uint8_t> mask, int normalize,
-                     bool use_tanh, bool mean_agg, double eps, CArray<T> m_out, CArray<T> dx_out);
+                     bool use_tanh, bool mean_agg, double eps, CArray<T> m_out, CArray<T> dx_out, bool amx);
 
 template <typename T>
 void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArray<T> W2, CArray<T> b2,
@@ -29,6 +29,8 @@ void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArr
                       OptArray<T> d_W_e, OptArray<T> d_rel, OptArray<T> d_w_att, OptArray<T> d_b_att);
 
 std::string simd_isa();
+bool amx_available();
+std::string amx_unavailable_reason();
 void set_simd_isa(const std::string& name);
 std::string supported_isas();
 

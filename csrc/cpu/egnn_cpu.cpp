@@ -33,6 +33,7 @@
 #include <cstring>
 #include <new>
 
+#include "cpu/amx_gemm.h"
 #include "cpu/simd.h"
 
 #ifdef PROTDIFF_HAVE_OPENMP
@@ -67,6 +68,19 @@ constexpr int BJ = 8;  // j-block
 constexpr int kMaxRows = BI * BJ;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+template <typename T>
+struct IsFloat {
+  static constexpr bool value = false;
+};
+template <>
+struct IsFloat<float> {
+  static constexpr bool value = true;
+};
+// The AMX products run only in the AVX-512 build for float (the column padding Hp is then a
+// multiple of 64, as gemm_bias needs).
+template <typename T>
+constexpr bool kAmxCapable = IsFloat<T>::value && PROTDIFF_VBYTES == 64;
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t clip64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -153,6 +167,7 @@ template <typename T>
 struct Packed {
   int64_t H, Hp, E, Ep, Er;  // Ep: E padded to a column chunk; Er: E padded to MR rows
   Buffer<T> W2, W2T, W3, W3T, b2, b3, w4, wd, watt, We, WeT, rel, P, Q;
+  Buffer<std::uint16_t> W2p, W3p;  // bf16, AMX's pair-interleaved layout (EgnnProblem::amx)
 
   explicit Packed(const EgnnProblem<T>& pr) {
     H = pr.H;
@@ -174,6 +189,14 @@ struct Packed {
     pad_matrix(W2T, pr.W2, true);
     pad_matrix(W3, pr.W3, false);
     pad_matrix(W3T, pr.W3, true);
+    if constexpr (kAmxCapable<T>) {
+      if (pr.amx) {
+        W2p.reset(Hp * Hp);
+        W3p.reset(Hp * Hp);
+        amx::pack_b_vnni(W2.get(), Hp, Hp, Hp, W2p.get());
+        amx::pack_b_vnni(W3.get(), Hp, Hp, Hp, W3p.get());
+      }
+    }
     pad_vector(b2, pr.b2);
     pad_vector(b3, pr.b3);
     pad_vector(w4, pr.w4);
@@ -209,6 +232,7 @@ struct Packed {
 template <typename T>
 struct Scratch {
   Buffer<T> Z, A, Y, M0, MG, S, SZ, SY, SS, G1, G2, G3, Erow, dE;  // SZ, SY, SS: sigmoid(z), sigmoid(y), sigmoid(s)
+  Buffer<std::uint16_t> Abf;  // bf16 copy of a product's left operand (EgnnProblem::amx)
   int64_t ii[kMaxRows], jj[kMaxRows];  // pair -> (row of the i-block, node j)
   T d[kMaxRows][3], d2[kMaxRows], gate[kMaxRows], psi[kMaxRows];
   int64_t rows = 0, rows_padded = 0;
@@ -217,6 +241,7 @@ struct Scratch {
     const int64_t n = kMaxRows * pk.Hp;
     Z.reset(n), A.reset(n), Y.reset(n), M0.reset(n), MG.reset(n), S.reset(n), SZ.reset(n), SY.reset(n), SS.reset(n);
     if (pk.E > 0) Erow.reset(kMaxRows * pk.Er);  // rows padded to Er columns (zeros) for the dW_e product
+    if (pk.W2p.size() > 0) Abf.reset(kMaxRows * pk.Hp);
     if (backward) {
       G1.reset(n), G2.reset(n), G3.reset(n);
       if (pk.E > 0) dE.reset(kMaxRows * pk.Ep);
@@ -299,6 +324,24 @@ inline const T* messages(const EgnnProblem<T>& pr, const Scratch<T>& s) {
   return pr.w_att ? s.MG.get() : s.M0.get();
 }
 
+// dst = src W + bias over the tile's rows_p rows ([rows_p, Hp] x [Hp, Hp]): fp32 FMAs, or with
+// EgnnProblem::amx bf16 operands on AMX (rows padded to 16 with zeros; dst has kMaxRows rows).
+template <typename T>
+inline void pair_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t Hp, const T* src,
+                         const T* W, const std::uint16_t* Wp, const T* bias, T* dst) {
+  if constexpr (kAmxCapable<T>) {
+    if (pr.amx) {
+      const int64_t rows16 = round_up(rows_p, 16);
+      amx::rows_to_bf16(src, Hp, rows_p, Hp, s.Abf.get(), Hp);
+      zero(s.Abf.get() + rows_p * Hp, (rows16 - rows_p) * Hp);
+      amx::gemm_bias(rows16, Hp, Hp, s.Abf.get(), Hp, Wp, bias, dst, Hp);
+      return;
+    }
+  }
+  (void)Wp;
+  gemm_acc<T>(rows_p, Hp, Hp, src, Hp, W, Hp, dst, Hp, bias);
+}
+
 // Forward over the gathered pairs of one tile: fills Z, A, Y, M0, MG (with attention), S, the
 // kept sigmoids, d, d2, gate, psi.
 template <typename T>
@@ -340,7 +383,7 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
     gemm_acc<T>(rows_p, pk.E, Hp, s.Erow.get(), pk.Er, pk.We.get(), Hp, s.Z.get(), Hp);  // z += e_ij W_e
   }
   silu_rows(s.Z.get(), s.A.get(), s.SZ.get(), rows_p * Hp);  // a = silu(z)
-  gemm_acc<T>(rows_p, Hp, Hp, s.A.get(), Hp, pk.W2.get(), Hp, s.Y.get(), Hp, pk.b2.get());  // y = a W2 + b2
+  pair_product(pr, s, rows_p, Hp, s.A.get(), pk.W2.get(), pk.W2p.get(), pk.b2.get(), s.Y.get());  // y = a W2 + b2
   silu_rows(s.Y.get(), s.M0.get(), s.SY.get(), rows_p * Hp);  // m0 = silu(y)
   T* m = s.M0.get();  // without attention m_ij = m0_ij: MG is not used
   if (pr.w_att) {
@@ -353,7 +396,7 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
       for (int64_t k = 0; k < Hp; k += L) simd::store(m + r * Hp + k, simd::load(s.M0.get() + r * Hp + k) * vg);
     }
   }
-  gemm_acc<T>(rows_p, Hp, Hp, m, Hp, pk.W3.get(), Hp, s.S.get(), Hp, pk.b3.get());  // s = m W3 + b3
+  pair_product(pr, s, rows_p, Hp, m, pk.W3.get(), pk.W3p.get(), pk.b3.get(), s.S.get());  // s = m W3 + b3
   for (int64_t r = 0; r < rows; ++r) {
     const T* sr = s.S.get() + r * Hp;
     T* ss = s.SS.get() + r * Hp;

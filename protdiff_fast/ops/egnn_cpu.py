@@ -5,9 +5,18 @@ shapes in that module's docstring). The kernels run in float64 for float64 input
 float32 otherwise (bf16/fp16 inputs are upcast, the outputs cast back), on zero-copy numpy
 views of contiguous CPU tensors. The backward recomputes the pair quantities (nothing
 O(N^2) is saved) and is deterministic: the same bits for any thread count.
+
+bf16 products on AMX: on CPUs with AMX-BF16 (Intel Sapphire Rapids and later) the forward runs
+the two H x H products per pair (a W2, m W3) with bf16 operands and fp32 accumulation, the rest
+in fp32, when the inputs are bf16, or when they are float32 and
+``torch.get_float32_matmul_precision()`` is ``"medium"`` (torch's own switch for "bf16 inside
+float32 matmuls"). ``PROTDIFF_FAST_AMX=0`` turns it off. The backward stays in fp32 (it
+recomputes the forward in fp32: gradients of the exact function). :func:`amx_status` says
+whether and why (not).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -26,6 +35,27 @@ def _ext():
     return ext
 
 
+def amx_status() -> Tuple[bool, str]:
+    """(usable, why not): whether the bf16 AMX products can run on this machine and build."""
+    ext = cpu_extension()
+    if ext is None:
+        return False, "the C++ extension is not built"
+    if os.environ.get("PROTDIFF_FAST_AMX", "1") == "0":
+        return False, "turned off by PROTDIFF_FAST_AMX=0"
+    if not ext.amx_available():
+        return False, ext.amx_unavailable_reason()
+    if ext.simd_isa() != "avx512":
+        return False, f"the kernels run with {ext.simd_isa()}, the AMX path needs avx512"
+    return True, ""
+
+
+def uses_amx(dtype: torch.dtype) -> bool:
+    """Whether a forward with inputs of ``dtype`` runs its pair products in bf16 on AMX."""
+    wants_bf16 = dtype == torch.bfloat16 or (dtype == torch.float32
+                                             and torch.get_float32_matmul_precision() == "medium")
+    return wants_bf16 and amx_status()[0]
+
+
 def _np(t: Optional[torch.Tensor]):
     return None if t is None else t.numpy()
 
@@ -41,7 +71,7 @@ class _EgnnPairAggregateCPU(torch.autograd.Function):
         dx_i = torch.empty(B, N, 3, dtype=compute)
         b_att_value = 0.0 if b_att is None else float(b_att)
         _ext().egnn_forward(*[_np(t) for t in inputs], b_att=b_att_value, mask=_np(mask_u8), **flags,
-                            m_out=m_i.numpy(), dx_out=dx_i.numpy())
+                            m_out=m_i.numpy(), dx_out=dx_i.numpy(), amx=uses_amx(p.dtype))
         ctx.save_for_backward(*[t for t in inputs if t is not None], mask_u8)
         ctx.present = [t is not None for t in inputs]
         ctx.b_att, ctx.flags, ctx.compute = b_att_value, flags, compute

@@ -1,0 +1,147 @@
+// See amx_gemm.h. Compiled with -mamx-tile -mamx-bf16 -mavx512bf16 where the compiler has them
+// (PROTDIFF_HAVE_AMX); elsewhere every entry point reports "not built".
+#include "cpu/amx_gemm.h"
+
+#include <cstring>
+
+#if defined(PROTDIFF_HAVE_AMX)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace protdiff {
+namespace amx {
+
+#if defined(PROTDIFF_HAVE_AMX)
+
+namespace {
+
+constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an XSAVE feature's state
+constexpr long kXfeatureXtiledata = 18;
+
+struct TileConfig {
+  std::uint8_t palette_id;
+  std::uint8_t start_row;
+  std::uint8_t reserved[14];
+  std::uint16_t colsb[16];
+  std::uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+const char* probe() {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16"))
+    return "this CPU has no AMX-TILE / AMX-BF16";
+  if (!__builtin_cpu_supports("avx512bf16")) return "this CPU has no AVX512-BF16";
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+    return "the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)";
+  return "";
+}
+
+const char* reason() {
+  static const char* r = probe();
+  return r;
+}
+
+// Every tile 16 rows x 64 bytes: A (16 x 32 bf16), B (16 pair-rows x 16 columns x 2), C (16 x 16 fp32).
+void load_config() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+inline std::uint16_t to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x7fffffu)) return static_cast<std::uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+}  // namespace
+
+bool available() { return reason()[0] == '\0'; }
+const char* unavailable_reason() { return reason(); }
+
+void pack_b_vnni(const float* W, std::int64_t K, std::int64_t N, std::int64_t ldw, std::uint16_t* out) {
+  for (std::int64_t k = 0; k < K; ++k)
+    for (std::int64_t n = 0; n < N; ++n) out[(k / 2) * 2 * N + 2 * n + (k % 2)] = to_bf16(W[k * ldw + n]);
+}
+
+void rows_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t cols, std::uint16_t* dst,
+                  std::int64_t ld_dst) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; c += 32) {
+      const __m512 lo = _mm512_loadu_ps(src + r * ld_src + c);
+      const __m512 hi = _mm512_loadu_ps(src + r * ld_src + c + 16);
+      _mm512_storeu_si512(dst + r * ld_dst + c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+// 2 x 2 blocks of 16 x 16 output tiles (tmm0-3) from two A tiles (tmm4-5) and two B tiles
+// (tmm6-7); a last odd block row uses tmm0-1 only.
+void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A, std::int64_t lda,
+               const std::uint16_t* Bp, const float* bias, float* C, std::int64_t ldc) {
+  load_config();
+  alignas(64) float bias_rows[16 * 32];  // 16 copies of 32 bias entries: the starting value of two C tiles
+  const long sa = lda * 2, sb = 4 * N, sc = ldc * 4, sbias = 32 * 4;
+  for (std::int64_t n0 = 0; n0 < N; n0 += 32) {
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 32; ++c) bias_rows[r * 32 + c] = bias ? bias[n0 + c] : 0.f;
+    std::int64_t m0 = 0;
+    for (; m0 + 32 <= M; m0 += 32) {
+      _tile_loadd(0, bias_rows, sbias);
+      _tile_loadd(1, bias_rows + 16, sbias);
+      _tile_loadd(2, bias_rows, sbias);
+      _tile_loadd(3, bias_rows + 16, sbias);
+      for (std::int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, A + m0 * lda + k, sa);
+        _tile_loadd(5, A + (m0 + 16) * lda + k, sa);
+        _tile_loadd(6, Bp + (k / 2) * 2 * N + 2 * n0, sb);
+        _tile_loadd(7, Bp + (k / 2) * 2 * N + 2 * (n0 + 16), sb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, C + m0 * ldc + n0, sc);
+      _tile_stored(1, C + m0 * ldc + n0 + 16, sc);
+      _tile_stored(2, C + (m0 + 16) * ldc + n0, sc);
+      _tile_stored(3, C + (m0 + 16) * ldc + n0 + 16, sc);
+    }
+    if (m0 < M) {  // one block row of 16 left
+      _tile_loadd(0, bias_rows, sbias);
+      _tile_loadd(1, bias_rows + 16, sbias);
+      for (std::int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, A + m0 * lda + k, sa);
+        _tile_loadd(6, Bp + (k / 2) * 2 * N + 2 * n0, sb);
+        _tile_loadd(7, Bp + (k / 2) * 2 * N + 2 * (n0 + 16), sb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      _tile_stored(0, C + m0 * ldc + n0, sc);
+      _tile_stored(1, C + m0 * ldc + n0 + 16, sc);
+    }
+  }
+  _tile_release();  // a thread with live tile state makes every context switch save 8 KB more
+}
+
+#else  // built without AMX
+
+bool available() { return false; }
+const char* unavailable_reason() { return "this build of the extension has no AMX code (compiler or platform)"; }
+void pack_b_vnni(const float*, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*) {}
+void rows_to_bf16(const float*, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*, std::int64_t) {}
+void gemm_bias(std::int64_t, std::int64_t, std::int64_t, const std::uint16_t*, std::int64_t, const std::uint16_t*,
+               const float*, float*, std::int64_t) {}
+
+#endif
+
+}  // namespace amx
+}  // namespace protdiff
