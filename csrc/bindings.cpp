@@ -24,8 +24,8 @@ void def_egnn(py::module_& m) {
         py::arg("dx_out").noconvert(), py::arg("amx") = false,
         "Fused EGNN pair aggregation forward (the egnn_pair_aggregate contract): writes m_i into m_out "
         "(B, N, H) and dx_i into dx_out (B, N, 3). Weights in (in, out) layout; mask uint8 (B, N). "
-        "amx=True: the two H x H products per pair in bf16 on AMX (float32 buffers, avx512 kernels; "
-        "see amx_available()).");
+        "amx=True: the two H x H products per pair in bf16 on AMX, fp32 accumulation (float32 buffers, "
+        "avx512 kernels; see amx_available()).");
   m.def("egnn_backward", &protdiff::egnn_backward_np<T>, py::arg("x").noconvert(), py::arg("p").noconvert(),
         py::arg("q").noconvert(), py::arg("w_d").noconvert(), py::arg("W2").noconvert(), py::arg("b2").noconvert(),
         py::arg("W3").noconvert(), py::arg("b3").noconvert(), py::arg("w4").noconvert(),
@@ -38,9 +38,10 @@ void def_egnn(py::module_& m) {
         py::arg("d_b2").noconvert(), py::arg("d_W3").noconvert(), py::arg("d_b3").noconvert(),
         py::arg("d_w4").noconvert(), py::arg("d_edge_attr").noconvert() = none,
         py::arg("d_W_e").noconvert() = none, py::arg("d_rel").noconvert() = none,
-        py::arg("d_w_att").noconvert() = none, py::arg("d_b_att").noconvert() = none,
+        py::arg("d_w_att").noconvert() = none, py::arg("d_b_att").noconvert() = none, py::arg("amx") = false,
         "Fused EGNN pair aggregation backward: recomputes the pair quantities and writes the gradient of "
-        "every input into the d_* buffers (deterministic: fixed-order reductions, no atomics).");
+        "every input into the d_* buffers (deterministic: fixed-order reductions, no atomics). amx=True: "
+        "the recomputed forward products and dS W3^T, dY W2^T in bf16 on AMX (weight gradients fp32).");
 }
 
 template <typename T>

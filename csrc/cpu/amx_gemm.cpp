@@ -84,6 +84,40 @@ void rows_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows, std:
     }
 }
 
+void transpose_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t rows32,
+                       std::int64_t cols, std::uint16_t* dst) {
+  // one 16-lane gather per (column, 16 rows): no shuffle network to get wrong, ~2 cycles per value
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i stride = _mm512_set1_epi32(static_cast<int>(ld_src));
+  const __m512i offsets = _mm512_mullo_epi32(lanes, stride);
+  for (std::int64_t r0 = 0; r0 < rows32; r0 += 32) {
+    const std::int64_t left_lo = rows - r0, left_hi = rows - r0 - 16;
+    const __mmask16 m_lo = left_lo >= 16 ? 0xffff : left_lo <= 0 ? 0 : static_cast<__mmask16>((1u << left_lo) - 1);
+    const __mmask16 m_hi = left_hi >= 16 ? 0xffff : left_hi <= 0 ? 0 : static_cast<__mmask16>((1u << left_hi) - 1);
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const float* base = src + r0 * ld_src + c;
+      const __m512 lo = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m_lo, offsets, base, 4);
+      const __m512 hi = m_hi ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m_hi, offsets, base + 16 * ld_src, 4)
+                             : _mm512_setzero_ps();
+      _mm512_storeu_si512(dst + c * rows32 + r0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+void rows_to_vnni(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t rows32, std::int64_t cols,
+                  std::uint16_t* dst) {
+  // interleave two converted rows: out = ra0 rb0 ra1 rb1 ... (16-bit lanes)
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (std::int64_t r = 0; r < rows32; r += 2)
+    for (std::int64_t c = 0; c < cols; c += 16) {
+      const __m512 a = r < rows ? _mm512_loadu_ps(src + r * ld_src + c) : _mm512_setzero_ps();
+      const __m512 b = r + 1 < rows ? _mm512_loadu_ps(src + (r + 1) * ld_src + c) : _mm512_setzero_ps();
+      const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // lanes 0-15: row r, 16-31: row r + 1
+      _mm512_storeu_si512(dst + (r / 2) * 2 * cols + 2 * c, _mm512_permutexvar_epi16(interleave, ab));
+    }
+}
+
 // 2 x 2 blocks of 16 x 16 output tiles (tmm0-3) from two A tiles (tmm4-5) and two B tiles
 // (tmm6-7); a last odd block row uses tmm0-1 only.
 void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A, std::int64_t lda,
@@ -92,14 +126,18 @@ void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16
   alignas(64) float bias_rows[16 * 32];  // 16 copies of 32 bias entries: the starting value of two C tiles
   const long sa = lda * 2, sb = 4 * N, sc = ldc * 4, sbias = 32 * 4;
   for (std::int64_t n0 = 0; n0 < N; n0 += 32) {
-    for (int r = 0; r < 16; ++r)
-      for (int c = 0; c < 32; ++c) bias_rows[r * 32 + c] = bias ? bias[n0 + c] : 0.f;
+    if (bias)
+      for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 32; ++c) bias_rows[r * 32 + c] = bias[n0 + c];
+    // the starting value of the C tile at (row m, column n0 + c16): the bias rows, or C itself
+    const long sstart = bias ? sbias : sc;
+    auto start = [&](std::int64_t m, int c16) { return bias ? bias_rows + c16 : C + m * ldc + n0 + c16; };
     std::int64_t m0 = 0;
     for (; m0 + 32 <= M; m0 += 32) {
-      _tile_loadd(0, bias_rows, sbias);
-      _tile_loadd(1, bias_rows + 16, sbias);
-      _tile_loadd(2, bias_rows, sbias);
-      _tile_loadd(3, bias_rows + 16, sbias);
+      _tile_loadd(0, start(m0, 0), sstart);
+      _tile_loadd(1, start(m0, 16), sstart);
+      _tile_loadd(2, start(m0 + 16, 0), sstart);
+      _tile_loadd(3, start(m0 + 16, 16), sstart);
       for (std::int64_t k = 0; k < K; k += 32) {
         _tile_loadd(4, A + m0 * lda + k, sa);
         _tile_loadd(5, A + (m0 + 16) * lda + k, sa);
@@ -116,8 +154,8 @@ void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16
       _tile_stored(3, C + (m0 + 16) * ldc + n0 + 16, sc);
     }
     if (m0 < M) {  // one block row of 16 left
-      _tile_loadd(0, bias_rows, sbias);
-      _tile_loadd(1, bias_rows + 16, sbias);
+      _tile_loadd(0, start(m0, 0), sstart);
+      _tile_loadd(1, start(m0, 16), sstart);
       for (std::int64_t k = 0; k < K; k += 32) {
         _tile_loadd(4, A + m0 * lda + k, sa);
         _tile_loadd(6, Bp + (k / 2) * 2 * N + 2 * n0, sb);
@@ -140,6 +178,8 @@ void pack_b_vnni(const float*, std::int64_t, std::int64_t, std::int64_t, std::ui
 void rows_to_bf16(const float*, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*, std::int64_t) {}
 void gemm_bias(std::int64_t, std::int64_t, std::int64_t, const std::uint16_t*, std::int64_t, const std::uint16_t*,
                const float*, float*, std::int64_t) {}
+void transpose_to_bf16(const float*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*) {}
+void rows_to_vnni(const float*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*) {}
 
 #endif
 

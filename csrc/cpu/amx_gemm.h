@@ -23,8 +23,18 @@ void pack_b_vnni(const float* W, std::int64_t K, std::int64_t N, std::int64_t ld
 void rows_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t cols, std::uint16_t* dst,
                   std::int64_t ld_dst);
 
-// C[M x N] = A[M x K] (bf16, row-major, lda elements) x Bp (pack_b_vnni of a K x N matrix)
-//            + bias (N entries, broadcast over rows; may be null for 0), fp32 accumulation.
+// dst[c][r] = bf16(src[r][c]) for c < cols, r < rows32 (rows >= `rows` are zeros): the left
+// operand of a weight gradient (A^T of a [rows x cols] activation). dst has rows32 columns.
+void transpose_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t rows32,
+                       std::int64_t cols, std::uint16_t* dst);
+
+// The [rows32 x cols] matrix src (rows >= `rows` taken as zeros) as a right operand: pack_b_vnni
+// without a separate fp32 copy. cols % 16 == 0, rows32 % 2 == 0.
+void rows_to_vnni(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t rows32, std::int64_t cols,
+                  std::uint16_t* dst);
+
+// C[M x N] = A[M x K] (bf16, row-major, lda elements) x Bp (pack_b_vnni of a K x N matrix) + bias
+// (N entries, broadcast over rows), or with a null bias C += A x Bp; fp32 accumulation.
 // M % 16 == 0, K % 32 == 0, N % 32 == 0. C fp32 row-major with ldc elements.
 void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A, std::int64_t lda,
                const std::uint16_t* Bp, const float* bias, float* C, std::int64_t ldc);

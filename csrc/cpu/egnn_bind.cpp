@@ -101,6 +101,16 @@ EgnnProblem<T> make_problem(const CArray<T>& x, const CArray<T>& p, const CArray
   return pr;
 }
 
+template <typename T>
+void enable_amx(EgnnProblem<T>& pr, bool amx) {
+  if (!amx) return;
+  if (!std::is_same<T, float>::value) throw std::invalid_argument("amx: the AMX products take float32 buffers");
+  if (current_isa() != Isa::avx512)
+    throw std::invalid_argument(std::string("amx: needs the avx512 kernels (running: ") + isa_name(current_isa()) + ")");
+  if (!amx::available()) throw std::invalid_argument(std::string("amx: ") + amx::unavailable_reason());
+  pr.amx = true;
+}
+
 }  // namespace
 
 std::string simd_isa() { return isa_name(current_isa()); }
@@ -132,13 +142,7 @@ void egnn_forward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArra
                      bool use_tanh, bool mean_agg, double eps, CArray<T> m_out, CArray<T> dx_out, bool amx) {
   EgnnProblem<T> pr = make_problem(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask,
                                    normalize, use_tanh, mean_agg, eps);
-  if (amx) {
-    if (!std::is_same<T, float>::value) throw std::invalid_argument("amx: the AMX products take float32 buffers");
-    if (current_isa() != Isa::avx512)
-      throw std::invalid_argument(std::string("amx: needs the avx512 kernels (running: ") + isa_name(current_isa()) + ")");
-    if (!amx::available()) throw std::invalid_argument(std::string("amx: ") + amx::unavailable_reason());
-    pr.amx = true;
-  }
+  enable_amx(pr, amx);
   check_shape(m_out, "m_out", {pr.B, pr.N, pr.H});
   check_shape(dx_out, "dx_out", {pr.B, pr.N, 3});
   T* m = writable_data(m_out, "m_out");
@@ -160,9 +164,10 @@ void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArr
                       bool use_tanh, bool mean_agg, double eps, CArray<T> grad_m, CArray<T> grad_dx,
                       CArray<T> d_x, CArray<T> d_p, CArray<T> d_q, CArray<T> d_w_d, CArray<T> d_W2,
                       CArray<T> d_b2, CArray<T> d_W3, CArray<T> d_b3, CArray<T> d_w4, OptArray<T> d_edge_attr,
-                      OptArray<T> d_W_e, OptArray<T> d_rel, OptArray<T> d_w_att, OptArray<T> d_b_att) {
-  const EgnnProblem<T> pr = make_problem(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask,
-                                         normalize, use_tanh, mean_agg, eps);
+                      OptArray<T> d_W_e, OptArray<T> d_rel, OptArray<T> d_w_att, OptArray<T> d_b_att, bool amx) {
+  EgnnProblem<T> pr = make_problem(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask,
+                                   normalize, use_tanh, mean_agg, eps);
+  enable_amx(pr, amx);
   const auto B = pr.B, N = pr.N, H = pr.H;
   check_shape(grad_m, "grad_m", {B, N, H});
   check_shape(grad_dx, "grad_dx", {B, N, 3});
@@ -207,7 +212,7 @@ void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArr
       CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>,       \
       OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, double, OptArray<std::uint8_t>, int, bool, bool,       \
       double, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, CArray<T>, \
-      CArray<T>, CArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>);
+      CArray<T>, CArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, OptArray<T>, bool);
 PROTDIFF_INSTANTIATE(float)
 PROTDIFF_INSTANTIATE(double)
 

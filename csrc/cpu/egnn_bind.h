@@ -26,7 +26,7 @@ void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArr
                       bool use_tanh, bool mean_agg, double eps, CArray<T> grad_m, CArray<T> grad_dx,
                       CArray<T> d_x, CArray<T> d_p, CArray<T> d_q, CArray<T> d_w_d, CArray<T> d_W2,
                       CArray<T> d_b2, CArray<T> d_W3, CArray<T> d_b3, CArray<T> d_w4, OptArray<T> d_edge_attr,
-                      OptArray<T> d_W_e, OptArray<T> d_rel, OptArray<T> d_w_att, OptArray<T> d_b_att);
+                      OptArray<T> d_W_e, OptArray<T> d_rel, OptArray<T> d_w_att, OptArray<T> d_b_att, bool amx);
 
 std::string simd_isa();
 bool amx_available();

@@ -167,7 +167,7 @@ template <typename T>
 struct Packed {
   int64_t H, Hp, E, Ep, Er;  // Ep: E padded to a column chunk; Er: E padded to MR rows
   Buffer<T> W2, W2T, W3, W3T, b2, b3, w4, wd, watt, We, WeT, rel, P, Q;
-  Buffer<std::uint16_t> W2p, W3p;  // bf16, AMX's pair-interleaved layout (EgnnProblem::amx)
+  Buffer<std::uint16_t> W2p, W3p, W2Tp, W3Tp;  // bf16, AMX's pair-interleaved layout (EgnnProblem::amx)
 
   explicit Packed(const EgnnProblem<T>& pr) {
     H = pr.H;
@@ -195,6 +195,10 @@ struct Packed {
         W3p.reset(Hp * Hp);
         amx::pack_b_vnni(W2.get(), Hp, Hp, Hp, W2p.get());
         amx::pack_b_vnni(W3.get(), Hp, Hp, Hp, W3p.get());
+        W2Tp.reset(Hp * Hp);
+        W3Tp.reset(Hp * Hp);
+        amx::pack_b_vnni(W2T.get(), Hp, Hp, Hp, W2Tp.get());
+        amx::pack_b_vnni(W3T.get(), Hp, Hp, Hp, W3Tp.get());
       }
     }
     pad_vector(b2, pr.b2);
@@ -232,7 +236,7 @@ struct Packed {
 template <typename T>
 struct Scratch {
   Buffer<T> Z, A, Y, M0, MG, S, SZ, SY, SS, G1, G2, G3, Erow, dE;  // SZ, SY, SS: sigmoid(z), sigmoid(y), sigmoid(s)
-  Buffer<std::uint16_t> Abf;  // bf16 copy of a product's left operand (EgnnProblem::amx)
+  Buffer<std::uint16_t> Abf, AT, Bv;  // bf16 operands (EgnnProblem::amx): rows, transposed rows, pair-interleaved
   int64_t ii[kMaxRows], jj[kMaxRows];  // pair -> (row of the i-block, node j)
   T d[kMaxRows][3], d2[kMaxRows], gate[kMaxRows], psi[kMaxRows];
   int64_t rows = 0, rows_padded = 0;
@@ -241,7 +245,10 @@ struct Scratch {
     const int64_t n = kMaxRows * pk.Hp;
     Z.reset(n), A.reset(n), Y.reset(n), M0.reset(n), MG.reset(n), S.reset(n), SZ.reset(n), SY.reset(n), SS.reset(n);
     if (pk.E > 0) Erow.reset(kMaxRows * pk.Er);  // rows padded to Er columns (zeros) for the dW_e product
-    if (pk.W2p.size() > 0) Abf.reset(kMaxRows * pk.Hp);
+    if (pk.W2p.size() > 0) {
+      Abf.reset(kMaxRows * pk.Hp);
+      if (backward) AT.reset(kMaxRows * pk.Hp), Bv.reset(kMaxRows * pk.Hp);
+    }
     if (backward) {
       G1.reset(n), G2.reset(n), G3.reset(n);
       if (pk.E > 0) dE.reset(kMaxRows * pk.Ep);
@@ -324,8 +331,9 @@ inline const T* messages(const EgnnProblem<T>& pr, const Scratch<T>& s) {
   return pr.w_att ? s.MG.get() : s.M0.get();
 }
 
-// dst = src W + bias over the tile's rows_p rows ([rows_p, Hp] x [Hp, Hp]): fp32 FMAs, or with
-// EgnnProblem::amx bf16 operands on AMX (rows padded to 16 with zeros; dst has kMaxRows rows).
+// dst = src W + bias (or dst += src W for a null bias) over the tile's rows_p rows
+// ([rows_p, Hp] x [Hp, Hp]): fp32 FMAs, or with EgnnProblem::amx bf16 operands on AMX (rows
+// padded to 16 with zeros; dst has kMaxRows rows, those past rows_p are scratch).
 template <typename T>
 inline void pair_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t Hp, const T* src,
                          const T* W, const std::uint16_t* Wp, const T* bias, T* dst) {
@@ -340,6 +348,24 @@ inline void pair_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p
   }
   (void)Wp;
   gemm_acc<T>(rows_p, Hp, Hp, src, Hp, W, Hp, dst, Hp, bias);
+}
+
+// dW += act^T grad over the tile's rows_p pairs ([Hp, rows_p] x [rows_p, Hp]), the weight
+// gradient of a per-pair product act W: fp32 FMAs, or with EgnnProblem::amx bf16 on AMX (the
+// pair dimension padded to 32 with zeros).
+template <typename T>
+inline void weight_grad_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t Hp, const T* act,
+                                const T* grad, T* dW) {
+  if constexpr (kAmxCapable<T>) {
+    if (pr.amx) {
+      const int64_t rows32 = round_up(rows_p, 32);
+      amx::transpose_to_bf16(act, Hp, rows_p, rows32, Hp, s.AT.get());
+      amx::rows_to_vnni(grad, Hp, rows_p, rows32, Hp, s.Bv.get());
+      amx::gemm_bias(Hp, rows32, Hp, s.AT.get(), rows32, s.Bv.get(), nullptr, dW, Hp);
+      return;
+    }
+  }
+  gemm_acc<T, true>(Hp, rows_p, Hp, act, Hp, grad, Hp, dW, Hp);
 }
 
 // Forward over the gathered pairs of one tile: fills Z, A, Y, M0, MG (with attention), S, the
@@ -537,7 +563,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           }
           zero(dS + rows * Hp, (rows_p - rows) * Hp);
           // dW3 += m^T dS
-          gemm_acc<T, true>(Hp, rows_p, Hp, messages(pr, s), Hp, dS, Hp, dW3, Hp);
+          weight_grad_product<T>(pr, s, rows_p, Hp, messages(pr, s), dS, dW3);
           // dm = grad_m_i + dS W3^T
           T* dM = s.G2.get();
           for (int64_t r = 0; r < rows; ++r) {
@@ -546,7 +572,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
             zero(dM + r * Hp + H, Hp - H);
           }
           zero(dM + rows * Hp, (rows_p - rows) * Hp);
-          gemm_acc<T>(rows_p, Hp, Hp, dS, Hp, pk.W3T.get(), Hp, dM, Hp);
+          pair_product<T>(pr, s, rows_p, Hp, dS, pk.W3T.get(), pk.W3Tp.get(), nullptr, dM);  // dM += dS W3^T
           // attention: m = g m0  ->  dm0 = g dm + g (1 - g) (dm . m0) w_att
           if (pr.w_att) {
             for (int64_t r = 0; r < rows; ++r) {
@@ -568,10 +594,10 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t k = 0; k < Hp; k += L)
               simd::store(db2 + k, simd::load(db2 + k) + simd::load(dY + r * Hp + k));
-          gemm_acc<T, true>(Hp, rows_p, Hp, s.A.get(), Hp, dY, Hp, dW2, Hp);
+          weight_grad_product<T>(pr, s, rows_p, Hp, s.A.get(), dY, dW2);
           T* dZ = s.G3.get();
           zero(dZ, rows_p * Hp);
-          gemm_acc<T>(rows_p, Hp, Hp, dY, Hp, pk.W2T.get(), Hp, dZ, Hp);
+          pair_product<T>(pr, s, rows_p, Hp, dY, pk.W2T.get(), pk.W2Tp.get(), nullptr, dZ);  // dZ = dY W2^T
           silu_backward_rows(s.Z.get(), s.SZ.get(), dZ, rows_p * Hp);  // dz = da * silu'(z)
           // z = p_i + q_j + w_d d2 + e:  dp_i, dq_j, dw_d, the edge term, and x through d2 and u
           for (int64_t r = 0; r < rows; ++r) {

@@ -33,8 +33,9 @@ struct EgnnProblem {
   int normalize = 0;  // 0: u = x_i - x_j; 1: u / (stopgrad |u| + eps); 2: u / max(|u|, eps), gradient through |u|
   bool use_tanh = false, mean_agg = true;
   T eps = T(1e-8);
-  // forward only, float, AVX-512 build: the two H x H products per pair in bf16 on AMX (fp32
-  // accumulation; everything else stays fp32). The caller checks amx::available().
+  // float, AVX-512 build: the per-pair H x H products with an activation on the left (forward:
+  // a W2, m W3; backward also dS W3^T, dY W2^T) in bf16 on AMX with fp32 accumulation; the
+  // weight-gradient products and everything else stay fp32. The caller checks amx::available().
   bool amx = false;
 };
 

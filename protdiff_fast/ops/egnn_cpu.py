@@ -10,9 +10,10 @@ bf16 products on AMX: on CPUs with AMX-BF16 (Intel Sapphire Rapids and later) th
 the two H x H products per pair (a W2, m W3) with bf16 operands and fp32 accumulation, the rest
 in fp32, when the inputs are bf16, or when they are float32 and
 ``torch.get_float32_matmul_precision()`` is ``"medium"`` (torch's own switch for "bf16 inside
-float32 matmuls"). ``PROTDIFF_FAST_AMX=0`` turns it off. The backward stays in fp32 (it
-recomputes the forward in fp32: gradients of the exact function). :func:`amx_status` says
-whether and why (not).
+float32 matmuls"). The backward then runs its recomputed forward and the two products that
+carry the gradient back through the pair MLP (dS W3^T, dY W2^T) the same way; the weight
+gradients (sums over pairs) stay fp32 FMAs. ``PROTDIFF_FAST_AMX=0`` turns it off.
+:func:`amx_status` says whether and why (not).
 """
 from __future__ import annotations
 
@@ -70,11 +71,12 @@ class _EgnnPairAggregateCPU(torch.autograd.Function):
         m_i = torch.empty(B, N, p.shape[-1], dtype=compute)
         dx_i = torch.empty(B, N, 3, dtype=compute)
         b_att_value = 0.0 if b_att is None else float(b_att)
+        amx = uses_amx(p.dtype)
         _ext().egnn_forward(*[_np(t) for t in inputs], b_att=b_att_value, mask=_np(mask_u8), **flags,
-                            m_out=m_i.numpy(), dx_out=dx_i.numpy(), amx=uses_amx(p.dtype))
+                            m_out=m_i.numpy(), dx_out=dx_i.numpy(), amx=amx)
         ctx.save_for_backward(*[t for t in inputs if t is not None], mask_u8)
         ctx.present = [t is not None for t in inputs]
-        ctx.b_att, ctx.flags, ctx.compute = b_att_value, flags, compute
+        ctx.b_att, ctx.flags, ctx.compute, ctx.amx = b_att_value, flags, compute, amx
         ctx.dtypes = [None if t is None else t.dtype for t in (x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e,
                                                               rel, w_att, b_att)]
         ctx.b_att_shape = None if b_att is None else b_att.shape
@@ -102,7 +104,7 @@ class _EgnnPairAggregateCPU(torch.autograd.Function):
             d_x=grads[0].numpy(), d_p=grads[1].numpy(), d_q=grads[2].numpy(), d_w_d=grads[3].numpy(),
             d_W2=grads[4].numpy(), d_b2=grads[5].numpy(), d_W3=grads[6].numpy(), d_b3=grads[7].numpy(),
             d_w4=grads[8].numpy(), d_edge_attr=_np(grads[9]), d_W_e=_np(grads[10]), d_rel=_np(grads[11]),
-            d_w_att=_np(grads[12]), d_b_att=_np(d_b_att),
+            d_w_att=_np(grads[12]), d_b_att=_np(d_b_att), amx=ctx.amx,
         )
         grads.append(None if d_b_att is None else d_b_att.reshape(ctx.b_att_shape))
         out = []
