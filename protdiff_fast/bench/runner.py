@@ -94,11 +94,26 @@ def device_rates(device: str, H: int = 64) -> Dict:
     dst = torch.empty_like(src)
     copy = 2 * src.numel() * 4 / _time_it(lambda: dst.copy_(src), 5, sync)
     rates = dict(mm_fp32_square_flops=square, mm_fp32_pair_shape_flops=skinny, pair_shape_H=H, copy_bytes_per_s=copy)
-    if device.startswith("cuda"):  # the tensor-core rate the triton kernels' bf16 target is measured against
-        n = 8192
+    if device.startswith("cuda") or cpu_has_amx():  # the bf16 rate (tensor cores / AMX) bf16 rows are held to
+        n = 8192 if device.startswith("cuda") else 2048
         a16, b16 = a.new_empty(n, n, dtype=torch.bfloat16).normal_(), a.new_empty(n, n, dtype=torch.bfloat16).normal_()
         rates["mm_bf16_square_flops"] = 2 * n ** 3 / _time_it(lambda: a16 @ b16, 10, sync)
+        rates["mm_bf16_square_n"] = n
     return rates
+
+
+# float32 tensors under torch.set_float32_matmul_precision("medium"): on an AMX CPU the cpu
+# backend's pair products (and torch's own matmuls, where oneDNN allows it) run in bf16
+MEDIUM = "float32-medium"
+
+
+def cpu_has_amx() -> bool:
+    try:
+        from protdiff_fast.ops.egnn_cpu import amx_status
+
+        return amx_status()[0]
+    except Exception:  # noqa: BLE001 - no extension: no AMX rows
+        return False
 
 
 # egnn-pytorch's dense layer runs at a few GFLOP/s on a CPU: larger rows would take many minutes each
@@ -133,6 +148,16 @@ def target_rows(device: str) -> List[Dict]:
     for B in (1, 4):  # the ProtDiff model at its published size: H = 256, 4 layers, 256-d offset edges
         for p in base:
             rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype="float32"))
+    if not device.startswith("cuda") and cpu_has_amx():  # the same rows with bf16 pair products on AMX
+        for mode in ("fwd", "fwdbwd"):
+            for p in base:
+                rows.append(dict(suite="egnn", provider=p, B=4, N=256, H=64, mode=mode, dtype=MEDIUM))
+        for N in (64, 128):
+            for p in base:
+                rows.append(dict(suite="sampler", provider=p, B=16, N=N, H=64, mode="fwd", dtype=MEDIUM))
+        for B in (1, 4):
+            for p in base:
+                rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype=MEDIUM))
     return rows
 
 
@@ -186,10 +211,12 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
             for mode in ("write", "memory"):
                 rows.append(dict(suite="sampler-mixed", provider=fused, B=B, N=N, H=64, mode=mode, dtype="float32"))
     if "train-step" in suites:
-        for B in ([1] if quick else [1, 4]):
-            for p in (["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]):
-                rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256 if not quick else 64,
-                                 mode="fwdbwd", dtype="float32"))
+        dtypes = ["float32"] + ([MEDIUM] if not device.startswith("cuda") and cpu_has_amx() else [])
+        for dtype in dtypes:
+            for B in ([1] if quick else [1, 4]):
+                for p in (["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]):
+                    rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256 if not quick else 64,
+                                     mode="fwdbwd", dtype=dtype))
     if "ddpm-step" in suites:
         providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]
         for B in ([256] if quick else [64, 256, 1024]):
@@ -255,7 +282,7 @@ def markdown(result: Dict) -> str:
              f"{rates['mm_fp32_pair_shape_flops'] / 1e9:.1f} GFLOP/s ([2^18, {rates['pair_shape_H']}] x "
              f"[{rates['pair_shape_H']}, {rates['pair_shape_H']}], the pair-MLP shape); copy "
              f"{rates['copy_bytes_per_s'] / 1e9:.1f} GB/s" + (
-                 f"; bf16 matmul {rates['mm_bf16_square_flops'] / 1e12:.1f} TFLOP/s (8192^2)"
+                 f"; bf16 matmul {rates['mm_bf16_square_flops'] / 1e12:.1f} TFLOP/s ({rates.get('mm_bf16_square_n', 8192)}^2)"
                  if rates.get("mm_bf16_square_flops") else ""),
              f"- memory: {result.get('mem_method', '')}",
              f"- egnn-pytorch (dense baseline) rows only where B * N <= {EGNN_PYTORCH_MAX_BN} on CPU", "",
@@ -293,7 +320,7 @@ def markdown(result: Dict) -> str:
             rate = f"{gf / 1e9:.1f}"
             frac = (f"{100 * gf / rates['mm_fp32_square_flops']:.0f}% / "
                     f"{100 * gf / rates['mm_fp32_pair_shape_flops']:.0f}%")
-            if r["dtype"] == "bfloat16" and rates.get("mm_bf16_square_flops"):  # against the tensor-core rate
+            if r["dtype"] in ("bfloat16", MEDIUM) and rates.get("mm_bf16_square_flops"):  # against the bf16 rate
                 frac = f"{100 * gf / rates['mm_bf16_square_flops']:.0f}% of bf16 mm"
         lines.append(
             f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "

@@ -43,7 +43,11 @@ def main(spec_json: str) -> None:
                                           make_train_step_case)
 
     torch.set_num_threads(spec["threads"])
-    dtype = getattr(torch, spec["dtype"])
+    dtype_name = spec["dtype"]
+    if dtype_name.endswith("-medium"):  # float32 tensors, bf16 products where the backend and torch allow it
+        torch.set_float32_matmul_precision("medium")
+        dtype_name = dtype_name[: -len("-medium")]
+    dtype = getattr(torch, dtype_name)
     device = spec["device"]
     cuda = device.startswith("cuda")
     out = dict(status="ok")
