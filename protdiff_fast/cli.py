@@ -38,7 +38,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         providers=args.providers.split(",") if args.providers else None,
                         which="targets" if args.targets else "full")
     print(f"wrote {args.out}/results.json, {args.out}/results.md" +
-          (f" and {len(result['plots'])} plots" if result["plots"] else " (no plots: matplotlib missing)"))
+          (" (no plots: matplotlib missing)" if result["plots"] is None else f" and {len(result['plots'])} plots"))
     return 1 if result["regressions"] else 0
 
 

@@ -109,3 +109,12 @@ def test_sampler_case_through_the_graph_runner_matches_the_plain_loop():
     rows = runner.grid("cuda", quick=True, suites=["sampler"])
     assert any(r["mode"] == "graphs" and r["provider"] == "triton" for r in rows)
     assert not any(r["mode"] == "graphs" for r in runner.grid("cpu", quick=True, suites=["sampler"]))
+
+
+def test_plots_without_egnn_rows(tmp_path):
+    """A run of other suites only (e.g. `bench train-step`) still gets its plots."""
+    import matplotlib  # noqa: F401
+
+    rows = [_synthetic(p, 64, 1.0, 1.0, suite="train-step") for p in ("reference", "cpu")]
+    names = runner.plot(dict(rows=rows, environment=dict(cpu="test cpu")), tmp_path)
+    assert names == ["train-step.png"]

@@ -392,18 +392,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot(result: Dict, out_dir: Path) -> List[str]:
+def plot(result: Dict, out_dir: Path) -> Optional[List[str]]:
+    """The PNG files written into ``out_dir`` (None when matplotlib is missing)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
+        return None
     written = []
     rows = [r for r in result["rows"] if r["suite"] == "egnn"]
-    if not rows:
-        return written
     for mode in sorted({r["mode"] for r in rows}):
         for H in sorted({r["H"] for r in rows}):
             for B in sorted({r["B"] for r in rows}):
