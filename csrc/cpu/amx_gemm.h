@@ -33,8 +33,12 @@ void transpose_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows,
 void rows_to_vnni(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t rows32, std::int64_t cols,
                   std::uint16_t* dst);
 
-// C[M x N] = A[M x K] (bf16, row-major, lda elements) x Bp (pack_b_vnni of a K x N matrix) + bias
-// (N entries, broadcast over rows), or with a null bias C += A x Bp; fp32 accumulation.
+// out[r][n] = bias[n] for r < 16: gemm_bias's bias operand.
+void bias_rows(const float* bias, std::int64_t N, float* out);
+
+// C[M x N] = A[M x K] (bf16, row-major, lda elements) x Bp (pack_b_vnni of a K x N matrix) + bias,
+// or with a null bias C += A x Bp; fp32 accumulation. bias: 16 identical rows of N entries
+// (bias_rows), the starting value of a 16-row C tile.
 // M % 16 == 0, K % 32 == 0, N % 32 == 0. C fp32 row-major with ldc elements.
 void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A, std::int64_t lda,
                const std::uint16_t* Bp, const float* bias, float* C, std::int64_t ldc);

@@ -168,6 +168,7 @@ struct Packed {
   int64_t H, Hp, E, Ep, Er;  // Ep: E padded to a column chunk; Er: E padded to MR rows
   Buffer<T> W2, W2T, W3, W3T, b2, b3, w4, wd, watt, We, WeT, rel, P, Q;
   Buffer<std::uint16_t> W2p, W3p, W2Tp, W3Tp;  // bf16, AMX's pair-interleaved layout (EgnnProblem::amx)
+  Buffer<float> b2rows, b3rows;                 // 16 rows of b2, b3: the AMX products' starting tiles
 
   explicit Packed(const EgnnProblem<T>& pr) {
     H = pr.H;
@@ -189,6 +190,11 @@ struct Packed {
     pad_matrix(W2T, pr.W2, true);
     pad_matrix(W3, pr.W3, false);
     pad_matrix(W3T, pr.W3, true);
+    pad_vector(b2, pr.b2);
+    pad_vector(b3, pr.b3);
+    pad_vector(w4, pr.w4);
+    pad_vector(wd, pr.w_d);
+    pad_vector(watt, pr.w_att);
     if constexpr (kAmxCapable<T>) {
       if (pr.amx) {
         W2p.reset(Hp * Hp);
@@ -199,13 +205,12 @@ struct Packed {
         W3Tp.reset(Hp * Hp);
         amx::pack_b_vnni(W2T.get(), Hp, Hp, Hp, W2Tp.get());
         amx::pack_b_vnni(W3T.get(), Hp, Hp, Hp, W3Tp.get());
+        b2rows.reset(16 * Hp);
+        b3rows.reset(16 * Hp);
+        amx::bias_rows(b2.get(), Hp, b2rows.get());
+        amx::bias_rows(b3.get(), Hp, b3rows.get());
       }
     }
-    pad_vector(b2, pr.b2);
-    pad_vector(b3, pr.b3);
-    pad_vector(w4, pr.w4);
-    pad_vector(wd, pr.w_d);
-    pad_vector(watt, pr.w_att);
     if (E > 0) {
       We.reset(E * Hp);
       WeT.reset(Hp * Ep);
@@ -336,17 +341,18 @@ inline const T* messages(const EgnnProblem<T>& pr, const Scratch<T>& s) {
 // padded to 16 with zeros; dst has kMaxRows rows, those past rows_p are scratch).
 template <typename T>
 inline void pair_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t Hp, const T* src,
-                         const T* W, const std::uint16_t* Wp, const T* bias, T* dst) {
+                         const T* W, const std::uint16_t* Wp, const T* bias, const float* bias16, T* dst) {
   if constexpr (kAmxCapable<T>) {
     if (pr.amx) {
       const int64_t rows16 = round_up(rows_p, 16);
       amx::rows_to_bf16(src, Hp, rows_p, Hp, s.Abf.get(), Hp);
       zero(s.Abf.get() + rows_p * Hp, (rows16 - rows_p) * Hp);
-      amx::gemm_bias(rows16, Hp, Hp, s.Abf.get(), Hp, Wp, bias, dst, Hp);
+      amx::gemm_bias(rows16, Hp, Hp, s.Abf.get(), Hp, Wp, bias ? bias16 : nullptr, dst, Hp);
       return;
     }
   }
   (void)Wp;
+  (void)bias16;
   gemm_acc<T>(rows_p, Hp, Hp, src, Hp, W, Hp, dst, Hp, bias);
 }
 
@@ -409,7 +415,7 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
     gemm_acc<T>(rows_p, pk.E, Hp, s.Erow.get(), pk.Er, pk.We.get(), Hp, s.Z.get(), Hp);  // z += e_ij W_e
   }
   silu_rows(s.Z.get(), s.A.get(), s.SZ.get(), rows_p * Hp);  // a = silu(z)
-  pair_product(pr, s, rows_p, Hp, s.A.get(), pk.W2.get(), pk.W2p.get(), pk.b2.get(), s.Y.get());  // y = a W2 + b2
+  pair_product(pr, s, rows_p, Hp, s.A.get(), pk.W2.get(), pk.W2p.get(), pk.b2.get(), pk.b2rows.get(), s.Y.get());  // y = a W2 + b2
   silu_rows(s.Y.get(), s.M0.get(), s.SY.get(), rows_p * Hp);  // m0 = silu(y)
   T* m = s.M0.get();  // without attention m_ij = m0_ij: MG is not used
   if (pr.w_att) {
@@ -422,7 +428,7 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
       for (int64_t k = 0; k < Hp; k += L) simd::store(m + r * Hp + k, simd::load(s.M0.get() + r * Hp + k) * vg);
     }
   }
-  pair_product(pr, s, rows_p, Hp, m, pk.W3.get(), pk.W3p.get(), pk.b3.get(), s.S.get());  // s = m W3 + b3
+  pair_product(pr, s, rows_p, Hp, m, pk.W3.get(), pk.W3p.get(), pk.b3.get(), pk.b3rows.get(), s.S.get());  // s = m W3 + b3
   for (int64_t r = 0; r < rows; ++r) {
     const T* sr = s.S.get() + r * Hp;
     T* ss = s.SS.get() + r * Hp;
@@ -572,7 +578,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
             zero(dM + r * Hp + H, Hp - H);
           }
           zero(dM + rows * Hp, (rows_p - rows) * Hp);
-          pair_product<T>(pr, s, rows_p, Hp, dS, pk.W3T.get(), pk.W3Tp.get(), nullptr, dM);  // dM += dS W3^T
+          pair_product<T>(pr, s, rows_p, Hp, dS, pk.W3T.get(), pk.W3Tp.get(), nullptr, nullptr, dM);  // dM += dS W3^T
           // attention: m = g m0  ->  dm0 = g dm + g (1 - g) (dm . m0) w_att
           if (pr.w_att) {
             for (int64_t r = 0; r < rows; ++r) {
@@ -597,7 +603,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           weight_grad_product<T>(pr, s, rows_p, Hp, s.A.get(), dY, dW2);
           T* dZ = s.G3.get();
           zero(dZ, rows_p * Hp);
-          pair_product<T>(pr, s, rows_p, Hp, dY, pk.W2T.get(), pk.W2Tp.get(), nullptr, dZ);  // dZ = dY W2^T
+          pair_product<T>(pr, s, rows_p, Hp, dY, pk.W2T.get(), pk.W2Tp.get(), nullptr, nullptr, dZ);  // dZ = dY W2^T
           silu_backward_rows(s.Z.get(), s.SZ.get(), dZ, rows_p * Hp);  // dz = da * silu'(z)
           // z = p_i + q_j + w_d d2 + e:  dp_i, dq_j, dw_d, the edge term, and x through d2 and u
           for (int64_t r = 0; r < rows; ++r) {
