@@ -1,4 +1,5 @@
 """The ProtDiff model: symmetries, backends, the offset table, training, resume, kill/resume, DDP, sampling CLI."""
+import copy
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close_rel, random_mask, random_orthogonal
+from helpers import assert_close_rel, random_mask, random_orthogonal, rel_err
 from protdiff_fast import backends
 from protdiff_fast.cli import main
 from protdiff_fast.io import demo_data_path, read_backbones
@@ -276,3 +277,37 @@ def test_checkpoints_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "ckpt.pt", {"step": 3})
     assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the folder
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False) == {"step": 3}
+
+
+def test_model_with_bf16_pair_products_on_amx():
+    """The whole model under 'medium' matmul precision on the cpu backend (AMX bf16 pair products):
+    eps and the parameter gradients within 2x the error of the reference model run in bf16."""
+    from protdiff_fast.ops.egnn_cpu import amx_status
+
+    if not HAS_CPU or not amx_status()[0]:
+        pytest.skip(f"no AMX here: {amx_status()[1] if HAS_CPU else 'no extension'}")
+    torch.manual_seed(0)
+    m64 = ProtDiff(backend="reference", max_length=64, num_timesteps=100, hidden_dim=64, edge_dim=32, num_layers=3)
+    m64 = m64.double()
+    with torch.no_grad():
+        for b in m64.blocks:
+            b.egnn.phi_x[2].weight.mul_(100.0)  # a visible coordinate update
+    x, t, mask = inputs(B=2, N=45, seed=4)
+
+    def eps_and_grads(model, dtype):
+        model.zero_grad()
+        e = model(x.to(dtype), t, mask)
+        e.double().pow(2).sum().backward()
+        return [e.double()] + [p.grad.double() for p in model.parameters()]
+
+    want = eps_and_grads(m64, F64)
+    low = eps_and_grads(copy.deepcopy(m64).to(torch.bfloat16), torch.bfloat16)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = eps_and_grads(copy.deepcopy(m64).float().set_backend("cpu"), torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for k, (a, lo, w) in enumerate(zip(got, low, want)):
+        assert bool(torch.isfinite(a).all())
+        assert_close_rel(a, w, 2 * rel_err(lo, w), "eps" if k == 0 else f"grad {k}")
