@@ -29,17 +29,26 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="designs per held-out length")
+    ap.add_argument("--compare", default=None, help="another checkpoint to sample with the same seeds (a column)")
+    ap.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"])
     args = ap.parse_args()
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     trained = load_model(args.ckpt)
     cfg = trained.config
     torch.manual_seed(1234)
     untrained = ProtDiff(cfg).eval()
     held = BackboneDataset.from_npz(args.data, split=args.split, max_length=cfg.max_length)
     real = [c.double().numpy() * held.scale for c in held.coords][: args.num]
-    lengths = [len(c) for c in real]
+    lengths = [len(c) for c in real] * args.repeats
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
     columns, timing = {f"real ({args.split}, n={len(real)})": summarize([backbone_metrics(c) for c in real])}, {}
-    for name, model in (("shipped model", trained), ("untrained model", untrained)):
+    models = [("this model", trained)]
+    if args.compare:
+        models.append(("--compare model", load_model(args.compare)))
+    models.append(("untrained model", untrained))
+    for name, model in models:
         t0 = time.perf_counter()
         with torch.no_grad():
             designs = sample(model, lengths, seed=args.seed, scheduler=scheduler, batch_size=64, progress=False)
@@ -49,11 +58,14 @@ def main() -> None:
     text = "\n".join([
         f"# {args.ckpt}: samples vs real held-out chains", "",
         f"- command: `python scripts/evaluate_checkpoint.py {args.ckpt} {args.data} --split {args.split} "
-        f"--num {args.num} --seed {args.seed}`",
+        f"--num {args.num} --seed {args.seed} --repeats {args.repeats}"
+        + (f" --compare {args.compare}" if args.compare else "")
+        + (f" --matmul-precision {args.matmul_precision}" if args.matmul_precision else "") + "`",
         f"- machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; sampling time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()),
         f"- model: {sum(p.numel() for p in trained.parameters())} parameters, config {cfg.to_dict()}",
-        f"- lengths sampled: those of the held-out chains ({min(lengths)}..{max(lengths)})", "",
+        f"- lengths sampled: those of the held-out chains ({min(lengths)}..{max(lengths)}), "
+        f"{args.repeats} design(s) each ({len(lengths)} per model)", "",
         "```", table, "```", ""])
     print(text)
     if args.out:

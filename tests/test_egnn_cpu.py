@@ -342,3 +342,19 @@ def test_cli_matmul_precision_flag(capsys):
         assert "bf16 pair products on AMX" in capsys.readouterr().out
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@needs_amx
+def test_torch_amx_matmuls_stay_correct_around_ours(medium_matmul_precision):
+    """torch's bf16 matmuls (oneDNN, AMX tiles on this CPU) share the threads' tile configuration
+    with our products: each side must set its own, so results before and after ours agree."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 256, generator=g).bfloat16(), torch.randn(256, 200, generator=g).bfloat16()
+    want = a.double() @ b.double()
+    first = a @ b
+    args, kw = make_problem(2, 40, 128, 3, "offset", FLAG_SETS[1], seed=9)
+    for _ in range(3):
+        _forward(args, kw, torch.float32)
+        again = a @ b
+        assert torch.equal(again, first)
+    assert rel_err(first.double(), want) < 1e-2
