@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="designs per held-out length")
     ap.add_argument("--compare", default=None, help="another checkpoint to sample with the same seeds (a column)")
     ap.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"])
+    ap.add_argument("--skip-untrained", action="store_true", help="no untrained-model column")
     args = ap.parse_args()
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
@@ -47,7 +48,8 @@ def main() -> None:
     models = [("this model", trained)]
     if args.compare:
         models.append(("--compare model", load_model(args.compare)))
-    models.append(("untrained model", untrained))
+    if not args.skip_untrained:
+        models.append(("untrained model", untrained))
     for name, model in models:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -60,7 +62,8 @@ def main() -> None:
         f"- command: `python scripts/evaluate_checkpoint.py {args.ckpt} {args.data} --split {args.split} "
         f"--num {args.num} --seed {args.seed} --repeats {args.repeats}"
         + (f" --compare {args.compare}" if args.compare else "")
-        + (f" --matmul-precision {args.matmul_precision}" if args.matmul_precision else "") + "`",
+        + (f" --matmul-precision {args.matmul_precision}" if args.matmul_precision else "")
+        + (" --skip-untrained" if args.skip_untrained else "") + "`",
         f"- machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; sampling time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()),
         f"- model: {sum(p.numel() for p in trained.parameters())} parameters, config {cfg.to_dict()}",
