@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -54,14 +55,15 @@ def main() -> int:
     lines = [
         "# Motif scaffolding with the shipped model (CPU)",
         "",
-        f"Date {time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, 2 cores shared with other jobs; "
-        f"torch {torch.__version__}; model `protdiff_fast/data/protdiff_small.pt` (150k parameters, no helices "
-        "in its unconditional samples).",
+        f"Date {time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}; model "
+        "`protdiff_fast/data/protdiff_small.pt` (150k parameters; its unconditional samples: "
+        "`benchmarks/results/protdiff_small_eval.md`).",
         "",
         "Command:",
         "",
         "```bash",
-        "nice -n 10 python benchmarks/motif_scaffolding.py " + " ".join(sys.argv[1:]),
+        "python benchmarks/motif_scaffolding.py " + " ".join(sys.argv[1:]),
         "```",
         "",
         f"Per target and method: {args.num} designs, seed {args.seed}, {args.steps} strided reverse steps "
