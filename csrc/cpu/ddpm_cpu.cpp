@@ -12,6 +12,7 @@
 #include "cpu/ddpm_cpu.h"
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace protdiff {
@@ -38,28 +39,78 @@ struct Philox4x32 {
 // A uniform in (0, 1): the top 24 bits, centred in their interval (never 0, never 1).
 inline float uniform_open(std::uint32_t r) { return (static_cast<float>(r >> 8) + 0.5f) * 5.9604644775390625e-8f; }
 
-// Four standard normals for (seed, t, block) by Box-Muller on Philox output. Single precision
-// on purpose: the noise only needs to be Gaussian to ~1e-7, and float log/sin/cos are ~2x faster.
-inline void normals4(std::uint64_t seed, std::int64_t t, std::uint64_t block, double out[4]) {
-  std::uint32_t key[2] = {static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)};
-  std::uint32_t ctr[4] = {static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32),
-                          static_cast<std::uint32_t>(t), static_cast<std::uint32_t>(static_cast<std::uint64_t>(t) >> 32)};
-  Philox4x32::block(ctr, key);
-  const float two_pi = 6.283185307179586f;
-  for (int k = 0; k < 2; ++k) {
-    const float radius = std::sqrt(-2.0f * std::log(uniform_open(ctr[2 * k])));
-    const float angle = two_pi * uniform_open(ctr[2 * k + 1]);
-    out[2 * k] = radius * std::cos(angle);
-    out[2 * k + 1] = radius * std::sin(angle);
-  }
+// log(u) for u in (0, 1): u = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s),
+// s = (m - 1) / (m + 1), |s| <= 0.172, so five terms leave a truncation error under 1e-9.
+// Plain float arithmetic and selects (no libm call, no branch) so the compiler vectorizes the
+// Box-Muller loop; compiled once for every x86 machine, it gives the same bits everywhere.
+inline float log_open(float u) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &u, 4);
+  // mantissa above sqrt(2)'s: take m / 2 and e + 1 (integer selects: no branch for the vectorizer)
+  const std::uint32_t high = static_cast<std::uint32_t>((bits & 0x007fffffu) > 0x003504f3u);
+  const float e = static_cast<float>(static_cast<std::int32_t>(bits >> 23) - 127 + static_cast<std::int32_t>(high));
+  bits = (bits & 0x007fffffu) | (0x3f800000u - (high << 23));  // m in [sqrt(1/2), sqrt(2))
+  float m;
+  std::memcpy(&m, &bits, 4);
+  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  const float p = s * (2.0f + s2 * (0.666666667f + s2 * (0.4f + s2 * (0.285714286f + s2 * 0.222222222f))));
+  return p + e * 0.693147180559945f;
 }
 
+inline float select_bits(std::uint32_t take_a, float a, float b) {  // take_a ? a : b, by bit masks
+  std::uint32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  const std::uint32_t mask = 0u - take_a, r = (ia & mask) | (ib & ~mask);
+  float out;
+  std::memcpy(&out, &r, 4);
+  return out;
+}
+
+// sin and cos of 2 pi u for u in (0, 1): quadrant q = round(4u), r = 2 pi (u - q / 4) in
+// [-pi/4, pi/4], Taylor series to r^9 / r^8 (errors under 3e-8), then the quadrant's swap and signs.
+inline void sincos_two_pi(float u, float& sin_out, float& cos_out) {
+  const std::int32_t q = static_cast<std::int32_t>(u * 4.0f + 0.5f);
+  const float r = (u - static_cast<float>(q) * 0.25f) * 6.28318530717958648f, r2 = r * r;
+  const float sr = r * (1.0f + r2 * (-1.66666667e-1f + r2 * (8.33333333e-3f + r2 * (-1.98412698e-4f +
+                                                                                   r2 * 2.75573192e-6f))));
+  const float cr = 1.0f + r2 * (-0.5f + r2 * (4.16666667e-2f + r2 * (-1.38888889e-3f + r2 * 2.48015873e-5f)));
+  const std::uint32_t swap = static_cast<std::uint32_t>(q & 1);
+  const float sign_s = static_cast<float>(1 - 2 * ((q >> 1) & 1)), sign_c = static_cast<float>(1 - 2 * (((q + 1) >> 1) & 1));
+  sin_out = sign_s * select_bits(swap, cr, sr);
+  cos_out = sign_c * select_bits(swap, sr, cr);
+}
+
+// Standard normals for (seed, t): block k of Philox4x32-10 (counter (k, t), key seed) gives
+// normals 4k .. 4k + 3 by Box-Muller on its two (u1, u2) pairs. Single precision on purpose: the
+// noise only needs to be Gaussian to ~1e-6. Philox in one loop, the transform in another that
+// the compiler vectorizes.
 template <typename T>
 void fill_normals(std::uint64_t seed, std::int64_t t, T* z, std::int64_t count) {
-  double four[4];
-  for (std::int64_t e = 0; e < count; e += 4) {
-    normals4(seed, t, static_cast<std::uint64_t>(e / 4), four);
-    for (std::int64_t k = 0; k < 4 && e + k < count; ++k) z[e + k] = static_cast<T>(four[k]);
+  constexpr int kBlocks = 64;  // Philox blocks per chunk: 256 normals
+  float u1[2 * kBlocks], u2[2 * kBlocks], out[4 * kBlocks];
+  const std::uint32_t key0 = static_cast<std::uint32_t>(seed), key1 = static_cast<std::uint32_t>(seed >> 32);
+  const std::uint32_t t0 = static_cast<std::uint32_t>(t), t1 = static_cast<std::uint32_t>(static_cast<std::uint64_t>(t) >> 32);
+  const float two = 2.0f;
+  for (std::int64_t e0 = 0; e0 < count; e0 += 4 * kBlocks) {
+    const std::uint64_t first = static_cast<std::uint64_t>(e0 / 4);
+    for (int b = 0; b < kBlocks; ++b) {
+      const std::uint64_t block = first + static_cast<std::uint64_t>(b);
+      std::uint32_t key[2] = {key0, key1};
+      std::uint32_t ctr[4] = {static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32), t0, t1};
+      Philox4x32::block(ctr, key);
+      u1[2 * b] = uniform_open(ctr[0]), u2[2 * b] = uniform_open(ctr[1]);
+      u1[2 * b + 1] = uniform_open(ctr[2]), u2[2 * b + 1] = uniform_open(ctr[3]);
+    }
+    for (int k = 0; k < 2 * kBlocks; ++k) {
+      const float radius = std::sqrt(-two * log_open(u1[k]));
+      float sn, cs;
+      sincos_two_pi(u2[k], sn, cs);
+      out[2 * k] = radius * cs;
+      out[2 * k + 1] = radius * sn;
+    }
+    const std::int64_t n = count - e0 < 4 * kBlocks ? count - e0 : 4 * kBlocks;
+    for (std::int64_t k = 0; k < n; ++k) z[e0 + k] = static_cast<T>(out[k]);
   }
 }
 
@@ -121,11 +172,15 @@ void ddpm_step_np(CArray<T> x_t, CArray<T> eps_hat, CArray<double> c1, CArray<do
         }
         const T* x = xp + b * N * 3;
         const T* e = ep + b * N * 3;
-        bool finite = true;  // checked here, in the pass that reads them, instead of a separate sweep
+        // finiteness checked here, in the pass that reads them, instead of a separate sweep; a
+        // no-branch form (x - x is NaN exactly for Inf and NaN) so the loop vectorizes
+        unsigned bad = 0;
+        const double c1b = c1p[b], c2b = c2p[b];
         for (std::int64_t k = 0; k < N * 3; ++k) {
-          finite = finite && std::isfinite(static_cast<double>(x[k])) && std::isfinite(static_cast<double>(e[k]));
-          mu[k] = static_cast<T>(c1p[b] * (x[k] - c2p[b] * e[k]));
+          bad |= static_cast<unsigned>((x[k] - x[k]) + (e[k] - e[k]) != T(0));
+          mu[k] = static_cast<T>(c1b * (x[k] - c2b * e[k]));
         }
+        const bool finite = bad == 0;
         if (!finite) {
           nonfinite[b] = 1;
           continue;
