@@ -177,6 +177,31 @@ def test_same_bits_for_any_thread_count_and_repeated_runs():
         assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, d), name
 
 
+def test_backward_workspace_reused_across_calls_and_threads():
+    """The backward's partial buffers live in a per-thread workspace kept between calls: a call after
+    a larger one (stale partials left in it), and calls from several Python threads at once, give
+    the bits of a lone call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    small = make_problem(2, 21, 32, 3, "offset", FLAG_SETS[4], seed=11)
+    large = make_problem(3, 45, 64, 4, "dense", FLAG_SETS[2], seed=12)
+    first = _forward_backward_bits(*small)
+    _forward_backward_bits(*large)
+    after_large = _forward_backward_bits(*small)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_forward_backward_bits, *(small if k % 2 else large)) for k in range(8)]
+        results = [f.result() for f in futures]
+    for name, a, b in zip(NAMES, first, after_large):
+        assert torch.equal(a, b), name
+    for res in results[1::2]:
+        for name, a, b in zip(NAMES, first, res):
+            assert torch.equal(a, b), name
+    large_again = _forward_backward_bits(*large)
+    for res in results[0::2]:
+        for name, a, b in zip(NAMES, large_again, res):
+            assert torch.equal(a, b), name
+
+
 def test_layer_trains_end_to_end_on_cpu_backend():
     torch.manual_seed(0)
     H, E, N = 32, 8, 23

@@ -59,13 +59,21 @@ int vector_bytes() { return PROTDIFF_VBYTES; }
 template <typename T>
 struct Tiles {
   static constexpr int kLanes = simd::VecTraits<T>::kLanes;
-  static constexpr int kMR = 4;                                  // micro-kernel rows
-  static constexpr int kNV = PROTDIFF_VBYTES == 64 ? 4 : 2;      // micro-kernel vectors per row
+  // AVX-512: 8 rows x 2 vectors (16 accumulators); the [K, 2 vectors] panel of the weight is
+  // 32 KB at H = 256 and stays in L1 across the row blocks (4 x 4 streamed a 64 KB panel from L2
+  // per 4 rows: ~10% slower at H = 64 and 256). AVX2 has 16 registers: 4 x 2.
+  static constexpr int kMR = PROTDIFF_VBYTES == 64 ? 8 : 4;      // micro-kernel rows
+  static constexpr int kNV = 2;                                  // micro-kernel vectors per row
   static constexpr int kChunk = kNV * kLanes;                    // micro-kernel columns
+  // H is padded to kColPad columns: 64 in the AVX-512 build (AMX's gemm_bias needs it)
+  static constexpr int kColPad = PROTDIFF_VBYTES == 64 ? 64 : kChunk;
 };
 constexpr int BI = 8;  // i-block
 constexpr int BJ = 8;  // j-block
 constexpr int kMaxRows = BI * BJ;
+// tile rows padded for the products: to kMR, to 16 (AMX rows), to 32 (AMX weight gradients)
+constexpr int kScratchRows = 64;
+static_assert(kScratchRows >= BI * BJ && kScratchRows % 32 == 0 && kScratchRows % 8 == 0, "tile padding");
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -131,6 +139,32 @@ void zero(T* p, int64_t n) {
   std::memset(p, 0, static_cast<size_t>(n) * sizeof(T));
 }
 
+// The backward's per-task partial buffers, reused across calls by the calling thread (grow-only,
+// zeroed per call). Fresh pages for them every call cost a page fault per 4 KB, and calloc's
+// pages fault twice (the zero page is mapped on the first read of `acc += ...`, the first write
+// copies it and flushes the TLB of every thread with an IPI): ~8% of an H = 256 backward.
+// Areas above kWorkspaceKeep elements are not kept, so a one-off huge call does not pin memory.
+constexpr int64_t kWorkspaceKeep = int64_t(1) << 24;  // 64 MB of float
+
+template <typename T>
+class Workspace {
+ public:
+  // n zeroed elements, valid until the next call on this thread
+  T* zeroed(int64_t n) {
+    if (n > kWorkspaceKeep) {
+      oneoff_.reset(n);  // calloc: zeroed
+      return oneoff_.get();
+    }
+    oneoff_.reset(0);
+    if (kept_.size() < n) kept_.reset(n);
+    zero(kept_.get(), n);
+    return kept_.get();
+  }
+
+ private:
+  Buffer<T> kept_, oneoff_;
+};
+
 // C[M x Nc] += op(A) B[K x Nc], row-major with leading dimensions; op(A) is A[M x K], or with
 // kTransA the transpose of A stored as [K x M] (the weight-gradient products a^T dy, m^T ds read
 // the tile column-wise instead of transposing it). M % kMR == 0 and Nc % kChunk == 0. The
@@ -172,7 +206,7 @@ struct Packed {
 
   explicit Packed(const EgnnProblem<T>& pr) {
     H = pr.H;
-    Hp = round_up(H, Tiles<T>::kChunk);
+    Hp = round_up(H, Tiles<T>::kColPad);
     E = pr.E;
     Ep = round_up(E > 0 ? E : 1, Tiles<T>::kChunk);
     Er = round_up(E > 0 ? E : 1, Tiles<T>::kMR);
@@ -247,16 +281,16 @@ struct Scratch {
   int64_t rows = 0, rows_padded = 0;
 
   Scratch(const Packed<T>& pk, bool backward) {
-    const int64_t n = kMaxRows * pk.Hp;
+    const int64_t n = kScratchRows * pk.Hp;
     Z.reset(n), A.reset(n), Y.reset(n), M0.reset(n), MG.reset(n), S.reset(n), SZ.reset(n), SY.reset(n), SS.reset(n);
-    if (pk.E > 0) Erow.reset(kMaxRows * pk.Er);  // rows padded to Er columns (zeros) for the dW_e product
+    if (pk.E > 0) Erow.reset(kScratchRows * pk.Er);  // rows padded to Er columns (zeros) for the dW_e product
     if (pk.W2p.size() > 0) {
-      Abf.reset(kMaxRows * pk.Hp);
-      if (backward) AT.reset(kMaxRows * pk.Hp), Bv.reset(kMaxRows * pk.Hp);
+      Abf.reset(kScratchRows * pk.Hp);
+      if (backward) AT.reset(kScratchRows * pk.Hp), Bv.reset(kScratchRows * pk.Hp);
     }
     if (backward) {
       G1.reset(n), G2.reset(n), G3.reset(n);
-      if (pk.E > 0) dE.reset(kMaxRows * pk.Ep);
+      if (pk.E > 0) dE.reset(kScratchRows * pk.Ep);
     }
   }
 };
@@ -517,10 +551,14 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
   const int64_t G = backward_groups(B, n_iblocks), tasks = B * G;
   // offsets j - i lie in [-(N-1), N-1]; after clipping to [-K, K] they touch rows [K - Kt, K + Kt]
   const int64_t Kt = pr.K >= 0 ? min64(pr.K, N - 1) : -1, R = 2 * Kt + 1;
-  // per-task partials: j-side node gradients and all weight gradients
-  Buffer<T> part_q(tasks * N * Hp), part_x(tasks * N * 3), part_rel(pr.K >= 0 ? tasks * R * Hp : 0);
+  // per-task partials: j-side node gradients and all weight gradients, one zeroed area
   const int64_t wsize = 2 * Hp * Hp + 6 * Hp + 1 + (E > 0 ? pk.Er * Hp : 0);
-  Buffer<T> part_w(tasks * wsize);
+  const int64_t size_q = tasks * N * Hp, size_rel = pr.K >= 0 ? tasks * R * Hp : 0, size_w = tasks * wsize;
+  thread_local Workspace<T> workspace;
+  T* const part_q = workspace.zeroed(size_q + size_rel + size_w + tasks * N * 3);
+  T* const part_rel = part_q + size_q;
+  T* const part_w = part_rel + size_rel;
+  T* const part_x = part_w + size_w;
   zero(out.p, B * N * H);
   if (out.edge_attr) zero(out.edge_attr, B * N * N * E);
 
@@ -531,10 +569,10 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / G, g = task % G;
-      T* pq = part_q.get() + task * N * Hp;
-      T* px = part_x.get() + task * N * 3;
-      T* prel = pr.K >= 0 ? part_rel.get() + task * R * Hp : nullptr;
-      T* pw = part_w.get() + task * wsize;
+      T* pq = part_q + task * N * Hp;
+      T* px = part_x + task * N * 3;
+      T* prel = pr.K >= 0 ? part_rel + task * R * Hp : nullptr;
+      T* pw = part_w + task * wsize;
       T *dW2 = pw, *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
         *dwd = dw4 + Hp, *dwatt = dwd + Hp, *dbatt = dwatt + Hp, *dWe = dbatt + 1;
       const T C = coord_scale(pr, b);
@@ -660,15 +698,15 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
     for (int64_t k = 0; k < H; ++k) dq[k] = 0;
     dx[0] = dx[1] = dx[2] = 0;
     for (int64_t g = 0; g < G; ++g) {
-      const T* src = part_q.get() + ((b * G + g) * N + j) * Hp;
+      const T* src = part_q + ((b * G + g) * N + j) * Hp;
       for (int64_t k = 0; k < H; ++k) dq[k] += src[k];
-      const T* sx = part_x.get() + ((b * G + g) * N + j) * 3;
+      const T* sx = part_x + ((b * G + g) * N + j) * 3;
       for (int c = 0; c < 3; ++c) dx[c] += sx[c];
     }
   }
   Buffer<T> w(wsize);
   for (int64_t t = 0; t < tasks; ++t) {
-    const T* src = part_w.get() + t * wsize;
+    const T* src = part_w + t * wsize;
     for (int64_t k = 0; k < wsize; ++k) w[k] += src[k];
   }
   const T *dW2 = w.get(), *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
@@ -694,7 +732,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
     for (int64_t t = 0; t < tasks; ++t)
       for (int64_t r = 0; r < R; ++r) {
         T* dst = out.rel + (pr.K - Kt + r) * H;
-        const T* src = part_rel.get() + (t * R + r) * Hp;
+        const T* src = part_rel + (t * R + r) * Hp;
         for (int64_t k = 0; k < H; ++k) dst[k] += src[k];
       }
   }
