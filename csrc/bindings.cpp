@@ -88,6 +88,8 @@ PYBIND11_MODULE(_C, m) {
         "Run the EGNN kernels with another instruction set this CPU supports (for testing every build).");
   m.def("supported_simd_isas", &protdiff::supported_isas, "Comma-separated instruction sets this CPU runs.");
 
+  m.def("workspace_bytes", &protdiff::workspace_bytes,
+        "Bytes the EGNN backward keeps between calls (per-thread partial buffers, grow-only).");
   m.def("max_threads", &protdiff::max_threads, "OpenMP threads a parallel region will use (1 without OpenMP).");
   m.def("set_num_threads", &protdiff::set_threads, py::arg("n"),
         "Set the OpenMP thread count for this process's kernels.");

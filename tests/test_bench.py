@@ -24,6 +24,22 @@ def test_runner_rows_results_and_compare(tmp_path, monkeypatch, capsys):
     assert "x)" in capsys.readouterr().out
 
 
+def test_cpu_memory_counts_what_the_op_allocates_and_keeps():
+    """Peak memory of a row: one run after the heap is trimmed, plus the C++ workspace kept between
+    calls. The reference's pair tensors (B N^2 H floats, several of them) must show in full, and the
+    fused backward's kept workspace must be counted, not hidden by the warm-up."""
+    B, N, H = 2, 96, 64
+    ref = runner.run_row(dict(suite="egnn", provider="reference", B=B, N=N, H=H, mode="fwdbwd", dtype="float32"),
+                         "cpu", 1, 120, 0.1, mem_limit=None)
+    cpu = runner.run_row(dict(suite="egnn", provider="cpu", B=B, N=N, H=H, mode="fwdbwd", dtype="float32"),
+                         "cpu", 1, 120, 0.1, mem_limit=None)
+    assert ref["status"] == cpu["status"] == "ok", (ref, cpu)
+    pair_tensor = B * N * (N - 1) * H * 4
+    assert ref["peak_mem_bytes"] >= 3 * pair_tensor, ref
+    assert cpu["kept_bytes"] > 0 and cpu["peak_mem_bytes"] >= cpu["kept_bytes"], cpu
+    assert cpu["peak_mem_bytes"] < pair_tensor, cpu
+
+
 def test_oom_rows_are_kept(tmp_path):
     row = dict(suite="egnn", provider="reference", B=64, N=2048, H=64, mode="fwd", dtype="float32")
     out = runner.run_row(row, "cpu", 1, 120, 0.1, mem_limit=3 * 2 ** 30)

@@ -9,6 +9,13 @@
 namespace protdiff {
 
 namespace {
+std::int64_t g_workspace_bytes = 0;  // __atomic builtins: egnn_cpu.cpp's builds use no std:: templates
+}  // namespace
+
+void workspace_bytes_add(std::int64_t delta) { __atomic_fetch_add(&g_workspace_bytes, delta, __ATOMIC_RELAXED); }
+std::int64_t workspace_bytes() { return __atomic_load_n(&g_workspace_bytes, __ATOMIC_RELAXED); }
+
+namespace {
 
 enum class Isa { base = 0, avx2 = 1, avx512 = 2 };
 

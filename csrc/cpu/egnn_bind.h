@@ -33,5 +33,6 @@ bool amx_available();
 std::string amx_unavailable_reason();
 void set_simd_isa(const std::string& name);
 std::string supported_isas();
+std::int64_t workspace_bytes();  // defined in egnn_bind.cpp, declared for the kernels in egnn_cpu.h
 
 }  // namespace protdiff

@@ -120,6 +120,20 @@ class Buffer {
   int64_t size_ = 0;
 };
 
+inline int64_t max_threads_here() {
+#ifdef PROTDIFF_HAVE_OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
 // Flush denormals to zero (and treat denormal inputs as zero) while a kernel runs on this thread:
 // saturated sigmoids produce values near 1e-39, and denormal arithmetic is ~100x slower. Results
 // differ from IEEE only below 1.2e-38 in magnitude. The previous mode is restored on exit.
@@ -149,15 +163,22 @@ constexpr int64_t kWorkspaceKeep = int64_t(1) << 24;  // 64 MB of float
 template <typename T>
 class Workspace {
  public:
-  // n zeroed elements, valid until the next call on this thread
-  T* zeroed(int64_t n) {
+  Workspace() = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace() { workspace_bytes_add(-kept_.size() * static_cast<int64_t>(sizeof(T))); }
+
+  // n elements (not zeroed), valid until the next call on this thread
+  T* get(int64_t n) {
     if (n > kWorkspaceKeep) {
-      oneoff_.reset(n);  // calloc: zeroed
+      oneoff_.reset(n);
       return oneoff_.get();
     }
     oneoff_.reset(0);
-    if (kept_.size() < n) kept_.reset(n);
-    zero(kept_.get(), n);
+    if (kept_.size() < n) {
+      workspace_bytes_add((n - kept_.size()) * static_cast<int64_t>(sizeof(T)));
+      kept_.reset(n);
+    }
     return kept_.get();
   }
 
@@ -551,14 +572,36 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
   const int64_t G = backward_groups(B, n_iblocks), tasks = B * G;
   // offsets j - i lie in [-(N-1), N-1]; after clipping to [-K, K] they touch rows [K - Kt, K + Kt]
   const int64_t Kt = pr.K >= 0 ? min64(pr.K, N - 1) : -1, R = 2 * Kt + 1;
-  // per-task partials: j-side node gradients and all weight gradients, one zeroed area
+  // Each task accumulates its j-side node gradients (q, x), offset-table and weight gradients in a
+  // partial buffer; the partials are folded into running sums in task order (the same order for
+  // any thread count, so the same bits), as soon as every earlier task is folded. A task may start
+  // only while it is fewer than `slots` tasks ahead of the fold, so at most `slots` partials exist.
   const int64_t wsize = 2 * Hp * Hp + 6 * Hp + 1 + (E > 0 ? pk.Er * Hp : 0);
-  const int64_t size_q = tasks * N * Hp, size_rel = pr.K >= 0 ? tasks * R * Hp : 0, size_w = tasks * wsize;
+  const int64_t rel_size = pr.K >= 0 ? R * Hp : 0;
+  const int64_t part_size = round_up(N * Hp + rel_size + wsize + N * 3, 16);
+  const int64_t slots = min64(tasks, 2 * max_threads_here());
+  const int64_t sums_size = round_up(B * N * Hp + rel_size + wsize + B * N * 3, 16);
   thread_local Workspace<T> workspace;
-  T* const part_q = workspace.zeroed(size_q + size_rel + size_w + tasks * N * 3);
-  T* const part_rel = part_q + size_q;
-  T* const part_w = part_rel + size_rel;
-  T* const part_x = part_w + size_w;
+  T* const sum_q = workspace.get(sums_size + slots * part_size);
+  T* const sum_rel = sum_q + B * N * Hp;
+  T* const sum_w = sum_rel + rel_size;
+  T* const sum_x = sum_w + wsize;
+  T* const pool = sum_q + sums_size;
+  zero(sum_q, sums_size);
+  Buffer<int64_t> free_slots(slots), done_slot(tasks);
+  for (int64_t k = 0; k < slots; ++k) free_slots[k] = k;
+  for (int64_t k = 0; k < tasks; ++k) done_slot[k] = -1;
+  int64_t n_free = slots, next_fold = 0;
+  auto add_into = [](T* dst, const T* src, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+  };
+  auto fold = [&](int64_t task, const T* part) {
+    const int64_t b = task / G;
+    add_into(sum_q + b * N * Hp, part, N * Hp);
+    add_into(sum_rel, part + N * Hp, rel_size);
+    add_into(sum_w, part + N * Hp + rel_size, wsize);
+    add_into(sum_x + b * N * 3, part + N * Hp + rel_size + wsize, N * 3);
+  };
   zero(out.p, B * N * H);
   if (out.edge_attr) zero(out.edge_attr, B * N * N * E);
 
@@ -569,10 +612,19 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / G, g = task % G;
-      T* pq = part_q + task * N * Hp;
-      T* px = part_x + task * N * 3;
-      T* prel = pr.K >= 0 ? part_rel + task * R * Hp : nullptr;
-      T* pw = part_w + task * wsize;
+      int64_t slot = -1;
+      while (slot < 0) {  // the task that the fold waits for is always inside the window: no deadlock
+#pragma omp critical(protdiff_egnn_partials)
+        {
+          if (task < next_fold + slots) slot = free_slots[--n_free];
+        }
+        if (slot < 0) cpu_relax();
+      }
+      T* pq = pool + slot * part_size;
+      zero(pq, part_size);
+      T* prel = pr.K >= 0 ? pq + N * Hp : nullptr;
+      T* pw = pq + N * Hp + rel_size;
+      T* px = pw + wsize;
       T *dW2 = pw, *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
         *dwd = dw4 + Hp, *dwatt = dwd + Hp, *dbatt = dwatt + Hp, *dWe = dbatt + 1;
       const T C = coord_scale(pr, b);
@@ -686,30 +738,23 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           }
         }
       }
+#pragma omp critical(protdiff_egnn_partials)
+      {
+        done_slot[task] = slot;
+        while (next_fold < tasks && done_slot[next_fold] >= 0) {
+          fold(next_fold, pool + done_slot[next_fold] * part_size);
+          free_slots[n_free++] = done_slot[next_fold];
+          ++next_fold;
+        }
+      }
     }
   }
 
-  // Fixed-order reductions over the task partials.
-#pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < B * N; ++n) {
-    const int64_t b = n / N, j = n % N;
-    T* dq = out.q + n * H;
-    T* dx = out.x + n * 3;
-    for (int64_t k = 0; k < H; ++k) dq[k] = 0;
-    dx[0] = dx[1] = dx[2] = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const T* src = part_q + ((b * G + g) * N + j) * Hp;
-      for (int64_t k = 0; k < H; ++k) dq[k] += src[k];
-      const T* sx = part_x + ((b * G + g) * N + j) * 3;
-      for (int c = 0; c < 3; ++c) dx[c] += sx[c];
-    }
+    std::memcpy(out.q + n * H, sum_q + n * Hp, static_cast<size_t>(H) * sizeof(T));
+    for (int c = 0; c < 3; ++c) out.x[n * 3 + c] = sum_x[n * 3 + c];
   }
-  Buffer<T> w(wsize);
-  for (int64_t t = 0; t < tasks; ++t) {
-    const T* src = part_w + t * wsize;
-    for (int64_t k = 0; k < wsize; ++k) w[k] += src[k];
-  }
-  const T *dW2 = w.get(), *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
+  const T *dW2 = sum_w, *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
           *dwd = dw4 + Hp, *dwatt = dwd + Hp, *dbatt = dwatt + Hp, *dWe = dbatt + 1;
   for (int64_t r = 0; r < H; ++r)
     for (int64_t c = 0; c < H; ++c) {
@@ -729,12 +774,8 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
       for (int64_t k = 0; k < H; ++k) out.W_e[e * H + k] = dWe[e * Hp + k];
   if (pr.K >= 0 && out.rel) {
     zero(out.rel, (2 * pr.K + 1) * H);
-    for (int64_t t = 0; t < tasks; ++t)
-      for (int64_t r = 0; r < R; ++r) {
-        T* dst = out.rel + (pr.K - Kt + r) * H;
-        const T* src = part_rel + (t * R + r) * Hp;
-        for (int64_t k = 0; k < H; ++k) dst[k] += src[k];
-      }
+    for (int64_t r = 0; r < R; ++r)
+      std::memcpy(out.rel + (pr.K - Kt + r) * H, sum_rel + r * Hp, static_cast<size_t>(H) * sizeof(T));
   }
 }
 

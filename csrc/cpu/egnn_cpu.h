@@ -47,6 +47,11 @@ struct EgnnGrads {
     *b_att = nullptr;
 };
 
+// Bytes held by the backward's per-thread workspaces (kept between calls), over all threads and
+// builds; egnn_bind.cpp keeps the count, the benchmark adds it to the memory it measures.
+void workspace_bytes_add(std::int64_t delta);
+std::int64_t workspace_bytes();
+
 #define PROTDIFF_DECLARE_EGNN_ISA(ns)                                                                  \
   namespace ns {                                                                                       \
   template <typename T>                                                                                \

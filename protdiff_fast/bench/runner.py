@@ -504,8 +504,9 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
     if providers:
         rows = [r for r in rows if r["provider"] in providers]
     result = dict(command=command, environment=environment(device, threads), rates=device_rates(device),
-                  mem_method="peak resident set during the timed runs minus resident set with the inputs "
-                             "(CPU); cuda.max_memory_allocated minus allocated before (GPU). Address space capped "
+                  mem_method="peak resident set of one run after the timed ones, with the C heap's free pages "
+                             "handed back first (malloc_trim), minus the resident set before it, plus what the C++ "
+                             "backend keeps between calls (CPU); cuda.max_memory_allocated minus allocated before (GPU). Address space capped "
                              f"at {_fmt_bytes(mem_limit)} so an exhausting row becomes OOM" if mem_limit else
                              "torch.cuda.max_memory_allocated minus allocated before", rows=[])
     budget = 0.5 if quick else 2.0

@@ -1,8 +1,11 @@
 """Runs one benchmark row in a fresh process (so peak memory is this row's alone) and prints JSON.
 
-Peak memory on CPU is the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs
-after the inputs exist) minus the resident set at that moment: the extra memory the op itself
-needs. On CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the run.
+Peak memory on CPU is measured in one more run after the timed ones: the heap's free memory is
+handed back to the system first (malloc_trim), so every byte that run needs must be faulted in
+again; the resident-set high-water mark of that run (VmHWM, reset through /proc/self/clear_refs)
+minus the resident set before it is the extra memory the op needs, plus what the C++ backend
+keeps between calls (its backward's workspace, reported by the extension). Without the trim, memory
+that glibc kept after the warm-up went uncounted. On CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the run.
 An address-space limit turns a run that would exhaust the machine into a clean OOM row.
 """
 from __future__ import annotations
@@ -30,6 +33,25 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _malloc_trim() -> bool:
+    """Hand the C heap's free pages back to the system (glibc); False where there is no such call."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _kept_bytes() -> int:
+    """Bytes the C++ backend keeps between calls (0 without the extension)."""
+    from protdiff_fast.backends import cpu_extension
+
+    ext = cpu_extension()
+    return int(ext.workspace_bytes()) if ext is not None and hasattr(ext, "workspace_bytes") else 0
 
 
 def main(spec_json: str) -> None:
@@ -74,8 +96,6 @@ def main(spec_json: str) -> None:
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         gc.collect()
-        base_rss = _status_kb("VmRSS")
-        peak_reset = _reset_peak_rss()
         times = []
         deadline = time.perf_counter() + spec["budget_s"]
         while len(times) < spec["min_reps"] or (len(times) < spec["max_reps"] and time.perf_counter() < deadline):
@@ -93,10 +113,19 @@ def main(spec_json: str) -> None:
         if cuda:
             out["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
             out["mem_method"] = "torch.cuda.max_memory_allocated - allocated before"
-        else:
+        else:  # one more run, measured alone (module docstring)
+            gc.collect()
+            trimmed = _malloc_trim()
+            base_rss = _status_kb("VmRSS")
+            peak_reset = _reset_peak_rss()
+            run()
+            kept = _kept_bytes()
             # pages freed during the run can leave the high-water mark below the starting RSS: floor at 0
-            out["peak_mem_bytes"] = max(0, _status_kb("VmHWM") - base_rss) * 1024 if peak_reset else None
-            out["mem_method"] = "VmHWM - VmRSS after inputs (RSS, clear_refs reset)" if peak_reset else "unavailable"
+            out["peak_mem_bytes"] = (max(0, _status_kb("VmHWM") - base_rss) * 1024 + kept) if peak_reset else None
+            out["kept_bytes"] = kept
+            out["mem_method"] = ((f"VmHWM - VmRSS of one run after {'malloc_trim' if trimmed else 'gc'} "
+                                  "(clear_refs reset) + C++ workspace kept between calls")
+                                 if peak_reset else "unavailable")
         # "inclusive": percentiles within the measured range (the default extrapolates past it for few reps)
         q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
         out.update(median_s=statistics.median(times), p20_s=q[0], p80_s=q[3], reps=len(times))
