@@ -172,3 +172,21 @@ def test_philox_normals_are_box_muller_of_the_philox_stream():
                 want += [r * math.cos(2 * math.pi * u2), r * math.sin(2 * math.pi * u2)]
         want = np.array(want[:per])
         assert np.abs(got[b] - want).max() < 5e-6 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_cached_coefficient_table_equals_step_coefficients(variance, kind):
+    """The cpu step gathers its per-sample coefficients from a table cached on the schedule: the
+    same float64 bits as step_coefficients computes for those t, for every t (also t = 1, sigma 0)."""
+    from protdiff_fast.ops.ddpm_cpu import _COEFFICIENTS, _coefficient_table
+    from protdiff_fast.reference.ddpm import step_coefficients
+
+    schedule = NoiseSchedule(200, kind=kind)
+    t = torch.cat([torch.arange(1, 201), torch.randint(1, 201, (57,))])
+    expected = step_coefficients(schedule, t, variance)
+    table = _coefficient_table(schedule, variance)
+    assert table is _coefficient_table(schedule, variance)  # computed once per schedule and variance
+    for row, name in zip(table, _COEFFICIENTS):
+        assert np.array_equal(row[t.numpy()], expected[name].numpy()), name
+    assert table[_COEFFICIENTS.index("sigma"), 1] == 0.0

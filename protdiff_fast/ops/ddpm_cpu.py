@@ -42,6 +42,23 @@ def per_sample_seeds(seed: Union[int, torch.Tensor], batch: int) -> np.ndarray:
         return splitmix64(base * np.uint64(0x100000001B3) + np.arange(batch, dtype=np.uint64))
 
 
+_COEFFICIENTS = ("c1", "c2", "sigma", "x0_a", "x0_b")
+
+
+def _coefficient_table(schedule: NoiseSchedule, variance: str) -> np.ndarray:
+    """float64 (5, T + 1) table of the step coefficients (rows in _COEFFICIENTS order, column t;
+    column 0 unused), computed once per schedule by step_coefficients itself: per step one gather
+    instead of a dozen small tensor ops (~0.15 ms of a 0.75 ms step at B=256, N=128)."""
+    key = ("ddpm_step_cpu", variance)
+    table = schedule._device_cache.get(key)
+    if table is None:
+        ts = torch.arange(1, schedule.num_timesteps + 1)
+        full = step_coefficients(schedule, ts, variance)
+        table = np.stack([torch.cat([full[k][:1], full[k]]).numpy() for k in _COEFFICIENTS])
+        schedule._device_cache[key] = table
+    return table
+
+
 def ddpm_step_cpu(
     schedule: NoiseSchedule,
     x_t: torch.Tensor,
@@ -65,13 +82,14 @@ def ddpm_step_cpu(
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
     seeds = per_sample_seeds(seed if seed is not None else 0, B)
     compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    coefs = {k: v.contiguous().numpy() for k, v in step_coefficients(schedule, t, variance).items()}
+    t_np = t.cpu().contiguous().numpy()
+    coefs = dict(zip(_COEFFICIENTS, np.ascontiguousarray(_coefficient_table(schedule, variance)[:, t_np])))
     x = x_t.detach().to(compute).contiguous()
     e = eps_hat.detach().to(compute).contiguous()
     z = None if noise is None else noise.detach().to(compute).contiguous()
     prev, mean, x0 = (torch.empty_like(x) for _ in range(3))
     ext.ddpm_step(x.numpy(), e.numpy(), **coefs, mask=mask.to(torch.uint8).contiguous().numpy(),
-                  noise=None if z is None else z.numpy(), seeds=seeds, t=t.cpu().contiguous().numpy(),
+                  noise=None if z is None else z.numpy(), seeds=seeds, t=t_np,
                   prev_out=prev.numpy(), mean_out=mean.numpy(), x0_out=x0.numpy())
     dtype = x_t.dtype
     return DDPMStepOutput(prev_sample=prev.to(dtype), pred_original_sample=x0.to(dtype), mean=mean.to(dtype))
