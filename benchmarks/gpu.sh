@@ -1,20 +1,51 @@
 #!/usr/bin/env bash
-# What a lent GPU machine runs, in stages that each fit one 10-minute device call (see benchmarks/README.md):
-#   bash benchmarks/gpu.sh check     # Triton kernels vs the float64 reference on CUDA (fwd + grads), determinism
-#   bash benchmarks/gpu.sh targets   # the rows the issues set targets on (B=8 N=512 H=128 bf16; N=8192; steps)
-#   bash benchmarks/gpu.sh grid      # the full egnn grid (time and memory vs N, plots, scaling exponents)
-# Results (JSON + markdown + plots, with GPU name, versions and commit) go to $OUT (device tool) or
-# benchmarks/results/gpu-<date>/; commit that folder.
-set -euo pipefail
+# What a lent GPU machine runs, in stages that each fit one 10-minute device call (benchmarks/README.md):
+#   bash benchmarks/gpu.sh check      # Triton kernels vs the float64 reference on CUDA (fwd + grads), determinism
+#   bash benchmarks/gpu.sh targets    # the rows the issues set targets on (B=8 N=512 H=128 bf16; N=8192; steps)
+#   bash benchmarks/gpu.sh grid [--dtypes bfloat16 --hidden 128 ...]   # egnn grid rows (time, memory vs N)
+# Every stage is self-contained (a device call may land on a fresh machine): nothing is installed, the
+# package runs from this checkout (PYTHONPATH; the GPU paths need no C++ extension), wheels carried in
+# .whl/ (benchmarks/gpu_wheels.sh: egnn-pytorch for the dense baseline) go to /tmp/site. A stage stops
+# itself at STAGE_TIMEOUT seconds (default 540) and keeps what it measured (results.json is written
+# after every row). Under the device tool everything is packed into one $OUT/gpu-<stage>-<date>.tgz
+# (the tool returns at most 8 files); elsewhere results go to benchmarks/results/gpu-<date>/.
+set -uo pipefail
 stage="${1:-check}"
-dest="${OUT:-benchmarks/results}/gpu-$(date +%Y-%m-%d)"
-mkdir -p "$dest"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$dest/gpu.txt"
-git rev-parse HEAD > "$dest/commit.txt" 2>/dev/null || true
+shift || true
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+py=python3
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+# the tree arrives without .git on a device machine: `git rev-parse HEAD > .gpu-commit` before the call
+commit="$(git rev-parse HEAD 2>/dev/null || cat .gpu-commit 2>/dev/null || echo unknown)"
+export PROTDIFF_FAST_COMMIT="$commit"
+day="$(date +%Y-%m-%d)"
+if [ -n "${OUT:-}" ]; then work="$(mktemp -d)/gpu-$stage-$day"; else work="benchmarks/results/gpu-$day/$stage"; fi
+mkdir -p "$work"
+echo "$commit" > "$work/commit.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$work/gpu.txt" 2>&1
+$py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+  >> "$work/gpu.txt" 2>&1
+limit="${STAGE_TIMEOUT:-540}"
 case "$stage" in
-  check)   python benchmarks/gpu_check.py 2>&1 | tee "$dest/gpu_check.txt" ;;
-  targets) protdiff-fast bench all --targets --out "$dest/targets" ;;
-  grid)    protdiff-fast bench egnn --out "$dest/egnn-grid" ;;
+  check)   timeout "$limit" $py benchmarks/gpu_check.py "$@" 2>&1 | tee "$work/gpu_check.txt" ;;
+  targets) timeout "$limit" $py -m protdiff_fast.cli bench all --targets --device cuda --timeout 90 \
+             --out "$work/targets" "$@" 2>&1 | tee "$work/targets.log" ;;
+  grid)    timeout "$limit" $py -m protdiff_fast.cli bench egnn --device cuda --timeout 60 \
+             --out "$work/grid" "$@" 2>&1 | tee "$work/grid.log" ;;
   *) echo "unknown stage $stage (check | targets | grid)" >&2; exit 2 ;;
 esac
-echo "results in $dest"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 124 ] && echo "stage $stage stopped at ${limit} s; what it measured is kept" | tee -a "$work/gpu.txt"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu-$stage-$day.tgz" -C "$(dirname "$work")" "$(basename "$work")"
+  echo "results packed in \$OUT/gpu-$stage-$day.tgz (exit $rc)"
+else
+  echo "results in $work (exit $rc)"
+fi
+exit "$rc"

@@ -5,14 +5,16 @@ TF32; this runs the same comparison on CUDA tensors for the configurations that 
 offset-table layer with every flag, and the dense edge term), with fresh random inputs and
 odd sizes, and a repeat run for determinism. Prints one line per case and exits 1 on a failure.
 
-    python benchmarks/gpu_check.py            # a few minutes, most of it compiling kernels
+    python3 benchmarks/gpu_check.py           # a few minutes, most of it compiling kernels
 """
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))  # the package from this checkout, installed or not
+sys.path.insert(0, str(_ROOT / "tests"))
 from helpers import rel_err  # noqa: E402
 from test_egnn_cpu import FLAG_SETS, make_problem  # noqa: E402
 
@@ -34,8 +36,10 @@ def run(backend, args, kw, dtype, upstream):
 
 def main() -> int:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    # H = 256: the chunked forward and (bf16) the fused backward with its 144 KB of shared memory; fp32
+    # gradients at 256 go through the reference by design
     cases = [(64, "offset", FLAG_SETS[4]), (128, "offset", FLAG_SETS[4]), (32, "dense", FLAG_SETS[5]),
-             (16, "none", FLAG_SETS[0])]
+             (16, "none", FLAG_SETS[0]), (256, "offset", FLAG_SETS[3])]
     worst, failed = 0.0, 0
     for dtype in (torch.float32, torch.bfloat16):
         for H, edge, flags in cases:
@@ -49,16 +53,20 @@ def main() -> int:
                 got = run("triton", args, kw, dtype, up)
                 again = run("triton", args, kw, dtype, up)
                 same = all(torch.equal(a, b) for a, b in zip(got, again))
+                names = ["m_i", "dx_i", "d x", "d p", "d q", "d w_d", "d W2", "d b2", "d W3", "d b3", "d w4"] + \
+                    [f"d {k}" for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
                 ratios = []
                 for a, w, r in zip(got, want, low):
                     err, base = rel_err(a, w), rel_err(r, w)
-                    ratios.append(err / max(base, 1e-7 if dtype == torch.float32 else 1e-4))
+                    # floors: fp32 runs 3xTF32 dots (~2^-22 per product against fp32's 2^-24)
+                    ratios.append(err / max(base, 1e-6 if dtype == torch.float32 else 1e-4))
+                worst_name = names[max(range(len(ratios)), key=ratios.__getitem__)]
                 ok = same and max(ratios) <= 3.0 and all(bool(torch.isfinite(a).all()) for a in got)
                 worst = max(worst, max(ratios))
                 failed += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {str(dtype):<15} H={H:<4} {edge:<7} B={B} N={N:<4} "
                       f"m err {rel_err(got[0], want[0]):.1e} dx err {rel_err(got[1], want[1]):.1e} "
-                      f"worst error / torch's own at this dtype {max(ratios):.2f} deterministic {same}", flush=True)
+                      f"worst error / torch's own at this dtype {max(ratios):.2f} ({worst_name}) deterministic {same}", flush=True)
     print(f"{failed} failed; worst ratio {worst:.2f}")
     return 1 if failed else 0
 

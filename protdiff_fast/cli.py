@@ -36,7 +36,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "protdiff-fast bench " + " ".join(a for a in (args.suite, "--quick" if args.quick else "") if a)
     result = runner.run(suites, device, args.quick, args.out, args.timeout, args.compare, command,
                         providers=args.providers.split(",") if args.providers else None,
-                        which="targets" if args.targets else "full")
+                        which="targets" if args.targets else "full",
+                        dtypes=args.dtypes.split(",") if args.dtypes else None,
+                        hidden=[int(h) for h in args.hidden.split(",")] if args.hidden else None,
+                        max_n=args.max_n)
     print(f"wrote {args.out}/results.json, {args.out}/results.md" +
           (" (no plots: matplotlib missing)" if result["plots"] is None else f" and {len(result['plots'])} plots"))
     return 1 if result["regressions"] else 0
@@ -390,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=float, default=300.0, help="seconds per row before it is recorded as timeout")
     bench.add_argument("--providers", default=None, help="comma-separated subset: reference,cpu,triton,egnn-pytorch")
     bench.add_argument("--compare", default=None, metavar="OLD.json", help="print the change against an earlier results.json")
+    bench.add_argument("--dtypes", default=None, help="comma-separated subset of the grid's dtypes: float32,bfloat16,...")
+    bench.add_argument("--hidden", default=None, help="comma-separated subset of the grid's H values (egnn rows)")
+    bench.add_argument("--max-n", type=int, default=None, help="leave out rows with N above this")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -48,3 +48,20 @@ def test_triton_design_is_the_same_alone_and_in_a_batch():
     alone = sample(model, lengths, batch_size=1, design_indices=[1], **kw)
     assert alone[0] is None and np.array_equal(alone[1], batch[1])
     assert all(np.isfinite(b).all() for b in batch)
+
+
+def test_capture_only_where_a_graph_can_hold_the_step():
+    """Which batches the runner would capture on a GPU: seeded in-kernel noise and the full schedule
+    only. The strided (DDIM-style) step gathers coefficients on the host, and a generator's noise is
+    not replayable: those run uncaptured instead of failing a capture on every GPU run."""
+    class CudaMask:  # only the device is read when deciding; no GPU needed
+        device = torch.device("cuda")
+
+    seeds = torch.zeros(2, dtype=torch.long)
+    full, strided = DDPMScheduler(10), DDPMScheduler(10)
+    full.set_timesteps(None)
+    strided.set_timesteps(5)
+    assert DenoiseStep(None, full, CudaMask(), seeds=seeds, capture=True).capture
+    assert not DenoiseStep(None, strided, CudaMask(), seeds=seeds, capture=True).capture
+    assert not DenoiseStep(None, full, CudaMask(), seeds=None, generator=torch.Generator(), capture=True).capture
+    assert not DenoiseStep(None, full, CudaMask(), seeds=seeds, capture=False).capture

@@ -25,14 +25,16 @@ from protdiff_fast.bench.egnn import (SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, 
 
 
 def _git_commit() -> str:
+    """HEAD (+dirty), else $PROTDIFF_FAST_COMMIT (a device machine gets the tree without .git), else 'unknown'."""
+    fallback = os.environ.get("PROTDIFF_FAST_COMMIT", "").strip() or "unknown"
     try:
         here = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else fallback
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def _cpu_model() -> str:
@@ -343,6 +345,17 @@ def _slope(xs: List[float], ys: List[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / var
 
 
+def _fused_backward(provider: str, mode: str, dtype: str, H: int) -> bool:
+    """False where a fused backend's gradients go through the reference by design (triton: fp32 at
+    H = 256, whose fused backward would need 256 KB of shared memory): O(N^2) memory there is
+    documented, not a regression."""
+    if provider != "triton" or mode != "fwdbwd":
+        return True
+    from protdiff_fast.ops.egnn_triton import has_fused_backward
+
+    return has_fused_backward(H, getattr(torch, dtype.replace("-medium", "")))
+
+
 def scaling(result: Dict) -> List[Dict]:
     """Exponents of time and peak memory in N per (egnn mode, dtype, H, B, provider), from rows with
     N >= SCALING_MIN_N (at least 3 distinct N; for memory, at least 3 with peaks >= 1 MiB);
@@ -361,7 +374,9 @@ def scaling(result: Dict) -> List[Dict]:
         big = [r for r in rs if (r.get("peak_mem_bytes") or 0) >= MEMORY_FIT_FLOOR]
         if len({r["N"] for r in big}) >= 3:
             fit["memory_exponent"] = _slope([r["N"] for r in big], [r["peak_mem_bytes"] for r in big])
-        fit["memory_regression"] = bool(provider in FUSED_PROVIDERS and fit["memory_exponent"] is not None
+        fit["fused_backward"] = _fused_backward(provider, mode, dtype, H)
+        fit["memory_regression"] = bool(provider in FUSED_PROVIDERS and fit["fused_backward"]
+                                        and fit["memory_exponent"] is not None
                                         and fit["memory_exponent"] > MEMORY_EXPONENT_LIMIT)
         fits.append(fit)
     return fits
@@ -380,6 +395,8 @@ def scaling_markdown(fits: List[Dict]) -> str:
         mem = "n/a" if f["memory_exponent"] is None else f"{f['memory_exponent']:.2f}"
         if f["memory_regression"]:
             mem = f"**{mem} REGRESSION**"
+        elif not f.get("fused_backward", True):
+            mem += " (gradients through the reference here, by design)"
         lines.append(f"| {f['mode']} | {f['dtype']} | {f['H']} | {f['B']} | {f['provider']} | "
                      f"{f['n_min']}..{f['n_max']} | {f['time_exponent']:.2f} | {mem} |")
     return "\n".join(lines) + "\n"
@@ -494,7 +511,8 @@ def compare(old_path: str, new: Dict) -> str:
 
 
 def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: float, compare_to: Optional[str],
-        command: str, providers: Optional[List[str]] = None, which: str = "full") -> Dict:
+        command: str, providers: Optional[List[str]] = None, which: str = "full",
+        dtypes: Optional[List[str]] = None, hidden: Optional[List[int]] = None, max_n: Optional[int] = None) -> Dict:
     threads = torch.get_num_threads()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -503,6 +521,12 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
     rows = grid(device, quick, suites, which)
     if providers:
         rows = [r for r in rows if r["provider"] in providers]
+    if dtypes:
+        rows = [r for r in rows if r["dtype"] in dtypes]
+    if hidden:
+        rows = [r for r in rows if r["suite"] != "egnn" or r["H"] in hidden]
+    if max_n:
+        rows = [r for r in rows if r["N"] <= max_n]
     result = dict(command=command, environment=environment(device, threads), rates=device_rates(device),
                   mem_method="peak resident set of one run after the timed ones, with the C heap's free pages "
                              "handed back first (malloc_trim), minus the resident set before it, plus what the C++ "
@@ -517,6 +541,8 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
         shown = f"{res['median_s'] * 1e3:9.2f} ms" if status == "ok" else f"{status:>12}"
         print(f"[{k + 1}/{len(rows)}] {row['suite']} {row['provider']:>12} {row['mode']:>6} {row['dtype']} "
               f"H={row['H']} B={row['B']} N={row['N']}: {shown}", flush=True)
+        # after every row, so a run stopped part way (a device call's time limit) keeps what it measured
+        _atomic_write(out / "results.json", json.dumps(dict(result, partial=f"{k + 1} of {len(rows)} rows"), indent=1))
     result["scaling"] = scaling(result)
     _atomic_write(out / "results.json", json.dumps(result, indent=1))
     _atomic_write(out / "results.md", markdown(result) + scaling_markdown(result["scaling"]))

@@ -54,6 +54,18 @@ def _kept_bytes() -> int:
     return int(ext.workspace_bytes()) if ext is not None and hasattr(ext, "workspace_bytes") else 0
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed, and nothing else: "CUDA error: an illegal memory access" (a kernel
+    bug) or any other error that merely mentions memory must not become an OOM row."""
+    import torch
+
+    if isinstance(err, MemoryError) or isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    msg = str(err).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg or "cannot allocate memory" in msg \
+        or "failed to allocate" in msg
+
+
 def main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     if spec.get("mem_limit_bytes"):
@@ -131,10 +143,7 @@ def main(spec_json: str) -> None:
         out.update(median_s=statistics.median(times), p20_s=q[0], p80_s=q[3], reps=len(times))
     except (MemoryError, RuntimeError) as err:
         msg = str(err)
-        if isinstance(err, MemoryError) or "memory" in msg.lower() or "alloc" in msg.lower():
-            out = dict(status="OOM", error=msg[:300])
-        else:
-            out = dict(status="error", error=msg[:300])
+        out = dict(status="OOM" if _is_out_of_memory(err) else "error", error=msg[:300])
     print("BENCH_RESULT " + json.dumps(out))
 
 

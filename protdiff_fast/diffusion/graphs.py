@@ -31,8 +31,10 @@ class DenoiseStep:
                  generator: Optional[torch.Generator] = None, capture: bool = False) -> None:
         self.model, self.scheduler, self.mask = model, scheduler, mask
         self.seeds, self.generator = seeds, generator
-        # a CUDA graph replays fixed kernels: noise must come from the kernels' own Philox (seeds)
-        self.capture = bool(capture and mask.device.type == "cuda" and seeds is not None and not _capture_failed)
+        # a CUDA graph replays fixed kernels: noise must come from the kernels' own Philox (seeds), and
+        # the strided (DDIM-style) step gathers its coefficients on the host (t.cpu(), a sync): uncaptured
+        self.capture = bool(capture and mask.device.type == "cuda" and seeds is not None and not _capture_failed
+                            and not getattr(scheduler, "strided", False))
         self.graph = None
         self.captured = False
 
