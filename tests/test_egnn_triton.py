@@ -184,6 +184,20 @@ def test_triton_layer_is_e3_and_permutation_equivariant(reflect):
     assert_close_rel(x3, x1[:, perm], 1e-5, "x permuted")
 
 
+def test_triton_refuses_dense_edges_past_int32_offsets():
+    """B N^2 E may pass 2^31 (the sample's base offset is 64-bit), N^2 E within a sample may not: a
+    clear error instead of wrapped addresses. Checked before anything is allocated or launched."""
+    N, E, H = 8192, 32, 16
+    x = torch.zeros(1, N, 3)
+    node = torch.zeros(1, N, H)
+    weights = [torch.zeros(H), torch.zeros(H, H), torch.zeros(H), torch.zeros(H, H), torch.zeros(H), torch.zeros(H)]
+    edge_attr = torch.zeros(1, 1, 1, E).expand(1, N, N, E)  # a view: no 8 GB allocated
+    with pytest.raises(ValueError, match="2\\^31"):
+        egnn_triton.egnn_pair_aggregate_triton(x, node, node, weights[0], weights[1], weights[2], weights[3],
+                                               weights[4], weights[5], edge_attr=edge_attr,
+                                               W_e=torch.zeros(E, H))
+
+
 def test_triton_bad_input():
     args, kw = make_problem(2, 5, 16, 2, "none", {}, seed=1)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16, got torch.float64"):

@@ -242,8 +242,8 @@ def _pair_tile(
     if EDGE == 1:  # dense edge_attr (B, N, N, E) through W_e
         ecol = tl.arange(0, EP)
         in_range = (i[:, None] < N) & (j[None, :] < N)
-        pair_off = (b * N + i[:, None]) * N + j[None, :]
-        e3 = tl.load(ea_ptr + pair_off[:, :, None] * E + ecol[None, None, :],
+        pair_off = i[:, None] * N + j[None, :]  # within the sample; the sample's base in 64 bits (B N^2 E > 2^31)
+        e3 = tl.load(ea_ptr + b.to(tl.int64) * N * N * E + pair_off[:, :, None] * E + ecol[None, None, :],
                      mask=in_range[:, :, None] & (ecol < E)[None, None, :], other=0.0)
         e = tl.reshape(e3.to(tl.float32), (M, EP))
         W_e = tl.load(We_ptr + ecol[:, None] * H + hcol[None, :], mask=(ecol < E)[:, None], other=0.0)
@@ -322,8 +322,8 @@ def _pair_phi_chunked(
     if EDGE == 1:  # dense edge_attr (B, N, N, E), [M, EP]: small, kept for every K chunk
         ecol = tl.arange(0, EP)
         in_range = (i[:, None] < N) & (j[None, :] < N)
-        pair_off = (b * N + i[:, None]) * N + j[None, :]
-        e3 = tl.load(ea_ptr + pair_off[:, :, None] * E + ecol[None, None, :],
+        pair_off = i[:, None] * N + j[None, :]  # within the sample; the sample's base in 64 bits (B N^2 E > 2^31)
+        e3 = tl.load(ea_ptr + b.to(tl.int64) * N * N * E + pair_off[:, :, None] * E + ecol[None, None, :],
                      mask=in_range[:, :, None] & (ecol < E)[None, None, :], other=0.0)
         e = tl.reshape(e3.to(tl.float32), (M, EP))
     r = tl.zeros((M, H), dtype=tl.float32) + tl.load(b2_ptr + hcol).to(tl.float32)[None, :]
@@ -584,7 +584,7 @@ def _egnn_bwd_kernel(
                         i_m = blk * BI + pair // BJ
                         j_m = ob * BJ + pair % BJ
                         ok = (i_m < N) & (j_m < N)
-                        dea_row = dea_ptr + ((b * N + i_m) * N + j_m) * E
+                        dea_row = dea_ptr + b.to(tl.int64) * N * N * E + (i_m * N + j_m) * E  # sample base in 64 bits
                         for c in range(0, E):
                             We_c = tl.load(We_ptr + c * H + hcol).to(tl.float32)
                             tl.store(dea_row + c, tl.sum(d_z * We_c[None, :], axis=1).to(dea_ptr.dtype.element_ty), mask=ok)
@@ -598,7 +598,7 @@ def _egnn_bwd_kernel(
                     d_rel = tl.dot(onehot, d_z, input_precision="ieee")  # exact (a gather-sum) and lighter than 3xTF32
                     rows = k_lo + w
                     ok = (rows <= 2 * K)[:, None]
-                    addr = prel_ptr + (prog * (2 * K + 1) + rows[:, None]) * H + hcol[None, :]
+                    addr = prel_ptr + prog.to(tl.int64) * (2 * K + 1) * H + rows[:, None] * H + hcol[None, :]  # P K H > 2^31 past N = 8192
                     tl.store(addr, tl.load(addr, mask=ok, other=0.0) + d_rel, mask=ok)
                 tl.debug_barrier()  # the next tile's read-modify-writes may touch rows other threads wrote
             else:
@@ -819,6 +819,10 @@ def egnn_pair_aggregate_triton(
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: the triton backend runs float32, bfloat16 or float16, got {x.dtype} "
                         "(use backend='cpu' or 'reference' for float64)")
+    N = x.shape[1] if x.dim() == 3 else 0
+    if edge_attr is not None and N * N * edge_attr.shape[-1] >= 2 ** 31:  # in-sample offsets are int32
+        raise ValueError(f"edge_attr: N^2 E = {N * N * edge_attr.shape[-1]} elements per sample exceed the triton "
+                         "kernels' 2^31 limit; use the relative-offset table (rel=) or fewer edge features")
     mask, b_att = check_egnn_pair_aggregate_inputs(
         x, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, edge_attr=edge_attr, W_e=W_e, rel=rel,
         w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
