@@ -1,0 +1,80 @@
+"""benchmarks/gpu.sh, the script a lent GPU machine runs, exercised here with stand-ins for python3 and
+nvidia-smi: each stage must run from a bare checkout, pass its arguments through, stop at its time limit
+keeping what it measured, and pack everything into the one archive the device tool brings back."""
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None,
+                                reason="needs bash and tar")
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "$@" >> "$FAKE_LOG"
+case "$*" in
+  *gpu_check.py*) echo "fake check line"; exit "${FAKE_RC:-0}" ;;
+  -c*) echo "torch fake cuda fake triton fake" ;;
+  *protdiff_fast.cli*)
+    out=""; prev=""
+    for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
+    mkdir -p "$out"; echo '{"rows": []}' > "$out/results.json"
+    [ -n "${FAKE_SLEEP:-}" ] && exec sleep "$FAKE_SLEEP"
+    exit "${FAKE_RC:-0}" ;;
+esac
+"""
+
+
+def _run(tmp_path, stage, *extra, env_extra=None):
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name, text in (("python3", FAKE_PYTHON), ("nvidia-smi", "#!/usr/bin/env bash\necho 'name, driver'\n")):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", OUT=str(out), FAKE_LOG=str(tmp_path / "calls"),
+               **(env_extra or {}))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), stage, *extra], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    archives = sorted(out.glob("*.tgz"))
+    members = {}
+    if archives:
+        with tarfile.open(archives[0]) as tar:
+            members = {m.name.split("/", 1)[-1]: tar.extractfile(m).read().decode() for m in tar.getmembers()
+                       if m.isfile()}
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    return proc, archives, members, calls
+
+
+def test_check_stage_packs_one_archive_and_keeps_the_exit_status(tmp_path):
+    proc, archives, members, calls = _run(tmp_path, "check", env_extra=dict(FAKE_RC="3"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert len(archives) == 1 and archives[0].name.startswith("gpu-check-")
+    assert "fake check line" in members["gpu_check.txt"]
+    assert members["commit.txt"].strip() and "name, driver" in members["gpu.txt"]
+    assert "benchmarks/gpu_check.py" in calls
+
+
+def test_targets_stage_runs_the_cli_from_the_checkout_with_the_extra_arguments(tmp_path):
+    proc, archives, members, calls = _run(tmp_path, "targets", "--providers", "triton")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "targets/results.json" in members
+    line = next(c for c in calls.splitlines() if "protdiff_fast.cli" in c)
+    assert "bench all --targets --device cuda" in line and line.endswith("--providers triton")
+
+
+def test_a_stage_stops_at_its_time_limit_and_keeps_its_results(tmp_path):
+    proc, archives, members, _ = _run(tmp_path, "grid", "--hidden", "128",
+                                      env_extra=dict(STAGE_TIMEOUT="1", FAKE_SLEEP="20"))
+    assert proc.returncode == 124
+    assert "grid/results.json" in members and "stopped at 1 s" in members["gpu.txt"]
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    proc, archives, _, _ = _run(tmp_path, "everything")
+    assert proc.returncode == 2 and "unknown stage" in proc.stderr
