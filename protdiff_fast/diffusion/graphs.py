@@ -55,6 +55,9 @@ class DenoiseStep:
             except Exception as err:  # noqa: BLE001 - any capture failure: run uncaptured, say so once
                 global _capture_failed
                 _capture_failed, self.capture, self.graph = True, False, None
+                # a capture that failed inside torch.cuda.graph can raise again in its exit before the
+                # previous stream is restored: go back to the device's default stream explicitly
+                torch.cuda.set_stream(torch.cuda.default_stream(x.device))
                 warnings.warn(f"protdiff_fast: CUDA graph capture of the sampling step failed ({err}); "
                               "sampling goes on without graphs", RuntimeWarning, stacklevel=2)
                 torch.cuda.synchronize()
