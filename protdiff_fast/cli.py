@@ -154,7 +154,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     lengths = _parse_lengths(args.length)
     rng = random.Random(args.seed)
     chosen = [rng.choice(lengths) for _ in range(args.num)] if len(lengths) > 1 else lengths * args.num
-    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend)
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend,
+                              noise_scale=args.noise_scale)
     from protdiff_fast.diffusion.sampler import OutputError, read_manifests
 
     if args.design_index is not None and not 0 <= args.design_index < len(chosen):
@@ -327,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--ckpt", default=None, help="checkpoint (default: the small model shipped in the package)")
     sm.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all)")
     sm.add_argument("--batch-size", type=int, default=None, help="designs per batch (default: the largest estimated to fit)")
+    sm.add_argument("--noise-scale", type=float, default=1.0,
+                    help="scale of the noise added per step, 0..2 (default 1: the DDPM sampler; below 1: fewer "
+                         "clashes, more compact chains, less diversity)")
     sm.add_argument("--no-cuda-graphs", action="store_true",
                     help="on a GPU, run each step uncaptured (default: one CUDA graph per batch, same results)")
     sm.add_argument("--seed", type=int, default=0)

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--compare", default=None, help="another checkpoint to sample with the same seeds (a column)")
     ap.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"])
     ap.add_argument("--skip-untrained", action="store_true", help="no untrained-model column")
+    ap.add_argument("--noise-scale", type=float, default=1.0, help="DDPMScheduler(noise_scale=...) for every model")
     args = ap.parse_args()
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
@@ -43,7 +44,7 @@ def main() -> None:
     held = BackboneDataset.from_npz(args.data, split=args.split, max_length=cfg.max_length)
     real = [c.double().numpy() * held.scale for c in held.coords][: args.num]
     lengths = [len(c) for c in real] * args.repeats
-    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, noise_scale=args.noise_scale)
     columns, timing = {f"real ({args.split}, n={len(real)})": summarize([backbone_metrics(c) for c in real])}, {}
     models = [("this model", trained)]
     if args.compare:
@@ -63,7 +64,8 @@ def main() -> None:
         f"--num {args.num} --seed {args.seed} --repeats {args.repeats}"
         + (f" --compare {args.compare}" if args.compare else "")
         + (f" --matmul-precision {args.matmul_precision}" if args.matmul_precision else "")
-        + (" --skip-untrained" if args.skip_untrained else "") + "`",
+        + (" --skip-untrained" if args.skip_untrained else "")
+        + (f" --noise-scale {args.noise_scale:g}" if args.noise_scale != 1.0 else "") + "`",
         f"- machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; sampling time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()),
         f"- model: {sum(p.numel() for p in trained.parameters())} parameters, config {cfg.to_dict()}",

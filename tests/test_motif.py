@@ -317,6 +317,9 @@ def test_scaffold_bad_input():
         scaffold(model, y0, [100], [[0, 1]], **ok)
     with pytest.raises(ValueError, match="NaN"):
         scaffold(model, torch.full((2, 3), float("nan")), [5], [[0, 1]], **ok)
+    tempered = DDPMScheduler(20, 1e-3, 0.2, backend="reference", noise_scale=0.5)
+    with pytest.raises(ValueError, match="noise_scale=0.5 with method 'smc'"):
+        scaffold(model, y0, [5], [[0, 1]], scheduler=tempered, dtype=torch.float64)
 
 
 def test_nan_model_output_and_degenerate_weights_raise_clearly():

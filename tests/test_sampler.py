@@ -564,3 +564,62 @@ def test_progress_line_counts_designs_finished_elsewhere():
     now[0] = 11.0
     bar.line()
     assert polled == [0.0, 10.0], "polled at most every 2 s"
+
+
+NOISE_BACKENDS = ["reference"] + (["cpu"] if HAS_CPU else []) + ["triton"]
+
+
+@pytest.mark.parametrize("backend", NOISE_BACKENDS)
+@pytest.mark.parametrize("steps", [None, 7])
+def test_noise_scale_scales_the_added_noise_only(backend, steps):
+    """noise_scale s: x_prev = mean + s sigma z, i.e. the unscaled step given the noise s z; padding
+    stays exactly zero and the centre of mass zero; s = 1 is the plain step bit for bit; s = 0 the mean."""
+    dtype = torch.float32 if backend == "triton" else F64
+    g = torch.Generator().manual_seed(4)
+    mask = random_mask(3, 11, generator=g, min_real=2)
+    x = remove_center_of_mass_reference(torch.randn(3, 11, 3, generator=g, dtype=F64), mask).to(dtype)
+    eps, z = (torch.randn(3, 11, 3, generator=g, dtype=F64).to(dtype) for _ in range(2))
+    plain = DDPMScheduler(1000, backend=backend)
+    plain.set_timesteps(steps)
+    t = torch.tensor([int(plain.timesteps[0]), int(plain.timesteps[3]), 1])
+    for s in (0.0, 0.5, 1.0, 1.3):
+        scaled = DDPMScheduler(1000, backend=backend, noise_scale=s)
+        scaled.set_timesteps(steps)
+        got = scaled.step(eps, t, x, mask=mask, noise=z)
+        want = plain.step(eps, t, x, mask=mask, noise=z * s)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert_close_rel(got.prev_sample, want.prev_sample, tol, f"prev s={s}")
+        assert torch.equal(got.mean, want.mean)
+        assert bool((got.prev_sample[~mask] == 0).all())
+        com = (got.prev_sample * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        assert float(com.abs().max()) < 10 * tol
+        if s == 1.0:
+            assert torch.equal(got.prev_sample, plain.step(eps, t, x, mask=mask, noise=z).prev_sample)
+        if s == 0.0:
+            assert torch.equal(got.prev_sample, got.mean)
+
+
+def test_noise_scale_is_checked_and_part_of_the_run(tmp_path):
+    for bad in (-0.1, 2.5, float("nan"), "1"):
+        with pytest.raises(ValueError, match="noise_scale must lie in"):
+            DDPMScheduler(noise_scale=bad)
+    assert "noise_scale" not in DDPMScheduler().config  # runs made before the option keep their identity
+    assert DDPMScheduler(noise_scale=0.5).config["noise_scale"] == 0.5
+    model = ExactGaussianEps(DDPMScheduler(20).schedule, 1.0, max_length=16)
+    folder = tmp_path / "d"
+    sample(model, [6, 8], seed=1, scheduler=DDPMScheduler(20), out_dir=folder, progress=False, scale=1.0)
+    with pytest.raises(ValueError, match=r"holds a different sampling run .*noise_scale"):
+        sample(model, [6, 8], seed=1, scheduler=DDPMScheduler(20, noise_scale=0.5), out_dir=folder, progress=False,
+               resume=True, scale=1.0)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the shipped model on the cpu backend")
+def test_cli_noise_scale(tmp_path):
+    from protdiff_fast.cli import main
+
+    out = tmp_path / "n"
+    assert main(["sample", "--length", "40", "--num", "1", "--steps", "5", "--noise-scale", "0.5", "--no-progress",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["scheduler"]["noise_scale"] == 0.5
+    assert main(["sample", "--length", "40", "--num", "1", "--noise-scale", "3", "--out", str(tmp_path / "m")]) == 2

@@ -10,6 +10,13 @@ backend (:func:`protdiff_fast.ops.ddpm_step`). Strided sampling (``set_timesteps
 uses the generalized DDIM update (Song et al. 2021, eq. 12) on the sub-sequence
 tau_K > ... > tau_1, with sigma = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev):
 eta = 1 is ancestral sampling of the respaced chain, eta = 0 is deterministic DDIM.
+
+``noise_scale`` (default 1: the DDPM sampler) scales the noise each step adds:
+x_{t_prev} = mean + noise_scale * sigma_t z, the "noise scale" knob of protein samplers such as
+RFdiffusion's (`denoiser.noise_scale_ca`). Below 1 it trades diversity for fewer clashes and more
+compact chains; it is no longer a sample of the model's distribution. Applied after the backend's
+step as mean + noise_scale (prev - mean) (prev - mean = sigma_t z, projected), so every backend and
+the CUDA-graph path get it unchanged.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ class DDPMScheduler:
         variance_type: str = "fixed_small",
         eta: float = 1.0,
         backend: str = "auto",
+        noise_scale: float = 1.0,
     ) -> None:
         if variance_type not in VARIANCES:
             raise ValueError(f"variance_type: expected one of {VARIANCES}, got {variance_type!r}")
@@ -47,6 +55,11 @@ class DDPMScheduler:
         self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end, kind=beta_schedule)
         self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                            beta_schedule=beta_schedule, variance_type=variance_type, eta=eta)
+        if not (isinstance(noise_scale, (int, float)) and 0.0 <= float(noise_scale) <= 2.0):
+            raise ValueError(f"noise_scale must lie in [0, 2] (1: the DDPM sampler), got {noise_scale!r}")
+        self.noise_scale = float(noise_scale)
+        if self.noise_scale != 1.0:  # only then: runs and manifests made before the option stay identical
+            self.config["noise_scale"] = self.noise_scale
         self.variance_type, self.eta, self.backend = variance_type, eta, backend
         self.set_timesteps(None)
 
@@ -88,9 +101,10 @@ class DDPMScheduler:
     ) -> SchedulerOutput:
         """x_t -> x_{t_prev} given the predicted noise ``model_output`` (eps_hat)."""
         if not self.strided:
-            out = ddpm_step(self.schedule, sample, model_output, timestep, mask=mask, noise=noise, seed=seed,
-                            generator=generator, variance=self.variance_type, backend=self.backend)
-            return SchedulerOutput(*out)
+            out = SchedulerOutput(*ddpm_step(self.schedule, sample, model_output, timestep, mask=mask, noise=noise,
+                                             seed=seed, generator=generator, variance=self.variance_type,
+                                             backend=self.backend))
+            return self._scale_noise(out)
         t, mask = check_step_inputs(self.schedule, sample, model_output, timestep, mask, noise, "fixed_small")
         if not bool(self._in_sequence[t.cpu()].all()):
             raise ValueError("timestep: not in the sequence set by set_timesteps()")
@@ -111,7 +125,13 @@ class DDPMScheduler:
         mean = remove_center_of_mass_reference(mean, mask)
         prev = remove_center_of_mass_reference(mean + sigma * z, mask)
         keep = mask.unsqueeze(-1)
-        return SchedulerOutput(prev, torch.where(keep, x0, torch.zeros_like(x0)), mean)
+        return self._scale_noise(SchedulerOutput(prev, torch.where(keep, x0, torch.zeros_like(x0)), mean))
+
+    def _scale_noise(self, out: SchedulerOutput) -> SchedulerOutput:
+        """mean + noise_scale * (prev - mean): padding stays zero, the centre of mass stays zero."""
+        if self.noise_scale == 1.0:
+            return out
+        return out._replace(prev_sample=torch.lerp(out.mean, out.prev_sample, self.noise_scale))
 
 
 def _per_sample_noise(seeds: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:

@@ -261,6 +261,9 @@ def scaffold(
         raise ValueError(f"lengths: {max(lengths)} exceeds the model's max_length {max_length}")
 
     scheduler = scheduler or DDPMScheduler()
+    if method == "smc" and getattr(scheduler, "noise_scale", 1.0) != 1.0:
+        raise ValueError(f"scheduler: noise_scale={scheduler.noise_scale} with method 'smc': the SMCDiff weights are "
+                         "the motif's likelihood under the model's reverse transition (noise_scale 1)")
     scheduler.set_timesteps(num_inference_steps)
     steps = [int(t) for t in scheduler.timesteps.tolist()]  # descending
     ascending = [0] + steps[::-1]
