@@ -63,7 +63,8 @@ def _attrs(kernel, sig):
 
 def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None):
     import torch
-    BI, BJ, warps = config or et.block_sizes(H, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), pass_)
+    BI, BJ, warps = config or et.block_sizes(H, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), pass_,
+                                             edge)
     kernel = et._egnn_fwd_kernel if pass_ == "fwd" else et._egnn_bwd_kernel
     sig = _signature(kernel, dtype, pass_)
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
@@ -117,6 +118,8 @@ def configs(quick: bool, ci: bool = False):
             yield H, "bf16", 2, True, True, True, "fwd"
         yield 32, "fp32", 1, True, False, True, "fwd"
         yield 128, "bf16", 2, True, True, True, "fwd"  # the GPU target's size
+        yield 128, "bf16", 2, False, False, True, "fwd"  # ... with ProtDiff's flags (its own block config)
+        yield 128, "bf16", 0, False, False, False, "fwd"
         yield 256, "bf16", 2, True, True, True, "fwd"  # ProtDiff's published size (chunked products)
         yield 256, "fp32", 1, True, False, True, "fwd"  # a known spill (3xTF32), still within shared memory
         yield 32, "bf16", 2, True, True, True, "bwd_i"
@@ -128,7 +131,9 @@ def configs(quick: bool, ci: bool = False):
     for H, dtype, pass_ in itertools.product(hs, ("fp32", "bf16"), ("fwd", "bwd_i", "bwd_j")):
         if (H, dtype == "fp32", pass_) not in et._CONFIGS:
             continue  # no fused backward here (fp32 at H = 256: the reference recomputes the gradients)
-        flag_sets = [(0, False, False, False), (2, True, True, True), (1, True, False, True)]
+        # no edge term and no flags; every flag with the offset table; dense edges; ProtDiff's own layer
+        # (offset table, normalize, no attention, no tanh)
+        flag_sets = [(0, False, False, False), (2, True, True, True), (1, True, False, True), (2, False, False, True)]
         if quick:
             flag_sets = flag_sets[1:]
         for edge, att, tanh, norm in flag_sets:

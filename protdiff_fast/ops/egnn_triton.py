@@ -101,6 +101,11 @@ _CONFIGS = {
     # also spilled ~48 KB there)
     (256, False, "bwd_i"): (1, 16, 8), (256, False, "bwd_j"): (16, 1, 8),
 }
+# Where the edge term changes the register allocation enough: the configuration for calls with an
+# edge term (offset table or dense), keyed like _CONFIGS. H = 128 bf16 forward: 4 x 32 spilled 36 B
+# with the offset table and ProtDiff's flags (normalize, no attention, no tanh), 8 x 16 spills 0 B
+# with every edge term and flag set but 8 B without an edge term, where 4 x 32 spills 0 B.
+_EDGE_CONFIGS = {(128, False, "fwd"): (8, 16, 8)}
 # H = 256 forward: (K_CHUNK, N_CHUNK) by fp32?. Swept on sm_90 at M = 4 x 16, 8 warps: bf16 (32, 64) 0 B
 # of spills, 97 KB smem; fp32 (16, 32) 236-408 B, 224 KB smem ((16, 16): 252-436 B; 64-column W3 chunks
 # put fp32 over the 227 KB of shared memory)
@@ -120,8 +125,9 @@ KNOWN_SPILLS = {
     # bf16 backward at H = 256 (dw_chunk 64 / 16, the best of 16-256): bwd_i 1.1-1.5 KB, bwd_j 0.9-1.3 KB
     (256, False, "bwd_i"), (256, False, "bwd_j"),
     # fp32 backward at H = 16 / 64 after the grid-stride loop over own blocks (which bounds the weight-
-    # gradient partials to O(programs H^2)): 8-32 B on some flag/edge sets, 0 before that loop
-    (16, True, "bwd_i"), (64, True, "bwd_i"), (64, True, "bwd_j"),
+    # gradient partials to O(programs H^2)): 8-32 B on some flag/edge sets, 0 before that loop; H = 16
+    # rows-j with ProtDiff's flags (offset table, normalize): 8 B
+    (16, True, "bwd_i"), (16, True, "bwd_j"), (64, True, "bwd_i"), (64, True, "bwd_j"),
 }
 
 
@@ -153,15 +159,18 @@ def dw_chunk(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "bwd_i")
     return 16 if H >= 128 else H
 
 
-def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd") -> Tuple[int, int, int]:
-    """(BLOCK_I, BLOCK_J, num_warps) for ``kernel`` in {"fwd", "bwd_i", "bwd_j"}."""
+def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd", edge: int = 0
+                ) -> Tuple[int, int, int]:
+    """(BLOCK_I, BLOCK_J, num_warps) for ``kernel`` in {"fwd", "bwd_i", "bwd_j"}; ``edge``: 0 none,
+    1 dense edge_attr, 2 offset table."""
     if _interpreting():  # the interpreter's cost is per program and loop step: large blocks
         return 32, 32, 4
     env = os.environ.get("PROTDIFF_FAST_TRITON_BLOCKS")  # "BI,BJ,WARPS": for tuning sweeps only
     if env:
         bi, bj, w = (int(v) for v in env.split(","))
         return bi, bj, w
-    return _CONFIGS[(H, dtype == torch.float32, kernel)]
+    key = (H, dtype == torch.float32, kernel)
+    return _EDGE_CONFIGS[key] if edge and key in _EDGE_CONFIGS else _CONFIGS[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,7 +653,7 @@ def _edge_mode(edge_attr, rel) -> int:
 def _launch_meta(x, p, edge_attr, rel, flags):
     B, N, _ = x.shape
     H = p.shape[-1]
-    BI, BJ, warps = block_sizes(H, x.dtype, "fwd")
+    BI, BJ, warps = block_sizes(H, x.dtype, "fwd", _edge_mode(edge_attr, rel))
     E = edge_attr.shape[-1] if edge_attr is not None else 0
     K = rel.shape[0] // 2 if rel is not None else 0
     K_CHUNK, N_CHUNK = fwd_chunks(H, x.dtype)
