@@ -600,11 +600,12 @@ def test_noise_scale_scales_the_added_noise_only(backend, steps):
 
 
 def test_noise_scale_is_checked_and_part_of_the_run(tmp_path):
-    for bad in (-0.1, 2.5, float("nan"), "1"):
+    for bad in (-0.1, 2.5, float("nan"), "1", True):
         with pytest.raises(ValueError, match="noise_scale must lie in"):
             DDPMScheduler(noise_scale=bad)
     assert "noise_scale" not in DDPMScheduler().config  # runs made before the option keep their identity
     assert DDPMScheduler(noise_scale=0.5).config["noise_scale"] == 0.5
+    assert DDPMScheduler(noise_scale=np.float32(0.25)).noise_scale == 0.25
     model = ExactGaussianEps(DDPMScheduler(20).schedule, 1.0, max_length=16)
     folder = tmp_path / "d"
     sample(model, [6, 8], seed=1, scheduler=DDPMScheduler(20), out_dir=folder, progress=False, scale=1.0)

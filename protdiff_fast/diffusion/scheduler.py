@@ -20,6 +20,7 @@ the CUDA-graph path get it unchanged.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -55,7 +56,8 @@ class DDPMScheduler:
         self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end, kind=beta_schedule)
         self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                            beta_schedule=beta_schedule, variance_type=variance_type, eta=eta)
-        if not (isinstance(noise_scale, (int, float)) and 0.0 <= float(noise_scale) <= 2.0):
+        if isinstance(noise_scale, bool) or not (isinstance(noise_scale, numbers.Real)
+                                                 and 0.0 <= float(noise_scale) <= 2.0):
             raise ValueError(f"noise_scale must lie in [0, 2] (1: the DDPM sampler), got {noise_scale!r}")
         self.noise_scale = float(noise_scale)
         if self.noise_scale != 1.0:  # only then: runs and manifests made before the option stay identical
