@@ -46,7 +46,7 @@ def _signature(kernel, dtype: str, pass_: str):
             sig[name] = "*u8"
         elif name.endswith("_ptr"):
             sig[name] = f32
-        elif name in ("N", "E", "K"):
+        elif name in ("N", "E", "K", "own_chunk", "other_chunk", "n_other_chunks", "n_regions"):
             sig[name] = "i32"
         elif name in ("eps", "b_att"):
             sig[name] = "fp32"
@@ -112,6 +112,10 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None):
     return rec
 
 
+def _compile_args(cfg):
+    return compile_one(*cfg)
+
+
 def configs(quick: bool, ci: bool = False):
     if ci:  # what the test suite compiles: the spill-free forward sizes, and one backward pair
         for H in (16, 32, 64):
@@ -146,14 +150,21 @@ def main(argv=None) -> int:
     ap.add_argument("--ci", action="store_true", help="the few configurations the test suite compiles")
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--markdown", help="write a table here")
+    ap.add_argument("--jobs", type=int, default=1, help="compile this many configurations at once (processes)")
     args = ap.parse_args(argv)
     records = []
     header = (f"{'kernel':<6} {'H':>4} {'dtype':<5} {'edge':<7} {'att':<5} {'BIxBJ':<6} {'warps':>5} {'regs':>5} "
               f"{'spill':>6} {'smem':>7} {'wgmma':>6} {'mma':>4}  ok")
     print(header, flush=True)
     lines = []
-    for cfg in configs(args.quick, args.ci):
-        r = compile_one(*cfg)
+    cfgs = list(configs(args.quick, args.ci))
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(args.jobs)
+        results = pool.map(_compile_args, cfgs)  # in order
+    else:
+        results = map(_compile_args, cfgs)
+    for r in results:
         records.append(r)
         if "error" in r:
             print(f"{r['kernel']:<6} {r['H']:>4} {r['dtype']:<5} {r['edge']:<7} FAILED {r['error']}", flush=True)

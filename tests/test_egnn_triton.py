@@ -2,6 +2,7 @@
 gradient, masks, odd sizes, every edge term and flag, fp32/bf16/fp16 error bounds, equivariance of
 the layer, bad input; and an ahead-of-time sm_90 compile of the shipped configurations."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -297,3 +298,35 @@ def test_backward_with_fewer_programs_than_blocks(monkeypatch, edge_mode):
     walks all blocks: same answer."""
     monkeypatch.setattr(egnn_triton, "BACKWARD_PROGRAMS", 1)
     compare(2, 70, 16, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=71)
+
+
+@pytest.mark.parametrize("K", [20, 69, 120], ids=["clipped", "K=N-1", "wider-table"])
+def test_offset_table_gradient_over_many_regions(K):
+    """The rows-i pass of the offset table cuts the pairs into square regions, each summing d_z by
+    offset j - i into its own window; the windows are summed per offset and the clipped ends folded
+    afterwards. N = 70 gives 3 x 3 regions here (interpreter blocks of 32): d rel (and d p, summed
+    over column chunks) against the float64 reference for a clipped table, ProtDiff's K = N - 1 and
+    a table wider than the chain (rows past N - 1 get zero)."""
+    assert egnn_triton._regions(70, 2, 32) == (32, 3)
+    compare(2, 70, 16, 3, "offset", FLAG_SETS[4], torch.float32, seed=90 + K, K=K)
+
+
+def test_backward_workspace_stays_o_n_h_with_the_full_offset_table(monkeypatch):
+    """ProtDiff's offset table has K = N - 1. One (2K + 1, H) partial table per program (the old
+    backward: 512 of them) would be 8.6 GB at N = 8192, H = 256; the per-region windows and per-chunk
+    partials are O(n_chunks B N H), and the weight-gradient partials do not grow with N. These are
+    the shapes _backward allocates (it calls the same function), at the GPU's block sizes."""
+    monkeypatch.setattr(egnn_triton, "_interpreting", lambda: False)
+    for B, N, H in [(1, 8192, 256), (1, 8192, 128), (8, 512, 128), (4, 128, 256), (64, 1000, 64)]:
+        shapes = egnn_triton.backward_workspace(B, N, H, torch.bfloat16, edge=2)
+        nbytes = {name: 4 * math.prod(shape) for name, (shape, _) in shapes.items()}
+        grows_with_n = sum(v for k, v in nbytes.items() if k not in ("pW2", "pW3", "pvec", "pvec2"))
+        assert grows_with_n <= 64 * 4 * B * N * H, (B, N, H, nbytes)
+        programs = shapes["pW2"][0][0] + shapes["pW3"][0][0]
+        assert programs <= 2 * egnn_triton.BACKWARD_PROGRAMS
+        # the windows cover every offset of every region, so together at least one table's worth
+        assert shapes["rel_windows"][0][1] * (shapes["rel_windows"][0][2] + 1) >= 2 * N - 1
+    big = egnn_triton.backward_workspace(1, 8192, 256, torch.bfloat16, edge=2)
+    assert sum(4 * math.prod(s) for s, _ in big.values()) < 1.0e9  # was > 8.6e9 with per-program tables
+    none = egnn_triton.backward_workspace(1, 8192, 256, torch.bfloat16, edge=0)
+    assert "rel_windows" not in none and none["d_p"][0] == (1, 1, 8192, 256)  # one partial: d_p itself

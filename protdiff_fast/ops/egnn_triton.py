@@ -29,8 +29,10 @@ for inference and small N; fp32 training at H = 256 and large N is memory-bound 
 Backward (recomputing every pair quantity instead of storing it):
 
     pass "rows i"  (one program per i-block, loop over j): dp_i, the i-side of dx, and per-program
-                   partial sums of dW2, db2, dw_d, dw_att, db_att, dW_e, drel; d edge_attr_ij (each
-                   pair written once)
+                   partial sums of dW2, db2, dw_d, dw_att, db_att, dW_e; d edge_attr_ij (each pair
+                   written once). With the offset table the programs own square regions of pairs
+                   instead (:func:`_regions`): d rel per region and offset j - i (a window of
+                   2 chunk - 1 rows, not the whole table), dp_i per column chunk, both summed after
     pass "rows j"  (one program per j-block, loop over i): dq_j, the j-side of dx, and partial sums
                    of dW3, db3, dw4 (one [H, H] weight gradient per pass keeps registers in bounds)
     partials are summed afterwards in torch: no atomics, so the result is deterministic.
@@ -53,6 +55,7 @@ only on a GPU.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Tuple
 
@@ -428,9 +431,11 @@ def _egnn_bwd_kernel(
     gm_ptr, gdx_ptr,  # (B,N,H), (B,N,3) fp32 upstream gradients
     dnode_ptr, dx_part_ptr,  # (B,N,H) dp (ROWS_ARE_I) or dq; (B,N,3) this side's share of dx
     dea_ptr,  # (B,N,N,E) d edge_attr (ROWS_ARE_I and NEED_DEA)
-    pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr, prel_ptr,  # per-program partials: (P,H,H) x2, (P,6,H), (P,EP,H), (P,2K+1,H)
+    pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr,  # per-program partials: (P,H,H) x2, (P,6,H), (P,EP,H)
+    prel_ptr,  # (B, n_regions, own_chunk + other_chunk - 1, H): d_rel per region and unclipped offset (_rel_windows)
     stage_ptr,  # (P, M, H), input dtype: per-program scratch for the activation of a chunked weight gradient
     N, E, K, eps,
+    own_chunk, other_chunk, n_other_chunks, n_regions,  # SPLIT_OTHER: regions of own_chunk x other_chunk nodes
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
     ROWS_ARE_I: tl.constexpr, NEED_DEA: tl.constexpr, DW_CHUNK: tl.constexpr,
@@ -451,25 +456,47 @@ def _egnn_bwd_kernel(
     acc_batt = tl.zeros((H,), dtype=tl.float32)  # db_att, spread over H lanes (summed on the host)
     prog = b * P + pid
     hh = hcol[:, None] * H + hcol[None, :]
-    # a bounded number of programs per sample (the launcher's grid), each looping over its share of
-    # the own blocks: the weight-gradient partials are O(programs * H^2), independent of N
-    n_own = tl.cdiv(N, BI if ROWS_ARE_I else BJ)
-    for blk in range(pid, n_own, P):
+    # a bounded number of programs per sample (the launcher's grid): the weight-gradient partials are
+    # O(programs * H^2), independent of N. Each program loops over its share of the own blocks (grid-
+    # stride), against all other blocks; with SPLIT_OTHER (the offset table's rows-i pass) a program
+    # owns one region of own_chunk x other_chunk nodes instead (_regions), so that its d_rel window is
+    # narrow, and d_node and this side's dx are partials per other chunk. The other passes keep the
+    # plain loops: region bookkeeping there cost 10-20 registers (sm_90 compile).
+    OWN_B: tl.constexpr = BI if ROWS_ARE_I else BJ
+    OTHER_B: tl.constexpr = BJ if ROWS_ARE_I else BI
+    SPLIT_OTHER: tl.constexpr = ROWS_ARE_I and EDGE == 2
+    if SPLIT_OTHER:
+        region = pid  # n_regions programs per sample
+        own_lo = region // n_other_chunks * own_chunk  # the region's first own node
+        blk_start = own_lo // OWN_B
+        blk_stop = tl.minimum(tl.cdiv(N, OWN_B), (own_lo + own_chunk) // OWN_B)
+        blk_step = 1
+    else:
+        region = 0
+        blk_start = pid
+        blk_stop = tl.cdiv(N, OWN_B)
+        blk_step = P
+    for blk in range(blk_start, blk_stop, blk_step):
         # the program's own block: rows i (pass 1) or columns j (pass 2); the tile is always (i, j)
-        own = blk * (BI if ROWS_ARE_I else BJ) + tl.arange(0, BI if ROWS_ARE_I else BJ)
+        own = blk * OWN_B + tl.arange(0, OWN_B)
         m_own = (tl.load(mask_ptr + b * N + own, mask=own < N, other=0) != 0) & (own < N)
         xo0, xo1, xo2 = _load_xyz(x_ptr, b * N * 3, own, N)
         if ROWS_ARE_I:
             node_own = _load_rows(p_ptr + b * N * H, own, N, hcol, H).to(tl.float32)
         else:
             node_own = _load_rows(q_ptr + b * N * H, own, N, hcol, H).to(tl.float32)
-        d_node = tl.zeros((BI if ROWS_ARE_I else BJ, H), dtype=tl.float32)
-        dxo0 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
-        dxo1 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
-        dxo2 = tl.zeros((BI if ROWS_ARE_I else BJ,), dtype=tl.float32)
-        n_other = tl.cdiv(N, BJ if ROWS_ARE_I else BI)
-        for ob in range(0, n_other):
-            other = ob * (BJ if ROWS_ARE_I else BI) + tl.arange(0, BJ if ROWS_ARE_I else BI)
+        d_node = tl.zeros((OWN_B, H), dtype=tl.float32)
+        dxo0 = tl.zeros((OWN_B,), dtype=tl.float32)
+        dxo1 = tl.zeros((OWN_B,), dtype=tl.float32)
+        dxo2 = tl.zeros((OWN_B,), dtype=tl.float32)
+        if SPLIT_OTHER:
+            ob_start = region % n_other_chunks * (other_chunk // OTHER_B)
+            ob_stop = ob_start + other_chunk // OTHER_B  # the last chunk's blocks past N are masked
+        else:
+            ob_start = 0
+            ob_stop = tl.cdiv(N, OTHER_B)
+        for ob in range(ob_start, ob_stop):
+            other = ob * OTHER_B + tl.arange(0, OTHER_B)
             m_oth = (tl.load(mask_ptr + b * N + other, mask=other < N, other=0) != 0) & (other < N)
             xt0, xt1, xt2 = _load_xyz(x_ptr, b * N * 3, other, N)
             if ROWS_ARE_I:
@@ -598,16 +625,18 @@ def _egnn_bwd_kernel(
                             We_c = tl.load(We_ptr + c * H + hcol).to(tl.float32)
                             tl.store(dea_row + c, tl.sum(d_z * We_c[None, :], axis=1).to(dea_ptr.dtype.element_ty), mask=ok)
                 if EDGE == 2:
-                    # sum d_z over the tile's pairs with equal clipped offset k = clip(j-i)+K, as a one-hot
-                    # product: rows w of the window [k_lo, k_lo + W_REL) of offsets this tile touches
-                    k = tl.minimum(tl.maximum(j[None, :] - i[:, None], -K), K) + K  # [BI, BJ]
-                    k_lo = tl.minimum(tl.maximum(ob * BJ - (blk * BI + BI - 1), -K), K) + K
+                    # sum d_z over the tile's pairs with equal offset j - i into the region's window, row
+                    # (j - other_lo) - (i - own_lo) + own_chunk - 1 (unclipped: the launcher folds the
+                    # clipped ends), as a one-hot product: rows [k_lo, k_lo + W_REL) are those the tile touches
+                    o_lo = ob * BJ - (blk * BI + BI - 1)  # the tile's smallest offset j - i
                     w = tl.arange(0, W_REL)
-                    onehot = (tl.reshape(k - k_lo, (M,))[None, :] == w[:, None]).to(tl.float32)  # [W_REL, M]
-                    d_rel = tl.dot(onehot, d_z, input_precision="ieee")  # exact (a gather-sum) and lighter than 3xTF32
-                    rows = k_lo + w
-                    ok = (rows <= 2 * K)[:, None]
-                    addr = prel_ptr + prog.to(tl.int64) * (2 * K + 1) * H + rows[:, None] * H + hcol[None, :]  # P K H > 2^31 past N = 8192
+                    onehot = (tl.reshape(j[None, :] - i[:, None] - o_lo, (M,))[None, :] == w[:, None]).to(tl.float32)
+                    d_rel = tl.dot(onehot, d_z, input_precision="ieee")  # [W_REL, H]; exact (a gather-sum) and lighter than 3xTF32
+                    # window row of offset o: o - (other_lo - own_lo) + own_chunk - 1, so [0, 2 chunk - 1)
+                    rows = o_lo + w - (region % n_other_chunks * other_chunk) + own_lo + own_chunk - 1
+                    win_rows = own_chunk + other_chunk - 1
+                    ok = (rows < win_rows)[:, None]
+                    addr = prel_ptr + (b.to(tl.int64) * n_regions + region) * win_rows * H + rows[:, None] * H + hcol[None, :]
                     tl.store(addr, tl.load(addr, mask=ok, other=0.0) + d_rel, mask=ok)
                 tl.debug_barrier()  # the next tile's read-modify-writes may touch rows other threads wrote
             else:
@@ -617,10 +646,13 @@ def _egnn_bwd_kernel(
                 dxo2 -= tl.sum(du2, axis=0)
                 tl.debug_barrier()
         ok = own < N
-        tl.store(dnode_ptr + (b * N + own[:, None]) * H + hcol[None, :], d_node, mask=ok[:, None])
-        tl.store(dx_part_ptr + (b * N + own) * 3 + 0, dxo0, mask=ok)
-        tl.store(dx_part_ptr + (b * N + own) * 3 + 1, dxo1, mask=ok)
-        tl.store(dx_part_ptr + (b * N + own) * 3 + 2, dxo2, mask=ok)
+        row = b * N + own  # this node's row of d_node / dx
+        if SPLIT_OTHER:
+            row += region % n_other_chunks * tl.num_programs(1) * N  # the other chunk's partial
+        tl.store(dnode_ptr + row[:, None] * H + hcol[None, :], d_node, mask=ok[:, None])
+        tl.store(dx_part_ptr + row * 3 + 0, dxo0, mask=ok)
+        tl.store(dx_part_ptr + row * 3 + 1, dxo1, mask=ok)
+        tl.store(dx_part_ptr + row * 3 + 2, dxo2, mask=ok)
     base = prog * 6 * H
     if ROWS_ARE_I:
         tl.store(pvec_ptr + base + 0 * H + hcol, acc_b2)
@@ -630,6 +662,38 @@ def _egnn_bwd_kernel(
     else:
         tl.store(pvec_ptr + base + 1 * H + hcol, acc_b3)
         tl.store(pvec_ptr + base + 2 * H + hcol, acc_w4)
+
+
+@triton.jit
+def _rel_windows_kernel(
+    win_ptr,  # (B, n_regions, own_chunk + other_chunk - 1, H) fp32: d_rel per region by offset (rows-i pass)
+    out_ptr,  # (2N - 1, H) fp32: d_rel by unclipped offset o = j - i, row o + N - 1
+    B, N, own_chunk, other_chunk, n_other_chunks, n_regions,
+    H: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """Sums the regions' windows of offsets into one row per offset, in a fixed order (deterministic, no
+    atomics): row k of region (oc, tc)'s window is the offset o = k + tc other_chunk - oc own_chunk -
+    own_chunk + 1, so for a block of offsets only the few tc whose windows overlap it are read."""
+    rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # output rows
+    hcol = tl.arange(0, H)
+    o = rows - (N - 1)
+    o_lo = tl.program_id(0) * BLOCK_O - (N - 1)
+    o_hi = o_lo + BLOCK_O - 1
+    n_own_chunks = n_regions // n_other_chunks
+    win_rows = own_chunk + other_chunk - 1
+    acc = tl.zeros((BLOCK_O, H), dtype=tl.float32)
+    for b in range(0, B):
+        for oc in range(0, n_own_chunks):
+            # tc with tc other_chunk in [o_lo + oc own_chunk - other_chunk + 1, o_hi + oc own_chunk + own_chunk - 1]
+            tc_lo = tl.cdiv(tl.maximum(o_lo + oc * own_chunk - other_chunk + 1, 0), other_chunk)
+            top = o_hi + oc * own_chunk + own_chunk - 1
+            tc_hi = tl.minimum(tl.where(top >= 0, top // other_chunk + 1, 0), n_other_chunks)
+            for tc in range(tc_lo, tc_hi):
+                k = o - tc * other_chunk + oc * own_chunk + own_chunk - 1
+                ok = (k >= 0) & (k < win_rows)
+                base = win_ptr + ((b * n_regions + oc * n_other_chunks + tc).to(tl.int64) * win_rows) * H
+                acc += tl.load(base + k[:, None] * H + hcol[None, :], mask=ok[:, None], other=0.0)
+    tl.store(out_ptr + rows[:, None] * H + hcol[None, :], acc, mask=(rows < 2 * N - 1)[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,6 +746,83 @@ def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, 
 BACKWARD_PROGRAMS = 512  # per backward pass over all samples: partials (512, H, H) fp32 = 32 MB at H = 128
 
 
+def _regions(N: int, B: int, block: int) -> Tuple[int, int]:
+    """(chunk, n_chunks) of the offset table's rows-i pass: each sample's N x N pairs are cut into
+    n_chunks^2 square regions of chunk x chunk nodes, one program each (at most BACKWARD_PROGRAMS // 2B
+    per sample). A region's pairs have 2 chunk - 1 distinct offsets j - i, so its d_rel window is
+    (2 chunk - 1) x H and all windows together O(n_chunks N H) per sample, where one (2K + 1) x H
+    partial table per program was O(programs N H) for ProtDiff's K = N - 1 (8.6 GB at N = 8192,
+    H = 256); the price is one partial of d_p and dx per column chunk (O(n_chunks N H)), summed
+    afterwards. ``chunk`` is a multiple of ``block`` (both block sizes), so no tile straddles regions.
+    The kernel runs the last column chunk's masked tiles past N (112 x 5 = 560 columns at N = 512 would
+    waste 9% of the pass), so the most chunks from n_max down to n_max / 2 whose overhang is at most
+    N / 32 are taken, else the least overhang."""
+    n_max = max(1, math.isqrt(max(1, BACKWARD_PROGRAMS // B) // 2))
+    options = []
+    for n in range(n_max, max(1, n_max // 2) - 1, -1):
+        chunk = triton.cdiv(triton.cdiv(N, n), block) * block
+        options.append((chunk, triton.cdiv(N, chunk)))
+    for chunk, n_chunks in options:
+        if n_chunks * chunk - N <= N / 32:
+            return chunk, n_chunks
+    return min(options, key=lambda o: o[0] * o[1] - N)
+
+
+def _sum_partials(t: torch.Tensor) -> torch.Tensor:
+    return t[0] if t.shape[0] == 1 else t.sum(0)
+
+
+def _rel_gradient(windows: torch.Tensor, N: int, K: int, own_chunk: int, other_chunk: int, n_other_chunks: int
+                  ) -> torch.Tensor:
+    """d rel, (2K + 1, H), from the rows-i pass's per-region windows: summed per unclipped offset o = j - i
+    by _rel_windows_kernel, then folded like the forward's clip(o, -K, K) + K (every o <= -K into row 0,
+    every o >= K into row 2K)."""
+    B, n_regions, _, H = windows.shape
+    by_offset = torch.empty(2 * N - 1, H, dtype=torch.float32, device=windows.device)
+    BLOCK_O = 16
+    _rel_windows_kernel[(triton.cdiv(2 * N - 1, BLOCK_O),)](
+        windows, by_offset, B, N, own_chunk, other_chunk, n_other_chunks, n_regions, H=H, BLOCK_O=BLOCK_O,
+        num_warps=4)
+    if K >= N - 1:  # no pair is clipped: offsets -(N-1)..N-1 are rows K-(N-1)..K+N-1
+        table = torch.zeros(2 * K + 1, H, dtype=torch.float32, device=windows.device)
+        table[K - (N - 1): K + N] = by_offset
+        return table
+    table = by_offset[N - 1 - K: N + K].clone()  # offsets -K..K
+    table[0] = by_offset[: N - K].sum(0)
+    table[2 * K] = by_offset[N - 1 + K:].sum(0)
+    return table
+
+
+def _backward_grid(B: int, N: int, H: int, dtype: torch.dtype, edge: int) -> Tuple[int, int, int, int]:
+    """(programs per sample of the rows-i pass, of the rows-j pass, region chunk, n_chunks)."""
+    BI1, BJ1, _ = block_sizes(H, dtype, "bwd_i")
+    BJ2 = block_sizes(H, dtype, "bwd_j")[1]
+    n_ib = min(triton.cdiv(N, BI1), max(1, BACKWARD_PROGRAMS // B))
+    n_jb = min(triton.cdiv(N, BJ2), max(1, BACKWARD_PROGRAMS // B))
+    if edge != 2:
+        return n_ib, n_jb, N, 1
+    chunk, n_chunks = _regions(N, B, max(BI1, BJ1))
+    return n_chunks * n_chunks, n_jb, chunk, n_chunks  # one program per region
+
+
+def backward_workspace(B: int, N: int, H: int, dtype: torch.dtype, edge: int, EP: int = 16) -> dict:
+    """name -> (shape, zero-initialised?) of the fp32 buffers the fused backward allocates (besides the
+    gradients themselves, d edge_attr and a (programs, 16, H) scratch tile at H = 128+): per-program weight-gradient partials (O(programs H^2), bounded), per-chunk
+    partials of d_p / dx and the offset table's per-region windows (O(n_chunks B N H), no N^2 term
+    and no (2K + 1) table per program). ``edge``: 0 none, 1 dense edge_attr, 2 offset table."""
+    n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, edge)
+    P, P2 = B * n_ib, B * n_jb
+    shapes = dict(d_p=((n_chunks, B, N, H), False), dx_i_side=((n_chunks, B, N, 3), False),
+                  d_q=((B, N, H), False), dx_j_side=((B, N, 3), False),
+                  pW2=((P, H, H), True), pW3=((P2, H, H), True),  # read-modify-written per tile
+                  pvec=((P, 6, H), False), pvec2=((P2, 6, H), False))
+    if edge == 1:
+        shapes["pWe"] = ((P, EP, H), True)
+    if edge == 2:
+        shapes["rel_windows"] = ((B, n_ib, 2 * chunk - 1, H), True)  # d rel per region and offset
+    return shapes
+
+
 def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel,
               w_att, need_dea):
     B, N, H, EP, K = (meta[k] for k in ("B", "N", "H", "EP", "K"))
@@ -690,16 +831,16 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     BI1, BJ1, warps1 = block_sizes(H, x.dtype, "bwd_i")
     BI2, BJ2, warps2 = block_sizes(H, x.dtype, "bwd_j")
     # programs per sample: enough to fill a GPU, few enough that the per-program (H, H) partials stay
-    # small; each program loops over its share of the blocks (grid-stride)
-    n_ib = min(triton.cdiv(N, BI1), max(1, BACKWARD_PROGRAMS // B))
-    n_jb = min(triton.cdiv(N, BJ2), max(1, BACKWARD_PROGRAMS // B))
+    # small; each program loops over its share of the blocks (grid-stride), or owns one region of the
+    # offset table's rows-i pass
+    n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, x.dtype, meta["EDGE"])
     P, P2 = B * n_ib, B * n_jb
-    d_p, d_q = torch.empty(B, N, H, **f32), torch.empty(B, N, H, **f32)
-    dx_i_side, dx_j_side = torch.empty(B, N, 3, **f32), torch.empty(B, N, 3, **f32)
-    pW2, pW3 = torch.zeros(P, H, H, **f32), torch.zeros(P2, H, H, **f32)  # read-modify-written per tile
-    pvec, pvec2 = torch.empty(P, 6, H, **f32), torch.empty(P2, 6, H, **f32)
-    pWe = torch.zeros(P, EP, H, **f32) if meta["EDGE"] == 1 else pvec
-    prel = torch.zeros(P, 2 * K + 1, H, **f32) if meta["EDGE"] == 2 else pvec
+    shapes = backward_workspace(B, N, H, x.dtype, meta["EDGE"], EP)
+    ws = {name: (torch.zeros if zeroed else torch.empty)(shape, **f32) for name, (shape, zeroed) in shapes.items()}
+    d_p, dx_i_side, d_q, dx_j_side = ws["d_p"], ws["dx_i_side"], ws["d_q"], ws["dx_j_side"]
+    pW2, pW3, pvec, pvec2 = ws["pW2"], ws["pW3"], ws["pvec"], ws["pvec2"]
+    pWe = ws.get("pWe", pvec)
+    windows = ws.get("rel_windows", pvec)
     d_ea = torch.empty_like(edge_attr) if need_dea else x
     chunk_i, chunk_j = dw_chunk(H, x.dtype, "bwd_i"), dw_chunk(H, x.dtype, "bwd_j")
     stage = torch.empty(P2, BI2 * BJ2, H, dtype=W3.dtype, device=dev) if chunk_j < H else x  # rows-j scratch
@@ -713,20 +854,22 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
                   NEED_DEA=need_dea, PRECISION=_precision(x.dtype),
                   PRECISION_BWD=_precision(torch.float32) if x.dtype == torch.float32 else "tf32",
                   UPCAST=_interpreting() and x.dtype != torch.float32, FAST=_fast_sigmoid(x.dtype))
-    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, prel, x,
-                                N, meta["E"], K, meta["eps"], ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
+    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, windows, x,
+                                N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
+                                ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
                                 W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=chunk_i,
                                 num_warps=warps1, num_stages=NUM_STAGES, **consts)
-    _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, prel, stage,
-                                N, meta["E"], K, meta["eps"], ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
+    _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, windows, stage,
+                                N, meta["E"], K, meta["eps"], N, N, 1, n_jb,
+                                ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
                                 W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), DW_CHUNK=chunk_j,
                                 num_warps=warps2, num_stages=NUM_STAGES, **consts)
     vec, vec2 = pvec.sum(0), pvec2.sum(0)
     return dict(
-        x=dx_i_side + dx_j_side, p=d_p, q=d_q, w_d=vec[3], W2=pW2.sum(0), b2=vec[0], W3=pW3.sum(0), b3=vec2[1],
-        w4=vec2[2], w_att=vec[4], b_att=vec[5].sum(),
+        x=_sum_partials(dx_i_side) + dx_j_side, p=_sum_partials(d_p), q=d_q, w_d=vec[3], W2=pW2.sum(0), b2=vec[0],
+        W3=pW3.sum(0), b3=vec2[1], w4=vec2[2], w_att=vec[4], b_att=vec[5].sum(),
         W_e=pWe.sum(0)[: meta["E"]] if meta["EDGE"] == 1 else None,
-        rel=prel.sum(0) if meta["EDGE"] == 2 else None,
+        rel=_rel_gradient(windows, N, K, chunk, chunk, n_chunks) if meta["EDGE"] == 2 else None,
         edge_attr=d_ea if need_dea else None,
     )
 
