@@ -23,9 +23,9 @@ from protdiff_fast.ops import egnn_pair_aggregate  # noqa: E402
 F64 = torch.float64
 
 
-def run(backend, args, kw, dtype, upstream):
+def run(backend, args, kw, dtype, upstream, x_dtype=None):
     floats = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
-    leaves = [a.to("cuda", dtype).requires_grad_(True) for a in args] + \
+    leaves = [a.to("cuda", x_dtype if k == 0 and x_dtype else dtype).requires_grad_(True) for k, a in enumerate(args)] + \
              [kw[k].to("cuda", dtype).requires_grad_(True) for k in floats]
     kw2 = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
     kw2.update(dict(zip(floats, leaves[len(args):])))
@@ -41,17 +41,21 @@ def main() -> int:
     cases = [(64, "offset", FLAG_SETS[4]), (128, "offset", FLAG_SETS[4]), (32, "dense", FLAG_SETS[5]),
              (16, "none", FLAG_SETS[0]), (256, "offset", FLAG_SETS[3])]
     worst, failed = 0.0, 0
-    for dtype in (torch.float32, torch.bfloat16):
+    # (dtype, x dtype): fp32, bf16, and bf16 with float32 coordinates (EGNNLayer under autocast) for the
+    # ProtDiff-like cases
+    for dtype, x_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)):
         for H, edge, flags in cases:
+            if x_dtype is not None and edge != "offset":
+                continue
             for B, N in ((3, 97), (1, 1), (2, 513)):
                 args, kw = make_problem(B, N, H, 6, edge, flags, seed=H + N)
                 g = torch.Generator().manual_seed(1)
                 up = [torch.randn(B, N, H, generator=g, dtype=F64).cuda(),
                       torch.randn(B, N, 3, generator=g, dtype=F64).cuda()]
                 want = run("reference", args, kw, F64, up)
-                low = run("reference", args, kw, dtype, up)
-                got = run("triton", args, kw, dtype, up)
-                again = run("triton", args, kw, dtype, up)
+                low = run("reference", args, kw, dtype, up, x_dtype)
+                got = run("triton", args, kw, dtype, up, x_dtype)
+                again = run("triton", args, kw, dtype, up, x_dtype)
                 same = all(torch.equal(a, b) for a, b in zip(got, again))
                 names = ["m_i", "dx_i", "d x", "d p", "d q", "d w_d", "d W2", "d b2", "d W3", "d b3", "d w4"] + \
                     [f"d {k}" for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
@@ -64,7 +68,8 @@ def main() -> int:
                 ok = same and max(ratios) <= 3.0 and all(bool(torch.isfinite(a).all()) for a in got)
                 worst = max(worst, max(ratios))
                 failed += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {str(dtype):<15} H={H:<4} {edge:<7} B={B} N={N:<4} "
+                label = str(dtype) + ("+x32" if x_dtype else "")
+                print(f"{'ok  ' if ok else 'FAIL'} {label:<19} H={H:<4} {edge:<7} B={B} N={N:<4} "
                       f"m err {rel_err(got[0], want[0]):.1e} dx err {rel_err(got[1], want[1]):.1e} "
                       f"worst error / torch's own at this dtype {max(ratios):.2f} ({worst_name}) deterministic {same}", flush=True)
     print(f"{failed} failed; worst ratio {worst:.2f}")

@@ -33,13 +33,15 @@ SHARED_LIMIT = 232448  # bytes of shared memory one H100 block can use (227 KB)
 TYPES = {"fp32": "fp32", "bf16": "bf16"}
 
 
-def _signature(kernel, dtype: str, pass_: str):
+def _signature(kernel, dtype: str, pass_: str, coords32: bool = False):
     ptr = f"*{dtype}"
     f32 = "*fp32"
     names = list(kernel.arg_names)
     sig = {}
     for name in names:
-        if name in ("x_ptr", "p_ptr", "q_ptr", "w_d_ptr", "W2_ptr", "b2_ptr", "W3_ptr", "b3_ptr", "w4_ptr",
+        if coords32 and name in ("x_ptr", "dx_out_ptr"):  # float32 coordinates next to bf16 features (autocast)
+            sig[name] = f32
+        elif name in ("x_ptr", "p_ptr", "q_ptr", "w_d_ptr", "W2_ptr", "b2_ptr", "W3_ptr", "b3_ptr", "w4_ptr",
                     "ea_ptr", "We_ptr", "rel_ptr", "watt_ptr", "dx_out_ptr", "dea_ptr", "stage_ptr"):
             sig[name] = ptr
         elif name == "mask_ptr":
@@ -61,12 +63,29 @@ def _attrs(kernel, sig):
     return {(k,): [["tt.divisibility", 16]] for k in idx}
 
 
-def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None):
+def compile_rel_sum(H):
+    """The offset-table gradient's window sum (_rel_windows_kernel): no tl.dot, checked for compiling,
+    registers and spills."""
+    kernel = et._rel_windows_kernel
+    sig = {n: "*fp32" if n.endswith("_ptr") else ("constexpr" if n in ("H", "BLOCK_O") else "i32")
+           for n in kernel.arg_names}
+    attrs = {(k,): [["tt.divisibility", 16]] for k, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=dict(H=H, BLOCK_O=et.REL_SUM_BLOCK),
+                                    attrs=attrs)
+    return src, et.REL_SUM_WARPS
+
+
+def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, coords32=False):
     import torch
+    if pass_ == "rel_sum":
+        src, warps = compile_rel_sum(H)
+        rec = dict(H=H, dtype="fp32", edge="offset", attention=False, tanh=False, normalize=False, kernel=pass_,
+                   block_i=et.REL_SUM_BLOCK, block_j=1, num_warps=warps, known_spill=False)
+        return _finish(rec, src, warps, needs_dot=False)
     BI, BJ, warps = config or et.block_sizes(H, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), pass_,
                                              edge)
     kernel = et._egnn_fwd_kernel if pass_ == "fwd" else et._egnn_bwd_kernel
-    sig = _signature(kernel, dtype, pass_)
+    sig = _signature(kernel, dtype, pass_, coords32)
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     consts = dict(H=H, EP=16, BI=BI, BJ=BJ, EDGE=edge, ATTENTION=attention, TANH=tanh, NORMALIZE=normalize,
                   PRECISION=et._precision(getattr(torch, torch_dtype)), UPCAST=False,
@@ -81,9 +100,15 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None):
                       DW_CHUNK=int(os.environ.get("DW_CHUNK", et.dw_chunk(H, getattr(torch, torch_dtype), pass_))),
                       PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32" else "tf32")
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
-    rec = dict(H=H, dtype=dtype, edge=["none", "dense", "offset"][edge], attention=attention, tanh=tanh,
+    rec = dict(H=H, dtype=dtype + ("+x32" if coords32 else ""), edge=["none", "dense", "offset"][edge], attention=attention, tanh=tanh,
                normalize=normalize, kernel=pass_, block_i=BI, block_j=BJ, num_warps=warps,
-               known_spill=(H, dtype == "fp32", pass_) in et.KNOWN_SPILLS)
+               known_spill=(H, dtype == "fp32", pass_, *(("x32",) if coords32 else ())) in et.KNOWN_SPILLS
+               or (H, dtype == "fp32", pass_) in et.KNOWN_SPILLS)
+    return _finish(rec, src, warps, needs_dot=True)
+
+
+def _finish(rec, src, warps, needs_dot):
+    rec["needs_dot"] = needs_dot
     try:
         ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": et.NUM_STAGES})
     except Exception as err:  # noqa: BLE001 - reported, and the run fails
@@ -108,12 +133,13 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None):
         ptxas_ok=proc.returncode == 0,
     )
     rec["ok"] = bool(rec["ptxas_ok"] and (rec["spill_store_bytes"] == 0 or rec["known_spill"])
-                     and rec["shared_bytes"] <= SHARED_LIMIT and rec["wgmma"] + rec["mma"] > 0)
+                     and rec["shared_bytes"] <= SHARED_LIMIT and (rec["wgmma"] + rec["mma"] > 0 or not needs_dot))
     return rec
 
 
 def _compile_args(cfg):
-    return compile_one(*cfg)
+    """cfg: (H, dtype, edge, attention, tanh, normalize, pass[, "x32"]): "x32" = float32 coordinates."""
+    return compile_one(*cfg[:7], coords32=cfg[7:] == ("x32",))
 
 
 def configs(quick: bool, ci: bool = False):
@@ -130,6 +156,9 @@ def configs(quick: bool, ci: bool = False):
         yield 32, "bf16", 2, True, True, True, "bwd_j"
         yield 256, "bf16", 2, True, True, True, "bwd_i"  # known spills; checks the 144 KB of shared memory
         yield 256, "bf16", 2, True, True, True, "bwd_j"
+        yield 256, "fp32", 2, False, False, False, "rel_sum"
+        for pass_ in ("fwd", "bwd_i", "bwd_j"):  # ProtDiff's layer under autocast: bf16, float32 coordinates
+            yield 256, "bf16", 2, False, False, True, pass_, "x32"
         return
     hs = (32, 128) if quick else et.SUPPORTED_HIDDEN
     for H, dtype, pass_ in itertools.product(hs, ("fp32", "bf16"), ("fwd", "bwd_i", "bwd_j")):
@@ -142,6 +171,10 @@ def configs(quick: bool, ci: bool = False):
             flag_sets = flag_sets[1:]
         for edge, att, tanh, norm in flag_sets:
             yield H, dtype, edge, att, tanh, norm, pass_
+    for H, pass_ in itertools.product(hs, ("fwd", "bwd_i", "bwd_j")):  # ProtDiff's layer under autocast
+        yield H, "bf16", 2, False, False, True, pass_, "x32"
+    for H in hs:
+        yield H, "fp32", 2, False, False, False, "rel_sum"
 
 
 def main(argv=None) -> int:
@@ -153,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="compile this many configurations at once (processes)")
     args = ap.parse_args(argv)
     records = []
-    header = (f"{'kernel':<6} {'H':>4} {'dtype':<5} {'edge':<7} {'att':<5} {'BIxBJ':<6} {'warps':>5} {'regs':>5} "
+    header = (f"{'kernel':<6} {'H':>4} {'dtype':<8} {'edge':<7} {'att':<5} {'BIxBJ':<6} {'warps':>5} {'regs':>5} "
               f"{'spill':>6} {'smem':>7} {'wgmma':>6} {'mma':>4}  ok")
     print(header, flush=True)
     lines = []
@@ -167,9 +200,9 @@ def main(argv=None) -> int:
     for r in results:
         records.append(r)
         if "error" in r:
-            print(f"{r['kernel']:<6} {r['H']:>4} {r['dtype']:<5} {r['edge']:<7} FAILED {r['error']}", flush=True)
+            print(f"{r['kernel']:<6} {r['H']:>4} {r['dtype']:<8} {r['edge']:<7} FAILED {r['error']}", flush=True)
             continue
-        line = (f"{r['kernel']:<6} {r['H']:>4} {r['dtype']:<5} {r['edge']:<7} {str(r['attention']):<5} "
+        line = (f"{r['kernel']:<6} {r['H']:>4} {r['dtype']:<8} {r['edge']:<7} {str(r['attention']):<5} "
                 f"{r['block_i']}x{r['block_j']:<4} {r['num_warps']:>5} {r['registers']:>5} {r['spill_store_bytes']:>6} "
                 f"{r['shared_bytes']:>7} {r['wgmma']:>6} {r['mma']:>4}  "
                 f"{('ok' + (' (known spill)' if r['known_spill'] and r['spill_store_bytes'] else '')) if r['ok'] else 'FAIL'}"

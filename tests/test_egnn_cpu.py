@@ -55,9 +55,11 @@ def tensor_inputs(args, kw):
     return list(args) + [v for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
 
 
-def run(backend, args, kw, dtype, upstream):
-    """Outputs and the gradients of <outputs, upstream> for every floating input, cast to dtype."""
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in tensor_inputs(args, kw)]
+def run(backend, args, kw, dtype, upstream, x_dtype=None):
+    """Outputs and the gradients of <outputs, upstream> for every floating input, cast to dtype (x to
+    ``x_dtype`` if given: float32 coordinates next to low-precision features)."""
+    leaves = [t.detach().to(x_dtype if k == 0 and x_dtype is not None else dtype).requires_grad_(True)
+              for k, t in enumerate(tensor_inputs(args, kw))]
     n = len(args)
     kw_low = dict(kw)
     for (k, v), leaf in zip([(k, v) for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point],
@@ -348,7 +350,10 @@ def test_amx_needs_the_avx512_kernels():
     before = _C.simd_isa()
     try:
         _C.set_simd_isa("avx2")
-        assert not uses_amx(torch.bfloat16) and "avx512" in amx_status()[1]
+        # the reason names the ISA where the CPU has AMX, the CPU where it has none (then the ISA is moot)
+        reason = amx_status()[1]
+        assert not uses_amx(torch.bfloat16)
+        assert ("avx512" in reason) if _C.amx_available() else (reason == _C.amx_unavailable_reason()), reason
         args, kw = make_problem(1, 5, 8, 2, "none", FLAG_SETS[0])
         out = [np.zeros((1, 5, 8), np.float32), np.zeros((1, 5, 3), np.float32)]
         with pytest.raises(ValueError, match="amx: (needs the avx512 kernels|this CPU|the kernel|this build)"):
@@ -383,3 +388,22 @@ def test_torch_amx_matmuls_stay_correct_around_ours(medium_matmul_precision):
         again = a @ b
         assert torch.equal(again, first)
     assert rel_err(first.double(), want) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_float32_coordinates_are_at_least_as_accurate_as_bf16_coordinates(backend):
+    """The mixed contract on the other backends: with protein-sized coordinates (tens of units),
+    float32 x keeps dx_i and d x at least as accurate as an all-bf16 call (bf16 x alone costs ~1e-3),
+    m_i comes out in bf16, dx_i and d x in float32."""
+    args, kw = make_problem(2, 25, 16, 3, "offset", FLAG_SETS[3], seed=5)
+    args[0] = args[0] * 8
+    g = torch.Generator().manual_seed(6)
+    up = (torch.randn(2, 25, 16, generator=g, dtype=F64), torch.randn(2, 25, 3, generator=g, dtype=F64))
+    want = run("reference", args, kw, F64, up)
+    low = run(backend, args, kw, torch.bfloat16, up)
+    mixed = run(backend, args, kw, torch.bfloat16, up, x_dtype=torch.float32)
+    assert mixed[0].dtype == torch.bfloat16 and mixed[1].dtype == mixed[2].dtype == torch.float32
+    for k, name in ((1, "dx_i"), (2, "x")):
+        assert rel_err(mixed[k], want[k]) <= rel_err(low[k], want[k]), name
+    assert rel_err(mixed[1], want[1]) < 0.75 * rel_err(low[1], want[1])  # dx_i: x rounded to bf16 is a large part of it
+    assert rel_err(mixed[0], want[0]) <= 2 * rel_err(low[0], want[0]) + 1e-3

@@ -23,21 +23,23 @@ F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compare(B, N, H, E, edge_mode, flags, dtype, seed=0, K=None):
-    """Triton forward + gradients of every input against the float64 reference."""
+def compare(B, N, H, E, edge_mode, flags, dtype, seed=0, K=None, x_dtype=None, backend="triton"):
+    """Triton forward + gradients of every input against the float64 reference (x in ``x_dtype`` if
+    given: float32 coordinates next to low-precision features, against the reference run the same way)."""
     args, kw = make_problem(B, N, H, E, edge_mode, flags, seed, K=K)
     g = torch.Generator().manual_seed(seed + 1)
     upstream = (torch.randn(B, N, H, generator=g, dtype=F64), torch.randn(B, N, 3, generator=g, dtype=F64))
     want = run("reference", args, kw, F64, upstream)
-    got = run("triton", args, kw, dtype, upstream)
-    low_ref = run("reference", args, kw, dtype, upstream)
-    r_args = [a.to(dtype).double() for a in args]  # what rounding the inputs to dtype alone costs
+    got = run(backend, args, kw, dtype, upstream, x_dtype=x_dtype)
+    low_ref = run("reference", args, kw, dtype, upstream, x_dtype=x_dtype)
+    # what rounding the inputs to dtype alone costs
+    r_args = [a.to(x_dtype if k == 0 and x_dtype is not None else dtype).double() for k, a in enumerate(args)]
     r_kw = {k: (v.to(dtype).double() if torch.is_tensor(v) and v.dtype.is_floating_point else v)
             for k, v in kw.items()}
     rounded = run("reference", r_args, r_kw, F64, upstream)
     extra = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
     for k, (name, a, w) in enumerate(zip(NAMES + extra, got, want)):
-        assert a.dtype == dtype, name
+        assert a.dtype == (x_dtype if name in ("dx_i", "x") and x_dtype is not None else dtype), name
         assert bool(torch.isfinite(a).all()), f"{name}: non-finite values"
         base = max(rel_err(low_ref[k], w), rel_err(rounded[k], w))
         # a lone scalar (d b_att) is one random draw of rounding error, not a norm over many entries:
@@ -100,6 +102,46 @@ def test_triton_hidden_256_forward_and_gradients(edge_mode, dtype):
 def test_triton_hidden_256_other_flags(flags):
     compare(1, 11, 256, 2, "offset", flags, torch.bfloat16, seed=37, K=2)
     compare(2, 9, 256, 2, "dense", flags, torch.float32, seed=41)
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", [FLAG_SETS[0], FLAG_SETS[4]], ids=flag_id)
+def test_triton_bf16_with_float32_coordinates(edge_mode, flags):
+    """x (and dx_i, d x) in float32 next to bf16 features and weights, as EGNNLayer runs under
+    autocast: within 2x the same mixed run of the reference, against float64."""
+    compare(2, 21, 32, 6, edge_mode, flags, torch.bfloat16, seed=210, x_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_hidden_256_float32_coordinates_use_the_fused_backward(dtype, monkeypatch):
+    """ProtDiff's width under autocast: bf16/fp16 features with float32 coordinates take the fused
+    backward (an all-float32 call at H = 256 recomputes through the reference, O(N^2 H) memory)."""
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the H = 256 backward went through the reference")
+
+    monkeypatch.setattr(egnn_triton, "_backward_by_reference", no_reference)
+    compare(2, 13, 256, 3, "offset", dict(normalize=True), dtype, seed=33, K=12, x_dtype=torch.float32)
+
+
+def test_autocast_layer_runs_the_pair_op_in_bf16_with_float32_coordinates(monkeypatch):
+    """EGNNLayer under torch.autocast hands the fused op bf16 features and weights and float32 x."""
+    import protdiff_fast.nn.egnn as nn_egnn
+
+    seen = {}
+    real = nn_egnn.egnn_pair_aggregate
+
+    def spy(*args, **kwargs):
+        seen["dtypes"] = [a.dtype for a in args] + [v.dtype for v in kwargs.values() if torch.is_tensor(v)
+                                                     and v.dtype.is_floating_point]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nn_egnn, "egnn_pair_aggregate", spy)
+    layer = EGNNLayer(16, 4, attention=True, backend="triton")
+    h, x = torch.randn(2, 9, 16), torch.randn(2, 9, 3) * 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h_out, x_out = layer(h, x, rel_offsets=torch.randn(7, 4))
+    assert seen["dtypes"][0] == torch.float32 and set(seen["dtypes"][1:]) == {torch.bfloat16}
+    assert x_out.dtype == torch.float32 and bool(torch.isfinite(h_out).all())
 
 
 def test_triton_padded_hidden_up_to_256():
@@ -247,9 +289,10 @@ def test_kernels_compile_for_sm90_without_spills_and_use_tensor_cores(tmp_path):
     assert out.exists(), proc.stderr[-3000:]
     records = json.loads(out.read_text())["records"]
     assert records, "no configuration compiled"
+    assert {r["kernel"] for r in records} == {"fwd", "bwd_i", "bwd_j", "rel_sum"}
     for r in records:
         assert "error" not in r, r
-        assert r["wgmma"] + r["mma"] > 0, f"tl.dot did not become tensor-core instructions: {r}"
+        assert r["wgmma"] + r["mma"] > 0 or not r["needs_dot"], f"tl.dot did not become tensor-core instructions: {r}"
         assert r["shared_bytes"] <= 232448, f"over the H100's shared memory: {r}"
         if not r["known_spill"]:
             assert r["spill_store_bytes"] == 0, f"register spills at a shipped configuration: {r}"

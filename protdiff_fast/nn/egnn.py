@@ -45,6 +45,9 @@ class EGNNLayer(nn.Module):
     read at row clip(j - i, -K, K) + K for the pair (i, j); the table is projected through W_e
     once, (2K + 1, H), and never expanded to N x N. Padding nodes (mask False) change nothing
     for the real nodes, and their outputs are zero.
+
+    Under ``torch.autocast`` the fused pair op runs in the autocast dtype (its two H x H products
+    per pair are matmuls) with float32 coordinates; x and the returned x stay float32.
     """
 
     def __init__(
@@ -137,12 +140,15 @@ class EGNNLayer(nn.Module):
                        self.phi_x[0].bias, self.phi_x[2].weight[0]]
         edge = self._edge_kwargs(edge_attr, B, N, W_e)
         if autocast:
-            # The fused op is not an autocast-aware torch op: under autocast it runs in float32 (the
-            # GEMMs for p, q and phi_h around it still run in the autocast dtype). For a bf16 pair MLP,
-            # cast the model itself to bf16 instead.
-            pair_inputs = [t.float() for t in pair_inputs]
-            edge = {k: v.float() for k, v in edge.items()}
-            attention = {k: v.float() for k, v in attention.items()}
+            # The fused op is not an autocast-aware torch op, so the cast is made here: its bulk is two
+            # H x H products per pair, so it runs in the autocast dtype like a matmul (bf16/fp16
+            # products, fp32 accumulation in the fused backends), except the coordinates, which stay
+            # float32 (the contract's "fp32 coordinates"). In float32 the triton backward at H = 256
+            # would go through the reference (O(N^2 H) memory), as it did before this cast.
+            low = torch.get_autocast_dtype(h.device.type)
+            pair_inputs = [x.float()] + [t.to(low) for t in pair_inputs[1:]]
+            edge = {k: v.to(low) for k, v in edge.items()}
+            attention = {k: v.to(low) for k, v in attention.items()}
         with torch.autocast(h.device.type, enabled=False) if autocast else _no_context():
             m_i, dx_i = egnn_pair_aggregate(
                 *pair_inputs, mask=mask, normalize=self.normalize, tanh=self.tanh, coords_agg=self.coords_agg,

@@ -80,7 +80,7 @@ class _EgnnPairAggregateCPU(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in (x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e,
                                                               rel, w_att, b_att)]
         ctx.b_att_shape = None if b_att is None else b_att.shape
-        return m_i.to(x.dtype), dx_i.to(x.dtype)
+        return m_i.to(p.dtype), dx_i.to(x.dtype)  # p's dtype: x may be float32 next to bf16 features
 
     @staticmethod
     def backward(ctx, grad_m, grad_dx):

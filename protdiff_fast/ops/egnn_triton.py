@@ -24,7 +24,10 @@ The fused backward below runs H = 256 for bf16/fp16 unchanged (sm_90: 0.9-1.5 KB
 shared memory); for fp32 at H = 256 its whole-W2/W3 operands need 256 KB of shared memory (over the
 227 KB limit), so fp32 gradients there are recomputed through the reference implementation on the
 saved inputs (:func:`has_fused_backward`), which costs O(B N^2 H) memory like the reference (fine
-for inference and small N; fp32 training at H = 256 and large N is memory-bound this way).
+for inference and small N; fp32 training at H = 256 and large N is memory-bound this way). Under
+autocast EGNNLayer calls the op in bf16/fp16 with float32 coordinates (the contract allows x in
+float32 next to low-precision features: x is read and dx written in float32, everything else runs as
+in a bf16 call), so mixed-precision training at H = 256 takes the fused backward.
 
 Backward (recomputing every pair quantity instead of storing it):
 
@@ -131,6 +134,10 @@ KNOWN_SPILLS = {
     # gradient partials to O(programs H^2)): 8-32 B on some flag/edge sets, 0 before that loop; H = 16
     # rows-j with ProtDiff's flags (offset table, normalize): 8 B
     (16, True, "bwd_i"), (16, True, "bwd_j"), (64, True, "bwd_i"), (64, True, "bwd_j"),
+    # bf16 forward at H = 128 with float32 coordinates (autocast) and ProtDiff's flags (offset table,
+    # normalize): 8 B at 8 x 16; none of 14 other block / warp configurations swept reaches 0 (the same
+    # call with bf16 coordinates: 0 B). Keyed with "x32": the all-bf16 forward stays checked at 0
+    (128, False, "fwd", "x32"),
 }
 
 
@@ -717,11 +724,13 @@ def _edge_mode(edge_attr, rel) -> int:
 def _launch_meta(x, p, edge_attr, rel, flags):
     B, N, _ = x.shape
     H = p.shape[-1]
-    BI, BJ, warps = block_sizes(H, x.dtype, "fwd", _edge_mode(edge_attr, rel))
+    dtype = p.dtype  # the compute dtype (x may be float32 next to bf16/fp16 features: fp32 coordinates)
+    BI, BJ, warps = block_sizes(H, dtype, "fwd", _edge_mode(edge_attr, rel))
     E = edge_attr.shape[-1] if edge_attr is not None else 0
     K = rel.shape[0] // 2 if rel is not None else 0
-    K_CHUNK, N_CHUNK = fwd_chunks(H, x.dtype)
-    return dict(K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, B=B, N=N, H=H, BI=BI, BJ=BJ, warps=warps, dtype=x.dtype, E=E, EP=max(16, triton.next_power_of_2(max(E, 1))),
+    K_CHUNK, N_CHUNK = fwd_chunks(H, dtype)
+    return dict(K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, B=B, N=N, H=H, BI=BI, BJ=BJ, warps=warps, dtype=dtype, E=E,
+                EP=max(16, triton.next_power_of_2(max(E, 1))),
                 K=K, EDGE=_edge_mode(edge_attr, rel), **flags)
 
 
@@ -736,11 +745,11 @@ def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, 
         rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
         m_i, dx_i, N, meta["E"], meta["K"], meta["eps"],
         H=H, EP=meta["EP"], BI=meta["BI"], BJ=meta["BJ"], EDGE=meta["EDGE"], ATTENTION=w_att is not None,
-        TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(x.dtype),
-        UPCAST=_interpreting() and x.dtype != torch.float32, FAST=_fast_sigmoid(x.dtype),
+        TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(p.dtype),
+        UPCAST=_interpreting() and p.dtype != torch.float32, FAST=_fast_sigmoid(p.dtype),
         K_CHUNK=meta["K_CHUNK"], N_CHUNK=meta["N_CHUNK"], num_warps=meta["warps"], num_stages=NUM_STAGES,
     )
-    return m_i.to(x.dtype), dx_i
+    return m_i.to(p.dtype), dx_i
 
 
 BACKWARD_PROGRAMS = 512  # per backward pass over all samples: partials (512, H, H) fp32 = 32 MB at H = 128
@@ -772,6 +781,10 @@ def _sum_partials(t: torch.Tensor) -> torch.Tensor:
     return t[0] if t.shape[0] == 1 else t.sum(0)
 
 
+# _rel_windows_kernel's offsets per program and warps (sm_90a: 0 spills at every H; 4 warps spilled 20 B at 256)
+REL_SUM_BLOCK, REL_SUM_WARPS = 16, 8
+
+
 def _rel_gradient(windows: torch.Tensor, N: int, K: int, own_chunk: int, other_chunk: int, n_other_chunks: int
                   ) -> torch.Tensor:
     """d rel, (2K + 1, H), from the rows-i pass's per-region windows: summed per unclipped offset o = j - i
@@ -779,10 +792,9 @@ def _rel_gradient(windows: torch.Tensor, N: int, K: int, own_chunk: int, other_c
     every o >= K into row 2K)."""
     B, n_regions, _, H = windows.shape
     by_offset = torch.empty(2 * N - 1, H, dtype=torch.float32, device=windows.device)
-    BLOCK_O = 16
-    _rel_windows_kernel[(triton.cdiv(2 * N - 1, BLOCK_O),)](
-        windows, by_offset, B, N, own_chunk, other_chunk, n_other_chunks, n_regions, H=H, BLOCK_O=BLOCK_O,
-        num_warps=4)
+    _rel_windows_kernel[(triton.cdiv(2 * N - 1, REL_SUM_BLOCK),)](
+        windows, by_offset, B, N, own_chunk, other_chunk, n_other_chunks, n_regions, H=H, BLOCK_O=REL_SUM_BLOCK,
+        num_warps=REL_SUM_WARPS, num_stages=NUM_STAGES)
     if K >= N - 1:  # no pair is clipped: offsets -(N-1)..N-1 are rows K-(N-1)..K+N-1
         table = torch.zeros(2 * K + 1, H, dtype=torch.float32, device=windows.device)
         table[K - (N - 1): K + N] = by_offset
@@ -828,21 +840,22 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     B, N, H, EP, K = (meta[k] for k in ("B", "N", "H", "EP", "K"))
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
-    BI1, BJ1, warps1 = block_sizes(H, x.dtype, "bwd_i")
-    BI2, BJ2, warps2 = block_sizes(H, x.dtype, "bwd_j")
+    dtype = p.dtype  # the compute dtype (x may be float32 next to bf16/fp16 features)
+    BI1, BJ1, warps1 = block_sizes(H, dtype, "bwd_i")
+    BI2, BJ2, warps2 = block_sizes(H, dtype, "bwd_j")
     # programs per sample: enough to fill a GPU, few enough that the per-program (H, H) partials stay
     # small; each program loops over its share of the blocks (grid-stride), or owns one region of the
     # offset table's rows-i pass
-    n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, x.dtype, meta["EDGE"])
+    n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, meta["EDGE"])
     P, P2 = B * n_ib, B * n_jb
-    shapes = backward_workspace(B, N, H, x.dtype, meta["EDGE"], EP)
+    shapes = backward_workspace(B, N, H, dtype, meta["EDGE"], EP)
     ws = {name: (torch.zeros if zeroed else torch.empty)(shape, **f32) for name, (shape, zeroed) in shapes.items()}
     d_p, dx_i_side, d_q, dx_j_side = ws["d_p"], ws["dx_i_side"], ws["d_q"], ws["dx_j_side"]
     pW2, pW3, pvec, pvec2 = ws["pW2"], ws["pW3"], ws["pvec"], ws["pvec2"]
     pWe = ws.get("pWe", pvec)
     windows = ws.get("rel_windows", pvec)
     d_ea = torch.empty_like(edge_attr) if need_dea else x
-    chunk_i, chunk_j = dw_chunk(H, x.dtype, "bwd_i"), dw_chunk(H, x.dtype, "bwd_j")
+    chunk_i, chunk_j = dw_chunk(H, dtype, "bwd_i"), dw_chunk(H, dtype, "bwd_j")
     stage = torch.empty(P2, BI2 * BJ2, H, dtype=W3.dtype, device=dev) if chunk_j < H else x  # rows-j scratch
     dummy = x
     common = (x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
@@ -851,9 +864,9 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
               grad_m, grad_dx)
     consts = dict(H=H, EP=EP, EDGE=meta["EDGE"],
                   ATTENTION=w_att is not None, TANH=meta["tanh"], NORMALIZE=meta["normalize"],
-                  NEED_DEA=need_dea, PRECISION=_precision(x.dtype),
-                  PRECISION_BWD=_precision(torch.float32) if x.dtype == torch.float32 else "tf32",
-                  UPCAST=_interpreting() and x.dtype != torch.float32, FAST=_fast_sigmoid(x.dtype))
+                  NEED_DEA=need_dea, PRECISION=_precision(dtype),
+                  PRECISION_BWD=_precision(torch.float32) if dtype == torch.float32 else "tf32",
+                  UPCAST=_interpreting() and dtype != torch.float32, FAST=_fast_sigmoid(dtype))
     _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, windows, x,
                                 N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
                                 ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
@@ -907,7 +920,7 @@ class _EgnnPairAggregateTriton(torch.autograd.Function):
         grad_m = torch.zeros(B, N, H, **f32) if grad_m is None else grad_m.to(torch.float32).contiguous()
         grad_dx = torch.zeros(B, N, 3, **f32) if grad_dx is None else grad_dx.to(torch.float32).contiguous()
         need_dea = t[9] is not None and ctx.needs_input_grad[9]  # O(N^2 E): only when asked
-        if not has_fused_backward(H, x.dtype):
+        if not has_fused_backward(H, p.dtype):
             return (*_backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx), None, None, None)
         grads = _backward(ctx.meta, grad_m, grad_dx, x, p, t[2], mask_u8, scale, *t[3:], need_dea=need_dea)
         out = []

@@ -52,6 +52,10 @@ EGNNLayer uses H_e = M = H_x = H, egnn-pytorch's layer (``protdiff_fast.nn.compa
                     ("clamp" is egnn-pytorch's CoorsNorm without its scale: no stopgrad, the
                     gradient flows through the length where it exceeds eps)
              rows of padding nodes are zero.
+    dtypes   every input in one dtype, except that x may be float32 when the rest is bfloat16 or
+             float16 ("fp32 coordinates": u_ij, d2_ij and dx_i stay float32, d2_ij enters z_ij in
+             the low precision, m_i comes out in it): what EGNNLayer passes under autocast, since
+             coordinates of tens of Angstrom lose a tenth of an Angstrom in bf16.
 
 Backends may run only square widths of certain sizes (H_e = M = H_x = S): the dispatcher
 ``protdiff_fast.ops.egnn_pair_aggregate`` pads with zeros for them (exact, since silu(0) = 0);
@@ -107,6 +111,17 @@ def _check_flags(coords_agg: str, eps: float) -> None:
         raise ValueError(f"eps: must be > 0, got {eps}")
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(x: torch.Tensor, p) -> torch.dtype:
+    """The dtype of the op's features and weights: p's where x is float32 and p low-precision (fp32
+    coordinates, see the contract), else x's (and every other input must match it)."""
+    if x.dtype == torch.float32 and isinstance(p, torch.Tensor) and p.dtype in LOW_PRECISION:
+        return p.dtype
+    return x.dtype
+
+
 def check_egnn_pair_aggregate_inputs(
     x, p, q, w_d, W2, b2, W3, b3, w4, *, mask, edge_attr, W_e, rel, w_att, b_att, coords_agg, eps
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -116,7 +131,7 @@ def check_egnn_pair_aggregate_inputs(
     """
     check_tensor("x", x, (None, None, 3))
     B, N, _ = x.shape
-    dtype, device = x.dtype, x.device
+    dtype, device = compute_dtype(x, p), x.device
     check_tensor("p", p, (B, N, None), dtype=dtype, device=device)
     H_e = p.shape[2]
     check_tensor("q", q, (B, N, H_e), dtype=dtype, device=device)
@@ -181,10 +196,10 @@ def egnn_pair_aggregate_reference(
         w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
     )
     B, N, _ = x.shape
-    dtype, device = x.dtype, x.device
+    dtype, device = p.dtype, x.device  # x.dtype too, or float32 coordinates (then u, d2 and dx in float32)
 
     d2 = (x[:, :, None, :] - x[:, None, :, :]).pow(2).sum(-1)  # (B, N, N)
-    z = p[:, :, None, :] + q[:, None, :, :] + d2[..., None] * w_d  # (B, N, N, H)
+    z = p[:, :, None, :] + q[:, None, :, :] + d2[..., None].to(dtype) * w_d  # (B, N, N, H)
     if edge_attr is not None:
         z = z + edge_attr @ W_e
     if rel is not None:
@@ -206,7 +221,7 @@ def egnn_pair_aggregate_reference(
         u_ij = u_ij / (d2.detach().sqrt() + eps)[..., None]
     pair = _pair_mask(mask).to(dtype)  # (B, N, N)
     m_i = (m_ij * pair[..., None]).sum(dim=2)
-    dx_i = (u_ij * (phi_ij * pair)[..., None]).sum(dim=2) * _coord_scale(mask, coords_agg, dtype)
+    dx_i = (u_ij * (phi_ij * pair).to(x.dtype)[..., None]).sum(dim=2) * _coord_scale(mask, coords_agg, x.dtype)
     return m_i, dx_i
 
 
