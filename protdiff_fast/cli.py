@@ -6,6 +6,8 @@ import platform
 import sys
 from typing import List, Optional
 
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # sample --autocast: torch dtype names
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
@@ -168,7 +170,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    progress=not args.no_progress, resume=args.resume,
                    design_indices=None if args.design_index is None else [args.design_index],
                    file_format=args.format, compress=args.gzip, trajectory_every=args.trajectory_every,
-                   overwrite=args.overwrite, cuda_graphs=False if args.no_cuda_graphs else None)
+                   overwrite=args.overwrite, cuda_graphs=False if args.no_cuda_graphs else None,
+                   autocast=getattr(__import__("torch"), AUTOCAST_DTYPES[args.autocast]) if args.autocast else None)
     except OutputError as err:  # disk full: what is finished stays; say how to continue
         print(f"protdiff-fast sample: error: {err.strerror}", file=sys.stderr)
         return 3
@@ -331,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--noise-scale", type=float, default=1.0,
                     help="scale of the noise added per step, 0..2 (default 1: the DDPM sampler; below 1: fewer "
                          "clashes, more compact chains, less diversity)")
+    sm.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
+                    help="run the model under torch.autocast in this dtype (GEMMs and the EGNN pair op in "
+                         "bf16/fp16, coordinates and the step in float32): the GPU's tensor-core rate")
     sm.add_argument("--no-cuda-graphs", action="store_true",
                     help="on a GPU, run each step uncaptured (default: one CUDA graph per batch, same results)")
     sm.add_argument("--seed", type=int, default=0)

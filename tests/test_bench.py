@@ -181,3 +181,37 @@ def test_plots_without_egnn_rows(tmp_path):
     rows = [_synthetic(p, 64, 1.0, 1.0, suite="train-step") for p in ("reference", "cpu")]
     names = runner.plot(dict(rows=rows, environment=dict(cpu="test cpu")), tmp_path)
     assert names == ["train-step.png"]
+
+
+def test_autocast_rows_for_the_gpu_targets_run_and_report_the_pair_mlp_limit():
+    """bfloat16-autocast rows (float32 model under torch.autocast, as `train` and `sample --autocast`
+    run on a GPU): the GPU target rows exist (sampler H = 256 at N = 128 with graphs; train step),
+    a row runs on the CPU, and a sampler row reports backbones/s at T = 1024 against the bf16
+    pair-MLP limit (17.6 TFLOP per backbone at N = 128, H = 256)."""
+    import torch
+
+    from protdiff_fast.bench import egnn as cases
+
+    targets = runner.target_rows("cuda")
+    assert dict(suite="sampler", provider="triton", B=256, N=128, H=256, mode="graphs", dtype=runner.AUTOCAST) in targets
+    assert any(r["suite"] == "train-step" and r["dtype"] == runner.AUTOCAST and r["provider"] == "triton"
+               for r in targets)
+    assert not any(r["dtype"] == runner.AUTOCAST for r in runner.target_rows("cpu"))
+    assert abs(runner.pair_mlp_flops_per_backbone(128, 256) - 17.5e12) < 0.2e12
+    plain = cases.make_sampler_case("cpu", 2, 10, 16, torch.float32, "cpu")()
+    mixed = cases.make_sampler_case("cpu", 2, 10, 16, torch.float32, "cpu", autocast=torch.bfloat16)()
+    assert mixed.dtype == torch.float32 and bool(torch.isfinite(mixed).all()) and not torch.equal(mixed, plain)
+    row = dict(suite="sampler", provider="cpu", B=2, N=12, H=16, mode="fwd", dtype=runner.AUTOCAST)
+    out = runner.run_row(row, "cpu", 1, 300, 0.1, mem_limit=None)
+    assert out["status"] == "ok", out
+    assert out["backbones_per_s_T1024"] == 2 / (out["median_s"] / cases.SAMPLER_STEPS * 1024)
+    md = runner.markdown(dict(environment=dict(date="d", cpu="c", threads=1, torch="t", commit="x"),
+                              rates=dict(mm_fp32_square_flops=1.0, mm_fp32_pair_shape_flops=1.0, pair_shape_H=64,
+                                         copy_bytes_per_s=1.0, mm_bf16_square_flops=1e12), command="cmd", rows=[out]))
+    assert "of the bf16 pair-MLP limit" in md
+    step = runner.run_row(dict(suite="train-step", provider="cpu", B=1, N=12, H=16, mode="fwdbwd",
+                               dtype=runner.AUTOCAST), "cpu", 1, 300, 0.1, mem_limit=None)
+    assert step["status"] == "ok", step
+    bad = runner.run_row(dict(suite="egnn", provider="cpu", B=1, N=12, H=16, mode="fwd", dtype=runner.AUTOCAST),
+                         "cpu", 1, 300, 0.1, mem_limit=None)
+    assert bad["status"] == "error" and "sampler and train-step suites only" in bad["error"]

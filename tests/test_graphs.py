@@ -65,3 +65,36 @@ def test_capture_only_where_a_graph_can_hold_the_step():
     assert not DenoiseStep(None, strided, CudaMask(), seeds=seeds, capture=True).capture
     assert not DenoiseStep(None, full, CudaMask(), seeds=None, generator=torch.Generator(), capture=True).capture
     assert not DenoiseStep(None, full, CudaMask(), seeds=seeds, capture=False).capture
+
+
+def test_runner_under_autocast_runs_the_model_in_bf16_and_the_step_in_float32(monkeypatch):
+    """DenoiseStep(autocast=bf16): the model call sees autocast (the pair op gets bf16 features and
+    float32 coordinates), the scheduler step does not; eps comes back in x's dtype and equals the
+    model called under the same autocast."""
+    import protdiff_fast.nn.egnn as nn_egnn
+
+    seen, real = [], nn_egnn.egnn_pair_aggregate
+    monkeypatch.setattr(nn_egnn, "egnn_pair_aggregate",
+                        lambda *a, **k: seen.append((a[0].dtype, a[1].dtype)) or real(*a, **k))
+    for backend in ("reference", "cpu", "triton"):
+        model = _tiny(backend)
+        scheduler = DDPMScheduler(10, backend=backend)
+        scheduler.set_timesteps(None)
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        seeds = torch.tensor([1, 2])
+        x = torch.randn(2, 9, 3)
+        x = x - x.mean(1, keepdim=True)
+        seen.clear()
+        steps = []
+        real_step = scheduler.step
+        scheduler.step = lambda eps, *a, **k: steps.append((eps.dtype, torch.is_autocast_enabled("cpu"))) or \
+            real_step(eps, *a, **k)
+        runner = DenoiseStep(model, scheduler, mask, seeds=seeds, autocast=torch.bfloat16)
+        t = torch.full((2,), 7)
+        eps, x_next = runner(x, t)
+        assert seen and all(d == (torch.float32, torch.bfloat16) for d in seen), (backend, seen)
+        assert steps == [(torch.float32, False)], backend
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            want = model(x, t, mask)
+        assert eps.dtype == x_next.dtype == torch.float32 and torch.equal(eps, want.float()), backend
+        assert float((eps - model(x, t, mask).detach()).abs().max()) > 0, "autocast changed nothing"

@@ -624,3 +624,37 @@ def test_cli_noise_scale(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["run"]["scheduler"]["noise_scale"] == 0.5
     assert main(["sample", "--length", "40", "--num", "1", "--noise-scale", "3", "--out", str(tmp_path / "m")]) == 2
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the shipped model on the cpu backend")
+def test_sampling_under_autocast_is_close_to_float32_and_part_of_the_run(tmp_path):
+    """sample(autocast=torch.bfloat16) with the shipped model: finite designs within bf16 rounding of
+    the float32 run (same seeds, 10 strided steps); the folder records it, and a float32 resume of
+    that folder is refused, naming autocast; other dtypes are refused."""
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.train import load_model
+
+    model = load_model(str(shipped_checkpoint()), backend="cpu")
+    kw = dict(seed=3, progress=False, num_inference_steps=10, scheduler=DDPMScheduler(1024, backend="cpu"))
+    want = sample(model, [48, 60], **kw)
+    folder = tmp_path / "bf16"
+    got = sample(model, [48, 60], autocast=torch.bfloat16, out_dir=folder, **kw)
+    for a, w in zip(got, want):
+        assert np.isfinite(a).all() and a.shape == w.shape
+        rms = float(np.sqrt(((a - w) ** 2).sum(-1).mean()))
+        assert 0 < rms < 0.3, rms  # Angstrom (0.03 measured over all 1024 steps): bf16 rounding, not another sample
+    assert json.loads((folder / "manifest.json").read_text())["run"]["autocast"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"holds a different sampling run .*autocast"):
+        sample(model, [48, 60], out_dir=folder, resume=True, **kw)
+    with pytest.raises(ValueError, match="autocast: torch.bfloat16 or torch.float16"):
+        sample(model, [48], autocast=torch.float64, **kw)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the shipped model on the cpu backend")
+def test_cli_autocast(tmp_path):
+    from protdiff_fast.cli import main
+
+    out = tmp_path / "a"
+    assert main(["sample", "--length", "40", "--num", "1", "--steps", "5", "--autocast", "bf16", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["run"]["autocast"] == "bfloat16"

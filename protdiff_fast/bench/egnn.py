@@ -8,7 +8,7 @@ forward is work the kernel does but not counted as useful. Elementwise work is n
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -92,8 +92,10 @@ def make_ddpm_step_case(provider: str, B: int, N: int, dtype: torch.dtype, devic
     return run
 
 
-def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
-    """One training step's forward + backward of the ProtDiff model (4 layers, edge width H)."""
+def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str,
+                         autocast: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """One training step's forward + backward of the ProtDiff model (4 layers, edge width H); with
+    ``autocast`` the forward runs under torch.autocast in that dtype, as ``protdiff-fast train`` does on GPU."""
     from protdiff_fast.models import ProtDiff
 
     torch.manual_seed(0)
@@ -106,7 +108,9 @@ def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dty
 
     def run() -> None:
         model.zero_grad(set_to_none=True)
-        model(x, t, mask).pow(2).sum().backward()
+        with torch.autocast(torch.device(device).type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(x, t, mask).float().pow(2).sum()
+        loss.backward()
 
     return run
 
@@ -115,13 +119,15 @@ SAMPLER_STEPS = 20  # denoising steps timed per repetition; backbones/s is deriv
 
 
 def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str,
-                      graphs: bool = False) -> Callable[[], None]:
+                      graphs: bool = False, autocast: Optional[torch.dtype] = None) -> Callable[[], None]:
     """SAMPLER_STEPS reverse steps (model + step) of a batch of B backbones of length N.
 
     ``provider`` picks the backend of both the EGNN and the step ("reference" or "cpu"/"triton");
     the model is a fixed small ProtDiff (H, 4 layers) with random weights. ``graphs`` runs the
     sampler's own step runner (:class:`protdiff_fast.diffusion.graphs.DenoiseStep`), which captures
     model + step as one CUDA graph (captured in the warm-up run, replayed in the timed ones).
+    ``autocast``: the model runs under torch.autocast in that dtype (as ``sample --autocast``), the
+    step in ``dtype``.
     """
     from protdiff_fast.diffusion import NoiseSchedule
     from protdiff_fast.models import ProtDiff
@@ -140,7 +146,7 @@ def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype,
 
         scheduler = DDPMScheduler(1000, backend=provider)
         mask = torch.ones(B, N, dtype=torch.bool, device=device)
-        runner = DenoiseStep(model, scheduler, mask, seeds=seeds.long(), capture=True)
+        runner = DenoiseStep(model, scheduler, mask, seeds=seeds.long(), capture=True, autocast=autocast)
 
         def run_graphed() -> torch.Tensor:
             x = x0
@@ -155,7 +161,9 @@ def make_sampler_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype,
         with torch.no_grad():
             for k in range(SAMPLER_STEPS):
                 t = torch.full((B,), 1000 - k, dtype=torch.long, device=device)
-                eps = model(x, t)
+                with torch.autocast(torch.device(device).type, dtype=autocast or torch.bfloat16,
+                                    enabled=autocast is not None, cache_enabled=False):
+                    eps = model(x, t).to(x.dtype)
                 x = ddpm_step(schedule, x, eps, t, seed=seeds if provider != "reference" else k,
                               backend=provider).prev_sample
         return x

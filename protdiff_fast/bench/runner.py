@@ -107,6 +107,14 @@ def device_rates(device: str, H: int = 64) -> Dict:
 # float32 tensors under torch.set_float32_matmul_precision("medium"): on an AMX CPU the cpu
 # backend's pair products (and torch's own matmuls, where oneDNN allows it) run in bf16
 MEDIUM = "float32-medium"
+AUTOCAST = "bfloat16-autocast"  # float32 model and coordinates, the model under torch.autocast(bf16) (sampler, train-step)
+SAMPLER_LAYERS, TARGET_STEPS = 4, 1024  # the sampler suite's model depth; the issue's full schedule
+
+
+def pair_mlp_flops_per_backbone(N: int, H: int, steps: int = TARGET_STEPS, layers: int = SAMPLER_LAYERS) -> float:
+    """The two H x H products per ordered pair, every layer, every reverse step: 17.6 TFLOP for N = 128,
+    H = 256, 4 layers, 1024 steps (the sampling issue's figure)."""
+    return float(steps * layers * N * (N - 1) * 4 * H * H)
 
 
 def cpu_has_amx() -> bool:
@@ -150,6 +158,16 @@ def target_rows(device: str) -> List[Dict]:
     for B in (1, 4):  # the ProtDiff model at its published size: H = 256, 4 layers, 256-d offset edges
         for p in base:
             rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype="float32"))
+    if device.startswith("cuda"):
+        for B in (4, 32):  # the model issue's GPU target: a training step as `train` runs it there (bf16 autocast)
+            for p in base:
+                rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype=AUTOCAST))
+        # the sampling issue's GPU target: the ProtDiff-size model (H = 256, 4 layers) at length 128, bf16,
+        # backbones/s at T = 1024 against the bf16 pair-MLP limit (20/s wanted of ~45/s on an H100)
+        rows.append(dict(suite="sampler", provider="reference", B=64, N=128, H=256, mode="fwd", dtype=AUTOCAST))
+        for B in (64, 256):
+            for mode in ("fwd", "graphs"):
+                rows.append(dict(suite="sampler", provider="triton", B=B, N=128, H=256, mode=mode, dtype=AUTOCAST))
     if not device.startswith("cuda") and cpu_has_amx():  # the same rows with bf16 pair products on AMX
         for mode in ("fwd", "fwdbwd"):
             for p in base:
@@ -252,6 +270,9 @@ def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: fl
             per_step = out["median_s"] / SAMPLER_STEPS
             out["steps_per_s"] = 1.0 / per_step
             out["backbones_per_s_T1000"] = row["B"] / (per_step * 1000)  # derived from the measured step time
+            out["backbones_per_s_T1024"] = row["B"] / (per_step * TARGET_STEPS)
+            out["pair_mlp_tflops_per_s"] = (row["B"] * pair_mlp_flops_per_backbone(row["N"], row["H"], steps=1)
+                                            / per_step / 1e12)
         elif row["suite"] == "sampler-mixed":
             out["backbones_per_s"] = row["B"] / out["median_s"]  # measured: the whole run, writing included
         elif row["suite"] == "train-step":
@@ -271,6 +292,17 @@ def _fmt_bytes(b) -> str:
             return f"{b:.0f} {unit}"
         b /= 1024
     return f"{b:.1f} TB"
+
+
+def _pair_mlp_limit(row: Dict, rates: Dict) -> str:
+    """For low-precision sampler rows where the bf16 matmul rate was measured: backbones/s at T = 1024
+    and the fraction of the bf16 pair-MLP limit (that rate / the pair MLP's FLOP per backbone)."""
+    bf16 = rates.get("mm_bf16_square_flops")
+    if not bf16 or row["dtype"] not in ("bfloat16", AUTOCAST, MEDIUM) or "pair_mlp_tflops_per_s" not in row:
+        return ""
+    limit = bf16 / pair_mlp_flops_per_backbone(row["N"], row["H"])
+    return (f"; {row['backbones_per_s_T1024']:.2f}/s at T=1024 = {100 * row['backbones_per_s_T1024'] / limit:.0f}% "
+            f"of the bf16 pair-MLP limit {limit:.1f}/s ({row['pair_mlp_tflops_per_s']:.0f} TFLOP/s)")
 
 
 def markdown(result: Dict) -> str:
@@ -304,8 +336,8 @@ def markdown(result: Dict) -> str:
             lines.append(
                 f"| {r['suite']} | {SAMPLER_STEPS} steps{', CUDA graphs' if r['mode'] == 'graphs' else ''} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
                 f"{r['median_s'] * 1e3:.1f} ({r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}) | "
-                f"{r['steps_per_s']:.1f} steps/s | {r['backbones_per_s_T1000']:.3f} backbones/s at T=1000 (derived) | "
-                f"{_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
+                f"{r['steps_per_s']:.1f} steps/s | {r['backbones_per_s_T1000']:.3f} backbones/s at T=1000 (derived)"
+                f"{_pair_mlp_limit(r, rates)} | {_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
             continue
         if r["suite"] == "sampler-mixed":
             lines.append(
@@ -353,7 +385,7 @@ def _fused_backward(provider: str, mode: str, dtype: str, H: int) -> bool:
         return True
     from protdiff_fast.ops.egnn_triton import has_fused_backward
 
-    return has_fused_backward(H, getattr(torch, dtype.replace("-medium", "")))
+    return has_fused_backward(H, getattr(torch, dtype.replace("-medium", "").replace("-autocast", "")))
 
 
 def scaling(result: Dict) -> List[Dict]:

@@ -81,21 +81,28 @@ def main(spec_json: str) -> None:
     if dtype_name.endswith("-medium"):  # float32 tensors, bf16 products where the backend and torch allow it
         torch.set_float32_matmul_precision("medium")
         dtype_name = dtype_name[: -len("-medium")]
+    autocast = None
+    if dtype_name.endswith("-autocast"):  # float32 model and coordinates, the model under torch.autocast
+        autocast = getattr(torch, dtype_name[: -len("-autocast")])
+        dtype_name = "float32"
     dtype = getattr(torch, dtype_name)
     device = spec["device"]
     cuda = device.startswith("cuda")
     out = dict(status="ok")
+    if autocast is not None and spec["suite"] not in ("sampler", "train-step"):
+        raise ValueError(f"dtype {spec['dtype']!r}: autocast rows exist for the sampler and train-step suites only")
     try:
         if spec["suite"] == "ddpm-step":
             run = make_ddpm_step_case(spec["provider"], spec["B"], spec["N"], dtype, device)
         elif spec["suite"] == "sampler":
             run = make_sampler_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device,
-                                    graphs=spec["mode"] == "graphs")
+                                    graphs=spec["mode"] == "graphs", autocast=autocast)
         elif spec["suite"] == "sampler-mixed":  # mode "write": files + manifest; "memory": results only
             run = make_sampler_mixed_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device,
                                           write=spec["mode"] == "write")
         elif spec["suite"] == "train-step":
-            run = make_train_step_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device)
+            run = make_train_step_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device,
+                                       autocast=autocast)
         else:
             run = make_case(spec["provider"], spec["B"], spec["N"], spec["H"], spec["mode"], dtype, device)
         t_warm = time.perf_counter()

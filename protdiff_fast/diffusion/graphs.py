@@ -28,8 +28,12 @@ class DenoiseStep:
     ``seeds`` (a (B,) int64 tensor on the batch's device), or a ``generator`` for the scheduler's noise."""
 
     def __init__(self, model: Callable, scheduler, mask: torch.Tensor, seeds: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None, capture: bool = False) -> None:
+                 generator: Optional[torch.Generator] = None, capture: bool = False,
+                 autocast: Optional[torch.dtype] = None) -> None:
         self.model, self.scheduler, self.mask = model, scheduler, mask
+        # the model call (not the step: x, eps and the DDPM update stay in x's dtype) under torch.autocast;
+        # no cast cache: a captured graph must not hold casts made outside it
+        self.autocast = autocast
         self.seeds, self.generator = seeds, generator
         # a CUDA graph replays fixed kernels: noise must come from the kernels' own Philox (seeds), and
         # the strided (DDIM-style) step gathers its coefficients on the host (t.cpu(), a sync): uncaptured
@@ -40,7 +44,10 @@ class DenoiseStep:
 
     def _step(self, x: torch.Tensor, t: torch.Tensor, check_eps: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         with skip_value_checks(), torch.no_grad():
-            eps = self.model(x, t, self.mask)
+            with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16,
+                                enabled=self.autocast is not None, cache_enabled=False):
+                eps = self.model(x, t, self.mask)
+            eps = eps.to(x.dtype)
             if check_eps and not bool(torch.isfinite(eps).all()):
                 return eps, x  # the caller names the step and design; the step itself would refuse NaN
             out = self.scheduler.step(eps, t, x, mask=self.mask, seed=self.seeds, generator=self.generator)

@@ -275,6 +275,7 @@ def sample(
     progress_interval: Optional[float] = None,
     progress_stream=None,
     cuda_graphs: Optional[bool] = None,
+    autocast: Optional[torch.dtype] = None,
 ) -> List[Optional[np.ndarray]]:
     """Sample one backbone per entry of ``lengths`` (times ``num_samples`` when given).
 
@@ -299,6 +300,11 @@ def sample(
     step) once as a CUDA graph and replays it (:mod:`protdiff_fast.diffusion.graphs`); results are
     the same as without. It needs the fused step's per-design seeds (not the strided scheduler).
 
+    ``autocast`` (torch.bfloat16 or torch.float16) runs the model under ``torch.autocast`` with that
+    dtype: its GEMMs and the fused EGNN pair op in low precision (the op with float32 coordinates),
+    the coordinates and the DDPM step in ``dtype``; part of the run's identity. On a GPU this is what
+    reaches the bf16 tensor-core rate; designs differ from a float32 run by bf16 rounding.
+
     Under torchrun (process group initialised) rank r samples the designs with index % world == r
     and keeps its own ``manifest.rank<r>.json``. A write that fails (disk full) raises OutputError
     after the designs finished so far are on disk and in the manifest; ``resume`` continues.
@@ -321,6 +327,8 @@ def sample(
     if out_of_range:
         raise ValueError(f"design_indices: {out_of_range[:5]} outside [0, {len(lengths) - 1}] "
                          f"(this run has {len(lengths)} designs)")
+    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast: torch.bfloat16 or torch.float16 (or None), got {autocast!r}")
     seeds = design_seeds(seed, len(lengths))
     from protdiff_fast import __version__
 
@@ -328,6 +336,8 @@ def sample(
     run_info = dict(lengths=lengths, seed=int(seed), num_inference_steps=scheduler.num_inference_steps,
                     scheduler=scheduler.config, scale=scale, model=model_fingerprint(model),
                     format=file_format, gzip=bool(compress), trajectory_every=trajectory_every)
+    if autocast is not None:  # only then: manifests of float32 runs stay as they were
+        run_info["autocast"] = str(autocast).replace("torch.", "")
     run_info = json.loads(json.dumps(run_info))  # the form it has when read back from the manifest
     finished: Dict[str, Dict] = {}  # this process's manifest
     finished_any: set = set()  # finished by any process of this run (resume)
@@ -383,7 +393,7 @@ def sample(
         units_before = bar.units if bar is not None else 0
         try:
             x, frames = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device,
-                                       dtype, bar, trajectory_every, cuda_graphs)
+                                       dtype, bar, trajectory_every, cuda_graphs, autocast)
         except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
             if not _is_oom(err) or len(idx) == 1:
                 raise
@@ -509,7 +519,7 @@ DIVERGED_UNITS = 1e4
 
 
 def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar,
-                   trajectory_every=None, cuda_graphs=False):
+                   trajectory_every=None, cuda_graphs=False, autocast=None):
     """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units, and the
     trajectory frames [(timestep, (B, L, 3) cpu float32)] when ``trajectory_every`` is set."""
     L = int(max(lengths[i] for i in idx))
@@ -525,7 +535,7 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
         generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]) & ((1 << 63) - 1))
     x = initial_noise(batch_seeds.tolist(), L, mask, dtype, device)
     runner = DenoiseStep(model, scheduler, mask, seeds=None if step_seed is None else step_seed.to(device),
-                         generator=None if per_design_noise else generator, capture=cuda_graphs)
+                         generator=None if per_design_noise else generator, capture=cuda_graphs, autocast=autocast)
     frames = None
     if trajectory_every is not None:  # frame 0 is x_T; after step k the sample is x at the next timestep
         frames = [(int(steps[0]), x.detach().float().cpu().numpy().astype(np.float64))]
