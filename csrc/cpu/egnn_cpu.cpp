@@ -61,8 +61,10 @@ struct Tiles {
   static constexpr int kLanes = simd::VecTraits<T>::kLanes;
   // AVX-512: 8 rows x 2 vectors (16 accumulators); the [K, 2 vectors] panel of the weight is
   // 32 KB at H = 256 and stays in L1 across the row blocks (4 x 4 streamed a 64 KB panel from L2
-  // per 4 rows: ~10% slower at H = 64 and 256). AVX2 has 16 registers: 4 x 2.
-  static constexpr int kMR = PROTDIFF_VBYTES == 64 ? 8 : 4;      // micro-kernel rows
+  // per 4 rows: ~10% slower at H = 64 and 256). AVX2 has 16 registers: 6 x 2 (12 accumulators, as
+  // BLIS's Haswell kernel: 4 x 2's 8 cannot hide the FMA latency of two pipes; row counts that are
+  // not a multiple of 6, such as the weight gradients' Hp, finish with a smaller block).
+  static constexpr int kMR = PROTDIFF_VBYTES == 64 ? 8 : (PROTDIFF_VBYTES == 32 ? 6 : 4);  // micro-kernel rows
   static constexpr int kNV = 2;                                  // micro-kernel vectors per row
   static constexpr int kChunk = kNV * kLanes;                    // micro-kernel columns
   // H is padded to kColPad columns: 64 in the AVX-512 build (AMX's gemm_bias needs it)
@@ -71,9 +73,11 @@ struct Tiles {
 constexpr int BI = 8;  // i-block
 constexpr int BJ = 8;  // j-block
 constexpr int kMaxRows = BI * BJ;
-// tile rows padded for the products: to kMR, to 16 (AMX rows), to 32 (AMX weight gradients)
-constexpr int kScratchRows = 64;
-static_assert(kScratchRows >= BI * BJ && kScratchRows % 32 == 0 && kScratchRows % 8 == 0, "tile padding");
+// tile rows padded for the products: to kMR, to 16 (AMX rows), to 32 (AMX weight gradients); 64
+// pairs padded to 6 rows (AVX2) are 66
+constexpr int kScratchRows = PROTDIFF_VBYTES == 32 ? 72 : 64;
+static_assert(kScratchRows >= BI * BJ && kScratchRows % 8 == 0, "tile padding");
+static_assert(PROTDIFF_VBYTES != 64 || kScratchRows % 32 == 0, "AMX tiles");
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -188,32 +192,53 @@ class Workspace {
 
 // C[M x Nc] += op(A) B[K x Nc], row-major with leading dimensions; op(A) is A[M x K], or with
 // kTransA the transpose of A stored as [K x M] (the weight-gradient products a^T dy, m^T ds read
-// the tile column-wise instead of transposing it). M % kMR == 0 and Nc % kChunk == 0. The
-// accumulators of an MR x kChunk block stay in registers across K.
+// the tile column-wise instead of transposing it). Nc % kChunk == 0; M is any count (blocks of
+// kMR rows, then one smaller block). The accumulators of a block stay in registers across K.
 // With a non-null `bias` (Nc entries) C is not read: each row starts from the bias instead.
+// One MR x kChunk block of gemm_acc: rows r0.., columns n0.., accumulators in registers across K.
+template <typename T, bool kTransA, int MR>
+inline void gemm_block(int64_t r0, int64_t n0, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
+                       T* C, int64_t ldc, const T* bias) {
+  using V = Vec<T>;
+  constexpr int L = Tiles<T>::kLanes, NV = Tiles<T>::kNV;
+  V acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = simd::load((bias ? bias : C + (r0 + r) * ldc) + n0 + v * L);
+  const T* b = Bm + n0;
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = simd::load(b + k * ldb + v * L);
+    for (int r = 0; r < MR; ++r) {
+      const V av = simd::splat(kTransA ? A[k * lda + r0 + r] : A[(r0 + r) * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) simd::store(C + (r0 + r) * ldc + n0 + v * L, acc[r][v]);
+}
+
+// The last M % MR rows, as one smaller block (R = MR - 1 down to 1).
+template <typename T, bool kTransA, int R>
+inline void gemm_tail(int64_t rest, int64_t r0, int64_t n0, int64_t K, const T* A, int64_t lda, const T* Bm,
+                      int64_t ldb, T* C, int64_t ldc, const T* bias) {
+  if constexpr (R > 0) {
+    if (rest == R) {
+      gemm_block<T, kTransA, R>(r0, n0, K, A, lda, Bm, ldb, C, ldc, bias);
+      return;
+    }
+    gemm_tail<T, kTransA, R - 1>(rest, r0, n0, K, A, lda, Bm, ldb, C, ldc, bias);
+  }
+}
+
 template <typename T, bool kTransA = false>
 void gemm_acc(int64_t M, int64_t K, int64_t Nc, const T* A, int64_t lda, const T* Bm, int64_t ldb, T* C,
               int64_t ldc, const T* bias = nullptr) {
-  using V = Vec<T>;
-  constexpr int L = Tiles<T>::kLanes, MR = Tiles<T>::kMR, NV = Tiles<T>::kNV, NCH = Tiles<T>::kChunk;
+  constexpr int MR = Tiles<T>::kMR, NCH = Tiles<T>::kChunk;
   for (int64_t n0 = 0; n0 < Nc; n0 += NCH) {
-    for (int64_t r0 = 0; r0 < M; r0 += MR) {
-      V acc[MR][NV];
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v)
-          acc[r][v] = simd::load((bias ? bias : C + (r0 + r) * ldc) + n0 + v * L);
-      const T* b = Bm + n0;
-      for (int64_t k = 0; k < K; ++k) {
-        V bv[NV];
-        for (int v = 0; v < NV; ++v) bv[v] = simd::load(b + k * ldb + v * L);
-        for (int r = 0; r < MR; ++r) {
-          const V av = simd::splat(kTransA ? A[k * lda + r0 + r] : A[(r0 + r) * lda + k]);
-          for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
-        }
-      }
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) simd::store(C + (r0 + r) * ldc + n0 + v * L, acc[r][v]);
-    }
+    int64_t r0 = 0;
+    for (; r0 + MR <= M; r0 += MR) gemm_block<T, kTransA, MR>(r0, n0, K, A, lda, Bm, ldb, C, ldc, bias);
+    gemm_tail<T, kTransA, MR - 1>(M - r0, r0, n0, K, A, lda, Bm, ldb, C, ldc, bias);
   }
 }
 
@@ -297,8 +322,9 @@ template <typename T>
 struct Scratch {
   Buffer<T> Z, A, Y, M0, MG, S, SZ, SY, SS, G1, G2, G3, Erow, dE;  // SZ, SY, SS: sigmoid(z), sigmoid(y), sigmoid(s)
   Buffer<std::uint16_t> Abf, AT, Bv;  // bf16 operands (EgnnProblem::amx): rows, transposed rows, pair-interleaved
-  int64_t ii[kMaxRows], jj[kMaxRows];  // pair -> (row of the i-block, node j)
-  T d[kMaxRows][3], d2[kMaxRows], gate[kMaxRows], psi[kMaxRows];
+  // per pair; sized to the padded rows (loops such as the gate's run over rows_padded)
+  int64_t ii[kScratchRows], jj[kScratchRows];  // pair -> (row of the i-block, node j)
+  T d[kScratchRows][3], d2[kScratchRows], gate[kScratchRows], psi[kScratchRows];
   int64_t rows = 0, rows_padded = 0;
 
   Scratch(const Packed<T>& pk, bool backward) {
