@@ -98,7 +98,8 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, 
         consts.update(W_REL=triton.next_power_of_2(BI + BJ - 1), ROWS_ARE_I=pass_ == "bwd_i",
                       NEED_DEA=edge == 1,  # DW_CHUNK from the environment: for sweeps
                       DW_CHUNK=int(os.environ.get("DW_CHUNK", et.dw_chunk(H, getattr(torch, torch_dtype), pass_))),
-                      PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32" else "tf32")
+                      PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32" else "tf32",
+                      DW_STAGE=et.dw_stage(H, getattr(torch, torch_dtype)), FLUSH_ROWS=et.flush_rows(H))
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
     rec = dict(H=H, dtype=dtype + ("+x32" if coords32 else ""), edge=["none", "dense", "offset"][edge], attention=attention, tanh=tanh,
                normalize=normalize, kernel=pass_, block_i=BI, block_j=BJ, num_warps=warps,

@@ -215,3 +215,13 @@ def test_autocast_rows_for_the_gpu_targets_run_and_report_the_pair_mlp_limit():
     bad = runner.run_row(dict(suite="egnn", provider="cpu", B=1, N=12, H=16, mode="fwd", dtype=runner.AUTOCAST),
                          "cpu", 1, 300, 0.1, mem_limit=None)
     assert bad["status"] == "error" and "sampler and train-step suites only" in bad["error"]
+
+
+def test_environment_records_kernel_overrides(monkeypatch):
+    """An A/B run (PROTDIFF_FAST_TRITON_DW_STAGE=1 against the default) must say which side it is."""
+    monkeypatch.delenv("PROTDIFF_FAST_TRITON_DW_STAGE", raising=False)
+    monkeypatch.setenv("PROTDIFF_FAST_COMMIT", "abc123")
+    assert "PROTDIFF_FAST_TRITON_DW_STAGE" not in runner.environment("cpu", 1)["overrides"]
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", "1")
+    overrides = runner.environment("cpu", 1)["overrides"]
+    assert overrides["PROTDIFF_FAST_TRITON_DW_STAGE"] == "1" and "PROTDIFF_FAST_COMMIT" not in overrides

@@ -343,6 +343,30 @@ def test_backward_with_fewer_programs_than_blocks(monkeypatch, edge_mode):
     compare(2, 70, 16, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=71)
 
 
+@pytest.mark.parametrize("tiles", [1, 3, 5])
+@pytest.mark.parametrize("edge_mode", ["none", "offset"])
+def test_weight_gradients_flushed_every_few_tiles(monkeypatch, tiles, edge_mode):
+    """dW2 / dW3 from staged tiles: each program stages its tiles' (a, d_r) / (m, d_t) and adds one
+    product to its partial every ``tiles`` tiles, and the rest after its last tile. One program per
+    sample walks 3 x 3 tiles here (N = 70, interpreter blocks of 32): 5 tiles = a full flush and a
+    partial one of 4 tiles (the last tile alone may hold no real pair: masks are random), 3 = full
+    flushes only, 1 = the read-modify-write per tile; flushes in row chunks of 16 of H = 32."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", str(tiles))
+    monkeypatch.setattr(egnn_triton, "BACKWARD_PROGRAMS", 1)
+    monkeypatch.setattr(egnn_triton, "flush_rows", lambda H: 16)
+    assert egnn_triton.dw_stage(32, torch.float32) == tiles
+    compare(2, 70, 32, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=73 + tiles)
+
+
+def test_weight_gradient_stage_in_bf16_and_a_bad_setting(monkeypatch):
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", "5")
+    monkeypatch.setattr(egnn_triton, "BACKWARD_PROGRAMS", 1)
+    compare(1, 70, 16, 3, "dense", FLAG_SETS[4], torch.bfloat16, seed=77)
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", "0")
+    with pytest.raises(ValueError, match="PROTDIFF_FAST_TRITON_DW_STAGE"):
+        egnn_triton.dw_stage(16)
+
+
 @pytest.mark.parametrize("K", [20, 69, 120], ids=["clipped", "K=N-1", "wider-table"])
 def test_offset_table_gradient_over_many_regions(K):
     """The rows-i pass of the offset table cuts the pairs into square regions, each summing d_z by

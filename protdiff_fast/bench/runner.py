@@ -68,6 +68,9 @@ def environment(device: str, threads: int) -> Dict:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
+    # kernel overrides set for A/B runs (PROTDIFF_FAST_TRITON_DW_STAGE, _BLOCKS, PROTDIFF_FAST_AMX, ...)
+    env["overrides"] = {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith("PROTDIFF_FAST_") and k != "PROTDIFF_FAST_COMMIT"}
     return env
 
 
@@ -310,7 +313,7 @@ def markdown(result: Dict) -> str:
     lines = [f"# Benchmark results ({env['date']})", "",
              f"- machine: {env.get('gpu') or env['cpu']}, {env['threads']} threads; torch {env['torch']}, "
              f"triton {env.get('triton')}, C++ {env.get('cpp_extension')}",
-             f"- commit {env['commit']}",
+             f"- commit {env['commit']}" + (f"; overrides {env['overrides']}" if env.get("overrides") else ""),
              f"- command: `{result['command']}`",
              f"- measured fp32 matmul: {rates['mm_fp32_square_flops'] / 1e9:.1f} GFLOP/s (2048^2), "
              f"{rates['mm_fp32_pair_shape_flops'] / 1e9:.1f} GFLOP/s ([2^18, {rates['pair_shape_H']}] x "

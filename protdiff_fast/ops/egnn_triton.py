@@ -40,11 +40,17 @@ Backward (recomputing every pair quantity instead of storing it):
                    of dW3, db3, dw4 (one [H, H] weight gradient per pass keeps registers in bounds)
     partials are summed afterwards in torch: no atomics, so the result is deterministic.
 
+Weight gradients: each program stages its tiles' operands (a and d_r for dW2, m and d_t for dW3; 2 x
+16 x H in the weight dtype per tile) and every ``dw_stage`` tiles adds one [H, 16 T] x [16 T, H]
+product to its fp32 partial (:func:`_flush_weight_gradient`, by ``flush_rows`` output rows). A read-
+modify-write of the [H, H] partial per 16-pair tile (``PROTDIFF_FAST_TRITON_DW_STAGE=1``, the earlier
+scheme: the product split into ``dw_chunk`` row chunks) moves 2 H^2 4 B per 16 pairs, about 20 FLOP
+per byte of L2 traffic; T = 8 tiles cut the partial's traffic 8x for 4 x 16 H bytes of staging per
+tile. Not yet timed on a GPU: the GPU run book A/Bs it.
+
 Registers (sm_90, measured with scripts/compile_egnn_triton.py): the backward runs tiles of M = 16
-pairs on mma.sync; a weight gradient's [H, H] product is split into row chunks (``dw_chunk``): dW2's
-take a's columns rebuilt from the inputs, dW3's take rows of m^T from a per-program scratch copy of
-the m tile (O(B N H)); d edge_attr is one column of W_e at a time, not a tl.dot. Configurations
-that still spill are listed in ``KNOWN_SPILLS``.
+pairs on mma.sync; d edge_attr is one column of W_e at a time, not a tl.dot. Configurations that
+still spill are listed in ``KNOWN_SPILLS``.
 
 Precision: elementwise math and all accumulations in fp32. fp32 inputs use 3xTF32 dots (about
 fp32 accuracy on tensor cores) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, in
@@ -118,22 +124,26 @@ _EDGE_CONFIGS = {(128, False, "fwd"): (8, 16, 8)}
 _FWD_CHUNKS = {False: (32, 64), True: (16, 32)}
 # software-pipelining depth of the j-loop, passed by the launchers and used by the compile script
 NUM_STAGES = 2
+# tiles per weight-gradient flush in the backward (dw_stage)
+DW_STAGE_TILES = 8
 # Configurations that still spill registers on sm_90 (scripts/compile_egnn_triton.py measures how
 # much; benchmarks/results/egnn_triton_sm90_compile.md has the numbers).
 KNOWN_SPILLS = {
     # fp32 forward at H = 128: the 3xTF32 hi/lo operand copies (M = 16: ~300 B; M = 64-128: 1-2.4 KB)
     (128, True, "fwd"),
     # H = 128 backward: each warp holds the whole [16, 128] A operand of every mma.sync product (64
-    # registers in TF32; fp32 also splits operands hi/lo for 3xTF32); bf16 0-84 B, fp32 0.4-0.65 KB
+    # registers in TF32; fp32 also splits operands hi/lo for 3xTF32); with the staged weight gradients
+    # (dw_stage 8) bf16 0-108 B, fp32 0.47-0.65 KB (0-136 B / 0.38-0.73 KB with a read-modify-write per tile)
     *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
     # fp32 forward at H = 256 (chunks 16 / 32): 236-408 B, for the same 3xTF32 operand copies; bf16 is 0
     (256, True, "fwd"),
-    # bf16 backward at H = 256 (dw_chunk 64 / 16, the best of 16-256): bwd_i 1.1-1.5 KB, bwd_j 0.9-1.3 KB
+    # bf16 backward at H = 256, staged weight gradients: bwd_i 0.9-1.3 KB, bwd_j 0.8-1.2 KB (per-tile
+    # read-modify-write with dw_chunk 64 / 16: 1.1-1.6 KB, 0.9-1.4 KB)
     (256, False, "bwd_i"), (256, False, "bwd_j"),
-    # fp32 backward at H = 16 / 64 after the grid-stride loop over own blocks (which bounds the weight-
-    # gradient partials to O(programs H^2)): 8-32 B on some flag/edge sets, 0 before that loop; H = 16
-    # rows-j with ProtDiff's flags (offset table, normalize): 8 B
-    (16, True, "bwd_i"), (16, True, "bwd_j"), (64, True, "bwd_i"), (64, True, "bwd_j"),
+    # fp32 backward at H = 64 after the grid-stride loop over own blocks (which bounds the weight-gradient
+    # partials to O(programs H^2)): 8-40 B on some flag/edge sets, 0 before that loop (H = 16 spilled
+    # 8 B too until the weight gradients were staged)
+    (64, True, "bwd_i"), (64, True, "bwd_j"),
     # bf16 forward at H = 128 with float32 coordinates (autocast) and ProtDiff's flags (offset table,
     # normalize): 8 B at 8 x 16; none of 14 other block / warp configurations swept reaches 0 (the same
     # call with bf16 coordinates: 0 B). Keyed with "x32": the all-bf16 forward stays checked at 0
@@ -167,6 +177,32 @@ def dw_chunk(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "bwd_i")
             return 16 if H >= 32 else H
         return 64 if H >= 128 else H
     return 16 if H >= 128 else H
+
+
+def dw_stage(H: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Tiles of pairs per read-modify-write of a backward program's [H, H] weight-gradient partial.
+
+    With 1 every 16-pair tile reads and writes the whole fp32 partial (2 H^2 4 B per tile: about 20
+    FLOP per byte, L2-bound on an H100); with T > 1 each tile stores its A and G operands (a, d_r or
+    m, d_t, 2 x 16 H in the weight dtype) to the program's stage and every T tiles one
+    [H, 16 T] x [16 T, H] product is added to the partial (_flush_weight_gradient). Same math (the
+    same rounded operands), another summation order. ``PROTDIFF_FAST_TRITON_DW_STAGE`` overrides it
+    (for GPU A/B timing)."""
+    env = os.environ.get("PROTDIFF_FAST_TRITON_DW_STAGE")
+    if env:
+        value = int(env)
+        if value < 1:
+            raise ValueError(f"PROTDIFF_FAST_TRITON_DW_STAGE: a number of tiles >= 1, got {env!r}")
+        return value
+    return DW_STAGE_TILES
+
+
+def flush_rows(H: int) -> int:
+    """Output rows per product of a weight-gradient flush (a [rows, H] fp32 accumulator; the staged G is
+    read H / rows times, from L1 mostly). Swept on sm_90 with scripts/compile_egnn_triton.py: at H = 128
+    16 rows spilled least (bf16 0-108 B against 116-332 B at 32-128 rows), at H = 256 64 rows (bf16
+    0.9-1.3 KB, 1.1-1.2 KB at 16-32); H <= 64 spill the same at 16 and 64 rows."""
+    return 64 if H >= 256 else min(H, 16)
 
 
 def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd", edge: int = 0
@@ -431,6 +467,29 @@ def _egnn_fwd_kernel(
 
 
 @triton.jit
+def _flush_weight_gradient(
+    stage, n_rows, pW_ptr,  # stage: (2, STAGE_ROWS, H) staged A then G; the first n_rows rows of each are live
+    H: tl.constexpr, STAGE_ROWS: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """pW[H, H] += A^T G over the staged pairs (A = a or m, G = d_r or d_t, in the weight dtype): one read-
+    modify-write of the program's partial per DW_STAGE tiles instead of per tile. By ROWS output rows at a
+    time (a [ROWS, H] fp32 accumulator), K = the staged pairs in steps of STEP."""
+    hcol = tl.arange(0, H)
+    g_base = stage + STAGE_ROWS * H
+    for c0 in tl.static_range(0, H, ROWS):
+        cols = c0 + tl.arange(0, ROWS)
+        acc = tl.zeros((ROWS, H), dtype=tl.float32)
+        for k0 in range(0, n_rows, STEP):
+            kk = k0 + tl.arange(0, STEP)
+            A_k = tl.load(stage + kk[:, None] * H + cols[None, :])  # [STEP, ROWS]
+            G_k = tl.load(g_base + kk[:, None] * H + hcol[None, :])  # [STEP, H]
+            acc += _mm(tl.trans(A_k), G_k, PRECISION, UPCAST)
+        addr = pW_ptr + cols[:, None] * H + hcol[None, :]
+        tl.store(addr, tl.load(addr) + acc)
+
+
+@triton.jit
 def _egnn_bwd_kernel(
     x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,
     w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,
@@ -440,15 +499,18 @@ def _egnn_bwd_kernel(
     dea_ptr,  # (B,N,N,E) d edge_attr (ROWS_ARE_I and NEED_DEA)
     pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr,  # per-program partials: (P,H,H) x2, (P,6,H), (P,EP,H)
     prel_ptr,  # (B, n_regions, own_chunk + other_chunk - 1, H): d_rel per region and unclipped offset (_rel_windows)
-    stage_ptr,  # (P, M, H), input dtype: per-program scratch for the activation of a chunked weight gradient
+    stage_ptr,  # weight dtype, per program: (M, H) m for a chunked dW3 (DW_STAGE = 1), else (2, DW_STAGE M, H)
     N, E, K, eps,
     own_chunk, other_chunk, n_other_chunks, n_regions,  # SPLIT_OTHER: regions of own_chunk x other_chunk nodes
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
     ROWS_ARE_I: tl.constexpr, NEED_DEA: tl.constexpr, DW_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    DW_STAGE: tl.constexpr = 1,  # tiles per weight-gradient flush (dw_stage): 1 = read-modify-write per tile
+    FLUSH_ROWS: tl.constexpr = 16,  # output rows per product of a flush (DW_STAGE > 1)
 ):
     M: tl.constexpr = BI * BJ
+    STAGE_ROWS: tl.constexpr = DW_STAGE * M
     pid = tl.program_id(0)
     b = tl.program_id(1)
     P = tl.num_programs(0)
@@ -483,6 +545,9 @@ def _egnn_bwd_kernel(
         blk_start = pid
         blk_stop = tl.cdiv(N, OWN_B)
         blk_step = P
+    staged = pid * 0  # tiles in the stage (DW_STAGE > 1)
+    stage = stage_ptr + prog.to(tl.int64) * (2 * STAGE_ROWS * H)
+    srow = tl.arange(0, M)
     for blk in range(blk_start, blk_stop, blk_step):
         # the program's own block: rows i (pass 1) or columns j (pass 2); the tile is always (i, j)
         own = blk * OWN_B + tl.arange(0, OWN_B)
@@ -520,6 +585,12 @@ def _egnn_bwd_kernel(
                 b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, p_i, q_j, mi, mj,
                 w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att, E, K,
                 H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
+            if DW_STAGE > 1:  # this tile's A operand of the pass's weight gradient: a (dW2) or m (dW3)
+                if ROWS_ARE_I:
+                    a_or_m = _a
+                else:
+                    a_or_m = _m
+                tl.store(stage + (staged * M + srow)[:, None] * H + hcol[None, :], a_or_m.to(stage_ptr.dtype.element_ty))
             vf = v.to(tl.float32)
             # upstream gradients of the tile's rows i
             gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
@@ -548,21 +619,24 @@ def _egnn_bwd_kernel(
             # partial (a loop-carried [H, H] register accumulator spills), and from recomputed
             # activations (a = silu(z), m = silu(r) g, s = silu(t)) so fewer [M, H] tiles stay live
             if not ROWS_ARE_I:  # phi_x's weights in this pass, phi_e's in the other: one [H, H] product each
-                if DW_CHUNK == H:
+                if DW_STAGE > 1:
+                    tl.store(stage + (STAGE_ROWS + staged * M + srow)[:, None] * H + hcol[None, :],
+                             d_t.to(stage_ptr.dtype.element_ty))
+                elif DW_CHUNK == H:
                     m_re = r * _sigmoid(r, FAST) * g[:, None]
                     tl.store(pW3_ptr + prog * H * H + hh,
                              tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION,
                                                                         UPCAST))
                 else:  # dW3 = m^T d_t by rows of m^T, read back from this program's scratch copy of m (a
                     # register tile cannot be sliced; recomputing m's columns as a W2[:, cols] spilled more)
-                    stage = stage_ptr + prog * M * H
+                    m_stage = stage_ptr + prog * M * H
                     mrow = tl.arange(0, M)
-                    tl.store(stage + mrow[:, None] * H + hcol[None, :],
+                    tl.store(m_stage + mrow[:, None] * H + hcol[None, :],
                              (r * _sigmoid(r, FAST) * g[:, None]).to(stage_ptr.dtype.element_ty))
                     tl.debug_barrier()
                     for c0 in tl.static_range(0, H, DW_CHUNK):
                         cols = c0 + tl.arange(0, DW_CHUNK)
-                        mT_c = tl.load(stage + mrow[None, :] * H + cols[:, None])  # [C, M]
+                        mT_c = tl.load(m_stage + mrow[None, :] * H + cols[:, None])  # [C, M]
                         addr = pW3_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
                         tl.store(addr, tl.load(addr) + _mm(mT_c, d_t.to(W3T.dtype), PRECISION, UPCAST))
                 acc_b3 += tl.sum(d_t, axis=0)
@@ -581,7 +655,10 @@ def _egnn_bwd_kernel(
             d_r = d_m0 * _dsilu(r, sig_r)
             W2T = tl.load(W2_ptr + hcol[None, :] * H + hcol[:, None])
             if ROWS_ARE_I:
-                if DW_CHUNK == H:
+                if DW_STAGE > 1:
+                    tl.store(stage + (STAGE_ROWS + staged * M + srow)[:, None] * H + hcol[None, :],
+                             d_r.to(stage_ptr.dtype.element_ty))
+                elif DW_CHUNK == H:
                     a_re = z * _sigmoid(z, FAST)
                     tl.store(pW2_ptr + prog * H * H + hh,
                              tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(a_re), d_r.to(W2T.dtype), PRECISION,
@@ -645,13 +722,19 @@ def _egnn_bwd_kernel(
                     ok = (rows < win_rows)[:, None]
                     addr = prel_ptr + (b.to(tl.int64) * n_regions + region) * win_rows * H + rows[:, None] * H + hcol[None, :]
                     tl.store(addr, tl.load(addr, mask=ok, other=0.0) + d_rel, mask=ok)
-                tl.debug_barrier()  # the next tile's read-modify-writes may touch rows other threads wrote
             else:
                 d_node += tl.sum(d_z3, axis=0)
                 dxo0 -= tl.sum(du0, axis=0)
                 dxo1 -= tl.sum(du1, axis=0)
                 dxo2 -= tl.sum(du2, axis=0)
-                tl.debug_barrier()
+            if DW_STAGE > 1:
+                staged += 1
+                if staged == DW_STAGE:
+                    tl.debug_barrier()  # the stage rows were written by other threads
+                    _flush_weight_gradient(stage, STAGE_ROWS, pW2_ptr + prog * H * H if ROWS_ARE_I else
+                                           pW3_ptr + prog * H * H, H, STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
+                    staged = 0
+            tl.debug_barrier()  # the next tile's read-modify-writes (and stage rows) may touch rows other threads wrote
         ok = own < N
         row = b * N + own  # this node's row of d_node / dx
         if SPLIT_OTHER:
@@ -660,6 +743,10 @@ def _egnn_bwd_kernel(
         tl.store(dx_part_ptr + row * 3 + 0, dxo0, mask=ok)
         tl.store(dx_part_ptr + row * 3 + 1, dxo1, mask=ok)
         tl.store(dx_part_ptr + row * 3 + 2, dxo2, mask=ok)
+    if DW_STAGE > 1:
+        if staged > 0:  # the last, partly filled stage
+            _flush_weight_gradient(stage, staged * M, pW2_ptr + prog * H * H if ROWS_ARE_I else pW3_ptr + prog * H * H,
+                                   H, STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
     base = prog * 6 * H
     if ROWS_ARE_I:
         tl.store(pvec_ptr + base + 0 * H + hcol, acc_b2)
@@ -819,14 +906,16 @@ def _backward_grid(B: int, N: int, H: int, dtype: torch.dtype, edge: int) -> Tup
 
 def backward_workspace(B: int, N: int, H: int, dtype: torch.dtype, edge: int, EP: int = 16) -> dict:
     """name -> (shape, zero-initialised?) of the fp32 buffers the fused backward allocates (besides the
-    gradients themselves, d edge_attr and a (programs, 16, H) scratch tile at H = 128+): per-program weight-gradient partials (O(programs H^2), bounded), per-chunk
-    partials of d_p / dx and the offset table's per-region windows (O(n_chunks B N H), no N^2 term
-    and no (2K + 1) table per program). ``edge``: 0 none, 1 dense edge_attr, 2 offset table."""
+    gradients themselves, d edge_attr and, in the weight dtype, the weight-gradient stage of
+    programs x 2 x dw_stage x 16 x H: 64 MB at H = 256 bf16 with 512 programs): per-program
+    weight-gradient partials (O(programs H^2), bounded), per-chunk partials of d_p / dx and the
+    offset table's per-region windows (O(n_chunks B N H), no N^2 term and no (2K + 1) table per
+    program). ``edge``: 0 none, 1 dense edge_attr, 2 offset table."""
     n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, edge)
     P, P2 = B * n_ib, B * n_jb
     shapes = dict(d_p=((n_chunks, B, N, H), False), dx_i_side=((n_chunks, B, N, 3), False),
                   d_q=((B, N, H), False), dx_j_side=((B, N, 3), False),
-                  pW2=((P, H, H), True), pW3=((P2, H, H), True),  # read-modify-written per tile
+                  pW2=((P, H, H), True), pW3=((P2, H, H), True),  # read-modify-written per dw_stage tiles
                   pvec=((P, 6, H), False), pvec2=((P2, 6, H), False))
     if edge == 1:
         shapes["pWe"] = ((P, EP, H), True)
@@ -856,7 +945,11 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     windows = ws.get("rel_windows", pvec)
     d_ea = torch.empty_like(edge_attr) if need_dea else x
     chunk_i, chunk_j = dw_chunk(H, dtype, "bwd_i"), dw_chunk(H, dtype, "bwd_j")
-    stage = torch.empty(P2, BI2 * BJ2, H, dtype=W3.dtype, device=dev) if chunk_j < H else x  # rows-j scratch
+    T = dw_stage(H, dtype)
+    if T > 1:  # both passes' A and G operands, T tiles per program (the passes run one after the other)
+        stage = torch.empty(max(P * BI1 * BJ1, P2 * BI2 * BJ2) * 2 * T * H, dtype=W3.dtype, device=dev)
+    else:  # rows-j scratch for a chunked dW3
+        stage = torch.empty(P2, BI2 * BJ2, H, dtype=W3.dtype, device=dev) if chunk_j < H else x
     dummy = x
     common = (x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
               edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
@@ -866,8 +959,9 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
                   ATTENTION=w_att is not None, TANH=meta["tanh"], NORMALIZE=meta["normalize"],
                   NEED_DEA=need_dea, PRECISION=_precision(dtype),
                   PRECISION_BWD=_precision(torch.float32) if dtype == torch.float32 else "tf32",
-                  UPCAST=_interpreting() and dtype != torch.float32, FAST=_fast_sigmoid(dtype))
-    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, windows, x,
+                  UPCAST=_interpreting() and dtype != torch.float32, FAST=_fast_sigmoid(dtype),
+                  DW_STAGE=T, FLUSH_ROWS=flush_rows(H))
+    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, windows, stage if T > 1 else x,
                                 N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
                                 ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
                                 W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=chunk_i,
