@@ -248,7 +248,8 @@ def _cmd_scaffold(args: argparse.Namespace) -> int:
                               method=args.method, steps=args.steps, seed=args.seed, ckpt=args.ckpt,
                               backend=args.backend, device=args.device, resampler=args.resampler,
                               ess_threshold=args.ess_threshold, redenoise_t=args.redenoise_t,
-                              progress=not args.no_progress, command=command)
+                              progress=not args.no_progress, command=command,
+                              autocast=AUTOCAST_DTYPES[args.autocast] if args.autocast else None)
     except ScaffoldingError as err:  # NaN model output or degenerate weights: a message, no partial files
         print(f"protdiff-fast scaffold: error: {err}", file=sys.stderr)
         return 3
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--redenoise-t", type=int, default=50,
                     help="self-consistency check: re-noise each design to this t and denoise it unconditionally, "
                          "then measure the motif RMSD (0: skip)")
+    sc.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
+                    help="run the model under torch.autocast in this dtype (as sample --autocast); particles, "
+                         "transition means and SMCDiff weights stay float32")
     sc.add_argument("--backend", default="auto")
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--no-progress", action="store_true")

@@ -88,3 +88,51 @@ def test_scaffold_cli_refuses_a_non_empty_folder(tmp_path, capsys):
     (tmp_path / "x" / "keep.txt").write_text("mine")
     assert main(_args(tmp_path / "x")) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_scaffold_cli_autocast_runs_the_model_in_bf16_and_says_so(tmp_path, monkeypatch):
+    """--autocast bf16: the model's calls run under torch.autocast, everything the SMC weights use stays
+    float32, and the summary records it (float32 summaries carry no such key)."""
+    import torch
+
+    from protdiff_fast.models import ProtDiff
+
+    seen = []
+    forward = ProtDiff.forward
+
+    def spy(self, x_t, t, mask=None):
+        seen.append((torch.is_autocast_enabled(x_t.device.type), torch.get_autocast_dtype(x_t.device.type), x_t.dtype))
+        return forward(self, x_t, t, mask)
+
+    monkeypatch.setattr(ProtDiff, "forward", spy)
+    assert main(_args(tmp_path / "f32")) == 0
+    assert seen and not any(on for on, _, _ in seen)
+    seen.clear()
+    assert main(_args(tmp_path / "bf16", "smc", "--autocast", "bf16")) == 0
+    assert seen and all(on and dt == torch.bfloat16 and x_dtype == torch.float32 for on, dt, x_dtype in seen)
+    a = json.loads((tmp_path / "f32" / "summary.json").read_text())
+    b = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert "autocast" not in a["summary"] and b["summary"]["autocast"] == "bfloat16"
+    for row in b["designs"]:
+        assert np.isfinite(row["motif_rmsd"]) and np.isfinite(row["log_weight"])
+    assert [r["length"] for r in a["designs"]] == [r["length"] for r in b["designs"]]  # same layouts
+
+
+def test_autocast_eps_wrapper_returns_float32_and_refuses_other_dtypes():
+    import torch
+
+    from protdiff_fast.motif.scaffold import AutocastEps
+
+    class Model:
+        max_length = 77
+
+        def __call__(self, x, t, mask=None):
+            return (x @ torch.eye(3)).to(torch.bfloat16) if torch.is_autocast_enabled("cpu") else x
+
+    wrapped = AutocastEps(Model(), torch.bfloat16)
+    x = torch.randn(2, 5, 3)
+    eps = wrapped(x, torch.zeros(2, dtype=torch.long))
+    assert eps.dtype == torch.float32 and wrapped.max_length == 77
+    assert torch.allclose(eps, x, rtol=1e-2, atol=1e-2) and not torch.equal(eps, x)  # it ran in bf16
+    with pytest.raises(ValueError, match="autocast"):
+        AutocastEps(Model(), torch.float64)

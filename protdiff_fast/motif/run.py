@@ -65,6 +65,7 @@ def run_scaffold(
     redenoise_t: int = 50,
     progress: bool = True,
     command: str = "",
+    autocast: Optional[str] = None,
 ) -> Dict:
     import torch
 
@@ -93,6 +94,12 @@ def run_scaffold(
         ckpt = str(shipped_checkpoint())
     model = load_model(ckpt, backend=backend, device=device)
     cfg = model.config
+    eps_model = model
+    if autocast is not None:  # "bfloat16" | "float16": the model under torch.autocast, all else float32
+        if autocast not in ("bfloat16", "float16"):
+            raise ValueError(f"autocast: 'bfloat16' or 'float16' (or None), got {autocast!r}")
+        from protdiff_fast.motif.scaffold import AutocastEps
+        eps_model = AutocastEps(model, getattr(torch, autocast))
     if redenoise_t > cfg.num_timesteps:
         raise ValueError(f"--redenoise-t must be <= T = {cfg.num_timesteps}, got {redenoise_t}")
     spec = motif_spec(pdb, contig, length, max_model_length=model.max_length)
@@ -105,12 +112,12 @@ def run_scaffold(
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=backend)
     t0 = time.perf_counter()
     with torch.no_grad():
-        result = scaffold(model, spec.motif_model_units(), [lay.length for lay in layouts],
+        result = scaffold(eps_model, spec.motif_model_units(), [lay.length for lay in layouts],
                           np.stack([lay.motif_positions for lay in layouts]), method=method, particles=K,
                           scheduler=scheduler, num_inference_steps=steps, seed=seed, resampler=resampler,
                           ess_threshold=ess_threshold, device=device, progress=progress, log=_log)
         designs = [result.design(d) for d in range(num)]
-        red = redenoise(model, designs, t_start=redenoise_t, scheduler=scheduler, seed=seed, device=device) \
+        red = redenoise(eps_model, designs, t_start=redenoise_t, scheduler=scheduler, seed=seed, device=device) \
             if redenoise_t > 0 else None
     elapsed = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +148,8 @@ def run_scaffold(
         motif_residues=spec.num_motif, success_threshold_A=SUCCESS_RMSD_A,
         mean_motif_rmsd=float(np.mean(rmsds)), success_rate=success_rate(rmsds),
         backbone=summarize(rows))
+    if autocast is not None:  # only then: float32 summaries stay as they were
+        summary["autocast"] = autocast
     if red is not None:
         rr = [r["redenoise_motif_rmsd"] for r in rows]
         summary.update(redenoise_t=redenoise_t, mean_redenoise_motif_rmsd=float(np.mean(rr)),

@@ -66,6 +66,26 @@ RESAMPLE_WHEN = ("ess", "departure")
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class AutocastEps:
+    """``model`` called under ``torch.autocast(dtype)`` (GEMMs and the EGNN pair op in bf16/fp16, the
+    coordinates in float32), its eps returned in x's dtype: the particles, the motif trajectory, the
+    reverse-transition means and the SMCDiff log-weights stay float32. No autocast cast cache (like the
+    sampler's DenoiseStep). Other attributes (``max_length``) are the model's."""
+
+    def __init__(self, model: EpsModel, dtype: torch.dtype) -> None:
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast: torch.bfloat16 or torch.float16, got {dtype!r}")
+        self.model, self.dtype = model, dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype, cache_enabled=False):
+            eps = self.model(x, t, mask)
+        return eps.to(x.dtype)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+
 class ScaffoldingError(RuntimeError):
     """The run cannot go on (NaN/Inf model output or weights); the message names step and design."""
 
