@@ -99,7 +99,8 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, 
                       NEED_DEA=edge == 1,  # DW_CHUNK from the environment: for sweeps
                       DW_CHUNK=int(os.environ.get("DW_CHUNK", et.dw_chunk(H, getattr(torch, torch_dtype), pass_))),
                       PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32" else "tf32",
-                      DW_STAGE=et.dw_stage(H, getattr(torch, torch_dtype)), FLUSH_ROWS=et.flush_rows(H))
+                      DW_STAGE=et.dw_stage(H, getattr(torch, torch_dtype)), FLUSH_ROWS=et.flush_rows(H),
+                      BOTH=pass_ == "bwd_i" and et.bwd_passes(H, getattr(torch, torch_dtype)) == 1)
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
     rec = dict(H=H, dtype=dtype + ("+x32" if coords32 else ""), edge=["none", "dense", "offset"][edge], attention=attention, tanh=tanh,
                normalize=normalize, kernel=pass_, block_i=BI, block_j=BJ, num_warps=warps,
@@ -220,7 +221,9 @@ def main(argv=None) -> int:
                      f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
                      "Registers and spill stores per thread from the bundled ptxas -v; smem = bytes of shared "
                      "memory (limit 232448); wgmma/mma = tensor-core instructions in the PTX. edge: none | "
-                     "dense edge_attr | offset table; flags as (attention, tanh, normalize) = the att column.\n\n"
+                     "dense edge_attr | offset table; flags as (attention, tanh, normalize) = the att column. "
+                     f"bwd_i is the {'one-pass backward (both sides)' if et.BWD_PASSES == 1 else 'rows-i pass'}; "
+                     "bwd_j the rows-j pass, run only with two passes (PROTDIFF_FAST_TRITON_BWD_PASSES=2).\n\n"
                      "```\n" + header + "\n" + "\n".join(lines) + "\n```\n")
     if args.json:
         with open(args.json, "w") as fh:

@@ -343,19 +343,32 @@ def test_backward_with_fewer_programs_than_blocks(monkeypatch, edge_mode):
     compare(2, 70, 16, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=71)
 
 
-@pytest.mark.parametrize("tiles", [1, 3, 5])
+@pytest.mark.parametrize("tiles, passes", [(1, 2), (3, 2), (5, 2), (3, 1), (5, 1)])
 @pytest.mark.parametrize("edge_mode", ["none", "offset"])
-def test_weight_gradients_flushed_every_few_tiles(monkeypatch, tiles, edge_mode):
+def test_weight_gradients_flushed_every_few_tiles(monkeypatch, tiles, passes, edge_mode):
     """dW2 / dW3 from staged tiles: each program stages its tiles' (a, d_r) / (m, d_t) and adds one
     product to its partial every ``tiles`` tiles, and the rest after its last tile. One program per
     sample walks 3 x 3 tiles here (N = 70, interpreter blocks of 32): 5 tiles = a full flush and a
     partial one of 4 tiles (the last tile alone may hold no real pair: masks are random), 3 = full
-    flushes only, 1 = the read-modify-write per tile; flushes in row chunks of 16 of H = 32."""
+    flushes only, 1 = the read-modify-write per tile (two passes only); flushes in row chunks of 16 of
+    H = 32; the one-pass backward stages both weight gradients in the same program."""
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", str(tiles))
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_PASSES", str(passes))
     monkeypatch.setattr(egnn_triton, "BACKWARD_PROGRAMS", 1)
     monkeypatch.setattr(egnn_triton, "flush_rows", lambda H: 16)
-    assert egnn_triton.dw_stage(32, torch.float32) == tiles
+    assert egnn_triton.dw_stage(32, torch.float32) == tiles and egnn_triton.bwd_passes(32, torch.float32) == passes
     compare(2, 70, 32, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=73 + tiles)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+def test_one_and_two_pass_backward_over_many_regions(monkeypatch, passes, edge_mode):
+    """The one-pass backward (the default) reads-modify-writes each tile's d_q rows and the j side of dx
+    into a partial per row chunk of regions: 3 x 3 regions here (N = 70, blocks of 32), coords_agg
+    "sum", both sides against the float64 reference; the two-pass backward (rows-i, then rows-j) the same."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_PASSES", str(passes))
+    assert egnn_triton._backward_grid(2, 70, 16, torch.float32, 0)[1:] == ((0, 32, 3) if passes == 1 else (3, 70, 1))
+    compare(2, 70, 16, 3, edge_mode, FLAG_SETS[5], torch.float32, seed=81)
 
 
 def test_weight_gradient_stage_in_bf16_and_a_bad_setting(monkeypatch):
@@ -365,6 +378,11 @@ def test_weight_gradient_stage_in_bf16_and_a_bad_setting(monkeypatch):
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", "0")
     with pytest.raises(ValueError, match="PROTDIFF_FAST_TRITON_DW_STAGE"):
         egnn_triton.dw_stage(16)
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", "1")
+    assert egnn_triton.bwd_passes(16) == 2  # one pass needs staged weight gradients
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_PASSES", "3")
+    with pytest.raises(ValueError, match="PROTDIFF_FAST_TRITON_BWD_PASSES"):
+        egnn_triton.bwd_passes(16)
 
 
 @pytest.mark.parametrize("K", [20, 69, 120], ids=["clipped", "K=N-1", "wider-table"])
@@ -388,12 +406,15 @@ def test_backward_workspace_stays_o_n_h_with_the_full_offset_table(monkeypatch):
         shapes = egnn_triton.backward_workspace(B, N, H, torch.bfloat16, edge=2)
         nbytes = {name: 4 * math.prod(shape) for name, (shape, _) in shapes.items()}
         grows_with_n = sum(v for k, v in nbytes.items() if k not in ("pW2", "pW3", "pvec", "pvec2"))
-        assert grows_with_n <= 64 * 4 * B * N * H, (B, N, H, nbytes)
+        assert grows_with_n <= 72 * 4 * B * N * H, (B, N, H, nbytes)  # n_chunks <= 16 partials of d_p, d_q, windows
         programs = shapes["pW2"][0][0] + shapes["pW3"][0][0]
         assert programs <= 2 * egnn_triton.BACKWARD_PROGRAMS
         # the windows cover every offset of every region, so together at least one table's worth
         assert shapes["rel_windows"][0][1] * (shapes["rel_windows"][0][2] + 1) >= 2 * N - 1
     big = egnn_triton.backward_workspace(1, 8192, 256, torch.bfloat16, edge=2)
     assert sum(4 * math.prod(s) for s, _ in big.values()) < 1.0e9  # was > 8.6e9 with per-program tables
+    none = egnn_triton.backward_workspace(1, 8192, 256, torch.bfloat16, edge=0)
+    assert "rel_windows" not in none and none["d_q"][1]  # one pass: d_q is a zeroed partial per row chunk
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_PASSES", "2")
     none = egnn_triton.backward_workspace(1, 8192, 256, torch.bfloat16, edge=0)
     assert "rel_windows" not in none and none["d_p"][0] == (1, 1, 8192, 256)  # one partial: d_p itself

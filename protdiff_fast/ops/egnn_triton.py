@@ -29,7 +29,13 @@ autocast EGNNLayer calls the op in bf16/fp16 with float32 coordinates (the contr
 float32 next to low-precision features: x is read and dx written in float32, everything else runs as
 in a bf16 call), so mixed-precision training at H = 256 takes the fused backward.
 
-Backward (recomputing every pair quantity instead of storing it):
+Backward (recomputing every pair quantity instead of storing it). One pass by default
+(:func:`bwd_passes`): one program per square region of pairs (:func:`_regions`), tiles of 1 row i x
+16 columns j; per tile dp_i, the i side of dx and the vector gradients as below, and the tile's dq_j
+rows and j side of dx read-modify-written into the program's partial for its row chunk (no other
+program writes it), both weight gradients staged (below): 6 H x H products per pair (recomputed a W2
+and m W3, d_t W3^T, d_r W2^T, dW2, dW3). Two passes (``PROTDIFF_FAST_TRITON_BWD_PASSES=2``, the
+earlier scheme: each pass recomputes the chain, 10 products per pair):
 
     pass "rows i"  (one program per i-block, loop over j): dp_i, the i-side of dx, and per-program
                    partial sums of dW2, db2, dw_d, dw_att, db_att, dW_e; d edge_attr_ij (each pair
@@ -126,23 +132,26 @@ _FWD_CHUNKS = {False: (32, 64), True: (16, 32)}
 NUM_STAGES = 2
 # tiles per weight-gradient flush in the backward (dw_stage)
 DW_STAGE_TILES = 8
+# passes of the fused backward (bwd_passes)
+BWD_PASSES = 1
 # Configurations that still spill registers on sm_90 (scripts/compile_egnn_triton.py measures how
 # much; benchmarks/results/egnn_triton_sm90_compile.md has the numbers).
 KNOWN_SPILLS = {
     # fp32 forward at H = 128: the 3xTF32 hi/lo operand copies (M = 16: ~300 B; M = 64-128: 1-2.4 KB)
     (128, True, "fwd"),
     # H = 128 backward: each warp holds the whole [16, 128] A operand of every mma.sync product (64
-    # registers in TF32; fp32 also splits operands hi/lo for 3xTF32); with the staged weight gradients
-    # (dw_stage 8) bf16 0-108 B, fp32 0.47-0.65 KB (0-136 B / 0.38-0.73 KB with a read-modify-write per tile)
+    # registers in TF32; fp32 also splits operands hi/lo for 3xTF32). One pass (the default, "bwd_i"):
+    # bf16 0-152 B, fp32 0.6-0.9 KB; two passes with staged weight gradients bf16 0-108 B per pass, fp32
+    # 0.47-0.65 KB (0-136 B / 0.38-0.73 KB with a read-modify-write per tile)
     *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
     # fp32 forward at H = 256 (chunks 16 / 32): 236-408 B, for the same 3xTF32 operand copies; bf16 is 0
     (256, True, "fwd"),
-    # bf16 backward at H = 256, staged weight gradients: bwd_i 0.9-1.3 KB, bwd_j 0.8-1.2 KB (per-tile
-    # read-modify-write with dw_chunk 64 / 16: 1.1-1.6 KB, 0.9-1.4 KB)
+    # bf16 backward at H = 256: one pass 0.65-1.1 KB; two passes with staged weight gradients bwd_i
+    # 0.9-1.3 KB, bwd_j 0.8-1.2 KB (per-tile read-modify-write with dw_chunk 64 / 16: 1.1-1.6 KB, 0.9-1.4 KB)
     (256, False, "bwd_i"), (256, False, "bwd_j"),
     # fp32 backward at H = 64 after the grid-stride loop over own blocks (which bounds the weight-gradient
     # partials to O(programs H^2)): 8-40 B on some flag/edge sets, 0 before that loop (H = 16 spilled
-    # 8 B too until the weight gradients were staged)
+    # 8 B too until the weight gradients were staged); one pass: 0-36 B
     (64, True, "bwd_i"), (64, True, "bwd_j"),
     # bf16 forward at H = 128 with float32 coordinates (autocast) and ProtDiff's flags (offset table,
     # normalize): 8 B at 8 x 16; none of 14 other block / warp configurations swept reaches 0 (the same
@@ -195,6 +204,22 @@ def dw_stage(H: int, dtype: torch.dtype = torch.bfloat16) -> int:
             raise ValueError(f"PROTDIFF_FAST_TRITON_DW_STAGE: a number of tiles >= 1, got {env!r}")
         return value
     return DW_STAGE_TILES
+
+
+def bwd_passes(H: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Passes of the fused backward. 2: rows-i (d_p, the i side of dx, dW2, ...) then rows-j (d_q, the j
+    side, dW3, ...), each recomputing the pair chain: 5 H x H products per pair and pass. 1: one pass over
+    square regions that also reads-modify-writes the tile's d_q rows and j side of dx into a partial per
+    row chunk and stages both weight gradients: 6 products per pair in all instead of 10 (needs
+    dw_stage > 1). ``PROTDIFF_FAST_TRITON_BWD_PASSES`` overrides it (GPU A/B)."""
+    env = os.environ.get("PROTDIFF_FAST_TRITON_BWD_PASSES")
+    if env:
+        if env not in ("1", "2"):
+            raise ValueError(f"PROTDIFF_FAST_TRITON_BWD_PASSES: 1 or 2, got {env!r}")
+        passes = int(env)
+    else:
+        passes = BWD_PASSES
+    return 1 if passes == 1 and dw_stage(H, dtype) > 1 else 2
 
 
 def flush_rows(H: int) -> int:
@@ -467,6 +492,12 @@ def _egnn_fwd_kernel(
 
 
 @triton.jit
+def _accumulate(ptr, cols, value):
+    """ptr[cols] += value (a program's own partial row: no other program touches it)."""
+    tl.store(ptr + cols, tl.load(ptr + cols) + value)
+
+
+@triton.jit
 def _flush_weight_gradient(
     stage, n_rows, pW_ptr,  # stage: (2, STAGE_ROWS, H) staged A then G; the first n_rows rows of each are live
     H: tl.constexpr, STAGE_ROWS: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr,
@@ -496,6 +527,7 @@ def _egnn_bwd_kernel(
     ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
     gm_ptr, gdx_ptr,  # (B,N,H), (B,N,3) fp32 upstream gradients
     dnode_ptr, dx_part_ptr,  # (B,N,H) dp (ROWS_ARE_I) or dq; (B,N,3) this side's share of dx
+    dnode2_ptr, dx2_part_ptr,  # BOTH: (n_own_chunks, B, N, H) dq and (n_own_chunks, B, N, 3) the j side of dx
     dea_ptr,  # (B,N,N,E) d edge_attr (ROWS_ARE_I and NEED_DEA)
     pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr,  # per-program partials: (P,H,H) x2, (P,6,H), (P,EP,H)
     prel_ptr,  # (B, n_regions, own_chunk + other_chunk - 1, H): d_rel per region and unclipped offset (_rel_windows)
@@ -508,6 +540,7 @@ def _egnn_bwd_kernel(
     PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
     DW_STAGE: tl.constexpr = 1,  # tiles per weight-gradient flush (dw_stage): 1 = read-modify-write per tile
     FLUSH_ROWS: tl.constexpr = 16,  # output rows per product of a flush (DW_STAGE > 1)
+    BOTH: tl.constexpr = False,  # one pass for both sides (rows-i regions, DW_STAGE > 1): see bwd_passes
 ):
     M: tl.constexpr = BI * BJ
     STAGE_ROWS: tl.constexpr = DW_STAGE * M
@@ -523,6 +556,9 @@ def _egnn_bwd_kernel(
     acc_wd = tl.zeros((H,), dtype=tl.float32)
     acc_watt = tl.zeros((H,), dtype=tl.float32)
     acc_batt = tl.zeros((H,), dtype=tl.float32)  # db_att, spread over H lanes (summed on the host)
+    # BOTH: these six vectors are added to the program's (zeroed) partial rows per tile instead of carried
+    # in registers through the loops (the one-pass body has the least registers to spare)
+    vec = pvec_ptr + (b * P + pid) * 6 * H
     prog = b * P + pid
     hh = hcol[:, None] * H + hcol[None, :]
     # a bounded number of programs per sample (the launcher's grid): the weight-gradient partials are
@@ -533,7 +569,9 @@ def _egnn_bwd_kernel(
     # plain loops: region bookkeeping there cost 10-20 registers (sm_90 compile).
     OWN_B: tl.constexpr = BI if ROWS_ARE_I else BJ
     OTHER_B: tl.constexpr = BJ if ROWS_ARE_I else BI
-    SPLIT_OTHER: tl.constexpr = ROWS_ARE_I and EDGE == 2
+    SPLIT_OTHER: tl.constexpr = ROWS_ARE_I and (EDGE == 2 or BOTH)
+    N_STAGED: tl.constexpr = 4 if BOTH else 2  # staged operands per tile: (a, d_r[, m, d_t]) or (m, d_t)
+    W3_AT: tl.constexpr = 2 * STAGE_ROWS if BOTH else 0  # stage row of dW3's A operand (m)
     if SPLIT_OTHER:
         region = pid  # n_regions programs per sample
         own_lo = region // n_other_chunks * own_chunk  # the region's first own node
@@ -546,7 +584,7 @@ def _egnn_bwd_kernel(
         blk_stop = tl.cdiv(N, OWN_B)
         blk_step = P
     staged = pid * 0  # tiles in the stage (DW_STAGE > 1)
-    stage = stage_ptr + prog.to(tl.int64) * (2 * STAGE_ROWS * H)
+    stage = stage_ptr + prog.to(tl.int64) * (N_STAGED * STAGE_ROWS * H)
     srow = tl.arange(0, M)
     for blk in range(blk_start, blk_stop, blk_step):
         # the program's own block: rows i (pass 1) or columns j (pass 2); the tile is always (i, j)
@@ -591,6 +629,9 @@ def _egnn_bwd_kernel(
                 else:
                     a_or_m = _m
                 tl.store(stage + (staged * M + srow)[:, None] * H + hcol[None, :], a_or_m.to(stage_ptr.dtype.element_ty))
+                if BOTH:
+                    tl.store(stage + (W3_AT + staged * M + srow)[:, None] * H + hcol[None, :],
+                             _m.to(stage_ptr.dtype.element_ty))
             vf = v.to(tl.float32)
             # upstream gradients of the tile's rows i
             gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
@@ -606,6 +647,10 @@ def _egnn_bwd_kernel(
                 dxo0 += tl.sum(coef_u, axis=1) * g0
                 dxo1 += tl.sum(coef_u, axis=1) * g1
                 dxo2 += tl.sum(coef_u, axis=1) * g2
+                if BOTH:  # the tile's columns j: their share of dx, added to the partial below
+                    dxj0 = -tl.sum(coef_u * g0[:, None], axis=0)
+                    dxj1 = -tl.sum(coef_u * g1[:, None], axis=0)
+                    dxj2 = -tl.sum(coef_u * g2[:, None], axis=0)
             else:
                 dxo0 -= tl.sum(coef_u * g0[:, None], axis=0)
                 dxo1 -= tl.sum(coef_u * g1[:, None], axis=0)
@@ -618,9 +663,9 @@ def _egnn_bwd_kernel(
             # weight gradients as early as their operands exist, read-modify-writing the program's own
             # partial (a loop-carried [H, H] register accumulator spills), and from recomputed
             # activations (a = silu(z), m = silu(r) g, s = silu(t)) so fewer [M, H] tiles stay live
-            if not ROWS_ARE_I:  # phi_x's weights in this pass, phi_e's in the other: one [H, H] product each
+            if not ROWS_ARE_I or BOTH:  # phi_x's weights in this pass, phi_e's in the other (or both here)
                 if DW_STAGE > 1:
-                    tl.store(stage + (STAGE_ROWS + staged * M + srow)[:, None] * H + hcol[None, :],
+                    tl.store(stage + (W3_AT + STAGE_ROWS + staged * M + srow)[:, None] * H + hcol[None, :],
                              d_t.to(stage_ptr.dtype.element_ty))
                 elif DW_CHUNK == H:
                     m_re = r * _sigmoid(r, FAST) * g[:, None]
@@ -639,8 +684,14 @@ def _egnn_bwd_kernel(
                         mT_c = tl.load(m_stage + mrow[None, :] * H + cols[:, None])  # [C, M]
                         addr = pW3_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
                         tl.store(addr, tl.load(addr) + _mm(mT_c, d_t.to(W3T.dtype), PRECISION, UPCAST))
-                acc_b3 += tl.sum(d_t, axis=0)
-                acc_w4 += tl.sum(t * sig_t * d_phi[:, None], axis=0)
+                if BOTH:
+                    _accumulate(vec + 1 * H, hcol, tl.sum(d_t, axis=0))
+                else:
+                    acc_b3 += tl.sum(d_t, axis=0)
+                if BOTH:
+                    _accumulate(vec + 2 * H, hcol, tl.sum(t * sig_t * d_phi[:, None], axis=0))
+                else:
+                    acc_w4 += tl.sum(t * sig_t * d_phi[:, None], axis=0)
             # the chain d_t -> d_m -> d_r -> d_z multiplies in fp32 (TF32 or 3xTF32 on tensor cores) even for
             # bf16/fp16 inputs: rounding these gradients to 8 bits made e.g. d b_att twice as bad as torch's
             d_m = tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, H)) + _mm(d_t, W3T.to(tl.float32), PRECISION_BWD,
@@ -672,10 +723,19 @@ def _egnn_bwd_kernel(
                         a_c = z_c * _sigmoid(z_c, FAST)
                         addr = pW2_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
                         tl.store(addr, tl.load(addr) + _mm(tl.trans(a_c), d_r.to(W2T.dtype), PRECISION, UPCAST))
-                acc_b2 += tl.sum(d_r, axis=0)
+                if BOTH:
+                    _accumulate(vec + 0 * H, hcol, tl.sum(d_r, axis=0))
+                else:
+                    acc_b2 += tl.sum(d_r, axis=0)
                 if ATTENTION:
-                    acc_watt += tl.sum(r * sig_r * d_gate[:, None], axis=0)
-                    acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
+                    if BOTH:
+                        _accumulate(vec + 4 * H, hcol, tl.sum(r * sig_r * d_gate[:, None], axis=0))
+                    else:
+                        acc_watt += tl.sum(r * sig_r * d_gate[:, None], axis=0)
+                    if BOTH:
+                        _accumulate(vec + 5 * H, hcol, tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0))
+                    else:
+                        acc_batt += tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0)
             # z again from the inputs instead of keeping the tile live through the chain above (fewer spills
             # at H = 64-128 for a reload of p_i, q_j, rel rows and e W_e)
             z = _preact_cols(b, i, j, N, d2, e, hcol, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
@@ -693,7 +753,22 @@ def _egnn_bwd_kernel(
                 dxo0 += tl.sum(du0, axis=1)
                 dxo1 += tl.sum(du1, axis=1)
                 dxo2 += tl.sum(du2, axis=1)
-                acc_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
+                if BOTH:
+                    _accumulate(vec + 3 * H, hcol, tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0))
+                else:
+                    acc_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
+                if BOTH:  # dq_j and the j side of dx: read-modify-written in this own chunk's partial
+                    jrow = ((region // n_other_chunks) * tl.num_programs(1) + b) * N + j
+                    jok = j < N
+                    addr_q = dnode2_ptr + jrow[:, None] * H + hcol[None, :]
+                    tl.store(addr_q, tl.load(addr_q, mask=jok[:, None], other=0.0) + tl.sum(d_z3, axis=0),
+                             mask=jok[:, None])
+                    tl.store(dx2_part_ptr + jrow * 3 + 0,
+                             tl.load(dx2_part_ptr + jrow * 3 + 0, mask=jok, other=0.0) + dxj0 - tl.sum(du0, axis=0), mask=jok)
+                    tl.store(dx2_part_ptr + jrow * 3 + 1,
+                             tl.load(dx2_part_ptr + jrow * 3 + 1, mask=jok, other=0.0) + dxj1 - tl.sum(du1, axis=0), mask=jok)
+                    tl.store(dx2_part_ptr + jrow * 3 + 2,
+                             tl.load(dx2_part_ptr + jrow * 3 + 2, mask=jok, other=0.0) + dxj2 - tl.sum(du2, axis=0), mask=jok)
                 if EDGE == 1:
                     ecol = tl.arange(0, EP)
                     addr_We = pWe_ptr + (prog * EP + ecol[:, None]) * H + hcol[None, :]
@@ -733,6 +808,9 @@ def _egnn_bwd_kernel(
                     tl.debug_barrier()  # the stage rows were written by other threads
                     _flush_weight_gradient(stage, STAGE_ROWS, pW2_ptr + prog * H * H if ROWS_ARE_I else
                                            pW3_ptr + prog * H * H, H, STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
+                    if BOTH:
+                        _flush_weight_gradient(stage + W3_AT * H, STAGE_ROWS, pW3_ptr + prog * H * H, H, STAGE_ROWS,
+                                               FLUSH_ROWS, M, PRECISION, UPCAST)
                     staged = 0
             tl.debug_barrier()  # the next tile's read-modify-writes (and stage rows) may touch rows other threads wrote
         ok = own < N
@@ -747,13 +825,16 @@ def _egnn_bwd_kernel(
         if staged > 0:  # the last, partly filled stage
             _flush_weight_gradient(stage, staged * M, pW2_ptr + prog * H * H if ROWS_ARE_I else pW3_ptr + prog * H * H,
                                    H, STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
+            if BOTH:
+                _flush_weight_gradient(stage + W3_AT * H, staged * M, pW3_ptr + prog * H * H, H, STAGE_ROWS,
+                                       FLUSH_ROWS, M, PRECISION, UPCAST)
     base = prog * 6 * H
-    if ROWS_ARE_I:
+    if ROWS_ARE_I and not BOTH:
         tl.store(pvec_ptr + base + 0 * H + hcol, acc_b2)
         tl.store(pvec_ptr + base + 3 * H + hcol, acc_wd)
         tl.store(pvec_ptr + base + 4 * H + hcol, acc_watt)
         tl.store(pvec_ptr + base + 5 * H + hcol, acc_batt)
-    else:
+    if not ROWS_ARE_I:
         tl.store(pvec_ptr + base + 1 * H + hcol, acc_b3)
         tl.store(pvec_ptr + base + 2 * H + hcol, acc_w4)
 
@@ -893,11 +974,14 @@ def _rel_gradient(windows: torch.Tensor, N: int, K: int, own_chunk: int, other_c
 
 
 def _backward_grid(B: int, N: int, H: int, dtype: torch.dtype, edge: int) -> Tuple[int, int, int, int]:
-    """(programs per sample of the rows-i pass, of the rows-j pass, region chunk, n_chunks)."""
+    """(programs per sample of the rows-i pass, of the rows-j pass (0: one pass), region chunk, n_chunks)."""
     BI1, BJ1, _ = block_sizes(H, dtype, "bwd_i")
     BJ2 = block_sizes(H, dtype, "bwd_j")[1]
     n_ib = min(triton.cdiv(N, BI1), max(1, BACKWARD_PROGRAMS // B))
     n_jb = min(triton.cdiv(N, BJ2), max(1, BACKWARD_PROGRAMS // B))
+    if bwd_passes(H, dtype) == 1:  # one pass over square regions, whatever the edge term
+        chunk, n_chunks = _regions(N, B, max(BI1, BJ1))
+        return n_chunks * n_chunks, 0, chunk, n_chunks
     if edge != 2:
         return n_ib, n_jb, N, 1
     chunk, n_chunks = _regions(N, B, max(BI1, BJ1))
@@ -913,10 +997,13 @@ def backward_workspace(B: int, N: int, H: int, dtype: torch.dtype, edge: int, EP
     program). ``edge``: 0 none, 1 dense edge_attr, 2 offset table."""
     n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, edge)
     P, P2 = B * n_ib, B * n_jb
+    one_pass = n_jb == 0
     shapes = dict(d_p=((n_chunks, B, N, H), False), dx_i_side=((n_chunks, B, N, 3), False),
-                  d_q=((B, N, H), False), dx_j_side=((B, N, 3), False),
-                  pW2=((P, H, H), True), pW3=((P2, H, H), True),  # read-modify-written per dw_stage tiles
-                  pvec=((P, 6, H), False), pvec2=((P2, 6, H), False))
+                  # one pass: d_q and the j side of dx read-modify-written per tile, a partial per row chunk
+                  d_q=((n_chunks, B, N, H), True) if one_pass else ((1, B, N, H), False),
+                  dx_j_side=((n_chunks, B, N, 3), True) if one_pass else ((1, B, N, 3), False),
+                  pW2=((P, H, H), True), pW3=((P if one_pass else P2, H, H), True),  # added to per dw_stage tiles
+                  pvec=((P, 6, H), one_pass), pvec2=((P2, 6, H), False))  # one pass: added to per tile
     if edge == 1:
         shapes["pWe"] = ((P, EP, H), True)
     if edge == 2:
@@ -946,8 +1033,10 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     d_ea = torch.empty_like(edge_attr) if need_dea else x
     chunk_i, chunk_j = dw_chunk(H, dtype, "bwd_i"), dw_chunk(H, dtype, "bwd_j")
     T = dw_stage(H, dtype)
-    if T > 1:  # both passes' A and G operands, T tiles per program (the passes run one after the other)
-        stage = torch.empty(max(P * BI1 * BJ1, P2 * BI2 * BJ2) * 2 * T * H, dtype=W3.dtype, device=dev)
+    one_pass = n_jb == 0
+    if T > 1:  # the A and G operands, T tiles per program (two passes run one after the other, one stage)
+        stage = torch.empty(max(P * BI1 * BJ1 * (4 if one_pass else 2), P2 * BI2 * BJ2 * 2) * T * H,
+                            dtype=W3.dtype, device=dev)
     else:  # rows-j scratch for a chunked dW3
         stage = torch.empty(P2, BI2 * BJ2, H, dtype=W3.dtype, device=dev) if chunk_j < H else x
     dummy = x
@@ -961,19 +1050,23 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
                   PRECISION_BWD=_precision(torch.float32) if dtype == torch.float32 else "tf32",
                   UPCAST=_interpreting() and dtype != torch.float32, FAST=_fast_sigmoid(dtype),
                   DW_STAGE=T, FLUSH_ROWS=flush_rows(H))
-    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_ea, pW2, pW3, pvec, pWe, windows, stage if T > 1 else x,
+    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec, pWe, windows,
+                                stage if T > 1 else x,
                                 N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
                                 ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
                                 W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=chunk_i,
-                                num_warps=warps1, num_stages=NUM_STAGES, **consts)
-    _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, windows, stage,
-                                N, meta["E"], K, meta["eps"], N, N, 1, n_jb,
-                                ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
-                                W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), DW_CHUNK=chunk_j,
-                                num_warps=warps2, num_stages=NUM_STAGES, **consts)
-    vec, vec2 = pvec.sum(0), pvec2.sum(0)
+                                num_warps=warps1, num_stages=NUM_STAGES, BOTH=one_pass, **consts)
+    if not one_pass:
+        _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, windows, stage,
+                                    N, meta["E"], K, meta["eps"], N, N, 1, n_jb,
+                                    ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
+                                    W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), DW_CHUNK=chunk_j,
+                                    num_warps=warps2, num_stages=NUM_STAGES, **consts)
+    vec = pvec.sum(0)
+    vec2 = vec if one_pass else pvec2.sum(0)
     return dict(
-        x=_sum_partials(dx_i_side) + dx_j_side, p=_sum_partials(d_p), q=d_q, w_d=vec[3], W2=pW2.sum(0), b2=vec[0],
+        x=_sum_partials(dx_i_side) + _sum_partials(dx_j_side), p=_sum_partials(d_p), q=_sum_partials(d_q), w_d=vec[3],
+        W2=pW2.sum(0), b2=vec[0],
         W3=pW3.sum(0), b3=vec2[1], w4=vec2[2], w_att=vec[4], b_att=vec[5].sum(),
         W_e=pWe.sum(0)[: meta["E"]] if meta["EDGE"] == 1 else None,
         rel=_rel_gradient(windows, N, K, chunk, chunk, n_chunks) if meta["EDGE"] == 2 else None,
