@@ -126,7 +126,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       val_every=args.val_every, seed=args.seed, max_length=args.max_length,
                       min_length=args.min_length, backend=args.backend, device=args.device, model=model,
-                      crop=args.crop, lr_schedule=args.lr_schedule, init=args.init or "")
+                      crop=args.crop, lr_schedule=args.lr_schedule, init=args.init or "",
+                      low_t_fraction=args.low_t_fraction, low_t_max=args.low_t_max)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
           + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
@@ -137,7 +138,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import random
 
-    from protdiff_fast.diffusion import DDPMScheduler
+    from protdiff_fast.diffusion import ClashGuidance, DDPMScheduler
     from protdiff_fast.diffusion.sampler import sample
     from protdiff_fast.metrics import format_table, summarize
     from pathlib import Path as _Path
@@ -157,7 +158,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     chosen = [rng.choice(lengths) for _ in range(args.num)] if len(lengths) > 1 else lengths * args.num
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend,
-                              noise_scale=args.noise_scale)
+                              noise_scale=args.noise_scale,
+                              clash_guidance=None if args.clash_guidance is None else ClashGuidance(
+                                  strength=args.clash_guidance, min_distance=args.clash_distance,
+                                  max_timestep=args.clash_guidance_steps))
     from protdiff_fast.diffusion.sampler import OutputError, read_manifests
 
     if args.design_index is not None and not 0 <= args.design_index < len(chosen):
@@ -308,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                     help="cosine: decay to 2%% of --lr at --steps")
     tr.add_argument("--init", default=None, help="start from these weights (checkpoint or shipped .pt), fresh optimizer")
+    tr.add_argument("--low-t-fraction", type=float, default=0.0,
+                    help="draw this fraction of the training timesteps from 1..--low-t-max instead of 1..T")
+    tr.add_argument("--low-t-max", type=int, default=128)
     tr.add_argument("--backend", default="auto")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")
@@ -335,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--noise-scale", type=float, default=1.0,
                     help="scale of the noise added per step, 0..2 (default 1: the DDPM sampler; below 1: fewer "
                          "clashes, more compact chains, less diversity)")
+    sm.add_argument("--clash-guidance", type=float, nargs="?", const=0.5, default=None, metavar="STRENGTH",
+                    help="push CA pairs closer than --clash-distance apart in the predicted x_0 over the last "
+                         "--clash-guidance-steps steps (strength 0..1, 0.5 if given alone; default off)")
+    sm.add_argument("--clash-distance", type=float, default=3.8, help="A, for --clash-guidance (default 3.8)")
+    sm.add_argument("--clash-guidance-steps", type=int, default=200,
+                    help="the guidance acts for t <= this (default 200 of 1024)")
     sm.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
                     help="run the model under torch.autocast in this dtype (GEMMs and the EGNN pair op in "
                          "bf16/fp16, coordinates and the step in float32): the GPU's tensor-core rate")

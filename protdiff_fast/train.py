@@ -54,6 +54,11 @@ class TrainConfig:
     crop: bool = False
     lr_schedule: str = "constant"  # or "cosine": lr * (f + (1 - f) (1 + cos(pi step / steps)) / 2), f = 0.02
     init: str = ""  # start from these weights (a checkpoint's model/EMA or a shipped file), fresh optimizer
+    # a fraction of the training timesteps drawn from 1..low_t_max instead of 1..T: the same L_simple
+    # at each t, weighted towards the last steps of sampling, where the local geometry (bond angles,
+    # clashes) is settled; validation always draws t from 1..T
+    low_t_fraction: float = 0.0
+    low_t_max: int = 128
     backend: str = "auto"
     device: str = "cpu"
     model: Dict = field(default_factory=dict)  # ProtDiffConfig overrides
@@ -120,10 +125,23 @@ def training_batch(dataset: BackboneDataset, cfg: TrainConfig, step: int):
     return _EPOCH_CACHE["batches"][k]
 
 
-def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device):
+def training_timesteps(schedule: NoiseSchedule, batch_size: int, generator, low_t_fraction: float = 0.0,
+                       low_t_max: int = 128) -> torch.Tensor:
+    """t ~ U{1..T}, or with probability ``low_t_fraction`` t ~ U{1..low_t_max} (fraction 0 draws
+    exactly what runs made before the option drew)."""
+    T = schedule.num_timesteps
+    t = torch.randint(1, T + 1, (batch_size,), generator=generator)
+    if low_t_fraction > 0:
+        low = torch.randint(1, min(low_t_max, T) + 1, (batch_size,), generator=generator)
+        t = torch.where(torch.rand(batch_size, generator=generator) < low_t_fraction, low, t)
+    return t
+
+
+def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device,
+                   low_t_fraction: float = 0.0, low_t_max: int = 128):
     """L_simple on this rank's slice of the global batch, normalised by the global residue count."""
     B = coords.shape[0]
-    t = torch.randint(1, schedule.num_timesteps + 1, (B,), generator=generator)
+    t = training_timesteps(schedule, B, generator, low_t_fraction, low_t_max)
     noise = sample_noise(coords.double(), mask, generator=generator).float()
     mine = slice(rank * B // world, (rank + 1) * B // world)
     x0, m, tt, eps = coords[mine].to(device), mask[mine].to(device), t[mine].to(device), noise[mine].to(device)
@@ -161,6 +179,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     """Train (or resume) and return {"step", "train_loss", "val_loss", "checkpoint"}."""
     import protdiff_fast
 
+    if not 0.0 <= cfg.low_t_fraction <= 1.0 or cfg.low_t_max < 1:
+        raise ValueError(f"low_t_fraction must lie in [0, 1] and low_t_max be >= 1, got {cfg.low_t_fraction}, "
+                         f"{cfg.low_t_max}")
     init_distributed(cfg.device)
     rank, world = _dist_info()
     device = torch.device(cfg.device)
@@ -235,7 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     while step < end:
         batch = training_batch(train_set, cfg, step)
         loss, n_local = diffusion_loss(ddp_model, schedule, batch["coords"], batch["mask"], generator, rank, world,
-                                       device)
+                                       device, cfg.low_t_fraction, cfg.low_t_max)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)

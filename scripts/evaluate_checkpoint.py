@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from protdiff_fast.diffusion import DDPMScheduler
+from protdiff_fast.diffusion import ClashGuidance, DDPMScheduler
 from protdiff_fast.diffusion.sampler import sample
 from protdiff_fast.io import BackboneDataset
 from protdiff_fast.metrics import backbone_metrics, format_table, summarize
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"])
     ap.add_argument("--skip-untrained", action="store_true", help="no untrained-model column")
     ap.add_argument("--noise-scale", type=float, default=1.0, help="DDPMScheduler(noise_scale=...) for every model")
+    ap.add_argument("--clash-guidance", type=float, default=None, metavar="STRENGTH",
+                    help="DDPMScheduler(clash_guidance=ClashGuidance(STRENGTH)) for every model")
     args = ap.parse_args()
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
@@ -44,7 +46,8 @@ def main() -> None:
     held = BackboneDataset.from_npz(args.data, split=args.split, max_length=cfg.max_length)
     real = [c.double().numpy() * held.scale for c in held.coords][: args.num]
     lengths = [len(c) for c in real] * args.repeats
-    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, noise_scale=args.noise_scale)
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, noise_scale=args.noise_scale,
+                              clash_guidance=None if args.clash_guidance is None else ClashGuidance(args.clash_guidance))
     columns, timing = {f"real ({args.split}, n={len(real)})": summarize([backbone_metrics(c) for c in real])}, {}
     models = [("this model", trained)]
     if args.compare:
@@ -65,7 +68,8 @@ def main() -> None:
         + (f" --compare {args.compare}" if args.compare else "")
         + (f" --matmul-precision {args.matmul_precision}" if args.matmul_precision else "")
         + (" --skip-untrained" if args.skip_untrained else "")
-        + (f" --noise-scale {args.noise_scale:g}" if args.noise_scale != 1.0 else "") + "`",
+        + (f" --noise-scale {args.noise_scale:g}" if args.noise_scale != 1.0 else "")
+        + (f" --clash-guidance {args.clash_guidance:g}" if args.clash_guidance is not None else "") + "`",
         f"- machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; sampling time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()),
         f"- model: {sum(p.numel() for p in trained.parameters())} parameters, config {cfg.to_dict()}",

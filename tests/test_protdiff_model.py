@@ -238,6 +238,37 @@ def test_cosine_learning_rate_is_a_function_of_the_step():
         learning_rate(TrainConfig(lr_schedule="step"), 0)
 
 
+def test_low_t_timesteps_weight_the_last_steps_and_default_draws_are_unchanged(tmp_path):
+    from protdiff_fast.diffusion.schedule import NoiseSchedule
+    from protdiff_fast.train import training_timesteps
+
+    sched = NoiseSchedule(1024)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    # fraction 0: the very draws (and generator state) of the uniform sampler runs were made with
+    assert torch.equal(training_timesteps(sched, 64, g1), torch.randint(1, 1025, (64,), generator=g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    g = torch.Generator().manual_seed(6)
+    t = torch.cat([training_timesteps(sched, 4000, g, 0.5, 128) for _ in range(5)])
+    assert int(t.min()) >= 1 and int(t.max()) <= 1024 and int(t.max()) > 1000
+    low = (t <= 128).float().mean().item()  # 0.5 + 0.5 * 128 / 1024 = 0.5625 expected
+    assert abs(low - 0.5625) < 0.02, low
+    assert int(training_timesteps(sched, 500, g, 1.0, 50).max()) <= 50
+    with pytest.raises(ValueError, match="low_t_fraction"):
+        train(cfg(tmp_path, "bad", low_t_fraction=1.5), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_low_t_training_runs_and_resumes_bit_for_bit(tmp_path):
+    kw = dict(low_t_fraction=0.5, low_t_max=20, steps=6)
+    straight = train(cfg(tmp_path, "a", **kw), progress=False)
+    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=2)
+    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
+    for p, q in zip(params(straight["model"]), params(resumed["model"])):
+        assert torch.equal(p, q)
+    plain = train(cfg(tmp_path, "c", steps=6), progress=False)
+    assert any(not torch.equal(p, q) for p, q in zip(params(straight["model"]), params(plain["model"])))
+
+
 def test_cropped_cosine_training_resumes_bit_for_bit(tmp_path):
     kw = dict(crop=True, max_length=60, lr_schedule="cosine", steps=8)
     straight = train(cfg(tmp_path, "a", **kw), progress=False)

@@ -17,6 +17,11 @@ RFdiffusion's (`denoiser.noise_scale_ca`). Below 1 it trades diversity for fewer
 compact chains; it is no longer a sample of the model's distribution. Applied after the backend's
 step as mean + noise_scale (prev - mean) (prev - mean = sigma_t z, projected), so every backend and
 the CUDA-graph path get it unchanged.
+
+``clash_guidance`` (a :class:`~protdiff_fast.diffusion.guidance.ClashGuidance`, default None) pushes
+CA pairs closer than its ``min_distance`` apart in the predicted x_0 over the last ``max_timestep``
+steps, before the step of any backend (:mod:`protdiff_fast.diffusion.guidance`); also not a sample of
+the model's distribution, and recorded in ``config`` (a run's identity).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from protdiff_fast.diffusion.guidance import ClashGuidance
 from protdiff_fast.diffusion.schedule import NoiseSchedule
 from protdiff_fast.ops import ddpm_step
 from protdiff_fast.reference.com import remove_center_of_mass_reference
@@ -48,6 +54,7 @@ class DDPMScheduler:
         eta: float = 1.0,
         backend: str = "auto",
         noise_scale: float = 1.0,
+        clash_guidance: Optional[ClashGuidance] = None,
     ) -> None:
         if variance_type not in VARIANCES:
             raise ValueError(f"variance_type: expected one of {VARIANCES}, got {variance_type!r}")
@@ -62,6 +69,11 @@ class DDPMScheduler:
         self.noise_scale = float(noise_scale)
         if self.noise_scale != 1.0:  # only then: runs and manifests made before the option stay identical
             self.config["noise_scale"] = self.noise_scale
+        if clash_guidance is not None and not isinstance(clash_guidance, ClashGuidance):
+            raise ValueError(f"clash_guidance: a ClashGuidance (or None), got {type(clash_guidance).__name__}")
+        self.clash_guidance = clash_guidance
+        if clash_guidance is not None:  # only then, as noise_scale: a guided run is another run
+            self.config["clash_guidance"] = clash_guidance.to_dict()
         self.variance_type, self.eta, self.backend = variance_type, eta, backend
         self.set_timesteps(None)
 
@@ -101,7 +113,12 @@ class DDPMScheduler:
         seed: Union[int, torch.Tensor, None] = None,
         generator: Optional[torch.Generator] = None,
     ) -> SchedulerOutput:
-        """x_t -> x_{t_prev} given the predicted noise ``model_output`` (eps_hat)."""
+        """x_t -> x_{t_prev} given the predicted noise ``model_output`` (eps_hat); with ``clash_guidance``
+        the step (and its pred_original_sample) uses the guided eps' instead (:mod:`.guidance`)."""
+        if self.clash_guidance is not None:
+            t_b, mask_b = check_step_inputs(self.schedule, sample, model_output, timestep, mask, noise, "fixed_small")
+            model_output = self.clash_guidance(model_output, t_b, sample, mask_b,
+                                               self.schedule.coef("alpha_bars", t_b, sample))
         if not self.strided:
             out = SchedulerOutput(*ddpm_step(self.schedule, sample, model_output, timestep, mask=mask, noise=noise,
                                              seed=seed, generator=generator, variance=self.variance_type,

@@ -284,6 +284,9 @@ def scaffold(
     if method == "smc" and getattr(scheduler, "noise_scale", 1.0) != 1.0:
         raise ValueError(f"scheduler: noise_scale={scheduler.noise_scale} with method 'smc': the SMCDiff weights are "
                          "the motif's likelihood under the model's reverse transition (noise_scale 1)")
+    if method == "smc" and getattr(scheduler, "clash_guidance", None) is not None:
+        raise ValueError("scheduler: clash_guidance with method 'smc': the SMCDiff weights are the motif's "
+                         "likelihood under the model's own reverse transition; use it with 'replacement'")
     scheduler.set_timesteps(num_inference_steps)
     steps = [int(t) for t in scheduler.timesteps.tolist()]  # descending
     ascending = [0] + steps[::-1]

@@ -1,0 +1,141 @@
+"""Clash guidance: the repulsion is -grad U, equivariant, keeps the centre of mass and padding, acts only
+for t <= t_max, removes clashes through the sampler API, and is part of a run's identity."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import random_mask, random_orthogonal
+from protdiff_fast import backends
+from protdiff_fast.diffusion import ClashGuidance, DDPMScheduler
+from protdiff_fast.diffusion.guidance import repulsion
+from protdiff_fast.diffusion.sampler import sample
+from protdiff_fast.metrics.backbone import clashes
+
+F64 = torch.float64
+HAS_CPU = backends.cpu_extension() is not None
+
+
+def potential(x, mask, d_min):
+    """U = 1/2 sum_{i != j, |i - j| >= 2, both real} relu(d_min - d_ij)^2 / 2 (each pair once), directly."""
+    B, N, _ = x.shape
+    total = (x * 0).sum()
+    for b in range(B):
+        for i in range(N):
+            for j in range(i + 2, N):
+                if mask[b, i] and mask[b, j]:
+                    total = total + 0.5 * torch.relu(d_min - (x[b, i] - x[b, j]).norm()) ** 2
+    return total
+
+
+def clustered(B, N, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, 3, generator=g, dtype=F64) * spread
+
+
+@pytest.mark.parametrize("B,N", [(1, 2), (1, 3), (3, 11)])
+def test_repulsion_is_minus_the_gradient_of_the_overlap_potential(B, N):
+    x = clustered(B, N, 0.3, seed=N).requires_grad_(True)
+    mask = random_mask(B, N, torch.Generator().manual_seed(N), min_real=N // 2) if B > 1 else \
+        torch.ones(B, N, dtype=torch.bool)
+    (grad,) = torch.autograd.grad(potential(x, mask, 0.38), x)
+    force = repulsion(x.detach(), mask, 0.38)
+    assert torch.isfinite(force).all()
+    assert torch.allclose(force, -grad, rtol=1e-9, atol=1e-12)
+    assert (force[~mask] == 0).all()  # padding is neither pushed nor pushes
+    if N <= 2:
+        assert (force == 0).all()  # chain neighbours never repel
+    elif B > 1:
+        assert force.abs().max() > 0  # the check above was not vacuous
+
+
+def test_coincident_atoms_give_no_nan():
+    x = torch.zeros(1, 5, 3, dtype=F64)
+    x[0, :, 0] = torch.tensor([0.0, 0.1, 0.0, 0.3, 0.0], dtype=F64)  # atoms 0, 2 and 4 coincide
+    f = repulsion(x, torch.ones(1, 5, dtype=torch.bool), 0.38)
+    assert torch.isfinite(f).all()
+
+
+def guided_eps(guidance, x, eps, t, mask, T=100):
+    sched = DDPMScheduler(T)
+    return guidance(eps, t, x, mask, sched.schedule.coef("alpha_bars", t, x))
+
+
+def test_guidance_is_equivariant_keeps_the_centre_of_mass_and_acts_only_for_small_t():
+    B, N = 3, 13
+    mask = random_mask(B, N, torch.Generator().manual_seed(2), min_real=8)
+    x, eps = clustered(B, N, 0.25, seed=3) * mask[..., None], torch.randn(B, N, 3, dtype=F64) * mask[..., None]
+    t = torch.tensor([5, 40, 90])
+    gd = ClashGuidance(strength=0.5, min_distance=3.8, max_timestep=50)
+    out = guided_eps(gd, x, eps, t, mask)
+    assert torch.equal(out[2], eps[2])  # t = 90 > t_max: the model's eps, bit for bit
+    assert not torch.allclose(out[:2], eps[:2])  # clustered at 2.5 A: the guidance pushes
+    assert torch.equal(out[~mask], eps[~mask])
+    # the pushes are antisymmetric: the real residues' centre of mass does not move
+    shift = ((out - eps) * mask[..., None]).sum(1)
+    assert shift.abs().max() < 1e-10
+    for reflect in (False, True):
+        Q = random_orthogonal(reflect, torch.Generator().manual_seed(4))
+        c = torch.randn(1, 1, 3, dtype=F64)
+        moved = guided_eps(gd, (x @ Q.T + c) * mask[..., None], eps @ Q.T, t, mask)
+        assert torch.allclose(moved, out @ Q.T, atol=1e-9)
+    assert torch.equal(guided_eps(ClashGuidance(strength=0.0), x, eps, t, mask), eps)
+
+
+def test_guidance_removes_clashes_of_a_too_compact_distribution():
+    """Exact sampling of a Gaussian 'protein' of 2 A spread: nearly every design has pairs < 3 A; guided,
+    none has one below 3 A (d_min 3.8 A), and the spread stays what the data asks for."""
+    from test_sampler import ExactGaussianEps
+
+    T = 200
+    plain = DDPMScheduler(T, beta_end=0.05)
+    guided = DDPMScheduler(T, beta_end=0.05, clash_guidance=ClashGuidance(0.5, 3.8, 60))
+    model = ExactGaussianEps(plain.schedule, 0.2 ** 2, max_length=20)
+    lengths = [12, 9, 16, 12]
+    a = sample(model, lengths, seed=0, scheduler=plain, progress=False, batch_size=4)
+    b = sample(model, lengths, seed=0, scheduler=guided, progress=False, batch_size=4)
+    n_plain = [clashes(c)["clash_pairs"] for c in a]
+    n_guided = [clashes(c)["clash_pairs"] for c in b]
+    assert sum(n_plain) > 10 and min(n_plain) > 0, n_plain
+    assert sum(n_guided) == 0, n_guided
+    rg = lambda cs: np.mean([np.sqrt(((c - c.mean(0)) ** 2).sum(1).mean()) for c in cs])  # noqa: E731
+    assert rg(a) < rg(b) < 2 * rg(a)  # pushed apart, not blown up
+
+
+def test_guidance_is_checked_part_of_the_run_and_refused_by_smc(tmp_path):
+    for kw in (dict(strength=1.5), dict(strength=-0.1), dict(min_distance=float("nan")), dict(max_timestep=0),
+               dict(max_timestep=2.5), dict(scale=0.0), dict(strength=True)):
+        with pytest.raises(ValueError, match="clash guidance"):
+            ClashGuidance(**kw)
+    with pytest.raises(ValueError, match="clash_guidance: a ClashGuidance"):
+        DDPMScheduler(clash_guidance=0.5)
+    assert "clash_guidance" not in DDPMScheduler().config
+    assert DDPMScheduler(clash_guidance=ClashGuidance()).config["clash_guidance"] == dict(
+        strength=0.5, min_distance=3.8, max_timestep=200, scale=10.0)
+    from test_sampler import ExactGaussianEps
+
+    model = ExactGaussianEps(DDPMScheduler(20).schedule, 1.0, max_length=16)
+    folder = tmp_path / "d"
+    sample(model, [6, 8], seed=1, scheduler=DDPMScheduler(20), out_dir=folder, progress=False, scale=1.0)
+    with pytest.raises(ValueError, match=r"holds a different sampling run .*clash_guidance"):
+        sample(model, [6, 8], seed=1, scheduler=DDPMScheduler(20, clash_guidance=ClashGuidance()), out_dir=folder,
+               progress=False, resume=True, scale=1.0)
+    from protdiff_fast.motif.scaffold import scaffold
+
+    with pytest.raises(ValueError, match="clash_guidance with method 'smc'"):
+        scaffold(model, torch.randn(2, 3), [6], [[0, 1]], method="smc",
+                 scheduler=DDPMScheduler(20, clash_guidance=ClashGuidance()))
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the shipped model on the cpu backend")
+def test_cli_clash_guidance(tmp_path):
+    from protdiff_fast.cli import main
+
+    out = tmp_path / "g"
+    assert main(["sample", "--length", "40", "--num", "1", "--steps", "5", "--clash-guidance", "--no-progress",
+                 "--clash-guidance-steps", "1000", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["scheduler"]["clash_guidance"] == dict(strength=0.5, min_distance=3.8, max_timestep=1000,
+                                                                 scale=10.0)
+    assert main(["sample", "--length", "40", "--num", "1", "--clash-guidance", "2", "--out", str(tmp_path / "m")]) == 2
