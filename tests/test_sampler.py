@@ -458,7 +458,7 @@ def test_cli_reports_a_full_disk_and_resumes(tmp_path, monkeypatch, capsys):
     import protdiff_fast.io.structure as structure
     from protdiff_fast.cli import main
 
-    args = ["sample", "--length", "12..16", "--num", "4", "--steps", "20", "--batch-size", "2", "--seed", "1",
+    args = ["sample", "--length", "40..44", "--num", "4", "--steps", "20", "--batch-size", "2", "--seed", "1",
             "--out", str(tmp_path / "d"), "--no-progress", "--format", "cif", "--gzip"]
     monkeypatch.setattr(structure, "_atomic_write", FailingWriter(structure._atomic_write, 5))
     assert main(args) == 3
