@@ -18,7 +18,7 @@ HAS_CPU = backends.cpu_extension() is not None
 
 
 def potential(x, mask, d_min):
-    """U = 1/2 sum_{i != j, |i - j| >= 2, both real} relu(d_min - d_ij)^2 / 2 (each pair once), directly."""
+    """U = 1/2 sum_{i < j - 1, both real} relu(d_min - d_ij)^2, pair by pair."""
     B, N, _ = x.shape
     total = (x * 0).sum()
     for b in range(B):

@@ -5,7 +5,7 @@ A small model's samples come out with a few CA atoms closer than real chains all
 samplers, this pushes such pairs apart during sampling, on the model's prediction of the data:
 
     x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t)
-    U(x)   = 1/2 sum_{i, j real, |i - j| >= 2} relu(d_min - |x_i - x_j|)^2
+    U(x)   = 1/2 sum_{i < j - 1, both real} relu(d_min - |x_i - x_j|)^2
     x0'    = x0_hat - lambda grad U(x0_hat)
     eps'   = (x_t - sqrt(alpha_bar_t) x0') / sqrt(1 - alpha_bar_t)          for t <= t_max
 
