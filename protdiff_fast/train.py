@@ -301,4 +301,7 @@ def load_model(path, backend: str = "auto", use_ema: bool = True, device: str = 
     state = torch.load(path, map_location=device, weights_only=False)
     model = ProtDiff(ProtDiffConfig(**state["model_config"]), backend=backend).to(device)
     model.load_state_dict(state["ema" if use_ema and "ema" in state else "model"])
+    trained_on = state.get("config") or (state.get("trained") or {}).get("config") or {}
+    if "min_length" in trained_on:  # the sampler warns below it (such chains were never seen)
+        model.min_training_length = int(trained_on["min_length"])
     return model.eval()

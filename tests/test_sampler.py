@@ -658,3 +658,20 @@ def test_cli_autocast(tmp_path):
     assert main(["sample", "--length", "40", "--num", "1", "--steps", "5", "--autocast", "bf16", "--no-progress",
                  "--out", str(out)]) == 0
     assert json.loads((out / "manifest.json").read_text())["run"]["autocast"] == "bfloat16"
+
+
+def test_lengths_below_the_training_range_warn():
+    import warnings
+
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.train import load_model
+
+    assert load_model(str(shipped_checkpoint()), backend="reference").min_training_length == 40
+    sched = DDPMScheduler(20)
+    model = ExactGaussianEps(sched.schedule, 1.0, max_length=16)
+    model.min_training_length = 10
+    with pytest.warns(UserWarning, match=r"lengths: \[6, 8\] are shorter than any chain this model was trained on \(10"):
+        sample(model, [6, 12, 8], seed=0, scheduler=sched, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(model, [10, 12], seed=0, scheduler=sched, progress=False)

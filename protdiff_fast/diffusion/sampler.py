@@ -23,6 +23,7 @@ import io
 import json
 import sys
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -313,6 +314,11 @@ def sample(
     scheduler.set_timesteps(num_inference_steps)
     device = torch.device(device)
     lengths = _expand_lengths(lengths, num_samples, getattr(model, "max_length", None))
+    shortest_trained = getattr(model, "min_training_length", None)
+    if shortest_trained is not None and min(lengths) < shortest_trained:
+        warnings.warn(f"lengths: {sorted({n for n in lengths if n < shortest_trained})[:5]} are shorter than any chain "
+                      f"this model was trained on ({shortest_trained}..): expect poor samples, or a diverging run "
+                      "with few steps", UserWarning, stacklevel=2)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if file_format not in FORMATS:
