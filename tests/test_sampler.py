@@ -185,7 +185,7 @@ def test_sampler_bad_input_and_nan_model():
 
 
 def _sample_cmd(out, extra=()):
-    return [sys.executable, "-m", "protdiff_fast.cli", "sample", "--length", "10..14", "--num-designs", "6",
+    return [sys.executable, "-m", "protdiff_fast.cli", "sample", "--length", "40..44", "--num-designs", "6",
             "--batch-size", "2", "--seed", "5", "--out", str(out), "--no-progress", *extra]
 
 
