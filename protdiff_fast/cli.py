@@ -127,7 +127,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       val_every=args.val_every, seed=args.seed, max_length=args.max_length,
                       min_length=args.min_length, backend=args.backend, device=args.device, model=model,
                       crop=args.crop, lr_schedule=args.lr_schedule, init=args.init or "",
-                      low_t_fraction=args.low_t_fraction, low_t_max=args.low_t_max)
+                      low_t_fraction=args.low_t_fraction, low_t_max=args.low_t_max,
+                      structure_weight=args.structure_weight, structure_max_t=args.structure_max_t,
+                      structure_cutoff=args.structure_cutoff / 10.0)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
           + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
@@ -315,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--low-t-fraction", type=float, default=0.0,
                     help="draw this fraction of the training timesteps from 1..--low-t-max instead of 1..T")
     tr.add_argument("--low-t-max", type=int, default=128)
+    tr.add_argument("--structure-weight", type=float, default=0.0,
+                    help="add this times a distance loss on the predicted x_0 (bonds, angles, contacts, clashes) "
+                         "for t <= --structure-max-t (0: L_simple alone)")
+    tr.add_argument("--structure-max-t", type=int, default=256)
+    tr.add_argument("--structure-cutoff", type=float, default=6.0,
+                    help="Angstrom: the pairs closer than this in the data or the prediction enter the loss")
     tr.add_argument("--backend", default="auto")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")

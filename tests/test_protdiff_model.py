@@ -165,10 +165,13 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run(_train_cmd(tmp_path / "one", 6), capture_output=True, text=True, env=env)
+    # with the structure term on (half the timesteps low): its per-rank share is normalised globally too
+    extra = ["--structure-weight", "0.5", "--low-t-fraction", "0.5"]
+    one = subprocess.run(_train_cmd(tmp_path / "one", 6, extra), capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(29500 + os.getpid() % 1000), *_train_cmd(tmp_path / "two", 6)[1:]],
+                          "--master-port", str(29500 + os.getpid() % 1000),
+                          *_train_cmd(tmp_path / "two", 6, extra)[1:]],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
@@ -345,3 +348,90 @@ def test_model_with_bf16_pair_products_on_amx():
     for k, (a, lo, w) in enumerate(zip(got, low, want)):
         assert bool(torch.isfinite(a).all())
         assert_close_rel(a, w, 2 * rel_err(lo, w), "eps" if k == 0 else f"grad {k}")
+
+
+def test_structure_loss_counts_close_pairs_and_clashes_only():
+    from protdiff_fast.train import structure_loss
+
+    g = torch.Generator().manual_seed(11)
+    # a straight chain at 0.38 units (3.8 A) spacing plus a padded residue
+    x0 = torch.zeros(1, 6, 3, dtype=F64)
+    x0[0, :5, 0] = torch.arange(5, dtype=F64) * 0.38
+    x0[0, 5] = torch.randn(3, generator=g, dtype=F64)
+    mask = torch.tensor([[True] * 5 + [False]])
+    assert float(structure_loss(x0, x0, mask)[0]) == pytest.approx(0.0, abs=1e-9)
+    # residue 4 moved 0.1 along the chain: pairs within 6 A are (i, i+1) x4 and (0, 2), (1, 3), (2, 4)
+    # (0.76 apart > 0.6: no), so only (3, 4) at 0.38 is close, and its error is 0.1
+    pred = x0.clone()
+    pred[0, 4, 0] += 0.1
+    assert float(structure_loss(pred, x0, mask)[0]) == pytest.approx(0.1 ** 2 / 4, rel=1e-6)
+    # a clash: residue 4 folded back onto residue 0 (far apart in the data, close in the prediction)
+    clash = x0.clone()
+    clash[0, 4] = x0[0, 0] + torch.tensor([0.0, 0.3, 0.0], dtype=F64)
+    # bonds (close in the data, (3, 4) now stretched) and (0, 4), (1, 4) (0.3 and 0.48 apart in the prediction)
+    pairs_close = {(0, 1), (1, 2), (2, 3), (3, 4), (0, 4), (1, 4)}
+    d = torch.cdist(x0[0], x0[0])
+    dh = torch.cdist(clash[0], clash[0])
+    expect = sum(float(dh[i, j] - d[i, j]) ** 2 for i, j in pairs_close) / len(pairs_close)
+    assert float(structure_loss(clash, x0, mask)[0]) == pytest.approx(expect, rel=1e-6)
+    # padding is ignored, rigid motions of the prediction change nothing, batches are per design
+    moved = clash.clone()
+    moved[0, 5] = 0.0
+    Q = random_orthogonal(True)
+    moved = moved @ Q.T + 3.0
+    both = structure_loss(torch.cat([pred, moved]), torch.cat([x0, x0]), torch.cat([mask, mask]))
+    assert both.shape == (2,)
+    assert float(both[0]) == pytest.approx(0.1 ** 2 / 4, rel=1e-6)
+    assert float(both[1]) == pytest.approx(expect, rel=1e-6)
+    # a design whose residues are all far apart has no pair: 0, not NaN
+    far = torch.randn(1, 4, 3, generator=g, dtype=F64) * 0 + torch.arange(4, dtype=F64).view(1, 4, 1) * 5
+    assert float(structure_loss(far, far, torch.ones(1, 4, dtype=torch.bool))[0]) == 0.0
+    # the gradient is finite even where predicted residues coincide
+    same = torch.zeros(1, 3, 3, dtype=F64, requires_grad=True)
+    structure_loss(same, x0[:, :3], torch.ones(1, 3, dtype=torch.bool)).sum().backward()
+    assert torch.isfinite(same.grad).all()
+
+
+def test_structure_term_adds_the_snr_weighted_distance_loss_of_the_low_t_designs():
+    from protdiff_fast.diffusion.schedule import NoiseSchedule
+    from protdiff_fast.reference.ddpm import add_noise, predict_x0_from_eps, sample_noise
+    from protdiff_fast.train import diffusion_loss, structure_loss, training_timesteps
+
+    m = small_model()
+    sched = NoiseSchedule(100)
+    x0 = torch.cumsum(torch.randn(4, 12, 3, generator=torch.Generator().manual_seed(2)) * 0.22, dim=1)
+    mask = random_mask(4, 12, generator=torch.Generator().manual_seed(3), min_real=4)
+    x0 = (x0 - (x0 * mask.unsqueeze(-1)).sum(1, keepdim=True) / mask.sum(1).view(-1, 1, 1)) * mask.unsqueeze(-1)
+    m = m.float()
+    with torch.no_grad():
+        plain, _ = diffusion_loss(m, sched, x0, mask, torch.Generator().manual_seed(9), 0, 1, "cpu")
+        total, _ = diffusion_loss(m, sched, x0, mask, torch.Generator().manual_seed(9), 0, 1, "cpu",
+                                  structure_weight=0.7, structure_max_t=80)
+    # the same draws by hand
+    g = torch.Generator().manual_seed(9)
+    t = training_timesteps(sched, 4, g)
+    eps = sample_noise(x0.double(), mask, generator=g).float()
+    assert int((t <= 80).sum()) not in (0, 4), t  # the seed gives designs on both sides of the cut
+    x_t = add_noise(sched, x0, eps, t, mask)
+    with torch.no_grad():
+        eps_hat = m(x_t, t, mask)
+    ab = sched.alpha_bars[t].float()
+    aux = (ab / (1 - ab) * structure_loss(predict_x0_from_eps(sched, x_t, t, eps_hat), x0, mask))[t <= 80].sum() / 4
+    assert float(aux) > 0
+    assert float(total) == pytest.approx(float(plain) + 0.7 * float(aux), rel=1e-5)
+    assert float(plain) == pytest.approx(float(((eps_hat - eps) ** 2).sum(-1)[mask].sum() / mask.sum()), rel=1e-5)
+
+
+def test_structure_loss_training_runs_resumes_bit_for_bit_and_checks_its_options(tmp_path):
+    kw = dict(structure_weight=0.5, structure_max_t=60, low_t_fraction=0.5, low_t_max=20, steps=6)
+    straight = train(cfg(tmp_path, "a", **kw), progress=False)
+    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=2)
+    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
+    for p, q in zip(params(straight["model"]), params(resumed["model"])):
+        assert torch.equal(p, q)
+    without = train(cfg(tmp_path, "c", **dict(kw, structure_weight=0.0)), progress=False)
+    assert any(not torch.equal(p, q) for p, q in zip(params(straight["model"]), params(without["model"])))
+    for bad in (dict(structure_weight=-1.0), dict(structure_max_t=0), dict(structure_cutoff=0.0)):
+        with pytest.raises(ValueError, match="structure_weight must be >= 0"):
+            train(cfg(tmp_path, "bad", **bad), progress=False)
+    assert not (tmp_path / "bad").exists()
