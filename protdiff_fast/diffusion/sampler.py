@@ -4,8 +4,10 @@
 masks (so a batch wastes little on padding), runs the reverse diffusion for each batch, and returns
 the backbones in Angstrom (or streams them to PDB files). Every design d has its own seed,
 SplitMix64(run seed, d): its starting noise comes from a generator seeded with it, and on the C++
-backend the noise of every step too (Philox keyed by the design seed and t), so a design comes out
-the same whatever batch it shares (same device and backend). Elsewhere (the reference step,
+backend the noise of every step too (Philox keyed by the design seed and t), and on CPU the model's
+node-wise products run shape-independently (``batch_invariant``), so a design comes out the same,
+bit for bit, whatever batch it shares (same device and backend; the fused EGNN backends; on CUDA up
+to the GEMMs' rounding until measured there). Elsewhere (the reference step,
 strided sampling) step noise comes from one generator per batch: reproducible for the same
 lengths, batch size and seed, but not per design.
 
@@ -34,6 +36,7 @@ import torch
 from protdiff_fast.diffusion.graphs import DenoiseStep
 from protdiff_fast.diffusion.scheduler import DDPMScheduler
 from protdiff_fast.io.dataset import SCALE_A
+from protdiff_fast.nn.batch_invariant import batch_invariant as invariant_products
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.reference.com import remove_center_of_mass_reference
 from protdiff_fast.io.jsonio import dumps_strict
@@ -277,6 +280,7 @@ def sample(
     progress_stream=None,
     cuda_graphs: Optional[bool] = None,
     autocast: Optional[torch.dtype] = None,
+    batch_invariant: Optional[bool] = None,
 ) -> List[Optional[np.ndarray]]:
     """Sample one backbone per entry of ``lengths`` (times ``num_samples`` when given).
 
@@ -300,6 +304,12 @@ def sample(
     ``cuda_graphs`` (default: on for CUDA devices) captures each batch's reverse step (model + fused
     step) once as a CUDA graph and replays it (:mod:`protdiff_fast.diffusion.graphs`); results are
     the same as without. It needs the fused step's per-design seeds (not the strided scheduler).
+
+    ``batch_invariant`` (default: on for CPU devices with the fused step) runs the model's node-wise
+    linears and centring shape-independently (:mod:`protdiff_fast.nn.batch_invariant`): without it
+    a BLAS picks its kernel by the batch's shape and a design can differ in the last bit from its
+    copy in another batch, which a chaotic trajectory amplifies. On CUDA it is off by default (not
+    yet measured there): designs then match their copies in other batches up to that rounding.
 
     ``autocast`` (torch.bfloat16 or torch.float16) runs the model under ``torch.autocast`` with that
     dtype: its GEMMs and the fused EGNN pair op in low precision (the op with float32 coordinates),
@@ -358,6 +368,8 @@ def sample(
     per_design_noise = not scheduler.strided and backends_used["ddpm_step"] in ("cpu", "triton")
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
+    if batch_invariant is None:
+        batch_invariant = per_design_noise and device.type == "cpu"
     todo_arr = np.asarray(todo, dtype=np.int64)
     order = todo_arr[np.argsort(np.asarray([lengths[i] for i in todo]), kind="stable")] if todo else todo_arr
     if batch_size is None:
@@ -398,8 +410,9 @@ def sample(
         idx = batches.popleft()
         units_before = bar.units if bar is not None else 0
         try:
-            x, frames = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device,
-                                       dtype, bar, trajectory_every, cuda_graphs, autocast)
+            with invariant_products(batch_invariant):
+                x, frames = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device,
+                                           dtype, bar, trajectory_every, cuda_graphs, autocast)
         except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
             if not _is_oom(err) or len(idx) == 1:
                 raise

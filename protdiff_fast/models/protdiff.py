@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from protdiff_fast._checks import check_mask, check_tensor, value_checks_enabled
+from protdiff_fast.nn import batch_invariant
 from protdiff_fast.nn.egnn import EGNNLayer
-from protdiff_fast.reference.com import remove_center_of_mass_reference
 
 
 @dataclass
@@ -63,11 +63,11 @@ class EGNNBlock(nn.Module):
 
     def forward(self, h, x, rel_table, mask):
         keep = mask.unsqueeze(-1).to(h.dtype)
-        h = self.embedding_in(h * keep)
+        h = batch_invariant.linear(h * keep, self.embedding_in.weight, self.embedding_in.bias)
         h, x = self.egnn(h, x, rel_table, mask)
         if self.embedding_out is None:
             return h, x
-        h = self.embedding_out(h) * keep
+        h = batch_invariant.linear(h, self.embedding_out.weight, self.embedding_out.bias) * keep
         return self.norm(h), x
 
 
@@ -123,7 +123,7 @@ class ProtDiff(nn.Module):
             h, x = block(h, x, rel, mask)
         keep = mask.unsqueeze(-1)
         eps = torch.where(keep, x - x_t, torch.zeros_like(x))
-        return remove_center_of_mass_reference(eps, mask)
+        return batch_invariant.center(eps, mask)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

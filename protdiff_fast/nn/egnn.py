@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from protdiff_fast._checks import check_tensor
 from protdiff_fast.backends import resolve
+from protdiff_fast.nn import batch_invariant
 from protdiff_fast.ops import egnn_pair_aggregate
 from protdiff_fast.reference.egnn import COORDS_AGG
 
@@ -101,7 +101,7 @@ class EGNNLayer(nn.Module):
             check_tensor("edge_attr", edge_attr, (None, E))
             if edge_attr.shape[0] % 2 != 1:
                 raise ValueError(f"edge_attr: an offset table needs 2K + 1 rows, got {edge_attr.shape[0]}")
-            return {"rel": edge_attr @ W_e.t()}  # (2K + 1, H)
+            return {"rel": batch_invariant.linear(edge_attr, W_e)}  # (2K + 1, H)
         check_tensor("edge_attr", edge_attr, (B, N, N, E))
         return {"edge_attr": edge_attr, "W_e": W_e.t()}
 
@@ -131,8 +131,8 @@ class EGNNLayer(nn.Module):
         first = self.phi_e[0]
         W_src, W_dst = first.weight[:, :H], first.weight[:, H:2 * H]  # (H, H) each, nn.Linear layout
         w_d, W_e = first.weight[:, 2 * H], first.weight[:, 2 * H + 1:]  # (H,), (H, E)
-        p = F.linear(h, W_src, first.bias)  # (B, N, H): the h_i half of phi_e's first layer
-        q = F.linear(h, W_dst)  # (B, N, H): the h_j half
+        p = batch_invariant.linear(h, W_src, first.bias)  # (B, N, H): the h_i half of phi_e's first layer
+        q = batch_invariant.linear(h, W_dst)  # (B, N, H): the h_j half
         attention = {}
         if self.att is not None:
             attention = {"w_att": self.att[0].weight[0], "b_att": self.att[0].bias[0]}
@@ -154,7 +154,8 @@ class EGNNLayer(nn.Module):
                 *pair_inputs, mask=mask, normalize=self.normalize, tanh=self.tanh, coords_agg=self.coords_agg,
                 eps=self.eps, backend=self.backend, **attention, **edge,
             )
-        h_out = h + self.phi_h(torch.cat([h, m_i.to(h.dtype)], dim=-1)) if self.phi_h is not None else h
+        h_out = h + batch_invariant.sequential(self.phi_h, torch.cat([h, m_i.to(h.dtype)], dim=-1)) \
+            if self.phi_h is not None else h
         x_out = x + dx_i.to(x.dtype)
         if mask is not None:
             keep = mask.unsqueeze(-1)
