@@ -137,10 +137,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clash_guidance(args: argparse.Namespace):
+    from protdiff_fast.diffusion import ClashGuidance
+
+    if args.clash_guidance is None:
+        return None
+    return ClashGuidance(strength=args.clash_guidance, min_distance=args.clash_distance,
+                         max_timestep=args.clash_guidance_steps)
+
+
+def _add_clash_guidance_arguments(parser: argparse.ArgumentParser, extra_help: str = "") -> None:
+    parser.add_argument("--clash-guidance", type=float, nargs="?", const=0.5, default=None, metavar="STRENGTH",
+                        help="push CA pairs closer than --clash-distance apart in the predicted x_0 over the last "
+                             "--clash-guidance-steps steps (strength 0..1, 0.5 if given alone; default off)"
+                             + extra_help)
+    parser.add_argument("--clash-distance", type=float, default=3.8, help="A, for --clash-guidance (default 3.8)")
+    parser.add_argument("--clash-guidance-steps", type=int, default=200,
+                        help="the guidance acts for t <= this (default 200 of 1024)")
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import random
 
-    from protdiff_fast.diffusion import ClashGuidance, DDPMScheduler
+    from protdiff_fast.diffusion import DDPMScheduler
     from protdiff_fast.diffusion.sampler import sample
     from protdiff_fast.metrics import format_table, summarize
     from pathlib import Path as _Path
@@ -160,10 +179,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     chosen = [rng.choice(lengths) for _ in range(args.num)] if len(lengths) > 1 else lengths * args.num
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend,
-                              noise_scale=args.noise_scale,
-                              clash_guidance=None if args.clash_guidance is None else ClashGuidance(
-                                  strength=args.clash_guidance, min_distance=args.clash_distance,
-                                  max_timestep=args.clash_guidance_steps))
+                              noise_scale=args.noise_scale, clash_guidance=_clash_guidance(args))
     from protdiff_fast.diffusion.sampler import OutputError, read_manifests
 
     if args.design_index is not None and not 0 <= args.design_index < len(chosen):
@@ -255,7 +271,8 @@ def _cmd_scaffold(args: argparse.Namespace) -> int:
                               backend=args.backend, device=args.device, resampler=args.resampler,
                               ess_threshold=args.ess_threshold, redenoise_t=args.redenoise_t,
                               progress=not args.no_progress, command=command,
-                              autocast=AUTOCAST_DTYPES[args.autocast] if args.autocast else None)
+                              autocast=AUTOCAST_DTYPES[args.autocast] if args.autocast else None,
+                              clash_guidance=_clash_guidance(args))
     except ScaffoldingError as err:  # NaN model output or degenerate weights: a message, no partial files
         print(f"protdiff-fast scaffold: error: {err}", file=sys.stderr)
         return 3
@@ -350,12 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--noise-scale", type=float, default=1.0,
                     help="scale of the noise added per step, 0..2 (default 1: the DDPM sampler; below 1: fewer "
                          "clashes, more compact chains, less diversity)")
-    sm.add_argument("--clash-guidance", type=float, nargs="?", const=0.5, default=None, metavar="STRENGTH",
-                    help="push CA pairs closer than --clash-distance apart in the predicted x_0 over the last "
-                         "--clash-guidance-steps steps (strength 0..1, 0.5 if given alone; default off)")
-    sm.add_argument("--clash-distance", type=float, default=3.8, help="A, for --clash-guidance (default 3.8)")
-    sm.add_argument("--clash-guidance-steps", type=int, default=200,
-                    help="the guidance acts for t <= this (default 200 of 1024)")
+    _add_clash_guidance_arguments(sm)
     sm.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
                     help="run the model under torch.autocast in this dtype (GEMMs and the EGNN pair op in "
                          "bf16/fp16, coordinates and the step in float32): the GPU's tensor-core rate")
@@ -412,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
                     help="run the model under torch.autocast in this dtype (as sample --autocast); particles, "
                          "transition means and SMCDiff weights stay float32")
+    _add_clash_guidance_arguments(sc, " (--method replacement or fixed only)")
     sc.add_argument("--backend", default="auto")
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--no-progress", action="store_true")

@@ -136,3 +136,51 @@ def test_autocast_eps_wrapper_returns_float32_and_refuses_other_dtypes():
     assert torch.allclose(eps, x, rtol=1e-2, atol=1e-2) and not torch.equal(eps, x)  # it ran in bf16
     with pytest.raises(ValueError, match="autocast"):
         AutocastEps(Model(), torch.float64)
+
+
+def test_scaffold_cli_clash_guidance_guides_the_designs_but_not_the_redenoising(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    scaffold_mod = importlib.import_module("protdiff_fast.motif.scaffold")  # the package exports a function of that name
+
+    guided_steps = []
+    redenoise_schedulers = []
+    real_redenoise = scaffold_mod.redenoise
+
+    def spy_redenoise(*args, scheduler=None, **kw):
+        redenoise_schedulers.append(scheduler)
+        return real_redenoise(*args, scheduler=scheduler, **kw)
+
+    monkeypatch.setattr(scaffold_mod, "redenoise", spy_redenoise)
+    from protdiff_fast.diffusion.guidance import ClashGuidance
+
+    real_call = ClashGuidance.__call__
+
+    def spy_call(self, *args, **kw):
+        guided_steps.append(1)
+        return real_call(self, *args, **kw)
+
+    monkeypatch.setattr(ClashGuidance, "__call__", spy_call)
+    every_step = ["--clash-guidance", "1.0", "--clash-guidance-steps", "1024"]
+    assert main(_args(tmp_path / "plain", "replacement")) == 0
+    assert not guided_steps
+    assert main(_args(tmp_path / "guided", "replacement", *every_step)) == 0
+    assert guided_steps, "the designs' steps went through the guidance"
+    assert redenoise_schedulers[-1].clash_guidance is None, "the re-denoising check runs the model alone"
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["summary"]
+    guided = json.loads((tmp_path / "guided" / "summary.json").read_text())["summary"]
+    assert "clash_guidance" not in plain
+    assert guided["clash_guidance"] == dict(strength=1.0, min_distance=3.8, max_timestep=1024, scale=10.0)
+    assert (tmp_path / "plain" / "design_0000.pdb").read_bytes() != (tmp_path / "guided" / "design_0000.pdb").read_bytes()
+    capsys.readouterr()
+    assert main(_args(tmp_path / "smc", "smc", "--clash-guidance")) == 2
+    err = capsys.readouterr().err
+    assert "--clash-guidance: not with --method smc" in err and "replacement or fixed" in err
+    assert not (tmp_path / "smc").exists()
+
+
+def test_scaffold_warns_below_the_training_lengths(tmp_path):
+    args = _args(tmp_path / "short", "fixed")
+    args[args.index("--length") + 1] = "39-45"  # the shipped model saw chains of 40.. residues
+    with pytest.warns(UserWarning, match=r"designs of 39\.\. residues, shorter than any chain this model was trained on"):
+        assert main(args) == 0

@@ -66,7 +66,14 @@ def run_scaffold(
     progress: bool = True,
     command: str = "",
     autocast: Optional[str] = None,
+    clash_guidance=None,
 ) -> Dict:
+    """Scaffold the motif ``contig`` of ``pdb`` into ``num`` designs written to ``out`` (see the module
+    docstring). ``clash_guidance`` (a :class:`protdiff_fast.diffusion.ClashGuidance`) guides the
+    designs' sampling ('replacement' and 'fixed' only: SMCDiff's weights need the model's own
+    transition); the re-denoising check always runs unguided, as the model alone would."""
+    import warnings
+
     import torch
 
     from protdiff_fast.diffusion import DDPMScheduler
@@ -85,6 +92,9 @@ def run_scaffold(
         raise ValueError(f"--particles must be >= 1, got {particles}")
     if redenoise_t < 0:
         raise ValueError(f"--redenoise-t must be >= 0 (0: skip), got {redenoise_t}")
+    if clash_guidance is not None and method == "smc":
+        raise ValueError("--clash-guidance: not with --method smc (SMCDiff's weights are the motif's likelihood "
+                         "under the model's own reverse transition); use --method replacement or fixed")
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: exists and is not an empty folder; choose a new one (nothing is overwritten)")
@@ -103,13 +113,19 @@ def run_scaffold(
     if redenoise_t > cfg.num_timesteps:
         raise ValueError(f"--redenoise-t must be <= T = {cfg.num_timesteps}, got {redenoise_t}")
     spec = motif_spec(pdb, contig, length, max_model_length=model.max_length)
+    shortest_trained = getattr(model, "min_training_length", None)
+    if shortest_trained is not None and spec.min_length < shortest_trained:
+        warnings.warn(f"length: designs of {spec.min_length}.. residues, shorter than any chain this model was "
+                      f"trained on ({shortest_trained}..): expect poor scaffolds", UserWarning, stacklevel=2)
     layout_seeds = per_sample_seeds(int(seed) ^ LAYOUT_SALT, num)
     layouts = [spec.sample_layout(int(s)) for s in layout_seeds]
     K = particles if method == "smc" else 1  # replacement and fixed: one independent sample per design
     _log(f"scaffold: {spec.num_motif} motif residues from {pdb} ({contig}); {num} designs of lengths "
          f"{spec.min_length}..{spec.max_length}; method {method}, {K} particle(s) per design "
          f"({num * K} in one batch)")
-    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=backend)
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=backend,
+                              clash_guidance=clash_guidance)
+    unguided = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=backend)
     t0 = time.perf_counter()
     with torch.no_grad():
         result = scaffold(eps_model, spec.motif_model_units(), [lay.length for lay in layouts],
@@ -117,7 +133,7 @@ def run_scaffold(
                           scheduler=scheduler, num_inference_steps=steps, seed=seed, resampler=resampler,
                           ess_threshold=ess_threshold, device=device, progress=progress, log=_log)
         designs = [result.design(d) for d in range(num)]
-        red = redenoise(eps_model, designs, t_start=redenoise_t, scheduler=scheduler, seed=seed, device=device) \
+        red = redenoise(eps_model, designs, t_start=redenoise_t, scheduler=unguided, seed=seed, device=device) \
             if redenoise_t > 0 else None
     elapsed = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +166,8 @@ def run_scaffold(
         backbone=summarize(rows))
     if autocast is not None:  # only then: float32 summaries stay as they were
         summary["autocast"] = autocast
+    if clash_guidance is not None:
+        summary["clash_guidance"] = scheduler.config["clash_guidance"]
     if red is not None:
         rr = [r["redenoise_motif_rmsd"] for r in rows]
         summary.update(redenoise_t=redenoise_t, mean_redenoise_motif_rmsd=float(np.mean(rr)),
