@@ -84,9 +84,17 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, 
         return _finish(rec, src, warps, needs_dot=False)
     BI, BJ, warps = config or et.block_sizes(H, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), pass_,
                                              edge)
-    kernel = et._egnn_fwd_kernel if pass_ == "fwd" else et._egnn_bwd_kernel
-    sig = _signature(kernel, dtype, pass_, coords32)
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    # the one-pass backward at H = 256 runs the chunked kernel (bwd_chunks; BWD_CHUNKS="K,N" in the
+    # environment sets them, as the launcher reads PROTDIFF_FAST_TRITON_BWD_CHUNKS)
+    if os.environ.get("BWD_CHUNKS"):
+        os.environ["PROTDIFF_FAST_TRITON_BWD_CHUNKS"] = os.environ["BWD_CHUNKS"]
+    bwd_kc, bwd_nc = et.bwd_chunks(H, getattr(torch, torch_dtype))
+    chunked_bwd = (pass_ == "bwd_i" and et.bwd_passes(H, getattr(torch, torch_dtype)) == 1
+                   and (bwd_kc, bwd_nc) != (H, H))
+    kernel = et._egnn_fwd_kernel if pass_ == "fwd" else (et._egnn_bwd_chunked_kernel if chunked_bwd
+                                                          else et._egnn_bwd_kernel)
+    sig = _signature(kernel, dtype, pass_, coords32)
     consts = dict(H=H, EP=16, BI=BI, BJ=BJ, EDGE=edge, ATTENTION=attention, TANH=tanh, NORMALIZE=normalize,
                   PRECISION=et._precision(getattr(torch, torch_dtype)), UPCAST=False,
                   FAST=bool(int(os.environ.get("FAST", "1"))) and dtype != "fp32")
@@ -101,18 +109,28 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, 
                       PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32" else "tf32",
                       DW_STAGE=et.dw_stage(H, getattr(torch, torch_dtype)), FLUSH_ROWS=et.flush_rows(H),
                       BOTH=pass_ == "bwd_i" and et.bwd_passes(H, getattr(torch, torch_dtype)) == 1)
+        if chunked_bwd:  # the chunked kernel: always both sides, rows i, staged weight gradients
+            for name in ("ROWS_ARE_I", "DW_CHUNK", "BOTH"):
+                consts.pop(name)
+            consts.update(K_CHUNK=bwd_kc, N_CHUNK=bwd_nc,
+                          FLUSH_ROWS=int(os.environ.get("FLUSH_ROWS", et.BWD_CHUNKED_FLUSH_ROWS)))
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
     rec = dict(H=H, dtype=dtype + ("+x32" if coords32 else ""), edge=["none", "dense", "offset"][edge], attention=attention, tanh=tanh,
                normalize=normalize, kernel=pass_, block_i=BI, block_j=BJ, num_warps=warps,
                known_spill=(H, dtype == "fp32", pass_, *(("x32",) if coords32 else ())) in et.KNOWN_SPILLS
                or (H, dtype == "fp32", pass_) in et.KNOWN_SPILLS)
-    return _finish(rec, src, warps, needs_dot=True)
+    if chunked_bwd:
+        rec["chunks"] = [bwd_kc, bwd_nc]
+    stages = int(os.environ.get("NUM_STAGES", et.BWD_CHUNKED_STAGES if chunked_bwd else et.NUM_STAGES))
+    return _finish(rec, src, warps, needs_dot=True, num_stages=stages)
 
 
-def _finish(rec, src, warps, needs_dot):
+def _finish(rec, src, warps, needs_dot, num_stages=None):
     rec["needs_dot"] = needs_dot
     try:
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": et.NUM_STAGES})
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps,
+                                     "num_stages": et.NUM_STAGES if num_stages is None else num_stages})
     except Exception as err:  # noqa: BLE001 - reported, and the run fails
         rec.update(ok=False, error=f"{type(err).__name__}: {str(err)[:400]}")
         return rec
@@ -156,8 +174,10 @@ def configs(quick: bool, ci: bool = False):
         yield 256, "fp32", 1, True, False, True, "fwd"  # a known spill (3xTF32), still within shared memory
         yield 32, "bf16", 2, True, True, True, "bwd_i"
         yield 32, "bf16", 2, True, True, True, "bwd_j"
-        yield 256, "bf16", 2, True, True, True, "bwd_i"  # known spills; checks the 144 KB of shared memory
-        yield 256, "bf16", 2, True, True, True, "bwd_j"
+        yield 256, "bf16", 2, True, True, True, "bwd_i"  # the chunked one-pass backward (known spill: 36 B)
+        yield 256, "bf16", 2, False, False, True, "bwd_i"  # ... with ProtDiff's flags: no spill
+        yield 256, "fp32", 2, False, False, True, "bwd_i"  # fp32 at H = 256: fused only since it is chunked
+        yield 256, "bf16", 2, True, True, True, "bwd_j"  # the two-pass scheme's rows-j pass (known spill)
         yield 256, "fp32", 2, False, False, False, "rel_sum"
         for pass_ in ("fwd", "bwd_i", "bwd_j"):  # ProtDiff's layer under autocast: bf16, float32 coordinates
             yield 256, "bf16", 2, False, False, True, pass_, "x32"

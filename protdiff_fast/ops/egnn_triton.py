@@ -20,11 +20,11 @@ Hidden sizes H in SUPPORTED_HIDDEN = (16, 32, 64, 128, 256) (the dispatcher zero
 (:func:`fwd_chunks`): r = b2 + sum_c silu(z[:, c]) W2[c, :] over K chunks, z's columns rebuilt from
 the inputs per chunk, and phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c] over output-column chunks,
 weight chunks loaded inside the loops; sm_90: bf16 spill-free, fp32 236-408 B (``KNOWN_SPILLS``).
-The fused backward below runs H = 256 for bf16/fp16 unchanged (sm_90: 0.9-1.5 KB of spills, 144 KB
-shared memory); for fp32 at H = 256 its whole-W2/W3 operands need 256 KB of shared memory (over the
-227 KB limit), so fp32 gradients there are recomputed through the reference implementation on the
-saved inputs (:func:`has_fused_backward`), which costs O(B N^2 H) memory like the reference (fine
-for inference and small N; fp32 training at H = 256 and large N is memory-bound this way). Under
+The one-pass backward at H = 128 and 256 (and fp32 at 64) runs with every H x H product in chunks too
+(:func:`bwd_chunks`, ``_egnn_bwd_chunked_kernel``): sm_90 spills 0-104 B there where the unchunked
+body spilled 0.6-1.1 KB at H = 256, and fp32 at H = 256 gets a fused backward at all (the unchunked
+body's whole W2 / W3 operands needed 256 KB of shared memory, over the 227 KB limit; the two-pass
+scheme there still falls back to recomputing through the reference, :func:`has_fused_backward`). Under
 autocast EGNNLayer calls the op in bf16/fp16 with float32 coordinates (the contract allows x in
 float32 next to low-precision features: x is read and dx written in float32, everything else runs as
 in a bf16 call), so mixed-precision training at H = 256 takes the fused backward.
@@ -81,8 +81,7 @@ import triton.language as tl
 from protdiff_fast.reference.egnn import _coord_scale, check_egnn_pair_aggregate_inputs, egnn_pair_aggregate_reference
 
 SUPPORTED_HIDDEN = (16, 32, 64, 128, 256)  # H must be one of these (tl.dot needs K >= 16)
-# hidden sizes of the fused backward kernels for every dtype; at H = 256 bf16/fp16 run them too (with
-# spills), fp32 recomputes through the reference (has_fused_backward, _backward_by_reference)
+# hidden sizes of the fused backward kernels for every dtype; H = 256 too, one pass (chunked) for fp32
 BACKWARD_HIDDEN = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -118,6 +117,8 @@ _CONFIGS = {
     # 144 KB of shared memory in bf16 but 256 KB in fp32 (over the 227 KB limit: a launch failure; ptxas
     # also spilled ~48 KB there)
     (256, False, "bwd_i"): (1, 16, 8), (256, False, "bwd_j"): (16, 1, 8),
+    # fp32 at H = 256: the one-pass chunked backward only (bwd_chunks; W2 / W3 loaded by chunks)
+    (256, True, "bwd_i"): (1, 16, 8),
 }
 # Where the edge term changes the register allocation enough: the configuration for calls with an
 # edge term (offset table or dense), keyed like _CONFIGS. H = 128 bf16 forward: 4 x 32 spilled 36 B
@@ -139,20 +140,14 @@ BWD_PASSES = 1
 KNOWN_SPILLS = {
     # fp32 forward at H = 128: the 3xTF32 hi/lo operand copies (M = 16: ~300 B; M = 64-128: 1-2.4 KB)
     (128, True, "fwd"),
-    # H = 128 backward: each warp holds the whole [16, 128] A operand of every mma.sync product (64
-    # registers in TF32; fp32 also splits operands hi/lo for 3xTF32). One pass (the default, "bwd_i"):
-    # bf16 0-152 B, fp32 0.6-0.9 KB; two passes with staged weight gradients bf16 0-108 B per pass, fp32
-    # 0.47-0.65 KB (0-136 B / 0.38-0.73 KB with a read-modify-write per tile)
-    *((128, fp32, kernel) for fp32 in (False, True) for kernel in ("bwd_i", "bwd_j")),
+    # the one-pass backward in chunks (bwd_chunks): fp32 at H = 128 24-84 B and at H = 256 0-104 B; bf16 at
+    # H = 256 0-36 B (0 with ProtDiff's flags, checked by the compile test). bf16 at H = 128: 0 B
+    (128, True, "bwd_i"), (256, True, "bwd_i"), (256, False, "bwd_i"),
+    # the two-pass scheme's rows-j pass (PROTDIFF_FAST_TRITON_BWD_PASSES=2, for GPU A/B runs): H = 128 bf16
+    # 0-108 B, fp32 0.38-0.73 KB; H = 256 bf16 0.8-1.2 KB; fp32 at H = 64 8-40 B
+    (128, False, "bwd_j"), (128, True, "bwd_j"), (256, False, "bwd_j"), (64, True, "bwd_j"),
     # fp32 forward at H = 256 (chunks 16 / 32): 236-408 B, for the same 3xTF32 operand copies; bf16 is 0
     (256, True, "fwd"),
-    # bf16 backward at H = 256: one pass 0.65-1.1 KB; two passes with staged weight gradients bwd_i
-    # 0.9-1.3 KB, bwd_j 0.8-1.2 KB (per-tile read-modify-write with dw_chunk 64 / 16: 1.1-1.6 KB, 0.9-1.4 KB)
-    (256, False, "bwd_i"), (256, False, "bwd_j"),
-    # fp32 backward at H = 64 after the grid-stride loop over own blocks (which bounds the weight-gradient
-    # partials to O(programs H^2)): 8-40 B on some flag/edge sets, 0 before that loop (H = 16 spilled
-    # 8 B too until the weight gradients were staged); one pass: 0-36 B
-    (64, True, "bwd_i"), (64, True, "bwd_j"),
     # bf16 forward at H = 128 with float32 coordinates (autocast) and ProtDiff's flags (offset table,
     # normalize): 8 B at 8 x 16; none of 14 other block / warp configurations swept reaches 0 (the same
     # call with bf16 coordinates: 0 B). Keyed with "x32": the all-bf16 forward stays checked at 0
@@ -169,9 +164,41 @@ def fwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
     return _FWD_CHUNKS[dtype == torch.float32]
 
 
+# one-pass backward in chunks: (H, fp32?) -> (K_CHUNK, N_CHUNK) (bwd_chunks). Swept on sm_90a at 1 x 16 x 8
+# warps, num_stages 1, flush rows 16 (spill bytes for the flag sets ProtDiff's / offset+all / none / dense):
+# H = 256 bf16 (16, 64) 0/36/0/32, (16, 32) 8/16/12/92, (32, 32) 20/40/300/480, unchunked 1056/1096/1008/648;
+# fp32 (16, 16) 0/32/0/104, (16, 32) 116-300; H = 128 bf16 (16, 64) 0/0/0/0 (unchunked 152/140/4/0), fp32
+# (16, 32) 24/40/40/84 (unchunked 648/704/612/596); H = 64 fp32 (16, 64) 0 (unchunked 36/0/12/0). Smaller
+# H, and H = 64 bf16, spill nothing unchunked and keep the kernel with fewer products
+_BWD_CHUNKS = {(64, True): (16, 64), (128, False): (16, 64), (128, True): (16, 32), (256, False): (16, 64),
+               (256, True): (16, 16)}
+# the chunked kernel's software pipelining and weight-gradient flush rows (num_stages 2 spilled 80-240 B
+# more at H = 256; flush rows 32 / 64: 16-20 B / 8-24 B where 16 rows gave 0-36 B)
+BWD_CHUNKED_STAGES = 1
+BWD_CHUNKED_FLUSH_ROWS = 16
+
+
+def bwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
+    """(K_CHUNK, N_CHUNK) of the one-pass backward: W2's rows (z's columns) and W3's columns per chunk
+    (_egnn_bwd_chunked_kernel); (H, H) = the unchunked _egnn_bwd_kernel. ``PROTDIFF_FAST_TRITON_BWD_CHUNKS``
+    = "K,N" overrides it (tests run the chunked kernel at small H; sweeps)."""
+    env = os.environ.get("PROTDIFF_FAST_TRITON_BWD_CHUNKS")
+    if env:
+        try:
+            kc, nc = (int(v) for v in env.split(","))
+        except ValueError:
+            kc = nc = 0
+        if not (kc >= 16 and nc >= 16 and H % kc == 0 and H % nc == 0):
+            raise ValueError(f"PROTDIFF_FAST_TRITON_BWD_CHUNKS: two divisors of H = {H}, each >= 16, got {env!r}")
+        return kc, nc
+    return _BWD_CHUNKS.get((H, dtype == torch.float32), (H, H))
+
+
 def has_fused_backward(H: int, dtype: torch.dtype) -> bool:
-    """Whether the fused backward kernels run (H, dtype); otherwise _backward_by_reference (fp32 at H = 256)."""
-    return (H, dtype == torch.float32, "bwd_i") in _CONFIGS
+    """Whether the fused backward kernels run (H, dtype); otherwise _backward_by_reference (fp32 at H = 256
+    with two passes, which have no rows-j configuration there)."""
+    fp32 = dtype == torch.float32
+    return (H, fp32, "bwd_i") in _CONFIGS and (bwd_passes(H, dtype) == 1 or (H, fp32, "bwd_j") in _CONFIGS)
 
 
 def dw_chunk(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "bwd_i") -> int:
@@ -840,6 +867,268 @@ def _egnn_bwd_kernel(
 
 
 @triton.jit
+def _scratch_times_weight(a_ptr, W_ptr, cols, M: tl.constexpr, H: tl.constexpr, K_CHUNK: tl.constexpr,
+                          TRANS_W: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """A W[:, cols] (TRANS_W: A W[cols, :]^T) for the program's own row-major [M, H] scratch tile A, by K
+    chunks read back from it: [M, len(cols)] fp32. An mma.sync at M = 16 gives every warp the whole A
+    operand, [16, H] in registers per product (128 registers at H = 256 in TF32); a K chunk of it is
+    [16, K_CHUNK]. F32: TF32 (or 3xTF32) products of fp32 operands, else in the weight dtype."""
+    srow = tl.arange(0, M)
+    acc = tl.zeros((M, cols.shape[0]), dtype=tl.float32)
+    for k0 in tl.range(0, H, K_CHUNK):
+        kk = k0 + tl.arange(0, K_CHUNK)
+        a = tl.load(a_ptr + srow[:, None] * H + kk[None, :])
+        if TRANS_W:
+            w = tl.load(W_ptr + cols[None, :] * H + kk[:, None])  # W[cols, kk]^T: [K_CHUNK, C]
+        else:
+            w = tl.load(W_ptr + kk[:, None] * H + cols[None, :])  # W[kk, cols]
+        if F32:
+            acc += _mm(a.to(tl.float32), w.to(tl.float32), PRECISION, False)
+        else:
+            acc += _mm(a, w, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _egnn_bwd_chunked_kernel(
+    x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,
+    w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,
+    ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
+    gm_ptr, gdx_ptr,  # (B,N,H), (B,N,3) fp32 upstream gradients
+    dnode_ptr, dx_part_ptr,  # (n_chunks, B, N, H) d_p (zeroed: added to by column chunks), (n_chunks, B, N, 3) i side of dx
+    dnode2_ptr, dx2_part_ptr,  # (n_chunks, B, N, H) d_q and (n_chunks, B, N, 3) the j side of dx, zeroed
+    dea_ptr,  # (B,N,N,E) d edge_attr (NEED_DEA)
+    pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr,  # per-program partials: (P,H,H) x2, (P,6,H), (P,EP,H), zeroed
+    prel_ptr,  # (B, n_regions, 2 chunk - 1, H) d_rel per region and unclipped offset, zeroed
+    stage_ptr,  # weight dtype, per program: (4, DW_STAGE M, H): a, d_r, m, d_t
+    scratch_ptr,  # fp32, per program: (M, H) d_r, the A operand of d_z = d_r W2^T read back by K chunks
+    N, E, K, eps,
+    own_chunk, other_chunk, n_other_chunks, n_regions,
+    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
+    EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
+    NEED_DEA: tl.constexpr, PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr,
+    FAST: tl.constexpr, DW_STAGE: tl.constexpr, FLUSH_ROWS: tl.constexpr,
+    K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
+):
+    """The one-pass backward (_egnn_bwd_kernel with BOTH) with every H x H product split into column
+    chunks, for H = 256, where the unchunked body keeps about a dozen [M, H] fp32 tiles live and
+    spilled ~1 KB per thread. Only r, m and d_m (then d_r) stay whole; per tile of pairs:
+
+        r    = b2 + sum_c silu(z[:, c]) W2[c, :]        z's K chunks rebuilt from the inputs; a's columns staged
+        phi  = sum_c silu(m W3[:, c] + b3[c]) . w4[c]   output-column chunks of W3
+        d_m  = gm v + sum_c d_t[:, c] W3[:, c]^T        t's chunks recomputed (+1 H x H product per pair:
+                                                        7 in all), d_t's columns staged for dW3
+        d_r  = (d_m g + d_gate w_att) silu'(r)          whole, staged for dW2
+        d_z[:, c] = (d_r W2[c, :]^T) silu'(z[:, c])     by K chunks: d_p, d_q, w_d, the edge term and
+                                                        d2's gradient added to per chunk
+
+    d_p, d_q, the vector gradients, the offset-table windows and W_e's gradient are read-modify-written by
+    column chunk in the program's own (zeroed) partials; the weight gradients are staged and flushed every
+    DW_STAGE tiles as in _egnn_bwd_kernel. Rows i are the program's own (a region of own_chunk x
+    other_chunk nodes, _regions)."""
+    M: tl.constexpr = BI * BJ
+    STAGE_ROWS: tl.constexpr = DW_STAGE * M
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    P = tl.num_programs(0)
+    hcol = tl.arange(0, H)
+    C = tl.load(scale_ptr + b)
+    prog = b * P + pid
+    vec = pvec_ptr + prog * 6 * H
+    region = pid
+    own_lo = region // n_other_chunks * own_chunk
+    other_part = region % n_other_chunks  # d_p and the i side of dx: a partial per other chunk
+    own_part = region // n_other_chunks  # d_q and the j side: a partial per own chunk
+    blk_start = own_lo // BI
+    blk_stop = tl.minimum(tl.cdiv(N, BI), (own_lo + own_chunk) // BI)
+    staged = pid * 0
+    stage = stage_ptr + prog.to(tl.int64) * (4 * STAGE_ROWS * H)
+    W2_STAGE: tl.constexpr = 0  # stage rows: a, then d_r, then m, then d_t
+    W3_STAGE: tl.constexpr = 2 * STAGE_ROWS
+    srow = tl.arange(0, M)
+    b2 = tl.load(b2_ptr + hcol).to(tl.float32)
+    for blk in range(blk_start, blk_stop):
+        i = blk * BI + tl.arange(0, BI)
+        mi = (tl.load(mask_ptr + b * N + i, mask=i < N, other=0) != 0) & (i < N)
+        xi0, xi1, xi2 = _load_xyz(x_ptr, b * N * 3, i, N)
+        dxi0 = tl.zeros((BI,), dtype=tl.float32)
+        dxi1 = tl.zeros((BI,), dtype=tl.float32)
+        dxi2 = tl.zeros((BI,), dtype=tl.float32)
+        i_rows = (other_part * tl.num_programs(1) + b) * N + i  # this region's partial rows of d_p / dx
+        ob_start = other_part * (other_chunk // BJ)
+        for ob in range(ob_start, ob_start + other_chunk // BJ):  # the last chunk's blocks past N are masked
+            j = ob * BJ + tl.arange(0, BJ)
+            mj = (tl.load(mask_ptr + b * N + j, mask=j < N, other=0) != 0) & (j < N)
+            xj0, xj1, xj2 = _load_xyz(x_ptr, b * N * 3, j, N)
+            u0 = xi0[:, None] - xj0[None, :]  # u_ij = x_i - x_j, [BI, BJ]
+            u1 = xi1[:, None] - xj1[None, :]
+            u2 = xi2[:, None] - xj2[None, :]
+            d2 = u0 * u0 + u1 * u1 + u2 * u2
+            e = tl.zeros((M, EP), dtype=tl.float32)
+            if EDGE == 1:
+                ecol = tl.arange(0, EP)
+                in_range = (i[:, None] < N) & (j[None, :] < N)
+                pair_off = i[:, None] * N + j[None, :]
+                e3 = tl.load(ea_ptr + b.to(tl.int64) * N * N * E + pair_off[:, :, None] * E + ecol[None, None, :],
+                             mask=in_range[:, :, None] & (ecol < E)[None, None, :], other=0.0)
+                e = tl.reshape(e3.to(tl.float32), (M, EP))
+            # -- recompute: r by K chunks of z (a's columns staged for dW2), m, phi by chunks of W3's columns
+            w_att = tl.zeros((H,), dtype=tl.float32)
+            r = tl.zeros((M, H), dtype=tl.float32) + b2[None, :]
+            for k0 in tl.range(0, H, K_CHUNK):
+                kc = k0 + tl.arange(0, K_CHUNK)
+                z_c = _preact_cols(b, i, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                                   H, EP, EDGE, PRECISION, UPCAST)
+                a_c = z_c * _sigmoid(z_c, FAST)
+                tl.store(stage + (W2_STAGE + staged * M + srow)[:, None] * H + kc[None, :],
+                         a_c.to(stage_ptr.dtype.element_ty))
+                r += _mm(a_c, tl.load(W2_ptr + kc[:, None] * H + hcol[None, :]), PRECISION, UPCAST)
+            m0 = r * _sigmoid(r, FAST)  # sigmoid(r) is recomputed for d_r rather than kept live through d_m
+            g = tl.full((M,), 1.0, tl.float32)
+            if ATTENTION:
+                w_att = tl.load(watt_ptr + hcol).to(tl.float32)
+                g = _sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att, FAST)
+            m_op = (m0 * g[:, None]).to(W3_ptr.dtype.element_ty)  # m_ij, the A operand of t = m W3
+            m_rows = stage + (W3_STAGE + staged * M) * H  # m, staged for dW3, read back by K chunks for t = m W3
+            tl.store(m_rows + srow[:, None] * H + hcol[None, :], m_op.to(stage_ptr.dtype.element_ty))
+            tl.debug_barrier()
+            phi = tl.zeros((M,), dtype=tl.float32)
+            for n0 in tl.range(0, H, N_CHUNK):
+                nc = n0 + tl.arange(0, N_CHUNK)
+                t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, H, K_CHUNK, False, False, PRECISION, UPCAST) + \
+                    tl.load(b3_ptr + nc).to(tl.float32)[None, :]
+                phi += tl.sum(t_c * _sigmoid(t_c, FAST) * tl.load(w4_ptr + nc).to(tl.float32)[None, :], axis=1)
+            if TANH:
+                phi = 2.0 * _sigmoid(2.0 * phi, FAST) - 1.0
+            v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])
+            vf = v.to(tl.float32)
+            # -- the coordinate update's gradients
+            g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i, N)
+            inv = tl.full((BI, BJ), 1.0, tl.float32)
+            if NORMALIZE:
+                inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached
+            d_phi = C * vf * inv * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2)
+            coef_u = C * vf * inv * tl.reshape(phi, (BI, BJ))
+            dxi0 += tl.sum(coef_u, axis=1) * g0
+            dxi1 += tl.sum(coef_u, axis=1) * g1
+            dxi2 += tl.sum(coef_u, axis=1) * g2
+            dxj0 = -tl.sum(coef_u * g0[:, None], axis=0)
+            dxj1 = -tl.sum(coef_u * g1[:, None], axis=0)
+            dxj2 = -tl.sum(coef_u * g2[:, None], axis=0)
+            d_phi = tl.reshape(d_phi, (M,))
+            if TANH:
+                d_phi = d_phi * (1.0 - phi * phi)
+            # -- d_m = gm v + d_t W3^T by chunks of W3's columns, t recomputed; d_t's columns staged for dW3
+            d_m = tl.zeros((M, H), dtype=tl.float32)
+            for n0 in tl.range(0, H, N_CHUNK):
+                nc = n0 + tl.arange(0, N_CHUNK)
+                t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, H, K_CHUNK, False, False, PRECISION, UPCAST) + \
+                    tl.load(b3_ptr + nc).to(tl.float32)[None, :]
+                sig_t = _sigmoid(t_c, FAST)
+                d_t = d_phi[:, None] * tl.load(w4_ptr + nc).to(tl.float32)[None, :] * _dsilu(t_c, sig_t)
+                tl.store(stage + (W3_STAGE + STAGE_ROWS + staged * M + srow)[:, None] * H + nc[None, :],
+                         d_t.to(stage_ptr.dtype.element_ty))
+                _accumulate(vec + 1 * H, nc, tl.sum(d_t, axis=0))  # b3
+                _accumulate(vec + 2 * H, nc, tl.sum(t_c * sig_t * d_phi[:, None], axis=0))  # w4
+                W3T_c = tl.load(W3_ptr + hcol[None, :] * H + nc[:, None]).to(tl.float32)  # [N_CHUNK, H]
+                d_m += _mm(d_t, W3T_c, PRECISION_BWD, False)
+            gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
+            d_m += tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, H))  # through m_i = sum_j v_ij m_ij
+            sig_r = _sigmoid(r, FAST)
+            if ATTENTION:
+                d_gate = tl.sum(d_m * r * sig_r, axis=1) * g * (1.0 - g)
+                d_m = d_m * g[:, None] + d_gate[:, None] * w_att[None, :]
+                _accumulate(vec + 4 * H, hcol, tl.sum(r * sig_r * d_gate[:, None], axis=0))
+                _accumulate(vec + 5 * H, hcol, tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0))
+            d_r = d_m * _dsilu(r, sig_r)
+            tl.store(stage + (W2_STAGE + STAGE_ROWS + staged * M + srow)[:, None] * H + hcol[None, :],
+                     d_r.to(stage_ptr.dtype.element_ty))
+            d_r_rows = scratch_ptr + prog.to(tl.int64) * M * H  # fp32: the d_r -> d_z product stays TF32
+            tl.store(d_r_rows + srow[:, None] * H + hcol[None, :], d_r)
+            tl.debug_barrier()
+            _accumulate(vec + 0 * H, hcol, tl.sum(d_r, axis=0))  # b2
+            # -- d_z by K chunks, and everything that reads it
+            d_d2 = tl.zeros((M,), dtype=tl.float32)
+            d2_flat = tl.reshape(d2, (M,))
+            j_rows = (own_part * tl.num_programs(1) + b) * N + j
+            i_ok = i < N
+            j_ok = j < N
+            d_e = tl.zeros((M, EP), dtype=tl.float32)  # d edge_attr (NEED_DEA)
+            for k0 in tl.range(0, H, K_CHUNK):
+                kc = k0 + tl.arange(0, K_CHUNK)
+                z_c = _preact_cols(b, i, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                                   H, EP, EDGE, PRECISION, UPCAST)
+                d_z = _scratch_times_weight(d_r_rows, W2_ptr, kc, M, H, K_CHUNK, True, True, PRECISION_BWD, False) * \
+                    _dsilu(z_c, _sigmoid(z_c, FAST))  # d_r W2[kc, :]^T silu'(z[:, kc]), [M, K_CHUNK]
+                d_z3 = tl.reshape(d_z, (BI, BJ, K_CHUNK))
+                d_d2 += tl.sum(d_z * tl.load(w_d_ptr + kc).to(tl.float32)[None, :], axis=1)
+                _accumulate(vec + 3 * H, kc, tl.sum(d_z * d2_flat[:, None], axis=0))  # w_d
+                addr_p = dnode_ptr + i_rows[:, None] * H + kc[None, :]
+                tl.store(addr_p, tl.load(addr_p, mask=i_ok[:, None], other=0.0) + tl.sum(d_z3, axis=1),
+                         mask=i_ok[:, None])
+                addr_q = dnode2_ptr + j_rows[:, None] * H + kc[None, :]
+                tl.store(addr_q, tl.load(addr_q, mask=j_ok[:, None], other=0.0) + tl.sum(d_z3, axis=0),
+                         mask=j_ok[:, None])
+                if EDGE == 1:
+                    ecol = tl.arange(0, EP)
+                    addr_We = pWe_ptr + (prog * EP + ecol[:, None]) * H + kc[None, :]
+                    tl.store(addr_We, tl.load(addr_We) + tl.dot(tl.trans(e), d_z, input_precision=PRECISION_BWD))
+                    if NEED_DEA:  # d edge_attr = d_z W_e^T, K chunk by K chunk into a [M, EP] accumulator
+                        We_cT = tl.load(We_ptr + ecol[None, :] * H + kc[:, None], mask=(ecol < E)[None, :], other=0.0)
+                        d_e += tl.dot(d_z, We_cT.to(tl.float32), input_precision=PRECISION_BWD)
+                if EDGE == 2:  # d_rel: the tile's pairs of equal offset summed into the region's window
+                    o_lo = ob * BJ - (blk * BI + BI - 1)
+                    w = tl.arange(0, W_REL)
+                    onehot = (tl.reshape(j[None, :] - i[:, None] - o_lo, (M,))[None, :] == w[:, None]).to(tl.float32)
+                    d_rel = tl.dot(onehot, d_z, input_precision="ieee")  # [W_REL, K_CHUNK], exact
+                    rows = o_lo + w - other_part * other_chunk + own_lo + own_chunk - 1
+                    win_rows = own_chunk + other_chunk - 1
+                    ok = (rows < win_rows)[:, None]
+                    addr = prel_ptr + (b.to(tl.int64) * n_regions + region) * win_rows * H + rows[:, None] * H + \
+                        kc[None, :]
+                    tl.store(addr, tl.load(addr, mask=ok, other=0.0) + d_rel, mask=ok)
+            if EDGE == 1 and NEED_DEA:
+                pair = tl.arange(0, M)
+                i_m = blk * BI + pair // BJ
+                j_m = ob * BJ + pair % BJ
+                ok = (i_m < N) & (j_m < N)
+                ecol = tl.arange(0, EP)
+                dea_rows = dea_ptr + b.to(tl.int64) * N * N * E + (i_m * N + j_m)[:, None] * E + ecol[None, :]
+                tl.store(dea_rows, d_e.to(dea_ptr.dtype.element_ty), mask=ok[:, None] & (ecol < E)[None, :])
+            d_d2 = tl.reshape(d_d2, (BI, BJ))
+            du0 = 2.0 * u0 * d_d2
+            du1 = 2.0 * u1 * d_d2
+            du2 = 2.0 * u2 * d_d2
+            dxi0 += tl.sum(du0, axis=1)
+            dxi1 += tl.sum(du1, axis=1)
+            dxi2 += tl.sum(du2, axis=1)
+            tl.store(dx2_part_ptr + j_rows * 3 + 0,
+                     tl.load(dx2_part_ptr + j_rows * 3 + 0, mask=j_ok, other=0.0) + dxj0 - tl.sum(du0, axis=0), mask=j_ok)
+            tl.store(dx2_part_ptr + j_rows * 3 + 1,
+                     tl.load(dx2_part_ptr + j_rows * 3 + 1, mask=j_ok, other=0.0) + dxj1 - tl.sum(du1, axis=0), mask=j_ok)
+            tl.store(dx2_part_ptr + j_rows * 3 + 2,
+                     tl.load(dx2_part_ptr + j_rows * 3 + 2, mask=j_ok, other=0.0) + dxj2 - tl.sum(du2, axis=0), mask=j_ok)
+            staged += 1
+            if staged == DW_STAGE:
+                tl.debug_barrier()  # the stage rows were written by other threads
+                _flush_weight_gradient(stage + W2_STAGE * H, STAGE_ROWS, pW2_ptr + prog * H * H, H, STAGE_ROWS,
+                                       FLUSH_ROWS, M, PRECISION, UPCAST)
+                _flush_weight_gradient(stage + W3_STAGE * H, STAGE_ROWS, pW3_ptr + prog * H * H, H, STAGE_ROWS,
+                                       FLUSH_ROWS, M, PRECISION, UPCAST)
+                staged = 0
+            tl.debug_barrier()  # the next tile's read-modify-writes may touch what other threads wrote
+        i_ok = i < N
+        tl.store(dx_part_ptr + i_rows * 3 + 0, dxi0, mask=i_ok)
+        tl.store(dx_part_ptr + i_rows * 3 + 1, dxi1, mask=i_ok)
+        tl.store(dx_part_ptr + i_rows * 3 + 2, dxi2, mask=i_ok)
+    if staged > 0:  # the last, partly filled stage
+        _flush_weight_gradient(stage + W2_STAGE * H, staged * M, pW2_ptr + prog * H * H, H, STAGE_ROWS, FLUSH_ROWS, M,
+                               PRECISION, UPCAST)
+        _flush_weight_gradient(stage + W3_STAGE * H, staged * M, pW3_ptr + prog * H * H, H, STAGE_ROWS, FLUSH_ROWS, M,
+                               PRECISION, UPCAST)
+
+
+@triton.jit
 def _rel_windows_kernel(
     win_ptr,  # (B, n_regions, own_chunk + other_chunk - 1, H) fp32: d_rel per region by offset (rows-i pass)
     out_ptr,  # (2N - 1, H) fp32: d_rel by unclipped offset o = j - i, row o + N - 1
@@ -976,12 +1265,12 @@ def _rel_gradient(windows: torch.Tensor, N: int, K: int, own_chunk: int, other_c
 def _backward_grid(B: int, N: int, H: int, dtype: torch.dtype, edge: int) -> Tuple[int, int, int, int]:
     """(programs per sample of the rows-i pass, of the rows-j pass (0: one pass), region chunk, n_chunks)."""
     BI1, BJ1, _ = block_sizes(H, dtype, "bwd_i")
-    BJ2 = block_sizes(H, dtype, "bwd_j")[1]
-    n_ib = min(triton.cdiv(N, BI1), max(1, BACKWARD_PROGRAMS // B))
-    n_jb = min(triton.cdiv(N, BJ2), max(1, BACKWARD_PROGRAMS // B))
     if bwd_passes(H, dtype) == 1:  # one pass over square regions, whatever the edge term
         chunk, n_chunks = _regions(N, B, max(BI1, BJ1))
         return n_chunks * n_chunks, 0, chunk, n_chunks
+    BJ2 = block_sizes(H, dtype, "bwd_j")[1]
+    n_ib = min(triton.cdiv(N, BI1), max(1, BACKWARD_PROGRAMS // B))
+    n_jb = min(triton.cdiv(N, BJ2), max(1, BACKWARD_PROGRAMS // B))
     if edge != 2:
         return n_ib, n_jb, N, 1
     chunk, n_chunks = _regions(N, B, max(BI1, BJ1))
@@ -998,12 +1287,16 @@ def backward_workspace(B: int, N: int, H: int, dtype: torch.dtype, edge: int, EP
     n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, edge)
     P, P2 = B * n_ib, B * n_jb
     one_pass = n_jb == 0
-    shapes = dict(d_p=((n_chunks, B, N, H), False), dx_i_side=((n_chunks, B, N, 3), False),
+    chunked = one_pass and bwd_chunks(H, dtype) != (H, H)  # d_p added to by column chunks
+    shapes = dict(d_p=((n_chunks, B, N, H), chunked), dx_i_side=((n_chunks, B, N, 3), False),
                   # one pass: d_q and the j side of dx read-modify-written per tile, a partial per row chunk
                   d_q=((n_chunks, B, N, H), True) if one_pass else ((1, B, N, H), False),
                   dx_j_side=((n_chunks, B, N, 3), True) if one_pass else ((1, B, N, 3), False),
                   pW2=((P, H, H), True), pW3=((P if one_pass else P2, H, H), True),  # added to per dw_stage tiles
                   pvec=((P, 6, H), one_pass), pvec2=((P2, 6, H), False))  # one pass: added to per tile
+    if chunked:  # the chunked kernel's per-program fp32 copy of d_r (read back by K chunks for d_r W2^T)
+        BI1, BJ1, _ = block_sizes(H, dtype, "bwd_i")
+        shapes["scratch"] = ((P, BI1 * BJ1, H), False)
     if edge == 1:
         shapes["pWe"] = ((P, EP, H), True)
     if edge == 2:
@@ -1018,7 +1311,7 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     f32 = dict(dtype=torch.float32, device=dev)
     dtype = p.dtype  # the compute dtype (x may be float32 next to bf16/fp16 features)
     BI1, BJ1, warps1 = block_sizes(H, dtype, "bwd_i")
-    BI2, BJ2, warps2 = block_sizes(H, dtype, "bwd_j")
+    BI2, BJ2, warps2 = block_sizes(H, dtype, "bwd_j") if bwd_passes(H, dtype) == 2 else (BI1, BJ1, warps1)
     # programs per sample: enough to fill a GPU, few enough that the per-program (H, H) partials stay
     # small; each program loops over its share of the blocks (grid-stride), or owns one region of the
     # offset table's rows-i pass
@@ -1044,18 +1337,28 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
               edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
               rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
               grad_m, grad_dx)
+    chunked = one_pass and bwd_chunks(H, dtype) != (H, H)
     consts = dict(H=H, EP=EP, EDGE=meta["EDGE"],
                   ATTENTION=w_att is not None, TANH=meta["tanh"], NORMALIZE=meta["normalize"],
                   NEED_DEA=need_dea, PRECISION=_precision(dtype),
                   PRECISION_BWD=_precision(torch.float32) if dtype == torch.float32 else "tf32",
                   UPCAST=_interpreting() and dtype != torch.float32, FAST=_fast_sigmoid(dtype),
-                  DW_STAGE=T, FLUSH_ROWS=flush_rows(H))
-    _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec, pWe, windows,
-                                stage if T > 1 else x,
-                                N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
-                                ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
-                                W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=chunk_i,
-                                num_warps=warps1, num_stages=NUM_STAGES, BOTH=one_pass, **consts)
+                  DW_STAGE=T, FLUSH_ROWS=BWD_CHUNKED_FLUSH_ROWS if chunked else flush_rows(H))
+    K_CHUNK, N_CHUNK = bwd_chunks(H, dtype)
+    if chunked:
+        _egnn_bwd_chunked_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec, pWe,
+                                            windows, stage, ws["scratch"],
+                                            N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
+                                            BI=BI1, BJ=BJ1, W_REL=triton.next_power_of_2(BI1 + BJ1 - 1),
+                                            K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, num_warps=warps1,
+                                            num_stages=BWD_CHUNKED_STAGES, **consts)
+    else:
+        _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec, pWe, windows,
+                                    stage if T > 1 else x,
+                                    N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
+                                    ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
+                                    W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=chunk_i,
+                                    num_warps=warps1, num_stages=NUM_STAGES, BOTH=one_pass, **consts)
     if not one_pass:
         _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, windows, stage,
                                     N, meta["E"], K, meta["eps"], N, N, 1, n_jb,
