@@ -382,8 +382,8 @@ def _slope(xs: List[float], ys: List[float]) -> float:
 
 def _fused_backward(provider: str, mode: str, dtype: str, H: int) -> bool:
     """False where a fused backend's gradients go through the reference by design (triton: fp32 at
-    H = 256, whose fused backward would need 256 KB of shared memory): O(N^2) memory there is
-    documented, not a regression."""
+    H = 256 with the two-pass backward, PROTDIFF_FAST_TRITON_BWD_PASSES=2, whose unchunked kernels
+    would need 256 KB of shared memory): O(N^2) memory there is documented, not a regression."""
     if provider != "triton" or mode != "fwdbwd":
         return True
     from protdiff_fast.ops.egnn_triton import has_fused_backward

@@ -143,8 +143,7 @@ class EGNNLayer(nn.Module):
             # The fused op is not an autocast-aware torch op, so the cast is made here: its bulk is two
             # H x H products per pair, so it runs in the autocast dtype like a matmul (bf16/fp16
             # products, fp32 accumulation in the fused backends), except the coordinates, which stay
-            # float32 (the contract's "fp32 coordinates"). In float32 the triton backward at H = 256
-            # would go through the reference (O(N^2 H) memory), as it did before this cast.
+            # float32 (the contract's "fp32 coordinates").
             low = torch.get_autocast_dtype(h.device.type)
             pair_inputs = [x.float()] + [t.to(low) for t in pair_inputs[1:]]
             edge = {k: v.to(low) for k, v in edge.items()}

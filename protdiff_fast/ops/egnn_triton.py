@@ -1425,8 +1425,8 @@ class _EgnnPairAggregateTriton(torch.autograd.Function):
 
 
 def _backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx):
-    """The gradients where the fused backward does not run (fp32 at H = 256: its W2 / W3 operands alone
-    need 256 KB of shared memory): recompute the forward through the reference implementation in fp32
+    """The gradients where the fused backward does not run (fp32 at H = 256 with the two-pass scheme,
+    PROTDIFF_FAST_TRITON_BWD_PASSES=2: its whole W2 / W3 operands need 256 KB of shared memory): recompute the forward through the reference implementation in fp32
     on the saved inputs and differentiate it. Correct, but O(B N^2 H) memory and time like the
     reference itself: fp32 training at H = 256 is memory-bound this way (bf16 is fused)."""
     meta = ctx.meta
