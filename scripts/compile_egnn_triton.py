@@ -44,6 +44,8 @@ def _signature(kernel, dtype: str, pass_: str, coords32: bool = False):
         elif name in ("x_ptr", "p_ptr", "q_ptr", "w_d_ptr", "W2_ptr", "b2_ptr", "W3_ptr", "b3_ptr", "w4_ptr",
                     "ea_ptr", "We_ptr", "rel_ptr", "watt_ptr", "dx_out_ptr", "dea_ptr", "stage_ptr"):
             sig[name] = ptr
+        elif name == "scratch_ptr" and pass_ == "fwd":  # the forward's m copy, in the weights' dtype
+            sig[name] = ptr
         elif name == "mask_ptr":
             sig[name] = "*u8"
         elif name.endswith("_ptr"):
@@ -100,8 +102,10 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, 
                   FAST=bool(int(os.environ.get("FAST", "1"))) and dtype != "fp32")
     if pass_ == "fwd":  # K_CHUNK / N_CHUNK from the environment ("32,64"): for sweeps
         env_chunks = os.environ.get("FWD_CHUNKS")
-        kc, nc = (int(v) for v in env_chunks.split(",")) if env_chunks else et.fwd_chunks(H, getattr(torch, torch_dtype))
-        consts.update(K_CHUNK=kc, N_CHUNK=nc)
+        kc, nc = (int(v) for v in env_chunks.split(",")) if env_chunks else et.fwd_chunks(H, getattr(torch, torch_dtype), x32=coords32)
+        env_scratch = os.environ.get("FWD_M_SCRATCH")  # "1" / "0": for sweeps
+        consts.update(K_CHUNK=kc, N_CHUNK=nc,
+                      M_SCRATCH=bool(int(env_scratch)) if env_scratch else et.fwd_m_scratch(H, getattr(torch, torch_dtype), coords32))
     if pass_ != "fwd":
         consts.update(W_REL=triton.next_power_of_2(BI + BJ - 1), ROWS_ARE_I=pass_ == "bwd_i",
                       NEED_DEA=edge == 1,  # DW_CHUNK from the environment: for sweeps
@@ -171,7 +175,8 @@ def configs(quick: bool, ci: bool = False):
         yield 128, "bf16", 2, False, False, True, "fwd"  # ... with ProtDiff's flags (its own block config)
         yield 128, "bf16", 0, False, False, False, "fwd"
         yield 256, "bf16", 2, True, True, True, "fwd"  # ProtDiff's published size (chunked products)
-        yield 256, "fp32", 1, True, False, True, "fwd"  # a known spill (3xTF32), still within shared memory
+        yield 128, "fp32", 2, False, False, True, "fwd"  # fp32 with ProtDiff's flags: chunked, 3xTF32 on wgmma
+        yield 256, "fp32", 1, True, False, True, "fwd"  # fp32 at ProtDiff's size: m read back from scratch
         yield 32, "bf16", 2, True, True, True, "bwd_i"
         yield 32, "bf16", 2, True, True, True, "bwd_j"
         yield 256, "bf16", 2, True, True, True, "bwd_i"  # the chunked one-pass backward (known spill: 36 B)
@@ -179,6 +184,7 @@ def configs(quick: bool, ci: bool = False):
         yield 256, "fp32", 2, False, False, True, "bwd_i"  # fp32 at H = 256: fused only since it is chunked
         yield 256, "bf16", 2, True, True, True, "bwd_j"  # the two-pass scheme's rows-j pass (known spill)
         yield 256, "fp32", 2, False, False, False, "rel_sum"
+        yield 128, "bf16", 2, False, False, True, "fwd", "x32"  # autocast at the GPU target's size (chunked)
         for pass_ in ("fwd", "bwd_i", "bwd_j"):  # ProtDiff's layer under autocast: bf16, float32 coordinates
             yield 256, "bf16", 2, False, False, True, pass_, "x32"
         return

@@ -90,9 +90,53 @@ def test_triton_forward_in_chunks_every_flag_and_edge_term(edge_mode, flags, mon
 
 @pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_forward_reads_m_back_from_scratch(edge_mode, dtype, monkeypatch):
+    # phi_x's product with m read back by K chunks from the program's scratch copy (shipped: fp32 at H = 256),
+    # forced at a small width with 2 K chunks and 2 column chunks, over several j-blocks (the copy is
+    # rewritten per tile), odd N, a mask, batch 2
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_FWD_CHUNKS", "16,16")
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_FWD_M_SCRATCH", "1")
+    calls, kernel = [], egnn_triton._egnn_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(kw["M_SCRATCH"]) or kernel[grid](*a, **kw)
+
+    monkeypatch.setattr(egnn_triton, "_egnn_fwd_kernel", Spy())
+    compare(2, 37, 32, 4, edge_mode, FLAG_SETS[4], dtype, seed=29, K=3)
+    assert calls and all(calls), calls
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_FWD_CHUNKS", "32,32")
+    assert not egnn_triton.fwd_m_scratch(32, dtype)  # unchunked: nothing to read back
+    for bad in ("8,16", "16,24", "x"):
+        monkeypatch.setenv("PROTDIFF_FAST_TRITON_FWD_CHUNKS", bad)
+        with pytest.raises(ValueError, match="PROTDIFF_FAST_TRITON_FWD_CHUNKS"):
+            egnn_triton.fwd_chunks(32)
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_FWD_M_SCRATCH", "yes")
+    with pytest.raises(ValueError, match="PROTDIFF_FAST_TRITON_FWD_M_SCRATCH"):
+        egnn_triton.fwd_m_scratch(256)
+
+
+@pytest.mark.parametrize("flags", [FLAG_SETS[0], FLAG_SETS[4]], ids=flag_id)
+def test_triton_hidden_128_fp32_forward_in_chunks(flags):
+    # fp32 at H = 128: the chunked forward at its shipped chunks (16, 32) and block (4 x 16)
+    assert egnn_triton.fwd_chunks(128, torch.float32) == (16, 32)
+    assert egnn_triton.fwd_chunks(128, torch.bfloat16) == (128, 128)
+    compare(1, 21, 128, 3, "offset", flags, torch.float32, seed=37, K=4)
+
+
+def test_triton_hidden_128_bf16_with_float32_coordinates_forward_in_chunks():
+    # bf16 features with float32 coordinates (autocast) at H = 128: chunked (16, 32), ProtDiff's flags
+    assert egnn_triton.fwd_chunks(128, torch.bfloat16, x32=True) == (16, 32)
+    assert not egnn_triton.fwd_m_scratch(128, torch.bfloat16, x32=True)
+    compare(1, 21, 128, 3, "offset", dict(normalize=True), torch.bfloat16, seed=41, K=4, x_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_hidden_256_forward_and_gradients(edge_mode, dtype):
     # H = 256: the chunked forward and the chunked one-pass backward at the shipped chunk sizes, both dtypes
     assert egnn_triton.fwd_chunks(256, dtype)[0] < 256 and egnn_triton.bwd_chunks(256, dtype)[0] < 256
+    assert egnn_triton.fwd_m_scratch(256, dtype) == (dtype == torch.float32)
     assert egnn_triton.has_fused_backward(256, dtype)
     compare(2, 13, 256, 3, edge_mode, FLAG_SETS[4], dtype, seed=31, K=3)
 

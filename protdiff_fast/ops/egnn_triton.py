@@ -19,7 +19,10 @@ Hidden sizes H in SUPPORTED_HIDDEN = (16, 32, 64, 128, 256) (the dispatcher zero
 :func:`padded_hidden`). At H = 256 the forward splits both H x H products into chunks
 (:func:`fwd_chunks`): r = b2 + sum_c silu(z[:, c]) W2[c, :] over K chunks, z's columns rebuilt from
 the inputs per chunk, and phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c] over output-column chunks,
-weight chunks loaded inside the loops; sm_90: bf16 spill-free, fp32 236-408 B (``KNOWN_SPILLS``).
+weight chunks loaded inside the loops; fp32 at H = 128 chunks them too (its 3xTF32 operand copies
+spilled), and fp32 at H = 256 reads the second product's m back by K chunks from a per-program
+scratch copy (``M_SCRATCH``); bf16 with float32 coordinates chunks at H = 128: on sm_90 every forward
+is spill-free.
 The one-pass backward at H = 128 and 256 (and fp32 at 64) runs with every H x H product in chunks too
 (:func:`bwd_chunks`, ``_egnn_bwd_chunked_kernel``): sm_90 spills 0-104 B there where the unchunked
 body spilled 0.6-1.1 KB at H = 256, and fp32 at H = 256 gets a fused backward at all (the unchunked
@@ -109,8 +112,8 @@ _CONFIGS = {
     (16, False, "fwd"): (16, 16, 8), (16, True, "fwd"): (16, 16, 8),
     (32, False, "fwd"): (16, 16, 8), (32, True, "fwd"): (16, 16, 8),
     (64, False, "fwd"): (16, 8, 8), (64, True, "fwd"): (8, 16, 8),
-    (128, False, "fwd"): (4, 32, 8), (128, True, "fwd"): (2, 8, 8),
-    (256, False, "fwd"): (4, 16, 8), (256, True, "fwd"): (4, 16, 8),
+    (128, False, "fwd"): (4, 32, 8), (128, True, "fwd"): (4, 16, 8),
+    (256, False, "fwd"): (4, 16, 8), (256, True, "fwd"): (2, 8, 8),
     **{(H, fp32, "bwd_i"): (1, 16, 8) for H in BACKWARD_HIDDEN for fp32 in (False, True)},
     **{(H, fp32, "bwd_j"): (16, 1, 8) for H in BACKWARD_HIDDEN for fp32 in (False, True)},
     # H = 256 backward, bf16/fp16 only: the unchunked _pair_tile takes W2 and W3 whole as dot operands,
@@ -125,10 +128,19 @@ _CONFIGS = {
 # with the offset table and ProtDiff's flags (normalize, no attention, no tanh), 8 x 16 spills 0 B
 # with every edge term and flag set but 8 B without an edge term, where 4 x 32 spills 0 B.
 _EDGE_CONFIGS = {(128, False, "fwd"): (8, 16, 8)}
-# H = 256 forward: (K_CHUNK, N_CHUNK) by fp32?. Swept on sm_90 at M = 4 x 16, 8 warps: bf16 (32, 64) 0 B
-# of spills, 97 KB smem; fp32 (16, 32) 236-408 B, 224 KB smem ((16, 16): 252-436 B; 64-column W3 chunks
-# put fp32 over the 227 KB of shared memory)
-_FWD_CHUNKS = {False: (32, 64), True: (16, 32)}
+# chunked forwards: (H, fp32?) -> (K_CHUNK, N_CHUNK). Swept on sm_90a (spill bytes for the flag sets
+# ProtDiff's / offset+all / none / dense; benchmarks/results/egnn_triton_spill_notes.md): H = 256 bf16 at
+# 4 x 16 x 8 warps (32, 64) 0 B, 97 KB smem. fp32: the 3xTF32 hi / lo copies of the whole operands spilled
+# 0.2-0.4 KB unchunked at H = 128 (2 x 8 x 8) and chunked at 256 (4 x 16 x 8, 224 KB smem). fp32 H = 128 at
+# 4 x 16 x 8 (wgmma) (16, 32): 0 B everywhere, 112 KB smem ((32, 32) 0-20 B, (32, 64) 0-36 B; at 2 x 8 x 8
+# (16, 32) - (64, 64) 0 B on mma.sync). fp32 H = 256 needs m read back by K chunks too (_FWD_M_SCRATCH):
+# 2 x 8 x 8 (16, 32) 0 B, 18 KB smem ((32, 64) 0 B at 218-254 registers; 4 x 16 x 8 with the scratch still
+# 88-256 B, without it at 2 x 8 x 8 196-332 B)
+_FWD_CHUNKS = {(128, True): (16, 32), (256, False): (32, 64), (256, True): (16, 32)}
+# ... for bf16 / fp16 features with float32 coordinates (autocast): H = 128 unchunked spilled 8 B with
+# ProtDiff's flags at 8 x 16 x 8 (14 other blocks swept: none 0); chunked (16, 32) there 0 B for every flag
+# set (also (32, 64) at 8 x 16 and 4 x 32)
+_FWD_CHUNKS_X32 = {128: (16, 32)}
 # software-pipelining depth of the j-loop, passed by the launchers and used by the compile script
 NUM_STAGES = 2
 # tiles per weight-gradient flush in the backward (dw_stage)
@@ -138,30 +150,48 @@ BWD_PASSES = 1
 # Configurations that still spill registers on sm_90 (scripts/compile_egnn_triton.py measures how
 # much; benchmarks/results/egnn_triton_sm90_compile.md has the numbers).
 KNOWN_SPILLS = {
-    # fp32 forward at H = 128: the 3xTF32 hi/lo operand copies (M = 16: ~300 B; M = 64-128: 1-2.4 KB)
-    (128, True, "fwd"),
     # the one-pass backward in chunks (bwd_chunks): fp32 at H = 128 24-84 B and at H = 256 0-104 B; bf16 at
     # H = 256 0-36 B (0 with ProtDiff's flags, checked by the compile test). bf16 at H = 128: 0 B
     (128, True, "bwd_i"), (256, True, "bwd_i"), (256, False, "bwd_i"),
     # the two-pass scheme's rows-j pass (PROTDIFF_FAST_TRITON_BWD_PASSES=2, for GPU A/B runs): H = 128 bf16
     # 0-108 B, fp32 0.38-0.73 KB; H = 256 bf16 0.8-1.2 KB; fp32 at H = 64 8-40 B
     (128, False, "bwd_j"), (128, True, "bwd_j"), (256, False, "bwd_j"), (64, True, "bwd_j"),
-    # fp32 forward at H = 256 (chunks 16 / 32): 236-408 B, for the same 3xTF32 operand copies; bf16 is 0
-    (256, True, "fwd"),
-    # bf16 forward at H = 128 with float32 coordinates (autocast) and ProtDiff's flags (offset table,
-    # normalize): 8 B at 8 x 16; none of 14 other block / warp configurations swept reaches 0 (the same
-    # call with bf16 coordinates: 0 B). Keyed with "x32": the all-bf16 forward stays checked at 0
-    (128, False, "fwd", "x32"),
 }
 
 
-def fwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
+def fwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16, x32: bool = False) -> Tuple[int, int]:
     """(K_CHUNK, N_CHUNK) of the forward: the first product's K and the second's output columns per
     chunk; (H, H) = unchunked. H = 256 needs both split (toolchain notes: 16-64 / 32-64 fit at M = 64,
-    8 warps); chosen with scripts/compile_egnn_triton.py."""
-    if H <= 128:
-        return H, H
-    return _FWD_CHUNKS[dtype == torch.float32]
+    8 warps), fp32 at H = 128 (3xTF32), and low-precision features with float32 coordinates (``x32``)
+    at H = 128; chosen with scripts/compile_egnn_triton.py.
+    ``PROTDIFF_FAST_TRITON_FWD_CHUNKS`` = "K,N" overrides it (GPU A/B runs, sweeps)."""
+    env = os.environ.get("PROTDIFF_FAST_TRITON_FWD_CHUNKS")
+    if env:
+        try:
+            kc, nc = (int(v) for v in env.split(","))
+        except ValueError:
+            kc = nc = 0
+        if not (kc >= 16 and nc >= 16 and H % kc == 0 and H % nc == 0):
+            raise ValueError(f"PROTDIFF_FAST_TRITON_FWD_CHUNKS: two divisors of H = {H}, each >= 16, got {env!r}")
+        return kc, nc
+    if x32 and dtype != torch.float32 and H in _FWD_CHUNKS_X32:
+        return _FWD_CHUNKS_X32[H]
+    return _FWD_CHUNKS.get((H, dtype == torch.float32), (H, H))
+
+
+# (H, fp32?) of the chunked forwards whose phi_x product reads m back from per-program scratch (M_SCRATCH)
+_FWD_M_SCRATCH = {(256, True)}
+
+
+def fwd_m_scratch(H: int, dtype: torch.dtype = torch.bfloat16, x32: bool = False) -> bool:
+    """Whether the chunked forward's second product takes m by K chunks from the program's own scratch
+    copy (BI * BJ x H in the weights' dtype per program) instead of whole from registers.
+    ``PROTDIFF_FAST_TRITON_FWD_M_SCRATCH`` = 0 / 1 overrides it (GPU A/B runs)."""
+    env = os.environ.get("PROTDIFF_FAST_TRITON_FWD_M_SCRATCH")
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"PROTDIFF_FAST_TRITON_FWD_M_SCRATCH: 0 or 1, got {env!r}")
+    want = env == "1" if env else (H, dtype == torch.float32) in _FWD_M_SCRATCH
+    return want and fwd_chunks(H, dtype, x32) != (H, H)
 
 
 # one-pass backward in chunks: (H, fp32?) -> (K_CHUNK, N_CHUNK) (bwd_chunks). Swept on sm_90a at 1 x 16 x 8
@@ -400,25 +430,21 @@ def _preact_cols(
 
 
 @triton.jit
-def _pair_phi_chunked(
+def _pair_m_chunked(
     b, i, j, N,  # sample, row indices [BI], column indices [BJ], nodes per sample
     xi0, xi1, xi2, xj0, xj1, xj2, mi, mj,  # coordinates, masks
-    p_ptr, q_ptr, w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
+    p_ptr, q_ptr, w_d_ptr, W2_ptr, b2_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
     E, K,
-    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
-    K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
-    EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, K_CHUNK: tl.constexpr,
+    EDGE: tl.constexpr, ATTENTION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
-    """The forward's pair quantities (u, d2, m, phi, v) of the tile (i, j) with both H x H products
-    split into chunks, for H = 256 where neither a whole [M, H] pre-activation tile next to r nor a
-    resident W2 / W3 fits in registers (toolchain notes: spills or "register allocation failed").
+    """The forward's pair quantities (u, d2, m, v) of the tile (i, j) with phi_e's H x H product split
+    into K chunks, for the large H where neither a whole [M, H] pre-activation tile next to r nor a
+    resident W2 fits in registers (toolchain notes: spills or "register allocation failed"):
 
         r = b2 + sum_c silu(z[:, c]) W2[c, :]      over K chunks c: z's columns rebuilt from the inputs
-        phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c]   over output-column chunks c (exact: silu is
-                                                       elementwise, so s's columns are independent)
 
-    Weight chunks are loaded inside the loops (from L2 on the GPU), never held whole."""
+    W2's chunks are loaded inside the loop (from L2 on the GPU), never held whole."""
     M: tl.constexpr = BI * BJ
     hcol = tl.arange(0, H)
     u0 = xi0[:, None] - xj0[None, :]  # u_ij = x_i - x_j, [BI, BJ]
@@ -445,18 +471,37 @@ def _pair_phi_chunked(
     if ATTENTION:
         w_att = tl.load(watt_ptr + hcol).to(tl.float32)
         m = m * _sigmoid(tl.sum(m * w_att[None, :], axis=1) + b_att, FAST)[:, None]
-    m_op = m.to(W3_ptr.dtype.element_ty)  # the second product's A operand, cast once
+    v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])  # real pair, not the self pair
+    return u0, u1, u2, d2, m, v
+
+
+@triton.jit
+def _phi_chunked(
+    m, m_rows,  # m [M, H] in registers, or (M_SCRATCH) the program's row-major [M, H] copy of it, read back
+    W3_ptr, b3_ptr, w4_ptr, M: tl.constexpr, H: tl.constexpr, K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
+    M_SCRATCH: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+):
+    """phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c] over output-column chunks c of phi_x's hidden layer
+    (exact: silu is elementwise, so s's columns are independent), [M]. M_SCRATCH: m's K chunks are read
+    back from m_rows (_scratch_times_weight), so the product's A operand is never whole in registers:
+    in fp32 its 3xTF32 hi / lo copies of a whole [M, H] m spilled 0.2-0.4 KB at H = 128 / 256."""
+    hcol = tl.arange(0, H)
+    m_op = m.to(W3_ptr.dtype.element_ty)  # the product's A operand, cast once
     phi = tl.zeros((M,), dtype=tl.float32)
     for n0 in tl.range(0, H, N_CHUNK):
         nc = n0 + tl.arange(0, N_CHUNK)
-        W3_c = tl.load(W3_ptr + hcol[:, None] * H + nc[None, :])  # columns nc of W3
-        t_c = _mm(m_op, W3_c, PRECISION, UPCAST) + tl.load(b3_ptr + nc).to(tl.float32)[None, :]
+        if M_SCRATCH:
+            t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, H, K_CHUNK, False,
+                                        W3_ptr.dtype.element_ty == tl.float32, PRECISION, UPCAST)
+        else:
+            W3_c = tl.load(W3_ptr + hcol[:, None] * H + nc[None, :])  # columns nc of W3
+            t_c = _mm(m_op, W3_c, PRECISION, UPCAST)
+        t_c += tl.load(b3_ptr + nc).to(tl.float32)[None, :]
         s_c = t_c * _sigmoid(t_c, FAST)  # phi_x's hidden layer, N_CHUNK columns
         phi += tl.sum(s_c * tl.load(w4_ptr + nc).to(tl.float32)[None, :], axis=1)
     if TANH:
         phi = 2.0 * _sigmoid(2.0 * phi, FAST) - 1.0
-    v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])  # real pair, not the self pair
-    return u0, u1, u2, d2, m, phi, v
+    return phi
 
 
 @triton.jit
@@ -465,15 +510,20 @@ def _egnn_fwd_kernel(
     w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,  # phi_e / phi_x weights, (in, out) layout
     ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,  # edge term, attention (unused ones: any pointer)
     m_out_ptr, dx_out_ptr,  # (B,N,H) fp32 zeroed, (B,N,3) outputs
+    scratch_ptr,  # M_SCRATCH: per program (BI * BJ, H) in W3's dtype, the m tile read back by K chunks
     N, E, K, eps,
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
     K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,  # < H: the products split into chunks (fwd_chunks)
+    M_SCRATCH: tl.constexpr,  # (chunked only) phi_x's product reads m back from scratch by K chunks
 ):
     CHUNKED: tl.constexpr = K_CHUNK * N_CHUNK < H * H  # either product split
+    M: tl.constexpr = BI * BJ
     pid_i = tl.program_id(0)
     b = tl.program_id(1)
+    m_copy = scratch_ptr + (b * tl.num_programs(0) + pid_i).to(tl.int64) * M * H
+    srow = tl.arange(0, M)
     hcol = tl.arange(0, H)
     i = pid_i * BI + tl.arange(0, BI)
     mi = (tl.load(mask_ptr + b * N + i, mask=i < N, other=0) != 0) & (i < N)
@@ -489,10 +539,13 @@ def _egnn_fwd_kernel(
         mj = (tl.load(mask_ptr + b * N + j, mask=j < N, other=0) != 0) & (j < N)
         xj0, xj1, xj2 = _load_xyz(x_ptr, b * N * 3, j, N)
         if CHUNKED:
-            u0, u1, u2, d2, m, phi, v = _pair_phi_chunked(
+            u0, u1, u2, d2, m, v = _pair_m_chunked(
                 b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, mi, mj,
-                p_ptr, q_ptr, w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr,
-                b_att, E, K, H, EP, BI, BJ, K_CHUNK, N_CHUNK, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
+                p_ptr, q_ptr, w_d_ptr, W2_ptr, b2_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr,
+                b_att, E, K, H, EP, BI, BJ, K_CHUNK, EDGE, ATTENTION, PRECISION, UPCAST, FAST)
+            if not M_SCRATCH:
+                phi = _phi_chunked(m, m_copy, W3_ptr, b3_ptr, w4_ptr, M, H, K_CHUNK, N_CHUNK, False, TANH,
+                                   PRECISION, UPCAST, FAST)
         else:
             q_j = _load_rows(q_ptr + b * N * H, j, N, hcol, H).to(tl.float32)
             u0, u1, u2, d2, z, sig_z, e, a, r, sig_r, m0, g, w_att, m, t, sig_t, s, w4, phi, v = _pair_tile(
@@ -504,7 +557,12 @@ def _egnn_fwd_kernel(
         # loop-carried [BI, H] register accumulator (whose layout costs registers and spills at H = 128)
         m_part = tl.sum(tl.reshape(m, (BI, BJ, H)) * vf[:, :, None], axis=1)
         tl.store(m_rows, tl.load(m_rows, mask=(i < N)[:, None], other=0.0) + m_part, mask=(i < N)[:, None])
-        tl.debug_barrier()
+        tl.debug_barrier()  # (also: the last tile's reads of m_copy are done before it is overwritten)
+        if CHUNKED and M_SCRATCH:
+            tl.store(m_copy + srow[:, None] * H + hcol[None, :], m.to(W3_ptr.dtype.element_ty))
+            tl.debug_barrier()  # other threads' rows are read back
+            phi = _phi_chunked(m, m_copy, W3_ptr, b3_ptr, w4_ptr, M, H, K_CHUNK, N_CHUNK, True, TANH,
+                               PRECISION, UPCAST, FAST)
         coef = tl.reshape(phi, (BI, BJ)) * vf
         if NORMALIZE:
             coef = coef / (tl.sqrt(d2) + eps)
@@ -1185,8 +1243,8 @@ def _launch_meta(x, p, edge_attr, rel, flags):
     BI, BJ, warps = block_sizes(H, dtype, "fwd", _edge_mode(edge_attr, rel))
     E = edge_attr.shape[-1] if edge_attr is not None else 0
     K = rel.shape[0] // 2 if rel is not None else 0
-    K_CHUNK, N_CHUNK = fwd_chunks(H, dtype)
-    return dict(K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, B=B, N=N, H=H, BI=BI, BJ=BJ, warps=warps, dtype=dtype, E=E,
+    K_CHUNK, N_CHUNK = fwd_chunks(H, dtype, x32=x.dtype == torch.float32)
+    return dict(K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, M_SCRATCH=fwd_m_scratch(H, dtype, x.dtype == torch.float32), B=B, N=N, H=H, BI=BI, BJ=BJ, warps=warps, dtype=dtype, E=E,
                 EP=max(16, triton.next_power_of_2(max(E, 1))),
                 K=K, EDGE=_edge_mode(edge_attr, rel), **flags)
 
@@ -1196,15 +1254,20 @@ def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, 
     m_i = torch.zeros(B, N, H, dtype=torch.float32, device=x.device)  # accumulated in place
     dx_i = torch.empty(B, N, 3, dtype=x.dtype, device=x.device)
     dummy = x
-    _egnn_fwd_kernel[(triton.cdiv(N, meta["BI"]), B)](
+    grid = (triton.cdiv(N, meta["BI"]), B)
+    # M_SCRATCH: O(B N BJ H), BJ x the size of m_i (a [BI * BJ, H] tile per program of BI rows)
+    scratch = torch.empty(grid[0] * B, meta["BI"] * meta["BJ"], H, dtype=W3.dtype, device=x.device) \
+        if meta["M_SCRATCH"] else dummy
+    _egnn_fwd_kernel[grid](
         x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
         edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
         rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
-        m_i, dx_i, N, meta["E"], meta["K"], meta["eps"],
+        m_i, dx_i, scratch, N, meta["E"], meta["K"], meta["eps"],
         H=H, EP=meta["EP"], BI=meta["BI"], BJ=meta["BJ"], EDGE=meta["EDGE"], ATTENTION=w_att is not None,
         TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(p.dtype),
         UPCAST=_interpreting() and p.dtype != torch.float32, FAST=_fast_sigmoid(p.dtype),
-        K_CHUNK=meta["K_CHUNK"], N_CHUNK=meta["N_CHUNK"], num_warps=meta["warps"], num_stages=NUM_STAGES,
+        K_CHUNK=meta["K_CHUNK"], N_CHUNK=meta["N_CHUNK"], M_SCRATCH=meta["M_SCRATCH"], num_warps=meta["warps"],
+        num_stages=NUM_STAGES,
     )
     return m_i.to(p.dtype), dx_i
 
