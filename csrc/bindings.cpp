@@ -1,6 +1,7 @@
 // The only PYBIND11_MODULE of protdiff_fast._C. Kernels live in csrc/cpu/.
 #include "common.h"
 #include "cpu/com_cpu.h"
+#include "cpu/linear_cpu.h"
 #include "cpu/ddpm_cpu.h"
 #include "cpu/egnn_bind.h"
 
@@ -73,6 +74,13 @@ PYBIND11_MODULE(_C, m) {
         "x: float32 or float64 (B, N, D), C-contiguous, writeable; mask: uint8 (B, N).");
   m.def("center_masked_", &protdiff::center_masked_<double>, py::arg("x").noconvert(),
         py::arg("mask").noconvert());
+
+  m.def("rowwise_linear", &protdiff::rowwise_linear<float>, py::arg("x").noconvert(), py::arg("wt").noconvert(),
+        py::arg("bias").noconvert(), py::arg("out").noconvert(),
+        "out = x wt + bias, every row summed over k in index order (batch-invariant: a row's bits depend only\n"
+        "on that row). x (R, K), wt (K, H), bias (H,) or (0,), out (R, H): float32 or float64, C-contiguous.");
+  m.def("rowwise_linear", &protdiff::rowwise_linear<double>, py::arg("x").noconvert(), py::arg("wt").noconvert(),
+        py::arg("bias").noconvert(), py::arg("out").noconvert());
 
   def_egnn<float>(m);
   def_egnn<double>(m);

@@ -8,14 +8,22 @@ import torch.nn.functional as F
 
 from helpers import assert_close_rel
 from protdiff_fast import backends
+from protdiff_fast.nn import batch_invariant as batch_invariant_module
 from protdiff_fast.nn.batch_invariant import ROWS, batch_invariant, center, is_batch_invariant, linear, sequential
 from protdiff_fast.reference.com import remove_center_of_mass_reference
 
 HAS_CPU = backends.cpu_extension() is not None
 
 
+@pytest.mark.skipif(not HAS_CPU, reason="the exact path is the C++ extension's")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_rows_do_not_depend_on_how_many_rows_share_the_call(dtype):
+def test_linear_rows_do_not_depend_on_how_many_rows_share_the_call(dtype, monkeypatch):
+    # the C++ row-by-row product. The fixed-shape BLAS products (the path with gradients or off the CPU)
+    # failed this very check on MKL (K = 33, H = 7, 105 rows against 23) once the allocator's state had
+    # changed: MKL's bits depend on alignment too, so they are not held to it
+    calls = []
+    real = batch_invariant_module._rowwise_linear_cpu
+    monkeypatch.setattr(batch_invariant_module, "_rowwise_linear_cpu", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(0)
     for K, H in [(64, 64), (128, 64), (512, 256), (33, 7)]:
         W, b = torch.randn(H, K, generator=g).to(dtype), torch.randn(H, generator=g).to(dtype)
@@ -29,6 +37,42 @@ def test_linear_rows_do_not_depend_on_how_many_rows_share_the_call(dtype):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert_close_rel(ref, F.linear(X[:23], W, b), tol, "the same product as F.linear")
         assert torch.equal(linear(X[:23], W, b), F.linear(X[:23], W, b)), "outside the context: F.linear itself"
+    assert calls
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="needs the C++ extension")
+def test_rowwise_linear_is_the_same_at_any_thread_count_and_checks_its_buffers():
+    ext = backends.cpu_extension()
+    g = torch.Generator().manual_seed(3)
+    x, W, b = torch.randn(301, 96, generator=g), torch.randn(80, 96, generator=g), torch.randn(80, generator=g)
+    before = torch.get_num_threads()
+    try:
+        with batch_invariant():
+            ext.set_num_threads(1)
+            one = linear(x, W, b)
+            ext.set_num_threads(2)
+            two = linear(x, W, b)
+    finally:
+        ext.set_num_threads(before)
+    assert torch.equal(one, two)
+    assert_close_rel(one.double(), x.double() @ W.double().t() + b.double(), 1e-6, "against float64")
+    out = np.empty((301, 80), np.float32)
+    with pytest.raises(ValueError, match="wt: expected shape"):
+        ext.rowwise_linear(x.numpy(), W.numpy(), b.numpy(), out)  # W untransposed
+    with pytest.raises(ValueError, match="bias"):
+        ext.rowwise_linear(x.numpy(), W.t().contiguous().numpy(), np.zeros(3, np.float32), out)
+
+
+def test_linear_under_gradients_takes_the_fixed_shape_products_and_differentiates():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 20, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(12, 20, generator=g, dtype=torch.float64, requires_grad=True)
+    with batch_invariant():
+        assert batch_invariant_module._rowwise_linear_cpu(x, W, None) is None
+        gx, gw = torch.autograd.grad(linear(x, W).square().sum(), (x, W))
+    wx, ww = torch.autograd.grad(F.linear(x, W).square().sum(), (x, W))
+    assert_close_rel(gx, wx, 1e-12, "d x")
+    assert_close_rel(gw, ww, 1e-12, "d W")
 
 
 def test_the_context_nests_restores_and_is_per_thread():

@@ -84,7 +84,7 @@ def test_triton_weight_gradients_in_row_chunks(edge_mode, dtype, monkeypatch):
 @pytest.mark.parametrize("flags", FLAG_SETS, ids=flag_id)
 def test_triton_forward_in_chunks_every_flag_and_edge_term(edge_mode, flags, monkeypatch):
     # the chunked forward products (shipped at H = 256 only) forced at a small width, where it is cheap
-    monkeypatch.setattr(egnn_triton, "fwd_chunks", lambda H, dtype=None: (16, 16))
+    monkeypatch.setattr(egnn_triton, "fwd_chunks", lambda H, dtype=None, x32=False: (16, 16))
     compare(2, 17, 32, 4, edge_mode, flags, torch.float32, seed=23, K=3)
 
 

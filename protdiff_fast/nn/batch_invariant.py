@@ -6,12 +6,18 @@ differ in the last bit depending on how many rows share the call: a design sampl
 node features. The reverse diffusion of a chain that is still finding its shape is chaotic, and 1
 ulp at the first step became 0.0008 A at the end (shipped model, a 10-residue design, 1024 steps).
 The sampler promises that a design comes out the same whatever batch it shares, so under
-:func:`batch_invariant` the model's node-wise linears run as a batch of fixed ``ROWS`` x K
-products (rows padded with zeros): every row goes through the same kernel at the same shape, at
-any batch size, padding or position (tested on CPU). The centre-of-mass projection takes a
-sequential sum (:func:`center`), which trailing padding leaves unchanged.
+:func:`batch_invariant` the model's node-wise linears run, on CPU without gradients, through the
+C++ extension's row-by-row product (``rowwise_linear``: every output summed over k in index order,
+rows independent, no FMA contraction), whose bits for a row depend on that row alone. Elsewhere
+(no extension, gradients, GPU) they run as a batch of fixed ``ROWS`` x K products (rows padded
+with zeros), every row through the same BLAS kernel at the same shape: shape-independent, but not
+bit-exact. That was the CPU path until it proved not enough: MKL gave row-different bits for
+K = 33, H = 7 at 105 rows against 23 in a CI run, and on this machine once the allocator's state
+had changed (its results depend on alignment too), and a sampled design differed by 0.001 A
+between a batch of 2 and a run of it alone in another CI run. The centre-of-mass projection takes
+a sequential sum (:func:`center`), which trailing padding leaves unchanged.
 
-Cost: about 2x the time of the node-wise linears on CPU (these are a small part of a model whose
+Cost: a few times the time of BLAS for the node-wise linears on CPU (these are a small part of a model whose
 bulk is the N^2 pair op). Not measured on a GPU, where it is off by default.
 """
 from __future__ import annotations
@@ -44,10 +50,34 @@ def batch_invariant(enabled: bool = True) -> Iterator[None]:
         _STATE.enabled = before
 
 
+def _rowwise_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The C++ extension's row-by-row linear (each output summed over k in index order), or None where
+    it does not apply (no extension, not CPU, gradients wanted)."""
+    from protdiff_fast.backends import cpu_extension
+
+    ext = cpu_extension()
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if ext is None or not hasattr(ext, "rowwise_linear") or any(t.device.type != "cpu" for t in tensors) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    rows = x.detach().reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    wt = weight.detach().t().to(dtype).contiguous()
+    b = bias.detach().to(dtype).contiguous() if bias is not None else torch.empty(0, dtype=dtype)
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=dtype)
+    ext.rowwise_linear(rows.numpy(), wt.numpy(), b.numpy(), out.numpy())
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); under :func:`batch_invariant`, by products of ROWS rows."""
+    """F.linear(x, weight, bias); under :func:`batch_invariant`, on CPU without gradients the C++
+    extension's row-by-row product (every output summed in index order: a row's bits depend on that
+    row alone), elsewhere by products of ROWS rows."""
     if not is_batch_invariant():
         return F.linear(x, weight, bias)
+    out = _rowwise_linear_cpu(x, weight, bias)
+    if out is not None:
+        return out
     lead, K = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, K)
     R = rows.shape[0]
