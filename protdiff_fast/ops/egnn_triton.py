@@ -159,21 +159,29 @@ KNOWN_SPILLS = {
 }
 
 
+def _chunks_from_env(name: str, H: int) -> Optional[Tuple[int, int]]:
+    """(K, N) from the environment variable ``name`` ("K,N": two divisors of H, each >= 16), or None."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    try:
+        kc, nc = (int(v) for v in env.split(","))
+    except ValueError:
+        kc = nc = 0
+    if not (kc >= 16 and nc >= 16 and H % kc == 0 and H % nc == 0):
+        raise ValueError(f"{name}: two divisors of H = {H}, each >= 16, got {env!r}")
+    return kc, nc
+
+
 def fwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16, x32: bool = False) -> Tuple[int, int]:
     """(K_CHUNK, N_CHUNK) of the forward: the first product's K and the second's output columns per
     chunk; (H, H) = unchunked. H = 256 needs both split (toolchain notes: 16-64 / 32-64 fit at M = 64,
     8 warps), fp32 at H = 128 (3xTF32), and low-precision features with float32 coordinates (``x32``)
     at H = 128; chosen with scripts/compile_egnn_triton.py.
     ``PROTDIFF_FAST_TRITON_FWD_CHUNKS`` = "K,N" overrides it (GPU A/B runs, sweeps)."""
-    env = os.environ.get("PROTDIFF_FAST_TRITON_FWD_CHUNKS")
+    env = _chunks_from_env("PROTDIFF_FAST_TRITON_FWD_CHUNKS", H)
     if env:
-        try:
-            kc, nc = (int(v) for v in env.split(","))
-        except ValueError:
-            kc = nc = 0
-        if not (kc >= 16 and nc >= 16 and H % kc == 0 and H % nc == 0):
-            raise ValueError(f"PROTDIFF_FAST_TRITON_FWD_CHUNKS: two divisors of H = {H}, each >= 16, got {env!r}")
-        return kc, nc
+        return env
     if x32 and dtype != torch.float32 and H in _FWD_CHUNKS_X32:
         return _FWD_CHUNKS_X32[H]
     return _FWD_CHUNKS.get((H, dtype == torch.float32), (H, H))
@@ -212,15 +220,9 @@ def bwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
     """(K_CHUNK, N_CHUNK) of the one-pass backward: W2's rows (z's columns) and W3's columns per chunk
     (_egnn_bwd_chunked_kernel); (H, H) = the unchunked _egnn_bwd_kernel. ``PROTDIFF_FAST_TRITON_BWD_CHUNKS``
     = "K,N" overrides it (tests run the chunked kernel at small H; sweeps)."""
-    env = os.environ.get("PROTDIFF_FAST_TRITON_BWD_CHUNKS")
+    env = _chunks_from_env("PROTDIFF_FAST_TRITON_BWD_CHUNKS", H)
     if env:
-        try:
-            kc, nc = (int(v) for v in env.split(","))
-        except ValueError:
-            kc = nc = 0
-        if not (kc >= 16 and nc >= 16 and H % kc == 0 and H % nc == 0):
-            raise ValueError(f"PROTDIFF_FAST_TRITON_BWD_CHUNKS: two divisors of H = {H}, each >= 16, got {env!r}")
-        return kc, nc
+        return env
     return _BWD_CHUNKS.get((H, dtype == torch.float32), (H, H))
 
 
