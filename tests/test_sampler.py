@@ -186,7 +186,7 @@ def test_sampler_bad_input_and_nan_model():
 
 def _sample_cmd(out, extra=()):
     return [sys.executable, "-m", "protdiff_fast.cli", "sample", "--length", "40..44", "--num-designs", "6",
-            "--batch-size", "2", "--seed", "5", "--out", str(out), "--no-progress", *extra]
+            "--batch-size", "2", "--steps", "128", "--seed", "5", "--out", str(out), "--no-progress", *extra]
 
 
 @pytest.mark.slow
@@ -530,6 +530,15 @@ def test_strided_step_with_per_sample_seeds_depends_on_each_sample_alone():
     batch = s.step(eps, t, x, seed=seeds).prev_sample
     alone = s.step(eps[1:2], t[1:2], x[1:2], seed=seeds[1:2]).prev_sample
     assert torch.equal(batch[1:2], alone), "a sample's draw must not depend on its batch mates"
+    # nor on the length its batch is padded to (a batch mate's length): element k of the draw is
+    # the same whatever N, so sampling alone and in a batch give the same design
+    padded = torch.zeros(3, 11, 3, dtype=F64)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    mask[:, :6] = True
+    xp, ep = padded.clone(), padded.clone()
+    xp[:, :6], ep[:, :6] = x, eps
+    in_padded = s.step(ep, t, xp, mask=mask, seed=seeds).prev_sample
+    assert torch.equal(in_padded[:, :6], batch) and float(in_padded[:, 6:].abs().max()) == 0.0
     again = s.step(eps, t, x, seed=seeds).prev_sample
     other = s.step(eps, t, x, seed=seeds + 1).prev_sample
     assert torch.equal(again, batch) and not torch.allclose(other, batch)

@@ -4,12 +4,13 @@
 masks (so a batch wastes little on padding), runs the reverse diffusion for each batch, and returns
 the backbones in Angstrom (or streams them to PDB files). Every design d has its own seed,
 SplitMix64(run seed, d): its starting noise comes from a generator seeded with it, and on the C++
-backend the noise of every step too (Philox keyed by the design seed and t), and on CPU the model's
-node-wise products run shape-independently (``batch_invariant``), so a design comes out the same,
-bit for bit, whatever batch it shares (same device and backend; the fused EGNN backends; on CUDA up
-to the GEMMs' rounding until measured there). Elsewhere (the reference step,
-strided sampling) step noise comes from one generator per batch: reproducible for the same
-lengths, batch size and seed, but not per design.
+backend the noise of every step too (Philox keyed by the design seed and t; strided sampling draws
+the same stream on the host whenever the C++ extension is built, and centres in C++ on CPU), and on
+CPU the model's node-wise products run shape-independently (``batch_invariant``), so a design comes
+out the same, bit for bit, whatever batch it shares (same device and backend; the fused EGNN
+backends; on CUDA up to the GEMMs' rounding until measured there). Elsewhere (the reference step
+at full length, or no C++ extension) step noise comes from one generator per batch: reproducible
+for the same lengths, batch size and seed, but not per design.
 
 Output folders: one file per design (PDB or mmCIF, optionally gzipped), optional trajectories
 (multi-model mmCIF), and a manifest (JSON and CSV) rewritten atomically after every batch. The
@@ -33,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from protdiff_fast.backends import cpu_extension
 from protdiff_fast.diffusion.graphs import DenoiseStep
 from protdiff_fast.diffusion.scheduler import DDPMScheduler
 from protdiff_fast.io.dataset import SCALE_A
@@ -365,7 +367,9 @@ def sample(
     # under torchrun every rank takes every world-th design: no overlap, similar lengths per rank
     todo = [i for i in sorted(wanted) if i not in finished_any and i % world == rank]
     # the fused steps key their noise by (design seed, t): a design does not depend on its batch
-    per_design_noise = not scheduler.strided and backends_used["ddpm_step"] in ("cpu", "triton")
+    # (the strided step: the C++ step's Philox stream, drawn on the host, when the extension is there)
+    per_design_noise = (backends_used["ddpm_step"] in ("cpu", "triton") if not scheduler.strided
+                        else cpu_extension() is not None)
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
     if batch_invariant is None:

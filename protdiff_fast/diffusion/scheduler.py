@@ -32,8 +32,7 @@ import torch
 
 from protdiff_fast.diffusion.guidance import ClashGuidance
 from protdiff_fast.diffusion.schedule import NoiseSchedule
-from protdiff_fast.ops import ddpm_step
-from protdiff_fast.reference.com import remove_center_of_mass_reference
+from protdiff_fast.ops import ddpm_step, remove_center_of_mass
 from protdiff_fast.reference.ddpm import VARIANCES, add_noise, check_step_inputs
 
 
@@ -139,10 +138,13 @@ class DDPMScheduler:
                 if seed is not None:
                     generator = torch.Generator(device=sample.device).manual_seed(int(seed))
                 noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=sample.device)
-        z = remove_center_of_mass_reference(noise, mask)
+        # "auto": the C++ projection on CPU sums each centroid in index order, so a design's step
+        # does not depend on the length its batch is padded to (torch's sums do, in the last bit)
+        com_backend = "reference" if self.backend == "reference" else "auto"
+        z = remove_center_of_mass(noise, mask, backend=com_backend)
         mean = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * model_output
-        mean = remove_center_of_mass_reference(mean, mask)
-        prev = remove_center_of_mass_reference(mean + sigma * z, mask)
+        mean = remove_center_of_mass(mean, mask, backend=com_backend)
+        prev = remove_center_of_mass(mean + sigma * z, mask, backend=com_backend)
         keep = mask.unsqueeze(-1)
         return self._scale_noise(SchedulerOutput(prev, torch.where(keep, x0, torch.zeros_like(x0)), mean))
 
@@ -154,14 +156,24 @@ class DDPMScheduler:
 
 
 def _per_sample_noise(seeds: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """(B, N, 3) standard normals, sample b's drawn from a generator seeded by SplitMix64(seed_b, t_b):
-    a design's noise depends on its own seed and step only, never on what else is in the batch."""
+    """(B, N, 3) standard normals, sample b's keyed by (seed_b, t_b) only, never by what else is in
+    the batch: with the C++ extension the fused CPU step's own stream (Philox4x32-10, key seed_b,
+    counter (element / 4, t_b): element k is the same whatever N the batch is padded to), drawn on
+    the host; without it one torch generator per sample seeded by SplitMix64(seed_b, t_b), whose
+    draw depends on the padded N too (torch's vectorised normals fill the tail of a tensor by a
+    different path), so a design then matches itself only in batches of the same padded length."""
     import numpy as np
 
+    from protdiff_fast.backends import cpu_extension
     from protdiff_fast.ops.ddpm_cpu import per_sample_seeds, splitmix64
 
     B = sample.shape[0]
     base = per_sample_seeds(seeds, B)  # validates shape and dtype
+    C = cpu_extension()
+    if C is not None:
+        host = np.empty(tuple(sample.shape), dtype=np.float64 if sample.dtype == torch.float64 else np.float32)
+        C.philox_normal(base, t.cpu().numpy().astype(np.int64), host)
+        return torch.from_numpy(host).to(device=sample.device, dtype=sample.dtype)
     with np.errstate(over="ignore"):
         keys = splitmix64(base ^ (t.cpu().numpy().astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
