@@ -52,14 +52,14 @@ def test_sampler_mixed_row_measures_a_whole_run():
     lengths = sampler_mixed_lengths(5, 12)
     assert sorted(lengths) == [6, 8, 9, 10, 12] and lengths != sorted(lengths)  # mixed, not pre-sorted
     # lengths the shipped model was trained on (40..128); much shorter chains can diverge in 50 steps
-    row = dict(suite="sampler-mixed", provider="cpu", B=2, N=40, H=64, mode="write", dtype="float32")
+    row = dict(suite="sampler-mixed", provider="cpu", B=2, N=80, H=64, mode="write", dtype="float32")
     out = runner.run_row(row, "cpu", 1, 300, 0.1, mem_limit=None)
     assert out["status"] == "ok", out
     assert out["backbones_per_s"] == 2 / out["median_s"] and out["reps"] >= 2
     md = runner.markdown(dict(environment=dict(date="d", cpu="c", threads=1, torch="t", commit="x"),
                               rates=dict(mm_fp32_square_flops=1.0, mm_fp32_pair_shape_flops=1.0, pair_shape_H=64,
                                          copy_bytes_per_s=1.0), command="cmd", rows=[out]))
-    assert "| sampler-mixed | write, 50 steps, batch 8 | float32 | 64 | 2 designs | 20..40 | cpu |" in md
+    assert "| sampler-mixed | write, 50 steps, batch 8 | float32 | 64 | 2 designs | 40..80 | cpu |" in md
 
 
 def _synthetic(provider, N, time_exp, mem_exp, suite="egnn"):

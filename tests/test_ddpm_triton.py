@@ -45,7 +45,7 @@ def test_triton_step_matches_reference(N, variance):
 
 def test_triton_in_kernel_noise():
     s = NoiseSchedule(1000)
-    B, N = 64, 50
+    B, N = 32, 50
     mask = random_mask(B, N, min_real=10)
     zero = torch.zeros(B, N, 3)
     t = torch.full((B,), 500)
