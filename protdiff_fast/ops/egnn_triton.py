@@ -150,12 +150,13 @@ BWD_PASSES = 1
 # Configurations that still spill registers on sm_90 (scripts/compile_egnn_triton.py measures how
 # much; benchmarks/results/egnn_triton_sm90_compile.md has the numbers).
 KNOWN_SPILLS = {
-    # the one-pass backward in chunks (bwd_chunks): fp32 at H = 128 24-84 B and at H = 256 0-104 B; bf16 at
-    # H = 256 0-36 B (0 with ProtDiff's flags, checked by the compile test). bf16 at H = 128: 0 B
-    (128, True, "bwd_i"), (256, True, "bwd_i"), (256, False, "bwd_i"),
+    # the one-pass backward in chunks (bwd_chunks): fp32 at H = 256 16 B with dense edges (0 otherwise);
+    # bf16 at H = 256 0-16 B (0 with ProtDiff's flags, checked by the compile test; 4 B with float32
+    # coordinates). fp32 and bf16 at H = 128: 0 B
+    (256, True, "bwd_i"), (256, False, "bwd_i"),
     # the two-pass scheme's rows-j pass (PROTDIFF_FAST_TRITON_BWD_PASSES=2, for GPU A/B runs): H = 128 bf16
-    # 0-108 B, fp32 0.38-0.73 KB; H = 256 bf16 0.8-1.2 KB; fp32 at H = 64 8-40 B
-    (128, False, "bwd_j"), (128, True, "bwd_j"), (256, False, "bwd_j"), (64, True, "bwd_j"),
+    # 0-48 B, fp32 0.42-0.54 KB; H = 256 bf16 0.65-1.2 KB
+    (128, False, "bwd_j"), (128, True, "bwd_j"), (256, False, "bwd_j"),
 }
 
 
@@ -207,8 +208,10 @@ def fwd_m_scratch(H: int, dtype: torch.dtype = torch.bfloat16, x32: bool = False
 # H = 256 bf16 (16, 64) 0/36/0/32, (16, 32) 8/16/12/92, (32, 32) 20/40/300/480, unchunked 1056/1096/1008/648;
 # fp32 (16, 16) 0/32/0/104, (16, 32) 116-300; H = 128 bf16 (16, 64) 0/0/0/0 (unchunked 152/140/4/0), fp32
 # (16, 32) 24/40/40/84 (unchunked 648/704/612/596); H = 64 fp32 (16, 64) 0 (unchunked 36/0/12/0). Smaller
-# H, and H = 64 bf16, spill nothing unchunked and keep the kernel with fewer products
-_BWD_CHUNKS = {(64, True): (16, 64), (128, False): (16, 64), (128, True): (16, 32), (256, False): (16, 64),
+# H, and H = 64 bf16, spill nothing unchunked and keep the kernel with fewer products. Since the flush's row
+# loop is rolled (tl.range, session 10): H = 128 fp32 (16, 16) 0/0/0/0 ((16, 32) 0/16/0/48), H = 256 fp32
+# (16, 16) 0/0/0/16, bf16 (16, 64) 0/16/8/16 ((16, 32) 0/16/16/92)
+_BWD_CHUNKS = {(64, True): (16, 64), (128, False): (16, 64), (128, True): (16, 16), (256, False): (16, 64),
                (256, True): (16, 16)}
 # the chunked kernel's software pipelining and weight-gradient flush rows (num_stages 2 spilled 80-240 B
 # more at H = 256; flush rows 32 / 64: 16-20 B / 8-24 B where 16 rows gave 0-36 B)
@@ -595,7 +598,8 @@ def _flush_weight_gradient(
     time (a [ROWS, H] fp32 accumulator), K = the staged pairs in steps of STEP."""
     hcol = tl.arange(0, H)
     g_base = stage + STAGE_ROWS * H
-    for c0 in tl.static_range(0, H, ROWS):
+    # a rolled loop: unrolled (static_range), ptxas overlapped the row blocks and spilled 4-104 B more
+    for c0 in tl.range(0, H, ROWS):
         cols = c0 + tl.arange(0, ROWS)
         acc = tl.zeros((ROWS, H), dtype=tl.float32)
         for k0 in range(0, n_rows, STEP):
