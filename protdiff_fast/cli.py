@@ -129,7 +129,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       crop=args.crop, lr_schedule=args.lr_schedule, init=args.init or "",
                       low_t_fraction=args.low_t_fraction, low_t_max=args.low_t_max,
                       structure_weight=args.structure_weight, structure_max_t=args.structure_max_t,
-                      structure_cutoff=args.structure_cutoff / 10.0)
+                      structure_cutoff=args.structure_cutoff / 10.0, clash_weight=args.clash_weight,
+                      clash_distance=args.clash_distance / 10.0)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
           + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
@@ -340,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--structure-max-t", type=int, default=256)
     tr.add_argument("--structure-cutoff", type=float, default=6.0,
                     help="Angstrom: the pairs closer than this in the data or the prediction enter the loss")
+    tr.add_argument("--clash-weight", type=float, default=0.0,
+                    help="add this times a repulsive loss on the predicted x_0 (CA pairs |i - j| >= 2 closer than "
+                         "--clash-distance) for t <= --structure-max-t (0: none)")
+    tr.add_argument("--clash-distance", type=float, default=3.8, help="Angstrom, for --clash-weight")
     tr.add_argument("--backend", default="auto")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")

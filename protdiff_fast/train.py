@@ -64,6 +64,10 @@ class TrainConfig:
     structure_weight: float = 0.0
     structure_max_t: int = 256
     structure_cutoff: float = 0.6  # model units (6 A)
+    # a repulsive term (``clash_loss``) on the same predicted x_0 and the same designs (t <=
+    # structure_max_t): pairs |i - j| >= 2 closer than clash_distance, weighted by clash_weight
+    clash_weight: float = 0.0
+    clash_distance: float = 0.38  # model units (3.8 A)
     backend: str = "auto"
     device: str = "cpu"
     model: Dict = field(default_factory=dict)  # ProtDiffConfig overrides
@@ -159,12 +163,34 @@ def structure_loss(x0_hat: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, c
     return sq / pairs.sum((1, 2)).clamp(min=1)
 
 
+def clash_loss(x0_hat: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, d_min: float = 0.38) -> torch.Tensor:
+    """Per design b, sum over the pairs i < j of real residues with |i - j| >= 2 of
+    relu(min(d_min, d_ij) - d^_ij)^2, divided by the design's real residues (d as in
+    ``structure_loss``). The same potential as sampling's clash guidance, learned instead of imposed;
+    the target is capped by the data's own distance so that a real close contact costs nothing.
+    Summed, not averaged over the close pairs as ``structure_loss`` is, so one clash among the ~5 N
+    close pairs of a chain is not diluted by them. Returns (B,).
+    """
+    d = torch.cdist(x0.double(), x0.double()).to(x0_hat.dtype)
+    diff = x0_hat.unsqueeze(2) - x0_hat.unsqueeze(1)
+    d_hat = torch.sqrt((diff * diff).sum(-1) + 1e-10)
+    N = x0.shape[1]
+    idx = torch.arange(N, device=x0.device)
+    nonlocal_pairs = (idx.unsqueeze(0) - idx.unsqueeze(1)) >= 2  # i < j - 1: each unordered pair once
+    pairs = nonlocal_pairs & mask.unsqueeze(2) & mask.unsqueeze(1)
+    overlap = torch.relu(torch.clamp(d, max=d_min) - d_hat)
+    sq = torch.where(pairs, overlap * overlap, torch.zeros_like(d_hat)).sum((1, 2))
+    return sq / mask.sum(1).clamp(min=1).to(sq.dtype)
+
+
 def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device,
                    low_t_fraction: float = 0.0, low_t_max: int = 128, structure_weight: float = 0.0,
-                   structure_max_t: int = 256, structure_cutoff: float = 0.6):
+                   structure_max_t: int = 256, structure_cutoff: float = 0.6, clash_weight: float = 0.0,
+                   clash_distance: float = 0.38):
     """L_simple on this rank's slice of the global batch, normalised by the global residue count,
     plus ``structure_weight`` times the mean over the global batch of ``structure_loss`` of the
-    predicted x_0 times alpha_bar_t / (1 - alpha_bar_t) (designs with t > structure_max_t contribute 0).
+    predicted x_0 times alpha_bar_t / (1 - alpha_bar_t) (designs with t > structure_max_t contribute 0),
+    plus ``clash_weight`` times the same mean of ``clash_loss`` with the same factor.
 
     The factor puts the distance loss in the units of L_simple at every t: an x_0 error is the eps
     error times sqrt((1 - alpha_bar_t) / alpha_bar_t), so without it the loss would vanish at the
@@ -182,14 +208,18 @@ def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank
         eps_hat = model(x_t, tt, m)
     sq = ((eps_hat.float() - eps) ** 2).sum(-1)[m].sum()
     loss = sq / int(mask.sum())
-    if structure_weight > 0:
+    if structure_weight > 0 or clash_weight > 0:
         low = tt <= structure_max_t
         if bool(low.any()):
             x0_hat = predict_x0_from_eps(schedule, x_t[low], tt[low], eps_hat[low].float())
             alpha_bar = schedule.coef("alpha_bars", tt[low], x0_hat).view(-1)
             snr = alpha_bar / (1 - alpha_bar)
-            aux = (snr * structure_loss(x0_hat, x0[low], m[low], structure_cutoff)).sum() / B
-            loss = loss + structure_weight * aux
+            if structure_weight > 0:
+                aux = (snr * structure_loss(x0_hat, x0[low], m[low], structure_cutoff)).sum() / B
+                loss = loss + structure_weight * aux
+            if clash_weight > 0:
+                aux = (snr * clash_loss(x0_hat, x0[low], m[low], clash_distance)).sum() / B
+                loss = loss + clash_weight * aux
     return loss, int(m.sum())
 
 
@@ -225,6 +255,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if not (cfg.structure_weight >= 0 and cfg.structure_max_t >= 1 and cfg.structure_cutoff > 0):
         raise ValueError(f"structure_weight must be >= 0, structure_max_t >= 1 and structure_cutoff > 0, got "
                          f"{cfg.structure_weight}, {cfg.structure_max_t}, {cfg.structure_cutoff}")
+    if not (cfg.clash_weight >= 0 and cfg.clash_distance > 0):
+        raise ValueError(f"clash_weight must be >= 0 and clash_distance > 0, got {cfg.clash_weight}, "
+                         f"{cfg.clash_distance}")
     init_distributed(cfg.device)
     rank, world = _dist_info()
     device = torch.device(cfg.device)
@@ -300,7 +333,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         batch = training_batch(train_set, cfg, step)
         loss, n_local = diffusion_loss(ddp_model, schedule, batch["coords"], batch["mask"], generator, rank, world,
                                        device, cfg.low_t_fraction, cfg.low_t_max, cfg.structure_weight,
-                                       cfg.structure_max_t, cfg.structure_cutoff)
+                                       cfg.structure_max_t, cfg.structure_cutoff, cfg.clash_weight,
+                                       cfg.clash_distance)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)

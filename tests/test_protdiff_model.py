@@ -435,3 +435,78 @@ def test_structure_loss_training_runs_resumes_bit_for_bit_and_checks_its_options
         with pytest.raises(ValueError, match="structure_weight must be >= 0"):
             train(cfg(tmp_path, "bad", **bad), progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_clash_loss_counts_only_nonlocal_overlaps_capped_by_the_data():
+    from protdiff_fast.train import clash_loss
+
+    # a straight chain at 3.8 A spacing, a padded residue that sits on residue 0 (ignored)
+    x0 = torch.zeros(1, 6, 3, dtype=F64)
+    x0[0, :5, 0] = torch.arange(5, dtype=F64) * 0.38
+    mask = torch.tensor([[True] * 5 + [False]])
+    assert float(clash_loss(x0, x0, mask)[0]) == 0.0
+    # bonds shortened to 0.2 (i, i+1 pairs are never counted) and i, i+2 pulled to 0.3: only the latter
+    short = x0.clone()
+    short[0, :5, 0] = torch.arange(5, dtype=F64) * 0.15  # (i, i+1) 0.15, (i, i+2) 0.30, (i, i+3) 0.45
+    expect = 3 * (0.38 - 0.30) ** 2 / 5
+    assert float(clash_loss(short, x0, mask)[0]) == pytest.approx(expect, rel=1e-6)
+    # residue 4 folded onto residue 0 at 0.1 (and 0.38 + a bit from residue 1): overlaps by hand
+    fold = x0.clone()
+    fold[0, 4] = x0[0, 0] + torch.tensor([0.0, 0.1, 0.0], dtype=F64)
+    dh = torch.cdist(fold[0, :5], fold[0, :5])
+    expect = sum(max(0.38 - float(dh[i, j]), 0.0) ** 2 for i in range(5) for j in range(i + 2, 5)) / 5
+    assert expect > (0.38 - 0.1) ** 2 / 5 - 1e-12
+    got = clash_loss(fold, x0, mask)
+    assert float(got[0]) == pytest.approx(expect, rel=1e-6)
+    # a real close contact in the data lowers the target: predicting the data costs nothing
+    close = x0.clone()
+    close[0, 4] = x0[0, 0] + torch.tensor([0.0, 0.3, 0.0], dtype=F64)
+    assert float(clash_loss(close, close, mask)[0]) == 0.0
+    assert float(clash_loss(close, close, mask, d_min=0.5)[0]) == 0.0
+    # rigid motions and batching: per design, unchanged
+    Q = random_orthogonal(True)
+    both = clash_loss(torch.cat([short, fold @ Q.T + 2.0]), torch.cat([x0, x0]), torch.cat([mask, mask]))
+    assert both.shape == (2,)
+    assert float(both[1]) == pytest.approx(float(got[0]), rel=1e-6)
+    # finite gradient where predicted residues coincide, pushing them apart
+    same = torch.zeros(1, 3, 3, dtype=F64, requires_grad=True)
+    clash_loss(same, x0[:, :3], torch.ones(1, 3, dtype=torch.bool)).sum().backward()
+    assert torch.isfinite(same.grad).all()
+    apart = fold.clone().requires_grad_(True)
+    clash_loss(apart, x0, mask).sum().backward()
+    step = apart.detach() - 0.01 * apart.grad
+    assert float(torch.norm(step[0, 4] - step[0, 0])) > float(torch.norm(fold[0, 4] - fold[0, 0]))
+
+
+def test_clash_term_adds_the_snr_weighted_clash_loss_of_the_low_t_designs(tmp_path):
+    from protdiff_fast.diffusion.schedule import NoiseSchedule
+    from protdiff_fast.reference.ddpm import add_noise, predict_x0_from_eps, sample_noise
+    from protdiff_fast.train import clash_loss, diffusion_loss, structure_loss, training_timesteps
+
+    m = small_model().float()
+    sched = NoiseSchedule(100)
+    x0 = torch.cumsum(torch.randn(4, 12, 3, generator=torch.Generator().manual_seed(2)) * 0.22, dim=1)
+    mask = random_mask(4, 12, generator=torch.Generator().manual_seed(3), min_real=4)
+    x0 = (x0 - (x0 * mask.unsqueeze(-1)).sum(1, keepdim=True) / mask.sum(1).view(-1, 1, 1)) * mask.unsqueeze(-1)
+    kw = dict(structure_max_t=90)
+    with torch.no_grad():
+        plain, _ = diffusion_loss(m, sched, x0, mask, torch.Generator().manual_seed(9), 0, 1, "cpu")
+        both, _ = diffusion_loss(m, sched, x0, mask, torch.Generator().manual_seed(9), 0, 1, "cpu",
+                                 structure_weight=0.7, clash_weight=3.0, clash_distance=1.0, **kw)
+    g = torch.Generator().manual_seed(9)
+    t = training_timesteps(sched, 4, g)
+    eps = sample_noise(x0.double(), mask, generator=g).float()
+    x_t = add_noise(sched, x0, eps, t, mask)
+    with torch.no_grad():
+        x0_hat = predict_x0_from_eps(sched, x_t, t, m(x_t, t, mask))
+    ab = sched.alpha_bars[t].float()
+    low = t <= 90
+    assert int(low.sum()) not in (0, 4), t
+    struct = (ab / (1 - ab) * structure_loss(x0_hat, x0, mask))[low].sum() / 4
+    clash = (ab / (1 - ab) * clash_loss(x0_hat, x0, mask, 1.0))[low].sum() / 4
+    assert float(clash) > 0  # an untrained model's x_0 has overlaps at 10 A
+    assert float(both) == pytest.approx(float(plain) + 0.7 * float(struct) + 3.0 * float(clash), rel=1e-5)
+    for bad in (dict(clash_weight=-1.0), dict(clash_distance=0.0)):
+        with pytest.raises(ValueError, match="clash_weight must be >= 0"):
+            train(cfg(tmp_path, "bad", **bad), progress=False)
+    assert not (tmp_path / "bad").exists()
