@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu.sh check      # Triton kernels vs the float64 reference on CUDA (fwd + grads), determinism
 #   bash benchmarks/gpu.sh targets    # the rows the issues set targets on (B=8 N=512 H=128 bf16; N=8192; steps)
 #   bash benchmarks/gpu.sh grid [--dtypes bfloat16 --hidden 128 ...]   # egnn grid rows (time, memory vs N)
+#   bash benchmarks/gpu.sh lease      # check, then targets in the time left: one call for a 15-minute lease
 # Every stage is self-contained (a device call may land on a fresh machine): nothing is installed, the
 # package runs from this checkout (PYTHONPATH; the GPU paths need no C++ extension), wheels carried in
 # .whl/ (benchmarks/gpu_wheels.sh: egnn-pytorch for the dense baseline) go to /tmp/site. A stage stops
@@ -32,15 +33,36 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   >> "$work/gpu.txt" 2>&1
 limit="${STAGE_TIMEOUT:-540}"
+jobs="${CHECK_JOBS:-13}"   # the egnn check's combinations in parallel processes: their kernels compile at once
+started=$SECONDS
+left() { echo $(( limit - (SECONDS - started) )); }
+check() {  # the egnn kernels and the sampling checks side by side (correctness only: nothing is timed)
+  timeout "$1" $py benchmarks/gpu_check.py --jobs "$jobs" --time-limit $(( $1 - 15 )) > "$work/gpu_check.txt" 2>&1 &
+  local egnn=$!
+  timeout "$1" $py benchmarks/gpu_check_sampler.py > "$work/gpu_check_sampler.txt" 2>&1 &
+  local sampler=$!
+  wait $egnn; local rc_egnn=$?
+  wait $sampler; local rc_sampler=$?
+  cat "$work/gpu_check.txt" "$work/gpu_check_sampler.txt"
+  [ "$rc_egnn" -ne 0 ] && return "$rc_egnn"
+  return "$rc_sampler"
+}
+targets() {
+  timeout "$1" $py -m protdiff_fast.cli bench all --targets --device cuda --timeout 90 --warm-jobs "$jobs" \
+    --out "$work/targets" "${@:2}" 2>&1 | tee "$work/targets.log"
+  return "${PIPESTATUS[0]}"
+}
 case "$stage" in
-  check)   timeout "$limit" $py benchmarks/gpu_check.py "$@" 2>&1 | tee "$work/gpu_check.txt" ;;
-  targets) timeout "$limit" $py -m protdiff_fast.cli bench all --targets --device cuda --timeout 90 \
-             --out "$work/targets" "$@" 2>&1 | tee "$work/targets.log" ;;
-  grid)    timeout "$limit" $py -m protdiff_fast.cli bench egnn --device cuda --timeout 60 \
-             --out "$work/grid" "$@" 2>&1 | tee "$work/grid.log" ;;
-  *) echo "unknown stage $stage (check | targets | grid)" >&2; exit 2 ;;
+  check)   check "$limit"; rc=$? ;;
+  targets) targets "$limit" "$@"; rc=$? ;;
+  grid)    timeout "$limit" $py -m protdiff_fast.cli bench egnn --device cuda --timeout 60 --warm-jobs "$jobs" \
+             --out "$work/grid" "$@" 2>&1 | tee "$work/grid.log"; rc=${PIPESTATUS[0]} ;;
+  lease)   # one device call: the checks (at most CHECK_TIMEOUT s), then the target rows in the time left
+    check "${CHECK_TIMEOUT:-240}"; rc=$?
+    targets "$(left)" "$@"; rc_t=$?
+    [ "$rc" -eq 0 ] && rc=$rc_t ;;
+  *) echo "unknown stage $stage (check | targets | grid | lease)" >&2; exit 2 ;;
 esac
-rc=${PIPESTATUS[0]}
 [ "$rc" -eq 124 ] && echo "stage $stage stopped at ${limit} s; what it measured is kept" | tee -a "$work/gpu.txt"
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpu-$stage-$day.tgz" -C "$(dirname "$work")" "$(basename "$work")"

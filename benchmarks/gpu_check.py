@@ -6,6 +6,7 @@ offset-table layer with every flag, and the dense edge term), with fresh random 
 odd sizes, and a repeat run for determinism. Prints one line per case and exits 1 on a failure.
 
     python3 benchmarks/gpu_check.py           # a few minutes, most of it compiling kernels
+    python3 benchmarks/gpu_check.py --jobs 13 # each combination in its own process: compiles in parallel
 """
 import sys
 from pathlib import Path
@@ -34,43 +35,92 @@ def run(backend, args, kw, dtype, upstream, x_dtype=None):
     return [o.detach() for o in out] + [g.detach() for g in torch.autograd.grad(loss, leaves)]
 
 
-def main() -> int:
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    # H = 256: the chunked forward and the chunked one-pass backward (bf16 and, since 2026-12-03, fp32)
+def combos():
+    """(dtype, x dtype, H, edge, flags): fp32, bf16, and bf16 with float32 coordinates (EGNNLayer under
+    autocast) for the ProtDiff-like cases; H = 256: the chunked forward and the chunked one-pass backward."""
     cases = [(64, "offset", FLAG_SETS[4]), (128, "offset", FLAG_SETS[4]), (32, "dense", FLAG_SETS[5]),
              (16, "none", FLAG_SETS[0]), (256, "offset", FLAG_SETS[3])]
+    return [(dtype, x_dtype, H, edge, flags)
+            for dtype, x_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32))
+            for H, edge, flags in cases if x_dtype is None or edge == "offset"]
+
+
+def run_parallel(jobs: int, time_limit: float) -> int:
+    """Each combination in its own process, ``jobs`` at a time (its kernels compile in parallel); their
+    lines printed in the sequential order. A combination still running after ``time_limit`` seconds
+    is stopped and counted as failed (the processes must not outlive a device call's stage)."""
+    import subprocess
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    deadline = time.monotonic() + time_limit
+
+    def one(k):
+        try:
+            return subprocess.run([sys.executable, __file__, "--combo", str(k)], capture_output=True, text=True,
+                                  timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as err:
+            out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            return subprocess.CompletedProcess(err.cmd, -9, out, f"stopped after the {time_limit:.0f} s limit")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        procs = list(pool.map(one, range(len(combos()))))
     worst, failed = 0.0, 0
-    # (dtype, x dtype): fp32, bf16, and bf16 with float32 coordinates (EGNNLayer under autocast) for the
-    # ProtDiff-like cases
-    for dtype, x_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)):
-        for H, edge, flags in cases:
-            if x_dtype is not None and edge != "offset":
-                continue
-            for B, N in ((3, 97), (1, 1), (2, 513)):
-                args, kw = make_problem(B, N, H, 6, edge, flags, seed=H + N)
-                g = torch.Generator().manual_seed(1)
-                up = [torch.randn(B, N, H, generator=g, dtype=F64).cuda(),
-                      torch.randn(B, N, 3, generator=g, dtype=F64).cuda()]
-                want = run("reference", args, kw, F64, up)
-                low = run("reference", args, kw, dtype, up, x_dtype)
-                got = run("triton", args, kw, dtype, up, x_dtype)
-                again = run("triton", args, kw, dtype, up, x_dtype)
-                same = all(torch.equal(a, b) for a, b in zip(got, again))
-                names = ["m_i", "dx_i", "d x", "d p", "d q", "d w_d", "d W2", "d b2", "d W3", "d b3", "d w4"] + \
-                    [f"d {k}" for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
-                ratios = []
-                for a, w, r in zip(got, want, low):
-                    err, base = rel_err(a, w), rel_err(r, w)
-                    # floors: fp32 runs 3xTF32 dots (~2^-22 per product against fp32's 2^-24)
-                    ratios.append(err / max(base, 1e-6 if dtype == torch.float32 else 1e-4))
-                worst_name = names[max(range(len(ratios)), key=ratios.__getitem__)]
-                ok = same and max(ratios) <= 3.0 and all(bool(torch.isfinite(a).all()) for a in got)
-                worst = max(worst, max(ratios))
-                failed += not ok
-                label = str(dtype) + ("+x32" if x_dtype else "")
-                print(f"{'ok  ' if ok else 'FAIL'} {label:<19} H={H:<4} {edge:<7} B={B} N={N:<4} "
-                      f"m err {rel_err(got[0], want[0]):.1e} dx err {rel_err(got[1], want[1]):.1e} "
-                      f"worst error / torch's own at this dtype {max(ratios):.2f} ({worst_name}) deterministic {same}", flush=True)
+    for k, p in enumerate(procs):
+        lines = p.stdout.splitlines()
+        for line in lines:
+            if line.startswith(("ok", "FAIL")):
+                print(line)
+        summary = [ln for ln in lines if " failed; worst ratio " in ln]
+        if p.returncode not in (0, 1) or not summary:
+            print(f"FAIL combination {k} crashed (exit {p.returncode}): {p.stderr[-1500:]}")
+            failed += 1
+            continue
+        n, w = summary[-1].split(" failed; worst ratio ")
+        failed, worst = failed + int(n), max(worst, float(w))
+    print(f"{failed} failed; worst ratio {worst:.2f}")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=1, help="run the combinations in this many processes at once")
+    ap.add_argument("--combo", type=int, default=None, help="run one combination (by index) only")
+    ap.add_argument("--time-limit", type=float, default=3600.0, help="with --jobs: stop combinations after this")
+    opts = ap.parse_args()
+    if opts.jobs > 1 and opts.combo is None:
+        return run_parallel(opts.jobs, opts.time_limit)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    worst, failed = 0.0, 0
+    todo = combos() if opts.combo is None else [combos()[opts.combo]]
+    for dtype, x_dtype, H, edge, flags in todo:
+        for B, N in ((3, 97), (1, 1), (2, 513)):
+            args, kw = make_problem(B, N, H, 6, edge, flags, seed=H + N)
+            g = torch.Generator().manual_seed(1)
+            up = [torch.randn(B, N, H, generator=g, dtype=F64).cuda(),
+                  torch.randn(B, N, 3, generator=g, dtype=F64).cuda()]
+            want = run("reference", args, kw, F64, up)
+            low = run("reference", args, kw, dtype, up, x_dtype)
+            got = run("triton", args, kw, dtype, up, x_dtype)
+            again = run("triton", args, kw, dtype, up, x_dtype)
+            same = all(torch.equal(a, b) for a, b in zip(got, again))
+            names = ["m_i", "dx_i", "d x", "d p", "d q", "d w_d", "d W2", "d b2", "d W3", "d b3", "d w4"] + \
+                [f"d {k}" for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
+            ratios = []
+            for a, w, r in zip(got, want, low):
+                err, base = rel_err(a, w), rel_err(r, w)
+                # floors: fp32 runs 3xTF32 dots (~2^-22 per product against fp32's 2^-24)
+                ratios.append(err / max(base, 1e-6 if dtype == torch.float32 else 1e-4))
+            worst_name = names[max(range(len(ratios)), key=ratios.__getitem__)]
+            ok = same and max(ratios) <= 3.0 and all(bool(torch.isfinite(a).all()) for a in got)
+            worst = max(worst, max(ratios))
+            failed += not ok
+            label = str(dtype) + ("+x32" if x_dtype else "")
+            print(f"{'ok  ' if ok else 'FAIL'} {label:<19} H={H:<4} {edge:<7} B={B} N={N:<4} "
+                  f"m err {rel_err(got[0], want[0]):.1e} dx err {rel_err(got[1], want[1]):.1e} "
+                  f"worst error / torch's own at this dtype {max(ratios):.2f} ({worst_name}) deterministic {same}", flush=True)
     print(f"{failed} failed; worst ratio {worst:.2f}")
     return 1 if failed else 0
 

@@ -41,7 +41,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         which="targets" if args.targets else "full",
                         dtypes=args.dtypes.split(",") if args.dtypes else None,
                         hidden=[int(h) for h in args.hidden.split(",")] if args.hidden else None,
-                        max_n=args.max_n)
+                        max_n=args.max_n, warm_jobs=args.warm_jobs)
     print(f"wrote {args.out}/results.json, {args.out}/results.md" +
           (" (no plots: matplotlib missing)" if result["plots"] is None else f" and {len(result['plots'])} plots"))
     return 1 if result["regressions"] else 0
@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", default=None, help="comma-separated subset of the grid's dtypes: float32,bfloat16,...")
     bench.add_argument("--hidden", default=None, help="comma-separated subset of the grid's H values (egnn rows)")
     bench.add_argument("--max-n", type=int, default=None, help="leave out rows with N above this")
+    bench.add_argument("--warm-jobs", type=int, default=0,
+                       help="GPU: before timing, run every triton row once, this many at a time, so kernels compile "
+                            "in parallel (untimed)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

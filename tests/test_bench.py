@@ -1,5 +1,7 @@
 """The benchmark runner works end to end on tiny rows (speed itself is measured by the benchmarks, not here)."""
 import json
+import subprocess
+import sys
 
 from protdiff_fast.bench import runner
 
@@ -229,3 +231,26 @@ def test_environment_records_kernel_overrides(monkeypatch):
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", "1")
     overrides = runner.environment("cpu", 1)["overrides"]
     assert overrides["PROTDIFF_FAST_TRITON_DW_STAGE"] == "1" and "PROTDIFF_FAST_COMMIT" not in overrides
+
+
+def test_warm_pass_runs_each_triton_row_once_untimed(capsys):
+    """--warm-jobs: every triton row runs once (here under the interpreter), in parallel, and reports
+    no timing; rows of other providers are left to the timed pass."""
+    rows = [dict(suite="egnn", provider="triton", B=1, N=5, H=16, mode="fwd", dtype="float32"),
+            dict(suite="ddpm-step", provider="triton", B=2, N=7, H=0, mode="fwd", dtype="float32"),
+            dict(suite="egnn", provider="reference", B=1, N=5, H=16, mode="fwd", dtype="float32")]
+    runner.warm_kernel_cache(rows, "cpu", 2, 300, jobs=2)
+    assert "kernel cache warmed: 2 triton rows run once, 2 at a time" in capsys.readouterr().out
+    spec = dict(rows[0], device="cpu", threads=1, budget_s=0.0, min_reps=0, max_reps=0, warm_only=True)
+    proc = subprocess.run([sys.executable, "-m", "protdiff_fast.bench.worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=300)
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT "))[13:])
+    assert result["status"] == "warmed" and result["warm_s"] > 0 and "median_s" not in result
+
+
+def test_gpu_target_rows_come_first():
+    rows = runner.target_rows("cuda")
+    first_other = next(k for k, r in enumerate(rows) if r["dtype"] == "float32" and r["suite"] != "ddpm-step"
+                       and r["N"] < 8192)
+    assert all(r["dtype"] == "float32" and r["suite"] != "ddpm-step" and r["N"] < 8192 for r in rows[first_other:])
+    assert any(r["suite"] == "sampler" and r["H"] == 256 for r in rows[:first_other])

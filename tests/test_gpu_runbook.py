@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ta
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$@" >> "$FAKE_LOG"
 case "$*" in
+  *gpu_check_sampler.py*) echo "fake sampler check line"; exit "${FAKE_SAMPLER_RC:-0}" ;;
   *gpu_check.py*) echo "fake check line"; exit "${FAKE_RC:-0}" ;;
   -c*) echo "torch fake cuda fake triton fake" ;;
   *protdiff_fast.cli*)
@@ -57,7 +58,25 @@ def test_check_stage_packs_one_archive_and_keeps_the_exit_status(tmp_path):
     assert len(archives) == 1 and archives[0].name.startswith("gpu-check-")
     assert "fake check line" in members["gpu_check.txt"]
     assert members["commit.txt"].strip() and "name, driver" in members["gpu.txt"]
-    assert "benchmarks/gpu_check.py" in calls
+    assert "benchmarks/gpu_check.py --jobs 13" in calls
+
+
+def test_check_stage_runs_the_sampler_check_too_and_fails_with_it(tmp_path):
+    proc, archives, members, calls = _run(tmp_path, "check", env_extra=dict(FAKE_SAMPLER_RC="1", CHECK_JOBS="4"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "fake sampler check line" in members["gpu_check_sampler.txt"]
+    assert "fake check line" in proc.stdout and "fake sampler check line" in proc.stdout
+    assert "gpu_check.py --jobs 4" in calls and "benchmarks/gpu_check_sampler.py" in calls
+
+
+def test_lease_stage_checks_then_times_the_targets_and_keeps_a_check_failure(tmp_path):
+    proc, archives, members, calls = _run(tmp_path, "lease", "--providers", "triton",
+                                          env_extra=dict(FAKE_SAMPLER_RC="1"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert len(archives) == 1 and archives[0].name.startswith("gpu-lease-")
+    assert {"gpu_check.txt", "gpu_check_sampler.txt", "targets/results.json"} <= set(members)
+    order = [c for c in calls.splitlines() if "gpu_check" in c or "protdiff_fast.cli" in c]
+    assert "protdiff_fast.cli" in order[-1] and "--warm-jobs 13" in order[-1] and order[-1].endswith("--providers triton")
 
 
 def test_targets_stage_runs_the_cli_from_the_checkout_with_the_extra_arguments(tmp_path):

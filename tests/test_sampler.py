@@ -684,3 +684,21 @@ def test_lengths_below_the_training_range_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample(model, [10, 12], seed=0, scheduler=sched, progress=False)
+
+
+def test_default_scheduler_is_the_models_own_and_a_mismatched_one_is_refused():
+    """sample(model, ...) without a scheduler samples with the schedule the model was trained with (the
+    shipped model: T = 1024, not the scheduler's default 1000); a scheduler that differs is an error."""
+    from protdiff_fast.diffusion.sampler import _scheduler_for
+    from protdiff_fast.models.protdiff import ProtDiff
+
+    model = ProtDiff(hidden_dim=16, edge_dim=16, num_layers=1, max_length=16, num_timesteps=12, beta_end=0.05,
+                     backend="reference")
+    own = _scheduler_for(model, None)
+    assert own.num_train_timesteps == 12 and own.config["beta_end"] == 0.05
+    assert _scheduler_for(model, DDPMScheduler(12, beta_end=0.05)).num_train_timesteps == 12
+    for wrong in (DDPMScheduler(), DDPMScheduler(12), DDPMScheduler(12, beta_end=0.05, beta_schedule="cosine")):
+        with pytest.raises(ValueError, match="differs from the schedule this model was trained with"):
+            sample(model, [5], scheduler=wrong, progress=False, metrics=False)
+    out = sample(model, [5, 7], seed=1, progress=False, metrics=False)  # runs all 12 steps of its own schedule
+    assert [a.shape for a in out] == [(5, 3), (7, 3)] and all(np.isfinite(a).all() for a in out)

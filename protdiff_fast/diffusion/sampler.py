@@ -24,6 +24,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import sys
 import time
 import warnings
@@ -257,6 +258,25 @@ def _expand_lengths(lengths: Union[int, Sequence[int]], num_samples: Optional[in
     return lengths
 
 
+def _scheduler_for(model, scheduler: Optional[DDPMScheduler]) -> DDPMScheduler:
+    """The model's own noise schedule when none is given; a given one must match it (T and betas): the
+    eps a model predicts is only meaningful under the schedule it was trained with."""
+    cfg = getattr(model, "config", None)
+    trained = None
+    if cfg is not None and all(hasattr(cfg, k) for k in ("num_timesteps", "beta_start", "beta_end")):
+        trained = dict(num_train_timesteps=int(cfg.num_timesteps), beta_start=float(cfg.beta_start),
+                       beta_end=float(cfg.beta_end))
+    if scheduler is None:
+        return DDPMScheduler(**trained) if trained else DDPMScheduler()
+    if trained:
+        given = {k: scheduler.config[k] for k in trained}
+        if scheduler.config.get("beta_schedule", "linear") != "linear" or any(
+                not math.isclose(float(given[k]), float(v), rel_tol=1e-9) for k, v in trained.items()):
+            raise ValueError(f"scheduler: {given} (schedule {scheduler.config.get('beta_schedule')!r}) differs from "
+                             f"the schedule this model was trained with ({trained}, linear)")
+    return scheduler
+
+
 def sample(
     model: EpsModel,
     lengths: Union[int, Sequence[int]],
@@ -322,7 +342,7 @@ def sample(
     and keeps its own ``manifest.rank<r>.json``. A write that fails (disk full) raises OutputError
     after the designs finished so far are on disk and in the manifest; ``resume`` continues.
     """
-    scheduler = scheduler or DDPMScheduler()
+    scheduler = _scheduler_for(model, scheduler)
     scheduler.set_timesteps(num_inference_steps)
     device = torch.device(device)
     lengths = _expand_lengths(lengths, num_samples, getattr(model, "max_length", None))
