@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh targets    # the rows the issues set targets on (B=8 N=512 H=128 bf16; N=8192; steps)
 #   bash benchmarks/gpu.sh grid [--dtypes bfloat16 --hidden 128 ...]   # egnn grid rows (time, memory vs N)
 #   bash benchmarks/gpu.sh lease      # check, then targets in the time left: one call for a 15-minute lease
+#   bash benchmarks/gpu.sh bwd        # where the fused backward's time goes: kernel table + its tunables swept
 # Every stage is self-contained (a device call may land on a fresh machine): nothing is installed, the
 # package runs from this checkout (PYTHONPATH; the GPU paths need no C++ extension), wheels carried in
 # .whl/ (benchmarks/gpu_wheels.sh: egnn-pytorch for the dense baseline) go to /tmp/site. A stage stops
@@ -22,8 +23,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-# the tree arrives without .git on a device machine: `git rev-parse HEAD > .gpu-commit` before the call
-commit="$(git rev-parse HEAD 2>/dev/null || cat .gpu-commit 2>/dev/null || echo unknown)"
+# `git rev-parse HEAD > .gpu-commit` before the call: a device machine gets the working tree, and a .git
+# there (if any) can be the session's starting commit, not the tree's (seen 2026-12-04)
+commit="$(cat .gpu-commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
 export PROTDIFF_FAST_COMMIT="$commit"
 day="$(date +%Y-%m-%d)"
 if [ -n "${OUT:-}" ]; then work="$(mktemp -d)/gpu-$stage-$day"; else work="benchmarks/results/gpu-$day/$stage"; fi
@@ -57,11 +59,13 @@ case "$stage" in
   targets) targets "$limit" "$@"; rc=$? ;;
   grid)    timeout "$limit" $py -m protdiff_fast.cli bench egnn --device cuda --timeout 60 --warm-jobs "$jobs" \
              --out "$work/grid" "$@" 2>&1 | tee "$work/grid.log"; rc=${PIPESTATUS[0]} ;;
+  bwd)     timeout "$limit" $py benchmarks/gpu_profile_bwd.py --jobs "$jobs" --timeout 150 --out "$work/bwd/results.json" \
+             "$@" 2>&1 | tee "$work/bwd.log"; rc=${PIPESTATUS[0]} ;;
   lease)   # one device call: the checks (at most CHECK_TIMEOUT s), then the target rows in the time left
     check "${CHECK_TIMEOUT:-240}"; rc=$?
     targets "$(left)" "$@"; rc_t=$?
     [ "$rc" -eq 0 ] && rc=$rc_t ;;
-  *) echo "unknown stage $stage (check | targets | grid | lease)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (check | targets | grid | bwd | lease)" >&2; exit 2 ;;
 esac
 [ "$rc" -eq 124 ] && echo "stage $stage stopped at ${limit} s; what it measured is kept" | tee -a "$work/gpu.txt"
 if [ -n "${OUT:-}" ]; then

@@ -69,16 +69,16 @@ def run_parallel(jobs: int, time_limit: float) -> int:
     for k, p in enumerate(procs):
         lines = p.stdout.splitlines()
         for line in lines:
-            if line.startswith(("ok", "FAIL")):
+            if line.startswith(("ok", "FAIL", "     error")):
                 print(line)
-        summary = [ln for ln in lines if " failed; worst ratio " in ln]
+        summary = [ln for ln in lines if " failed; worst error / tolerance " in ln]
         if p.returncode not in (0, 1) or not summary:
             print(f"FAIL combination {k} crashed (exit {p.returncode}): {p.stderr[-1500:]}")
             failed += 1
             continue
-        n, w = summary[-1].split(" failed; worst ratio ")
+        n, w = summary[-1].split(" failed; worst error / tolerance ")
         failed, worst = failed + int(n), max(worst, float(w))
-    print(f"{failed} failed; worst ratio {worst:.2f}")
+    print(f"{failed} failed; worst error / tolerance {worst:.2f}")
     return 1 if failed else 0
 
 
@@ -108,20 +108,27 @@ def main() -> int:
             same = all(torch.equal(a, b) for a, b in zip(got, again))
             names = ["m_i", "dx_i", "d x", "d p", "d q", "d w_d", "d W2", "d b2", "d W3", "d b3", "d w4"] + \
                 [f"d {k}" for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
-            ratios = []
+            ratios, detail = [], []
             for a, w, r in zip(got, want, low):
                 err, base = rel_err(a, w), rel_err(r, w)
-                # floors: fp32 runs 3xTF32 dots (~2^-22 per product against fp32's 2^-24)
-                ratios.append(err / max(base, 1e-6 if dtype == torch.float32 else 1e-4))
+                # tolerance: 3x torch's own error at this dtype, floored for fp32 (the kernels run 3xTF32
+                # dots, ~2^-22 per product against fp32's 2^-24); for bf16 plus half a bf16 step, as in
+                # tests/test_egnn_triton.py: a lone scalar (d b_att, d w_d) is one rounding to bf16, whose
+                # error is whatever side of the rounding step the value falls (seen on the H200,
+                # 2026-12-04: d b_att = -1559.3 came out as -1552, the bf16 reference's as -1560)
+                tol = 3 * max(base, 1e-6) + (0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2)
+                ratios.append(err / tol)
+                detail.append(f"{len(detail)}:{err:.2e}/{base:.2e}")
             worst_name = names[max(range(len(ratios)), key=ratios.__getitem__)]
-            ok = same and max(ratios) <= 3.0 and all(bool(torch.isfinite(a).all()) for a in got)
+            ok = same and max(ratios) <= 1.0 and all(bool(torch.isfinite(a).all()) for a in got)
             worst = max(worst, max(ratios))
             failed += not ok
             label = str(dtype) + ("+x32" if x_dtype else "")
             print(f"{'ok  ' if ok else 'FAIL'} {label:<19} H={H:<4} {edge:<7} B={B} N={N:<4} "
                   f"m err {rel_err(got[0], want[0]):.1e} dx err {rel_err(got[1], want[1]):.1e} "
-                  f"worst error / torch's own at this dtype {max(ratios):.2f} ({worst_name}) deterministic {same}", flush=True)
-    print(f"{failed} failed; worst ratio {worst:.2f}")
+                  f"worst error / tolerance {max(ratios):.2f} ({worst_name}) deterministic {same}"
+                  + ("" if ok else f"\n     error / torch's own, per output in order {' '.join(detail)}"), flush=True)
+    print(f"{failed} failed; worst error / tolerance {worst:.2f}")
     return 1 if failed else 0
 
 

@@ -122,6 +122,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from protdiff_fast.train import TrainConfig, train
 
     model = dict(hidden_dim=args.hidden, edge_dim=args.edge_dim or args.hidden, num_layers=args.layers)
+    if args.tanh:  # only when asked: configs (and checkpoints) of runs without it stay as before
+        model["tanh"] = True
     cfg = TrainConfig(data=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       val_every=args.val_every, seed=args.seed, max_length=args.max_length,
@@ -341,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--structure-max-t", type=int, default=256)
     tr.add_argument("--structure-cutoff", type=float, default=6.0,
                     help="Angstrom: the pairs closer than this in the data or the prediction enter the loss")
+    tr.add_argument("--tanh", action="store_true",
+                    help="bound each layer's coordinate update (tanh on phi_x; experimental; --init from a model "
+                         "without it works)")
     tr.add_argument("--clash-weight", type=float, default=0.0,
                     help="add this times a repulsive loss on the predicted x_0 (CA pairs |i - j| >= 2 closer than "
                          "--clash-distance) for t <= --structure-max-t (0: none)")

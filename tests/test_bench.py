@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from protdiff_fast.bench import runner
 
@@ -254,3 +255,25 @@ def test_gpu_target_rows_come_first():
                        and r["N"] < 8192)
     assert all(r["dtype"] == "float32" and r["suite"] != "ddpm-step" and r["N"] < 8192 for r in rows[first_other:])
     assert any(r["suite"] == "sampler" and r["H"] == 256 for r in rows[:first_other])
+
+
+def test_commit_comes_from_the_environment_before_git(monkeypatch):
+    """gpu.sh exports the tree's commit (.gpu-commit): a device machine's .git can be older than its tree."""
+    monkeypatch.setenv("PROTDIFF_FAST_COMMIT", "e9da0c3 from .gpu-commit")
+    assert runner._git_commit() == "e9da0c3 from .gpu-commit"
+    monkeypatch.delenv("PROTDIFF_FAST_COMMIT")
+    assert runner._git_commit() not in ("", "e9da0c3 from .gpu-commit")
+
+
+def test_backward_profile_script_runs_its_variants_and_checks_them_against_the_default(tmp_path):
+    """benchmarks/gpu_profile_bwd.py, the next lease's first look at the backward, here on the CPU (the
+    interpreter, a tiny size): each variant in its own process, gradients compared with the default's."""
+    out = tmp_path / "bwd.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_profile_bwd.py", "--device", "cpu", "--dtype", "float32",
+                           "--sizes", "1,9,16", "--variants", "default,two-pass", "--jobs", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in json.loads(out.read_text())["results"] if "bwd_ms" in r and "profile_table" not in r]
+    assert [r["name"] for r in rows] == ["default", "two-pass"]
+    assert all(r["grads_vs_default"] is not None and r["grads_vs_default"] < 1e-5 for r in rows)
+    assert "two-pass" in proc.stdout and "grads vs default" in proc.stdout

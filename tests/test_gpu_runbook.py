@@ -18,6 +18,10 @@ echo "$@" >> "$FAKE_LOG"
 case "$*" in
   *gpu_check_sampler.py*) echo "fake sampler check line"; exit "${FAKE_SAMPLER_RC:-0}" ;;
   *gpu_check.py*) echo "fake check line"; exit "${FAKE_RC:-0}" ;;
+  *gpu_profile_bwd.py*)
+    out=""; prev=""
+    for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
+    mkdir -p "$(dirname "$out")"; echo '{"results": []}' > "$out"; echo "fake bwd table"; exit 0 ;;
   -c*) echo "torch fake cuda fake triton fake" ;;
   *protdiff_fast.cli*)
     out=""; prev=""
@@ -29,7 +33,7 @@ esac
 """
 
 
-def _run(tmp_path, stage, *extra, env_extra=None):
+def _run(tmp_path, stage, *extra, env_extra=None, script=ROOT / "benchmarks" / "gpu.sh"):
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     for name, text in (("python3", FAKE_PYTHON), ("nvidia-smi", "#!/usr/bin/env bash\necho 'name, driver'\n")):
@@ -40,7 +44,7 @@ def _run(tmp_path, stage, *extra, env_extra=None):
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", OUT=str(out), FAKE_LOG=str(tmp_path / "calls"),
                **(env_extra or {}))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), stage, *extra], env=env, cwd=tmp_path,
+    proc = subprocess.run(["bash", str(script), stage, *extra], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     archives = sorted(out.glob("*.tgz"))
     members = {}
@@ -92,6 +96,27 @@ def test_a_stage_stops_at_its_time_limit_and_keeps_its_results(tmp_path):
                                       env_extra=dict(STAGE_TIMEOUT="1", FAKE_SLEEP="20"))
     assert proc.returncode == 124
     assert "grid/results.json" in members and "stopped at 1 s" in members["gpu.txt"]
+
+
+def test_the_commit_recorded_is_gpu_commit_before_git(tmp_path):
+    """The device machine's .git can hold an older commit than the tree it was sent (seen 2026-12-04)."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "gpu.sh", repo / "benchmarks" / "gpu.sh")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "older"], check=True)
+    (repo / ".gpu-commit").write_text("cafe123\n")
+    proc, archives, members, _ = _run(tmp_path, "check", script=repo / "benchmarks" / "gpu.sh")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert members["commit.txt"].strip() == "cafe123"
+
+
+def test_bwd_stage_runs_the_profile_script_and_keeps_its_table(tmp_path):
+    proc, archives, members, calls = _run(tmp_path, "bwd", "--only", "sweep")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fake bwd table" in members["bwd.log"] and "bwd/results.json" in members
+    assert "benchmarks/gpu_profile_bwd.py --jobs 13" in calls and calls.strip().endswith("--only sweep")
 
 
 def test_unknown_stage_is_refused(tmp_path):

@@ -510,3 +510,57 @@ def test_clash_term_adds_the_snr_weighted_clash_loss_of_the_low_t_designs(tmp_pa
         with pytest.raises(ValueError, match="clash_weight must be >= 0"):
             train(cfg(tmp_path, "bad", **bad), progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_tanh_model_bounds_each_layers_move_and_stays_equivariant(tmp_path):
+    """ProtDiffConfig(tanh=True): phi_x ends in a tanh, so a layer moves a node by at most one model unit
+    (mean of unit vectors); the model stays E(3)-equivariant; checkpoints without the key load as tanh=False,
+    a tanh model can start (--init) from one without, and the sampler's fingerprint tells them apart."""
+    from protdiff_fast.diffusion.sampler import model_fingerprint
+    from protdiff_fast.models.protdiff import ProtDiffConfig
+
+    torch.manual_seed(0)
+    plain = ProtDiff(backend="reference", max_length=40, num_timesteps=100, **SMALL).to(F64)
+    bounded = ProtDiff(backend="reference", max_length=40, num_timesteps=100, tanh=True, **SMALL).to(F64)
+    bounded.load_state_dict(plain.state_dict())  # same parameters: tanh has none
+    assert all(isinstance(b.egnn.phi_x[-1], torch.nn.Tanh) for b in bounded.blocks)
+    assert not any(isinstance(b.egnn.phi_x[-1], torch.nn.Tanh) for b in plain.blocks)
+    with torch.no_grad():
+        for m in (plain, bounded):
+            for b in m.blocks:
+                b.egnn.phi_x[2].weight.mul_(1e6)  # phi far beyond 1: where the bound matters
+    x, t, mask = inputs()
+    N = x.shape[1]
+    feats = torch.randn(*x.shape[:2], 16, dtype=F64, generator=torch.Generator().manual_seed(3))
+    moves = {}
+    for name, m in (("plain", plain), ("bounded", bounded)):
+        rel = m.offset_table[40 - N: 40 + N - 1].to(F64)  # the block's table: offsets -(N-1) .. N-1
+        with torch.no_grad():
+            _, x_new = m.blocks[0].egnn(feats, x, rel, mask)
+        moves[name] = float((x_new - x)[mask].norm(dim=-1).max())
+    assert moves["bounded"] <= 1.0 + 1e-9 < moves["plain"], moves
+    with torch.no_grad():
+        e_plain, e_bounded = plain(x, t, mask), bounded(x, t, mask)
+        Q, shift = random_orthogonal(True), torch.randn(1, 1, 3, dtype=F64) * 4
+        e_rot = bounded(x @ Q.T + shift, t, mask)
+    assert not torch.allclose(e_plain, e_bounded)
+    assert_close_rel(e_rot, e_bounded @ Q.T, 1e-10, "tanh model: eps rotates with x")
+    assert float(e_bounded[~mask].abs().max()) == 0.0
+    assert ProtDiffConfig(**{k: v for k, v in plain.config.to_dict().items() if k != "tanh"}).tanh is False
+    assert model_fingerprint(plain) != model_fingerprint(bounded)
+
+
+def test_train_tanh_flag_and_init_from_a_model_without_it(tmp_path, capsys):
+    """`train --tanh` builds the bounded model; --init from a checkpoint without tanh is allowed (same
+    parameters), and the checkpoint records tanh so load_model rebuilds it."""
+    first = train(cfg(tmp_path, "plain", steps=2, model=dict(SMALL)), progress=False)
+    ckpt = tmp_path / "plain" / "checkpoint.pt"
+    out = tmp_path / "bounded"
+    assert main(["train", "--data", str(demo_data_path()), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                 "--hidden", "16", "--edge-dim", "8", "--layers", "2", "--tanh", "--init", str(ckpt),
+                 "--ckpt-every", "2", "--val-every", "2", "--backend", "reference"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["model_config"]["tanh"] is True
+    model = load_model(out / "checkpoint.pt", backend="reference")
+    assert model.config.tanh and isinstance(model.blocks[0].egnn.phi_x[-1], torch.nn.Tanh)
+    assert not load_model(ckpt, backend="reference").config.tanh
+    assert first["model"].config.tanh is False

@@ -25,8 +25,11 @@ from protdiff_fast.bench.egnn import (SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, 
 
 
 def _git_commit() -> str:
-    """HEAD (+dirty), else $PROTDIFF_FAST_COMMIT (a device machine gets the tree without .git), else 'unknown'."""
-    fallback = os.environ.get("PROTDIFF_FAST_COMMIT", "").strip() or "unknown"
+    """$PROTDIFF_FAST_COMMIT if set (benchmarks/gpu.sh sets it: a device machine gets the working tree, and a
+    .git there can be an older commit), else HEAD (+dirty), else 'unknown'."""
+    fallback = "unknown"
+    if os.environ.get("PROTDIFF_FAST_COMMIT", "").strip():
+        return os.environ["PROTDIFF_FAST_COMMIT"].strip()
     try:
         here = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

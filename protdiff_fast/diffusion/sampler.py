@@ -158,6 +158,8 @@ def model_fingerprint(model) -> str:
     if state is None:
         return f"{type(model).__module__}.{type(model).__qualname__}"
     h = hashlib.sha256()
+    if getattr(getattr(model, "config", None), "tanh", False):  # a parameter-free switch of the function
+        h.update(b"tanh;")
     for name, tensor in sorted(state().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
