@@ -277,3 +277,14 @@ def test_backward_profile_script_runs_its_variants_and_checks_them_against_the_d
     assert [r["name"] for r in rows] == ["default", "two-pass"]
     assert all(r["grads_vs_default"] is not None and r["grads_vs_default"] < 1e-5 for r in rows)
     assert "two-pass" in proc.stdout and "grads vs default" in proc.stdout
+
+
+def test_ddpm_step_bandwidth_rows_on_gpu_and_graphs_refused_off_it():
+    """The step's bandwidth target needs a large B*N and the kernel's time alone (a replayed graph): the
+    GPU target rows have both; a graphs row elsewhere is an error row, not a silent plain timing."""
+    rows = [r for r in runner.target_rows("cuda") if r["suite"] == "ddpm-step" and r["B"] == 4096]
+    assert {(r["provider"], r["mode"]) for r in rows} == {("reference", "fwd"), ("triton", "fwd"), ("triton", "graphs")}
+    assert runner.ddpm_step_bytes(4096, 256) > 60e6
+    out = runner.run_row(dict(suite="ddpm-step", provider="triton", B=2, N=5, H=0, mode="graphs", dtype="float32"),
+                         "cpu", 1, 120, 0.1, mem_limit=None)
+    assert out["status"] == "error" and "CUDA only" in out["error"]

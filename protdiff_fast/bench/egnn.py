@@ -74,8 +74,11 @@ def ddpm_step_bytes(B: int, N: int) -> float:
     return float(B * N * 3 * 4 * 5)
 
 
-def make_ddpm_step_case(provider: str, B: int, N: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
-    """One batched ancestral step with in-kernel (or generator) noise, at a mid-trajectory t."""
+def make_ddpm_step_case(provider: str, B: int, N: int, dtype: torch.dtype, device: str,
+                        graphs: bool = False) -> Callable[[], None]:
+    """One batched ancestral step with in-kernel (or generator) noise, at a mid-trajectory t. With
+    ``graphs`` (CUDA) the step is captured once and replayed: the kernels' time without the per-call host
+    work (input checks, coefficient gathers' launches), i.e. what the sampler's captured loop pays."""
     from protdiff_fast.diffusion import NoiseSchedule
     from protdiff_fast.ops import ddpm_step
 
@@ -89,7 +92,22 @@ def make_ddpm_step_case(provider: str, B: int, N: int, dtype: torch.dtype, devic
     def run() -> None:
         ddpm_step(schedule, x, eps, t, seed=seeds if provider != "reference" else 0, backend=provider)
 
-    return run
+    if not graphs:
+        return run
+    if not str(device).startswith("cuda") or provider == "reference":
+        raise ValueError("ddpm-step graphs rows: a fused provider on CUDA only (the reference draws host noise)")
+    from protdiff_fast._checks import skip_value_checks
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), skip_value_checks():
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), skip_value_checks():
+        run()
+    return graph.replay
 
 
 def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str,

@@ -156,6 +156,10 @@ def target_rows(device: str) -> List[Dict]:
     for N in (64, 128, 256):
         for p in ("reference", "cpu" if not device.startswith("cuda") else "triton"):
             rows.append(dict(suite="ddpm-step", provider=p, B=256, N=N, H=0, mode="fwd", dtype="float32"))
+    if device.startswith("cuda"):  # the step's bandwidth target: large B*N (63 MB moved), kernels alone (graphs)
+        rows.append(dict(suite="ddpm-step", provider="reference", B=4096, N=256, H=0, mode="fwd", dtype="float32"))
+        for mode in ("fwd", "graphs"):
+            rows.append(dict(suite="ddpm-step", provider="triton", B=4096, N=256, H=0, mode=mode, dtype="float32"))
     for N in (64, 128):  # whole reverse steps (model + fused step) of a small fixed model
         for p in base:
             rows.append(dict(suite="sampler", provider=p, B=16, N=N, H=64, mode="fwd", dtype="float32"))
@@ -253,6 +257,9 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
             for N in ([128] if quick else [64, 128, 256]):
                 for p in providers:
                     rows.append(dict(suite="ddpm-step", provider=p, B=B, N=N, H=0, mode="fwd", dtype="float32"))
+                if device.startswith("cuda"):
+                    rows.append(dict(suite="ddpm-step", provider="triton", B=B, N=N, H=0, mode="graphs",
+                                     dtype="float32"))
     return rows
 
 

@@ -93,7 +93,8 @@ def main(spec_json: str) -> None:
         raise ValueError(f"dtype {spec['dtype']!r}: autocast rows exist for the sampler and train-step suites only")
     try:
         if spec["suite"] == "ddpm-step":
-            run = make_ddpm_step_case(spec["provider"], spec["B"], spec["N"], dtype, device)
+            run = make_ddpm_step_case(spec["provider"], spec["B"], spec["N"], dtype, device,
+                                      graphs=spec["mode"] == "graphs")
         elif spec["suite"] == "sampler":
             run = make_sampler_case(spec["provider"], spec["B"], spec["N"], spec["H"], dtype, device,
                                     graphs=spec["mode"] == "graphs", autocast=autocast)
