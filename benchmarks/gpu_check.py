@@ -22,13 +22,16 @@ from test_egnn_cpu import FLAG_SETS, make_problem  # noqa: E402
 from protdiff_fast.ops import egnn_pair_aggregate  # noqa: E402
 
 F64 = torch.float64
+DEVICE = "cuda"  # --device cpu (with TRITON_INTERPRET=1): a smoke test of this script, not of the GPU
+FULL_SIZES = ((3, 97), (1, 1), (2, 513))  # (B, N)
+SIZES = FULL_SIZES  # --quick: small ones
 
 
 def run(backend, args, kw, dtype, upstream, x_dtype=None):
     floats = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
-    leaves = [a.to("cuda", x_dtype if k == 0 and x_dtype else dtype).requires_grad_(True) for k, a in enumerate(args)] + \
-             [kw[k].to("cuda", dtype).requires_grad_(True) for k in floats]
-    kw2 = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    leaves = [a.to(DEVICE, x_dtype if k == 0 and x_dtype else dtype).requires_grad_(True) for k, a in enumerate(args)] + \
+             [kw[k].to(DEVICE, dtype).requires_grad_(True) for k in floats]
+    kw2 = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in kw.items()}
     kw2.update(dict(zip(floats, leaves[len(args):])))
     out = egnn_pair_aggregate(*leaves[:len(args)], backend=backend, **kw2)
     loss = sum((o.double() * u).sum() for o, u in zip(out, upstream))
@@ -42,7 +45,8 @@ def combos():
              (16, "none", FLAG_SETS[0]), (256, "offset", FLAG_SETS[3])]
     return [(dtype, x_dtype, H, edge, flags)
             for dtype, x_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32))
-            for H, edge, flags in cases if x_dtype is None or edge == "offset"]
+            for H, edge, flags in cases if (x_dtype is None or edge == "offset")
+            and (SIZES == FULL_SIZES or H <= 32)]  # --quick: the small widths only
 
 
 def run_parallel(jobs: int, time_limit: float) -> int:
@@ -57,7 +61,8 @@ def run_parallel(jobs: int, time_limit: float) -> int:
 
     def one(k):
         try:
-            return subprocess.run([sys.executable, __file__, "--combo", str(k)], capture_output=True, text=True,
+            return subprocess.run([sys.executable, __file__, "--combo", str(k), "--device", DEVICE]
+                                  + (["--quick"] if SIZES != FULL_SIZES else []), capture_output=True, text=True,
                                   timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired as err:
             out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
@@ -89,18 +94,24 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="run the combinations in this many processes at once")
     ap.add_argument("--combo", type=int, default=None, help="run one combination (by index) only")
     ap.add_argument("--time-limit", type=float, default=3600.0, help="with --jobs: stop combinations after this")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (needs TRITON_INTERPRET=1)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (with --device cpu)")
     opts = ap.parse_args()
+    global DEVICE, SIZES
+    DEVICE = opts.device
+    if opts.quick:
+        SIZES = ((2, 9), (1, 1))
     if opts.jobs > 1 and opts.combo is None:
         return run_parallel(opts.jobs, opts.time_limit)
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    print(torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch", torch.__version__, flush=True)
     worst, failed = 0.0, 0
     todo = combos() if opts.combo is None else [combos()[opts.combo]]
     for dtype, x_dtype, H, edge, flags in todo:
-        for B, N in ((3, 97), (1, 1), (2, 513)):
+        for B, N in SIZES:
             args, kw = make_problem(B, N, H, 6, edge, flags, seed=H + N)
             g = torch.Generator().manual_seed(1)
-            up = [torch.randn(B, N, H, generator=g, dtype=F64).cuda(),
-                  torch.randn(B, N, 3, generator=g, dtype=F64).cuda()]
+            up = [torch.randn(B, N, H, generator=g, dtype=F64).to(DEVICE),
+                  torch.randn(B, N, 3, generator=g, dtype=F64).to(DEVICE)]
             want = run("reference", args, kw, F64, up)
             low = run("reference", args, kw, dtype, up, x_dtype)
             got = run("triton", args, kw, dtype, up, x_dtype)

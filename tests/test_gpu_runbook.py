@@ -4,6 +4,7 @@ keeping what it measured, and pack everything into the one archive the device to
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -122,3 +123,21 @@ def test_bwd_stage_runs_the_profile_script_and_keeps_its_table(tmp_path):
 def test_unknown_stage_is_refused(tmp_path):
     proc, archives, _, _ = _run(tmp_path, "everything")
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
+
+
+def test_gpu_check_scripts_run_their_comparisons_on_the_cpu():
+    """The device checks themselves (not stand-ins), on CPU tensors at small sizes: the Triton kernels
+    under the interpreter for gpu_check.py, the C++ backend for gpu_check_sampler.py (no graphs here, so
+    its two capture checks must say FAIL: that they report instead of crashing is what is tested)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    egnn = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--jobs", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert egnn.returncode == 0 and "0 failed" in egnn.stdout, egnn.stdout[-2000:] + egnn.stderr[-2000:]
+    assert egnn.stdout.count("ok  ") == 8  # 4 combinations (H <= 32) x 2 sizes
+    steps = subprocess.run([sys.executable, "benchmarks/gpu_check_sampler.py", "--device", "cpu", "--backend", "cpu",
+                            "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    lines = steps.stdout.splitlines()
+    assert sum(ln.startswith("ok   ddpm step") for ln in lines) == 8, steps.stdout[-2000:] + steps.stderr[-2000:]
+    assert any(ln.startswith("ok   in-kernel noise") for ln in lines)
+    assert sum(ln.startswith("FAIL DenoiseStep") and "captured False" in ln for ln in lines) == 2
+    assert sum(ln.startswith("ok   sample()") for ln in lines) == 2 and steps.returncode == 1
