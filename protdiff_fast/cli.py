@@ -122,8 +122,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from protdiff_fast.train import TrainConfig, train
 
     model = dict(hidden_dim=args.hidden, edge_dim=args.edge_dim or args.hidden, num_layers=args.layers)
+    if args.coords_range is not None and not args.tanh:
+        raise SystemExit("protdiff-fast train: --coords-range is the bound of --tanh; give --tanh too")
     if args.tanh:  # only when asked: configs (and checkpoints) of runs without it stay as before
         model["tanh"] = True
+        if args.coords_range is not None:
+            model["coords_range"] = args.coords_range
     cfg = TrainConfig(data=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       val_every=args.val_every, seed=args.seed, max_length=args.max_length,
@@ -346,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tanh", action="store_true",
                     help="bound each layer's coordinate update (tanh on phi_x; experimental; --init from a model "
                          "without it works)")
+    tr.add_argument("--coords-range", type=float, default=None, metavar="R",
+                    help="with --tanh: each pair's coefficient is R tanh(phi / R) (default 1), about the unbounded "
+                         "phi where |phi| << R, so --init from a model without --tanh starts near its function")
     tr.add_argument("--clash-weight", type=float, default=0.0,
                     help="add this times a repulsive loss on the predicted x_0 (CA pairs |i - j| >= 2 closer than "
                          "--clash-distance) for t <= --structure-max-t (0: none)")

@@ -225,15 +225,16 @@ def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank
 
 def initial_weights(path, model_cfg: ProtDiffConfig, device) -> Dict:
     """The weights to start from (a checkpoint's EMA weights, else its model's), refused when the
-    architecture differs (every ProtDiffConfig field but max_length, which sizes only buffers, and tanh,
-    which has no parameters: a model with the bounded coordinate update can start from one without)."""
+    architecture differs (every ProtDiffConfig field but max_length, which sizes only buffers, and tanh /
+    coords_range, which have no parameters: a model with the bounded coordinate update can start from one
+    without)."""
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except (OSError, RuntimeError, EOFError) as err:
         raise ValueError(f"init: cannot read {path}: {err}") from err
     if not isinstance(state, dict) or "model_config" not in state or ("ema" not in state and "model" not in state):
         raise ValueError(f"init: {path} is not a protdiff_fast checkpoint (no model_config / weights)")
-    free = ("max_length", "tanh")
+    free = ("max_length", "tanh", "coords_range")
     theirs = {k: v for k, v in state["model_config"].items() if k not in free}
     ours = {k: v for k, v in model_cfg.to_dict().items() if k not in free}
     if theirs != ours:

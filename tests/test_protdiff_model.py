@@ -564,3 +564,62 @@ def test_train_tanh_flag_and_init_from_a_model_without_it(tmp_path, capsys):
     assert model.config.tanh and isinstance(model.blocks[0].egnn.phi_x[-1], torch.nn.Tanh)
     assert not load_model(ckpt, backend="reference").config.tanh
     assert first["model"].config.tanh is False
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_tanh_coords_range_is_a_soft_clamp_on_every_backend(backend):
+    """EGNNLayer(tanh=True, coords_range=R): each pair's coefficient is R tanh(phi / R): the plain layer's
+    update where phi is small (a model trained without the bound keeps its function), at most R per node
+    where it is large, and the same on every backend (forward and gradients) as on the reference."""
+    from protdiff_fast.nn import EGNNLayer
+
+    if backend == "cpu" and not HAS_CPU:
+        pytest.fail("the C++ extension is not built")
+    with pytest.raises(ValueError, match="set tanh=True"):
+        EGNNLayer(16, 0, normalize=True, coords_range=4.0)
+    torch.manual_seed(1)
+    plain = EGNNLayer(16, 0, normalize=True, backend="reference").double()
+    soft = EGNNLayer(16, 0, normalize=True, tanh=True, coords_range=4.0, backend="reference").double()
+    soft.load_state_dict(plain.state_dict())
+    x, _, mask = inputs(B=2, N=13)
+    h = torch.randn(2, 13, 16, dtype=F64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        (_, xp), (_, xs) = plain(h, x, mask=mask), soft(h, x, mask=mask)
+    assert rel_err(xs - x, xp - x) < 1e-6  # phi ~ 1e-3 << R
+    with torch.no_grad():
+        for layer in (plain, soft):
+            layer.phi_x[2].weight.mul_(1e6)
+        (_, xp), (_, xs) = plain(h, x, mask=mask), soft(h, x, mask=mask)
+    move = (xs - x)[mask].norm(dim=-1)
+    assert float(move.max()) <= 4.0 + 1e-9 and float(move.max()) > 1.0 and float((xp - x)[mask].norm(dim=-1).max()) > 4
+    soft.phi_x[2].weight.data.mul_(1e-6 * 300)  # phi of a few R: the tanh's curved part, where backends could differ
+    fast = copy.deepcopy(soft).float()
+    fast.backend = backend
+    ref32 = copy.deepcopy(soft).float()
+    xs32, h32 = x.float().requires_grad_(True), h.float().requires_grad_(True)
+    outs = {}
+    for name, layer in (("ref", soft), ("ref32", ref32), ("fast", fast)):
+        xi = (x if name == "ref" else xs32.detach()).clone().requires_grad_(True)
+        hi = (h if name == "ref" else h32.detach()).clone().requires_grad_(True)
+        ho, xo = layer(hi, xi, mask=mask)
+        loss = (xo * torch.linspace(-1, 1, 3, dtype=xo.dtype)).sum() + ho.sum()
+        outs[name] = [xo.detach()] + list(torch.autograd.grad(loss, [xi, layer.phi_x[2].weight]))
+    for k, what in enumerate(["x'", "d x", "d w4"]):
+        w, low, got = outs["ref"][k], outs["ref32"][k], outs["fast"][k]
+        assert rel_err(got, w) <= 3 * rel_err(low, w) + 1e-6, (backend, what, rel_err(got, w), rel_err(low, w))
+
+
+def test_pair_coefficients_script_reports_phi_of_the_shipped_model():
+    """scripts/pair_coefficients.py reads phi_ij without changing the model's function (its recorder
+    returns phi): quantiles for each t, and it refuses a model that already bounds phi."""
+    from protdiff_fast.cli import shipped_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "scripts/pair_coefficients.py", str(shipped_checkpoint()),
+                           str(demo_data_path()), "--split", "val", "--t", "8,1024"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("t=")]
+    assert len(lines) == 2 and all("median" in ln and "max" in ln for ln in lines)
+    medians = [float(ln.split("median")[1].split()[0]) for ln in lines]
+    assert all(m > 0 for m in medians)

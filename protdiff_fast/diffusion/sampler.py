@@ -158,8 +158,9 @@ def model_fingerprint(model) -> str:
     if state is None:
         return f"{type(model).__module__}.{type(model).__qualname__}"
     h = hashlib.sha256()
-    if getattr(getattr(model, "config", None), "tanh", False):  # a parameter-free switch of the function
-        h.update(b"tanh;")
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "tanh", False):  # parameter-free switches of the function
+        h.update(f"tanh:{float(getattr(cfg, 'coords_range', 1.0))!r};".encode())
     for name, tensor in sorted(state().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())

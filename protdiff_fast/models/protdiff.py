@@ -40,6 +40,7 @@ class ProtDiffConfig:
     # tanh on phi_x: each layer moves a node by at most one model unit (mean of unit vectors, normalize=True).
     # Off in the shipped model and every checkpoint saved before the option (their configs lack the key).
     tanh: bool = False
+    coords_range: float = 1.0  # with tanh: R of R tanh(phi_x / R), a layer's largest move (EGNNLayer)
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -56,11 +57,12 @@ class EGNNBlock(nn.Module):
     """embedding in, EGNN layer, embedding out, LayerNorm. The last block's features are never read
     (eps comes from x only), so it has no h update, embedding out or norm: no dead parameters."""
 
-    def __init__(self, hidden_dim: int, edge_dim: int, backend: str, last: bool = False, tanh: bool = False) -> None:
+    def __init__(self, hidden_dim: int, edge_dim: int, backend: str, last: bool = False, tanh: bool = False,
+                 coords_range: float = 1.0) -> None:
         super().__init__()
         self.embedding_in = nn.Linear(hidden_dim, hidden_dim)
         self.egnn = EGNNLayer(hidden_dim, edge_dim, normalize=True, coords_agg="mean", update_h=not last,
-                              tanh=tanh, backend=backend)
+                              tanh=tanh, coords_range=coords_range, backend=backend)
         self.embedding_out = None if last else nn.Linear(hidden_dim, hidden_dim)
         self.norm = None if last else nn.LayerNorm(hidden_dim)
 
@@ -96,7 +98,8 @@ class ProtDiff(nn.Module):
         # row o + (L - 1) embeds the offset i - j = -o of the pair (i, j = i + o), as the original
         offsets = torch.arange(-(L - 1), L)
         self.register_buffer("offset_table", sinusoidal_embedding(-offsets, E, L).float(), persistent=False)
-        self.blocks = nn.ModuleList(EGNNBlock(H, E, backend, last=k == config.num_layers - 1, tanh=config.tanh)
+        self.blocks = nn.ModuleList(EGNNBlock(H, E, backend, last=k == config.num_layers - 1, tanh=config.tanh,
+                                              coords_range=config.coords_range)
                                     for k in range(config.num_layers))
 
     @property

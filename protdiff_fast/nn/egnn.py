@@ -7,6 +7,7 @@ phi_h and the residuals in plain torch.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -33,7 +34,10 @@ class EGNNLayer(nn.Module):
         edge_dim: E, the width of the edge features a_ij (0 for none).
         attention: gate each message by sigmoid(w_att . m_ij + b_att).
         normalize: divide x_i - x_j by (its detached length + eps) in the coordinate update.
-        tanh: bound phi_x with a tanh.
+        tanh: bound phi_x with a tanh: each pair's coefficient becomes R tanh(phi_x / R), R = coords_range.
+        coords_range: R of ``tanh`` (1: tanh(phi_x)). About phi_x itself where |phi_x| << R, so a model
+            trained without the bound starts from nearly its own function; a layer then moves a node by at
+            most R (``coords_agg="mean"``, ``normalize=True``).
         coords_agg: "mean" (C = 1/(n_b - 1) over real nodes) or "sum" (C = 1).
         eps: the epsilon of ``normalize``.
         coord_init_gain: xavier gain of phi_x's last layer (small, so early layers barely move x).
@@ -63,8 +67,14 @@ class EGNNLayer(nn.Module):
         coord_init_gain: float = 0.001,
         update_h: bool = True,
         backend: str = "auto",
+        coords_range: float = 1.0,
     ) -> None:
         super().__init__()
+        if not (isinstance(coords_range, (int, float)) and coords_range > 0 and math.isfinite(coords_range)):
+            raise ValueError(f"coords_range: a finite number > 0, got {coords_range!r}")
+        if coords_range != 1.0 and not tanh:
+            raise ValueError("coords_range: the bound of tanh's R tanh(phi_x / R); set tanh=True to use it")
+        self.coords_range = float(coords_range)
         if coords_agg not in COORDS_AGG:
             raise ValueError(f"coords_agg: expected one of {COORDS_AGG}, got {coords_agg!r}")
         if hidden_dim < 1 or edge_dim < 0:
@@ -82,7 +92,9 @@ class EGNNLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_dim={self.hidden_dim}, edge_dim={self.edge_dim}, attention={self.att is not None}, "
-                f"normalize={self.normalize}, tanh={self.tanh}, coords_agg={self.coords_agg!r}, "
+                f"normalize={self.normalize}, tanh={self.tanh}"
+                f"{f', coords_range={self.coords_range:g}' if self.coords_range != 1.0 else ''}, "
+                f"coords_agg={self.coords_agg!r}, "
                 f"backend={self.backend!r}")
 
     def backend_for(self, device: torch.device | str) -> str:
@@ -137,7 +149,8 @@ class EGNNLayer(nn.Module):
         if self.att is not None:
             attention = {"w_att": self.att[0].weight[0], "b_att": self.att[0].bias[0]}
         pair_inputs = [x, p, q, w_d, self.phi_e[2].weight.t(), self.phi_e[2].bias, self.phi_x[0].weight.t(),
-                       self.phi_x[0].bias, self.phi_x[2].weight[0]]
+                       self.phi_x[0].bias, self.phi_x[2].weight[0] / self.coords_range if self.coords_range != 1.0
+                       else self.phi_x[2].weight[0]]  # R tanh(phi / R): w4 / R in, dx times R out
         edge = self._edge_kwargs(edge_attr, B, N, W_e)
         if autocast:
             # The fused op is not an autocast-aware torch op, so the cast is made here: its bulk is two
@@ -155,7 +168,7 @@ class EGNNLayer(nn.Module):
             )
         h_out = h + batch_invariant.sequential(self.phi_h, torch.cat([h, m_i.to(h.dtype)], dim=-1)) \
             if self.phi_h is not None else h
-        x_out = x + dx_i.to(x.dtype)
+        x_out = x + (dx_i * self.coords_range if self.coords_range != 1.0 else dx_i).to(x.dtype)
         if mask is not None:
             keep = mask.unsqueeze(-1)
             h_out, x_out = h_out * keep.to(h_out.dtype), x_out * keep.to(x_out.dtype)
