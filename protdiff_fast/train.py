@@ -64,10 +64,11 @@ class TrainConfig:
     structure_weight: float = 0.0
     structure_max_t: int = 256
     structure_cutoff: float = 0.6  # model units (6 A)
-    # a repulsive term (``clash_loss``) on the same predicted x_0 and the same designs (t <=
-    # structure_max_t): pairs |i - j| >= 2 closer than clash_distance, weighted by clash_weight
+    # a repulsive term (``clash_loss``) on the same predicted x_0 for the designs whose t <= clash_max_t
+    # (None: structure_max_t): pairs |i - j| >= 2 closer than clash_distance, weighted by clash_weight
     clash_weight: float = 0.0
     clash_distance: float = 0.38  # model units (3.8 A)
+    clash_max_t: Optional[int] = None
     backend: str = "auto"
     device: str = "cpu"
     model: Dict = field(default_factory=dict)  # ProtDiffConfig overrides
@@ -186,11 +187,12 @@ def clash_loss(x0_hat: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, d_min
 def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device,
                    low_t_fraction: float = 0.0, low_t_max: int = 128, structure_weight: float = 0.0,
                    structure_max_t: int = 256, structure_cutoff: float = 0.6, clash_weight: float = 0.0,
-                   clash_distance: float = 0.38):
+                   clash_distance: float = 0.38, clash_max_t: Optional[int] = None):
     """L_simple on this rank's slice of the global batch, normalised by the global residue count,
     plus ``structure_weight`` times the mean over the global batch of ``structure_loss`` of the
     predicted x_0 times alpha_bar_t / (1 - alpha_bar_t) (designs with t > structure_max_t contribute 0),
-    plus ``clash_weight`` times the same mean of ``clash_loss`` with the same factor.
+    plus ``clash_weight`` times the same mean of ``clash_loss`` with the same factor, for the designs
+    with t <= ``clash_max_t`` (None: ``structure_max_t``).
 
     The factor puts the distance loss in the units of L_simple at every t: an x_0 error is the eps
     error times sqrt((1 - alpha_bar_t) / alpha_bar_t), so without it the loss would vanish at the
@@ -208,17 +210,22 @@ def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank
         eps_hat = model(x_t, tt, m)
     sq = ((eps_hat.float() - eps) ** 2).sum(-1)[m].sum()
     loss = sq / int(mask.sum())
+    if clash_max_t is None:
+        clash_max_t = structure_max_t
     if structure_weight > 0 or clash_weight > 0:
-        low = tt <= structure_max_t
+        max_t = max(structure_max_t if structure_weight > 0 else 0, clash_max_t if clash_weight > 0 else 0)
+        low = tt <= max_t
         if bool(low.any()):
             x0_hat = predict_x0_from_eps(schedule, x_t[low], tt[low], eps_hat[low].float())
             alpha_bar = schedule.coef("alpha_bars", tt[low], x0_hat).view(-1)
             snr = alpha_bar / (1 - alpha_bar)
             if structure_weight > 0:
-                aux = (snr * structure_loss(x0_hat, x0[low], m[low], structure_cutoff)).sum() / B
+                weight = torch.where(tt[low] <= structure_max_t, snr, torch.zeros_like(snr))
+                aux = (weight * structure_loss(x0_hat, x0[low], m[low], structure_cutoff)).sum() / B
                 loss = loss + structure_weight * aux
             if clash_weight > 0:
-                aux = (snr * clash_loss(x0_hat, x0[low], m[low], clash_distance)).sum() / B
+                weight = torch.where(tt[low] <= clash_max_t, snr, torch.zeros_like(snr))
+                aux = (weight * clash_loss(x0_hat, x0[low], m[low], clash_distance)).sum() / B
                 loss = loss + clash_weight * aux
     return loss, int(m.sum())
 
@@ -261,6 +268,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if not (cfg.clash_weight >= 0 and cfg.clash_distance > 0):
         raise ValueError(f"clash_weight must be >= 0 and clash_distance > 0, got {cfg.clash_weight}, "
                          f"{cfg.clash_distance}")
+    if cfg.clash_max_t is not None and cfg.clash_max_t < 1:
+        raise ValueError(f"clash_max_t must be >= 1 (or None: structure_max_t), got {cfg.clash_max_t}")
     init_distributed(cfg.device)
     rank, world = _dist_info()
     device = torch.device(cfg.device)
@@ -337,7 +346,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         loss, n_local = diffusion_loss(ddp_model, schedule, batch["coords"], batch["mask"], generator, rank, world,
                                        device, cfg.low_t_fraction, cfg.low_t_max, cfg.structure_weight,
                                        cfg.structure_max_t, cfg.structure_cutoff, cfg.clash_weight,
-                                       cfg.clash_distance)
+                                       cfg.clash_distance, cfg.clash_max_t)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)

@@ -506,9 +506,23 @@ def test_clash_term_adds_the_snr_weighted_clash_loss_of_the_low_t_designs(tmp_pa
     clash = (ab / (1 - ab) * clash_loss(x0_hat, x0, mask, 1.0))[low].sum() / 4
     assert float(clash) > 0  # an untrained model's x_0 has overlaps at 10 A
     assert float(both) == pytest.approx(float(plain) + 0.7 * float(struct) + 3.0 * float(clash), rel=1e-5)
+    # clash_max_t: the clash term for its own t range, the distance term still for t <= structure_max_t
+    below = t <= 80
+    assert int(below.sum()) not in (0, int(low.sum())), t
+    with torch.no_grad():
+        split, _ = diffusion_loss(m, sched, x0, mask, torch.Generator().manual_seed(9), 0, 1, "cpu",
+                                  structure_weight=0.7, clash_weight=3.0, clash_distance=1.0, clash_max_t=80, **kw)
+        clash_only, _ = diffusion_loss(m, sched, x0, mask, torch.Generator().manual_seed(9), 0, 1, "cpu",
+                                       structure_max_t=1, clash_weight=3.0, clash_distance=1.0, clash_max_t=90)
+    clash_80 = (ab / (1 - ab) * clash_loss(x0_hat, x0, mask, 1.0))[below].sum() / 4
+    assert float(clash_80) < float(clash)
+    assert float(split) == pytest.approx(float(plain) + 0.7 * float(struct) + 3.0 * float(clash_80), rel=1e-5)
+    assert float(clash_only) == pytest.approx(float(plain) + 3.0 * float(clash), rel=1e-5)
     for bad in (dict(clash_weight=-1.0), dict(clash_distance=0.0)):
         with pytest.raises(ValueError, match="clash_weight must be >= 0"):
             train(cfg(tmp_path, "bad", **bad), progress=False)
+    with pytest.raises(ValueError, match="clash_max_t must be >= 1"):
+        train(cfg(tmp_path, "bad", clash_weight=1.0, clash_max_t=0), progress=False)
     assert not (tmp_path / "bad").exists()
 
 
