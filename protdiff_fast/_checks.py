@@ -69,6 +69,21 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: contains {bad} values")
 
 
+def check_all_finite(named: Sequence[tuple]) -> None:
+    """``check_finite`` for several (name, tensor) pairs with one device-to-host read instead of one each
+    (on a GPU every read is a sync): their sums in one small tensor; only when one is non-finite are
+    the tensors checked one by one, so the error still names the first bad argument."""
+    named = [(n, t) for n, t in named if t is not None and t.numel() > 0]
+    if not named or not value_checks_enabled():
+        return
+    sums = torch.stack([t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                        .to(torch.float64) for _, t in named])
+    if bool(torch.isfinite(sums.sum())):
+        return
+    for name, t in named:
+        check_finite(name, t)
+
+
 def check_mask(mask: Optional[torch.Tensor], batch: int, num_nodes: int, device: torch.device) -> torch.Tensor:
     """Return a bool (B, N) mask (all real when None); every sample must have a real node."""
     if mask is None:

@@ -352,6 +352,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         opt.zero_grad(set_to_none=True)
         (loss * world).backward()  # DDP averages over ranks; loss is already over the global residue count
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not math.isfinite(float(grad_norm)):  # before the update: the weights (and checkpoints) stay good
+            raise FloatingPointError(
+                f"training step {step + 1}: the gradient is {float(grad_norm)} (loss {float(loss.detach()) * world}); "
+                f"the weights were not updated. The last checkpoint in {out} is intact: resume from it with a "
+                f"lower --lr or --grad-clip, or without the auxiliary losses")
         opt.step()
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), model.parameters()):

@@ -26,3 +26,25 @@ def test_check_finite_accepts_finite_values_whose_sum_overflows():
     t = torch.tensor([float("inf"), float("-inf")])  # the sum is NaN: still reported as Inf
     with pytest.raises(ValueError, match="Inf"):
         check_finite("x", t)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_all_finite_names_the_first_bad_tensor_with_one_read_when_all_are_finite(bad, monkeypatch):
+    from protdiff_fast import _checks
+    from protdiff_fast._checks import check_all_finite, skip_value_checks
+
+    tensors = [("x", torch.randn(3, 5)), ("p", torch.randn(2, 4, dtype=torch.bfloat16)), ("q", None),
+               ("e", torch.full((10,), 3e38)), ("empty", torch.empty(0))]
+    check_all_finite(tensors)  # huge finite values (a float32 sum of inf), a None, an empty tensor: accepted
+    calls = []
+    monkeypatch.setattr(_checks, "check_finite", lambda name, t: calls.append(name))
+    check_all_finite([(n, t) for n, t in tensors if n != "e"])
+    assert calls == []  # one combined read, no per-tensor checks on the finite path
+    monkeypatch.undo()
+    for position, name in ((0, "x"), (1, "p")):
+        named = [(n, None if t is None else t.clone()) for n, t in tensors]
+        named[position][1].view(-1)[2] = bad
+        with pytest.raises(ValueError, match=f"^{name}: contains (NaN|Inf) values"):
+            check_all_finite(named)
+        with skip_value_checks():
+            check_all_finite(named)  # value checks off: nothing read, nothing raised

@@ -1,5 +1,6 @@
 """The ProtDiff model: symmetries, backends, the offset table, training, resume, kill/resume, DDP, sampling CLI."""
 import copy
+import math
 import json
 import os
 import signal
@@ -637,3 +638,24 @@ def test_pair_coefficients_script_reports_phi_of_the_shipped_model():
     assert len(lines) == 2 and all("median" in ln and "max" in ln for ln in lines)
     medians = [float(ln.split("median")[1].split()[0]) for ln in lines]
     assert all(m > 0 for m in medians)
+
+
+def test_a_non_finite_gradient_stops_training_before_the_update_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import protdiff_fast.train as train_mod
+
+    real_loss, calls = train_mod.diffusion_loss, []
+
+    def loss_nan_at_step_5(*args, **kw):  # calls: steps 1-4, step 4's validation batch, step 5
+        loss, n = real_loss(*args, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 6 else loss), n
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", loss_nan_at_step_5)
+    with pytest.raises(FloatingPointError, match=r"training step 5: the gradient is nan .*checkpoint .* is intact"):
+        train(cfg(tmp_path, "nan"), progress=False)
+    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4  # the last checkpoint (ckpt_every 4), not overwritten with NaN weights
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    monkeypatch.setattr(train_mod, "diffusion_loss", real_loss)
+    resumed = train(cfg(tmp_path, "nan", steps=8), resume=True, progress=False)
+    assert resumed["step"] == 8 and math.isfinite(resumed["train_loss"])

@@ -117,7 +117,7 @@ class ProtDiff(nn.Module):
         if N > self.max_length:
             raise ValueError(f"x_t: {N} residues exceed the model's max_length {self.max_length}")
         check_tensor("t", t, (B,), device=x_t.device, floating=False)
-        if value_checks_enabled() and (int(t.min()) < 1 or int(t.max()) > self.config.num_timesteps):
+        if value_checks_enabled() and bool(((t < 1) | (t > self.config.num_timesteps)).any()):  # one host read
             raise ValueError(f"t: timesteps must lie in [1, {self.config.num_timesteps}]")
         mask = check_mask(mask, B, N, x_t.device)
         dtype = x_t.dtype

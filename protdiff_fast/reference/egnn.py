@@ -71,7 +71,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from protdiff_fast._checks import check_finite, check_mask, check_tensor
+from protdiff_fast._checks import check_all_finite, check_mask, check_tensor
 
 COORDS_AGG = ("mean", "sum")
 NORMALIZE = (False, True, "clamp")
@@ -150,7 +150,6 @@ def check_egnn_pair_aggregate_inputs(
     if edge_attr is not None:
         check_tensor("edge_attr", edge_attr, (B, N, N, None), dtype=dtype, device=device)
         check_tensor("W_e", W_e, (edge_attr.shape[3], H_e), dtype=dtype, device=device)
-        check_finite("edge_attr", edge_attr)
     if rel is not None:
         check_tensor("rel", rel, (None, H_e), dtype=dtype, device=device)
         if rel.shape[0] % 2 != 1:
@@ -162,8 +161,7 @@ def check_egnn_pair_aggregate_inputs(
         if not isinstance(b_att, torch.Tensor) or b_att.numel() != 1:
             raise ValueError("b_att: expected a scalar tensor (shape () or (1,))")
         b_att = check_tensor("b_att", b_att.reshape(()), (), dtype=dtype, device=device)
-    for name, t in (("x", x), ("p", p), ("q", q)):
-        check_finite(name, t)
+    check_all_finite((("x", x), ("p", p), ("q", q), ("edge_attr", edge_attr)))
     return mask, b_att
 
 
