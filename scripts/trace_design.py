@@ -1,0 +1,62 @@
+"""Follow one design through the reverse process: per step, max |x|, max |eps_hat| and the closest CA pair
+|i - j| >= 2 (A). The design is sampled alone with its own noise (the CPU / Triton steps' per-design
+seeds), so it is the same trajectory as in the batch of ``evaluate_checkpoint.py`` (up to the last bits).
+
+    python scripts/trace_design.py CKPT DATA.npz --seed 1 --design 20
+"""
+import argparse
+
+import torch
+
+import protdiff_fast.diffusion.sampler as sampler
+from protdiff_fast.diffusion import DDPMScheduler
+from protdiff_fast.io import BackboneDataset
+from protdiff_fast.io.dataset import SCALE_A
+from protdiff_fast.train import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("data")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--num", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--design", type=int, required=True)
+    ap.add_argument("--every", type=int, default=64, help="print every this many steps (and every unusual one)")
+    args = ap.parse_args()
+    model = load_model(args.ckpt)
+    cfg = model.config
+    held = BackboneDataset.from_npz(args.data, split=args.split, max_length=cfg.max_length)
+    lengths = [len(c) for c in held.coords][: args.num] * args.repeats
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+    log = []
+
+    class Tracing(sampler.DenoiseStep):
+        def __call__(self, x, t):
+            eps, x_next = super().__call__(x, t)
+            n = int(self.mask[0].sum())
+            xs = x_next[0, :n]
+            i, j = torch.triu_indices(n, n, 2)
+            closest = float(torch.linalg.norm(xs[i] - xs[j], dim=-1).min()) if len(i) else float("nan")
+            log.append((int(t[0]), float(x_next.abs().amax()), float(eps.abs().amax()), closest * SCALE_A))
+            return eps, x_next
+
+    sampler.DenoiseStep = Tracing
+    error = None
+    try:
+        with torch.no_grad():
+            sampler.sample(model, lengths, seed=args.seed, scheduler=scheduler, design_indices=[args.design],
+                           progress=False)
+    except sampler.SamplingError as e:
+        error = e
+    for t, x_max, eps_max, closest in log:
+        if t % args.every == 0 or t <= 4 or eps_max > 5:
+            print(f"t={t:5d}  max|x| {x_max:9.3g}  max|eps_hat| {eps_max:9.3g}  closest pair {closest:7.2f} A")
+    if error is not None:
+        print(f"SamplingError: {error}")
+
+
+if __name__ == "__main__":
+    main()
