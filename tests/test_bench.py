@@ -276,6 +276,7 @@ def test_backward_profile_script_runs_its_variants_and_checks_them_against_the_d
     rows = [r for r in json.loads(out.read_text())["results"] if "bwd_ms" in r and "profile_table" not in r]
     assert [r["name"] for r in rows] == ["default", "two-pass"]
     assert all(r["grads_vs_default"] is not None and r["grads_vs_default"] < 1e-5 for r in rows)
+    assert all(r["fwd_nochecks_ms"] > 0 for r in rows)  # the forward without the host reads of the checks
     assert "two-pass" in proc.stdout and "grads vs default" in proc.stdout
 
 
