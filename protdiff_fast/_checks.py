@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Optional, Sequence
 
@@ -69,23 +70,36 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: contains {bad} values")
 
 
-def check_all_finite(named: Sequence[tuple]) -> None:
+def check_all_finite(named: Sequence[tuple], mask: Optional[torch.Tensor] = None) -> None:
     """``check_finite`` for several (name, tensor) pairs with one device-to-host read instead of one each
     (on a GPU every read is a sync): their sums in one small tensor; only when one is non-finite are
-    the tensors checked one by one, so the error still names the first bad argument."""
+    the tensors checked one by one, so the error still names the first bad argument. With a bool (B, N)
+    ``mask`` (from ``check_mask(..., check_empty=False)``), its check for samples without real nodes
+    joins the same read (and is reported first, as ``check_mask`` would)."""
     named = [(n, t) for n, t in named if t is not None and t.numel() > 0]
-    if not named or not value_checks_enabled():
+    if not value_checks_enabled():
         return
-    sums = torch.stack([t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-                        .to(torch.float64) for _, t in named])
-    if bool(torch.isfinite(sums.sum())):
+    parts = [t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).to(torch.float64)
+             for _, t in named]
+    total = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
+    if mask is not None and mask.numel() > 0:
+        total, empty = torch.stack([total, (~mask.any(dim=1)).any().to(total.device, torch.float64)]).tolist()
+        if empty:
+            check_mask(mask, mask.shape[0], mask.shape[1], mask.device)  # raises, naming the samples
+    elif not parts:
+        return
+    else:
+        total = float(total)
+    if math.isfinite(total):
         return
     for name, t in named:
         check_finite(name, t)
 
 
-def check_mask(mask: Optional[torch.Tensor], batch: int, num_nodes: int, device: torch.device) -> torch.Tensor:
-    """Return a bool (B, N) mask (all real when None); every sample must have a real node."""
+def check_mask(mask: Optional[torch.Tensor], batch: int, num_nodes: int, device: torch.device,
+               check_empty: bool = True) -> torch.Tensor:
+    """Return a bool (B, N) mask (all real when None); every sample must have a real node (checked here
+    unless ``check_empty`` is False: then the caller passes the mask to ``check_all_finite``)."""
     if mask is None:
         return torch.ones(batch, num_nodes, dtype=torch.bool, device=device)
     check_tensor("mask", mask, (batch, num_nodes), device=device, floating=False)
@@ -93,7 +107,7 @@ def check_mask(mask: Optional[torch.Tensor], batch: int, num_nodes: int, device:
         if value_checks_enabled() and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask: expected booleans or 0/1 values")
         mask = mask != 0
-    if not value_checks_enabled():
+    if not value_checks_enabled() or (not check_empty and num_nodes > 0):
         return mask
     if batch > 0 and num_nodes > 0:
         empty = (~mask.any(dim=1)).nonzero().flatten()

@@ -48,3 +48,28 @@ def test_check_all_finite_names_the_first_bad_tensor_with_one_read_when_all_are_
             check_all_finite(named)
         with skip_value_checks():
             check_all_finite(named)  # value checks off: nothing read, nothing raised
+
+
+def test_check_all_finite_joins_the_masks_empty_sample_check_to_its_read(monkeypatch):
+    from protdiff_fast import _checks
+    from protdiff_fast._checks import check_all_finite, check_mask
+
+    mask = check_mask(torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]]), 3, 3, torch.device("cpu"), check_empty=False)
+    assert mask.dtype == torch.bool  # not refused yet: the empty sample is found by the combined read
+    x = torch.randn(3, 3, 3)
+    with pytest.raises(ValueError, match=r"mask: sample\(s\) \[1\] have no real nodes"):
+        check_all_finite([("x", x)], mask=mask)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"mask: sample\(s\) \[1\]"):  # the mask first, as check_mask would
+        check_all_finite([("x", x)], mask=mask)
+    mask[1, 0] = True
+    with pytest.raises(ValueError, match="x: contains NaN"):
+        check_all_finite([("x", x)], mask=mask)
+    calls = []
+    monkeypatch.setattr(_checks, "check_mask", lambda *a: calls.append(a))
+    monkeypatch.setattr(_checks, "check_finite", lambda *a: calls.append(a))
+    check_all_finite([("x", torch.randn(3, 3, 3))], mask=mask)
+    check_all_finite([], mask=mask)
+    assert calls == []
+    with pytest.raises(ValueError, match="no nodes"):  # N = 0 is still refused by check_mask itself
+        check_mask(torch.zeros(2, 0, dtype=torch.bool), 2, 0, torch.device("cpu"), check_empty=False)

@@ -142,7 +142,8 @@ def check_egnn_pair_aggregate_inputs(
     for name, t, shape in (("w_d", w_d, (H_e,)), ("b2", b2, (M,)), ("b3", b3, (H_x,)), ("w4", w4, (H_x,))):
         check_tensor(name, t, shape, dtype=dtype, device=device)
     _check_flags(coords_agg, eps)
-    mask = check_mask(mask, B, N, device)
+    given = mask is not None
+    mask = check_mask(mask, B, N, device, check_empty=False)  # its empty-sample check joins the read below
     if edge_attr is not None and rel is not None:
         raise ValueError("give at most one edge term: edge_attr (with W_e) or rel, not both")
     if (edge_attr is None) != (W_e is None):
@@ -161,7 +162,7 @@ def check_egnn_pair_aggregate_inputs(
         if not isinstance(b_att, torch.Tensor) or b_att.numel() != 1:
             raise ValueError("b_att: expected a scalar tensor (shape () or (1,))")
         b_att = check_tensor("b_att", b_att.reshape(()), (), dtype=dtype, device=device)
-    check_all_finite((("x", x), ("p", p), ("q", q), ("edge_attr", edge_attr)))
+    check_all_finite((("x", x), ("p", p), ("q", q), ("edge_attr", edge_attr)), mask=mask if given else None)
     return mask, b_att
 
 
