@@ -3,32 +3,17 @@ than 3.0 A in each design, with a histogram of their sequence separations.
 
     python scripts/clash_pairs.py CKPT DATA.npz --seed 0      # the designs of evaluate_checkpoint.py --repeats 2
 """
-import argparse
-
 import numpy as np
 import torch
+from heldout import heldout_parser, load_heldout
 
-from protdiff_fast.diffusion import DDPMScheduler
 from protdiff_fast.diffusion.sampler import sample
-from protdiff_fast.io import BackboneDataset
 from protdiff_fast.metrics.backbone import CLASH_A
-from protdiff_fast.train import load_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("ckpt")
-    ap.add_argument("data")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--num", type=int, default=24)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    model = load_model(args.ckpt)
-    cfg = model.config
-    held = BackboneDataset.from_npz(args.data, split=args.split, max_length=cfg.max_length)
-    lengths = [len(c) for c in held.coords][: args.num] * args.repeats
-    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+    args = heldout_parser(__doc__.splitlines()[0], repeats=2).parse_args()
+    model, _, lengths, scheduler = load_heldout(args)
     with torch.no_grad():
         designs = sample(model, lengths, seed=args.seed, scheduler=scheduler, batch_size=64, progress=False)
     separations = {}

@@ -6,30 +6,23 @@ Samples the lengths of the held-out chains (all T steps, the default backend), c
 of protdiff_fast.metrics on the samples of both models and on the real chains, and writes a
 markdown table with the command, machine and timings.
 """
-import argparse
 import platform
 import time
 
 import numpy as np
 import torch
+from heldout import heldout_parser, load_heldout
 
 from protdiff_fast.diffusion import ClashGuidance, DDPMScheduler
 from protdiff_fast.diffusion.sampler import sample
-from protdiff_fast.io import BackboneDataset
 from protdiff_fast.metrics import backbone_metrics, format_table, summarize
 from protdiff_fast.models import ProtDiff
 from protdiff_fast.train import load_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("ckpt")
-    ap.add_argument("data")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--num", type=int, default=24)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = heldout_parser(__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--repeats", type=int, default=1, help="designs per held-out length")
     ap.add_argument("--compare", default=None, help="another checkpoint to sample with the same seeds (a column)")
     ap.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"])
     ap.add_argument("--skip-untrained", action="store_true", help="no untrained-model column")
@@ -39,13 +32,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
-    trained = load_model(args.ckpt)
+    trained, held, lengths, _ = load_heldout(args)
     cfg = trained.config
     torch.manual_seed(1234)
     untrained = ProtDiff(cfg).eval()
-    held = BackboneDataset.from_npz(args.data, split=args.split, max_length=cfg.max_length)
     real = [c.double().numpy() * held.scale for c in held.coords][: args.num]
-    lengths = [len(c) for c in real] * args.repeats
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, noise_scale=args.noise_scale,
                               clash_guidance=None if args.clash_guidance is None else ClashGuidance(args.clash_guidance))
     columns, timing = {f"real ({args.split}, n={len(real)})": summarize([backbone_metrics(c) for c in real])}, {}

@@ -4,33 +4,21 @@ seeds), so it is the same trajectory as in the batch of ``evaluate_checkpoint.py
 
     python scripts/trace_design.py CKPT DATA.npz --seed 1 --design 20
 """
-import argparse
-
 import torch
+from heldout import heldout_parser, load_heldout
 
 import protdiff_fast.diffusion.sampler as sampler
-from protdiff_fast.diffusion import DDPMScheduler
-from protdiff_fast.io import BackboneDataset
 from protdiff_fast.io.dataset import SCALE_A
-from protdiff_fast.train import load_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("ckpt")
-    ap.add_argument("data")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--num", type=int, default=24)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = heldout_parser(__doc__.splitlines()[0], repeats=2)
     ap.add_argument("--design", type=int, required=True)
     ap.add_argument("--every", type=int, default=64, help="print every this many steps (and every unusual one)")
     args = ap.parse_args()
-    model = load_model(args.ckpt)
-    cfg = model.config
-    held = BackboneDataset.from_npz(args.data, split=args.split, max_length=cfg.max_length)
-    lengths = [len(c) for c in held.coords][: args.num] * args.repeats
-    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+    model, _, lengths, scheduler = load_heldout(args)
+    if not 0 <= args.design < len(lengths):
+        ap.error(f"--design: {args.design} is not one of the {len(lengths)} designs (0..{len(lengths) - 1})")
     log = []
 
     class Tracing(sampler.DenoiseStep):

@@ -659,3 +659,29 @@ def test_a_non_finite_gradient_stops_training_before_the_update_and_keeps_the_ch
     monkeypatch.setattr(train_mod, "diffusion_loss", real_loss)
     resumed = train(cfg(tmp_path, "nan", steps=8), resume=True, progress=False)
     assert resumed["step"] == 8 and math.isfinite(resumed["train_loss"])
+
+
+def test_clash_scripts_trace_one_design_and_list_clashing_pairs():
+    """scripts/trace_design.py follows one design of the held-out set through all steps (the same design
+    and seed as in evaluate_checkpoint.py's batch); scripts/clash_pairs.py lists the pairs under 3 A."""
+    from protdiff_fast.cli import shipped_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    common = [str(shipped_checkpoint()), str(demo_data_path()), "--split", "val", "--repeats", "1", "--seed", "1"]
+    proc = subprocess.run([sys.executable, "scripts/trace_design.py", *common, "--design", "5", "--every", "256"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("t=")]
+    ts = [int(r[0].split("=")[1]) if r[0] != "t=" else int(r[1]) for r in rows]
+    assert ts[:4] == [1024, 768, 512, 256] and ts[-1] == 1, ts
+    values = [float(v) for ln in proc.stdout.splitlines() if ln.startswith("t=")
+              for v in (ln.split("max|x|")[1].split()[0], ln.split("max|eps_hat|")[1].split()[0],
+                        ln.split("closest pair")[1].split()[0])]
+    assert all(math.isfinite(v) and v > 0 for v in values) and "SamplingError" not in proc.stdout
+    bad = subprocess.run([sys.executable, "scripts/trace_design.py", *common, "--design", "8"],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--design: 8 is not one of the 8 designs" in bad.stderr
+    proc = subprocess.run([sys.executable, "scripts/clash_pairs.py", *common, "--num", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1].startswith("sequence separation: pairs [")
