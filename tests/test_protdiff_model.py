@@ -16,7 +16,7 @@ from helpers import assert_close_rel, random_mask, random_orthogonal, rel_err
 from protdiff_fast import backends
 from protdiff_fast.cli import main
 from protdiff_fast.io import demo_data_path, read_backbones
-from protdiff_fast.models import ProtDiff
+from protdiff_fast.models import ProtDiff, sinusoidal_embedding
 from protdiff_fast.train import TrainConfig, load_model, train
 
 F64 = torch.float64
@@ -103,6 +103,29 @@ def test_model_rejects_bad_input():
     x, t, mask = inputs()
     with pytest.raises(ValueError, match=r"t: timesteps must lie in \[1, 100\]"):
         m(x, t * 0, mask)
+
+
+def test_sinusoidal_tables_match_libm_to_the_last_bit_and_do_not_use_torch_sin(monkeypatch):
+    """The model's fixed tables are built once per process: any run-to-run wobble in them makes two
+    processes' models differ (it broke bit-for-bit resume: torch's float64 sin, on its first call in a
+    process, returned 7e-9-relative errors on one thread's half of the tensor in ~1 process in 60).
+    Checked against Python's math.sin / math.cos element by element, in float64 to 2 ulp and in the
+    float32 the model keeps, exactly; torch.sin / torch.cos are blocked so the rare path cannot return."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.sin/cos called while building a table")
+    monkeypatch.setattr(torch, "sin", refuse)
+    monkeypatch.setattr(torch, "cos", refuse)
+    positions, dim, base = torch.arange(-37, 1025), 16, 1024
+    table = sinusoidal_embedding(positions, dim, base)
+    assert table.dtype == torch.float64 and table.shape == (len(positions), dim)
+    expected = torch.tensor([[f(p * math.pi / base ** (2 * k / dim)) for f in (math.sin, math.cos)
+                              for k in range(dim // 2)] for p in positions.tolist()], dtype=torch.float64)
+    ulp = torch.finfo(torch.float64).eps * expected.abs().clamp(min=1e-300)
+    assert bool(((table - expected).abs() <= 2 * ulp + 1e-300).all())
+    model = ProtDiff(max_length=64, hidden_dim=16, edge_dim=8, num_layers=2, num_timesteps=100)
+    index = torch.tensor([[math.sin(p * math.pi / 64 ** (2 * k / 16)) for k in range(8)] +
+                          [math.cos(p * math.pi / 64 ** (2 * k / 16)) for k in range(8)] for p in range(64)])
+    assert torch.equal(model.index_table, index.float())
 
 
 def cfg(tmp_path, name, **kw):

@@ -265,6 +265,33 @@ def test_offset_table_direction_is_j_minus_i():
     assert_close_rel(got[0], want[0], 1e-12, "h")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offset_table_gradient_is_the_same_bits_every_call(dtype):
+    """The table row of offset o receives the sum of N - |o| pair gradients per sample; with 2+ threads
+    that sum must not depend on the threads' timing (rel[index]'s backward, index_put_ with accumulate,
+    gave a different float32 result on 6 of 8 calls of this test before F.embedding replaced it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        g = torch.Generator().manual_seed(3)
+        B, N, H = 3, 61, 16
+        x = torch.randn(B, N, 3, generator=g)
+        p, q = (torch.randn(B, N, H, generator=g).to(dtype) for _ in range(2))
+        w_d, b2, b3, w4 = (0.3 * torch.randn(H, generator=g).to(dtype) for _ in range(4))
+        W2, W3 = (0.3 * torch.randn(H, H, generator=g).to(dtype) for _ in range(2))
+        rel = torch.randn(2 * N - 1, H, generator=g).to(dtype).requires_grad_()
+        grad_m = torch.randn(B, N, H, generator=g).to(dtype)
+        grads = []
+        for _ in range(6):
+            m, dx = egnn_pair_aggregate_reference(x, p, q, w_d, W2, b2, W3, b3, w4, rel=rel, normalize=True)
+            (grad,) = torch.autograd.grad((m * grad_m).float().sum() + dx.sum(), rel)
+            assert bool(torch.isfinite(grad).all()) and float(grad.abs().max()) > 0
+            grads.append(grad)
+        assert all(torch.equal(grads[0], other) for other in grads[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # Low precision: the reference runs in bf16 with bounded error (the baseline fast paths are held to)
 # ----------------------------------------------------------------------------------------------

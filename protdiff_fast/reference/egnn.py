@@ -202,7 +202,9 @@ def egnn_pair_aggregate_reference(
     if edge_attr is not None:
         z = z + edge_attr @ W_e
     if rel is not None:
-        z = z + rel[relative_offset_index(N, rel.shape[0] // 2, device)]  # (N, N, H), same for every sample
+        # (N, N, H), the same for every sample; F.embedding, not rel[index]: the backward of advanced
+        # indexing (index_put_ with accumulate) sums the duplicate rows in a thread-dependent order on CPU
+        z = z + F.embedding(relative_offset_index(N, rel.shape[0] // 2, device), rel)
 
     m_ij = F.silu(F.silu(z) @ W2 + b2)  # (B, N, N, H)
     if w_att is not None:
