@@ -136,7 +136,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       low_t_fraction=args.low_t_fraction, low_t_max=args.low_t_max,
                       structure_weight=args.structure_weight, structure_max_t=args.structure_max_t,
                       structure_cutoff=args.structure_cutoff / 10.0, clash_weight=args.clash_weight,
-                      clash_distance=args.clash_distance / 10.0, clash_max_t=args.clash_max_t)
+                      clash_distance=args.clash_distance / 10.0, clash_max_t=args.clash_max_t,
+                      input_perturbation=args.input_perturbation)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
           + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--clash-distance", type=float, default=3.8, help="Angstrom, for --clash-weight")
     tr.add_argument("--clash-max-t", type=int, default=None,
                     help="the clash term acts for t <= this (default: --structure-max-t)")
+    tr.add_argument("--input-perturbation", type=float, default=0.0, metavar="GAMMA",
+                    help="train on x_t built from eps + GAMMA * (a second noise draw), target eps (DDPM-IP, "
+                         "against exposure bias; the paper uses 0.1; default 0: off)")
     tr.add_argument("--backend", default="auto")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")

@@ -69,6 +69,10 @@ class TrainConfig:
     clash_weight: float = 0.0
     clash_distance: float = 0.38  # model units (3.8 A)
     clash_max_t: Optional[int] = None
+    # input perturbation (DDPM-IP, Ning et al. 2023): the network sees x_t built from eps + gamma * xi
+    # (xi a second CoM-free Gaussian draw) while L_simple's target stays eps, so it learns to correct the
+    # off-distribution x_t its own earlier steps produce when sampling (exposure bias); 0: off
+    input_perturbation: float = 0.0
     backend: str = "auto"
     device: str = "cpu"
     model: Dict = field(default_factory=dict)  # ProtDiffConfig overrides
@@ -187,12 +191,15 @@ def clash_loss(x0_hat: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, d_min
 def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device,
                    low_t_fraction: float = 0.0, low_t_max: int = 128, structure_weight: float = 0.0,
                    structure_max_t: int = 256, structure_cutoff: float = 0.6, clash_weight: float = 0.0,
-                   clash_distance: float = 0.38, clash_max_t: Optional[int] = None):
+                   clash_distance: float = 0.38, clash_max_t: Optional[int] = None,
+                   input_perturbation: float = 0.0):
     """L_simple on this rank's slice of the global batch, normalised by the global residue count,
     plus ``structure_weight`` times the mean over the global batch of ``structure_loss`` of the
     predicted x_0 times alpha_bar_t / (1 - alpha_bar_t) (designs with t > structure_max_t contribute 0),
     plus ``clash_weight`` times the same mean of ``clash_loss`` with the same factor, for the designs
-    with t <= ``clash_max_t`` (None: ``structure_max_t``).
+    with t <= ``clash_max_t`` (None: ``structure_max_t``). With ``input_perturbation`` gamma > 0 the model
+    input is x_t of eps + gamma xi (xi drawn after eps from the same generator, so t and eps are those of a
+    run without it) and the target is still eps (DDPM-IP).
 
     The factor puts the distance loss in the units of L_simple at every t: an x_0 error is the eps
     error times sqrt((1 - alpha_bar_t) / alpha_bar_t), so without it the loss would vanish at the
@@ -204,7 +211,11 @@ def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank
     noise = sample_noise(coords.double(), mask, generator=generator).float()
     mine = slice(rank * B // world, (rank + 1) * B // world)
     x0, m, tt, eps = coords[mine].to(device), mask[mine].to(device), t[mine].to(device), noise[mine].to(device)
-    x_t = add_noise(schedule, x0, eps, tt, m)
+    if input_perturbation > 0:
+        xi = sample_noise(coords.double(), mask, generator=generator).float()[mine].to(device)
+        x_t = add_noise(schedule, x0, eps + input_perturbation * xi, tt, m)
+    else:
+        x_t = add_noise(schedule, x0, eps, tt, m)
     use_autocast = str(device).startswith("cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
         eps_hat = model(x_t, tt, m)
@@ -268,6 +279,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if not (cfg.clash_weight >= 0 and cfg.clash_distance > 0):
         raise ValueError(f"clash_weight must be >= 0 and clash_distance > 0, got {cfg.clash_weight}, "
                          f"{cfg.clash_distance}")
+    if not cfg.input_perturbation >= 0:
+        raise ValueError(f"input_perturbation must be >= 0, got {cfg.input_perturbation}")
     if cfg.clash_max_t is not None and cfg.clash_max_t < 1:
         raise ValueError(f"clash_max_t must be >= 1 (or None: structure_max_t), got {cfg.clash_max_t}")
     init_distributed(cfg.device)
@@ -346,7 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         loss, n_local = diffusion_loss(ddp_model, schedule, batch["coords"], batch["mask"], generator, rank, world,
                                        device, cfg.low_t_fraction, cfg.low_t_max, cfg.structure_weight,
                                        cfg.structure_max_t, cfg.structure_cutoff, cfg.clash_weight,
-                                       cfg.clash_distance, cfg.clash_max_t)
+                                       cfg.clash_distance, cfg.clash_max_t, cfg.input_perturbation)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)

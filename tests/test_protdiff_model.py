@@ -708,3 +708,45 @@ def test_clash_scripts_trace_one_design_and_list_clashing_pairs():
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1].startswith("sequence separation: pairs [")
+
+
+def test_input_perturbation_feeds_x_t_of_perturbed_noise_and_keeps_the_target(tmp_path):
+    """DDPM-IP: x_t = sqrt(ab) x0 + sqrt(1 - ab) (eps + gamma xi), xi drawn after t and eps from the same
+    generator (so t and eps are a plain run's), L_simple against eps; gamma 0 draws nothing extra."""
+    from protdiff_fast.diffusion.schedule import NoiseSchedule
+    from protdiff_fast.reference.ddpm import add_noise, sample_noise
+    from protdiff_fast.train import diffusion_loss, training_timesteps
+
+    m = small_model().float()
+    sched = NoiseSchedule(100)
+    x0 = torch.cumsum(torch.randn(3, 11, 3, generator=torch.Generator().manual_seed(4)) * 0.3, dim=1)
+    mask = random_mask(3, 11, generator=torch.Generator().manual_seed(5), min_real=4)
+    x0 = (x0 - (x0 * mask.unsqueeze(-1)).sum(1, keepdim=True) / mask.sum(1).view(-1, 1, 1)) * mask.unsqueeze(-1)
+    g_plain, g_ip = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        plain, _ = diffusion_loss(m, sched, x0, mask, g_plain, 0, 1, "cpu", input_perturbation=0.0)
+        perturbed, _ = diffusion_loss(m, sched, x0, mask, g_ip, 0, 1, "cpu", input_perturbation=0.25)
+    g = torch.Generator().manual_seed(9)
+    t = training_timesteps(sched, 3, g)
+    eps = sample_noise(x0.double(), mask, generator=g).float()
+    assert torch.equal(g.get_state(), g_plain.get_state()), "gamma 0 draws nothing beyond t and eps"
+    xi = sample_noise(x0.double(), mask, generator=g).float()
+    assert torch.equal(g.get_state(), g_ip.get_state())
+    with torch.no_grad():
+        want_plain = ((m(add_noise(sched, x0, eps, t, mask), t, mask) - eps) ** 2).sum(-1)[mask].sum() / mask.sum()
+        x_t = add_noise(sched, x0, eps + 0.25 * xi, t, mask)
+        want = ((m(x_t, t, mask) - eps) ** 2).sum(-1)[mask].sum() / mask.sum()
+        wrong_target = ((m(x_t, t, mask) - (eps + 0.25 * xi)) ** 2).sum(-1)[mask].sum() / mask.sum()
+    assert float(plain) == pytest.approx(float(want_plain), rel=1e-6)
+    assert float(perturbed) == pytest.approx(float(want), rel=1e-6)
+    # the checks above tell the three apart: each differs from the others by far more than their 1e-6
+    assert abs(float(want) - float(wrong_target)) > 1e-4 * float(want)
+    assert abs(float(want) - float(plain)) > 1e-4 * float(want)
+    with pytest.raises(ValueError, match="input_perturbation must be >= 0"):
+        train(cfg(tmp_path, "bad", input_perturbation=-0.1), progress=False)
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "cli"
+    assert main(["train", "--data", str(demo_data_path()), "--out", str(out), "--steps", "2", "--batch-size", "4",
+                 "--hidden", "16", "--edge-dim", "8", "--layers", "2", "--val-every", "0", "--no-progress",
+                 "--input-perturbation", "0.1"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["input_perturbation"] == 0.1
