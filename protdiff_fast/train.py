@@ -3,8 +3,10 @@ bit-for-bit resume, and PyTorch DDP (torchrun) for several processes or GPUs.
 
 Determinism: the data order comes from (seed, epoch), the timesteps and noise of a step from a
 generator whose state is checkpointed, so ``resume`` continues exactly where the run stopped (on
-the same device, backend and thread count). Under DDP every rank draws the timesteps and noise of
-the whole global batch from the same generator and keeps its slice, and the loss is normalised
+the same device, backend and thread count; ``protdiff_fast._mkl_warmup`` keeps a process's first
+parallel torch math call from running a low-accuracy MKL kernel, which once made a resumed run
+differ in the last bits). Under DDP every rank draws the timesteps and noise of the whole global
+batch from the same generator and keeps its slice, and the loss is normalised
 by the global number of real residues: the gradient equals the one-process gradient of the same
 global batch (up to the order of the floating-point sums).
 """
