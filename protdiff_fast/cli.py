@@ -137,7 +137,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       structure_weight=args.structure_weight, structure_max_t=args.structure_max_t,
                       structure_cutoff=args.structure_cutoff / 10.0, clash_weight=args.clash_weight,
                       clash_distance=args.clash_distance / 10.0, clash_max_t=args.clash_max_t,
-                      input_perturbation=args.input_perturbation)
+                      input_perturbation=args.input_perturbation, own_states=args.own_states or "",
+                      own_clash_weight=args.own_clash_weight, own_batch=args.own_batch, own_max_t=args.own_max_t)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
           + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
@@ -363,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--input-perturbation", type=float, default=0.0, metavar="GAMMA",
                     help="train on x_t built from eps + GAMMA * (a second noise draw), target eps (DDPM-IP, "
                          "against exposure bias; the paper uses 0.1; default 0: off)")
+    tr.add_argument("--own-states", default=None, metavar="NPZ",
+                    help="states of the model's own sampling at low t (scripts/own_states.py), for --own-clash-weight")
+    tr.add_argument("--own-clash-weight", type=float, default=0.0,
+                    help="add this times the clash loss (pairs |i - j| >= 2 closer than --clash-distance) of the "
+                         "predicted x_0 on --own-batch of the --own-states per step (0: none)")
+    tr.add_argument("--own-batch", type=int, default=8)
+    tr.add_argument("--own-max-t", type=int, default=128, help="use the own states with t <= this")
     tr.add_argument("--backend", default="auto")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -75,6 +76,14 @@ class TrainConfig:
     # (xi a second CoM-free Gaussian draw) while L_simple's target stays eps, so it learns to correct the
     # off-distribution x_t its own earlier steps produce when sampling (exposure bias); 0: off
     input_perturbation: float = 0.0
+    # states of the model's own sampling (``scripts/own_states.py``: the x_t its reverse steps at t <=
+    # own_max_t started from): own_clash_weight times ``clash_loss`` of the predicted x_0 on own_batch of
+    # them per step (target clash_distance, no data behind a state), weighted as the clash term. L_simple
+    # on noised real chains never shows the model the tight packings its own earlier steps produce
+    own_states: str = ""
+    own_clash_weight: float = 0.0
+    own_batch: int = 8
+    own_max_t: int = 128
     backend: str = "auto"
     device: str = "cpu"
     model: Dict = field(default_factory=dict)  # ProtDiffConfig overrides
@@ -170,24 +179,76 @@ def structure_loss(x0_hat: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, c
     return sq / pairs.sum((1, 2)).clamp(min=1)
 
 
-def clash_loss(x0_hat: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, d_min: float = 0.38) -> torch.Tensor:
+def clash_loss(x0_hat: torch.Tensor, x0: Optional[torch.Tensor], mask: torch.Tensor, d_min: float = 0.38) -> torch.Tensor:
     """Per design b, sum over the pairs i < j of real residues with |i - j| >= 2 of
     relu(min(d_min, d_ij) - d^_ij)^2, divided by the design's real residues (d as in
     ``structure_loss``). The same potential as sampling's clash guidance, learned instead of imposed;
     the target is capped by the data's own distance so that a real close contact costs nothing.
     Summed, not averaged over the close pairs as ``structure_loss`` is, so one clash among the ~5 N
-    close pairs of a chain is not diluted by them. Returns (B,).
+    close pairs of a chain is not diluted by them. With ``x0`` None (a state of the model's own
+    sampling: no data behind it) the target is d_min for every pair. Returns (B,).
     """
-    d = torch.cdist(x0.double(), x0.double()).to(x0_hat.dtype)
     diff = x0_hat.unsqueeze(2) - x0_hat.unsqueeze(1)
     d_hat = torch.sqrt((diff * diff).sum(-1) + 1e-10)
-    N = x0.shape[1]
-    idx = torch.arange(N, device=x0.device)
+    target = d_min if x0 is None else torch.clamp(torch.cdist(x0.double(), x0.double()).to(x0_hat.dtype), max=d_min)
+    N = x0_hat.shape[1]
+    idx = torch.arange(N, device=x0_hat.device)
     nonlocal_pairs = (idx.unsqueeze(0) - idx.unsqueeze(1)) >= 2  # i < j - 1: each unordered pair once
     pairs = nonlocal_pairs & mask.unsqueeze(2) & mask.unsqueeze(1)
-    overlap = torch.relu(torch.clamp(d, max=d_min) - d_hat)
+    overlap = torch.relu(target - d_hat)
     sq = torch.where(pairs, overlap * overlap, torch.zeros_like(d_hat)).sum((1, 2))
     return sq / mask.sum(1).clamp(min=1).to(sq.dtype)
+
+
+class OwnStates:
+    """A pool of the model's own sampling states (x_t, t, mask) from ``scripts/own_states.py``'s .npz."""
+
+    def __init__(self, path, max_t: int, max_length: int) -> None:
+        try:
+            with np.load(path) as f:
+                x, t, lengths = f["x"], f["t"], f["lengths"]
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"own_states {path}: not a states file of scripts/own_states.py ({e})") from None
+        if x.ndim != 4 or x.shape[:2] != (len(t), len(lengths)) or x.shape[3] != 3 or x.shape[2] < lengths.max():
+            raise ValueError(f"own_states {path}: x has shape {x.shape}, expected (steps={len(t)}, "
+                             f"designs={len(lengths)}, >= {lengths.max()}, 3)")
+        if lengths.max() > max_length:
+            raise ValueError(f"own_states {path}: designs of length {lengths.max()} > the model's max_length {max_length}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"own_states {path}: x holds NaN or inf")
+        keep = np.flatnonzero(t <= max_t)
+        if not len(keep):
+            raise ValueError(f"own_states {path}: no state with t <= {max_t} (t {t.min()}..{t.max()})")
+        self.x = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
+        self.t = torch.from_numpy(t[keep].astype(np.int64))
+        self.lengths = torch.from_numpy(lengths.astype(np.int64))
+
+    def __len__(self) -> int:
+        return self.x.shape[0] * self.x.shape[1]
+
+    def batch(self, size: int, seed: int):
+        """``size`` states drawn uniformly with ``seed``: (x_t, t, mask), padded to the longest drawn."""
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randint(0, len(self), (size,), generator=g)
+        step, design = pick // self.x.shape[1], pick % self.x.shape[1]
+        lengths = self.lengths[design]
+        n = int(lengths.max())
+        mask = torch.arange(n).unsqueeze(0) < lengths.unsqueeze(1)
+        return self.x[step, design, :n], self.t[step], mask
+
+
+def own_clash_loss(model, schedule: NoiseSchedule, states: OwnStates, size: int, seed: int, rank: int, world: int,
+                   device, clash_distance: float = 0.38) -> torch.Tensor:
+    """The mean over ``size`` own states of alpha_bar_t / (1 - alpha_bar_t) ``clash_loss`` (x0 None) of
+    the predicted x_0, on this rank's slice (the global mean once DDP averages the ranks)."""
+    x_t, t, mask = states.batch(size, seed)
+    mine = slice(rank * size // world, (rank + 1) * size // world)
+    x_t, t, mask = x_t[mine].to(device), t[mine].to(device), mask[mine].to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+        eps_hat = model(x_t, t, mask)
+    x0_hat = predict_x0_from_eps(schedule, x_t, t, eps_hat.float())
+    alpha_bar = schedule.coef("alpha_bars", t, x0_hat).view(-1)
+    return (alpha_bar / (1 - alpha_bar) * clash_loss(x0_hat, None, mask, clash_distance)).sum() / size
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device,
@@ -285,6 +346,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         raise ValueError(f"input_perturbation must be >= 0, got {cfg.input_perturbation}")
     if cfg.clash_max_t is not None and cfg.clash_max_t < 1:
         raise ValueError(f"clash_max_t must be >= 1 (or None: structure_max_t), got {cfg.clash_max_t}")
+    if not (cfg.own_clash_weight >= 0 and cfg.own_batch >= 1 and cfg.own_max_t >= 1):
+        raise ValueError(f"own_clash_weight must be >= 0, own_batch and own_max_t >= 1, got {cfg.own_clash_weight}, "
+                         f"{cfg.own_batch}, {cfg.own_max_t}")
+    if cfg.own_clash_weight > 0 and not cfg.own_states:
+        raise ValueError("own_clash_weight > 0 needs own_states (a file of scripts/own_states.py)")
     init_distributed(cfg.device)
     rank, world = _dist_info()
     device = torch.device(cfg.device)
@@ -301,6 +367,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if len(train_set) == 0:
         raise ValueError(f"{cfg.data}: no training chains of length {cfg.min_length}..{cfg.max_length}")
     model_cfg = ProtDiffConfig(**{**ProtDiffConfig(max_length=cfg.max_length).to_dict(), **cfg.model})
+    own_states = None
+    if cfg.own_clash_weight > 0:
+        if world > 1:  # a second forward per step under DDP: not supported (nor tested) yet
+            raise ValueError("own_clash_weight > 0 runs in one process only (not under torchrun/DDP yet)")
+        own_states = OwnStates(cfg.own_states, cfg.own_max_t, model_cfg.max_length)
     torch.manual_seed(cfg.seed)  # parameter initialisation
     model = ProtDiff(model_cfg, backend=cfg.backend).to(device)
     schedule = NoiseSchedule(model_cfg.num_timesteps, model_cfg.beta_start, model_cfg.beta_end)
@@ -362,6 +433,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                                        device, cfg.low_t_fraction, cfg.low_t_max, cfg.structure_weight,
                                        cfg.structure_max_t, cfg.structure_cutoff, cfg.clash_weight,
                                        cfg.clash_distance, cfg.clash_max_t, cfg.input_perturbation)
+        if own_states is not None:  # its own draw per step (not the main generator's): resume stays exact
+            loss = loss + cfg.own_clash_weight * own_clash_loss(ddp_model, schedule, own_states, cfg.own_batch,
+                                                                cfg.seed * 1000003 + step, rank, world, device,
+                                                                cfg.clash_distance)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)

@@ -750,3 +750,139 @@ def test_input_perturbation_feeds_x_t_of_perturbed_noise_and_keeps_the_target(tm
                  "--hidden", "16", "--edge-dim", "8", "--layers", "2", "--val-every", "0", "--no-progress",
                  "--input-perturbation", "0.1"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["input_perturbation"] == 0.1
+
+
+def test_clash_loss_without_data_targets_d_min_for_every_pair():
+    """x0 None (a state of the model's own sampling, no data behind it): every pair |i - j| >= 2 closer
+    than d_min costs, a close contact too."""
+    from protdiff_fast.train import clash_loss
+
+    x = torch.zeros(1, 5, 3, dtype=F64)
+    x[0, :, 0] = torch.arange(5, dtype=F64) * 0.38
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    assert float(clash_loss(x, None, mask)[0]) == 0.0
+    close = x.clone()
+    close[0, 4] = x[0, 0] + torch.tensor([0.0, 0.3, 0.0], dtype=F64)
+    assert float(clash_loss(close, close, mask)[0]) == 0.0  # the data's own contact: free
+    dh = torch.cdist(close[0], close[0])
+    expect = sum(max(0.38 - float(dh[i, j]), 0.0) ** 2 for i in range(5) for j in range(i + 2, 5)) / 5
+    assert expect > 0
+    assert float(clash_loss(close, None, mask)[0]) == pytest.approx(expect, rel=1e-6)
+    far = close * 100.0  # data far apart: the cap is d_min everywhere, as with None
+    assert float(clash_loss(close, far, mask)[0]) == pytest.approx(expect, rel=1e-6)
+
+
+def _own_states_file(path, steps=(6, 5, 4, 3, 2, 1), lengths=(12, 30), seed=0, clash=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(len(steps), len(lengths), max(lengths), 3)
+    for k, n in enumerate(lengths):
+        chain = torch.cumsum(torch.randn(len(steps), n, 3, generator=g) * 0.3, dim=1)
+        if clash:  # residue n - 1 folded onto residue 0: a clash in every state
+            chain[:, n - 1] = chain[:, 0] + 0.05
+        x[:, k, :n] = chain - chain.mean(1, keepdim=True)
+    import numpy as np
+
+    np.savez(path, x=x.numpy(), t=np.asarray(steps), lengths=np.asarray(lengths), clashed=len(lengths))
+    return path
+
+
+def test_own_states_pool_draws_padded_states_and_checks_its_file(tmp_path):
+    import numpy as np
+
+    from protdiff_fast.train import OwnStates
+
+    f = _own_states_file(tmp_path / "s.npz")
+    pool = OwnStates(f, max_t=4, max_length=40)
+    assert len(pool) == 4 * 2 and sorted(pool.t.tolist()) == [1, 2, 3, 4]
+    x, t, mask = pool.batch(64, seed=3)
+    assert x.shape[0] == 64 and int(t.max()) <= 4 and x.shape[1] == int(mask.sum(1).max())
+    assert set(mask.sum(1).tolist()) == {12, 30}
+    assert float(x[~mask].abs().max()) == 0.0
+    x2, t2, _ = pool.batch(64, seed=3)
+    assert torch.equal(x, x2) and torch.equal(t, t2)
+    with pytest.raises(ValueError, match="no state with t <= 0"):
+        OwnStates(f, max_t=0, max_length=40)
+    with pytest.raises(ValueError, match="length 30 > the model's max_length 20"):
+        OwnStates(f, max_t=4, max_length=20)
+    with pytest.raises(ValueError, match="not a states file"):
+        OwnStates(tmp_path / "missing.npz", max_t=4, max_length=40)
+    np.savez(tmp_path / "nan.npz", x=np.full((1, 1, 5, 3), np.nan, np.float32), t=np.array([1]), lengths=np.array([5]))
+    with pytest.raises(ValueError, match="NaN"):
+        OwnStates(tmp_path / "nan.npz", max_t=4, max_length=40)
+    np.savez(tmp_path / "shape.npz", x=np.zeros((2, 1, 5, 3), np.float32), t=np.array([1]), lengths=np.array([5]))
+    with pytest.raises(ValueError, match="x has shape"):
+        OwnStates(tmp_path / "shape.npz", max_t=4, max_length=40)
+
+
+def test_own_clash_loss_is_the_snr_weighted_clash_of_the_predicted_x0(tmp_path):
+    from protdiff_fast.diffusion.schedule import NoiseSchedule
+    from protdiff_fast.reference.ddpm import predict_x0_from_eps
+    from protdiff_fast.train import OwnStates, clash_loss, own_clash_loss
+
+    m = small_model().float()
+    sched = NoiseSchedule(100)
+    pool = OwnStates(_own_states_file(tmp_path / "s.npz"), max_t=6, max_length=40)
+    got = own_clash_loss(m, sched, pool, 5, 11, 0, 1, "cpu")
+    x_t, t, mask = pool.batch(5, 11)
+    with torch.no_grad():
+        x0_hat = predict_x0_from_eps(sched, x_t, t, m(x_t, t, mask))
+    ab = sched.alpha_bars[t].float()
+    want = (ab / (1 - ab) * clash_loss(x0_hat, None, mask)).sum() / 5
+    assert float(want) > 0
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    got.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in m.parameters())
+
+
+def test_own_state_clash_training_resumes_bit_for_bit_and_checks_its_options(tmp_path):
+    states = _own_states_file(tmp_path / "s.npz")
+    kw = dict(own_states=str(states), own_clash_weight=2.0, own_batch=4, own_max_t=4, steps=6)
+    straight = train(cfg(tmp_path, "a", **kw), progress=False)
+    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=2)
+    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
+    for p, q in zip(params(straight["model"]), params(resumed["model"])):
+        assert torch.equal(p, q)
+    without = train(cfg(tmp_path, "c", steps=6), progress=False)
+    assert any(not torch.equal(p, q) for p, q in zip(params(straight["model"]), params(without["model"])))
+    with pytest.raises(ValueError, match="needs own_states"):
+        train(cfg(tmp_path, "bad", own_clash_weight=1.0), progress=False)
+    with pytest.raises(ValueError, match="own_clash_weight must be >= 0"):
+        train(cfg(tmp_path, "bad", own_states=str(states), own_clash_weight=1.0, own_batch=0), progress=False)
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "cli"
+    assert main(["train", "--data", str(demo_data_path()), "--out", str(out), "--steps", "2", "--batch-size", "4",
+                 "--hidden", "16", "--edge-dim", "8", "--layers", "2", "--val-every", "0", "--no-progress",
+                 "--own-states", str(states), "--own-clash-weight", "3", "--own-batch", "2", "--own-max-t", "5"]) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["config"]
+    assert (saved["own_clash_weight"], saved["own_batch"], saved["own_max_t"]) == (3.0, 2, 5)
+
+
+def test_own_states_script_keeps_the_low_t_states_of_sampling(tmp_path):
+    """scripts/own_states.py keeps the x_t of every reverse step at t <= --max-t, centred and zero-padded;
+    scripts/clash_onset.py runs on the same model."""
+    import numpy as np
+
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.train import OwnStates
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "own.npz"
+    proc = subprocess.run([sys.executable, "scripts/own_states.py", str(shipped_checkpoint()), str(demo_data_path()),
+                           "--out", str(out), "--num", "2", "--seed", "4", "--max-t", "8"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 designs" in proc.stdout and "8 steps kept" in proc.stdout
+    with np.load(out) as f:
+        x, t, lengths = f["x"], f["t"], f["lengths"]
+    assert t.tolist() == list(range(8, 0, -1)) and x.shape == (8, 2, int(lengths.max()), 3)
+    assert np.isfinite(x).all() and 40 <= lengths.min() <= lengths.max() <= 128
+    for k, n in enumerate(lengths):
+        assert np.abs(x[:, k, n:]).max(initial=0.0) == 0.0
+        assert np.abs(x[:, k, :n].mean(1)).max() < 1e-4  # centred, as the sampler keeps x_t
+    assert len(OwnStates(out, max_t=8, max_length=128)) == 16
+    proc = subprocess.run([sys.executable, "scripts/clash_onset.py", str(shipped_checkpoint()), str(demo_data_path()),
+                           "--split", "val", "--repeats", "1", "--num", "2", "--seed", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-2].startswith("onset (last t with the pair >= 3.8 A) in x_t:")
