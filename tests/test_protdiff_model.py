@@ -139,6 +139,17 @@ def params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def train_and_check_resume(tmp_path, stop_after=2, **kw):
+    """Train straight through, then stop after ``stop_after`` steps and resume: the weights must be the
+    same bits. Returns the straight run's result."""
+    straight = train(cfg(tmp_path, "a", **kw), progress=False)
+    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=stop_after)
+    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
+    for p, q in zip(params(straight["model"]), params(resumed["model"])):
+        assert torch.equal(p, q)
+    return straight
+
+
 def test_training_reduces_the_loss_and_resume_is_bit_for_bit(tmp_path):
     full = train(cfg(tmp_path, "full", steps=40, ckpt_every=20), progress=False)
     hist = json.loads((tmp_path / "full" / "history.json").read_text())
@@ -287,22 +298,14 @@ def test_low_t_timesteps_weight_the_last_steps_and_default_draws_are_unchanged(t
 
 def test_low_t_training_runs_and_resumes_bit_for_bit(tmp_path):
     kw = dict(low_t_fraction=0.5, low_t_max=20, steps=6)
-    straight = train(cfg(tmp_path, "a", **kw), progress=False)
-    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=2)
-    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
-    for p, q in zip(params(straight["model"]), params(resumed["model"])):
-        assert torch.equal(p, q)
+    straight = train_and_check_resume(tmp_path, **kw)
     plain = train(cfg(tmp_path, "c", steps=6), progress=False)
     assert any(not torch.equal(p, q) for p, q in zip(params(straight["model"]), params(plain["model"])))
 
 
 def test_cropped_cosine_training_resumes_bit_for_bit(tmp_path):
     kw = dict(crop=True, max_length=60, lr_schedule="cosine", steps=8)
-    straight = train(cfg(tmp_path, "a", **kw), progress=False)
-    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=3)
-    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
-    for p, q in zip(params(straight["model"]), params(resumed["model"])):
-        assert torch.equal(p, q)
+    train_and_check_resume(tmp_path, stop_after=3, **kw)
     # cropping served windows of longer demo chains (the demo set has chains of 40..128)
     from protdiff_fast.train import load_data, training_batch
 
@@ -448,11 +451,7 @@ def test_structure_term_adds_the_snr_weighted_distance_loss_of_the_low_t_designs
 
 def test_structure_loss_training_runs_resumes_bit_for_bit_and_checks_its_options(tmp_path):
     kw = dict(structure_weight=0.5, structure_max_t=60, low_t_fraction=0.5, low_t_max=20, steps=6)
-    straight = train(cfg(tmp_path, "a", **kw), progress=False)
-    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=2)
-    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
-    for p, q in zip(params(straight["model"]), params(resumed["model"])):
-        assert torch.equal(p, q)
+    straight = train_and_check_resume(tmp_path, **kw)
     without = train(cfg(tmp_path, "c", **dict(kw, structure_weight=0.0)), progress=False)
     assert any(not torch.equal(p, q) for p, q in zip(params(straight["model"]), params(without["model"])))
     for bad in (dict(structure_weight=-1.0), dict(structure_max_t=0), dict(structure_cutoff=0.0)):
@@ -838,11 +837,7 @@ def test_own_clash_loss_is_the_snr_weighted_clash_of_the_predicted_x0(tmp_path):
 def test_own_state_clash_training_resumes_bit_for_bit_and_checks_its_options(tmp_path):
     states = _own_states_file(tmp_path / "s.npz")
     kw = dict(own_states=str(states), own_clash_weight=2.0, own_batch=4, own_max_t=4, steps=6)
-    straight = train(cfg(tmp_path, "a", **kw), progress=False)
-    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=2)
-    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
-    for p, q in zip(params(straight["model"]), params(resumed["model"])):
-        assert torch.equal(p, q)
+    straight = train_and_check_resume(tmp_path, **kw)
     without = train(cfg(tmp_path, "c", steps=6), progress=False)
     assert any(not torch.equal(p, q) for p, q in zip(params(straight["model"]), params(without["model"])))
     with pytest.raises(ValueError, match="needs own_states"):
