@@ -138,7 +138,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       structure_cutoff=args.structure_cutoff / 10.0, clash_weight=args.clash_weight,
                       clash_distance=args.clash_distance / 10.0, clash_max_t=args.clash_max_t,
                       input_perturbation=args.input_perturbation, own_states=args.own_states or "",
-                      own_clash_weight=args.own_clash_weight, own_batch=args.own_batch, own_max_t=args.own_max_t)
+                      own_clash_weight=args.own_clash_weight, own_batch=args.own_batch, own_max_t=args.own_max_t,
+                      short_repeat=args.short_repeat, short_max_length=args.short_max_length)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
           + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
@@ -371,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "predicted x_0 on --own-batch of the --own-states per step (0: none)")
     tr.add_argument("--own-batch", type=int, default=8)
     tr.add_argument("--own-max-t", type=int, default=128, help="use the own states with t <= this")
+    tr.add_argument("--short-repeat", type=int, default=1, metavar="K",
+                    help="each training chain of at most --short-max-length residues appears K times per epoch "
+                         "(default 1: once)")
+    tr.add_argument("--short-max-length", type=int, default=64)
     tr.add_argument("--backend", default="auto")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")

@@ -55,6 +55,10 @@ class TrainConfig:
     # crop: also train on chains longer than max_length, one random break-free window of max_length
     # residues per chain and epoch (more data and more local structure than the short chains alone)
     crop: bool = False
+    # each training chain (or crop window) of at most short_max_length residues appears short_repeat
+    # times per epoch (1: once, as before): with --crop, chains of <= 50 residues are 1.5% of the mix
+    short_repeat: int = 1
+    short_max_length: int = 64
     lr_schedule: str = "constant"  # or "cosine": lr * (f + (1 - f) (1 + cos(pi step / steps)) / 2), f = 0.02
     init: str = ""  # start from these weights (a checkpoint's model/EMA or a shipped file), fresh optimizer
     # a fraction of the training timesteps drawn from 1..low_t_max instead of 1..T: the same L_simple
@@ -109,6 +113,12 @@ def load_data(cfg: TrainConfig, split: Optional[str]) -> BackboneDataset:
                                                                           "dataset_cache.npz"))
     if crop:
         data = data.subset([i for i in range(len(data)) if len(data.crop_starts(i, cfg.max_length))])
+    if cfg.short_repeat > 1 and split in (None, "train"):
+        # copies sit next to the original (same index order), so the epoch's draw differs from a run
+        # without the option only in which items exist; each copy gets its own rotation, t and noise
+        served = np.minimum(data.lengths, cfg.max_length) if crop else data.lengths
+        data = data.subset([i for i in range(len(data))
+                            for _ in range(cfg.short_repeat if served[i] <= cfg.short_max_length else 1)])
     return data
 
 
@@ -349,6 +359,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if not (cfg.own_clash_weight >= 0 and cfg.own_batch >= 1 and cfg.own_max_t >= 1):
         raise ValueError(f"own_clash_weight must be >= 0, own_batch and own_max_t >= 1, got {cfg.own_clash_weight}, "
                          f"{cfg.own_batch}, {cfg.own_max_t}")
+    if cfg.short_repeat < 1 or cfg.short_max_length < 1:
+        raise ValueError(f"short_repeat and short_max_length must be >= 1, got {cfg.short_repeat}, "
+                         f"{cfg.short_max_length}")
     if cfg.own_clash_weight > 0 and not cfg.own_states:
         raise ValueError("own_clash_weight > 0 needs own_states (a file of scripts/own_states.py)")
     init_distributed(cfg.device)

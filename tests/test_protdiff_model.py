@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -315,6 +316,35 @@ def test_cropped_cosine_training_resumes_bit_for_bit(tmp_path):
     names = [n for s in range(4) for n in training_batch(data, c, s)["names"]]
     assert any(":" in n for n in names)
     assert all(training_batch(data, c, s)["coords"].shape[1] <= 60 for s in range(4))
+
+
+def test_short_repeat_serves_short_chains_k_times_per_epoch_and_resumes(tmp_path):
+    from protdiff_fast.train import load_data
+
+    plain = load_data(cfg(tmp_path, "p", crop=True, max_length=60), "train")
+    kw = dict(crop=True, max_length=60, short_repeat=3, short_max_length=50, steps=6)
+    data = load_data(cfg(tmp_path, "c", **kw), "train")
+    served = np.minimum(plain.lengths, 60)
+    short = [n for n, L in zip(plain.names, served) if L <= 50]
+    assert 0 < len(short) < len(plain)
+    assert len(data) == len(plain) + 2 * len(short)
+    for name in plain.names:
+        assert data.names.count(name) == (3 if name in short else 1)
+    # validation chains are never repeated
+    assert load_data(cfg(tmp_path, "c", **kw), "val").names == load_data(cfg(tmp_path, "p", crop=True,
+                                                                                max_length=60), "val").names
+    train_and_check_resume(tmp_path, **kw)
+    with pytest.raises(ValueError, match="short_repeat and short_max_length must be >= 1"):
+        train(cfg(tmp_path, "bad", short_repeat=0), progress=False)
+    assert not (tmp_path / "bad").exists()
+    from protdiff_fast.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "--data", str(demo_data_path()), "--out", str(out), "--steps", "1", "--batch-size", "4",
+                 "--hidden", "16", "--edge-dim", "8", "--layers", "2", "--val-every", "0", "--no-progress",
+                 "--short-repeat", "4", "--short-max-length", "50"]) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["config"]
+    assert (saved["short_repeat"], saved["short_max_length"]) == (4, 50)
 
 
 def test_init_starts_from_given_weights_and_refuses_another_architecture(tmp_path):
