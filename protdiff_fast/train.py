@@ -382,8 +382,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     model_cfg = ProtDiffConfig(**{**ProtDiffConfig(max_length=cfg.max_length).to_dict(), **cfg.model})
     own_states = None
     if cfg.own_clash_weight > 0:
-        if world > 1:  # a second forward per step under DDP: not supported (nor tested) yet
-            raise ValueError("own_clash_weight > 0 runs in one process only (not under torchrun/DDP yet)")
+        if cfg.own_batch % world:
+            raise ValueError(f"own_batch {cfg.own_batch} must be divisible by the {world} processes")
         own_states = OwnStates(cfg.own_states, cfg.own_max_t, model_cfg.max_length)
     torch.manual_seed(cfg.seed)  # parameter initialisation
     model = ProtDiff(model_cfg, backend=cfg.backend).to(device)
@@ -447,7 +447,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                                        cfg.structure_max_t, cfg.structure_cutoff, cfg.clash_weight,
                                        cfg.clash_distance, cfg.clash_max_t, cfg.input_perturbation)
         if own_states is not None:  # its own draw per step (not the main generator's): resume stays exact
-            loss = loss + cfg.own_clash_weight * own_clash_loss(ddp_model, schedule, own_states, cfg.own_batch,
+            # the bare module: DDP runs one forward per backward; the gradients of both terms reach each
+            # parameter's accumulator together, so its all-reduce hook still fires once per step
+            loss = loss + cfg.own_clash_weight * own_clash_loss(model, schedule, own_states, cfg.own_batch,
                                                                 cfg.seed * 1000003 + step, rank, world, device,
                                                                 cfg.clash_distance)
         for group in opt.param_groups:

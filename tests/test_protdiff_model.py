@@ -201,8 +201,11 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # with the structure term on (half the timesteps low): its per-rank share is normalised globally too
-    extra = ["--structure-weight", "0.5", "--low-t-fraction", "0.5"]
+    # with the structure term on (half the timesteps low) and the clash term on the model's own states
+    # (a second forward per step): their per-rank shares are normalised globally too
+    states = _own_states_file(tmp_path / "s.npz")
+    extra = ["--structure-weight", "0.5", "--low-t-fraction", "0.5", "--own-states", str(states),
+             "--own-clash-weight", "3", "--own-batch", "4", "--own-max-t", "5"]
     one = subprocess.run(_train_cmd(tmp_path / "one", 6, extra), capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -864,7 +867,7 @@ def test_own_clash_loss_is_the_snr_weighted_clash_of_the_predicted_x0(tmp_path):
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in m.parameters())
 
 
-def test_own_state_clash_training_resumes_bit_for_bit_and_checks_its_options(tmp_path):
+def test_own_state_clash_training_resumes_bit_for_bit_and_checks_its_options(tmp_path, monkeypatch):
     states = _own_states_file(tmp_path / "s.npz")
     kw = dict(own_states=str(states), own_clash_weight=2.0, own_batch=4, own_max_t=4, steps=6)
     straight = train_and_check_resume(tmp_path, **kw)
@@ -875,6 +878,12 @@ def test_own_state_clash_training_resumes_bit_for_bit_and_checks_its_options(tmp
     with pytest.raises(ValueError, match="own_clash_weight must be >= 0"):
         train(cfg(tmp_path, "bad", own_states=str(states), own_clash_weight=1.0, own_batch=0), progress=False)
     assert not (tmp_path / "bad").exists()
+    import protdiff_fast.train as train_module
+
+    monkeypatch.setattr(train_module, "_dist_info", lambda: (0, 2))  # as rank 0 of two under torchrun
+    with pytest.raises(ValueError, match="own_batch 3 must be divisible by the 2 processes"):
+        train(cfg(tmp_path, "odd", own_states=str(states), own_clash_weight=1.0, own_batch=3), progress=False)
+    monkeypatch.undo()
     out = tmp_path / "cli"
     assert main(["train", "--data", str(demo_data_path()), "--out", str(out), "--steps", "2", "--batch-size", "4",
                  "--hidden", "16", "--edge-dim", "8", "--layers", "2", "--val-every", "0", "--no-progress",
