@@ -742,6 +742,43 @@ def test_clash_scripts_trace_one_design_and_list_clashing_pairs():
     assert proc.stdout.splitlines()[-1].startswith("sequence separation: pairs [")
 
 
+def test_length_outcomes_drops_a_diverged_design_and_keeps_the_others_trajectories():
+    """scripts/length_outcomes.py: a design that diverges is reported with its step and the others are
+    sampled again with their own noise (the same result as alone); its CLI runs the shipped model."""
+    import importlib.util
+
+    import protdiff_fast.diffusion.sampler as sampler
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.diffusion import DDPMScheduler
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("length_outcomes", root / "scripts" / "length_outcomes.py")
+    lo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lo)
+
+    def model(x, t, mask):  # blows up at the first step the designs whose x_T has x_0 > x_1 (first axis)
+        blow = ((x[:, :1, :1] > x[:, 1:2, :1]) & (t.view(-1, 1, 1) == 100)).to(x.dtype)
+        return -1e6 * x * blow
+
+    scheduler = DDPMScheduler(100)
+    rows = lo.outcomes(model, scheduler, 10, 8, seed=0, apart=50.0)
+    kinds = [r[0] for r in rows]
+    assert "diverged" in kinds and "finished" in kinds, kinds
+    assert all(r[1] == 100 for r in rows if r[0] == "diverged")
+    for i, (kind, _, rg, close) in enumerate(rows):
+        if kind == "finished":
+            alone = sampler.sample(model, [10] * 8, seed=0, scheduler=scheduler, design_indices=[i], progress=False,
+                                   metrics=False)[i]
+            assert rg == pytest.approx(lo.rg_ratio(np.asarray(alone, dtype=np.float64)))
+            assert math.isfinite(close) and close > 0
+    proc = subprocess.run([sys.executable, "scripts/length_outcomes.py", str(shipped_checkpoint()), "--length", "12",
+                           "--num", "3", "--steps", "50"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert [ln.split()[:2] for ln in lines[:3]] == [["design", "0"], ["design", "1"], ["design", "2"]]
+    assert lines[-1].startswith("3 designs of length 12 (seed 7): ") and "rg_ratio median" in lines[-1]
+
+
 def test_input_perturbation_feeds_x_t_of_perturbed_noise_and_keeps_the_target(tmp_path):
     """DDPM-IP: x_t = sqrt(ab) x0 + sqrt(1 - ab) (eps + gamma xi), xi drawn after t and eps from the same
     generator (so t and eps are a plain run's), L_simple against eps; gamma 0 draws nothing extra."""
