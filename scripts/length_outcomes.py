@@ -1,6 +1,6 @@
 """How often a model's designs of one length come apart: sample --num designs of --length and give each
 one outcome: diverged (the sampler's 1e4-unit stop, at step t), apart (Rg / 2.2 N^0.38 above --apart;
-real chains of 40-50 residues in ../shared/data: 1.08-1.49), or finished; plus the closest CA pair
+the 8 real chains of 40-50 residues in ../shared/data: 0.96-1.49), or finished; plus the closest CA pair
 |i - j| >= 2. A diverged design is dropped and the others are sampled again (per-design noise: the
 same trajectories), so one runaway does not hide the rest.
 
