@@ -1,7 +1,8 @@
 """The sampling issue's checks that need a GPU: the Triton DDPM step on CUDA tensors against the float64
 reference (explicit noise), its in-kernel Philox noise statistically, and CUDA graph capture of the
 whole reverse step (model + step) giving exactly what the uncaptured loop gives, with the shipped model,
-in float32 and under bf16 autocast. Prints one line per check and exits 1 on a failure.
+in float32 and under bf16 autocast; and ``on_diverge="skip"`` under capture (designs whose model output
+turns NaN set aside, the others unchanged). Prints one line per check and exits 1 on a failure.
 
     python3 benchmarks/gpu_check_sampler.py     # under a minute, most of it kernel compiles
     python3 benchmarks/gpu_check_sampler.py --device cpu --backend cpu --quick   # smoke test of the script
@@ -164,6 +165,37 @@ def check_graph_capture(autocast) -> None:
               f"max |diff| {float(np.abs(alone[2] - batch[2]).max()):.2e} A", flush=True)
 
 
+def check_on_diverge_skip() -> None:
+    """sample(on_diverge="skip", cuda_graphs=True): designs of one length get a NaN model output from
+    t = T - 3 on (inside the captured graph); they come back None and every other design is bitwise what
+    a run without the failure gives."""
+    torch.manual_seed(0)
+    model = ProtDiff(hidden_dim=16, edge_dim=16, num_layers=2, max_length=128, num_timesteps=20,
+                     backend=BACKEND).to(CUDA).eval()
+
+    class Failing(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+            self.backend = inner.backend
+
+        def forward(self, x, t, mask):
+            eps = self.inner(x, t, mask)
+            rows = ((mask.sum(1) == 45) & (t <= self.config.num_timesteps - 3)).view(-1, 1, 1)
+            return torch.where(rows, torch.full_like(eps, float("nan")), eps)
+
+    lengths = [60, 45, 128, 90, 45, 110, 52, 45]
+    kw = dict(seed=3, device=CUDA, progress=False, metrics=False, batch_size=4, cuda_graphs=True)
+    clean = sample(model, lengths, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and goes on uncaptured
+        got = sample(Failing(model), lengths, on_diverge="skip", **kw)
+    failed = [i for i, x in enumerate(got) if x is None]
+    same = all(np.array_equal(a, b) for a, b in zip(got, clean) if a is not None)
+    report(failed == [1, 4, 7] and same, f"sample(on_diverge='skip') with graphs: set aside {failed} (want [1, 4, 7]), "
+                                         f"the others bitwise unchanged {same}")
+
+
 def main() -> int:
     global CUDA, BACKEND, QUICK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,7 +206,7 @@ def main() -> int:
     CUDA, BACKEND, QUICK = torch.device(args.device), args.backend, args.quick
     print(torch.cuda.get_device_name() if CUDA.type == "cuda" else "cpu", "torch", torch.__version__, flush=True)
     for check in (check_step_against_reference, check_in_kernel_noise, lambda: check_graph_capture(None),
-                  lambda: check_graph_capture(torch.bfloat16)):
+                  lambda: check_graph_capture(torch.bfloat16), check_on_diverge_skip):
         try:
             check()
         except Exception as err:  # noqa: BLE001 - report and go on: one device call must bring back everything

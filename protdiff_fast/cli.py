@@ -203,7 +203,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    design_indices=None if args.design_index is None else [args.design_index],
                    file_format=args.format, compress=args.gzip, trajectory_every=args.trajectory_every,
                    overwrite=args.overwrite, cuda_graphs=False if args.no_cuda_graphs else None,
-                   autocast=getattr(__import__("torch"), AUTOCAST_DTYPES[args.autocast]) if args.autocast else None)
+                   autocast=getattr(__import__("torch"), AUTOCAST_DTYPES[args.autocast]) if args.autocast else None,
+                   on_diverge="skip" if args.on_diverge == "skip" else "raise")
     except OutputError as err:  # disk full: what is finished stays; say how to continue
         print(f"protdiff-fast sample: error: {err.strerror}", file=sys.stderr)
         return 3
@@ -217,15 +218,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                  **{k: float("nan") if v is None else v for k, v in (e.get("metrics") or {}).items()})
             for _, e in sorted(finished.items())]
     designs = rows
+    failed = read_manifests(args.out, section="failed")
     summary = summarize(rows)
 
     from protdiff_fast.io.jsonio import dumps_strict
     from protdiff_fast.io.structure import _atomic_write
 
     _atomic_write(_Path(args.out) / "metrics.json",
-                  lambda tmp: _Path(tmp).write_text(dumps_strict(dict(checkpoint=ckpt, summary=summary, designs=rows),
-                                                                 indent=1)))
+                  lambda tmp: _Path(tmp).write_text(dumps_strict(dict(
+                      checkpoint=ckpt, summary=summary, designs=rows,
+                      **({"failed": [failed[i] for i in sorted(failed)]} if failed else {})), indent=1)))
     print(f"{len(designs)} backbones -> {args.out} (checkpoint {ckpt})")
+    if failed:
+        print(f"{len(failed)} design(s) diverged and have no file (listed under 'failed' in manifest.json and "
+              f"metrics.json): " + ", ".join(f"{i} (length {e['length']}, t={e['t']})" for i, e in
+                                              sorted(failed.items())[:10]) + (" ..." if len(failed) > 10 else ""))
     print(format_table({"samples": summary}))
     return 0
 
@@ -420,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--trajectory-every", type=int, default=None, metavar="K",
                     help="also write every K-th reverse step of each design to design_<i>.traj.cif (multi-model "
                          "mmCIF); off by default")
+    sm.add_argument("--on-diverge", choices=["stop", "skip"], default="stop",
+                    help="a design whose sample diverges (NaN, or coordinates far out): stop the run with an error "
+                         "(default; finished designs stay), or skip: record it as failed in the manifest and go on")
     sm.add_argument("--overwrite", action="store_true",
                     help="OUT holds another run: delete that run's files and start again (default: refuse)")
     sm.set_defaults(func=_cmd_sample)

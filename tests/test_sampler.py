@@ -184,6 +184,117 @@ def test_sampler_bad_input_and_nan_model():
         sample(exploding, [9, 9, 9], scheduler=sched, progress=False)
 
 
+class FailsOnDesigns(ExactGaussianEps):
+    """The exact predictor, except for designs whose x_T has x[0, 0] > x[1, 0] (about half, decided by
+    each design's own noise, so whatever its batch): from ``t_fail`` down their eps is NaN (``"nan"``)
+    or -1e6 x, which drives x past DIVERGED_UNITS (``"explode"``)."""
+
+    def __init__(self, schedule, data_var, how, t_fail, max_length=None):
+        super().__init__(schedule, data_var, max_length)
+        self.how, self.t_fail, self.marked = how, t_fail, None
+
+    def __call__(self, x_t, t, mask):
+        eps = super().__call__(x_t, t, mask)
+        if int(t[0]) == self.schedule.num_timesteps:  # x_T: mark the designs that will fail
+            self.marked = x_t[:, 0, 0] > x_t[:, 1, 0]
+        rows = (self.marked & (t <= self.t_fail)).view(-1, 1, 1)
+        bad = torch.full_like(eps, float("nan")) if self.how == "nan" else -1e6 * x_t
+        return torch.where(rows, bad, eps)
+
+
+@pytest.mark.parametrize("backend, how", [("reference", "nan"), ("reference", "explode"), ("triton", "nan")] +
+                         ([("cpu", "nan"), ("cpu", "explode")] if HAS_CPU else []))
+def test_on_diverge_skip_sets_failed_designs_aside_and_the_others_come_out_unchanged(tmp_path, backend, how,
+                                                                                       capsys):
+    T, t_fail = (8, 4) if backend == "triton" else (30, 12)  # the interpreter: few steps
+    sched = DDPMScheduler(T, backend=backend)
+    lengths = [9, 7, 9, 8, 9, 6, 9, 9]
+    failing = FailsOnDesigns(sched.schedule, 1.0, how, t_fail=t_fail)
+    with pytest.raises(SamplingError, match=rf"at t={t_fail} for design \d \(length \d" if how == "nan" else
+                       rf"diverged .* after the step at t={t_fail} for design \d .*--on-diverge skip"):
+        sample(failing, lengths, seed=3, scheduler=sched, batch_size=4, progress=False)
+    clean = sample(ExactGaussianEps(sched.schedule, 1.0), lengths, seed=3, scheduler=sched, batch_size=4,
+                   progress=False)
+    folder = tmp_path / "run"
+    got = sample(failing, lengths, seed=3, scheduler=sched, batch_size=4, progress=False, out_dir=folder,
+                 on_diverge="skip")
+    failed = [i for i, x in enumerate(got) if x is None]
+    assert 0 < len(failed) < len(lengths), failed  # this seed fails some designs, not all
+    for i, x in enumerate(got):  # the others: exactly what they are when nothing fails
+        if x is not None:
+            np.testing.assert_array_equal(x, clean[i])
+            assert np.isfinite(x).all()
+    err = capsys.readouterr().err
+    assert "design(s) diverged and were set aside" in err
+    assert all(f"{i} (length {lengths[i]}, t={t_fail})" in err for i in failed)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(int(i) for i in manifest["designs"]) == [i for i in range(8) if i not in failed]
+    assert sorted(int(i) for i in manifest["failed"]) == failed
+    for i in failed:
+        entry = manifest["failed"][str(i)]
+        assert entry["t"] == t_fail and entry["length"] == lengths[i] and entry["index"] == i
+        assert entry["reason"].startswith("model output is NaN/Inf" if how == "nan" else "coordinates beyond 1e+04")
+        assert not list(folder.glob(f"design_{i:06d}.*"))
+    with open(folder / "manifest.csv") as f:
+        import csv
+
+        rows = {int(r["index"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == list(range(8))
+    assert all(rows[i]["status"].startswith(f"failed at t={t_fail}") and rows[i]["file"] == "" for i in failed)
+    assert all(rows[i]["status"] == "finished" for i in rows if i not in failed)
+    # resume does not retry a failed design (it would fail again): nothing left to do
+    calls = failing.calls
+    again = sample(failing, lengths, seed=3, scheduler=sched, batch_size=4, progress=False, out_dir=folder,
+                   on_diverge="skip", resume=True)
+    assert failing.calls == calls and all(x is None for x in again)
+    with pytest.raises(ValueError, match="on_diverge: 'raise' or 'skip'"):
+        sample(failing, lengths, scheduler=sched, progress=False, on_diverge="ignore")
+
+
+def test_a_run_where_nothing_fails_keeps_its_manifest_and_csv_shape(tmp_path):
+    sched = DDPMScheduler(10)
+    sample(ExactGaussianEps(sched.schedule, 1.0), [5, 6], scheduler=sched, progress=False, out_dir=tmp_path / "d",
+           on_diverge="skip")
+    assert "failed" not in json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert "status" not in (tmp_path / "d" / "manifest.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the shipped model on the cpu backend")
+def test_cli_on_diverge_skip(tmp_path, monkeypatch, capsys):
+    """sample --on-diverge skip with the shipped model made to fail on some designs: exit 0, the failed
+    designs named on stdout and in metrics.json; the default stops with exit 1 and names the design."""
+    import protdiff_fast.train as train
+    from protdiff_fast.cli import main
+
+    real_load = train.load_model
+
+    def load_failing(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        forward = model.forward
+
+        def failing_forward(x, t, mask):
+            eps = forward(x, t, mask)
+            rows = (mask.sum(1) == 41).view(-1, 1, 1)  # every design of length 41 breaks
+            return torch.where(rows, torch.full_like(eps, float("nan")), eps)
+
+        model.forward = failing_forward
+        return model
+
+    monkeypatch.setattr(train, "load_model", load_failing)
+    args = ["sample", "--length", "40,41", "--num", "6", "--steps", "10", "--seed", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "stop")]) == 1
+    assert "model output is NaN/Inf at t=1024 for design" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "skip"), "--on-diverge", "skip"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "skip" / "metrics.json").read_text())
+    manifest = json.loads((tmp_path / "skip" / "manifest.json").read_text())
+    failed = sorted(int(i) for i in manifest["failed"])
+    assert failed and all(manifest["failed"][str(i)]["length"] == 41 for i in failed)
+    assert all(e["length"] == 40 for e in manifest["designs"].values()) and len(manifest["designs"]) == 6 - len(failed)
+    assert f"{len(failed)} design(s) diverged and have no file" in out
+    assert [e["index"] for e in metrics["failed"]] == failed and metrics["summary"]["count"] == 6 - len(failed)
+
+
 def _sample_cmd(out, extra=()):
     return [sys.executable, "-m", "protdiff_fast.cli", "sample", "--length", "40..44", "--num-designs", "6",
             "--batch-size", "2", "--steps", "128", "--seed", "5", "--out", str(out), "--no-progress", *extra]

@@ -29,8 +29,11 @@ class DenoiseStep:
 
     def __init__(self, model: Callable, scheduler, mask: torch.Tensor, seeds: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None, capture: bool = False,
-                 autocast: Optional[torch.dtype] = None) -> None:
+                 autocast: Optional[torch.dtype] = None, step_finite_rows: bool = False) -> None:
         self.model, self.scheduler, self.mask = model, scheduler, mask
+        # a NaN/Inf model output: by default nothing steps (the caller stops); with step_finite_rows the
+        # other designs step on (the bad rows' eps taken as 0) and the caller sets the bad ones aside
+        self.step_finite_rows = step_finite_rows
         # the model call (not the step: x, eps and the DDPM update stay in x's dtype) under torch.autocast;
         # no cast cache: a captured graph must not hold casts made outside it
         self.autocast = autocast
@@ -48,9 +51,13 @@ class DenoiseStep:
                                 enabled=self.autocast is not None, cache_enabled=False):
                 eps = self.model(x, t, self.mask)
             eps = eps.to(x.dtype)
+            used = eps
             if check_eps and not bool(torch.isfinite(eps).all()):
-                return eps, x  # the caller names the step and design; the step itself would refuse NaN
-            out = self.scheduler.step(eps, t, x, mask=self.mask, seed=self.seeds, generator=self.generator)
+                if not self.step_finite_rows:
+                    return eps, x  # the caller names the step and design; the step itself would refuse NaN
+                finite = torch.isfinite(eps).flatten(1).all(1).view(-1, 1, 1)
+                used = torch.where(finite, eps, torch.zeros_like(eps))
+            out = self.scheduler.step(used, t, x, mask=self.mask, seed=self.seeds, generator=self.generator)
         return eps, out.prev_sample
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -306,6 +306,7 @@ def sample(
     cuda_graphs: Optional[bool] = None,
     autocast: Optional[torch.dtype] = None,
     batch_invariant: Optional[bool] = None,
+    on_diverge: str = "raise",
 ) -> List[Optional[np.ndarray]]:
     """Sample one backbone per entry of ``lengths`` (times ``num_samples`` when given).
 
@@ -341,6 +342,14 @@ def sample(
     the coordinates and the DDPM step in ``dtype``; part of the run's identity. On a GPU this is what
     reaches the bf16 tensor-core rate; designs differ from a float32 run by bf16 rounding.
 
+    ``on_diverge``: what a design that diverges (the model's output NaN/Inf, or coordinates beyond
+    ``DIVERGED_UNITS``) does to the run. ``"raise"`` (default): SamplingError naming the step and
+    design; the designs of earlier batches stay on disk. ``"skip"``: the design is set aside (its
+    entry in the result is None), listed under ``"failed"`` in the manifest with the step and reason
+    (and in the CSV with its status), and the others go on. With per-design noise they come out as
+    they would without it (every op of a step is per design). ``resume`` does not retry a failed
+    design: with the same model, seed and steps it fails again.
+
     Under torchrun (process group initialised) rank r samples the designs with index % world == r
     and keeps its own ``manifest.rank<r>.json``. A write that fails (disk full) raises OutputError
     after the designs finished so far are on disk and in the manifest; ``resume`` continues.
@@ -368,6 +377,8 @@ def sample(
     if out_of_range:
         raise ValueError(f"design_indices: {out_of_range[:5]} outside [0, {len(lengths) - 1}] "
                          f"(this run has {len(lengths)} designs)")
+    if on_diverge not in ("raise", "skip"):
+        raise ValueError(f"on_diverge: 'raise' or 'skip', got {on_diverge!r}")
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast: torch.bfloat16 or torch.float16 (or None), got {autocast!r}")
     seeds = design_seeds(seed, len(lengths))
@@ -381,12 +392,14 @@ def sample(
         run_info["autocast"] = str(autocast).replace("torch.", "")
     run_info = json.loads(json.dumps(run_info))  # the form it has when read back from the manifest
     finished: Dict[str, Dict] = {}  # this process's manifest
+    failed_so_far: Dict[str, Dict] = {}  # designs set aside (on_diverge="skip"), this process's manifest
     finished_any: set = set()  # finished by any process of this run (resume)
     rank, world = _distributed()
     if out_dir is not None:
         out_dir = Path(out_dir)
         manifest = out_dir / (MANIFEST if world == 1 else f"manifest.rank{rank}.json")
-        finished, finished_any = _prepare_folder(out_dir, manifest, run_info, resume, overwrite, rank, world)
+        finished, finished_any, failed_so_far = _prepare_folder(out_dir, manifest, run_info, resume, overwrite, rank,
+                                                                world)
     # under torchrun every rank takes every world-th design: no overlap, similar lengths per rank
     todo = [i for i in sorted(wanted) if i not in finished_any and i % world == rank]
     # the fused steps key their noise by (design seed, t): a design does not depend on its batch
@@ -413,7 +426,8 @@ def sample(
     if progress and (rank == 0 or not whole_run):
         run_todo = {i for i in wanted if i not in finished_any} if whole_run else set(todo)
         if finished_any:
-            print(f"sample: resuming: {len(finished_any)} designs already finished, {len(run_todo)} to go",
+            print(f"sample: resuming: {len(finished_any)} designs already done (finished, or set aside as diverged), "
+                  f"{len(run_todo)} to go",
                   file=progress_stream or sys.stderr)
         others = None
         if whole_run:
@@ -422,7 +436,8 @@ def sample(
                 for r in range(1, world):
                     path = out_dir / f"manifest.rank{r}.json"
                     try:
-                        keys = json.loads(path.read_text())["designs"]
+                        saved = json.loads(path.read_text())
+                        keys = list(saved["designs"]) + list(saved.get("failed") or {})
                     except (OSError, ValueError, KeyError):
                         continue  # not written yet (or being replaced): count it next time
                     done += sum(1 for key in keys if int(key) in run_todo)
@@ -438,8 +453,9 @@ def sample(
         units_before = bar.units if bar is not None else 0
         try:
             with invariant_products(batch_invariant):
-                x, frames = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device,
-                                           dtype, bar, trajectory_every, cuda_graphs, autocast)
+                x, frames, failed = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise,
+                                                   device, dtype, bar, trajectory_every, cuda_graphs, autocast,
+                                                   on_diverge)
         except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
             if not _is_oom(err) or len(idx) == 1:
                 raise
@@ -453,10 +469,18 @@ def sample(
                 bar.undo(bar.units - units_before)  # the failed steps are redone
             continue
         for k, i in enumerate(idx):
-            results[int(i)] = x[k, : lengths[i]].double().cpu().numpy() * scale
+            if int(i) not in failed:
+                results[int(i)] = x[k, : lengths[i]].double().cpu().numpy() * scale
+        if failed:
+            print(f"sample: {len(failed)} design(s) diverged and were set aside: " +
+                  ", ".join(f"{i} (length {lengths[i]}, t={f['t']})" for i, f in sorted(failed.items())),
+                  file=progress_stream or sys.stderr)
         if out_dir is not None:
             _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, lengths, seeds, suffix,
-                         scale, metrics, dict(backend=backends_used, device=str(device), version=version))
+                         scale, metrics, dict(backend=backends_used, device=str(device), version=version),
+                         failed, failed_so_far)
+        failed_so_far.update({str(i): dict(index=int(i), length=int(lengths[i]), seed=int(seeds[i]), **f)
+                              for i, f in failed.items()})
         if bar is not None:
             bar.finished(len(idx))
     if bar is not None:
@@ -466,7 +490,8 @@ def sample(
 
 def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool, overwrite: bool, rank: int,
                     world: int):
-    """Check the output folder against this run; returns (own finished entries, finished by any rank)."""
+    """Check the output folder against this run; returns (own finished entries, finished or failed by
+    any rank, own failed entries)."""
     saved = {}
     if out_dir.is_dir():
         for path in sorted(out_dir.glob("manifest*.json")):
@@ -484,7 +509,7 @@ def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool,
         path, d = next(iter(other.items()))
         raise ValueError(f"{out_dir}: holds a different sampling run ({path.name}: " + "; ".join(d) +
                          "); choose a new folder, or pass --overwrite to delete that run's files and start again")
-    finished, finished_any = {}, set()
+    finished, finished_any, failed = {}, set(), {}
     if overwrite:
         if rank == 0:  # one process deletes; the others wait at the barrier below
             for path, m in saved.items():
@@ -500,10 +525,11 @@ def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool,
             if saved and (out_dir / "metrics.json").is_file():
                 (out_dir / "metrics.json").unlink()
     elif resume and saved:
-        for path, m in saved.items():
-            finished_any.update(int(i) for i in m["designs"])
+        for path, m in saved.items():  # a failed design is not retried: it would fail the same way
+            finished_any.update(int(i) for i in list(m["designs"]) + list(m.get("failed") or {}))
         if manifest in saved:
             finished = dict(saved[manifest]["designs"])
+            failed = dict(saved[manifest].get("failed") or {})
     elif out_dir.exists() and any(out_dir.iterdir()):
         what = (f"holds this run with {sum(len(m['designs']) for m in saved.values())} of "
                 f"{len(run_info['lengths'])} designs finished; pass --resume to continue it or --overwrite to "
@@ -512,12 +538,17 @@ def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool,
     if world > 1:  # every rank has checked the folder before any rank writes into it
         torch.distributed.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
-    return finished, finished_any
+    return finished, finished_any, failed
 
 
 def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, lengths, seeds, suffix, scale,
-                 with_metrics, provenance) -> None:
-    """Files of one finished batch, then the manifest; a failed write becomes an OutputError."""
+                 with_metrics, provenance, failed=None, failed_before=None) -> None:
+    """Files of one finished batch, then the manifest; a failed write becomes an OutputError. Designs
+    in ``failed`` (set aside, {index: {"t", "reason"}}) get no file, only a manifest entry."""
+    failed = failed or {}
+    failed_all = dict(failed_before or {})
+    failed_all.update({str(i): dict(index=int(i), length=int(lengths[i]), seed=int(seeds[i]), **f)
+                       for i, f in failed.items()})
     from protdiff_fast.io.structure import write_backbone, write_trajectory
     from protdiff_fast.metrics.backbone import backbone_metrics
 
@@ -526,6 +557,8 @@ def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, le
         new = {}
         for k, i in enumerate(idx):
             i = int(i)
+            if i in failed:
+                continue
             name = f"design_{i:06d}{suffix}"
             current = out_dir / name
             try:
@@ -546,10 +579,13 @@ def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, le
             new[str(i)] = entry
         current = manifest
         # the manifest lists a design only once its files are complete
-        _write_manifest(manifest, dict(run=run_info, designs={**finished, **new}))
+        content = dict(run=run_info, designs={**finished, **new})
+        if failed_all:  # only then: manifests of runs where nothing failed stay as they were
+            content["failed"] = failed_all
+        _write_manifest(manifest, content)
         finished.update(new)
         current = manifest.with_suffix(".csv")
-        _write_manifest_csv(current, finished)
+        _write_manifest_csv(current, finished, failed_all)
     except OSError as err:
         done = len(finished)
         cause = ("the disk is full" if err.errno == errno.ENOSPC else
@@ -565,9 +601,10 @@ DIVERGED_UNITS = 1e4
 
 
 def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise, device, dtype, bar,
-                   trajectory_every=None, cuda_graphs=False, autocast=None):
-    """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units, and the
-    trajectory frames [(timestep, (B, L, 3) cpu float32)] when ``trajectory_every`` is set."""
+                   trajectory_every=None, cuda_graphs=False, autocast=None, on_diverge="raise"):
+    """All reverse steps of one padded batch; returns x_0 (B, L, 3) in model units, the trajectory
+    frames [(timestep, (B, L, 3) cpu float32)] when ``trajectory_every`` is set, and the designs that
+    diverged ({index: {"t", "reason"}}; with ``on_diverge="raise"`` the first one raises instead)."""
     L = int(max(lengths[i] for i in idx))
     mask = torch.zeros(len(idx), L, dtype=torch.bool)
     for k, i in enumerate(idx):
@@ -580,53 +617,78 @@ def _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_nois
         step_seed = None
         generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]) & ((1 << 63) - 1))
     x = initial_noise(batch_seeds.tolist(), L, mask, dtype, device)
+    x_start = x
     runner = DenoiseStep(model, scheduler, mask, seeds=None if step_seed is None else step_seed.to(device),
-                         generator=None if per_design_noise else generator, capture=cuda_graphs, autocast=autocast)
+                         generator=None if per_design_noise else generator, capture=cuda_graphs, autocast=autocast,
+                         step_finite_rows=on_diverge == "skip")
     frames = None
     if trajectory_every is not None:  # frame 0 is x_T; after step k the sample is x at the next timestep
         frames = [(int(steps[0]), x.detach().float().cpu().numpy().astype(np.float64))]
+    failed: Dict[int, Dict] = {}  # design index -> {"t", "reason"} (on_diverge="skip")
+    parked = None  # rows of failed designs, held at their x_T so the batch stays finite
     for k, step_t in enumerate(steps):
         t = torch.full((len(idx),), step_t, dtype=torch.long, device=device)
         eps, x = runner(x, t)  # model + step (a CUDA graph replay on GPU); outputs checked here
-        bad = ~torch.isfinite(eps).flatten(1).all(1)
+        # NaN/Inf from the model, or a diverging sample (e.g. too few strided steps, or lengths far
+        # outside the training range): coordinates no protein has (NaN fails the comparison too)
+        bad_eps = ~torch.isfinite(eps).flatten(1).all(1)
+        bad = bad_eps | ~(x.abs().flatten(1).amax(1) <= DIVERGED_UNITS)
+        if parked is not None:
+            bad &= ~parked
         if bool(bad.any()):
-            first = int(idx[int(bad.nonzero()[0])])
-            raise SamplingError(f"model output is NaN/Inf at t={step_t} for design {first} "
-                                f"(length {lengths[first]}, seed {seeds[first]})")
-        # a diverging sample (e.g. too few strided steps, or lengths far outside the training range):
-        # NaN/Inf, or coordinates no protein has; one reduction (NaN fails the comparison too)
-        bad = ~(x.abs().flatten(1).amax(1) <= DIVERGED_UNITS)
-        if bool(bad.any()):
-            first = int(idx[int(bad.nonzero()[0])])
-            raise SamplingError(f"the sample diverged (coordinates beyond {DIVERGED_UNITS:.0e} model units, or "
-                                f"Inf/NaN) after the "
-                                f"step at t={step_t} for design {first} (length {lengths[first]}, seed "
-                                f"{seeds[first]}); {len(steps)} reverse steps may be too few for this model, or the "
-                                "length outside what it was trained on")
+            rows = bad.nonzero().flatten().tolist()
+            first = int(idx[rows[0]])
+            if bool(bad_eps[rows[0]]):
+                reason = f"model output is NaN/Inf at t={step_t}"
+            else:
+                reason = (f"the sample diverged (coordinates beyond {DIVERGED_UNITS:.0e} model units, or Inf/NaN) "
+                          f"after the step at t={step_t}")
+            if on_diverge == "raise":
+                hint = "" if bool(bad_eps[rows[0]]) else (
+                    f"; {len(steps)} reverse steps may be too few for this model, or the length outside what it "
+                    "was trained on (--on-diverge skip records such designs as failed and goes on)")
+                raise SamplingError(f"{reason} for design {first} (length {lengths[first]}, seed {seeds[first]})"
+                                    + hint)
+            for r in rows:
+                i = int(idx[r])
+                why = ("model output is NaN/Inf" if bool(bad_eps[r]) else
+                       f"coordinates beyond {DIVERGED_UNITS:.0e} model units, or Inf/NaN")
+                failed[i] = dict(t=int(step_t), reason=why)
+            parked = bad if parked is None else parked | bad
+        if parked is not None:
+            # the other designs never see these rows (every op is per design), but keep them finite
+            x = torch.where(parked.view(-1, 1, 1), x_start, x)
         if frames is not None and ((k + 1) % trajectory_every == 0 or k == len(steps) - 1):
             t_now = int(steps[k + 1]) if k + 1 < len(steps) else 0
             frames.append((t_now, x.detach().cpu().numpy().astype(np.float64)))
         if bar is not None:
             bar.advance(len(idx))
-    return x, frames
+    return x, frames, failed
 
 
 MANIFEST = "manifest.json"
 CSV_FIRST = ["index", "file", "length", "seed", "device", "version", "backend", "trajectory"]
 
 
-def _manifest_csv(designs: Dict[str, Dict]) -> str:
-    """One row per design: the manifest's fields, metrics flattened, backends as egnn=cpu;ddpm_step=cpu."""
-    rows = [designs[k] for k in sorted(designs, key=int)]
+def _manifest_csv(designs: Dict[str, Dict], failed: Optional[Dict[str, Dict]] = None) -> str:
+    """One row per design: the manifest's fields, metrics flattened, backends as egnn=cpu;ddpm_step=cpu;
+    designs set aside (diverged) as rows with no file and a ``status`` column saying why."""
+    failed = failed or {}
+    rows = [designs[k] if k in designs else dict(failed[k], status=f"failed at t={failed[k]['t']}: "
+                                                                   f"{failed[k]['reason']}")
+            for k in sorted(set(designs) | set(failed), key=int)]
     metric_keys = sorted({m for r in rows for m in (r.get("metrics") or {})})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_FIRST + metric_keys)
+    first = CSV_FIRST + (["status"] if failed else [])  # the column only when something failed
+    writer.writerow(first + metric_keys)
     for r in rows:
         backend = r.get("backend")
         backend = ";".join(f"{k}={v}" for k, v in sorted(backend.items())) if isinstance(backend, dict) else backend
         base = dict(r, backend=backend)
-        writer.writerow([("" if base.get(c) is None else base.get(c)) for c in CSV_FIRST] +
+        if failed and "status" not in base:
+            base["status"] = "finished"
+        writer.writerow([("" if base.get(c) is None else base.get(c)) for c in first] +
                         [("" if (r.get("metrics") or {}).get(m) is None else r["metrics"][m]) for m in metric_keys])
     return buf.getvalue()
 
@@ -637,18 +699,19 @@ def _write_manifest(path: Path, content: Dict) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(dumps_strict(content, indent=1, sort_keys=True)))
 
 
-def _write_manifest_csv(path: Path, designs: Dict[str, Dict]) -> None:
+def _write_manifest_csv(path: Path, designs: Dict[str, Dict], failed: Optional[Dict[str, Dict]] = None) -> None:
     """The CSV copy, written after the JSON (which resume trusts): it never lists more than the JSON."""
     from protdiff_fast.io.structure import _atomic_write
 
-    text = _manifest_csv(designs)
+    text = _manifest_csv(designs, failed)
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def read_manifests(out_dir: Union[str, Path]) -> Dict[int, Dict]:
-    """Every finished design of a run folder (all ranks' manifests), by index."""
+def read_manifests(out_dir: Union[str, Path], section: str = "designs") -> Dict[int, Dict]:
+    """Every finished design of a run folder (all ranks' manifests), by index; ``section="failed"``:
+    the designs set aside because they diverged (``on_diverge="skip"``)."""
     designs: Dict[int, Dict] = {}
     for path in sorted(Path(out_dir).glob("manifest*.json")):
-        for key, entry in json.loads(path.read_text())["designs"].items():
+        for key, entry in (json.loads(path.read_text()).get(section) or {}).items():
             designs[int(key)] = entry
     return designs
