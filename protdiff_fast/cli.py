@@ -264,8 +264,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend)
     t0 = _time.perf_counter()
     with torch.no_grad():
-        designs = sample(model, lengths, seed=args.seed, scheduler=scheduler, out_dir=out, progress=True)
+        # a design that diverges is reported, not allowed to end the demo
+        designs = sample(model, lengths, seed=args.seed, scheduler=scheduler, out_dir=out, progress=True,
+                         on_diverge="skip")
+    failed = [i for i, ca in enumerate(designs) if ca is None]
+    designs = [ca for ca in designs if ca is not None]
     print(f"{len(designs)} backbones in {_time.perf_counter() - t0:.1f} s -> {out}/design_*.pdb")
+    if failed:
+        print(f"{len(failed)} design(s) diverged and were left out: {failed} (see {out}/manifest.json, 'failed')")
+    if not designs:
+        return 1
     real = np.load(demo_data_path(), allow_pickle=False)
     held_out = [real["ca"][real["offsets"][i]:real["offsets"][i + 1]] for i in np.where(real["split"] == "val")[0]]
     columns = {"samples": summarize([backbone_metrics(ca) for ca in designs]),

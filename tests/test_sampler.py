@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from protdiff_fast import backends
-from protdiff_fast.diffusion import DDPMScheduler
+from protdiff_fast.diffusion import DDPMScheduler, NoiseSchedule
 from protdiff_fast.diffusion.sampler import SamplingError, sample
 from protdiff_fast.io import read_backbones
 from protdiff_fast.ops import ddpm_step
@@ -293,6 +293,44 @@ def test_cli_on_diverge_skip(tmp_path, monkeypatch, capsys):
     assert all(e["length"] == 40 for e in manifest["designs"].values()) and len(manifest["designs"]) == 6 - len(failed)
     assert f"{len(failed)} design(s) diverged and have no file" in out
     assert [e["index"] for e in metrics["failed"]] == failed and metrics["summary"]["count"] == 6 - len(failed)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the shipped model on the cpu backend")
+def test_demo_reports_a_diverged_design_and_shows_the_others(tmp_path, monkeypatch, capsys):
+    """The README's main command: a design that diverges is named and left out of the table, the
+    others are written and summarised; nothing left prints no table and exits 1."""
+    import protdiff_fast.train as train
+    from protdiff_fast.cli import main
+
+    real_load = train.load_model
+    broken_length = {"n": 41}
+
+    def load_failing(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        cfg = model.config
+        exact = ExactGaussianEps(NoiseSchedule(cfg.num_timesteps, cfg.beta_start, cfg.beta_end), 1.0)
+
+        def failing_forward(x, t, mask):  # cheap (the demo's 1024 steps), NaN for one length
+            rows = (mask.sum(1) == broken_length["n"]).view(-1, 1, 1)
+            return torch.where(rows, torch.full_like(x, float("nan")), exact(x, t, mask))
+
+        model.forward = failing_forward
+        return model
+
+    monkeypatch.setattr(train, "load_model", load_failing)
+    args = ["demo", "--num", "4", "--min-length", "40", "--max-length", "41", "--seed", "1"]
+    assert main(args + ["--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    failed = sorted(int(i) for i in manifest["failed"])
+    assert failed and len(manifest["designs"]) == 4 - len(failed)
+    assert f"{4 - len(failed)} backbones in" in out and f"{len(failed)} design(s) diverged and were left out" in out
+    assert "ca_ca_dev" in out
+    broken_length["n"] = 40
+    args = ["demo", "--num", "2", "--min-length", "40", "--max-length", "40", "--seed", "1"]
+    assert main(args + ["--out", str(tmp_path / "e")]) == 1
+    out = capsys.readouterr().out
+    assert "0 backbones in" in out and "ca_ca_dev" not in out
 
 
 def _sample_cmd(out, extra=()):
