@@ -139,6 +139,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       clash_distance=args.clash_distance / 10.0, clash_max_t=args.clash_max_t,
                       input_perturbation=args.input_perturbation, own_states=args.own_states or "",
                       own_clash_weight=args.own_clash_weight, own_batch=args.own_batch, own_max_t=args.own_max_t,
+                      own_extent_states=args.own_extent_states or "", own_extent_weight=args.own_extent_weight,
+                      own_extent_min_t=args.own_extent_min_t, own_extent_factor=args.own_extent_factor,
                       short_repeat=args.short_repeat, short_max_length=args.short_max_length)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
@@ -387,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "predicted x_0 on --own-batch of the --own-states per step (0: none)")
     tr.add_argument("--own-batch", type=int, default=8)
     tr.add_argument("--own-max-t", type=int, default=128, help="use the own states with t <= this")
+    tr.add_argument("--own-extent-states", default=None, metavar="NPZ",
+                    help="states of the model's own sampling at high t (scripts/own_states.py --min-t), for "
+                         "--own-extent-weight")
+    tr.add_argument("--own-extent-weight", type=float, default=0.0,
+                    help="add this times the extent loss (residues of the predicted x_0 further from the centre "
+                         "than --own-extent-factor x 2.2 N^0.38 A) on --own-batch of the --own-extent-states per "
+                         "step (0: none)")
+    tr.add_argument("--own-extent-min-t", type=int, default=512, help="use the own extent states with t >= this")
+    tr.add_argument("--own-extent-factor", type=float, default=3.5)
     tr.add_argument("--short-repeat", type=int, default=1, metavar="K",
                     help="each training chain of at most --short-max-length residues appears K times per epoch "
                          "(default 1: once)")

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from protdiff_fast.diffusion.schedule import NoiseSchedule
-from protdiff_fast.io.dataset import BackboneDataset
+from protdiff_fast.io.dataset import SCALE_A, BackboneDataset
 from protdiff_fast.io.structure import _atomic_write
 from protdiff_fast.models.protdiff import ProtDiff, ProtDiffConfig
 from protdiff_fast.reference.ddpm import add_noise, predict_x0_from_eps, sample_noise
@@ -88,6 +88,14 @@ class TrainConfig:
     own_clash_weight: float = 0.0
     own_batch: int = 8
     own_max_t: int = 128
+    # a second pool of own states, at high t (``scripts/own_states.py --min-t``): own_extent_weight times
+    # ``extent_loss`` of the predicted x_0 (residues further from the centre than own_extent_factor x
+    # 2.2 N^0.38 A, which no protein chain has) on own_batch of them with t >= own_extent_min_t, SNR-weighted.
+    # Against the runaway of short chains at t ~ 700 (|eps_hat| 40 where the noise has |eps| ~ 2)
+    own_extent_states: str = ""
+    own_extent_weight: float = 0.0
+    own_extent_min_t: int = 512
+    own_extent_factor: float = 3.5
     backend: str = "auto"
     device: str = "cpu"
     model: Dict = field(default_factory=dict)  # ProtDiffConfig overrides
@@ -213,10 +221,12 @@ def clash_loss(x0_hat: torch.Tensor, x0: Optional[torch.Tensor], mask: torch.Ten
 class OwnStates:
     """A pool of the model's own sampling states (x_t, t, mask) from ``scripts/own_states.py``'s .npz."""
 
-    def __init__(self, path, max_t: int, max_length: int) -> None:
+    def __init__(self, path, max_t: int, max_length: int, min_t: int = 1) -> None:
         try:
             with np.load(path) as f:
                 x, t, lengths = f["x"], f["t"], f["lengths"]
+                # optional (steps, designs) mask: states to draw (e.g. not those of a chain already far out)
+                valid = f["valid"] if "valid" in f.files else np.ones(x.shape[:2], bool)
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"own_states {path}: not a states file of scripts/own_states.py ({e})") from None
         if x.ndim != 4 or x.shape[:2] != (len(t), len(lengths)) or x.shape[3] != 3 or x.shape[2] < lengths.max():
@@ -224,22 +234,27 @@ class OwnStates:
                              f"designs={len(lengths)}, >= {lengths.max()}, 3)")
         if lengths.max() > max_length:
             raise ValueError(f"own_states {path}: designs of length {lengths.max()} > the model's max_length {max_length}")
-        if not np.isfinite(x).all():
+        if valid.shape != x.shape[:2] or valid.dtype != bool:
+            raise ValueError(f"own_states {path}: valid has shape {valid.shape} ({valid.dtype}), expected "
+                             f"{x.shape[:2]} (bool)")
+        if not np.isfinite(x[valid]).all():
             raise ValueError(f"own_states {path}: x holds NaN or inf")
-        keep = np.flatnonzero(t <= max_t)
-        if not len(keep):
-            raise ValueError(f"own_states {path}: no state with t <= {max_t} (t {t.min()}..{t.max()})")
+        keep = np.flatnonzero((t <= max_t) & (t >= min_t))
+        if not len(keep) or not valid[keep].any():
+            within = f"t <= {max_t}" + (f" and t >= {min_t}" if min_t > 1 else "")
+            raise ValueError(f"own_states {path}: no state to draw with {within} (t {t.min()}..{t.max()})")
         self.x = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
         self.t = torch.from_numpy(t[keep].astype(np.int64))
         self.lengths = torch.from_numpy(lengths.astype(np.int64))
+        self.cells = torch.from_numpy(np.flatnonzero(valid[keep]))  # flat (step, design) indices to draw from
 
     def __len__(self) -> int:
-        return self.x.shape[0] * self.x.shape[1]
+        return len(self.cells)
 
     def batch(self, size: int, seed: int):
         """``size`` states drawn uniformly with ``seed``: (x_t, t, mask), padded to the longest drawn."""
         g = torch.Generator().manual_seed(seed)
-        pick = torch.randint(0, len(self), (size,), generator=g)
+        pick = self.cells[torch.randint(0, len(self), (size,), generator=g)]
         step, design = pick // self.x.shape[1], pick % self.x.shape[1]
         lengths = self.lengths[design]
         n = int(lengths.max())
@@ -259,6 +274,33 @@ def own_clash_loss(model, schedule: NoiseSchedule, states: OwnStates, size: int,
     x0_hat = predict_x0_from_eps(schedule, x_t, t, eps_hat.float())
     alpha_bar = schedule.coef("alpha_bars", t, x0_hat).view(-1)
     return (alpha_bar / (1 - alpha_bar) * clash_loss(x0_hat, None, mask, clash_distance)).sum() / size
+
+
+def extent_loss(x0_hat: torch.Tensor, mask: torch.Tensor, factor: float = 3.5) -> torch.Tensor:
+    """Per design b of N real residues, the mean over them of relu(|x0_i - c| - R)^2 with c their centre
+    and R = factor x 2.2 N^0.38 A (in model units): real chains have Rg ~ 2.2 N^0.38 A (ratio 0.9-1.5 for
+    the chains of ../shared/data) and no residue more than ~3 Rg from the centre. Returns (B,)."""
+    n = mask.sum(1).clamp(min=1).to(x0_hat.dtype)
+    m = mask.unsqueeze(-1).to(x0_hat.dtype)
+    centre = (x0_hat * m).sum(1, keepdim=True) / n.view(-1, 1, 1)
+    r = torch.sqrt((((x0_hat - centre) * m) ** 2).sum(-1) + 1e-12)
+    bound = factor * 2.2 * n.pow(0.38) / SCALE_A
+    over = torch.relu(r - bound.view(-1, 1)) * mask
+    return (over * over).sum(1) / n
+
+
+def own_extent_loss(model, schedule: NoiseSchedule, states: OwnStates, size: int, seed: int, rank: int, world: int,
+                    device, factor: float = 3.5) -> torch.Tensor:
+    """The mean over ``size`` own states of alpha_bar_t / (1 - alpha_bar_t) ``extent_loss`` of the
+    predicted x_0 (the squared error in eps units that the overshoot costs), on this rank's slice."""
+    x_t, t, mask = states.batch(size, seed)
+    mine = slice(rank * size // world, (rank + 1) * size // world)
+    x_t, t, mask = x_t[mine].to(device), t[mine].to(device), mask[mine].to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+        eps_hat = model(x_t, t, mask)
+    x0_hat = predict_x0_from_eps(schedule, x_t, t, eps_hat.float())
+    alpha_bar = schedule.coef("alpha_bars", t, x0_hat).view(-1)
+    return (alpha_bar / (1 - alpha_bar) * extent_loss(x0_hat, mask, factor)).sum() / size
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device,
@@ -364,6 +406,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                          f"{cfg.short_max_length}")
     if cfg.own_clash_weight > 0 and not cfg.own_states:
         raise ValueError("own_clash_weight > 0 needs own_states (a file of scripts/own_states.py)")
+    if not (cfg.own_extent_weight >= 0 and cfg.own_extent_min_t >= 1 and cfg.own_extent_factor > 0):
+        raise ValueError(f"own_extent_weight must be >= 0, own_extent_min_t >= 1 and own_extent_factor > 0, got "
+                         f"{cfg.own_extent_weight}, {cfg.own_extent_min_t}, {cfg.own_extent_factor}")
+    if cfg.own_extent_weight > 0 and not cfg.own_extent_states:
+        raise ValueError("own_extent_weight > 0 needs own_extent_states (a file of scripts/own_states.py --min-t)")
     init_distributed(cfg.device)
     rank, world = _dist_info()
     device = torch.device(cfg.device)
@@ -385,6 +432,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         if cfg.own_batch % world:
             raise ValueError(f"own_batch {cfg.own_batch} must be divisible by the {world} processes")
         own_states = OwnStates(cfg.own_states, cfg.own_max_t, model_cfg.max_length)
+    extent_states = None
+    if cfg.own_extent_weight > 0:
+        if cfg.own_batch % world:
+            raise ValueError(f"own_batch {cfg.own_batch} must be divisible by the {world} processes")
+        extent_states = OwnStates(cfg.own_extent_states, model_cfg.num_timesteps, model_cfg.max_length,
+                                  min_t=cfg.own_extent_min_t)
     torch.manual_seed(cfg.seed)  # parameter initialisation
     model = ProtDiff(model_cfg, backend=cfg.backend).to(device)
     schedule = NoiseSchedule(model_cfg.num_timesteps, model_cfg.beta_start, model_cfg.beta_end)
@@ -452,6 +505,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             loss = loss + cfg.own_clash_weight * own_clash_loss(model, schedule, own_states, cfg.own_batch,
                                                                 cfg.seed * 1000003 + step, rank, world, device,
                                                                 cfg.clash_distance)
+        if extent_states is not None:  # a draw of its own too, from a stream apart from the clash pool's
+            loss = loss + cfg.own_extent_weight * own_extent_loss(model, schedule, extent_states, cfg.own_batch,
+                                                                  cfg.seed * 1000003 + step + (1 << 40), rank, world,
+                                                                  device, cfg.own_extent_factor)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)

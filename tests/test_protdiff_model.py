@@ -869,7 +869,7 @@ def test_own_states_pool_draws_padded_states_and_checks_its_file(tmp_path):
     assert float(x[~mask].abs().max()) == 0.0
     x2, t2, _ = pool.batch(64, seed=3)
     assert torch.equal(x, x2) and torch.equal(t, t2)
-    with pytest.raises(ValueError, match="no state with t <= 0"):
+    with pytest.raises(ValueError, match="no state to draw with t <= 0"):
         OwnStates(f, max_t=0, max_length=40)
     with pytest.raises(ValueError, match="length 30 > the model's max_length 20"):
         OwnStates(f, max_t=4, max_length=20)
@@ -927,6 +927,130 @@ def test_own_state_clash_training_resumes_bit_for_bit_and_checks_its_options(tmp
                  "--own-states", str(states), "--own-clash-weight", "3", "--own-batch", "2", "--own-max-t", "5"]) == 0
     saved = torch.load(out / "checkpoint.pt", weights_only=False)["config"]
     assert (saved["own_clash_weight"], saved["own_batch"], saved["own_max_t"]) == (3.0, 2, 5)
+
+
+def test_extent_loss_costs_only_residues_beyond_the_bound():
+    from protdiff_fast.train import extent_loss
+
+    n = 20
+    chain = torch.zeros(2, 24, 3)
+    chain[:, :n, 0] = torch.linspace(-0.5, 0.5, n)  # 10 A from the centre at most: within any bound
+    mask = torch.zeros(2, 24, dtype=torch.bool)
+    mask[:, :n] = True
+    chain[1, 0, 1] = 5.0  # residue 0 of design 1 ~5 units out
+    got = extent_loss(chain, mask, factor=1.0)
+    assert float(got[0]) == 0.0
+    x = chain[1, :n].double()
+    r = (x - x.mean(0)).norm(dim=1)
+    bound = 2.2 * n ** 0.38 / 10.0
+    want = (torch.relu(r - bound) ** 2).sum() / n
+    assert float(want) > 0 and float(got[1]) == pytest.approx(float(want), rel=1e-5)
+    padded = chain.clone()
+    padded[:, n:] = 100.0  # padding never counts
+    assert torch.allclose(extent_loss(padded, mask, factor=1.0), got)
+    assert float(extent_loss(chain, mask, factor=30.0)[1]) == 0.0
+
+
+def test_own_extent_term_draws_valid_high_t_states_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    import numpy as np
+
+    from protdiff_fast.diffusion.schedule import NoiseSchedule
+    from protdiff_fast.reference.ddpm import predict_x0_from_eps
+    from protdiff_fast.train import OwnStates, extent_loss, own_extent_loss
+
+    steps = (100, 90, 80, 70, 60, 50)
+    path = _own_states_file(tmp_path / "high.npz", steps=steps, clash=False)
+    with np.load(path) as f:
+        content = dict(f)
+    valid = np.ones((len(steps), 2), bool)
+    valid[3:, 1] = False  # design 1 "far out" from t = 70 on
+    content["x"][3:, 1] = np.nan  # never read: not drawn, not checked
+    np.savez(path, **content, valid=valid)
+    pool = OwnStates(path, max_t=100, max_length=40, min_t=60)
+    assert len(pool) == 5 + 3 and sorted(pool.t.tolist()) == [60, 70, 80, 90, 100]
+    x, t, mask = pool.batch(200, seed=1)
+    assert torch.isfinite(x).all() and int(t.min()) >= 60
+    assert not ((mask.sum(1) == 30) & (t <= 70)).any() and ((mask.sum(1) == 30) & (t >= 80)).any()
+    with pytest.raises(ValueError, match="no state to draw with t <= 100 and t >= 101"):
+        OwnStates(path, max_t=100, max_length=40, min_t=101)
+    np.savez(tmp_path / "badvalid.npz", **{**content, "valid": valid[:2]})
+    with pytest.raises(ValueError, match="valid has shape"):
+        OwnStates(tmp_path / "badvalid.npz", max_t=100, max_length=40)
+
+    m = small_model().float()
+    sched = NoiseSchedule(100)
+    got = own_extent_loss(m, sched, pool, 6, 11, 0, 1, "cpu", factor=0.2)
+    x_t, t, mask = pool.batch(6, 11)
+    with torch.no_grad():
+        x0_hat = predict_x0_from_eps(sched, x_t, t, m(x_t, t, mask))
+    ab = sched.alpha_bars[t].float()
+    want = (ab / (1 - ab) * extent_loss(x0_hat, mask, 0.2)).sum() / 6
+    assert float(want) > 0 and float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    got.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+
+    np.savez(path, **{**content, "x": np.nan_to_num(content["x"])}, valid=valid)
+    kw = dict(own_extent_states=str(path), own_extent_weight=5.0, own_extent_min_t=60, own_extent_factor=0.2,
+              own_batch=4, steps=6)
+    straight = train_and_check_resume(tmp_path, **kw)
+    without = train(cfg(tmp_path, "c", **{**kw, "own_extent_weight": 0.0}), progress=False)
+    assert any(not torch.equal(p, q) for p, q in zip(params(straight["model"]), params(without["model"])))
+    with pytest.raises(ValueError, match="needs own_extent_states"):
+        train(cfg(tmp_path, "bad", own_extent_weight=1.0), progress=False)
+    with pytest.raises(ValueError, match="own_extent_factor > 0"):
+        train(cfg(tmp_path, "bad", own_extent_states=str(path), own_extent_weight=1.0, own_extent_factor=0.0),
+              progress=False)
+    assert not (tmp_path / "bad").exists()
+    import protdiff_fast.train as train_module
+
+    monkeypatch.setattr(train_module, "_dist_info", lambda: (0, 2))
+    with pytest.raises(ValueError, match="own_batch 3 must be divisible by the 2 processes"):
+        train(cfg(tmp_path, "odd", own_extent_states=str(path), own_extent_weight=1.0, own_batch=3), progress=False)
+    monkeypatch.undo()
+    out = tmp_path / "cli"
+    assert main(["train", "--data", str(demo_data_path()), "--out", str(out), "--steps", "2", "--batch-size", "4",
+                 "--hidden", "16", "--edge-dim", "8", "--layers", "2", "--val-every", "0", "--no-progress",
+                 "--own-extent-states", str(path), "--own-extent-weight", "3", "--own-batch", "2",
+                 "--own-extent-min-t", "60", "--own-extent-factor", "2"]) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["config"]
+    assert (saved["own_extent_weight"], saved["own_extent_min_t"], saved["own_extent_factor"]) == (3.0, 60, 2.0)
+
+
+def test_own_states_script_keeps_high_t_states_of_given_lengths_with_a_valid_mask(tmp_path):
+    import numpy as np
+
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.train import OwnStates
+
+    root = Path(__file__).resolve().parents[1]
+    for far, name in ((30.0, "high.npz"), (0.5, "none.npz")):
+        proc = subprocess.run([sys.executable, "scripts/own_states.py", str(shipped_checkpoint()), str(demo_data_path()),
+                               "--out", str(tmp_path / name), "--num", "3", "--seed", "2", "--lengths", "12..14",
+                               "--min-t", "1020", "--max-t", "1024", "--far", str(far)],
+                              cwd=root, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "3 designs" in proc.stdout and "5 steps kept (1020 <= t <= 1024)" in proc.stdout
+    with np.load(tmp_path / "high.npz") as f:
+        t, lengths, valid = f["t"], f["lengths"], f["valid"]
+    assert t.tolist() == [1024, 1023, 1022, 1021, 1020] and all(12 <= n <= 14 for n in lengths)
+    assert valid.shape == (5, 3) and valid.all()
+    assert len(OwnStates(tmp_path / "high.npz", max_t=1024, max_length=128, min_t=1020)) == 15
+    with np.load(tmp_path / "none.npz") as f:  # x_T has coordinates beyond 0.5 units: nothing to draw
+        assert not f["valid"].any()
+    with pytest.raises(ValueError, match="no state to draw"):
+        OwnStates(tmp_path / "none.npz", max_t=1024, max_length=128)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("own_states", root / "scripts" / "own_states.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    x = np.zeros((6, 3, 4, 3))
+    x[:, :, :, 0] = np.linspace(0, 0.5, 6).reshape(6, 1, 1)  # slow drift: every state drawn
+    x[3:, 1, 2, 1] = 40.0  # design 1 beyond --far from step 3
+    x[4:, 2] = -2.0  # design 2 jumps back (held at x_T after diverging) at step 4
+    valid, diverged = script.valid_states(x, far=30.0)
+    assert valid[:, 0].all() and valid[:, 1].tolist() == [True] * 3 + [False] * 3
+    assert valid[:, 2].tolist() == [True] * 4 + [False] * 2 and diverged == 2  # design 1's jump to 40 counts too
 
 
 def test_own_states_script_keeps_the_low_t_states_of_sampling(tmp_path):
