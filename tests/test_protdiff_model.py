@@ -201,11 +201,14 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # with the structure term on (half the timesteps low) and the clash term on the model's own states
-    # (a second forward per step): their per-rank shares are normalised globally too
+    # with the structure term on (half the timesteps low), the clash term on the model's own states and
+    # the extent term on high-t ones (a second and third forward per step): their per-rank shares are
+    # normalised globally too
     states = _own_states_file(tmp_path / "s.npz")
+    high = _own_states_file(tmp_path / "high.npz", steps=(1000, 900, 800, 700), clash=False)  # the extent term
     extra = ["--structure-weight", "0.5", "--low-t-fraction", "0.5", "--own-states", str(states),
-             "--own-clash-weight", "3", "--own-batch", "4", "--own-max-t", "5"]
+             "--own-clash-weight", "3", "--own-batch", "4", "--own-max-t", "5", "--own-extent-states", str(high),
+             "--own-extent-weight", "3", "--own-extent-min-t", "700", "--own-extent-factor", "0.2"]
     one = subprocess.run(_train_cmd(tmp_path / "one", 6, extra), capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
