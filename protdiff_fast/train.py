@@ -262,10 +262,10 @@ class OwnStates:
         return self.x[step, design, :n], self.t[step], mask
 
 
-def own_clash_loss(model, schedule: NoiseSchedule, states: OwnStates, size: int, seed: int, rank: int, world: int,
-                   device, clash_distance: float = 0.38) -> torch.Tensor:
-    """The mean over ``size`` own states of alpha_bar_t / (1 - alpha_bar_t) ``clash_loss`` (x0 None) of
-    the predicted x_0, on this rank's slice (the global mean once DDP averages the ranks)."""
+def _own_x0_hat(model, schedule: NoiseSchedule, states: OwnStates, size: int, seed: int, rank: int, world: int,
+                device):
+    """This rank's slice of ``size`` own states drawn with ``seed``: (predicted x_0, mask, the SNR
+    alpha_bar_t / (1 - alpha_bar_t) per state)."""
     x_t, t, mask = states.batch(size, seed)
     mine = slice(rank * size // world, (rank + 1) * size // world)
     x_t, t, mask = x_t[mine].to(device), t[mine].to(device), mask[mine].to(device)
@@ -273,7 +273,15 @@ def own_clash_loss(model, schedule: NoiseSchedule, states: OwnStates, size: int,
         eps_hat = model(x_t, t, mask)
     x0_hat = predict_x0_from_eps(schedule, x_t, t, eps_hat.float())
     alpha_bar = schedule.coef("alpha_bars", t, x0_hat).view(-1)
-    return (alpha_bar / (1 - alpha_bar) * clash_loss(x0_hat, None, mask, clash_distance)).sum() / size
+    return x0_hat, mask, alpha_bar / (1 - alpha_bar)
+
+
+def own_clash_loss(model, schedule: NoiseSchedule, states: OwnStates, size: int, seed: int, rank: int, world: int,
+                   device, clash_distance: float = 0.38) -> torch.Tensor:
+    """The mean over ``size`` own states of alpha_bar_t / (1 - alpha_bar_t) ``clash_loss`` (x0 None) of
+    the predicted x_0, on this rank's slice (the global mean once DDP averages the ranks)."""
+    x0_hat, mask, snr = _own_x0_hat(model, schedule, states, size, seed, rank, world, device)
+    return (snr * clash_loss(x0_hat, None, mask, clash_distance)).sum() / size
 
 
 def extent_loss(x0_hat: torch.Tensor, mask: torch.Tensor, factor: float = 3.5) -> torch.Tensor:
@@ -293,14 +301,8 @@ def own_extent_loss(model, schedule: NoiseSchedule, states: OwnStates, size: int
                     device, factor: float = 3.5) -> torch.Tensor:
     """The mean over ``size`` own states of alpha_bar_t / (1 - alpha_bar_t) ``extent_loss`` of the
     predicted x_0 (the squared error in eps units that the overshoot costs), on this rank's slice."""
-    x_t, t, mask = states.batch(size, seed)
-    mine = slice(rank * size // world, (rank + 1) * size // world)
-    x_t, t, mask = x_t[mine].to(device), t[mine].to(device), mask[mine].to(device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
-        eps_hat = model(x_t, t, mask)
-    x0_hat = predict_x0_from_eps(schedule, x_t, t, eps_hat.float())
-    alpha_bar = schedule.coef("alpha_bars", t, x0_hat).view(-1)
-    return (alpha_bar / (1 - alpha_bar) * extent_loss(x0_hat, mask, factor)).sum() / size
+    x0_hat, mask, snr = _own_x0_hat(model, schedule, states, size, seed, rank, world, device)
+    return (snr * extent_loss(x0_hat, mask, factor)).sum() / size
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank: int, world: int, device,
