@@ -1,8 +1,9 @@
 """How often a model's designs of one length come apart: sample --num designs of --length and give each
 one outcome: diverged (the sampler's 1e4-unit stop, at step t), apart (Rg / 2.2 N^0.38 above --apart;
 the 8 real chains of 40-50 residues in ../shared/data: 0.96-1.49), or finished; plus the closest CA pair
-|i - j| >= 2. A diverged design is dropped and the others are sampled again (per-design noise: the
-same trajectories), so one runaway does not hide the rest.
+|i - j| >= 2. The summary also counts the runaways: designs that diverged or whose Rg ratio is above
+--runaway (a chain in pieces, not a somewhat extended one). A diverged design is dropped and the others
+are sampled again (per-design noise: the same trajectories), so one runaway does not hide the rest.
 
     python scripts/length_outcomes.py CKPT --length 41 --num 48 --seed 7
 """
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=48)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--apart", type=float, default=1.6, help="Rg ratio above which a design counts as apart")
+    ap.add_argument("--runaway", type=float, default=3.0,
+                    help="Rg ratio above which an apart design counts as a runaway (default 3)")
     ap.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all)")
     args = ap.parse_args()
     if args.length < 3 or args.num < 1:
@@ -70,10 +73,12 @@ def main() -> None:
                                     f"{kind:8s}  rg_ratio {r:6.3f}  closest pair {close:5.2f} A"))
     done = [r for kind, _, r, _ in rows if kind != "diverged"]
     count = {k: sum(row[0] == k for row in rows) for k in ("diverged", "apart", "finished")}
+    runaways = count["diverged"] + sum(1 for r in done if r > args.runaway)
     clashed = sum(1 for kind, _, _, close in rows if kind != "diverged" and close < 3.0)
     print(f"{args.num} designs of length {args.length} (seed {args.seed}): {count['diverged']} diverged, "
-          f"{count['apart']} apart (rg_ratio > {args.apart}), {count['finished']} finished; {clashed} with a CA "
-          f"pair under 3 A; rg_ratio median {np.median(done) if done else float('nan'):.3f}")
+          f"{count['apart']} apart (rg_ratio > {args.apart}), {count['finished']} finished; {runaways} ran away "
+          f"(diverged or rg_ratio > {args.runaway}); {clashed} with a CA pair under 3 A; rg_ratio max "
+          f"{max(done) if done else float('nan'):.3f}, median {np.median(done) if done else float('nan'):.3f}")
 
 
 if __name__ == "__main__":

@@ -779,7 +779,20 @@ def test_length_outcomes_drops_a_diverged_design_and_keeps_the_others_trajectori
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert [ln.split()[:2] for ln in lines[:3]] == [["design", "0"], ["design", "1"], ["design", "2"]]
-    assert lines[-1].startswith("3 designs of length 12 (seed 7): ") and "rg_ratio median" in lines[-1]
+    assert lines[-1].startswith("3 designs of length 12 (seed 7): ") and ", median " in lines[-1]
+    runs = {}
+    for threshold in ("3", "1.0"):  # the same designs (length 40 finishes with 50 steps); the threshold moves the count
+        proc = subprocess.run([sys.executable, "scripts/length_outcomes.py", str(shipped_checkpoint()), "--length",
+                               "40", "--num", "3", "--steps", "50", "--runaway", threshold], cwd=root,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[threshold] = proc.stdout.splitlines()
+    assert runs["3"][:3] == runs["1.0"][:3]
+    rgs = [float(ln.split()[4]) for ln in runs["3"][:3] if "diverged" not in ln]
+    diverged = sum("diverged" in ln for ln in runs["3"][:3])
+    assert rgs and f"max {max(rgs):.3f}" in runs["3"][-1]
+    assert f"; {diverged + sum(r > 3 for r in rgs)} ran away (diverged or rg_ratio > 3.0);" in runs["3"][-1]
+    assert f"; {diverged + sum(r > 1 for r in rgs)} ran away (diverged or rg_ratio > 1.0);" in runs["1.0"][-1]
 
 
 def test_input_perturbation_feeds_x_t_of_perturbed_noise_and_keeps_the_target(tmp_path):
