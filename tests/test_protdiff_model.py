@@ -1097,3 +1097,53 @@ def test_own_states_script_keeps_the_low_t_states_of_sampling(tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-2].startswith("onset (last t with the pair >= 3.8 A) in x_t:")
+
+
+def test_deepen_checkpoint_keeps_the_function_and_the_new_blocks_learn(tmp_path):
+    """scripts/deepen_checkpoint.py inserts identity blocks before the last: the same eps_hat (to
+    LayerNorm's eps) on masked inputs, and `train --init` with the deeper --layers moves their weights."""
+    root = Path(__file__).resolve().parents[1]
+    torch.manual_seed(3)
+    model = ProtDiff(backend="reference", max_length=128, hidden_dim=16, edge_dim=8, num_layers=3).to(F64)
+    with torch.no_grad():  # a trained-looking LayerNorm affine, so undoing it is exercised
+        for b in model.blocks[:-1]:
+            b.norm.weight.uniform_(0.5, 1.5)
+            b.norm.bias.normal_(0.0, 0.2)
+            b.egnn.phi_x[2].weight.mul_(300.0)
+    src, dst = tmp_path / "m3.pt", tmp_path / "m5.pt"
+    torch.save(dict(model_config=model.config.to_dict(), ema={k: v.float() for k, v in model.state_dict().items()},
+                    version="test"), src)
+    proc = subprocess.run([sys.executable, "scripts/deepen_checkpoint.py", str(src), str(dst), "--add", "2"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown_state = torch.load(dst, weights_only=False)
+    assert grown_state["model_config"]["num_layers"] == 5
+    grown = ProtDiff(backend="reference", **grown_state["model_config"]).to(F64)
+    grown.load_state_dict(grown_state["ema"])
+    model.load_state_dict(torch.load(src, weights_only=False)["ema"])  # the same float32-rounded weights
+    for seed in range(2):
+        x, _, mask = inputs(B=3, N=23, seed=seed)
+        t = torch.tensor([1, 400, 1024])
+        with torch.no_grad():
+            want, got = model(x * 2, t, mask), grown(x * 2, t, mask)
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < 1e-6, rel_err(got, want)  # a wrong undo of the affine: ~6e-5 here
+        rel = grown.offset_table[128 - 23: 128 + 22].to(F64)
+        h = grown.index_table[:23].to(F64)[None] + grown.time_table[t].to(F64)[:, None]
+        y, x1 = grown.blocks[1](*grown.blocks[0](h, x, rel, mask), rel, mask)
+        h2, x2 = grown.blocks[2](y, x1, rel, mask)
+        assert rel_err(h2[mask], y[mask]) < 1e-4 and rel_err(x2[mask], x1[mask]) < 1e-12  # the identity
+    bad = subprocess.run([sys.executable, "scripts/deepen_checkpoint.py", str(src), str(dst), "--add", "0"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "at least one block" in bad.stderr
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(out, 3, ("--init", str(dst)))
+    cmd[cmd.index("--layers") + 1] = "5"
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    for k in (2, 3):
+        for name in ("egnn.phi_h.2.weight", "egnn.phi_x.2.weight", "egnn.phi_x.0.weight", "embedding_in.weight"):
+            before, after = grown_state["ema"][f"blocks.{k}.{name}"], trained[f"blocks.{k}.{name}"]
+            assert not torch.equal(before, after.to(before.dtype)), (k, name)
