@@ -5,7 +5,8 @@ The first H200 run (results/h200-2026-12-04/NOTES.md) found the backward ~34x th
 H=128 bf16 (45 ms against 1.3 ms) for ~3x its arithmetic. This script answers, for the next lease:
 which kernels take that time (torch.profiler's CUDA time per kernel name), and how the backward's
 time moves with its block shape (PROTDIFF_FAST_TRITON_BLOCKS = BI,BJ,warps), its passes
-(PROTDIFF_FAST_TRITON_BWD_PASSES) and its weight-gradient staging (PROTDIFF_FAST_TRITON_DW_STAGE). Every
+(PROTDIFF_FAST_TRITON_BWD_PASSES), its weight-gradient staging (PROTDIFF_FAST_TRITON_DW_STAGE) and the
+chunked kernel's chunks and pipelining (PROTDIFF_FAST_TRITON_BWD_CHUNKS, _BWD_STAGES). Every
 variant runs in its own process (the settings are read when kernels launch); they are compiled first,
 JOBS at a time, then timed one at a time (triton.testing.do_bench, median, fresh random inputs per
 variant, ProtDiff's flags: offset table K = 64, normalize). Each variant's gradients are checked against
@@ -36,6 +37,13 @@ VARIANTS = {
     "blocks-1x32x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "1,32,8"},
     "blocks-2x16x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "2,16,8"},
     "blocks-4x16x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "4,16,8"},
+    # the chunked kernel's loops (H = 128 / 256 default): the H200 run timed the unchunked one-pass kernel at
+    # H = 256 (4x the products per pair, ~1 KB spilled) at 52.7 ms against the chunked kernel's 45.7 ms at
+    # H = 128, so the chunk loops look latency-bound: unchunked, pipelined (num_stages 2), wider K chunks
+    "unchunked": {"PROTDIFF_FAST_TRITON_BWD_CHUNKS": "{H},{H}"},
+    "stages-2": {"PROTDIFF_FAST_TRITON_BWD_STAGES": "2"},
+    "chunks-32x32": {"PROTDIFF_FAST_TRITON_BWD_CHUNKS": "32,32"},
+    "chunks-32x32-st2": {"PROTDIFF_FAST_TRITON_BWD_CHUNKS": "32,32", "PROTDIFF_FAST_TRITON_BWD_STAGES": "2"},
 }
 
 
@@ -114,8 +122,13 @@ def one(spec: dict) -> dict:
     return out
 
 
+def variant_env(env_extra: dict, size) -> dict:
+    """A variant's environment for one B, N, H: "{H}" in a value stands for the size's H."""
+    return {k: v.format(H=size[2]) for k, v in env_extra.items()}
+
+
 def child(spec: dict, env_extra: dict, timeout: float) -> dict:
-    env = dict(os.environ, **env_extra)
+    env = dict(os.environ, **variant_env(env_extra, spec["size"]))
     env["PYTHONPATH"] = str(_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,

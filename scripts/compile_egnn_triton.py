@@ -125,7 +125,7 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, 
                or (H, dtype == "fp32", pass_) in et.KNOWN_SPILLS)
     if chunked_bwd:
         rec["chunks"] = [bwd_kc, bwd_nc]
-    stages = int(os.environ.get("NUM_STAGES", et.BWD_CHUNKED_STAGES if chunked_bwd else et.NUM_STAGES))
+    stages = int(os.environ.get("NUM_STAGES", et.bwd_chunked_stages() if chunked_bwd else et.NUM_STAGES))
     return _finish(rec, src, warps, needs_dot=True, num_stages=stages)
 
 

@@ -219,6 +219,20 @@ BWD_CHUNKED_STAGES = 1
 BWD_CHUNKED_FLUSH_ROWS = 16
 
 
+def bwd_chunked_stages() -> int:
+    """Software-pipelining depth (num_stages) of the chunked one-pass backward. 1 by default (spill-free
+    at H = 256); ``PROTDIFF_FAST_TRITON_BWD_STAGES`` overrides it for GPU A/B runs: on sm_90a at H = 128
+    bf16, 1 x 16 x 8 warps, ProtDiff's flags, chunks (16, 64) and (32, 32) compile spill-free at 2 as at 1
+    (scripts/compile_egnn_triton.py, NUM_STAGES=2), and the first H200 run suggests the chunk loops are
+    latency-bound (results/h200-2026-12-04/NOTES.md)."""
+    env = os.environ.get("PROTDIFF_FAST_TRITON_BWD_STAGES")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"PROTDIFF_FAST_TRITON_BWD_STAGES: a depth >= 1, got {env!r}")
+        return int(env)
+    return BWD_CHUNKED_STAGES
+
+
 def bwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
     """(K_CHUNK, N_CHUNK) of the one-pass backward: W2's rows (z's columns) and W3's columns per chunk
     (_egnn_bwd_chunked_kernel); (H, H) = the unchunked _egnn_bwd_kernel. ``PROTDIFF_FAST_TRITON_BWD_CHUNKS``
@@ -1420,7 +1434,7 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
                                             N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
                                             BI=BI1, BJ=BJ1, W_REL=triton.next_power_of_2(BI1 + BJ1 - 1),
                                             K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, num_warps=warps1,
-                                            num_stages=BWD_CHUNKED_STAGES, **consts)
+                                            num_stages=bwd_chunked_stages(), **consts)
     else:
         _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec, pWe, windows,
                                     stage if T > 1 else x,
