@@ -6,7 +6,8 @@ H=128 bf16 (45 ms against 1.3 ms) for ~3x its arithmetic. This script answers, f
 which kernels take that time (torch.profiler's CUDA time per kernel name), and how the backward's
 time moves with its block shape (PROTDIFF_FAST_TRITON_BLOCKS = BI,BJ,warps), its passes
 (PROTDIFF_FAST_TRITON_BWD_PASSES), its weight-gradient staging (PROTDIFF_FAST_TRITON_DW_STAGE) and the
-chunked kernel's chunks and pipelining (PROTDIFF_FAST_TRITON_BWD_CHUNKS, _BWD_STAGES). Every
+chunked kernel's chunks and pipelining (PROTDIFF_FAST_TRITON_BWD_CHUNKS, _BWD_STAGES), and the row-slab
+scheme (PROTDIFF_FAST_TRITON_BWD=slab). Every
 variant runs in its own process (the settings are read when kernels launch); they are compiled first,
 JOBS at a time, then timed one at a time (triton.testing.do_bench, median, fresh random inputs per
 variant, ProtDiff's flags: offset table K = 64, normalize). Each variant's gradients are checked against
@@ -30,13 +31,11 @@ _ROOT = Path(__file__).resolve().parents[1]
 # name -> environment; the backward's blocks go with the forward's (one variable): compare "bwd" columns
 VARIANTS = {
     "default": {},
-    "two-pass": {"PROTDIFF_FAST_TRITON_BWD_PASSES": "2"},
-    "two-pass-rmw": {"PROTDIFF_FAST_TRITON_BWD_PASSES": "2", "PROTDIFF_FAST_TRITON_DW_STAGE": "1"},
-    "stage-16": {"PROTDIFF_FAST_TRITON_DW_STAGE": "16"},
-    "blocks-1x16x4": {"PROTDIFF_FAST_TRITON_BLOCKS": "1,16,4"},
-    "blocks-1x32x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "1,32,8"},
-    "blocks-2x16x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "2,16,8"},
-    "blocks-4x16x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "4,16,8"},
+    # the row-slab scheme (protdiff_fast/ops/egnn_triton_slab.py): a pair map with no read-modify-writes, then
+    # cuBLAS GEMMs for dW2 / dW3; bf16 at H <= 128 only (VARIANT_MAX_H)
+    "slab": {"PROTDIFF_FAST_TRITON_BWD": "slab"},
+    "slab-tiles-1": {"PROTDIFF_FAST_TRITON_BWD": "slab", "PROTDIFF_FAST_TRITON_SLAB_TILES": "1"},
+    "slab-2^18": {"PROTDIFF_FAST_TRITON_BWD": "slab", "PROTDIFF_FAST_TRITON_SLAB_PAIRS": "262144"},
     # the chunked kernel's loops (H = 128 / 256 default): the H200 run timed the unchunked one-pass kernel at
     # H = 256 (4x the products per pair, ~1 KB spilled) at 52.7 ms against the chunked kernel's 45.7 ms at
     # H = 128, so the chunk loops look latency-bound: unchunked, pipelined (num_stages 2), wider K chunks
@@ -44,7 +43,16 @@ VARIANTS = {
     "stages-2": {"PROTDIFF_FAST_TRITON_BWD_STAGES": "2"},
     "chunks-32x32": {"PROTDIFF_FAST_TRITON_BWD_CHUNKS": "32,32"},
     "chunks-32x32-st2": {"PROTDIFF_FAST_TRITON_BWD_CHUNKS": "32,32", "PROTDIFF_FAST_TRITON_BWD_STAGES": "2"},
+    "two-pass": {"PROTDIFF_FAST_TRITON_BWD_PASSES": "2"},
+    "two-pass-rmw": {"PROTDIFF_FAST_TRITON_BWD_PASSES": "2", "PROTDIFF_FAST_TRITON_DW_STAGE": "1"},
+    "stage-16": {"PROTDIFF_FAST_TRITON_DW_STAGE": "16"},
+    "blocks-1x16x4": {"PROTDIFF_FAST_TRITON_BLOCKS": "1,16,4"},
+    "blocks-1x32x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "1,32,8"},
+    "blocks-2x16x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "2,16,8"},
+    "blocks-4x16x8": {"PROTDIFF_FAST_TRITON_BLOCKS": "4,16,8"},
 }
+# variants that do not apply above this H (they would time the default again): skipped there
+VARIANT_MAX_H = {"slab": 128, "slab-tiles-1": 128, "slab-2^18": 128}
 
 
 def problem(B, N, H, dtype, device, seed=0, K=64):
@@ -172,7 +180,7 @@ def main() -> int:
         results.append({k: v for k, v in r.items() if k != "profile"} | {"profile_table": r.get("profile")})
     if args.only != "profile":
         specs = [(dict(base, name=n, size=s, save=str(tmp / f"{n}_{'x'.join(map(str, s))}.pt")), VARIANTS[n])
-                 for s in sizes for n in names]
+                 for s in sizes for n in names if s[2] <= VARIANT_MAX_H.get(n, s[2])]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # compile (and save the gradients) in parallel
             warm = list(pool.map(lambda sv: child(dict(sv[0], warm_only=True), sv[1], args.timeout), specs))

@@ -77,8 +77,46 @@ def compile_rel_sum(H):
     return src, et.REL_SUM_WARPS
 
 
+def compile_slab(H, dtype, edge, attention, tanh, normalize, config=None, coords32=False):
+    """The row-slab backward's pair map (protdiff_fast/ops/egnn_triton_slab.py, PROTDIFF_FAST_TRITON_BWD=slab)."""
+    import torch
+
+    from protdiff_fast.ops import egnn_triton_slab as slab
+    kernel = slab._egnn_bwd_slab_kernel
+    BI, BJ, warps = config or slab.slab_blocks(H)
+    ptr = f"*{dtype}"
+    sig = {}
+    for name in kernel.arg_names:
+        if name == "x_ptr":
+            sig[name] = "*fp32" if coords32 else ptr
+        elif name in ("p_ptr", "q_ptr", "w_d_ptr", "W2_ptr", "b2_ptr", "W3_ptr", "b3_ptr", "w4_ptr", "ea_ptr", "We_ptr",
+                      "rel_ptr", "watt_ptr", "a_ptr", "m_ptr", "dt_ptr", "dr_ptr", "dz_ptr"):
+            sig[name] = ptr
+        elif name == "mask_ptr":
+            sig[name] = "*u8"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in ("N", "E", "K", "i0", "SI", "TILES"):
+            sig[name] = "i32"
+        elif name in ("eps", "b_att"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    torch_dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    consts = dict(H=H, EP=16, BI=BI, BJ=BJ, EDGE=edge, ATTENTION=attention, TANH=tanh, NORMALIZE=normalize,
+                  PRECISION=et._precision(torch_dtype), PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32"
+                  else "tf32", UPCAST=False, FAST=dtype != "fp32", BWD_LOWP=slab.slab_bwd_lowp(torch_dtype))
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
+    rec = dict(H=H, dtype=dtype + ("+x32" if coords32 else ""), edge=["none", "dense", "offset"][edge],
+               attention=attention, tanh=tanh, normalize=normalize, kernel="slab", block_i=BI, block_j=BJ,
+               num_warps=warps, known_spill=False)
+    return _finish(rec, src, warps, needs_dot=True, num_stages=1)
+
+
 def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, coords32=False):
     import torch
+    if pass_ == "slab":
+        return compile_slab(H, dtype, edge, attention, tanh, normalize, config, coords32)
     if pass_ == "rel_sum":
         src, warps = compile_rel_sum(H)
         rec = dict(H=H, dtype="fp32", edge="offset", attention=False, tanh=False, normalize=False, kernel=pass_,
@@ -184,6 +222,9 @@ def configs(quick: bool, ci: bool = False):
         yield 256, "fp32", 2, False, False, True, "bwd_i"  # fp32 at H = 256: fused only since it is chunked
         yield 256, "bf16", 2, True, True, True, "bwd_j"  # the two-pass scheme's rows-j pass (known spill)
         yield 256, "fp32", 2, False, False, False, "rel_sum"
+        yield 128, "bf16", 2, False, False, True, "slab"  # the row-slab backward (PROTDIFF_FAST_TRITON_BWD=slab)
+        yield 128, "bf16", 2, False, False, True, "slab", "x32"
+        yield 64, "fp32", 2, True, True, True, "slab"
         yield 128, "bf16", 2, False, False, True, "fwd", "x32"  # autocast at the GPU target's size (chunked)
         for pass_ in ("fwd", "bwd_i", "bwd_j"):  # ProtDiff's layer under autocast: bf16, float32 coordinates
             yield 256, "bf16", 2, False, False, True, pass_, "x32"
@@ -203,6 +244,14 @@ def configs(quick: bool, ci: bool = False):
         yield H, "bf16", 2, False, False, True, pass_, "x32"
     for H in hs:
         yield H, "fp32", 2, False, False, False, "rel_sum"
+    import torch
+
+    from protdiff_fast.ops import egnn_triton_slab as slab
+    for H, dtype in itertools.product(hs, ("fp32", "bf16")):  # the row-slab backward where it fits
+        if H <= slab.SLAB_MAX_HIDDEN[{"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]]:
+            for edge, att, tanh, norm in [(0, False, False, False), (2, True, True, True), (1, True, False, True),
+                                          (2, False, False, True)]:
+                yield H, dtype, edge, att, tanh, norm, "slab"
 
 
 def main(argv=None) -> int:
@@ -249,7 +298,8 @@ def main(argv=None) -> int:
                      "memory (limit 232448); wgmma/mma = tensor-core instructions in the PTX. edge: none | "
                      "dense edge_attr | offset table; flags as (attention, tanh, normalize) = the att column. "
                      f"bwd_i is the {'one-pass backward (both sides)' if et.BWD_PASSES == 1 else 'rows-i pass'}; "
-                     "bwd_j the rows-j pass, run only with two passes (PROTDIFF_FAST_TRITON_BWD_PASSES=2).\n\n"
+                     "bwd_j the rows-j pass, run only with two passes (PROTDIFF_FAST_TRITON_BWD_PASSES=2); slab the "
+                     "row-slab backward's pair map (PROTDIFF_FAST_TRITON_BWD=slab).\n\n"
                      "```\n" + header + "\n" + "\n".join(lines) + "\n```\n")
     if args.json:
         with open(args.json, "w") as fh:

@@ -272,11 +272,11 @@ def test_backward_profile_script_runs_its_variants_and_checks_them_against_the_d
     interpreter, a tiny size): each variant in its own process, gradients compared with the default's."""
     out = tmp_path / "bwd.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_profile_bwd.py", "--device", "cpu", "--dtype", "float32",
-                           "--sizes", "1,9,16", "--variants", "default,two-pass,unchunked", "--jobs", "2", "--out", str(out)],
+                           "--sizes", "1,9,16", "--variants", "default,two-pass,unchunked,slab", "--jobs", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [r for r in json.loads(out.read_text())["results"] if "bwd_ms" in r and "profile_table" not in r]
-    assert [r["name"] for r in rows] == ["default", "two-pass", "unchunked"]
+    assert [r["name"] for r in rows] == ["default", "two-pass", "unchunked", "slab"]
     assert all(r["grads_vs_default"] is not None and r["grads_vs_default"] < 1e-5 for r in rows)
     assert all(r["fwd_nochecks_ms"] > 0 for r in rows)  # the forward without the host reads of the checks
     assert "two-pass" in proc.stdout and "grads vs default" in proc.stdout
@@ -287,17 +287,23 @@ def test_backward_variants_name_valid_settings_for_every_swept_hidden_size(monke
     (a bad value would be an error row on the GPU, found only during a lease)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import gpu_profile_bwd as prof
+    import torch
+
     from protdiff_fast.ops import egnn_triton as et
+    from protdiff_fast.ops import egnn_triton_slab as slab
 
     assert prof.variant_env(prof.VARIANTS["unchunked"], (8, 512, 128)) == {"PROTDIFF_FAST_TRITON_BWD_CHUNKS": "128,128"}
     for H in (128, 256):
         for name, env in prof.VARIANTS.items():
-            for key in ("PROTDIFF_FAST_TRITON_BWD_CHUNKS", "PROTDIFF_FAST_TRITON_BWD_STAGES"):
-                monkeypatch.delenv(key, raising=False)
+            for key in ("BWD_CHUNKS", "BWD_STAGES", "BWD", "SLAB_TILES", "SLAB_PAIRS", "BLOCKS", "BWD_PASSES",
+                        "DW_STAGE"):
+                monkeypatch.delenv(f"PROTDIFF_FAST_TRITON_{key}", raising=False)
             for key, value in prof.variant_env(env, (1, 64, H)).items():
                 monkeypatch.setenv(key, value)
             et.bwd_chunks(H)
-            assert et.bwd_chunked_stages() >= 1, name
+            assert et.bwd_chunked_stages() >= 1 and et.bwd_passes(H) in (1, 2), name
+            assert slab.use_slab_backward(H, torch.bfloat16) == (name.startswith("slab") and H <= 128), name
+            assert slab.slab_tiles(4) >= 1 and slab.slab_rows(8, 512) >= 1, name
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_STAGES", "0")
     with pytest.raises(ValueError, match="BWD_STAGES"):
         et.bwd_chunked_stages()

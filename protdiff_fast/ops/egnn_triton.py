@@ -49,6 +49,10 @@ earlier scheme: each pass recomputes the chain, 10 products per pair):
                    of dW3, db3, dw4 (one [H, H] weight gradient per pass keeps registers in bounds)
     partials are summed afterwards in torch: no atomics, so the result is deterministic.
 
+A third scheme, not the default until a GPU has timed it: ``PROTDIFF_FAST_TRITON_BWD=slab``
+(:mod:`protdiff_fast.ops.egnn_triton_slab`) maps every pair of a slab of rows with no read-modify-write and
+leaves dW2 / dW3 and the reductions over pairs to cuBLAS GEMMs and torch sums over an O(B N H) workspace.
+
 Weight gradients: each program stages its tiles' operands (a and d_r for dW2, m and d_t for dW3; 2 x
 16 x H in the weight dtype per tile) and every ``dw_stage`` tiles adds one [H, 16 T] x [16 T, H]
 product to its fp32 partial (:func:`_flush_weight_gradient`, by ``flush_rows`` output rows). A read-
@@ -1389,6 +1393,11 @@ def backward_workspace(B: int, N: int, H: int, dtype: torch.dtype, edge: int, EP
 
 def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel,
               w_att, need_dea):
+    from protdiff_fast.ops.egnn_triton_slab import backward_slab, use_slab_backward
+
+    if use_slab_backward(meta["H"], W2.dtype):  # PROTDIFF_FAST_TRITON_BWD=slab: the row-slab scheme
+        return backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr,
+                             W_e, rel, w_att, need_dea)
     B, N, H, EP, K = (meta[k] for k in ("B", "N", "H", "EP", "K"))
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)

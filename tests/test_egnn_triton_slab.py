@@ -1,0 +1,120 @@
+"""The row-slab backward (PROTDIFF_FAST_TRITON_BWD=slab, protdiff_fast/ops/egnn_triton_slab.py) interpreted
+on the CPU against the float64 reference: every gradient, every edge term and flag, masks, odd sizes,
+many slabs with a partial last one, the offset table clipped and not, fp32 / bf16 / float32 coordinates."""
+import pytest
+import torch
+
+from test_egnn_cpu import FLAG_SETS, NAMES, flag_id, make_problem, run
+
+triton = pytest.importorskip("triton")
+egnn_triton = pytest.importorskip("protdiff_fast.ops.egnn_triton")
+slab = pytest.importorskip("protdiff_fast.ops.egnn_triton_slab")
+from test_egnn_triton import compare  # noqa: E402
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def slab_backward(monkeypatch):
+    """Select the slab scheme and record each launch's grid (a backward that silently took the default
+    kernels would pass the comparisons without testing this one)."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD", "slab")
+    launched = []
+    kernel = slab._egnn_bwd_slab_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(slab, "_egnn_bwd_slab_kernel", Spy())
+    return launched
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=flag_id)
+def test_slab_backward_every_flag_and_edge_term(slab_backward, edge_mode, flags):
+    compare(3, 33, 16, 5, edge_mode, flags, torch.float32, seed=11)
+    assert slab_backward
+
+
+@pytest.mark.parametrize("N", [1, 2, 7])
+def test_slab_backward_odd_sizes_and_single_node(slab_backward, N):
+    compare(1, N, 16, 3, "offset", FLAG_SETS[4], torch.float32, seed=N, K=3)
+    compare(3, N, 16, 3, "dense", FLAG_SETS[5], torch.float32, seed=N + 50)
+
+
+@pytest.mark.parametrize("edge_mode,K", [("none", None), ("dense", None), ("offset", None), ("offset", 4)])
+def test_slab_backward_over_many_slabs(slab_backward, monkeypatch, edge_mode, K):
+    """B = 2, N = 45, 200 pairs per slab: SI = 2 rows, 23 slabs, the last of one row; the offset table
+    full (K = N - 1) and clipped (K = 4, most pairs folded into its end rows)."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_PAIRS", "200")
+    assert slab.slab_rows(2, 45) == 2
+    compare(2, 45, 16, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=31, K=K)
+    assert len(slab_backward) == 23 and slab_backward[-1][1] == 1
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", [FLAG_SETS[0], FLAG_SETS[4]], ids=flag_id)
+def test_slab_backward_bf16_within_reference_error(slab_backward, edge_mode, flags):
+    compare(2, 21, 32, 6, edge_mode, flags, torch.bfloat16, seed=200)
+
+
+def test_slab_backward_bf16_with_float32_coordinates_and_hidden_64(slab_backward):
+    compare(2, 19, 64, 4, "offset", dict(normalize=True), torch.bfloat16, seed=64, x_dtype=torch.float32)
+    compare(2, 19, 64, 4, "offset", FLAG_SETS[4], torch.float32, seed=65)
+
+
+def test_slab_backward_one_tile_per_program_and_fp32_backward_products(slab_backward, monkeypatch):
+    """SLAB_TILES = 1: one program per j-block (several programs per row); bf16 with the backward
+    products on fp32 operands (SLAB_LOWP = 0) instead of bf16 ones."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_TILES", "1")
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_LOWP", "0")
+    compare(2, 70, 32, 3, "offset", FLAG_SETS[4], torch.bfloat16, seed=93)
+    assert slab_backward[0][0] == 3  # 70 columns in blocks of 32
+
+
+def test_slab_backward_falls_back_where_the_weights_do_not_fit(slab_backward):
+    """bf16 at H = 256 (W2, W3 and their transposes need 536 KB of shared memory): the default scheme."""
+    assert not slab.use_slab_backward(256, torch.bfloat16) and slab.use_slab_backward(128, torch.bfloat16)
+    assert not slab.use_slab_backward(128, torch.float32) and slab.use_slab_backward(64, torch.float32)
+    compare(1, 9, 256, 3, "offset", dict(normalize=True), torch.bfloat16, seed=3)
+    assert not slab_backward
+
+
+def test_slab_workspace_is_o_n_h():
+    """5 S H elements for S ~ SLAB_PAIRS pairs, at least one row of every sample: linear in N at large N."""
+    sizes = [slab.slab_workspace_bytes(1, n, 128, torch.bfloat16) for n in (4096, 8192, 1 << 17, 1 << 18)]
+    assert sizes[0] == sizes[1] == 5 * slab.SLAB_PAIRS * 128 * 2 + 8 * slab.SLAB_PAIRS
+    assert sizes[3] == 2 * sizes[2]
+
+
+def test_slab_backward_repeats_bitwise_and_matches_the_default_scheme(monkeypatch):
+    args, kw = make_problem(2, 40, 16, 3, "offset", FLAG_SETS[4], seed=6)
+    g = torch.Generator().manual_seed(2)
+    up = (torch.randn(2, 40, 16, generator=g, dtype=F64), torch.randn(2, 40, 3, generator=g, dtype=F64))
+    default = run("triton", args, kw, torch.float32, up)
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD", "slab")
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_PAIRS", "300")
+    first = run("triton", args, kw, torch.float32, up)
+    second = run("triton", args, kw, torch.float32, up)
+    for name, a, b, c in zip(NAMES + ["rel", "w_att", "b_att"], first, second, default):
+        a, b, c = a.detach(), b.detach(), c.detach()
+        assert torch.equal(a, b), name
+        scale = c.double().norm().clamp_min(1e-30)
+        assert float((a.double() - c.double()).norm() / scale) < 1e-5, name
+
+
+def test_slab_settings_are_checked(monkeypatch):
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD", "slabs")
+    with pytest.raises(ValueError, match="PROTDIFF_FAST_TRITON_BWD"):
+        slab.use_slab_backward(32, torch.float32)
+    for name in ("SLAB_TILES", "SLAB_LOWP"):
+        monkeypatch.setenv(f"PROTDIFF_FAST_TRITON_{name}", "x" if name == "SLAB_LOWP" else "0")
+        with pytest.raises(ValueError, match=name):
+            slab.slab_tiles(4) if name == "SLAB_TILES" else slab.slab_bwd_lowp(torch.bfloat16)
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_PAIRS", "0")
+    with pytest.raises(ValueError, match="SLAB_PAIRS"):
+        slab.slab_rows(1, 10)
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_PAIRS", "100000")
+    assert slab.slab_rows(2, 50) == 50  # never more rows than the sample has
