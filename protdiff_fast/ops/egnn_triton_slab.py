@@ -17,14 +17,15 @@ pair tile, recomputing the forward and running the chain backwards in registers:
     d_m = d_t W3^T + v gm_i                   (gate: d_m0 = d_m g + d_gate w_att)      d_r = d_m0 silu'(r)
     d_z = (d_r W2^T) silu'(z)
 
-and stores the slab's a, m, d_t, d_r, d_z ([S, H] each, the weights' dtype) and two scalars per pair
-(s1 = C v inv phi and s2 = 2 d_z . w_d, the coefficients of dx), plus per-program sums of the vector
-gradients (b2, b3, w4, w_d, w_att, b_att). Torch then finishes the slab with dense ops:
+and stores the slab's a, m, d_t, d_r, d_z ([S, H] each, the weights' dtype), plus per-program sums of
+the vector gradients (b2, b3, w4, w_d, w_att, b_att) and of dx (du_ij = C v inv phi gdx_i + 2 (d_z . w_d)
+u_ij: the i side summed over the program's columns, the j side over its rows). Torch then finishes the
+slab with dense ops:
 
     dW2 += a^T d_r,  dW3 += m^T d_t           two [H, S] x [S, H] GEMMs (cuBLAS; fp32 accumulation)
     d_p[slab] = sum_j d_z,  d_q += sum_i d_z  reductions of d_z
     d_rel  += d_z summed per offset j - i     (a skewed view: no atomics), dW_e += e^T d_z, d_e = d_z W_e^T
-    dx_i += sum_j du_ij, dx_j -= sum_i du_ij  du_ij = s1 gdx_i + s2 u_ij
+    dx     += the programs' partials of dx, summed
 
 Memory: the slab workspace is 5 S H elements; SI is chosen so that S is about SLAB_PAIRS (at least one
 row per sample), so extra memory stays O(B N H) (plus a constant), never O(N^2). Every reduction is
@@ -91,9 +92,10 @@ def slab_bwd_lowp(dtype: torch.dtype) -> bool:
 
 
 def slab_workspace_bytes(B: int, N: int, H: int, dtype: torch.dtype) -> int:
-    """Bytes of the slab workspace: a, m, d_t, d_r, d_z in the weights' dtype and (s1, s2) in fp32 per pair."""
+    """Bytes of the slab workspace: a, m, d_t, d_r, d_z in the weights' dtype per pair (the partials of dx and
+    of the vector gradients, O(B N) and O(programs H), not counted)."""
     pairs = B * slab_rows(B, N) * N
-    return pairs * (5 * H * torch.finfo(dtype).bits // 8 + 8)
+    return pairs * 5 * H * torch.finfo(dtype).bits // 8
 
 
 def slab_tiles(n_jb: int) -> int:
@@ -122,7 +124,8 @@ def _egnn_bwd_slab_kernel(
     ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
     gm_ptr, gdx_ptr,  # (B, N, H), (B, N, 3) fp32 upstream gradients
     a_ptr, m_ptr, dt_ptr, dr_ptr, dz_ptr,  # (B, SI, N, H) each, the weights' dtype: the slab's GEMM operands and d_z
-    s_ptr,  # (B, SI, N, 2) fp32: s1 = C v inv phi, s2 = 2 d_z . w_d
+    dxi_ptr,  # (column groups, B, SI, 3) fp32: the i side of dx, sum over the program's columns j
+    dxj_ptr,  # (row blocks, B, N, 3) fp32: the j side of dx, sum over the program's rows i
     pvec_ptr,  # (programs, 6, H) fp32: b2, b3, w4, w_d, w_att, b_att (column 0) per program
     N, E, K, eps, i0, SI, TILES,  # TILES: j-blocks per program
     H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
@@ -161,6 +164,9 @@ def _egnn_bwd_slab_kernel(
     sum_wd = tl.zeros((H,), dtype=tl.float32)
     sum_watt = tl.zeros((H,), dtype=tl.float32)
     sum_batt = tl.zeros((M,), dtype=tl.float32)
+    dxi0 = tl.zeros((BI,), dtype=tl.float32)
+    dxi1 = tl.zeros((BI,), dtype=tl.float32)
+    dxi2 = tl.zeros((BI,), dtype=tl.float32)
     jb_stop = tl.minimum(pid_j * TILES + TILES, tl.cdiv(N, BJ))
     for jb in range(pid_j * TILES, jb_stop):
         j = jb * BJ + tl.arange(0, BJ)
@@ -216,7 +222,7 @@ def _egnn_bwd_slab_kernel(
             inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached
         coef = C * inv * tl.reshape(vf, (BI, BJ))
         d_phi = tl.reshape(coef * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2), (M,))
-        s1 = tl.reshape(coef, (M,)) * phi
+        coef_u = coef * tl.reshape(phi, (BI, BJ))  # dx_i = sum_j coef_u u_ij: d u_ij = coef_u gdx_i
         if TANH:
             d_phi = d_phi * (1.0 - phi * phi)
         d_t = d_phi[:, None] * w4[None, :] * _dsilu(t, sig_t)
@@ -255,9 +261,21 @@ def _egnn_bwd_slab_kernel(
         d_z = d_a * _dsilu(z, _sigmoid(z, FAST))
         tl.store(dz_ptr + ws, d_z.to(dz_ptr.dtype.element_ty), mask=ok[:, None])
         sum_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
-        s2 = 2.0 * tl.sum(d_z * w_d[None, :], axis=1)
-        tl.store(s_ptr + rows * 2 + 0, s1, mask=ok)
-        tl.store(s_ptr + rows * 2 + 1, s2, mask=ok)
+        d_d2 = tl.reshape(tl.sum(d_z * w_d[None, :], axis=1), (BI, BJ))
+        du0 = coef_u * g0[:, None] + 2.0 * d_d2 * u0  # d u_ij: +d x_i, -d x_j
+        du1 = coef_u * g1[:, None] + 2.0 * d_d2 * u1
+        du2 = coef_u * g2[:, None] + 2.0 * d_d2 * u2
+        dxi0 += tl.sum(du0, axis=1)
+        dxi1 += tl.sum(du1, axis=1)
+        dxi2 += tl.sum(du2, axis=1)
+        dxj = dxj_ptr + ((pid_i * tl.num_programs(2) + b) * N + j) * 3
+        tl.store(dxj + 0, -tl.sum(du0, axis=0), mask=j_ok)
+        tl.store(dxj + 1, -tl.sum(du1, axis=0), mask=j_ok)
+        tl.store(dxj + 2, -tl.sum(du2, axis=0), mask=j_ok)
+    dxi = dxi_ptr + ((pid_j * tl.num_programs(2) + b) * SI + li) * 3
+    tl.store(dxi + 0, dxi0, mask=li < SI)
+    tl.store(dxi + 1, dxi1, mask=li < SI)
+    tl.store(dxi + 2, dxi2, mask=li < SI)
     vec = pvec_ptr + prog * 6 * H
     tl.store(vec + 0 * H + hcol, sum_b2)
     tl.store(vec + 1 * H + hcol, sum_b3)
@@ -303,7 +321,9 @@ def backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W
     BI, BJ, warps = slab_blocks(H)
     SI = slab_rows(B, N)
     ws = torch.empty(5, B * SI * N * H, dtype=wdt, device=dev)
-    s_buf = torch.empty(B * SI * N * 2, **f32)
+    n_groups_max = triton.cdiv(triton.cdiv(N, BJ), slab_tiles(triton.cdiv(N, BJ)))
+    dxi_buf = torch.empty(n_groups_max * B * SI * 3, **f32)
+    dxj_buf = torch.empty(triton.cdiv(SI, BI) * B * N * 3, **f32)
     n_jb = triton.cdiv(N, BJ)
     tiles = slab_tiles(n_jb)
     n_prog = triton.cdiv(n_jb, tiles) * triton.cdiv(SI, BI) * B
@@ -317,7 +337,6 @@ def backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W
     by_offset = torch.zeros(2 * N - 1, H, **f32) if meta["EDGE"] == 2 else None  # row o + N - 1
     dW_e = torch.zeros(meta["E"], H, **f32) if meta["EDGE"] == 1 else None
     d_ea = torch.empty_like(edge_attr) if need_dea else None
-    xf = x.float()
     dummy = x
     consts = dict(H=H, EP=EP, BI=BI, BJ=BJ, EDGE=meta["EDGE"], ATTENTION=w_att is not None, TANH=meta["tanh"],
                   NORMALIZE=meta["normalize"], PRECISION=_precision(dtype),
@@ -328,13 +347,14 @@ def backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W
         rows = min(SI, N - i0)
         S = B * rows * N
         a, m, d_t, d_r, d_z = (ws[k, : S * H].view(S, H) for k in range(5))
-        s = s_buf[: S * 2].view(B, rows, N, 2)
         grid = (triton.cdiv(n_jb, tiles), triton.cdiv(rows, BI), B)
+        dx_i_side = dxi_buf[: grid[0] * B * rows * 3].view(grid[0], B, rows, 3)
+        dx_j_side = dxj_buf[: grid[1] * B * N * 3].view(grid[1], B, N, 3)
         _egnn_bwd_slab_kernel[grid](
             x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
             edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
             rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
-            grad_m, grad_dx, a, m, d_t, d_r, d_z, s, pvec,
+            grad_m, grad_dx, a, m, d_t, d_r, d_z, dx_i_side, dx_j_side, pvec,
             N, meta["E"], K, meta["eps"], i0, rows, tiles, num_warps=warps, num_stages=1, **consts)
         n_used = grid[0] * grid[1] * grid[2]
         vec += pvec[:n_used].sum(0)
@@ -351,10 +371,8 @@ def backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W
             dW_e += _gemm_f32(e_rows.t().to(wdt), d_z)
             if need_dea:
                 d_ea[:, i0: i0 + rows] = (d_z.float() @ W_e.float().t()).view(B, rows, N, -1).to(d_ea.dtype)
-        u = xf[:, i0: i0 + rows, None, :] - xf[:, None, :, :]  # (B, rows, N, 3)
-        du = s[..., 0:1] * grad_dx[:, i0: i0 + rows, None, :] + s[..., 1:2] * u
-        dx[:, i0: i0 + rows] += du.sum(2)
-        dx -= du.sum(1)
+        dx[:, i0: i0 + rows] += dx_i_side.sum(0)
+        dx += dx_j_side.sum(0)
     rel_grad = None
     if by_offset is not None:
         if K >= N - 1:  # no pair is clipped
