@@ -82,7 +82,12 @@ def compile_slab(H, dtype, edge, attention, tanh, normalize, config=None, coords
     import torch
 
     from protdiff_fast.ops import egnn_triton_slab as slab
-    kernel = slab._egnn_bwd_slab_kernel
+    torch_dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    if os.environ.get("SLAB_CHUNKS"):  # "K,N": for sweeps
+        os.environ["PROTDIFF_FAST_TRITON_SLAB_CHUNKS"] = os.environ["SLAB_CHUNKS"]
+    kc, nc = slab.slab_chunks(H, torch_dtype)
+    chunked = (kc, nc) != (H, H)
+    kernel = slab._egnn_bwd_slab_chunked_kernel if chunked else slab._egnn_bwd_slab_kernel
     BI, BJ, warps = config or slab.slab_blocks(H)
     ptr = f"*{dtype}"
     sig = {}
@@ -102,14 +107,17 @@ def compile_slab(H, dtype, edge, attention, tanh, normalize, config=None, coords
             sig[name] = "fp32"
         else:
             sig[name] = "constexpr"
-    torch_dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
     consts = dict(H=H, EP=16, BI=BI, BJ=BJ, EDGE=edge, ATTENTION=attention, TANH=tanh, NORMALIZE=normalize,
                   PRECISION=et._precision(torch_dtype), PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32"
                   else "tf32", UPCAST=False, FAST=dtype != "fp32", BWD_LOWP=slab.slab_bwd_lowp(torch_dtype))
+    if chunked:
+        consts.update(K_CHUNK=kc, N_CHUNK=nc)
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
     rec = dict(H=H, dtype=dtype + ("+x32" if coords32 else ""), edge=["none", "dense", "offset"][edge],
                attention=attention, tanh=tanh, normalize=normalize, kernel="slab", block_i=BI, block_j=BJ,
-               num_warps=warps, known_spill=False)
+               num_warps=warps, known_spill=attention and (H, dtype == "fp32") in slab.SLAB_KNOWN_SPILLS)
+    if chunked:
+        rec["chunks"] = [kc, nc]
     return _finish(rec, src, warps, needs_dot=True, num_stages=1)
 
 
@@ -225,6 +233,8 @@ def configs(quick: bool, ci: bool = False):
         yield 128, "bf16", 2, False, False, True, "slab"  # the row-slab backward (PROTDIFF_FAST_TRITON_BWD=slab)
         yield 128, "bf16", 2, False, False, True, "slab", "x32"
         yield 64, "fp32", 2, True, True, True, "slab"
+        yield 256, "bf16", 2, False, False, True, "slab"  # ... with the weights by chunks
+        yield 128, "fp32", 2, False, False, True, "slab"
         yield 128, "bf16", 2, False, False, True, "fwd", "x32"  # autocast at the GPU target's size (chunked)
         for pass_ in ("fwd", "bwd_i", "bwd_j"):  # ProtDiff's layer under autocast: bf16, float32 coordinates
             yield 256, "bf16", 2, False, False, True, pass_, "x32"

@@ -295,15 +295,16 @@ def test_backward_variants_name_valid_settings_for_every_swept_hidden_size(monke
     assert prof.variant_env(prof.VARIANTS["unchunked"], (8, 512, 128)) == {"PROTDIFF_FAST_TRITON_BWD_CHUNKS": "128,128"}
     for H in (128, 256):
         for name, env in prof.VARIANTS.items():
-            for key in ("BWD_CHUNKS", "BWD_STAGES", "BWD", "SLAB_TILES", "SLAB_PAIRS", "BLOCKS", "BWD_PASSES",
-                        "DW_STAGE"):
+            for key in ("BWD_CHUNKS", "BWD_STAGES", "BWD", "SLAB_TILES", "SLAB_PAIRS", "SLAB_CHUNKS", "BLOCKS",
+                        "BWD_PASSES", "DW_STAGE"):
                 monkeypatch.delenv(f"PROTDIFF_FAST_TRITON_{key}", raising=False)
             for key, value in prof.variant_env(env, (1, 64, H)).items():
                 monkeypatch.setenv(key, value)
             et.bwd_chunks(H)
             assert et.bwd_chunked_stages() >= 1 and et.bwd_passes(H) in (1, 2), name
-            assert slab.use_slab_backward(H, torch.bfloat16) == (name.startswith("slab") and H <= 128), name
+            assert slab.use_slab_backward(H, torch.bfloat16) == name.startswith("slab"), name
             assert slab.slab_tiles(4) >= 1 and slab.slab_rows(8, 512) >= 1, name
+            assert min(slab.slab_chunks(H, torch.bfloat16)) >= 16, name
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_STAGES", "0")
     with pytest.raises(ValueError, match="BWD_STAGES"):
         et.bwd_chunked_stages()

@@ -74,12 +74,44 @@ def test_slab_backward_one_tile_per_program_and_fp32_backward_products(slab_back
     assert slab_backward[0][0] == 3  # 70 columns in blocks of 32
 
 
-def test_slab_backward_falls_back_where_the_weights_do_not_fit(slab_backward):
-    """bf16 at H = 256 (W2, W3 and their transposes need 536 KB of shared memory): the default scheme."""
-    assert not slab.use_slab_backward(256, torch.bfloat16) and slab.use_slab_backward(128, torch.bfloat16)
-    assert not slab.use_slab_backward(128, torch.float32) and slab.use_slab_backward(64, torch.float32)
-    compare(1, 9, 256, 3, "offset", dict(normalize=True), torch.bfloat16, seed=3)
+def test_slab_backward_falls_back_where_it_does_not_fit(slab_backward):
+    """fp32 at H = 256 (spills at every chunking on sm_90a): the default scheme."""
+    assert not slab.use_slab_backward(256, torch.float32) and slab.use_slab_backward(128, torch.float32)
+    assert slab.use_slab_backward(256, torch.bfloat16)
+    compare(1, 5, 256, 3, "offset", dict(normalize=True), torch.float32, seed=3)
     assert not slab_backward
+
+
+@pytest.fixture
+def chunked_spy(monkeypatch):
+    launched = []
+    kernel = slab._egnn_bwd_slab_chunked_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(slab, "_egnn_bwd_slab_chunked_kernel", Spy())
+    return launched
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", [FLAG_SETS[0], FLAG_SETS[4], FLAG_SETS[5]], ids=flag_id)
+def test_chunked_slab_backward_every_edge_term(slab_backward, chunked_spy, monkeypatch, edge_mode, flags):
+    """The chunked pair map (shipped at H = 256 bf16, fp32 128) forced at H = 32 with chunks of 16, over
+    several slabs and tiles per program (the read-modify-written vector rows across tiles)."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_CHUNKS", "16,16")
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_PAIRS", "1000")  # 12 rows per slab: 4 slabs, the last of 4 rows
+    compare(2, 40, 32, 4, edge_mode, flags, torch.float32, seed=41, K=5)
+    assert chunked_spy and not slab_backward
+
+
+def test_chunked_slab_backward_bf16_and_at_hidden_256(slab_backward, chunked_spy, monkeypatch):
+    compare(1, 7, 256, 3, "offset", dict(normalize=True), torch.bfloat16, seed=5)  # its shipped configuration
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_CHUNKS", "16,32")
+    compare(2, 21, 32, 6, "offset", FLAG_SETS[4], torch.bfloat16, seed=201)
+    assert len(chunked_spy) >= 2 and not slab_backward
 
 
 def test_slab_workspace_is_o_n_h():

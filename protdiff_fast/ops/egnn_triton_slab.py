@@ -27,6 +27,11 @@ slab with dense ops:
     d_rel  += d_z summed per offset j - i     (a skewed view: no atomics), dW_e += e^T d_z, d_e = d_z W_e^T
     dx     += the programs' partials of dx, summed
 
+Where whole weights do not fit in shared memory (H = 256 in bf16, H = 128 in fp32: SLAB_MAX_HIDDEN,
+_SLAB_CHUNKS) the pair map loads W2 by rows and W3 by columns inside its products
+(_egnn_bwd_slab_chunked_kernel, one more H x H product per pair: t is recomputed). fp32 at H = 256 keeps
+the default scheme.
+
 Memory: the slab workspace is 5 S H elements; SI is chosen so that S is about SLAB_PAIRS (at least one
 row per sample), so extra memory stays O(B N H) (plus a constant), never O(N^2). Every reduction is
 a fixed-order torch op or a program-owned partial row: deterministic.
@@ -43,8 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from protdiff_fast.ops.egnn_triton import (_dsilu, _fast_sigmoid, _interpreting, _load_rows, _load_xyz, _mm,
-                                           _precision, _sigmoid, _silu_parts)
+from protdiff_fast.ops.egnn_triton import (_accumulate, _chunks_from_env, _dsilu, _fast_sigmoid, _interpreting,
+                                           _load_rows, _load_xyz, _mm, _precision, _preact_cols, _sigmoid,
+                                           _silu_parts)
 
 # pairs per slab (B * SI * N): ~1K tiles of 64 pairs, enough to fill a GPU; workspace 5 x 2^16 x H
 # elements (84 MB at H = 128 in bf16)
@@ -56,10 +62,20 @@ SLAB_TILES = 8
 # and their transposes, held across the program's tiles); 2 x 16 x 8 504 B, 1 x 32 x 8 252 B, 1 x 16 x 4 204 B.
 # H = 64 bf16 / fp32 1 x 16 x 8 0 B (2 x 16 x 8 0 / 92 B); H = 32 1 x 16 x 4 0 B. Larger tiles spill: the
 # [M, H] fp32 tiles r, t, d_t, d_m live at once.
-_SLAB_BLOCKS = {16: (1, 16, 4), 32: (1, 16, 4), 64: (1, 16, 8), 128: (1, 16, 8)}
-# the largest H per weight dtype: whole W2, W3 (and transposes) in shared memory need 540 KB for fp32 at
-# H = 128 and 536 KB for bf16 at H = 256, over the 227 KB an H100 block may use (chunked products: to do)
-SLAB_MAX_HIDDEN = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}
+_SLAB_BLOCKS = {16: (1, 16, 4), 32: (1, 16, 4), 64: (1, 16, 8), 128: (1, 16, 8), 256: (1, 16, 8)}
+# (H, fp32?) -> (K_CHUNK, N_CHUNK) of the chunked pair map (slab_chunks), where whole weights do not fit.
+# sm_90a, 1 x 16 x 8, ProtDiff's flags: H = 256 bf16 (64, 64) 241 registers, 0 B, 42 KB shared ((16, 64),
+# (32, 32), (32, 64) 0 B too; 2 x 16 x 8 spills 0.6 KB); fp32 H = 128 (32, 32) 0 B ((16, 32) 84 B); fp32
+# H = 256 spills 0.6-1 KB at every chunking tried: not supported
+_SLAB_CHUNKS = {(256, False): (64, 64), (128, True): (32, 32)}
+# (H, fp32?) of the chunked pair map that spill with attention on sm_90a (the gate keeps one more [M, H]
+# tile live): H = 256 bf16 24-136 B at every chunking tried ((64, 64): 136 / 112 B for attention with the
+# offset table / dense edges), fp32 H = 128 12-20 B at (32, 32); ProtDiff's flags and no flags: 0 B
+SLAB_KNOWN_SPILLS = {(256, False), (128, True)}
+# the largest H per weight dtype. Whole W2, W3 (and transposes) in shared memory need 540 KB for fp32 at
+# H = 128 and 536 KB for bf16 at H = 256, over the 227 KB an H100 block may use: there the weights are
+# loaded by chunks (_SLAB_CHUNKS, _egnn_bwd_slab_chunked_kernel); fp32 at H = 256 spills even so
+SLAB_MAX_HIDDEN = {torch.float32: 128, torch.bfloat16: 256, torch.float16: 256}
 
 
 def use_slab_backward(H: int, dtype: torch.dtype) -> bool:
@@ -105,6 +121,16 @@ def slab_tiles(n_jb: int) -> int:
     if tiles < 1:
         raise ValueError(f"PROTDIFF_FAST_TRITON_SLAB_TILES: a number of tiles >= 1, got {tiles}")
     return min(tiles, n_jb)
+
+
+def slab_chunks(H: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """(K_CHUNK, N_CHUNK): W2's rows and W3's columns per chunk of the chunked pair map, (H, H) = whole
+    weights (_egnn_bwd_slab_kernel). ``PROTDIFF_FAST_TRITON_SLAB_CHUNKS`` = "K,N" overrides it (tests run the
+    chunked kernel at small H)."""
+    env = _chunks_from_env("PROTDIFF_FAST_TRITON_SLAB_CHUNKS", H)
+    if env:
+        return env
+    return _SLAB_CHUNKS.get((H, dtype == torch.float32), (H, H))
 
 
 def slab_blocks(H: int) -> Tuple[int, int, int]:
@@ -285,6 +311,173 @@ def _egnn_bwd_slab_kernel(
     tl.store(vec + 5 * H + hcol, tl.where(hcol == 0, tl.sum(sum_batt, axis=0), 0.0))
 
 
+@triton.jit
+def _egnn_bwd_slab_chunked_kernel(
+    x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,
+    w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,
+    ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
+    gm_ptr, gdx_ptr,
+    a_ptr, m_ptr, dt_ptr, dr_ptr, dz_ptr,
+    dxi_ptr, dxj_ptr,
+    pvec_ptr,  # zeroed: rows b3, w4, w_d are added to by column chunk, tile after tile
+    N, E, K, eps, i0, SI, TILES,
+    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+    EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
+    PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    BWD_LOWP: tl.constexpr, K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
+):
+    """_egnn_bwd_slab_kernel with the weights never whole (H = 256, fp32 at 128): W2 by rows kc (z's
+    columns), W3 by columns nc, loaded inside the loops; only r, m, d_m, d_r are whole [M, H] tiles:
+
+        r    = b2 + sum_kc silu(z[:, kc]) W2[kc, :]           a's columns stored per chunk
+        phi  = sum_nc silu(m W3[:, nc] + b3[nc]) . w4[nc]
+        d_m  = v gm_i + sum_nc d_t[:, nc] W3[:, nc]^T        t's chunks recomputed, d_t's stored
+        d_z[:, kc] = (d_r W2[kc, :]^T) silu'(z[:, kc])       z's chunks rebuilt, stored
+
+    Five H x H products per pair (the whole-weight kernel: four). The vector gradients of chunked
+    quantities (b3, w4, w_d) are read-modify-written in the program's own zeroed rows, a barrier per tile."""
+    M: tl.constexpr = BI * BJ
+    pid_j = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    b = tl.program_id(2)
+    prog = (b * tl.num_programs(1) + pid_i) * tl.num_programs(0) + pid_j
+    vec = pvec_ptr + prog * 6 * H
+    hcol = tl.arange(0, H)
+    li = pid_i * BI + tl.arange(0, BI)
+    i = i0 + li
+    i_ok = (li < SI) & (i < N)
+    i_safe = tl.where(i_ok, i, N)
+    mi = (tl.load(mask_ptr + b * N + i_safe, mask=i_ok, other=0) != 0) & i_ok
+    xi0, xi1, xi2 = _load_xyz(x_ptr, b * N * 3, i_safe, N)
+    g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i_safe, N)
+    C = tl.load(scale_ptr + b)
+    b2 = tl.load(b2_ptr + hcol).to(tl.float32)
+    w_att = tl.zeros((H,), dtype=tl.float32)
+    if ATTENTION:
+        w_att = tl.load(watt_ptr + hcol).to(tl.float32)
+    sum_b2 = tl.zeros((H,), dtype=tl.float32)
+    sum_watt = tl.zeros((H,), dtype=tl.float32)
+    sum_batt = tl.zeros((M,), dtype=tl.float32)
+    dxi0 = tl.zeros((BI,), dtype=tl.float32)
+    dxi1 = tl.zeros((BI,), dtype=tl.float32)
+    dxi2 = tl.zeros((BI,), dtype=tl.float32)
+    jb_stop = tl.minimum(pid_j * TILES + TILES, tl.cdiv(N, BJ))
+    for jb in range(pid_j * TILES, jb_stop):
+        j = jb * BJ + tl.arange(0, BJ)
+        j_ok = j < N
+        mj = (tl.load(mask_ptr + b * N + j, mask=j_ok, other=0) != 0) & j_ok
+        v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])
+        vf = tl.reshape(v.to(tl.float32), (M,))
+        xj0, xj1, xj2 = _load_xyz(x_ptr, b * N * 3, j, N)
+        u0 = xi0[:, None] - xj0[None, :]
+        u1 = xi1[:, None] - xj1[None, :]
+        u2 = xi2[:, None] - xj2[None, :]
+        d2 = u0 * u0 + u1 * u1 + u2 * u2
+        e = tl.zeros((M, EP), dtype=tl.float32)
+        if EDGE == 1:
+            ecol = tl.arange(0, EP)
+            pair_ok = i_ok[:, None] & j_ok[None, :]
+            pair_off = i_safe[:, None] * N + j[None, :]
+            e3 = tl.load(ea_ptr + b.to(tl.int64) * N * N * E + pair_off[:, :, None] * E + ecol[None, None, :],
+                         mask=pair_ok[:, :, None] & (ecol < E)[None, None, :], other=0.0)
+            e = tl.reshape(e3.to(tl.float32), (M, EP))
+        rows = tl.reshape((b * SI + li[:, None]).to(tl.int64) * N + j[None, :], (M,))
+        ok = tl.reshape(i_ok[:, None] & j_ok[None, :], (M,))
+        # -- r by K chunks of z
+        r = tl.zeros((M, H), dtype=tl.float32) + b2[None, :]
+        for k0 in tl.range(0, H, K_CHUNK):
+            kc = k0 + tl.arange(0, K_CHUNK)
+            z_c = _preact_cols(b, i_safe, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                               H, EP, EDGE, PRECISION, UPCAST)
+            a_c = z_c * _sigmoid(z_c, FAST)
+            tl.store(a_ptr + rows[:, None] * H + kc[None, :], a_c.to(a_ptr.dtype.element_ty), mask=ok[:, None])
+            r += _mm(a_c, tl.load(W2_ptr + kc[:, None] * H + hcol[None, :]), PRECISION, UPCAST)
+        m0, sig_r = _silu_parts(r, FAST)
+        g = tl.full((M,), 1.0, tl.float32)
+        if ATTENTION:
+            g = _sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att, FAST)
+        m = (m0 * g[:, None]).to(W3_ptr.dtype.element_ty)
+        tl.store(m_ptr + rows[:, None] * H + hcol[None, :], m.to(m_ptr.dtype.element_ty), mask=ok[:, None])
+        # -- phi by column chunks of W3
+        phi = tl.zeros((M,), dtype=tl.float32)
+        for n0 in tl.range(0, H, N_CHUNK):
+            nc = n0 + tl.arange(0, N_CHUNK)
+            t_c = _mm(m, tl.load(W3_ptr + hcol[:, None] * H + nc[None, :]), PRECISION, UPCAST) + \
+                tl.load(b3_ptr + nc).to(tl.float32)[None, :]
+            phi += tl.sum(t_c * _sigmoid(t_c, FAST) * tl.load(w4_ptr + nc).to(tl.float32)[None, :], axis=1)
+        if TANH:
+            phi = 2.0 * _sigmoid(2.0 * phi, FAST) - 1.0
+        inv = tl.full((BI, BJ), 1.0, tl.float32)
+        if NORMALIZE:
+            inv = 1.0 / (tl.sqrt(d2) + eps)
+        coef = C * inv * tl.reshape(vf, (BI, BJ))
+        d_phi = tl.reshape(coef * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2), (M,))
+        coef_u = coef * tl.reshape(phi, (BI, BJ))
+        if TANH:
+            d_phi = d_phi * (1.0 - phi * phi)
+        # -- d_m by column chunks of W3, t recomputed; d_t's columns stored
+        gm_i = _load_rows(gm_ptr + b * N * H, i_safe, N, hcol, H)
+        d_m = tl.reshape(gm_i[:, None, :] * tl.reshape(vf, (BI, BJ))[:, :, None], (M, H))
+        for n0 in tl.range(0, H, N_CHUNK):
+            nc = n0 + tl.arange(0, N_CHUNK)
+            t_c = _mm(m, tl.load(W3_ptr + hcol[:, None] * H + nc[None, :]), PRECISION, UPCAST) + \
+                tl.load(b3_ptr + nc).to(tl.float32)[None, :]
+            sig_t = _sigmoid(t_c, FAST)
+            w4_c = tl.load(w4_ptr + nc).to(tl.float32)
+            d_t = d_phi[:, None] * w4_c[None, :] * _dsilu(t_c, sig_t)
+            tl.store(dt_ptr + rows[:, None] * H + nc[None, :], d_t.to(dt_ptr.dtype.element_ty), mask=ok[:, None])
+            _accumulate(vec + 1 * H, nc, tl.sum(d_t, axis=0))  # b3
+            _accumulate(vec + 2 * H, nc, tl.sum(t_c * sig_t * d_phi[:, None], axis=0))  # w4
+            W3T_c = tl.load(W3_ptr + hcol[None, :] * H + nc[:, None])  # [N_CHUNK, H]
+            if BWD_LOWP:
+                d_m += _mm(d_t, W3T_c, PRECISION, UPCAST)
+            else:
+                d_m += _mm(d_t, W3T_c.to(tl.float32), PRECISION_BWD, False)
+        if ATTENTION:
+            d_gate = tl.sum(d_m * m0, axis=1) * g * (1.0 - g)
+            d_m = d_m * g[:, None] + d_gate[:, None] * w_att[None, :]
+            sum_watt += tl.sum(m0 * d_gate[:, None], axis=0)
+            sum_batt += d_gate
+        d_r = d_m * _dsilu(r, sig_r)
+        tl.store(dr_ptr + rows[:, None] * H + hcol[None, :], d_r.to(dr_ptr.dtype.element_ty), mask=ok[:, None])
+        sum_b2 += tl.sum(d_r, axis=0)
+        # -- d_z by K chunks
+        d_d2 = tl.zeros((M,), dtype=tl.float32)
+        d2_flat = tl.reshape(d2, (M,))
+        for k0 in tl.range(0, H, K_CHUNK):
+            kc = k0 + tl.arange(0, K_CHUNK)
+            z_c = _preact_cols(b, i_safe, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
+                               H, EP, EDGE, PRECISION, UPCAST)
+            W2T_c = tl.load(W2_ptr + kc[None, :] * H + hcol[:, None])  # [H, K_CHUNK]
+            if BWD_LOWP:
+                d_a = _mm(d_r, W2T_c, PRECISION, UPCAST)
+            else:
+                d_a = _mm(d_r, W2T_c.to(tl.float32), PRECISION_BWD, False)
+            d_z = d_a * _dsilu(z_c, _sigmoid(z_c, FAST))
+            tl.store(dz_ptr + rows[:, None] * H + kc[None, :], d_z.to(dz_ptr.dtype.element_ty), mask=ok[:, None])
+            _accumulate(vec + 3 * H, kc, tl.sum(d_z * d2_flat[:, None], axis=0))  # w_d
+            d_d2 += tl.sum(d_z * tl.load(w_d_ptr + kc).to(tl.float32)[None, :], axis=1)
+        d_d2 = tl.reshape(d_d2, (BI, BJ))
+        du0 = coef_u * g0[:, None] + 2.0 * d_d2 * u0
+        du1 = coef_u * g1[:, None] + 2.0 * d_d2 * u1
+        du2 = coef_u * g2[:, None] + 2.0 * d_d2 * u2
+        dxi0 += tl.sum(du0, axis=1)
+        dxi1 += tl.sum(du1, axis=1)
+        dxi2 += tl.sum(du2, axis=1)
+        dxj = dxj_ptr + ((pid_i * tl.num_programs(2) + b) * N + j) * 3
+        tl.store(dxj + 0, -tl.sum(du0, axis=0), mask=j_ok)
+        tl.store(dxj + 1, -tl.sum(du1, axis=0), mask=j_ok)
+        tl.store(dxj + 2, -tl.sum(du2, axis=0), mask=j_ok)
+        tl.debug_barrier()  # the next tile's read-modify-writes of the vector rows
+    dxi = dxi_ptr + ((pid_j * tl.num_programs(2) + b) * SI + li) * 3
+    tl.store(dxi + 0, dxi0, mask=li < SI)
+    tl.store(dxi + 1, dxi1, mask=li < SI)
+    tl.store(dxi + 2, dxi2, mask=li < SI)
+    tl.store(vec + 0 * H + hcol, sum_b2)
+    tl.store(vec + 4 * H + hcol, sum_watt)
+    tl.store(vec + 5 * H + hcol, tl.where(hcol == 0, tl.sum(sum_batt, axis=0), 0.0))
+
+
 def _gemm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 accumulation and an fp32 result (cuBLAS's bf16 GEMM with out_dtype where torch has it)."""
     if a.dtype == torch.float32:
@@ -327,7 +520,9 @@ def backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W
     n_jb = triton.cdiv(N, BJ)
     tiles = slab_tiles(n_jb)
     n_prog = triton.cdiv(n_jb, tiles) * triton.cdiv(SI, BI) * B
-    pvec = torch.empty(n_prog, 6, H, **f32)
+    K_CHUNK, N_CHUNK = slab_chunks(H, wdt)
+    chunked = (K_CHUNK, N_CHUNK) != (H, H)
+    pvec = (torch.zeros if chunked else torch.empty)(n_prog, 6, H, **f32)
     dW2 = torch.zeros(H, H, **f32)
     dW3 = torch.zeros(H, H, **f32)
     vec = torch.zeros(6, H, **f32)
@@ -350,14 +545,20 @@ def backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W
         grid = (triton.cdiv(n_jb, tiles), triton.cdiv(rows, BI), B)
         dx_i_side = dxi_buf[: grid[0] * B * rows * 3].view(grid[0], B, rows, 3)
         dx_j_side = dxj_buf[: grid[1] * B * N * 3].view(grid[1], B, N, 3)
-        _egnn_bwd_slab_kernel[grid](
-            x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
-            edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
-            rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
-            grad_m, grad_dx, a, m, d_t, d_r, d_z, dx_i_side, dx_j_side, pvec,
-            N, meta["E"], K, meta["eps"], i0, rows, tiles, num_warps=warps, num_stages=1, **consts)
+        args = (x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
+                edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
+                rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
+                grad_m, grad_dx, a, m, d_t, d_r, d_z, dx_i_side, dx_j_side, pvec,
+                N, meta["E"], K, meta["eps"], i0, rows, tiles)
+        if chunked:
+            _egnn_bwd_slab_chunked_kernel[grid](*args, K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, num_warps=warps,
+                                                num_stages=1, **consts)
+        else:
+            _egnn_bwd_slab_kernel[grid](*args, num_warps=warps, num_stages=1, **consts)
         n_used = grid[0] * grid[1] * grid[2]
         vec += pvec[:n_used].sum(0)
+        if chunked:
+            pvec.zero_()
         dW2 += _gemm_f32(a.t(), d_r)
         dW3 += _gemm_f32(m.t(), d_t)
         dz4 = d_z.view(B, rows, N, H)
