@@ -114,6 +114,16 @@ def test_chunked_slab_backward_bf16_and_at_hidden_256(slab_backward, chunked_spy
     assert len(chunked_spy) >= 2 and not slab_backward
 
 
+@pytest.mark.parametrize("chunks", [None, "16,16"])
+def test_slab_backward_in_the_gpu_tile_shape(slab_backward, chunked_spy, monkeypatch, chunks):
+    """The GPU's 1 x 16 tiles (one row i per program) under the interpreter, whole weights and by chunks."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_BLOCKS", "1,16,8")
+    if chunks:
+        monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_CHUNKS", chunks)
+    compare(2, 19, 32, 3, "offset", FLAG_SETS[4], torch.float32, seed=17, K=4)
+    assert (chunked_spy if chunks else slab_backward)[0][1] == 19  # one program per row of the slab
+
+
 def test_slab_workspace_is_o_n_h():
     """5 S H elements for S ~ SLAB_PAIRS pairs, at least one row of every sample: linear in N at large N."""
     sizes = [slab.slab_workspace_bytes(1, n, 128, torch.bfloat16) for n in (4096, 8192, 1 << 17, 1 << 18)]

@@ -134,12 +134,12 @@ def slab_chunks(H: int, dtype: torch.dtype) -> Tuple[int, int]:
 
 
 def slab_blocks(H: int) -> Tuple[int, int, int]:
-    if _interpreting():  # the interpreter's cost is per program: large tiles
-        return 16, 32, 4
-    env = os.environ.get("PROTDIFF_FAST_TRITON_SLAB_BLOCKS")  # "BI,BJ,WARPS": sweeps only
+    env = os.environ.get("PROTDIFF_FAST_TRITON_SLAB_BLOCKS")  # "BI,BJ,WARPS": sweeps, and tests of the GPU shape
     if env:
         bi, bj, w = (int(v) for v in env.split(","))
         return bi, bj, w
+    if _interpreting():  # the interpreter's cost is per program: large tiles
+        return 16, 32, 4
     return _SLAB_BLOCKS[H]
 
 
