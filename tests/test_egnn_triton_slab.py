@@ -14,21 +14,26 @@ from test_egnn_triton import compare  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture
-def slab_backward(monkeypatch):
-    """Select the slab scheme and record each launch's grid (a backward that silently took the default
-    kernels would pass the comparisons without testing this one)."""
-    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD", "slab")
+def spy_on_kernel(monkeypatch, name):
+    """Record the grid of every launch of slab.<name> (a backward that silently took other kernels would
+    pass the comparisons without testing this one)."""
     launched = []
-    kernel = slab._egnn_bwd_slab_kernel
+    kernel = getattr(slab, name)
 
     class Spy:
         def __getitem__(self, grid):
             launched.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(slab, "_egnn_bwd_slab_kernel", Spy())
+    monkeypatch.setattr(slab, name, Spy())
     return launched
+
+
+@pytest.fixture
+def slab_backward(monkeypatch):
+    """Select the slab scheme; the launches of its whole-weight kernel."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD", "slab")
+    return spy_on_kernel(monkeypatch, "_egnn_bwd_slab_kernel")
 
 
 @pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
@@ -84,16 +89,8 @@ def test_slab_backward_falls_back_where_it_does_not_fit(slab_backward):
 
 @pytest.fixture
 def chunked_spy(monkeypatch):
-    launched = []
-    kernel = slab._egnn_bwd_slab_chunked_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(slab, "_egnn_bwd_slab_chunked_kernel", Spy())
-    return launched
+    """The launches of the chunked kernel."""
+    return spy_on_kernel(monkeypatch, "_egnn_bwd_slab_chunked_kernel")
 
 
 @pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])

@@ -144,6 +144,63 @@ def slab_blocks(H: int) -> Tuple[int, int, int]:
 
 
 @triton.jit
+def _slab_rows(mask_ptr, x_ptr, gdx_ptr, b, N, i0, SI, pid_i, BI: tl.constexpr):
+    """The program's BI rows of the slab: local and global index, validity, mask, x_i, gdx_i."""
+    li = pid_i * BI + tl.arange(0, BI)
+    i = i0 + li
+    i_ok = (li < SI) & (i < N)
+    i_safe = tl.where(i_ok, i, N)  # rows past the slab read as padding (masked loads of row N)
+    mi = (tl.load(mask_ptr + b * N + i_safe, mask=i_ok, other=0) != 0) & i_ok
+    xi0, xi1, xi2 = _load_xyz(x_ptr, b * N * 3, i_safe, N)
+    g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i_safe, N)
+    return li, i, i_ok, i_safe, mi, xi0, xi1, xi2, g0, g1, g2
+
+
+@triton.jit
+def _slab_tile(mask_ptr, x_ptr, ea_ptr, b, N, E, SI, jb, li, i, i_ok, i_safe, mi, xi0, xi1, xi2,
+               BI: tl.constexpr, BJ: tl.constexpr, EP: tl.constexpr, EDGE: tl.constexpr):
+    """Tile (rows i, block jb of columns j): j, its validity, v_ij as floats [M], u_ij and d2_ij [BI, BJ],
+    the dense edge features [M, EP] (EDGE 1), the pairs' workspace rows ((b SI + li) N + j, 64 bits) [M]
+    and which of them are stored."""
+    M: tl.constexpr = BI * BJ
+    j = jb * BJ + tl.arange(0, BJ)
+    j_ok = j < N
+    mj = (tl.load(mask_ptr + b * N + j, mask=j_ok, other=0) != 0) & j_ok
+    v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])  # real pair, not the self pair
+    vf = tl.reshape(v.to(tl.float32), (M,))
+    xj0, xj1, xj2 = _load_xyz(x_ptr, b * N * 3, j, N)
+    u0 = xi0[:, None] - xj0[None, :]  # u_ij = x_i - x_j
+    u1 = xi1[:, None] - xj1[None, :]
+    u2 = xi2[:, None] - xj2[None, :]
+    d2 = u0 * u0 + u1 * u1 + u2 * u2
+    e = tl.zeros((M, EP), dtype=tl.float32)
+    if EDGE == 1:
+        ecol = tl.arange(0, EP)
+        pair_ok = i_ok[:, None] & j_ok[None, :]
+        pair_off = i_safe[:, None] * N + j[None, :]
+        e3 = tl.load(ea_ptr + b.to(tl.int64) * N * N * E + pair_off[:, :, None] * E + ecol[None, None, :],
+                     mask=pair_ok[:, :, None] & (ecol < E)[None, None, :], other=0.0)
+        e = tl.reshape(e3.to(tl.float32), (M, EP))
+    rows = tl.reshape((b * SI + li[:, None]).to(tl.int64) * N + j[None, :], (M,))
+    ok = tl.reshape(i_ok[:, None] & j_ok[None, :], (M,))
+    return j, j_ok, vf, u0, u1, u2, d2, e, rows, ok
+
+
+@triton.jit
+def _slab_dx(coef_u, d_d2, u0, u1, u2, g0, g1, g2, dxj_ptr, pid_i, b, N, j, j_ok):
+    """d u_ij = coef_u gdx_i + 2 d_d2 u_ij (+ to x_i, - to x_j): stores the tile's j side in the program's
+    own rows, returns the i side summed over the tile's columns."""
+    du0 = coef_u * g0[:, None] + 2.0 * d_d2 * u0
+    du1 = coef_u * g1[:, None] + 2.0 * d_d2 * u1
+    du2 = coef_u * g2[:, None] + 2.0 * d_d2 * u2
+    dxj = dxj_ptr + ((pid_i * tl.num_programs(2) + b) * N + j) * 3
+    tl.store(dxj + 0, -tl.sum(du0, axis=0), mask=j_ok)
+    tl.store(dxj + 1, -tl.sum(du1, axis=0), mask=j_ok)
+    tl.store(dxj + 2, -tl.sum(du2, axis=0), mask=j_ok)
+    return tl.sum(du0, axis=1), tl.sum(du1, axis=1), tl.sum(du2, axis=1)
+
+
+@triton.jit
 def _egnn_bwd_slab_kernel(
     x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,
     w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,
@@ -167,13 +224,7 @@ def _egnn_bwd_slab_kernel(
     b = tl.program_id(2)
     prog = (b * tl.num_programs(1) + pid_i) * tl.num_programs(0) + pid_j
     hcol = tl.arange(0, H)
-    li = pid_i * BI + tl.arange(0, BI)  # rows of the slab
-    i = i0 + li
-    i_ok = (li < SI) & (i < N)
-    i_safe = tl.where(i_ok, i, N)  # rows past the slab read as padding (masked loads of row N)
-    mi = (tl.load(mask_ptr + b * N + i_safe, mask=i_ok, other=0) != 0) & i_ok
-    xi0, xi1, xi2 = _load_xyz(x_ptr, b * N * 3, i_safe, N)
-    g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i_safe, N)
+    li, i, i_ok, i_safe, mi, xi0, xi1, xi2, g0, g1, g2 = _slab_rows(mask_ptr, x_ptr, gdx_ptr, b, N, i0, SI, pid_i, BI)
     C = tl.load(scale_ptr + b)
     w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
     b2 = tl.load(b2_ptr + hcol).to(tl.float32)
@@ -195,16 +246,8 @@ def _egnn_bwd_slab_kernel(
     dxi2 = tl.zeros((BI,), dtype=tl.float32)
     jb_stop = tl.minimum(pid_j * TILES + TILES, tl.cdiv(N, BJ))
     for jb in range(pid_j * TILES, jb_stop):
-        j = jb * BJ + tl.arange(0, BJ)
-        j_ok = j < N
-        mj = (tl.load(mask_ptr + b * N + j, mask=j_ok, other=0) != 0) & j_ok
-        v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])  # real pair, not the self pair
-        vf = tl.reshape(v.to(tl.float32), (M,))
-        xj0, xj1, xj2 = _load_xyz(x_ptr, b * N * 3, j, N)
-        u0 = xi0[:, None] - xj0[None, :]  # u_ij = x_i - x_j, [BI, BJ]
-        u1 = xi1[:, None] - xj1[None, :]
-        u2 = xi2[:, None] - xj2[None, :]
-        d2 = u0 * u0 + u1 * u1 + u2 * u2
+        j, j_ok, vf, u0, u1, u2, d2, e, rows, ok = _slab_tile(mask_ptr, x_ptr, ea_ptr, b, N, E, SI, jb, li, i, i_ok,
+                                                             i_safe, mi, xi0, xi1, xi2, BI, BJ, EP, EDGE)
         # -- z (rebuilt again for silu'(z) at the end rather than kept live through both products)
         p_i = _load_rows(p_ptr + b * N * H, i_safe, N, hcol, H).to(tl.float32)
         q_j = _load_rows(q_ptr + b * N * H, j, N, hcol, H).to(tl.float32)
@@ -213,20 +256,11 @@ def _egnn_bwd_slab_kernel(
             k = tl.minimum(tl.maximum(j[None, :] - i[:, None], -K), K) + K
             z3 += tl.load(rel_ptr + k[:, :, None] * H + hcol[None, None, :]).to(tl.float32)
         z = tl.reshape(z3, (M, H))
-        e = tl.zeros((M, EP), dtype=tl.float32)
         if EDGE == 1:  # dense edge_attr through W_e
             ecol = tl.arange(0, EP)
-            pair_ok = i_ok[:, None] & j_ok[None, :]
-            pair_off = i_safe[:, None] * N + j[None, :]
-            e3 = tl.load(ea_ptr + b.to(tl.int64) * N * N * E + pair_off[:, :, None] * E + ecol[None, None, :],
-                         mask=pair_ok[:, :, None] & (ecol < E)[None, None, :], other=0.0)
-            e = tl.reshape(e3.to(tl.float32), (M, EP))
             W_e = tl.load(We_ptr + ecol[:, None] * H + hcol[None, :], mask=(ecol < E)[:, None], other=0.0)
             z += _mm(e, W_e, PRECISION, UPCAST)
         a = z * _sigmoid(z, FAST)
-        # workspace rows of the tile's pairs: ((b SI + li) N + j), in 64 bits
-        rows = tl.reshape((b * SI + li[:, None]).to(tl.int64) * N + j[None, :], (M,))
-        ok = tl.reshape(i_ok[:, None] & j_ok[None, :], (M,))
         ws = rows[:, None] * H + hcol[None, :]
         tl.store(a_ptr + ws, a.to(a_ptr.dtype.element_ty), mask=ok[:, None])
         # -- forward recomputed: r, m, t, phi
@@ -288,16 +322,10 @@ def _egnn_bwd_slab_kernel(
         tl.store(dz_ptr + ws, d_z.to(dz_ptr.dtype.element_ty), mask=ok[:, None])
         sum_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
         d_d2 = tl.reshape(tl.sum(d_z * w_d[None, :], axis=1), (BI, BJ))
-        du0 = coef_u * g0[:, None] + 2.0 * d_d2 * u0  # d u_ij: +d x_i, -d x_j
-        du1 = coef_u * g1[:, None] + 2.0 * d_d2 * u1
-        du2 = coef_u * g2[:, None] + 2.0 * d_d2 * u2
-        dxi0 += tl.sum(du0, axis=1)
-        dxi1 += tl.sum(du1, axis=1)
-        dxi2 += tl.sum(du2, axis=1)
-        dxj = dxj_ptr + ((pid_i * tl.num_programs(2) + b) * N + j) * 3
-        tl.store(dxj + 0, -tl.sum(du0, axis=0), mask=j_ok)
-        tl.store(dxj + 1, -tl.sum(du1, axis=0), mask=j_ok)
-        tl.store(dxj + 2, -tl.sum(du2, axis=0), mask=j_ok)
+        di0, di1, di2 = _slab_dx(coef_u, d_d2, u0, u1, u2, g0, g1, g2, dxj_ptr, pid_i, b, N, j, j_ok)
+        dxi0 += di0
+        dxi1 += di1
+        dxi2 += di2
     dxi = dxi_ptr + ((pid_j * tl.num_programs(2) + b) * SI + li) * 3
     tl.store(dxi + 0, dxi0, mask=li < SI)
     tl.store(dxi + 1, dxi1, mask=li < SI)
@@ -343,13 +371,7 @@ def _egnn_bwd_slab_chunked_kernel(
     prog = (b * tl.num_programs(1) + pid_i) * tl.num_programs(0) + pid_j
     vec = pvec_ptr + prog * 6 * H
     hcol = tl.arange(0, H)
-    li = pid_i * BI + tl.arange(0, BI)
-    i = i0 + li
-    i_ok = (li < SI) & (i < N)
-    i_safe = tl.where(i_ok, i, N)
-    mi = (tl.load(mask_ptr + b * N + i_safe, mask=i_ok, other=0) != 0) & i_ok
-    xi0, xi1, xi2 = _load_xyz(x_ptr, b * N * 3, i_safe, N)
-    g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i_safe, N)
+    li, i, i_ok, i_safe, mi, xi0, xi1, xi2, g0, g1, g2 = _slab_rows(mask_ptr, x_ptr, gdx_ptr, b, N, i0, SI, pid_i, BI)
     C = tl.load(scale_ptr + b)
     b2 = tl.load(b2_ptr + hcol).to(tl.float32)
     w_att = tl.zeros((H,), dtype=tl.float32)
@@ -363,26 +385,8 @@ def _egnn_bwd_slab_chunked_kernel(
     dxi2 = tl.zeros((BI,), dtype=tl.float32)
     jb_stop = tl.minimum(pid_j * TILES + TILES, tl.cdiv(N, BJ))
     for jb in range(pid_j * TILES, jb_stop):
-        j = jb * BJ + tl.arange(0, BJ)
-        j_ok = j < N
-        mj = (tl.load(mask_ptr + b * N + j, mask=j_ok, other=0) != 0) & j_ok
-        v = mi[:, None] & mj[None, :] & (i[:, None] != j[None, :])
-        vf = tl.reshape(v.to(tl.float32), (M,))
-        xj0, xj1, xj2 = _load_xyz(x_ptr, b * N * 3, j, N)
-        u0 = xi0[:, None] - xj0[None, :]
-        u1 = xi1[:, None] - xj1[None, :]
-        u2 = xi2[:, None] - xj2[None, :]
-        d2 = u0 * u0 + u1 * u1 + u2 * u2
-        e = tl.zeros((M, EP), dtype=tl.float32)
-        if EDGE == 1:
-            ecol = tl.arange(0, EP)
-            pair_ok = i_ok[:, None] & j_ok[None, :]
-            pair_off = i_safe[:, None] * N + j[None, :]
-            e3 = tl.load(ea_ptr + b.to(tl.int64) * N * N * E + pair_off[:, :, None] * E + ecol[None, None, :],
-                         mask=pair_ok[:, :, None] & (ecol < E)[None, None, :], other=0.0)
-            e = tl.reshape(e3.to(tl.float32), (M, EP))
-        rows = tl.reshape((b * SI + li[:, None]).to(tl.int64) * N + j[None, :], (M,))
-        ok = tl.reshape(i_ok[:, None] & j_ok[None, :], (M,))
+        j, j_ok, vf, u0, u1, u2, d2, e, rows, ok = _slab_tile(mask_ptr, x_ptr, ea_ptr, b, N, E, SI, jb, li, i, i_ok,
+                                                             i_safe, mi, xi0, xi1, xi2, BI, BJ, EP, EDGE)
         # -- r by K chunks of z
         r = tl.zeros((M, H), dtype=tl.float32) + b2[None, :]
         for k0 in tl.range(0, H, K_CHUNK):
@@ -457,17 +461,11 @@ def _egnn_bwd_slab_chunked_kernel(
             tl.store(dz_ptr + rows[:, None] * H + kc[None, :], d_z.to(dz_ptr.dtype.element_ty), mask=ok[:, None])
             _accumulate(vec + 3 * H, kc, tl.sum(d_z * d2_flat[:, None], axis=0))  # w_d
             d_d2 += tl.sum(d_z * tl.load(w_d_ptr + kc).to(tl.float32)[None, :], axis=1)
-        d_d2 = tl.reshape(d_d2, (BI, BJ))
-        du0 = coef_u * g0[:, None] + 2.0 * d_d2 * u0
-        du1 = coef_u * g1[:, None] + 2.0 * d_d2 * u1
-        du2 = coef_u * g2[:, None] + 2.0 * d_d2 * u2
-        dxi0 += tl.sum(du0, axis=1)
-        dxi1 += tl.sum(du1, axis=1)
-        dxi2 += tl.sum(du2, axis=1)
-        dxj = dxj_ptr + ((pid_i * tl.num_programs(2) + b) * N + j) * 3
-        tl.store(dxj + 0, -tl.sum(du0, axis=0), mask=j_ok)
-        tl.store(dxj + 1, -tl.sum(du1, axis=0), mask=j_ok)
-        tl.store(dxj + 2, -tl.sum(du2, axis=0), mask=j_ok)
+        di0, di1, di2 = _slab_dx(coef_u, tl.reshape(d_d2, (BI, BJ)), u0, u1, u2, g0, g1, g2, dxj_ptr, pid_i, b, N,
+                                 j, j_ok)
+        dxi0 += di0
+        dxi1 += di1
+        dxi2 += di2
         tl.debug_barrier()  # the next tile's read-modify-writes of the vector rows
     dxi = dxi_ptr + ((pid_j * tl.num_programs(2) + b) * SI + li) * 3
     tl.store(dxi + 0, dxi0, mask=li < SI)
