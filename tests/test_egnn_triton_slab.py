@@ -111,14 +111,16 @@ def test_chunked_slab_backward_bf16_and_at_hidden_256(slab_backward, chunked_spy
     assert len(chunked_spy) >= 2 and not slab_backward
 
 
-@pytest.mark.parametrize("chunks", [None, "16,16"])
-def test_slab_backward_in_the_gpu_tile_shape(slab_backward, chunked_spy, monkeypatch, chunks):
-    """The GPU's 1 x 16 tiles (one row i per program) under the interpreter, whole weights and by chunks."""
+@pytest.mark.parametrize("chunks,B,H", [(None, 2, 16), ("16,16", 1, 32)])
+def test_slab_backward_in_the_gpu_tile_shape(slab_backward, chunked_spy, monkeypatch, chunks, B, H):
+    """The GPU's 1 x 16 tiles (one row i per program) under the interpreter, whole weights and by chunks;
+    2 tiles per program over 3 column blocks (N = 33): the second group of programs has one tile."""
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_BLOCKS", "1,16,8")
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_TILES", "2")
     if chunks:
         monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_CHUNKS", chunks)
-    compare(2, 19, 32, 3, "offset", FLAG_SETS[4], torch.float32, seed=17, K=4)
-    assert (chunked_spy if chunks else slab_backward)[0][1] == 19  # one program per row of the slab
+    compare(B, 33, H, 3, "offset", FLAG_SETS[4], torch.float32, seed=17, K=4)
+    assert (chunked_spy if chunks else slab_backward)[0][:2] == (2, 33)  # 2 column groups, a program per row
 
 
 def test_slab_workspace_is_o_n_h():
