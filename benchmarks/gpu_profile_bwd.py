@@ -175,43 +175,52 @@ def main() -> int:
     results, tmp = [], Path(os.environ.get("TMPDIR", "/tmp")) / f"bwd_grads_{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     base = dict(device=args.device, dtype=args.dtype)
+
+    def save():  # after every row: a stage cut by its time limit keeps what it measured
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(dict(device=args.device, dtype=args.dtype, variants=VARIANTS,
+                                                      results=results, partial=True), indent=1))
+
     if args.only != "sweep":
         r = child(dict(base, name="default", size=sizes[0], profile=True), {}, args.timeout)
         print(f"# kernel times, default variant, B,N,H = {sizes[0]} {args.dtype}, 5 x fwd+bwd", flush=True)
         print(r.get("profile") or r.get("error") or "(no profile on this device)", flush=True)
         results.append({k: v for k, v in r.items() if k != "profile"} | {"profile_table": r.get("profile")})
+        save()
     if args.only != "profile":
-        specs = [(dict(base, name=n, size=s, save=str(tmp / f"{n}_{'x'.join(map(str, s))}.pt")), VARIANTS[n])
-                 for s in sizes for n in names if s[2] <= VARIANT_MAX_H.get(n, s[2])]
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # compile (and save the gradients) in parallel
-            warm = list(pool.map(lambda sv: child(dict(sv[0], warm_only=True), sv[1], args.timeout), specs))
-        print(f"# compiled {len(specs)} variant x size runs, {args.jobs} at a time, in {time.perf_counter() - t0:.0f} s",
-              flush=True)
         import torch
 
         print(f"{'variant':<16} {'B,N,H':<12} {'fwd ms':>8} {'no checks':>9} {'fwd+bwd ms':>11} {'bwd ms':>8} "
-              f"{'grads vs default':>17}")
-        for (spec, env), w in zip(specs, warm):
-            if "error" in w:
-                r = w
-            else:
-                ref_path = tmp / f"default_{'x'.join(map(str, spec['size']))}.pt"
-                agree = None
-                if Path(spec["save"]).exists() and ref_path.exists():
-                    mine, ref = torch.load(spec["save"]), torch.load(ref_path)
-                    agree = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(mine, ref))
-                r = child(dict(spec, save=None), env, args.timeout)
-                r["grads_vs_default"] = agree
-            results.append(r)
-            size = ",".join(map(str, spec["size"]))
-            if "error" in r:
-                print(f"{spec['name']:<16} {size:<12} error: {r['error'][-200:]}", flush=True)
-                continue
-            ag = r.get("grads_vs_default")
-            print(f"{spec['name']:<16} {size:<12} {r['fwd_ms']:8.2f} {r['fwd_nochecks_ms']:9.2f} {r['fwdbwd_ms']:11.2f} "
-                  f"{r['bwd_ms']:8.2f} "
-                  f"{'-' if ag is None else f'{ag:.1e}':>17}", flush=True)
+              f"{'grads vs default':>17}", flush=True)
+        for size in sizes:  # size by size (the target row first), so a cut loses the last sizes only
+            specs = [(dict(base, name=n, size=size, save=str(tmp / f"{n}_{'x'.join(map(str, size))}.pt")), VARIANTS[n])
+                     for n in names if size[2] <= VARIANT_MAX_H.get(n, size[2])]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # compile (and save the gradients) in parallel
+                warm = list(pool.map(lambda sv: child(dict(sv[0], warm_only=True), sv[1], args.timeout), specs))
+            print(f"# compiled {len(specs)} variants at B,N,H = {size}, {args.jobs} at a time, in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            for (spec, env), w in zip(specs, warm):
+                if "error" in w:
+                    r = w
+                else:
+                    ref_path = tmp / f"default_{'x'.join(map(str, spec['size']))}.pt"
+                    agree = None
+                    if Path(spec["save"]).exists() and ref_path.exists():
+                        mine, ref = torch.load(spec["save"]), torch.load(ref_path)
+                        agree = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(mine, ref))
+                    r = child(dict(spec, save=None), env, args.timeout)
+                    r["grads_vs_default"] = agree
+                results.append(r)
+                save()
+                label = ",".join(map(str, spec["size"]))
+                if "error" in r:
+                    print(f"{spec['name']:<16} {label:<12} error: {r['error'][-200:]}", flush=True)
+                    continue
+                ag = r.get("grads_vs_default")
+                print(f"{spec['name']:<16} {label:<12} {r['fwd_ms']:8.2f} {r['fwd_nochecks_ms']:9.2f} "
+                      f"{r['fwdbwd_ms']:11.2f} {r['bwd_ms']:8.2f} {'-' if ag is None else f'{ag:.1e}':>17}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(device=args.device, dtype=args.dtype, variants=VARIANTS,
