@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     bench.add_argument("--out", default="bench-results", help="output folder for results.json / results.md / plots")
     bench.add_argument("--timeout", type=float, default=300.0, help="seconds per row before it is recorded as timeout")
-    bench.add_argument("--providers", default=None, help="comma-separated subset: reference,cpu,triton,egnn-pytorch")
+    bench.add_argument("--providers", default=None,
+                       help="comma-separated subset: reference,cpu,triton,triton-slab (the slab backward),egnn-pytorch")
     bench.add_argument("--compare", default=None, metavar="OLD.json", help="print the change against an earlier results.json")
     bench.add_argument("--dtypes", default=None, help="comma-separated subset of the grid's dtypes: float32,bfloat16,...")
     bench.add_argument("--hidden", default=None, help="comma-separated subset of the grid's H values (egnn rows)")

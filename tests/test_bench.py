@@ -251,6 +251,21 @@ def test_warm_pass_runs_each_triton_row_once_untimed(capsys):
     assert result["status"] == "warmed" and result["warm_s"] > 0 and "median_s" not in result
 
 
+def test_triton_slab_provider_runs_the_triton_backend_with_the_slab_backward(monkeypatch):
+    """The GPU target rows time the opt-in slab backward beside the default (speed and memory in one
+    table); its worker gets backend "triton" and PROTDIFF_FAST_TRITON_BWD=slab, and a tiny row runs."""
+    monkeypatch.delenv("PROTDIFF_FAST_TRITON_BWD", raising=False)
+    cmd, env = runner.worker_command(dict(suite="egnn", provider="triton-slab", B=1, N=5, H=16, mode="fwdbwd"))
+    assert json.loads(cmd[-1])["provider"] == "triton" and env["PROTDIFF_FAST_TRITON_BWD"] == "slab"
+    assert "PROTDIFF_FAST_TRITON_BWD" not in runner.worker_command(dict(provider="triton"))[1]
+    targets = runner.target_rows("cuda")
+    assert dict(suite="egnn", provider="triton-slab", B=8, N=512, H=128, mode="fwdbwd", dtype="bfloat16") in targets
+    assert any(r["suite"] == "train-step" and r["provider"] == "triton-slab" for r in targets)
+    out = runner.run_row(dict(suite="egnn", provider="triton-slab", B=2, N=9, H=16, mode="fwdbwd", dtype="float32"),
+                         "cpu", 1, 300, 0.1, mem_limit=None)
+    assert out["status"] == "ok" and out["provider"] == "triton-slab", out
+
+
 def test_gpu_target_rows_come_first():
     rows = runner.target_rows("cuda")
     first_other = next(k for k, r in enumerate(rows) if r["dtype"] == "float32" and r["suite"] != "ddpm-step"

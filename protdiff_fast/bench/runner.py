@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -149,9 +149,9 @@ def target_rows(device: str) -> List[Dict]:
         rows.append(dict(suite="egnn", provider=p, B=1, N=4096, H=64, mode="fwdbwd", dtype="float32"))
     if device.startswith("cuda"):  # the GPU targets of the Triton kernel issue: B=8, N=512, H=128, and N=8192
         for mode in ("fwd", "fwdbwd"):
-            for p in ["reference", "triton"] + extra:
+            for p in ["reference", "triton"] + (["triton-slab"] if mode == "fwdbwd" else []) + extra:
                 rows.append(dict(suite="egnn", provider=p, B=8, N=512, H=128, mode=mode, dtype="bfloat16"))
-        for p in ["reference", "triton"] + extra:  # the references are expected to run out of memory here
+        for p in ["reference", "triton", "triton-slab"] + extra:  # the references are expected to run out of memory
             rows.append(dict(suite="egnn", provider=p, B=1, N=8192, H=128, mode="fwdbwd", dtype="bfloat16"))
     for N in (64, 128, 256):
         for p in ("reference", "cpu" if not device.startswith("cuda") else "triton"):
@@ -170,7 +170,7 @@ def target_rows(device: str) -> List[Dict]:
             rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype="float32"))
     if device.startswith("cuda"):
         for B in (4, 32):  # the model issue's GPU target: a training step as `train` runs it there (bf16 autocast)
-            for p in base:
+            for p in base + ["triton-slab"]:
                 rows.append(dict(suite="train-step", provider=p, B=B, N=128, H=256, mode="fwdbwd", dtype=AUTOCAST))
         # the sampling issue's GPU target: the ProtDiff-size model (H = 256, 4 layers) at length 128, bf16,
         # backbones/s at T = 1024 against the bf16 pair-MLP limit (20/s wanted of ~45/s on an H100)
@@ -263,12 +263,25 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
     return rows
 
 
+# providers that run another one's backend under settings of theirs: name -> (backend, environment).
+# triton-slab: the row-slab backward (protdiff_fast/ops/egnn_triton_slab.py), opt-in until a GPU has timed it
+PROVIDER_VARIANTS = {"triton-slab": ("triton", {"PROTDIFF_FAST_TRITON_BWD": "slab"})}
+
+
+def worker_command(spec: Dict) -> Tuple[List[str], Dict[str, str]]:
+    """The worker process's command line and environment for a row spec (a provider variant runs its
+    backend with its settings)."""
+    backend, extra = PROVIDER_VARIANTS.get(spec["provider"], (spec["provider"], {}))
+    spec = dict(spec, provider=backend)
+    return [sys.executable, "-m", "protdiff_fast.bench.worker", json.dumps(spec)], dict(os.environ, **extra)
+
+
 def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: float, mem_limit: Optional[int]) -> Dict:
     spec = dict(row, device=device, threads=threads, budget_s=budget_s, min_reps=3, max_reps=50,
                 mem_limit_bytes=mem_limit)
+    cmd, env = worker_command(spec)
     try:
-        proc = subprocess.run([sys.executable, "-m", "protdiff_fast.bench.worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return dict(row, status="timeout", error=f"over {timeout_s:.0f} s")
     for line in proc.stdout.splitlines():
@@ -380,7 +393,7 @@ def markdown(result: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-FUSED_PROVIDERS = ("cpu", "triton")
+FUSED_PROVIDERS = ("cpu", "triton", "triton-slab")
 MEMORY_EXPONENT_LIMIT = 1.2  # our fused backends must stay O(N) in memory: fail loudly above this
 SCALING_MIN_N = 128  # smaller N are dominated by fixed costs and would bend the fit
 MEMORY_FIT_FLOOR = 1 << 20  # peaks under 1 MiB are page and allocator noise (CPU RSS), not the algorithm
@@ -565,15 +578,15 @@ def warm_kernel_cache(rows: List[Dict], device: str, threads: int, timeout_s: fl
     process) load them instead of compiling one after another. Nothing from this pass is recorded."""
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = [r for r in rows if r["provider"] == "triton"]
+    todo = [r for r in rows if PROVIDER_VARIANTS.get(r["provider"], (r["provider"],))[0] == "triton"]
     t0 = time.perf_counter()
 
     def one(row):
         spec = dict(row, device=device, threads=max(1, threads // jobs), budget_s=0.0, min_reps=0, max_reps=0,
                     mem_limit_bytes=None, warm_only=True)
+        cmd, env = worker_command(spec)
         try:
-            subprocess.run([sys.executable, "-m", "protdiff_fast.bench.worker", json.dumps(spec)],
-                           capture_output=True, text=True, timeout=timeout_s)
+            subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired:
             pass
 
