@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import Optional, Sequence
@@ -116,3 +117,22 @@ def check_mask(mask: Optional[torch.Tensor], batch: int, num_nodes: int, device:
     elif batch > 0:
         raise ValueError("mask: samples have no nodes (N = 0)")
     return mask
+
+
+def first_order_backward(backend: str):
+    """Decorator for a fused op's ``autograd.Function.backward`` whose kernels' gradients are not
+    themselves differentiable: a backward with ``create_graph=True`` (grad mode on inside it) raises
+    instead of returning gradients that a second derivative would silently treat as constants
+    (``once_differentiable`` does not catch ``torch.autograd.grad(..., inputs=x)``: it prunes the
+    error node)."""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grad_outputs):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"egnn_pair_aggregate: the {backend} backend's gradients are first order only "
+                    "(backward with create_graph=True, e.g. for a second derivative or a gradient penalty); "
+                    "use backend='reference' for higher-order gradients")
+            return backward(ctx, *grad_outputs)
+        return checked
+    return wrap

@@ -10,6 +10,14 @@ from protdiff_fast.ops import egnn_pair_aggregate
 from test_egnn_cpu import FLAG_SETS, make_problem
 
 
+def _runs_here(op, backend):
+    from protdiff_fast.backends import resolve
+    try:
+        return resolve(op, backend, "cpu") == backend
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 def _auto_picks_triton(monkeypatch):
     def fake(op, backend, device):
         return get_impl(op, "triton" if backend == "auto" else backend, device)
@@ -41,3 +49,104 @@ def test_auto_uses_triton_when_it_can(monkeypatch):
         got = egnn_pair_aggregate(*args, backend="auto", **kw)
     want = egnn_pair_aggregate(*args, backend="reference", **kw)
     assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(got, want))
+
+
+def test_auto_falls_back_to_reference_for_float64_on_triton(monkeypatch):
+    _auto_picks_triton(monkeypatch)
+    args, kw = make_problem(2, 5, 16, 2, "offset", FLAG_SETS[1], seed=3)  # float64
+    assert args[0].dtype == torch.float64
+    with pytest.warns(RuntimeWarning, match="float64 inputs.*reference instead"):
+        got = egnn_pair_aggregate(*args, backend="auto", **kw)
+    want = egnn_pair_aggregate(*args, backend="reference", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(TypeError, match="float64"):
+        egnn_pair_aggregate(*args, backend="triton", **kw)
+
+
+def test_backend_for_names_the_backend_that_will_run():
+    from protdiff_fast.backends import resolve
+    from protdiff_fast.nn import EGNNLayer
+
+    fast_cuda = resolve("egnn_pair_aggregate", "auto", "cuda")  # what "auto" would pick on a GPU
+    assert EGNNLayer(64).backend_for("cuda") == fast_cuda
+    if fast_cuda == "triton":
+        assert EGNNLayer(300).backend_for("cuda") == "reference"  # wider than the kernels
+        assert EGNNLayer(64).double().backend_for("cuda") == "reference"
+        assert EGNNLayer(64).backend_for("cuda", torch.bfloat16) == "triton"
+    assert EGNNLayer(64, backend="reference").backend_for("cpu") == "reference"
+    assert EGNNLayer(64, backend="triton").backend_for("cuda") == "triton"  # explicit: never swapped
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0, 0)])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_no_pairs_forward_and_backward(backend, shape):
+    """B = 0 or N = 0: empty outputs and gradients, not a crash (the C++ backward divided by B)."""
+    from protdiff_fast.nn import EGNNLayer
+
+    if not _runs_here("egnn_pair_aggregate", backend):
+        pytest.skip(f"{backend} not available here")
+    B, N = shape
+    layer = EGNNLayer(16, 4, attention=True, backend=backend)
+    h = torch.randn(B, N, 16, requires_grad=True)
+    x = torch.randn(B, N, 3, requires_grad=True)
+    h_out, x_out = layer(h, x, rel_offsets=torch.randn(5, 4))
+    assert h_out.shape == (B, N, 16) and x_out.shape == (B, N, 3)
+    (h_out.sum() + x_out.sum()).backward()
+    assert h.grad.shape == h.shape and x.grad.shape == x.shape
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_backward_refuses_create_graph(backend):
+    """A second derivative through the fused op raises instead of treating the kernels' gradients as
+    constants (which gave a silently wrong double backward); the reference runs it."""
+    from protdiff_fast.nn import EGNNLayer
+
+    if not _runs_here("egnn_pair_aggregate", backend):
+        pytest.skip(f"{backend} not available here")
+    layer = EGNNLayer(16, backend=backend)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    h = torch.randn(2, 5, 16)
+    _, x_out = layer(h, x)
+    with pytest.raises(RuntimeError, match=f"{backend} backend's gradients are first order only.*reference"):
+        torch.autograd.grad((x_out ** 2).sum(), x, create_graph=True)
+    layer.backend = "reference"
+    _, x_out = layer(h, x)
+    g, = torch.autograd.grad((x_out ** 2).sum(), x, create_graph=True)
+    gg, = torch.autograd.grad(g.pow(2).sum(), x)
+    assert torch.isfinite(gg).all() and gg.abs().sum() > 0
+
+
+def test_cpu_centre_of_mass_second_derivative_matches_the_reference():
+    from protdiff_fast.ops import remove_center_of_mass
+
+    if not _runs_here("remove_center_of_mass", "cpu"):
+        pytest.skip("no C++ extension")
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    results = []
+    for backend in ("cpu", "reference"):
+        x = torch.randn(2, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5),
+                        requires_grad=True)
+        y = remove_center_of_mass(x * x, mask, backend=backend)
+        g, = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+        gg, = torch.autograd.grad(g.sum(), x)
+        results.append((g.detach(), gg))
+    (g_cpu, gg_cpu), (g_ref, gg_ref) = results
+    assert torch.allclose(g_cpu, g_ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gg_cpu, gg_ref, rtol=1e-12, atol=1e-12) and gg_ref.abs().sum() > 0
+
+
+def test_cpu_kernels_called_directly_with_an_empty_batch():
+    """The C++ backward's work split divided by B: B = 0 killed the process (SIGFPE)."""
+    if not _runs_here("egnn_pair_aggregate", "cpu"):
+        pytest.skip("no C++ extension")
+    from protdiff_fast.ops.egnn_cpu import egnn_pair_aggregate_cpu
+
+    args, kw = make_problem(0, 5, 16, 2, "offset", FLAG_SETS[1], seed=3)
+    args = [a.float().requires_grad_() if a.is_floating_point() else a for a in args]
+    kw = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    m_i, dx_i = egnn_pair_aggregate_cpu(*args, **kw)
+    (m_i.sum() + dx_i.sum()).backward()
+    assert m_i.shape == (0, 5, 16) and args[0].grad.shape == (0, 5, 3)
+    assert torch.equal(args[4].grad, torch.zeros_like(args[4]))  # W2: no pairs, no gradient

@@ -47,6 +47,53 @@ def test_set_timesteps():
         s.set_timesteps(0)
     with pytest.raises(ValueError, match="eta"):
         DDPMScheduler(eta=2.0)
+    for K in (1, 2, 3, 7):  # every sequence starts at T: K = 1 is one step from x_T (it was t = 1 alone)
+        s.set_timesteps(K)
+        assert s.timesteps[0] == 1000 and s.timesteps[-1] == (1000 if K == 1 else 1) and len(s.timesteps) == K
+    for bad in (1.7, "10", True):
+        with pytest.raises(ValueError, match="num_inference_steps: an integer"):
+            s.set_timesteps(bad)
+
+
+def test_eta_and_variance_are_used_or_refused():
+    """eta < 1 with all T steps runs DDIM (it was ignored: the fused ancestral step ran); fixed_large,
+    the ancestral sampler's variance, is refused where DDIM's sigma runs (it was ignored there)."""
+    s = DDPMScheduler(50, eta=0.0)
+    assert s.strided and len(s.timesteps) == 50
+    model = ExactGaussianEps(s.schedule, 4.0)
+    a = sample(model, [5, 6], seed=3, scheduler=s, progress=False)
+    b = sample(model, [5, 6], seed=3, scheduler=DDPMScheduler(50, eta=0.0), progress=False)
+    ancestral = sample(model, [5, 6], seed=3, scheduler=DDPMScheduler(50), progress=False)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not any(np.allclose(u, v) for u, v in zip(a, ancestral))
+    # deterministic given x_T: the per-step noise is not drawn (x_T alone depends on the seed)
+    x_T = torch.randn(2, 6, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x_T = remove_center_of_mass_reference(x_T, None)
+    eps = model(x_T, torch.tensor([50, 50]), None)
+    assert torch.equal(s.step(eps, 50, x_T, seed=1).prev_sample, s.step(eps, 50, x_T, seed=2).prev_sample)
+    with pytest.raises(ValueError, match="fixed_large.*fixed_small"):
+        DDPMScheduler(50, eta=0.5, variance_type="fixed_large")
+    large = DDPMScheduler(50, variance_type="fixed_large")
+    with pytest.raises(ValueError, match="fixed_large.*10 of 50 steps"):
+        large.set_timesteps(10)
+
+
+@pytest.mark.parametrize("steps", [None, 50])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_sampling_keeps_the_data_moments(dtype, steps):
+    """bf16 / fp16 samples are stepped in float32 (coefficients like 1 / sqrt(alpha_t) ~ 1 + 5e-5 round
+    to 1 in bf16: the reference step's chain variance ran to ~29 against 3.3, and DDIM's sigma was
+    0 / 0 = NaN near t = 1). Compared with the same run in float32: the same draws up to rounding."""
+    sched = DDPMScheduler(1000, backend="reference")
+    model = ExactGaussianEps(sched.schedule, 4.0)
+    kw = dict(num_samples=300, batch_size=300, seed=5, scheduler=sched, progress=False, scale=1.0,
+              num_inference_steps=steps)
+    low = sample(model, [6], dtype=dtype, **kw)
+    ref = sample(model, [6], dtype=torch.float32, **kw)
+    var_low = float(np.mean([np.mean(o.astype(np.float64) ** 2) for o in low]))
+    var_ref = float(np.mean([np.mean(o.astype(np.float64) ** 2) for o in ref]))
+    assert all(np.isfinite(o).all() for o in low)
+    assert abs(var_low / var_ref - 1) < 0.05, (var_low, var_ref)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if HAS_CPU else []))

@@ -584,7 +584,7 @@ void egnn_forward(const EgnnProblem<T>& pr, T* m_out, T* dx_out) {
 // Number of i-block groups per sample in the backward: a function of B and N only, so the
 // summation order (and the result) does not depend on the thread count.
 inline int64_t backward_groups(int64_t B, int64_t n_iblocks) {
-  const int64_t want = (16 + B - 1) / B;
+  const int64_t want = B > 0 ? (16 + B - 1) / B : 1;  // B = 0: no tasks either way
   return want < n_iblocks ? want : n_iblocks;
 }
 

@@ -57,8 +57,11 @@ class DDPMScheduler:
     ) -> None:
         if variance_type not in VARIANCES:
             raise ValueError(f"variance_type: expected one of {VARIANCES}, got {variance_type!r}")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        if isinstance(eta, bool) or not (isinstance(eta, numbers.Real) and 0.0 <= float(eta) <= 1.0):
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        if eta != 1.0 and variance_type == "fixed_large":
+            raise ValueError("variance_type='fixed_large' is the ancestral sampler's (eta = 1); eta < 1 runs "
+                             "DDIM's sigma: use variance_type='fixed_small'")
         self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end, kind=beta_schedule)
         self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                            beta_schedule=beta_schedule, variance_type=variance_type, eta=eta)
@@ -81,12 +84,21 @@ class DDPMScheduler:
         return self.schedule.num_timesteps
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None) -> None:
-        """Use all T steps (None or T), or K evenly spaced ones, always ending at t = 1."""
+        """Use all T steps (None or T), or K evenly spaced ones from T down to 1 (K = 1: T alone, one
+        step from x_T to the predicted data). Below T steps, and at T with eta < 1, the step is DDIM's
+        (``strided``)."""
         T = self.num_train_timesteps
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
+                                                or not isinstance(num_inference_steps, numbers.Integral)):
+            raise ValueError(f"num_inference_steps: an integer in [1, {T}] (or None), got {num_inference_steps!r}")
         K = T if num_inference_steps is None else int(num_inference_steps)
         if not 1 <= K <= T:
             raise ValueError(f"num_inference_steps must lie in [1, {T}], got {num_inference_steps}")
-        steps = torch.linspace(1, T, K, dtype=torch.float64).round().long().unique(sorted=True)
+        if K < T and self.variance_type == "fixed_large":
+            raise ValueError(f"variance_type='fixed_large' is the full-length ancestral sampler's (beta_t); "
+                             f"{K} of {T} steps use DDIM's sigma (eta): use variance_type='fixed_small'")
+        steps = (torch.tensor([T]) if K == 1 else
+                 torch.linspace(1, T, K, dtype=torch.float64).round().long().unique(sorted=True))
         self.timesteps = steps.flip(0)  # T .. 1, descending, as diffusers
         self.num_inference_steps = len(steps)
         # previous timestep of each t in the sequence (0 = the data)
@@ -94,7 +106,9 @@ class DDPMScheduler:
         self._prev[steps[1:]] = steps[:-1]
         self._in_sequence = torch.zeros(T + 1, dtype=torch.bool)
         self._in_sequence[steps] = True
-        self.strided = self.num_inference_steps < T
+        # the DDIM update: fewer steps than T, or all T with eta < 1 (at eta = 1 and all T steps DDIM's
+        # sigma is beta_tilde's and the fused ancestral step runs instead)
+        self.strided = self.num_inference_steps < T or self.eta != 1.0
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Union[int, torch.Tensor],
                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -127,6 +141,10 @@ class DDPMScheduler:
         if not bool(self._in_sequence[t.cpu()].all()):
             raise ValueError("timestep: not in the sequence set by set_timesteps()")
         t_prev = self._prev.to(t.device)[t]
+        dtype = sample.dtype
+        if dtype not in (torch.float32, torch.float64):  # bf16 / fp16: alpha_bar near 1 rounds to 1 (0 / 0)
+            sample, model_output = sample.float(), model_output.float()
+            noise = None if noise is None else noise.float()
         ab = self.schedule.coef("alpha_bars", t, sample)
         ab_prev = self.schedule.coef("alpha_bars", t_prev, sample)
         x0 = (sample - (1 - ab).sqrt() * model_output) / ab.sqrt()  # DDIM eq. 12, "predicted x_0"
@@ -137,7 +155,8 @@ class DDPMScheduler:
             else:
                 if seed is not None:
                     generator = torch.Generator(device=sample.device).manual_seed(int(seed))
-                noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=sample.device)
+                noise = torch.randn(sample.shape, generator=generator, dtype=dtype, device=sample.device).to(
+                    sample.dtype)
         # "auto": the C++ projection on CPU sums each centroid in index order, so a design's step
         # does not depend on the length its batch is padded to (torch's sums do, in the last bit)
         com_backend = "reference" if self.backend == "reference" else "auto"
@@ -146,7 +165,8 @@ class DDPMScheduler:
         mean = remove_center_of_mass(mean, mask, backend=com_backend)
         prev = remove_center_of_mass(mean + sigma * z, mask, backend=com_backend)
         keep = mask.unsqueeze(-1)
-        return self._scale_noise(SchedulerOutput(prev, torch.where(keep, x0, torch.zeros_like(x0)), mean))
+        out = SchedulerOutput(prev, torch.where(keep, x0, torch.zeros_like(x0)), mean)
+        return self._scale_noise(SchedulerOutput(*(v.to(dtype) for v in out)))
 
     def _scale_noise(self, out: SchedulerOutput) -> SchedulerOutput:
         """mean + noise_scale * (prev - mean): padding stays zero, the centre of mass stays zero."""

@@ -16,7 +16,7 @@ from torch import nn
 from protdiff_fast._checks import check_tensor
 from protdiff_fast.backends import resolve
 from protdiff_fast.nn import batch_invariant
-from protdiff_fast.ops import egnn_pair_aggregate
+from protdiff_fast.ops import cannot_run_egnn, egnn_pair_aggregate
 from protdiff_fast.reference.egnn import COORDS_AGG
 
 
@@ -97,9 +97,16 @@ class EGNNLayer(nn.Module):
                 f"coords_agg={self.coords_agg!r}, "
                 f"backend={self.backend!r}")
 
-    def backend_for(self, device: torch.device | str) -> str:
-        """The backend this layer's fused op runs on for tensors on ``device``."""
-        return resolve("egnn_pair_aggregate", self.backend, device)
+    def backend_for(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> str:
+        """The backend this layer's fused op runs on for tensors on ``device`` (of ``dtype``: default
+        the layer's weights'; autocast runs the op in the autocast dtype). With backend "auto" that is
+        the reference where the fast backend cannot run this layer's width, dtype or options."""
+        name = resolve("egnn_pair_aggregate", self.backend, device)
+        if self.backend == "auto" and name != "reference":
+            dtype = dtype or self.phi_e[2].weight.dtype
+            if cannot_run_egnn(name, self.hidden_dim, [dtype], self.normalize):
+                return "reference"
+        return name
 
     def _edge_kwargs(self, edge_attr: Optional[torch.Tensor], B: int, N: int, W_e: torch.Tensor) -> dict:
         E = self.edge_dim

@@ -35,6 +35,9 @@ def egnn_pair_aggregate(*args, backend: str = "auto", **kwargs) -> Tuple[torch.T
     """
     x = kwargs["x"] if "x" in kwargs else args[0]
     name, fn = get_impl("egnn_pair_aggregate", backend, x.device)
+    if isinstance(x, torch.Tensor) and x.dim() == 3 and 0 in x.shape[:2] and name != "reference":
+        # no pairs (B = 0 or N = 0): nothing to compute, and the fused kernels' grids would be empty
+        name, fn = get_impl("egnn_pair_aggregate", "reference", x.device)
     if backend == "auto" and name != "reference":
         why = _cannot_run(name, args, kwargs)
         if why:  # "auto" never fails for lack of a fast path: the reference runs everything
@@ -49,21 +52,37 @@ def egnn_pair_aggregate(*args, backend: str = "auto", **kwargs) -> Tuple[torch.T
     return call_padded(fn, square, args, kwargs)
 
 
-def _cannot_run(name: str, args: tuple, kwargs: dict) -> Optional[str]:
-    """Why backend ``name`` cannot run these arguments (unsupported width or option), or None."""
-    if isinstance(kwargs.get("normalize"), str) and name not in CLAMP_NORMALIZE:
-        return f"normalize={kwargs['normalize']!r}"
+# backends of egnn_pair_aggregate that run only some dtypes (x's and p's); the others run every float dtype
+EGNN_DTYPES = {"triton": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def cannot_run_egnn(name: str, width: Optional[int] = None, dtypes=(), normalize=None) -> Optional[str]:
+    """Why backend ``name`` cannot run egnn_pair_aggregate with these widest width, input dtypes and
+    ``normalize`` option, or None. ``backend="auto"`` runs the reference where this gives a reason."""
+    if isinstance(normalize, str) and name not in CLAMP_NORMALIZE:
+        return f"normalize={normalize!r}"
+    bad = [d for d in dtypes if name in EGNN_DTYPES and d not in EGNN_DTYPES[name]]
+    if bad:
+        runs = ", ".join(str(d).replace("torch.", "") for d in EGNN_DTYPES[name])
+        return f"{str(bad[0]).replace('torch.', '')} inputs (it runs {runs})"
     square = square_hidden(name)
-    if square is None:
-        return None
+    if square is not None and width is not None:
+        try:
+            square(width)
+        except ValueError as err:
+            return str(err)
+    return None
+
+
+def _cannot_run(name: str, args: tuple, kwargs: dict) -> Optional[str]:
+    """Why backend ``name`` cannot run these arguments (unsupported width, dtype or option), or None."""
     try:
         named = bind_arguments(args, kwargs)
-        widths = [t.shape[-1] for t in (named["p"], named["W2"], named["W3"]) if isinstance(t, torch.Tensor)]
-        if widths:
-            square(max(widths))
-    except (ValueError, TypeError) as err:
-        return str(err)
-    return None
+    except TypeError:
+        return None  # let the backend's validator name the problem
+    widths = [t.shape[-1] for t in (named["p"], named["W2"], named["W3"]) if isinstance(t, torch.Tensor)]
+    dtypes = [t.dtype for t in (named["x"], named["p"]) if isinstance(t, torch.Tensor)]
+    return cannot_run_egnn(name, max(widths) if widths else None, dtypes, kwargs.get("normalize"))
 
 
 @functools.lru_cache(maxsize=None)

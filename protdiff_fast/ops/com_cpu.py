@@ -36,9 +36,10 @@ class _RemoveCenterOfMass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        # the projection is linear and self-adjoint: its gradient is the projection of grad_out, through
+        # this Function again so that create_graph (second derivatives) differentiates it too
         (mask_u8,) = ctx.saved_tensors
-        buffer = grad_out.to(_kernel_dtype(grad_out.dtype), copy=True).contiguous()
-        return _project_(buffer, mask_u8).to(grad_out.dtype), None
+        return _RemoveCenterOfMass.apply(grad_out, mask_u8), None
 
 
 def remove_center_of_mass_cpu(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

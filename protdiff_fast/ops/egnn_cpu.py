@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from protdiff_fast._checks import first_order_backward
 from protdiff_fast.backends import cpu_extension
 from protdiff_fast.reference.egnn import check_egnn_pair_aggregate_inputs, check_normalize
 
@@ -83,6 +84,7 @@ class _EgnnPairAggregateCPU(torch.autograd.Function):
         return m_i.to(p.dtype), dx_i.to(x.dtype)  # p's dtype: x may be float32 next to bf16 features
 
     @staticmethod
+    @first_order_backward("cpu")
     def backward(ctx, grad_m, grad_dx):
         saved = list(ctx.saved_tensors)
         mask_u8 = saved.pop()

@@ -85,6 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
+from protdiff_fast._checks import first_order_backward
 from protdiff_fast.reference.egnn import _coord_scale, check_egnn_pair_aggregate_inputs, egnn_pair_aggregate_reference
 
 SUPPORTED_HIDDEN = (16, 32, 64, 128, 256)  # H must be one of these (tl.dot needs K >= 16)
@@ -1490,6 +1491,7 @@ class _EgnnPairAggregateTriton(torch.autograd.Function):
         return m_i, dx_i
 
     @staticmethod
+    @first_order_backward("triton")
     def backward(ctx, grad_m, grad_dx):
         saved = list(ctx.saved_tensors)
         scale, mask_u8 = saved.pop(), saved.pop()

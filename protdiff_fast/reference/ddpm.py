@@ -177,8 +177,18 @@ def ddpm_step_reference(
     ``noise`` (B, N, 3) replaces the draw of z' (it is projected like a drawn one), so backends
     can be compared on the same randomness; otherwise z' is drawn from ``generator``, from a
     generator seeded with an int ``seed``, or per sample from (seed[b], t[b]) for a (B,) ``seed``.
+    bf16 / fp16 inputs are stepped in float32 and the outputs rounded, as the fused steps do: in bf16
+    1 / sqrt(alpha_t) rounds to 1 and the chain's variance runs away.
     """
     t, mask = check_step_inputs(schedule, x_t, eps_hat, t, mask, noise, variance)
+    if x_t.dtype not in (torch.float32, torch.float64):
+        if noise is None and not isinstance(seed, torch.Tensor):  # the draw as before, in x_t's dtype
+            if seed is not None:
+                generator = torch.Generator(device=x_t.device).manual_seed(int(seed))
+            noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        out = ddpm_step_reference(schedule, x_t.float(), eps_hat.float(), t, mask=mask,
+                                  noise=None if noise is None else noise.float(), seed=seed, variance=variance)
+        return DDPMStepOutput(*(v.to(x_t.dtype) for v in out))
     if noise is None:
         if isinstance(seed, torch.Tensor):  # one seed per sample: each sample's noise from (seed_b, t_b)
             if seed.shape != t.shape:
