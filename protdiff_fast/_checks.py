@@ -136,3 +136,17 @@ def first_order_backward(backend: str):
             return backward(ctx, *grad_outputs)
         return checked
     return wrap
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device, or a ValueError naming the problem (not a name torch knows; a CUDA
+    device on a machine without one)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {device!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r}, but torch sees no CUDA GPU here (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    return dev

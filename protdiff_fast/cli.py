@@ -104,17 +104,23 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0 if len(ds) else 2
 
 
-def _parse_lengths(spec: str):
+def _parse_lengths(spec: str, most: int = 100_000):
     """'100' -> [100]; '64..128' -> 64..128 inclusive; '50,60,70' -> those."""
     out = []
     for part in spec.split(","):
-        if ".." in part:
-            lo, hi = (int(v) for v in part.split(".."))
-            if lo > hi:
-                raise ValueError(f"--length: empty range {part}")
-            out.extend(range(lo, hi + 1))
-        else:
-            out.append(int(part))
+        try:
+            bounds = [int(v) for v in part.strip().split("..")]
+        except ValueError:
+            bounds = []
+        if len(bounds) not in (1, 2):
+            raise ValueError(f"--length: {part!r} is not a length N or a range LO..HI (e.g. 64, 64..128 or "
+                             f"50,60,70), in {spec!r}")
+        lo, hi = bounds[0], bounds[-1]
+        if lo > hi:
+            raise ValueError(f"--length: empty range {part}")
+        if hi > most:
+            raise ValueError(f"--length: {hi} is beyond any model's length (up to {most})")
+        out.extend(range(lo, hi + 1))
     return out
 
 
@@ -182,12 +188,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from protdiff_fast.train import init_distributed
 
+    if args.num < 1:
+        raise ValueError(f"--num: the number of backbones to sample, at least 1, got {args.num}")
+    lengths = _parse_lengths(args.length)  # bad options are named before anything is loaded
     init_distributed(args.device)  # under torchrun: each rank samples its share of the designs
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt = args.ckpt or str(shipped_checkpoint())
     model = load_model(ckpt, backend=args.backend, device=args.device)
     cfg = model.config
-    lengths = _parse_lengths(args.length)
     rng = random.Random(args.seed)
     chosen = [rng.choice(lengths) for _ in range(args.num)] if len(lengths) > 1 else lengths * args.num
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend,
@@ -251,6 +259,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from protdiff_fast.metrics import backbone_metrics, format_table, summarize
     from protdiff_fast.train import load_model
 
+    if args.num < 1:
+        raise ValueError(f"--num: the number of backbones to sample, at least 1, got {args.num}")
+    if not 1 <= args.min_length <= args.max_length:
+        raise ValueError(f"--min-length {args.min_length} / --max-length {args.max_length}: need "
+                         "1 <= min <= max")
     ckpt = shipped_checkpoint()
     if not ckpt.is_file():
         print(f"error: the shipped checkpoint {ckpt} is missing (reinstall the package)")

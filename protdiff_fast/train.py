@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from protdiff_fast._checks import check_device
 from protdiff_fast.diffusion.schedule import NoiseSchedule
 from protdiff_fast.io.dataset import SCALE_A, BackboneDataset
 from protdiff_fast.io.structure import _atomic_write
@@ -358,17 +359,29 @@ def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank
     return loss, int(m.sum())
 
 
+def read_checkpoint(path, device, what: str) -> Dict:
+    """The contents of a protdiff_fast checkpoint or shipped weights file, or a ValueError naming the
+    file and what is wrong with it (not torch's unpickling traceback). Loading unpickles: read only
+    checkpoints you trust."""
+    path, device = Path(path), check_device(device)
+    if not path.is_file():
+        raise ValueError(f"{what}: no such file {path}" + (" (a folder)" if path.is_dir() else ""))
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - unpickling a stray file raises anything (pickle, zip, EOF, key errors)
+        raise ValueError(f"{what}: {path} is not a protdiff_fast checkpoint (torch.load: {type(err).__name__}: "
+                         f"{str(err)[:200]})") from err
+    if not isinstance(state, dict) or "model_config" not in state or ("ema" not in state and "model" not in state):
+        raise ValueError(f"{what}: {path} is not a protdiff_fast checkpoint (no model_config / weights)")
+    return state
+
+
 def initial_weights(path, model_cfg: ProtDiffConfig, device) -> Dict:
     """The weights to start from (a checkpoint's EMA weights, else its model's), refused when the
     architecture differs (every ProtDiffConfig field but max_length, which sizes only buffers, and tanh /
     coords_range, which have no parameters: a model with the bounded coordinate update can start from one
     without)."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"init: cannot read {path}: {err}") from err
-    if not isinstance(state, dict) or "model_config" not in state or ("ema" not in state and "model" not in state):
-        raise ValueError(f"init: {path} is not a protdiff_fast checkpoint (no model_config / weights)")
+    state = read_checkpoint(path, device, "init")
     free = ("max_length", "tanh", "coords_range")
     theirs = {k: v for k, v in state["model_config"].items() if k not in free}
     ours = {k: v for k, v in model_cfg.to_dict().items() if k not in free}
@@ -415,12 +428,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         raise ValueError("own_extent_weight > 0 needs own_extent_states (a file of scripts/own_states.py --min-t)")
     init_distributed(cfg.device)
     rank, world = _dist_info()
-    device = torch.device(cfg.device)
+    device = check_device(cfg.device)
     if cfg.device.startswith("cuda") and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     out = Path(cfg.out_dir)
     ckpt_path = out / CHECKPOINT
+    if not resume and ckpt_path.is_file():
+        raise FileExistsError(f"{out} holds the checkpoint of an earlier run ({ckpt_path.name}): continue it with "
+                              "--resume, or give another --out (nothing was changed)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % world:
@@ -448,7 +464,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     generator = torch.Generator().manual_seed(cfg.seed)
     step, history = 0, []
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = read_checkpoint(ckpt_path, device, "resume")
+        if state["model_config"] != model_cfg.to_dict() or not {"ema", "optimizer", "generator"} <= set(state):
+            theirs, ours = state["model_config"], model_cfg.to_dict()
+            diff = ", ".join(f"{k}: {theirs.get(k)} there, {ours.get(k)} here" for k in sorted(set(theirs) | set(ours))
+                             if theirs.get(k) != ours.get(k)) or "no optimizer / EMA / generator state"
+            raise ValueError(f"resume: {ckpt_path} is not a checkpoint of this run's model ({diff}); resume with "
+                             "the options it was started with")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -557,9 +579,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
 
 def load_model(path, backend: str = "auto", use_ema: bool = True, device: str = "cpu") -> ProtDiff:
     """A ProtDiff from a training checkpoint (EMA weights by default) or a shipped weights file."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    model = ProtDiff(ProtDiffConfig(**state["model_config"]), backend=backend).to(device)
-    model.load_state_dict(state["ema" if use_ema and "ema" in state else "model"])
+    state = read_checkpoint(path, device, "checkpoint")
+    try:
+        model = ProtDiff(ProtDiffConfig(**state["model_config"]), backend=backend).to(device)
+        model.load_state_dict(state["ema" if use_ema and "ema" in state else "model"])
+    except (TypeError, RuntimeError, KeyError) as err:  # another version's config, or weights of another shape
+        raise ValueError(f"checkpoint: {path}: its model config and weights do not fit together "
+                         f"({type(err).__name__}: {str(err)[:200]})") from err
     trained_on = state.get("config") or (state.get("trained") or {}).get("config") or {}
     if "min_length" in trained_on:  # the sampler warns below it (such chains were never seen)
         model.min_training_length = int(trained_on["min_length"])

@@ -127,6 +127,22 @@ def test_write_rejects_bad_coordinates(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_non_finite_coordinates_name_the_file_chain_and_residue(tmp_path):
+    path = write_pdb(tmp_path / "ok.pdb", chain_of(6))
+    text = path.read_text().splitlines()
+    ca_lines = [k for k, line in enumerate(text) if line[12:16].strip() == "CA"]
+    line = text[ca_lines[3]]
+    text[ca_lines[3]] = line[:30] + f"{'nan':>8}" + line[38:]  # residue 4's x
+    bad = tmp_path / "nan.pdb"
+    bad.write_text("\n".join(text))
+    with pytest.raises(StructureError, match=r"nan.pdb: chain 'A' residue 4: CA coordinates are not finite"):
+        read_backbones(bad)
+    from protdiff_fast.io import BackboneDataset
+
+    ds = BackboneDataset.from_structures([path, bad], min_length=2)  # prepare: skipped and reported
+    assert len(ds) == 1 and "nan.pdb" in str(ds.skipped.skipped)
+
+
 @pytest.mark.parametrize("case, match", [
     ("missing", r"missing.pdb: no such file"),
     ("empty", r"empty.pdb: empty file"),
@@ -157,9 +173,11 @@ def test_malformed_files_name_the_problem(tmp_path, case, match):
 
 def test_find_structure_files(tmp_path):
     (tmp_path / "sub").mkdir()
-    for name in ("a.pdb", "sub/b.cif.gz", "notes.txt", "sub/c.ent"):
+    for name in ("a.pdb", "sub/b.cif.gz", "notes.txt", "sub/c.ent", "design_000000.traj.cif", "d.traj.cif.gz"):
         (tmp_path / name).write_text("x")
+    # sample's trajectories (x_T first) are not designs: a folder search leaves them out, a named one is read
     assert [p.name for p in find_structure_files(tmp_path)] == ["a.pdb", "b.cif.gz", "c.ent"]
+    assert [p.name for p in find_structure_files([tmp_path / "d.traj.cif.gz"])] == ["d.traj.cif.gz"]
     with pytest.raises(FileNotFoundError, match="nothere"):
         find_structure_files(tmp_path / "nothere")
 

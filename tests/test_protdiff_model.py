@@ -16,7 +16,7 @@ import torch
 from helpers import assert_close_rel, random_mask, random_orthogonal, rel_err
 from protdiff_fast import backends
 from protdiff_fast.cli import main
-from protdiff_fast.io import demo_data_path, read_backbones
+from protdiff_fast.io import demo_data_path, read_backbones, write_backbone
 from protdiff_fast.models import ProtDiff, sinusoidal_embedding
 from protdiff_fast.train import TrainConfig, load_model, train
 
@@ -223,6 +223,76 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, float((a[k] - b[k]).abs().max()))
     assert any(not torch.allclose(a[k], init[k]) for k in a), "training moved the weights"
+
+
+def test_train_refuses_to_start_over_an_earlier_run_and_to_resume_another_model(tmp_path, capsys):
+    run = train(cfg(tmp_path, "m", steps=2), progress=False)
+    before = Path(run["checkpoint"]).read_bytes()
+    with pytest.raises(FileExistsError, match="holds the checkpoint of an earlier run.*--resume"):
+        train(cfg(tmp_path, "m", steps=2), progress=False)
+    other = cfg(tmp_path, "m", steps=3)
+    other.model = dict(other.model, hidden_dim=32)
+    with pytest.raises(ValueError, match="resume: .* not a checkpoint of this run's model.*hidden_dim: 16 there, 32 here"):
+        train(other, resume=True, progress=False)
+    assert Path(run["checkpoint"]).read_bytes() == before  # nothing was changed
+    data = str(demo_data_path())
+    assert main(["train", "--data", data, "--out", str(tmp_path / "m"), "--steps", "2", "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"not a checkpoint", "is not a protdiff_fast checkpoint \\(torch.load: UnpicklingError"),
+    (b"", "is not a protdiff_fast checkpoint \\(torch.load: EOFError"),
+    ("dict", "is not a protdiff_fast checkpoint \\(no model_config / weights\\)"),
+    ("mismatch", "its model config and weights do not fit together"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, content, match):
+    path = tmp_path / "x.pt"
+    if content == "dict":
+        torch.save({"a": 1}, path)
+    elif content == "mismatch":
+        state = torch.load(ProtDiff_checkpoint(), weights_only=False)
+        state["model_config"] = dict(state["model_config"], hidden_dim=8)
+        torch.save(state, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="checkpoint: .*x.pt " + match if content != "mismatch" else match):
+        load_model(path)
+
+
+def ProtDiff_checkpoint():
+    from protdiff_fast.cli import shipped_checkpoint
+    return shipped_checkpoint()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--length", "abc"], "--length: 'abc' is not a length N or a range LO..HI"),
+    (["--length", "10-20"], "--length: '10-20' is not a length N or a range LO..HI"),
+    (["--length", "1..1000000000"], "--length: 1000000000 is beyond any model's length"),
+    (["--length", "50", "--num", "0"], "--num: the number of backbones to sample, at least 1, got 0"),
+    (["--length", "50", "--device", "foo"], "device: 'foo' is not a device torch knows"),
+])
+def test_sample_options_are_named_when_wrong(tmp_path, capsys, argv, match):
+    argv = ["sample", "--out", str(tmp_path / "s"), "--num", "1", *argv] if "--num" not in argv else \
+        ["sample", "--out", str(tmp_path / "s"), *argv]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_prepared_structures_train_as_the_readme_says(tmp_path):
+    """prepare writes no split: its chains are all training chains (train found none before)."""
+    from protdiff_fast.io import BackboneDataset
+
+    src = BackboneDataset.from_npz(demo_data_path(), split="train", min_length=40, max_length=128)
+    folder = tmp_path / "pdbs"
+    for k in range(3):
+        write_backbone(folder / f"c{k}.pdb", src.coords[k].numpy() * src.scale)
+    assert main(["prepare", str(folder), "--out", str(tmp_path / "prep.npz")]) == 0
+    prepared = BackboneDataset.from_npz(tmp_path / "prep.npz", split="train")
+    assert len(prepared) == 3 and len(BackboneDataset.from_npz(tmp_path / "prep.npz", split="val")) == 0
+    assert main(["train", "--data", str(tmp_path / "prep.npz"), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--hidden", "16", "--layers", "1", "--batch-size", "2", "--no-progress"]) == 0
 
 
 def test_sample_command_writes_pdbs_and_metrics(tmp_path, capsys):

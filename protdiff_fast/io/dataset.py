@@ -147,7 +147,9 @@ class BackboneDataset(torch.utils.data.Dataset):
     @classmethod
     def from_npz(cls, path: Union[str, os.PathLike], *, split: Optional[str] = None, min_length: int = 40,
                  max_length: int = 128, scale: float = SCALE_A) -> "BackboneDataset":
-        """Chains of a ``backbones.npz`` (``ids``, ``offsets``, ``ca`` in A; optional ``split``)."""
+        """Chains of a ``backbones.npz`` (``ids``, ``offsets``, ``ca`` in A; optional ``split``). A file
+        without ``split`` (``prepare``'s) is all training chains: ``split="train"`` takes every chain,
+        any other split none."""
         with np.load(path, allow_pickle=False) as d:
             ids, offsets, ca = d["ids"], d["offsets"], d["ca"]
             splits = d["split"] if "split" in d else None
@@ -155,7 +157,7 @@ class BackboneDataset(torch.utils.data.Dataset):
             names, coords, sequences = [], [], []
             for i, name in enumerate(ids):
                 s, e = int(offsets[i]), int(offsets[i + 1])
-                if split is not None and (splits is None or str(splits[i]) != split):
+                if split is not None and (str(splits[i]) != split if splits is not None else split != "train"):
                     continue
                 if min_length <= e - s <= max_length:
                     names.append(str(name))

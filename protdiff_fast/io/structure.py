@@ -149,6 +149,10 @@ def read_backbones(path: PathLike, chain: Optional[str] = None, min_length: int 
         if chain is not None and ch.name != chain:
             continue
         ca, resnums, icodes, seq = _chain_trace(ch, path)
+        bad = np.flatnonzero(~np.isfinite(ca).all(axis=1))
+        if len(bad):  # "nan" in a PDB coordinate field, "?" in an mmCIF one: gemmi reads them as NaN
+            raise StructureError(f"{path}: chain {ch.name!r} residue {resnums[bad[0]]}{icodes[bad[0]]}: CA "
+                                 f"coordinates are not finite ({len(bad)} residue(s) of the chain)")
         if len(ca) == 0:
             has_aa = any(_is_amino_acid(r.name) for r in ch)
             problems.append(f"chain {ch.name!r}: " + ("amino acids but no CA atoms" if has_aa else "not a protein chain"))
@@ -352,14 +356,17 @@ def write_trajectory(path: PathLike, frames: Sequence[np.ndarray], timesteps: Op
 
 
 def find_structure_files(paths: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
-    """Structure files of a folder (recursively) or a list of files/folders, sorted."""
+    """Structure files of a folder (recursively) or a list of files/folders, sorted. In a folder, the
+    trajectories ``sample --trajectory-every`` writes beside its designs (``*.traj.cif[.gz]``: noise
+    first) are not structures to read; a trajectory named as a file is read."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     exts = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
     found = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(exts))
+            found.extend(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(exts)
+                         and not f.name.lower().endswith((".traj.cif", ".traj.cif.gz")))
         elif p.exists():
             found.append(p)
         else:
