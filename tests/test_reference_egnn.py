@@ -331,6 +331,9 @@ def _op_args(B=2, N=5, H=4, dtype=F64):
     ("all padding", ValueError, r"sample\(s\) \[1\] have no real nodes"),
     ("nan x", ValueError, r"x: contains NaN"),
     ("inf p", ValueError, r"p: contains Inf"),
+    ("nan rel", ValueError, r"rel: contains NaN"),  # these three made every output NaN silently
+    ("nan W2", ValueError, r"W2: contains NaN"),
+    ("inf w4", ValueError, r"w4: contains Inf"),
     ("both edges", ValueError, r"at most one edge term"),
     ("edge without W_e", ValueError, r"edge_attr and W_e come together"),
     ("even rel", ValueError, r"rel: expected 2K \+ 1 rows"),
@@ -361,6 +364,13 @@ def test_pair_aggregate_rejects_bad_input(case, error, match):
         a[0][1, 2, 0] = math.nan
     elif case == "inf p":
         a[1][0, 0, 0] = math.inf
+    elif case == "nan rel":
+        kw["rel"] = torch.randn(9, 4, dtype=F64)
+        kw["rel"][3, 1] = math.nan
+    elif case == "nan W2":
+        a[4][1, 1] = math.nan
+    elif case == "inf w4":
+        a[8][0] = math.inf
     elif case == "both edges":
         kw.update(edge_attr=torch.randn(2, 5, 5, 2, dtype=F64), W_e=torch.randn(2, 4, dtype=F64),
                   rel=torch.randn(9, 4, dtype=F64))
@@ -381,6 +391,12 @@ def test_pair_aggregate_rejects_bad_input(case, error, match):
 def test_layer_rejects_bad_input():
     layer = make_layer(8, 3)
     h, x = make_inputs(2, 5, 8)
+    h_inf = h.clone()
+    h_inf[1, 2, 0] = math.inf
+    with pytest.raises(ValueError, match=r"^h \(or phi_e's first layer\), through p = W_src h \+ b1: contains Inf"):
+        layer(h_inf, x, rel_offsets=torch.randn(5, 3, dtype=h.dtype))
+    with pytest.raises(ValueError, match=r"^rel_offsets \(or W_e\), through rel = rel_offsets W_e\^T: contains NaN"):
+        layer(h, x, rel_offsets=torch.full((5, 3), math.nan, dtype=h.dtype))
     with pytest.raises(ValueError, match="needs edge features"):
         layer(h, x)
     with pytest.raises(ValueError, match=r"h: expected shape \(\*, \*, 8\)"):

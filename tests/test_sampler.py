@@ -208,8 +208,19 @@ def test_sampler_bad_input_and_nan_model():
         sample(model, [5, 0], scheduler=sched, progress=False)
     with pytest.raises(ValueError, match=r"\[65\] outside"):
         sample(model, 65, scheduler=sched, progress=False)
-    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
         sample(model, 10, num_samples=0, scheduler=sched, progress=False)
+    # not silently coerced: "12" ran lengths 1 and 2, [2.7] length 2, True length 1, seed 1.5 seed 1
+    for kw, match in ((dict(lengths="12"), "lengths: an integer or a sequence of integers, got '12'"),
+                      (dict(lengths=[2.7]), r"lengths: an integer or a sequence of integers, got \[2.7\]"),
+                      (dict(lengths=True), "lengths: an integer or a sequence"),
+                      (dict(lengths=[5], seed=1.5), "seed: an integer, got 1.5"),
+                      (dict(lengths=[5], seed=None), "seed: an integer, got None"),
+                      (dict(lengths=[5], num_samples=2.5), "num_samples must be an integer >= 1, got 2.5"),
+                      (dict(lengths=[5], batch_size=1.5), "batch_size must be an integer >= 1, got 1.5")):
+        with pytest.raises(ValueError, match=match):
+            sample(model, scheduler=sched, progress=False, **kw)
+    assert [a.shape for a in sample(model, np.int64(5), scheduler=sched, progress=False)] == [(5, 3)]
 
     def broken(x, t, mask):
         eps = torch.zeros_like(x)

@@ -25,10 +25,12 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import sys
 import time
 import warnings
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -244,13 +246,20 @@ def auto_batch_size(model, max_len: int, device: torch.device, safety: float = 0
     return int(max(1, min(cap, safety * free // per_design)))
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _expand_lengths(lengths: Union[int, Sequence[int]], num_samples: Optional[int], max_length: Optional[int]):
-    if isinstance(lengths, int):
+    if _is_int(lengths):
         lengths = [lengths]
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Iterable) or not all(map(_is_int, lengths)):
+        shown = lengths if isinstance(lengths, (str, bytes, numbers.Number)) else list(lengths)[:5]
+        raise ValueError(f"lengths: an integer or a sequence of integers, got {shown!r}")
     lengths = [int(n) for n in lengths]
     if num_samples is not None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not _is_int(num_samples) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         lengths = [n for n in lengths for _ in range(num_samples)]
     if not lengths:
         raise ValueError("lengths: nothing to sample")
@@ -363,8 +372,10 @@ def sample(
         warnings.warn(f"lengths: {sorted({n for n in lengths if n < shortest_trained})[:5]} are shorter than any chain "
                       f"this model was trained on ({shortest_trained}..): expect poor samples, or a diverging run "
                       "with few steps", UserWarning, stacklevel=2)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed: an integer, got {seed!r}")
     if file_format not in FORMATS:
         raise ValueError(f"file_format: {file_format!r}; choose one of {', '.join(FORMATS)}")
     if trajectory_every is not None and trajectory_every < 1:

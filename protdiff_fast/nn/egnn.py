@@ -169,10 +169,19 @@ class EGNNLayer(nn.Module):
             edge = {k: v.to(low) for k, v in edge.items()}
             attention = {k: v.to(low) for k, v in attention.items()}
         with torch.autocast(h.device.type, enabled=False) if autocast else _no_context():
-            m_i, dx_i = egnn_pair_aggregate(
-                *pair_inputs, mask=mask, normalize=self.normalize, tanh=self.tanh, coords_agg=self.coords_agg,
-                eps=self.eps, backend=self.backend, **attention, **edge,
-            )
+            try:
+                m_i, dx_i = egnn_pair_aggregate(
+                    *pair_inputs, mask=mask, normalize=self.normalize, tanh=self.tanh, coords_agg=self.coords_agg,
+                    eps=self.eps, backend=self.backend, **attention, **edge,
+                )
+            except ValueError as err:  # name the layer's inputs, not the op's (p, q: h through phi_e's first layer)
+                op_names = {"p": "h (or phi_e's first layer), through p = W_src h + b1",
+                            "q": "h (or phi_e's first layer), through q = W_dst h",
+                            "rel": "rel_offsets (or W_e), through rel = rel_offsets W_e^T"}
+                name = str(err).split(":", 1)[0]
+                if name in op_names and "contains" in str(err):
+                    raise ValueError(f"{op_names[name]}: {str(err).split(': ', 1)[1]}") from err
+                raise
         h_out = h + batch_invariant.sequential(self.phi_h, torch.cat([h, m_i.to(h.dtype)], dim=-1)) \
             if self.phi_h is not None else h
         x_out = x + (dx_i * self.coords_range if self.coords_range != 1.0 else dx_i).to(x.dtype)

@@ -162,7 +162,10 @@ def check_egnn_pair_aggregate_inputs(
         if not isinstance(b_att, torch.Tensor) or b_att.numel() != 1:
             raise ValueError("b_att: expected a scalar tensor (shape () or (1,))")
         b_att = check_tensor("b_att", b_att.reshape(()), (), dtype=dtype, device=device)
-    check_all_finite((("x", x), ("p", p), ("q", q), ("edge_attr", edge_attr)), mask=mask if given else None)
+    # the weights and the offset table too (one read for all): a NaN there made every output NaN silently
+    check_all_finite((("x", x), ("p", p), ("q", q), ("edge_attr", edge_attr), ("rel", rel), ("w_d", w_d), ("W2", W2),
+                      ("b2", b2), ("W3", W3), ("b3", b3), ("w4", w4), ("W_e", W_e), ("w_att", w_att)),
+                     mask=mask if given else None)
     return mask, b_att
 
 
