@@ -123,6 +123,14 @@ def _usable(backend: str, device: torch.device) -> Tuple[bool, str]:
     return True, st.reason
 
 
+def check_backend_name(backend) -> str:
+    """``backend`` if it names a backend (or "auto"), else a ValueError listing them: a module or
+    scheduler built with a typo fails when it is built, not at its first call."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    return backend
+
+
 def resolve(op: str, backend: str, device: torch.device | str) -> str:
     """The backend that runs ``op`` on ``device`` when ``backend`` is asked for.
 

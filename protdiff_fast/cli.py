@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 from typing import List, Optional
@@ -64,7 +65,12 @@ def _metric_rows(paths, clash_threshold):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from protdiff_fast.metrics import format_table, plot_metrics, summarize, tm_diversity
+    from protdiff_fast.metrics.backbone import check_plot_path
 
+    if args.plot:
+        check_plot_path(args.plot)  # before the work: a path it would refuse is named first
+    if not (args.clash_threshold > 0 and math.isfinite(args.clash_threshold)):
+        raise ValueError(f"--clash-threshold: a distance in A > 0, got {args.clash_threshold}")
     sets = {"samples": args.paths}
     if args.reference:
         sets["reference"] = args.reference

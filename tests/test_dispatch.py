@@ -150,3 +150,14 @@ def test_cpu_kernels_called_directly_with_an_empty_batch():
     (m_i.sum() + dx_i.sum()).backward()
     assert m_i.shape == (0, 5, 16) and args[0].grad.shape == (0, 5, 3)
     assert torch.equal(args[4].grad, torch.zeros_like(args[4]))  # W2: no pairs, no gradient
+
+
+def test_a_backend_typo_fails_when_the_module_is_built():
+    from protdiff_fast.diffusion import DDPMScheduler
+    from protdiff_fast.nn import EGNN, EGNNLayer
+    from protdiff_fast.nn.compat import EGNN as CompatEGNN
+
+    for build in (lambda: EGNNLayer(16, backend="trition"), lambda: EGNN(4, 16, 3, num_layers=1, backend="trition"),
+                  lambda: CompatEGNN(dim=8, backend="trition"), lambda: DDPMScheduler(10, backend="trition")):
+        with pytest.raises(ValueError, match=r"unknown backend 'trition'; choose one of \('auto', 'reference'"):
+            build()

@@ -82,6 +82,25 @@ def test_summary_table_and_evaluate_cli(tmp_path, capsys):
         assert "matplotlib" in out
 
 
+def test_evaluate_plot_never_replaces_a_file_that_is_not_its_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    sample = str(DATA / "1qys.pdb")
+    victim = tmp_path / "victim.pdb"
+    victim.write_text("my structure")
+    assert main(["evaluate", sample, "--plot", str(victim)]) == 2  # not an image name: refused, untouched
+    assert "name a .png, .svg or .pdf file" in capsys.readouterr().err and victim.read_text() == "my structure"
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a png")
+    assert main(["evaluate", sample, "--plot", str(fake)]) == 2
+    assert "exists and is not a png plot" in capsys.readouterr().err and fake.read_text() == "not a png"
+    svg = tmp_path / "m.svg"
+    for _ in range(2):  # the format follows the name, and a plot replaces the earlier plot
+        assert main(["evaluate", sample, "--plot", str(svg)]) == 0
+        assert svg.read_bytes().startswith(b"<?xml") and b"<svg" in svg.read_bytes()[:400]
+    assert main(["evaluate", sample, "--plot", "", "--clash-threshold", "-1"]) == 2
+    assert "--clash-threshold: a distance in A > 0" in capsys.readouterr().err
+
+
 def test_tm_diversity():
     pytest.importorskip("tmtools", reason="tmtools is pinned in requirements-dev.txt; missing only outside dev/CI")
     crambin = read_backbones(DATA / "1crn.pdb")[0].ca

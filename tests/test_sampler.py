@@ -584,6 +584,13 @@ def test_folder_of_a_different_run_is_refused_unless_overwrite(tmp_path):
     assert sorted(json.loads((folder / "manifest.json").read_text())["designs"]) == ["0", "1"]
     with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
         sample(net, [7], scheduler=sched, out_dir=folder, progress=False, resume=True, overwrite=True)
+    # a folder of the user's own files (no manifest): overwrite has no run to replace and replaces nothing
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "design_000000.pdb").write_text("my own design")
+    with pytest.raises(FileExistsError, match="holds files but no sampling run"), torch.no_grad():
+        sample(net, [7], seed=1, scheduler=DDPMScheduler(6), out_dir=mine, progress=False, overwrite=True)
+    assert (mine / "design_000000.pdb").read_text() == "my own design"
 
 
 def test_a_design_that_overflows_pdb_columns_names_itself_and_the_fix(tmp_path):

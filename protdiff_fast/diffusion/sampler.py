@@ -521,6 +521,10 @@ def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool,
         raise ValueError(f"{out_dir}: holds a different sampling run ({path.name}: " + "; ".join(d) +
                          "); choose a new folder, or pass --overwrite to delete that run's files and start again")
     finished, finished_any, failed = {}, set(), {}
+    if overwrite and not saved and out_dir.exists() and any(out_dir.iterdir()):
+        # overwrite deletes an earlier run's files; files of no run (the user's own) are never replaced
+        raise FileExistsError(f"{out_dir}: holds files but no sampling run (no manifest) for --overwrite to "
+                              "replace; choose a new folder (nothing is overwritten)")
     if overwrite:
         if rank == 0:  # one process deletes; the others wait at the barrier below
             for path, m in saved.items():

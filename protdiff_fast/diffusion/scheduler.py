@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from protdiff_fast.backends import check_backend_name
 from protdiff_fast.diffusion.guidance import ClashGuidance
 from protdiff_fast.diffusion.schedule import NoiseSchedule
 from protdiff_fast.ops import ddpm_step, remove_center_of_mass
@@ -76,7 +77,7 @@ class DDPMScheduler:
         self.clash_guidance = clash_guidance
         if clash_guidance is not None:  # only then, as noise_scale: a guided run is another run
             self.config["clash_guidance"] = clash_guidance.to_dict()
-        self.variance_type, self.eta, self.backend = variance_type, eta, backend
+        self.variance_type, self.eta, self.backend = variance_type, eta, check_backend_name(backend)
         self.set_timesteps(None)
 
     @property
@@ -138,8 +139,10 @@ class DDPMScheduler:
                                              backend=self.backend))
             return self._scale_noise(out)
         t, mask = check_step_inputs(self.schedule, sample, model_output, timestep, mask, noise, "fixed_small")
-        if not bool(self._in_sequence[t.cpu()].all()):
-            raise ValueError("timestep: not in the sequence set by set_timesteps()")
+        inside = self._in_sequence[t.cpu()]
+        if not bool(inside.all()):
+            raise ValueError(f"timestep: {sorted(set(t.cpu()[~inside].tolist()))[:5]} not in the sequence set by "
+                             f"set_timesteps({self.num_inference_steps}) ({self.timesteps[:3].tolist()} ... 1)")
         t_prev = self._prev.to(t.device)[t]
         dtype = sample.dtype
         if dtype not in (torch.float32, torch.float64):  # bf16 / fp16: alpha_bar near 1 rounds to 1 (0 / 0)

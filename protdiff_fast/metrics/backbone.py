@@ -170,8 +170,31 @@ def format_table(columns: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+# plot formats by extension, with the bytes an earlier plot of that format starts with (the file a plot
+# may replace: anything else at ``path`` is the user's and is never overwritten)
+PLOT_FORMATS = {".png": (b"\x89PNG",), ".svg": (b"<?xml", b"<svg"), ".pdf": (b"%PDF",)}
+
+
+def check_plot_path(path):
+    """``path`` as a Path where a plot may be written, or a ValueError (not .png / .svg / .pdf; an
+    existing file that is not a plot of that format)."""
+    from pathlib import Path
+
+    path = Path(path)
+    fmt = PLOT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"plot: {path}: name a .png, .svg or .pdf file")
+    if path.is_dir() or (path.exists() and not path.read_bytes()[:16].lstrip().startswith(fmt)):
+        raise ValueError(f"plot: {path} exists and is not a {path.suffix.lower()[1:]} plot: not overwritten "
+                         "(choose another --plot)")
+    return path
+
+
 def plot_metrics(sets: Dict[str, List[Dict[str, float]]], path) -> Optional[str]:
-    """Histograms of each metric, one colour per set; None when matplotlib is missing."""
+    """Histograms of each metric, one colour per set, written atomically to ``path`` (.png, .svg or
+    .pdf: the format follows the name); None when matplotlib is missing. An existing file at ``path``
+    is replaced only when it is a plot of that format (a ValueError names any other)."""
+    path = check_plot_path(path)
     try:
         import matplotlib
 
@@ -191,8 +214,6 @@ def plot_metrics(sets: Dict[str, List[Dict[str, float]]], path) -> Optional[str]
     fig.tight_layout()
     from protdiff_fast.io.structure import _atomic_write
 
-    from pathlib import Path
-
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lower()[1:]))
     plt.close(fig)
     return str(path)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protdiff_fast._checks import check_tensor
+from protdiff_fast.backends import check_backend_name
 from protdiff_fast.ops import egnn_pair_aggregate
 
 SILU_ONE = 1.0 / (1.0 + math.exp(-1.0))  # silu(1): the constant hidden unit that carries b4 under norm_coors
@@ -122,7 +123,7 @@ class EGNN(nn.Module):
         self.dropout_p = float(dropout)
         self.m_pool_method = m_pool_method
         self.norm_coors = bool(norm_coors)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.init_eps = init_eps
 
         edge_input_dim = 2 * dim + edge_dim + 1

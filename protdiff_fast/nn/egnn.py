@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from protdiff_fast._checks import check_tensor
-from protdiff_fast.backends import resolve
+from protdiff_fast.backends import check_backend_name, resolve
 from protdiff_fast.nn import batch_invariant
 from protdiff_fast.ops import cannot_run_egnn, egnn_pair_aggregate
 from protdiff_fast.reference.egnn import COORDS_AGG
@@ -82,7 +82,7 @@ class EGNNLayer(nn.Module):
         H, E = hidden_dim, edge_dim
         self.hidden_dim, self.edge_dim = H, E
         self.normalize, self.tanh, self.coords_agg, self.eps = normalize, tanh, coords_agg, eps
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.phi_e = nn.Sequential(nn.Linear(2 * H + 1 + E, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU())
         coord_out = nn.Linear(H, 1, bias=False)
         nn.init.xavier_uniform_(coord_out.weight, gain=coord_init_gain)
