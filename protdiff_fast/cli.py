@@ -96,8 +96,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from protdiff_fast.io import BackboneDataset
+    from protdiff_fast.io import BackboneDataset, find_structure_files
 
+    if not find_structure_files(args.paths):
+        raise ValueError(f"no structure files (.pdb, .ent, .cif, .mmcif, optionally .gz) in {', '.join(args.paths)}: "
+                         "nothing written")
     ds = BackboneDataset.from_structures(args.paths, min_length=args.min_length, max_length=args.max_length,
                                          monomers_only=not args.all_chains, max_breaks=args.max_breaks,
                                          cache=args.out)

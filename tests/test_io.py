@@ -180,6 +180,19 @@ def test_find_structure_files(tmp_path):
     assert [p.name for p in find_structure_files([tmp_path / "d.traj.cif.gz"])] == ["d.traj.cif.gz"]
     with pytest.raises(FileNotFoundError, match="nothere"):
         find_structure_files(tmp_path / "nothere")
+    # one file under two spellings is one file
+    twice = find_structure_files([tmp_path / "a.pdb", tmp_path / "sub" / ".." / "a.pdb", tmp_path])
+    assert [p.name for p in twice] == ["a.pdb", "b.cif.gz", "c.ent"]
+    with pytest.raises(StructureError, match="a folder, not a structure file"):
+        read_backbones(tmp_path / "sub")
+
+
+def test_prepare_names_a_folder_without_structures(tmp_path, capsys):
+    from protdiff_fast.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", str(tmp_path / "empty"), "--out", str(tmp_path / "e.npz")]) == 2
+    assert "no structure files" in capsys.readouterr().err and not (tmp_path / "e.npz").exists()
 
 
 def _check_pdb_columns(text, ca):

@@ -99,6 +99,23 @@ def test_motif_spec_errors(contig, length, words):
         motif_spec(MOTIF_5TPN, contig, length)
 
 
+def test_a_motif_residue_outside_the_ca_trace_says_why(tmp_path):
+    """An unknown residue code with a CA (dropped from the trace: not an amino acid) or an amino acid
+    without CA: the error names which, not only that the CA is missing."""
+    from test_io import chain_of, write_pdb
+
+    res = chain_of(20)
+    res[6] = ("ZZZ",) + res[6][1:]
+    res[8] = (res[8][0], res[8][1], " ", [("N", (0.0, 0.0, 0.0), " ", 1.0)])
+    path = write_pdb(tmp_path / "odd.pdb", res)
+    with pytest.raises(ContigError, match=r"residue\(s\) 7 of .*residue 7 is ZZZ, not an amino acid"):
+        motif_spec(path, "10-20,A4-7,10-20")
+    with pytest.raises(ContigError, match=r"residue\(s\) 9 of .*residue 9 \(ALA\) has no CA atom"):
+        motif_spec(path, "10-20,A9-12,10-20")
+    with pytest.raises(ContigError, match="the file has no residue 30 in chain A"):
+        motif_spec(path, "10-20,A30-31,10-20")
+
+
 def test_motif_spec_respects_model_max_length():
     spec = motif_spec(MOTIF_5TPN, "0-200,A163-181,0-200", None, max_model_length=128)
     assert spec.max_length == 128

@@ -553,6 +553,20 @@ def test_formats_manifest_and_trajectory(tmp_path):
         sample(model, [8], scheduler=sched, progress=False, trajectory_every=0)
 
 
+def test_resume_samples_again_a_finished_design_whose_file_was_deleted(tmp_path, capsys):
+    sched = DDPMScheduler(20)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    folder = tmp_path / "run"
+    sample(model, [6, 7, 8], seed=4, scheduler=sched, out_dir=folder, progress=False)
+    before = (folder / "design_000001.pdb").read_bytes()
+    (folder / "design_000001.pdb").unlink()
+    capsys.readouterr()
+    out = sample(model, [6, 7, 8], seed=4, scheduler=sched, out_dir=folder, progress=False, resume=True)
+    assert "1 finished design(s) missing" in capsys.readouterr().err
+    assert (folder / "design_000001.pdb").read_bytes() == before and out[1] is not None
+    assert sorted(json.loads((folder / "manifest.json").read_text())["designs"]) == ["0", "1", "2"]
+
+
 def test_folder_of_a_different_run_is_refused_unless_overwrite(tmp_path):
     from protdiff_fast.models import ProtDiff
 

@@ -540,10 +540,19 @@ def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool,
             if saved and (out_dir / "metrics.json").is_file():
                 (out_dir / "metrics.json").unlink()
     elif resume and saved:
+        def on_disk(entry) -> bool:  # a design whose file was deleted since is sampled again (same seed)
+            name = entry.get("file") if isinstance(entry, dict) else None
+            return not name or (out_dir / name).is_file()
+
+        gone = sorted(int(i) for m in saved.values() for i, e in m["designs"].items() if not on_disk(e))
+        if gone and rank == 0:
+            print(f"resume: {len(gone)} finished design(s) missing from {out_dir} ({gone[:5]}"
+                  f"{' ...' if len(gone) > 5 else ''}): sampling them again", file=sys.stderr)
         for path, m in saved.items():  # a failed design is not retried: it would fail the same way
-            finished_any.update(int(i) for i in list(m["designs"]) + list(m.get("failed") or {}))
+            finished_any.update(int(i) for i, e in m["designs"].items() if on_disk(e))
+            finished_any.update(int(i) for i in (m.get("failed") or {}))
         if manifest in saved:
-            finished = dict(saved[manifest]["designs"])
+            finished = {i: e for i, e in saved[manifest]["designs"].items() if on_disk(e)}
             failed = dict(saved[manifest].get("failed") or {})
     elif out_dir.exists() and any(out_dir.iterdir()):
         what = (f"holds this run with {sum(len(m['designs']) for m in saved.values())} of "

@@ -116,6 +116,8 @@ def read_structure(path: PathLike):
     import gemmi
 
     path = Path(path)
+    if path.is_dir():
+        raise StructureError(f"{path}: a folder, not a structure file")
     if not path.is_file():
         raise StructureError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -362,7 +364,7 @@ def find_structure_files(paths: Union[PathLike, Sequence[PathLike]]) -> List[Pat
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     exts = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
-    found = []
+    found, seen = [], set()
     for p in map(Path, paths):
         if p.is_dir():
             found.extend(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(exts)
@@ -371,4 +373,10 @@ def find_structure_files(paths: Union[PathLike, Sequence[PathLike]]) -> List[Pat
             found.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
-    return sorted(set(found))
+    unique = []
+    for f in sorted(set(found)):  # one file named twice (a/../b.pdb and b.pdb, a link) is read once
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique

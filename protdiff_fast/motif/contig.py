@@ -203,6 +203,25 @@ class MotifSpec:
                       scaffold_lengths=tuple(lengths))
 
 
+def _why_missing(path, chain: str, residue: str) -> str:
+    """What the file has at ``residue`` of ``chain`` when the CA trace lacks it (error path only)."""
+    from protdiff_fast.io.structure import StructureError, _is_amino_acid, read_structure
+
+    try:
+        model = read_structure(path)[0]
+    except StructureError:
+        return ""
+    for ch in model:
+        if ch.name != chain:
+            continue
+        for r in ch.first_conformer():
+            if f"{r.seqid.num}{r.seqid.icode.strip()}" == residue:
+                if not _is_amino_acid(r.name):
+                    return f"residue {residue} is {r.name}, not an amino acid, so not part of the CA trace"
+                return f"residue {residue} ({r.name}) has no CA atom"
+    return f"the file has no residue {residue} in chain {chain}"
+
+
 def _segment_rows(path, bb, seg: MotifSegment) -> List[int]:
     """Rows of ``bb`` (file order) from residue first[icode] to last[icode] of ``seg``, inclusive.
 
@@ -219,8 +238,9 @@ def _segment_rows(path, bb, seg: MotifSegment) -> List[int]:
     missing += [str(n) for n in range(seg.first + 1, seg.last) if (n, "") not in present]
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        why = _why_missing(path, seg.chain, missing[0])
         raise ContigError(f"{path}: chain {seg.chain} has no CA for residue(s) {shown} of motif segment {seg} "
-                          f"(chain {seg.chain} has residues {have})")
+                          f"(chain {seg.chain} has residues {have}{'; ' + why if why else ''})")
     start, end = keys.index((seg.first, seg.first_icode)), keys.index((seg.last, seg.last_icode))
     rows = list(range(start, end + 1))
     strays = [f"{n}{ic}" for n, ic in (keys[r] for r in rows) if not seg.first <= n <= seg.last]
