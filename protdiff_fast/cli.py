@@ -328,10 +328,12 @@ def _cmd_scaffold(args: argparse.Namespace) -> int:
     s = result["summary"]
     print(f"{s['num_designs']} designs ({s['method']}, {s['particles']} particle(s) each, {s['steps']} steps, "
           f"{s['seconds']:.1f} s) -> {args.out}/design_*.pdb, summary.json, summary.csv")
-    line = f"motif RMSD: mean {s['mean_motif_rmsd']:.2f} A, success (< 1 A) {s['success_rate']:.0%}"
+    # the designs' own motif RMSD is near 0 for every method (the motif is imposed down to t = 1): the
+    # re-denoised one is the success measure that tells methods apart
+    line = f"motif RMSD of the designs (motif imposed to t = 1): mean {s['mean_motif_rmsd']:.2f} A"
     if "mean_redenoise_motif_rmsd" in s:
         line += (f"; after re-denoising from t={s['redenoise_t']}: mean {s['mean_redenoise_motif_rmsd']:.2f} A, "
-                 f"success {s['redenoise_success_rate']:.0%}")
+                 f"success (< 1 A) {s['redenoise_success_rate']:.0%}")
     if "resampling_events" in s:
         line += f"; {s['resampling_events']} resampling events"
     print(line)

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -159,10 +159,12 @@ def training_batch(dataset: BackboneDataset, cfg: TrainConfig, step: int):
     """The global batch of ``step``: epoch e = step // batches_per_epoch, shuffled with (seed, e)."""
     per_epoch = max(1, len(dataset) // cfg.batch_size)
     epoch, k = divmod(step, per_epoch)
-    key = (id(dataset), cfg.batch_size, cfg.seed, cfg.rotate, cfg.crop, cfg.max_length, epoch)
-    if _EPOCH_CACHE.get("key") != key:  # one epoch's batches at a time, rebuilt identically on resume
+    key = (cfg.batch_size, cfg.seed, cfg.rotate, cfg.crop, cfg.max_length, epoch)
+    # one epoch's batches at a time, rebuilt identically on resume; the dataset itself is held and
+    # compared (its id() alone could be reused by the next dataset once this one is freed)
+    if _EPOCH_CACHE.get("key") != key or _EPOCH_CACHE.get("dataset") is not dataset:
         _EPOCH_CACHE.clear()
-        _EPOCH_CACHE["key"] = key
+        _EPOCH_CACHE["key"], _EPOCH_CACHE["dataset"] = key, dataset
         _EPOCH_CACHE["batches"] = list(dataset.batches(cfg.batch_size, seed=cfg.seed * 100003 + epoch,
                                                        rotate=cfg.rotate, drop_last=len(dataset) >= cfg.batch_size,
                                                        crop=cfg.max_length if cfg.crop else None))
@@ -359,6 +361,21 @@ def diffusion_loss(model, schedule: NoiseSchedule, coords, mask, generator, rank
     return loss, int(m.sum())
 
 
+# options a resumed run may change: where things are and run on, how often it checkpoints and validates,
+# the weights it started from (the checkpoint has its own now),
+# and (under a constant learning rate) how many steps it runs; every other option shapes the updates
+RESUMABLE_CHANGES = ("data", "out_dir", "ckpt_every", "val_every", "val_batches", "backend", "device", "init")
+
+
+def resume_differences(saved: Dict, cfg: TrainConfig) -> List[str]:
+    """The options of ``cfg`` that differ from a checkpoint's saved config and would change the run
+    (fields an older checkpoint lacks count at their defaults)."""
+    ours, defaults = asdict(cfg), asdict(TrainConfig())
+    allowed = set(RESUMABLE_CHANGES) | ({"steps"} if cfg.lr_schedule == "constant" else set())
+    return [f"{k}: {saved.get(k, defaults[k])!r} there, {v!r} here" for k, v in ours.items()
+            if k not in allowed and k != "model" and saved.get(k, defaults[k]) != v]
+
+
 def read_checkpoint(path, device, what: str) -> Dict:
     """The contents of a protdiff_fast checkpoint or shipped weights file, or a ValueError naming the
     file and what is wrong with it (not torch's unpickling traceback). Loading unpickles: read only
@@ -378,11 +395,11 @@ def read_checkpoint(path, device, what: str) -> Dict:
 
 def initial_weights(path, model_cfg: ProtDiffConfig, device) -> Dict:
     """The weights to start from (a checkpoint's EMA weights, else its model's), refused when the
-    architecture differs (every ProtDiffConfig field but max_length, which sizes only buffers, and tanh /
-    coords_range, which have no parameters: a model with the bounded coordinate update can start from one
-    without)."""
+    architecture differs (every ProtDiffConfig field but tanh / coords_range, which have no parameters: a
+    model with the bounded coordinate update can start from one without; max_length is the base of the
+    residue-index and offset sinusoids, so other weights compute another function there)."""
     state = read_checkpoint(path, device, "init")
-    free = ("max_length", "tanh", "coords_range")
+    free = ("tanh", "coords_range")
     theirs = {k: v for k, v in state["model_config"].items() if k not in free}
     ours = {k: v for k, v in model_cfg.to_dict().items() if k not in free}
     if theirs != ours:
@@ -465,6 +482,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     step, history = 0, []
     if resume and ckpt_path.is_file():
         state = read_checkpoint(ckpt_path, device, "resume")
+        changed = resume_differences(state.get("config") or {}, cfg)
+        if changed:
+            raise ValueError(f"resume: {ckpt_path} was trained with other options ({'; '.join(changed)}): resume "
+                             "with the options it was started with, or start a new run (--init from it)")
         if state["model_config"] != model_cfg.to_dict() or not {"ema", "optimizer", "generator"} <= set(state):
             theirs, ours = state["model_config"], model_cfg.to_dict()
             diff = ", ".join(f"{k}: {theirs.get(k)} there, {ours.get(k)} here" for k in sorted(set(theirs) | set(ours))

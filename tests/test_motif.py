@@ -337,6 +337,39 @@ def test_scaffold_bad_input():
     tempered = DDPMScheduler(20, 1e-3, 0.2, backend="reference", noise_scale=0.5)
     with pytest.raises(ValueError, match="noise_scale=0.5 with method 'smc'"):
         scaffold(model, y0, [5], [[0, 1]], scheduler=tempered, dtype=torch.float64)
+    # SMC's weights need the ancestral transition: DDIM with eta < 1 made them wrong (eta 0: no weighting)
+    ddim = DDPMScheduler(20, 1e-3, 0.2, backend="reference", eta=0.3)
+    with pytest.raises(ValueError, match="eta=0.3 with method 'smc'"):
+        scaffold(model, y0, [5], [[0, 1]], scheduler=ddim, dtype=torch.float64)
+
+
+def test_scaffold_runs_under_the_models_own_schedule():
+    """No scheduler: the model's T and betas (the shipped model's T = 1024; DDPMScheduler() is 1000), and
+    a scheduler that differs from them is refused, as in sample()."""
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.motif.scaffold import redenoise
+    from protdiff_fast.train import load_model
+
+    model = load_model(shipped_checkpoint(), backend="reference")
+    y0 = torch.randn(3, 3) * 0.5
+    seen = []
+
+    class FirstCall(Exception):
+        pass
+
+    def recording(x, t, mask=None):  # the first step's t is all this test needs
+        seen.append(int(t.max()))
+        raise FirstCall
+
+    model.forward = recording
+    with pytest.raises(FirstCall):
+        scaffold(model, y0, [8], [[2, 3, 4]], method="replacement", particles=1, num_inference_steps=3)
+    assert seen == [1024] and model.config.num_timesteps == 1024
+    with pytest.raises(ValueError, match="differs from the schedule this model was trained with"):
+        scaffold(model, y0, [8], [[2, 3, 4]], method="replacement", particles=1, scheduler=DDPMScheduler(1000),
+                 num_inference_steps=3)
+    with pytest.raises(ValueError, match="differs from the schedule this model was trained with"):
+        redenoise(model, [np.zeros((8, 3))], t_start=2, scheduler=DDPMScheduler(1000))
 
 
 def test_nan_model_output_and_degenerate_weights_raise_clearly():

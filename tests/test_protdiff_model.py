@@ -435,6 +435,48 @@ def test_init_starts_from_given_weights_and_refuses_another_architecture(tmp_pat
     with pytest.raises(ValueError, match="not a protdiff_fast checkpoint"):
         torch.save({"x": 1}, tmp_path / "junk.pt")
         train(cfg(tmp_path, "fourth", steps=1, init=str(tmp_path / "junk.pt")), progress=False)
+    # max_length is the base of the index and offset sinusoids: the same weights compute another
+    # function under another max_length, so it is part of the architecture
+    a, b = (ProtDiff(max_length=L, hidden_dim=16, edge_dim=8, num_layers=1) for L in (64, 128))
+    torch.nn.init.normal_(a.blocks[0].egnn.phi_x[2].weight, std=0.1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 20, 3, dtype=torch.float32)
+    t = torch.tensor([5])
+    assert not torch.allclose(a(x, t), b(x, t), atol=1e-4)
+    with pytest.raises(ValueError, match=r"another architecture \(max_length: 128 there, 64 here\)"):
+        train(cfg(tmp_path, "fifth", steps=1, init=str(ckpt), max_length=64), progress=False)
+
+
+def test_resume_refuses_options_that_change_the_run(tmp_path):
+    run = cfg(tmp_path, "r", steps=2)
+    train(run, progress=False)
+    for change, words in ((dict(seed=5), "seed: 0 there, 5 here"), (dict(batch_size=2), "batch_size: 4 there, 2 here"),
+                          (dict(lr_schedule="cosine", steps=4), "lr_schedule: 'constant' there, 'cosine' here"),
+                          (dict(rotate=False), "rotate: True there, False here")):
+        with pytest.raises(ValueError, match="resume: .* was trained with other options .*" + words):
+            train(cfg(tmp_path, "r", **{**dict(steps=4), **change}), resume=True, progress=False)
+    # where it runs, how often it checkpoints, and (constant lr) how long: a resume may change those
+    done = train(cfg(tmp_path, "r", steps=4, ckpt_every=1, val_every=0, backend="reference"), resume=True,
+                 progress=False)
+    assert done["step"] == 4
+    cosine = cfg(tmp_path, "c", steps=2, lr_schedule="cosine")
+    train(cosine, progress=False)
+    with pytest.raises(ValueError, match="steps: 2 there, 4 here"):  # the cosine curve depends on steps
+        train(cfg(tmp_path, "c", steps=4, lr_schedule="cosine"), resume=True, progress=False)
+
+
+def test_epoch_batches_follow_the_dataset_not_its_id():
+    """The epoch cache keyed on id(dataset) served a freed dataset's batches to the next one."""
+    from protdiff_fast.io import BackboneDataset
+    from protdiff_fast.train import training_batch
+
+    config = TrainConfig(batch_size=2, seed=0)
+    for min_length in (40, 100, 40, 100):
+        data = BackboneDataset.from_npz(demo_data_path(), split="train", min_length=min_length, max_length=128)
+        batch = training_batch(data, config, 0)
+        lengths = batch["mask"].sum(1)
+        assert int(lengths.min()) >= min_length, (min_length, lengths.tolist())
+        del data, batch
 
 
 def test_checkpoints_are_fsynced_before_the_rename(tmp_path, monkeypatch):

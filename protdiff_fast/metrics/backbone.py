@@ -74,7 +74,9 @@ def _dihedrals(a, b, c, d):
 
 
 def _mark_runs(flags: np.ndarray, min_run: int, labels: np.ndarray, code: str) -> None:
-    """Label residues k-1..k+2 of every torsion k inside a run of >= min_run flagged torsions."""
+    """Label residues k..k+3 (the four CA atoms of the dihedral) of every torsion k inside a run of
+    >= min_run flagged torsions: a run's label reaches one residue past its central ones at each end,
+    which on real strands and hairpins calls more E than DSSP does (issue note 2026-12-07)."""
     k = 0
     while k < len(flags):
         if not flags[k]:

@@ -8,7 +8,9 @@ Output folder (must be new or empty; every file is written atomically):
 - ``summary.json`` / ``summary.csv``: per design its length, contig, motif positions, motif RMSD
   (the design itself), re-denoised motif RMSD (see :func:`protdiff_fast.motif.scaffold.redenoise`),
   backbone metrics and, for SMCDiff, the reported particle's weight; the run's success rates at
-  motif RMSD < 1 A; for SMCDiff the ESS per step and every resampling event.
+  motif RMSD < 1 A (``success_rate`` of the designs themselves is near 1 for every method, since the
+  motif is imposed down to t = 1; ``redenoise_success_rate`` is the one that compares methods); for
+  SMCDiff the ESS per step and every resampling event.
 """
 from __future__ import annotations
 
@@ -126,6 +128,7 @@ def run_scaffold(
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=backend,
                               clash_guidance=clash_guidance)
     unguided = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=backend)
+    out_dir.mkdir(parents=True, exist_ok=True)  # before the sampling: a folder it cannot make fails now
     t0 = time.perf_counter()
     with torch.no_grad():
         result = scaffold(eps_model, spec.motif_model_units(), [lay.length for lay in layouts],

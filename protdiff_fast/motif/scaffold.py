@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from protdiff_fast.diffusion.scheduler import DDPMScheduler
+from protdiff_fast.diffusion.sampler import _scheduler_for
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.reference.com import remove_center_of_mass_reference
 
@@ -280,7 +281,13 @@ def scaffold(
     if max_length is not None and max(lengths) > max_length:
         raise ValueError(f"lengths: {max(lengths)} exceeds the model's max_length {max_length}")
 
-    scheduler = scheduler or DDPMScheduler()
+    # the model's own noise schedule when none is given, and a given one must match it (as sample()):
+    # the default DDPMScheduler() is T = 1000, the shipped model's is T = 1024
+    scheduler = _scheduler_for(model, scheduler)
+    if method == "smc" and getattr(scheduler, "eta", 1.0) != 1.0:
+        raise ValueError(f"scheduler: eta={scheduler.eta} with method 'smc': the SMCDiff weights need the ancestral "
+                         "reverse transition (eta 1), whose motif trajectory is the forward chain's (at eta 0 sigma "
+                         "is 0 and no weighting happens)")
     if method == "smc" and getattr(scheduler, "noise_scale", 1.0) != 1.0:
         raise ValueError(f"scheduler: noise_scale={scheduler.noise_scale} with method 'smc': the SMCDiff weights are "
                          "the motif's likelihood under the model's reverse transition (noise_scale 1)")
@@ -426,7 +433,7 @@ def redenoise(
     scaffold, on its own, holds the motif in place under the model (the raw designs' motif RMSD is
     near zero by construction, since the motif is imposed down to t = 1).
     """
-    scheduler = scheduler or DDPMScheduler()
+    scheduler = _scheduler_for(model, scheduler)  # the model's own schedule, or a matching one
     T = scheduler.num_train_timesteps
     if not 1 <= t_start <= T:
         raise ValueError(f"t_start must lie in [1, {T}], got {t_start}")
