@@ -76,3 +76,17 @@ def test_one_particle_smc_is_replacement(problem):
                  method="replacement", particles=1, scheduler=problem["scheduler"], seed=3, dtype=torch.float64)
     for pa, pb in zip(a.particles, b.particles):
         np.testing.assert_array_equal(pa, pb)
+
+
+def test_weights_are_reset_after_resampling(problem):
+    """After a design's particles are resampled its weights start again uniform, so the next step's ESS
+    is near K (one small increment); kept instead, they stay degenerate (measured: ESS ~0.45 K at the
+    next step and 16x the resampling events), which the moment tests above do not catch."""
+    K, R = 32, 64
+    res = scaffold(problem["model"], problem["motif"], [N_NODES] * R, np.tile(np.arange(N_MOTIF), (R, 1)),
+                   method="smc", particles=K, scheduler=problem["scheduler"], seed=1, dtype=torch.float64)
+    ess, resampled = np.asarray(res.ess), np.asarray(res.resampled)
+    next_ess = [ess[s + 1, d] / K for s, d in zip(*np.nonzero(resampled))
+                if s + 1 < len(ess) and not np.isnan(ess[s + 1, d])]
+    assert len(next_ess) >= 3, "the test needs resampling events followed by a weighted step"
+    assert min(next_ess) > 0.9, sorted(next_ess)[:5]
