@@ -393,6 +393,16 @@ def test_nan_model_output_and_degenerate_weights_raise_clearly():
         scaffold(exploding_model, torch.randn(2, 3), [5], [[0, 1]], particles=4, scheduler=sch,
                  dtype=torch.float64)
 
+    def running_away(x, t, mask):  # finite outputs that push design 1's chains out without bound
+        out = torch.zeros_like(x)
+        out[3:] = -1e4 * x[3:]
+        return out
+
+    for method in ("replacement", "smc"):  # named as sample() names it, not as a NaN inside the model
+        with pytest.raises(ScaffoldingError, match=r"design 1 \(particle \d, length 6\) diverged after the step at t="):
+            scaffold(running_away, torch.randn(2, 3), [5, 6], [[0, 1], [0, 1]], particles=3, scheduler=sch,
+                     method=method, dtype=torch.float64)
+
 
 def _with_insertion_codes(tmp_path):
     """MOTIF_5TPN renumbered like an antibody loop: ..., 164, 165, 165A, 165B, 166, ... (file order kept)."""

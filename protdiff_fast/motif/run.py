@@ -128,16 +128,22 @@ def run_scaffold(
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=backend,
                               clash_guidance=clash_guidance)
     unguided = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=backend)
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)  # before the sampling: a folder it cannot make fails now
     t0 = time.perf_counter()
-    with torch.no_grad():
-        result = scaffold(eps_model, spec.motif_model_units(), [lay.length for lay in layouts],
-                          np.stack([lay.motif_positions for lay in layouts]), method=method, particles=K,
-                          scheduler=scheduler, num_inference_steps=steps, seed=seed, resampler=resampler,
-                          ess_threshold=ess_threshold, device=device, progress=progress, log=_log)
-        designs = [result.design(d) for d in range(num)]
-        red = redenoise(eps_model, designs, t_start=redenoise_t, scheduler=unguided, seed=seed, device=device) \
-            if redenoise_t > 0 else None
+    try:
+        with torch.no_grad():
+            result = scaffold(eps_model, spec.motif_model_units(), [lay.length for lay in layouts],
+                              np.stack([lay.motif_positions for lay in layouts]), method=method, particles=K,
+                              scheduler=scheduler, num_inference_steps=steps, seed=seed, resampler=resampler,
+                              ess_threshold=ess_threshold, device=device, progress=progress, log=_log)
+            designs = [result.design(d) for d in range(num)]
+            red = redenoise(eps_model, designs, t_start=redenoise_t, scheduler=unguided, seed=seed,
+                            device=device) if redenoise_t > 0 else None
+    except BaseException:
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed run leaves no folder behind it made
+        raise
     elapsed = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from protdiff_fast.diffusion.scheduler import DDPMScheduler
-from protdiff_fast.diffusion.sampler import _scheduler_for
+from protdiff_fast.diffusion.sampler import DIVERGED_UNITS, _scheduler_for
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.reference.com import remove_center_of_mass_reference
 
@@ -389,6 +389,12 @@ def scaffold(
             x = replace_motif(prev, motif_index, traj[i - 1][design_of].to(device))
         else:
             x = prev  # the model's own x_0: the motif is not pasted over at the end
+        gone = ~(x.abs().flatten(1).amax(1) <= DIVERGED_UNITS)  # NaN compares False: caught too
+        if bool(gone.any()):  # as sample(): named here, not as a NaN inside the model at the next step
+            b = int(gone.nonzero()[0])
+            raise ScaffoldingError(f"design {b // K} (particle {b % K}, length {lengths[b // K]}) diverged after the "
+                                   f"step at t={t} (coordinates beyond {DIVERGED_UNITS:g} model units, or NaN/Inf): "
+                                   "too short for this model, or too few steps")
         if bar is not None:
             bar.update(1)
             if method == "smc" and K > 1:
