@@ -104,6 +104,11 @@ def test_model_rejects_bad_input():
     x, t, mask = inputs()
     with pytest.raises(ValueError, match=r"t: timesteps must lie in \[1, 100\]"):
         m(x, t * 0, mask)
+    with pytest.raises(TypeError, match="t: integer timesteps 1..T"):  # was an IndexError from the table lookup
+        m(x, t.float(), mask)
+    with pytest.raises(TypeError, match=r"x_t: dtype torch.bfloat16, but the model's weights are"):
+        m(x.to(torch.bfloat16), t, mask)  # was a raw matmul dtype error
+    assert m.double()(x.double(), t, mask).dtype == torch.float64
 
 
 def test_sinusoidal_tables_match_libm_to_the_last_bit_and_do_not_use_torch_sin(monkeypatch):

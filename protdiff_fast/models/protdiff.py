@@ -124,6 +124,12 @@ class ProtDiff(nn.Module):
         if N > self.max_length:
             raise ValueError(f"x_t: {N} residues exceed the model's max_length {self.max_length}")
         check_tensor("t", t, (B,), device=x_t.device, floating=False)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"t: integer timesteps 1..T (torch.long), got dtype {t.dtype}")
+        weights = self.blocks[0].egnn.phi_e[0].weight.dtype
+        if x_t.dtype != weights:  # (autocast casts inside, from float32 inputs and weights)
+            raise TypeError(f"x_t: dtype {x_t.dtype}, but the model's weights are {weights}: convert one "
+                            f"(model.to({x_t.dtype}) or x_t.to({weights})), or use torch.autocast")
         if value_checks_enabled() and bool(((t < 1) | (t > self.config.num_timesteps)).any()):  # one host read
             raise ValueError(f"t: timesteps must lie in [1, {self.config.num_timesteps}]")
         mask = check_mask(mask, B, N, x_t.device)
