@@ -930,3 +930,14 @@ def test_default_scheduler_is_the_models_own_and_a_mismatched_one_is_refused():
             sample(model, [5], scheduler=wrong, progress=False, metrics=False)
     out = sample(model, [5, 7], seed=1, progress=False, metrics=False)  # runs all 12 steps of its own schedule
     assert [a.shape for a in out] == [(5, 3), (7, 3)] and all(np.isfinite(a).all() for a in out)
+
+
+def test_sample_keeps_the_steps_a_given_scheduler_was_set_to():
+    """sample(scheduler=s) without num_inference_steps ran all T steps even after s.set_timesteps(K)."""
+    sched = DDPMScheduler(100)
+    sched.set_timesteps(10)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    sample(model, [5], seed=0, scheduler=sched, progress=False)
+    assert model.calls == 10 and sched.num_inference_steps == 10
+    sample(model, [5], seed=0, scheduler=sched, num_inference_steps=20, progress=False)  # an explicit K wins
+    assert model.calls == 30 and sched.num_inference_steps == 20

@@ -364,7 +364,9 @@ def sample(
     after the designs finished so far are on disk and in the manifest; ``resume`` continues.
     """
     scheduler = _scheduler_for(model, scheduler)
-    scheduler.set_timesteps(num_inference_steps)
+    # None: the steps the scheduler was set to (all T unless its set_timesteps was called), not a reset
+    scheduler.set_timesteps(num_inference_steps if num_inference_steps is not None
+                            else scheduler.num_inference_steps)
     device = torch.device(device)
     lengths = _expand_lengths(lengths, num_samples, getattr(model, "max_length", None))
     shortest_trained = getattr(model, "min_training_length", None)

@@ -2,7 +2,8 @@
 
 Differences from diffusers, on purpose: timesteps run 1..T as in the DDPM paper; ``t`` may be a
 (B,) tensor (every sample its own step); noise comes from an explicit tensor, a seed (an int, or
-one seed per sample), or a torch.Generator, never a hidden global RNG; no clipping of x_0 (our
+one seed per sample), or a torch.Generator (with none of them, torch's global RNG, as diffusers; the
+sampler always passes per-design seeds); no clipping of x_0 (our
 coordinates exceed 1); every sample lives in the zero-centre-of-mass subspace of its real nodes.
 
 Full-length sampling (``set_timesteps(None)`` or ``T``) runs the fused ancestral step of the chosen

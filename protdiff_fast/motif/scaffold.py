@@ -294,7 +294,9 @@ def scaffold(
     if method == "smc" and getattr(scheduler, "clash_guidance", None) is not None:
         raise ValueError("scheduler: clash_guidance with method 'smc': the SMCDiff weights are the motif's "
                          "likelihood under the model's own reverse transition; use it with 'replacement'")
-    scheduler.set_timesteps(num_inference_steps)
+    # None: the steps the scheduler was set to (all T unless its set_timesteps was called), not a reset
+    scheduler.set_timesteps(num_inference_steps if num_inference_steps is not None
+                            else scheduler.num_inference_steps)
     steps = [int(t) for t in scheduler.timesteps.tolist()]  # descending
     ascending = [0] + steps[::-1]
     seeds = per_sample_seeds(int(seed), D)
