@@ -447,12 +447,31 @@ def test_motif_ranges_include_residues_with_insertion_codes(tmp_path):
 @pytest.mark.parametrize("contig, words", [
     ("5,A165C,5", r"no CA for residue\(s\) 165C"),
     ("5,A163-165A,4,A165A-168,5", "overlap"),
-    ("5,A165B-165A,5", "backwards"),
+    ("5,A165B-165A,5", "not in order in the file"),  # 165A comes before 165B in this file
 ])
 def test_motif_insertion_code_errors(tmp_path, contig, words):
     path, _, _ = _with_insertion_codes(tmp_path)
     with pytest.raises(ContigError, match=words):
         motif_spec(path, contig)
+
+
+def test_insertion_codes_run_in_file_order_not_alphabetically(tmp_path):
+    """Thrombin-style numbering 1C, 1B, 1A, 1, 2, ...: A1C-1A is forwards in the file (it was refused as
+    running backwards, by comparing the codes alphabetically), and A1-3 with A1B do not overlap."""
+    from test_io import chain_of, write_pdb
+
+    res = chain_of(12)
+    labels = [(1, "C"), (1, "B"), (1, "A")] + [(n, " ") for n in range(1, 10)]
+    res = [(r[0], n, ic, r[3]) for r, (n, ic) in zip(res, labels)]
+    path = write_pdb(tmp_path / "thrombin.pdb", res)
+    spec = motif_spec(path, "3,A1C-1A,3")
+    assert spec.num_motif == 3
+    both = motif_spec(path, "3,A1-3,5,A1B,3")
+    assert both.num_motif == 4
+    with pytest.raises(ContigError, match="not in order in the file"):
+        motif_spec(path, "3,A1A-1C,3")
+    with pytest.raises(ContigError, match="overlap"):
+        motif_spec(path, "3,A1C-1A,3,A1B,3")
 
 
 def test_segment_length_with_insertion_codes_needs_the_structure():

@@ -94,7 +94,9 @@ def parse_contig(contig: str) -> List[Segment]:
         if m:
             first, first_icode = int(m.group(2)), m.group(3).upper()
             last, last_icode = (int(m.group(4)), m.group(5).upper()) if m.group(4) is not None else (first, first_icode)
-            if (first, first_icode) > (last, last_icode):
+            # insertion codes run in file order (1C, 1B, 1A, 1 in thrombin numbering), not alphabetically:
+            # between codes of one number the file decides (_segment_rows), here only the numbers
+            if first > last:
                 raise ContigError(f"contig {contig!r}: motif segment {raw!r} runs backwards "
                                   f"({first}{first_icode} > {last}{last_icode})")
             segments.append(MotifSegment(m.group(1), first, last, first_icode, last_icode))
@@ -106,8 +108,8 @@ def parse_contig(contig: str) -> List[Segment]:
         raise ContigError(f"contig {contig!r}: names no motif segment (e.g. 'A15-30')")
     for i, a in enumerate(motifs):
         for b in motifs[i + 1:]:
-            if a.chain == b.chain and (a.first, a.first_icode) <= (b.last, b.last_icode) \
-                    and (b.first, b.first_icode) <= (a.last, a.last_icode):
+            if a.chain == b.chain and not (a.first_icode or a.last_icode or b.first_icode or b.last_icode) \
+                    and a.first <= b.last and b.first <= a.last:  # with insertion codes: motif_spec's file-order check
                 raise ContigError(f"contig {contig!r}: motif segments {a} and {b} overlap")
     return segments
 
