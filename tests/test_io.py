@@ -124,7 +124,21 @@ def test_write_rejects_bad_coordinates(tmp_path):
         write_backbone(tmp_path / "a.pdb", np.full((5, 3), 1e5))
     with pytest.raises(ValueError, match="unknown format"):
         write_backbone(tmp_path / "a.xyz", np.zeros((5, 3)))
+    # were written: complex parts dropped, booleans as 0 / 1 A, lowercase letters as UNK; a chain id of
+    # "" or "ABC" in PDB raised IndexError / a gemmi RuntimeError
+    with pytest.raises(ValueError, match="ca: expected real coordinates, got dtype complex128"):
+        write_backbone(tmp_path / "a.pdb", np.zeros((5, 3)) + 1j)
+    with pytest.raises(ValueError, match="ca: expected real coordinates, got dtype bool"):
+        write_backbone(tmp_path / "a.pdb", np.ones((5, 3), bool))
+    with pytest.raises(ValueError, match=r"sequence: '\*1' are not one-letter amino acid codes"):
+        write_backbone(tmp_path / "a.pdb", np.zeros((5, 3)), sequence="AC*D1")
+    for bad in ("", "ABC", "A B"):
+        with pytest.raises(ValueError, match="chain_id: 1 letter or digit"):
+            write_backbone(tmp_path / "a.pdb", np.zeros((5, 3)), chain_id=bad)
     assert not list(tmp_path.iterdir())
+    written = write_backbone(tmp_path / "b.cif", np.arange(15.0).reshape(5, 3), sequence="acdxg", chain_id="AB")
+    bb = read_backbones(written)[0]
+    assert bb.sequence == "ACDXG" and bb.chain_id == "AB"
 
 
 def test_non_finite_coordinates_name_the_file_chain_and_residue(tmp_path):

@@ -231,9 +231,19 @@ def backbone_structure(ca: np.ndarray, sequence: Optional[str] = None, chain_id:
     """
     import gemmi
 
+    kind = np.asarray(ca).dtype.kind
+    if kind not in "fiu":  # complex parts were dropped and booleans written as 0 / 1 A
+        raise ValueError(f"ca: expected real coordinates, got dtype {np.asarray(ca).dtype}")
     ca = np.asarray(ca, dtype=np.float64)
     if ca.ndim != 2 or ca.shape[1] != 3 or len(ca) == 0:
         raise ValueError(f"ca: expected shape (L, 3) with L >= 1, got {ca.shape}")
+    if not (isinstance(chain_id, str) and 1 <= len(chain_id) <= (1 if pdb_range else 4) and chain_id.isalnum()):
+        raise ValueError(f"chain_id: 1 letter or digit{'' if pdb_range else ' (up to 4 in mmCIF)'}, got {chain_id!r}")
+    if sequence is not None:
+        unknown = sorted({c for c in sequence.upper() if c not in THREE_LETTER and c != "X"})
+        if unknown:  # lowercase is read as uppercase, X is UNK; anything else is not a one-letter code
+            raise ValueError(f"sequence: {''.join(unknown)[:10]!r} are not one-letter amino acid codes (or X)")
+        sequence = sequence.upper()
     if not np.isfinite(ca).all():
         raise ValueError("ca: contains NaN or Inf")
     if pdb_range:
