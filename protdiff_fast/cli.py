@@ -51,12 +51,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _metric_rows(paths, clash_threshold):
     from protdiff_fast.io import StructureError, find_structure_files, read_backbones
     from protdiff_fast.metrics import backbone_metrics
+    from protdiff_fast.metrics.backbone import chain_breaks
 
     rows, cas, skipped = [], [], []
     for f in find_structure_files(paths):
         try:
-            for bb in read_backbones(f):
-                rows.append(backbone_metrics(bb.ca, clash_threshold))
+            for bb in read_backbones(f):  # missing residues (a numbering jump and a long bond): not bad bonds
+                rows.append(backbone_metrics(bb.ca, clash_threshold, chain_breaks(bb.ca, bb.resnums)))
                 cas.append(bb.ca)
         except StructureError as err:
             skipped.append(str(err))

@@ -101,6 +101,34 @@ def test_evaluate_plot_never_replaces_a_file_that_is_not_its_plot(tmp_path, caps
     assert "--clash-threshold: a distance in A > 0" in capsys.readouterr().err
 
 
+def test_missing_residues_are_a_chain_break_not_a_bad_bond(tmp_path, capsys):
+    """A real chain with residues missing: the bond across the gap was counted as a 3.80 A bond (1qys
+    without residues 60-65: deviation 0.014 -> 0.12 A). A numbering jump with a long bond is a break; a
+    design's long bond (contiguous numbers) stays a bad bond."""
+    from protdiff_fast.metrics.backbone import chain_breaks
+
+    bb = read_backbones(DATA / "1qys.pdb")[0]
+    keep = np.r_[0:59, 66:len(bb.ca)]
+    ca, numbers = bb.ca[keep], bb.resnums[keep]
+    breaks = chain_breaks(ca, numbers)
+    assert breaks.sum() == 1 and breaks[58]
+    whole, gapped = backbone_metrics(bb.ca), backbone_metrics(ca, breaks=breaks)
+    assert abs(gapped["ca_ca_dev"] - whole["ca_ca_dev"]) < 0.005 and gapped["ca_ca_valid"] == 1.0
+    assert backbone_metrics(ca)["ca_ca_dev"] > 0.1  # as a design (no breaks given) the gap is a bad bond
+    assert not chain_breaks(ca, np.arange(len(ca))).any()  # contiguous numbers: no break
+    with pytest.raises(ValueError, match="breaks: expected one flag per CA-CA bond"):
+        backbone_metrics(ca, breaks=breaks[:-1])
+    # evaluate reads the numbering from the file
+    from protdiff_fast.io.structure import backbone_structure
+    st = backbone_structure(ca)
+    for res, n in zip(st[0]["A"], numbers):
+        res.seqid.num = int(n)
+    st.write_pdb(str(tmp_path / "gap.pdb"))
+    assert main(["evaluate", str(tmp_path / "gap.pdb"), "--plot", ""]) == 0
+    dev_line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("ca_ca_dev")][0]
+    assert float(dev_line.split()[1]) < 0.05, dev_line
+
+
 def test_tm_diversity():
     pytest.importorskip("tmtools", reason="tmtools is pinned in requirements-dev.txt; missing only outside dev/CI")
     crambin = read_backbones(DATA / "1crn.pdb")[0].ca

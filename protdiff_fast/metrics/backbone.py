@@ -31,11 +31,34 @@ def _check(ca: np.ndarray) -> np.ndarray:
     return ca
 
 
-def ca_ca_bonds(ca: np.ndarray) -> Dict[str, float]:
+def _breaks(ca: np.ndarray, breaks: Optional[np.ndarray]) -> np.ndarray:
+    """The (L - 1,) bool mask of chain breaks (bond i joins residues i and i + 1), all False if None."""
+    if breaks is None:
+        return np.zeros(max(len(ca) - 1, 0), dtype=bool)
+    breaks = np.asarray(breaks, dtype=bool)
+    if breaks.shape != (max(len(ca) - 1, 0),):
+        raise ValueError(f"breaks: expected one flag per CA-CA bond, shape ({max(len(ca) - 1, 0)},), got {breaks.shape}")
+    return breaks
+
+
+def chain_breaks(ca: np.ndarray, resnums: Optional[np.ndarray], max_bond: float = 4.2) -> np.ndarray:
+    """Bonds of a real chain that span missing residues: the residue number jumps by more than one and
+    the CA-CA distance exceeds ``max_bond`` A (both: renumbered chains and insertion codes are no break,
+    and a design's long bond, with contiguous numbers, is a bad bond, not a break)."""
     ca = _check(ca)
-    if len(ca) < 2:
+    if resnums is None or len(ca) < 2:
+        return np.zeros(max(len(ca) - 1, 0), dtype=bool)
+    jump = np.diff(np.asarray(resnums, dtype=np.int64)) > 1
+    return jump & (np.linalg.norm(np.diff(ca, axis=0), axis=1) > max_bond)
+
+
+def ca_ca_bonds(ca: np.ndarray, breaks: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """CA-CA bond deviation and validity over the bonds that are not chain ``breaks``."""
+    ca = _check(ca)
+    keep = ~_breaks(ca, breaks)
+    if len(ca) < 2 or not keep.any():
         return dict(ca_ca_dev=float("nan"), ca_ca_valid=float("nan"))
-    d = np.linalg.norm(np.diff(ca, axis=0), axis=1)
+    d = np.linalg.norm(np.diff(ca, axis=0), axis=1)[keep]
     dev = np.abs(d - IDEAL_CA_CA)
     return dict(ca_ca_dev=float(dev.mean()), ca_ca_valid=float((dev < 0.1).mean()))
 
@@ -90,9 +113,11 @@ def _mark_runs(flags: np.ndarray, min_run: int, labels: np.ndarray, code: str) -
         k = end
 
 
-def secondary_structure(ca: np.ndarray) -> str:
-    """A string of H (helix), E (strand) and - (coil), one letter per residue."""
+def secondary_structure(ca: np.ndarray, breaks: Optional[np.ndarray] = None) -> str:
+    """A string of H (helix), E (strand) and - (coil), one letter per residue; a torsion whose four
+    residues span a chain break (``breaks``, per bond) is neither."""
     ca = _check(ca)
+    gap = _breaks(ca, breaks)
     L = len(ca)
     labels = np.array(["-"] * L)
     if L < 4:
@@ -103,25 +128,31 @@ def secondary_structure(ca: np.ndarray) -> str:
     helix = (np.abs(th1 - 89) <= 12) & (np.abs(th2 - 89) <= 12) & (np.abs(tau - 50) <= 20)
     tau_e = (tau + 170 + 180) % 360 - 180  # angular distance to -170
     strand = (np.abs(th1 - 124) <= 14) & (np.abs(th2 - 124) <= 14) & (np.abs(tau_e) <= 45)
+    if gap.any():  # torsion k spans bonds k, k + 1, k + 2
+        spans = gap[:-2] | gap[1:-1] | gap[2:]
+        helix, strand = helix & ~spans, strand & ~spans
     _mark_runs(helix, 3, labels, "H")
     _mark_runs(strand, 2, labels, "E")
     return "".join(labels)
 
 
-def secondary_structure_fractions(ca: np.ndarray) -> Dict[str, float]:
-    ss = secondary_structure(ca)
+def secondary_structure_fractions(ca: np.ndarray, breaks: Optional[np.ndarray] = None) -> Dict[str, float]:
+    ss = secondary_structure(ca, breaks)
     L = max(len(ss), 1)
     return dict(helix=ss.count("H") / L, strand=ss.count("E") / L, coil=ss.count("-") / L)
 
 
-def backbone_metrics(ca: np.ndarray, clash_threshold: float = CLASH_A) -> Dict[str, float]:
-    """All per-structure metrics of one CA trace (Angstrom)."""
+def backbone_metrics(ca: np.ndarray, clash_threshold: float = CLASH_A,
+                     breaks: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """All per-structure metrics of one CA trace (Angstrom). ``breaks`` (one flag per CA-CA bond, e.g.
+    ``chain_breaks`` of a real chain with missing residues): those bonds are left out of the bond
+    metrics and of the secondary structure (a gap is not a bad bond)."""
     ca = _check(ca)
     out = dict(length=len(ca))
-    out.update(ca_ca_bonds(ca))
+    out.update(ca_ca_bonds(ca, breaks))
     out.update(clashes(ca, clash_threshold))
     out.update(radius_of_gyration(ca))
-    out.update(secondary_structure_fractions(ca))
+    out.update(secondary_structure_fractions(ca, breaks))
     return out
 
 
