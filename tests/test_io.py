@@ -157,6 +157,26 @@ def test_non_finite_coordinates_name_the_file_chain_and_residue(tmp_path):
     assert len(ds) == 1 and "nan.pdb" in str(ds.skipped.skipped)
 
 
+@pytest.mark.parametrize("field, shown", [("        ", "''"), ("   abc  ", "'abc'"), ("  1.2.3 ", "'1.2.3'"),
+                                          ("  12-4.0", "'12-4.0'")])
+@pytest.mark.parametrize("gz", [False, True])
+def test_pdb_coordinate_fields_that_are_not_numbers_are_refused(tmp_path, field, shown, gz):
+    # gemmi reads a blank or non-numeric PDB coordinate as 0 (or its leading digits): a silently wrong atom
+    path = write_pdb(tmp_path / "ok.pdb", chain_of(6))
+    text = path.read_text().splitlines()
+    ca_lines = [k for k, line in enumerate(text) if line[12:16].strip() == "CA"]
+    line = text[ca_lines[2]]
+    text[ca_lines[2]] = line[:38] + field + line[46:]  # residue 3's y
+    name = "bad.pdb.gz" if gz else "bad.pdb"
+    bad = tmp_path / name
+    data = ("\n".join(text) + "\n").encode()
+    bad.write_bytes(gzip.compress(data) if gz else data)
+    match = rf"{name}: line {ca_lines[2] + 1} \(CA of \w+ 3 chain A\): y coordinate \(columns 39-46\) is {shown}, not a number"
+    with pytest.raises(StructureError, match=match):
+        read_backbones(bad)
+    assert read_backbones(path)[0].ca.shape == (6, 3)  # the well-formed file still reads
+
+
 @pytest.mark.parametrize("case, match", [
     ("missing", r"missing.pdb: no such file"),
     ("empty", r"empty.pdb: empty file"),

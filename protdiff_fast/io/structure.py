@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,31 @@ def _chain_trace(chain, path: Path):
     return np.asarray(ca, dtype=np.float64).reshape(-1, 3), np.asarray(resnums, dtype=np.int64), icodes, "".join(seq)
 
 
+# one %8.3f-style number (exponents and nan/inf let through: the latter fail the finite check, which
+# names the chain and residue)
+_PDB_NUMBER = re.compile(r"\s*[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)\s*", re.IGNORECASE)
+
+
+def _check_pdb_coordinate_fields(path: Path) -> None:
+    """Refuse ATOM/HETATM records whose x, y or z column is blank or not a number.
+
+    gemmi reads such a field as 0 (blank, "abc") or as its leading digits ("1.2.3" as 1.2): a
+    silently wrong atom, where mmCIF's parser gives NaN.
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.startswith(("ATOM  ", "HETATM")):
+                continue
+            for axis, start in (("x", 30), ("y", 38), ("z", 46)):
+                field = line[start:start + 8]
+                if not _PDB_NUMBER.fullmatch(field):
+                    raise StructureError(
+                        f"{path}: line {lineno} ({line[12:16].strip() or '?'} of {line[17:20].strip() or '?'} "
+                        f"{line[22:27].strip() or '?'} chain {line[21:22].strip() or '?'}): {axis} coordinate "
+                        f"(columns {start + 1}-{start + 8}) is {field.strip()!r}, not a number")
+
+
 def read_structure(path: PathLike):
     """gemmi.Structure of ``path`` (PDB, mmCIF, either gzipped), with StructureError on failure."""
     import gemmi
@@ -128,6 +154,8 @@ def read_structure(path: PathLike):
         raise StructureError(f"{path}: cannot parse as PDB/mmCIF: {err}") from None
     if len(st) == 0:
         raise StructureError(f"{path}: no models (no atom records)")
+    if st.input_format == gemmi.CoorFormat.Pdb:
+        _check_pdb_coordinate_fields(path)
     st.setup_entities()
     return st
 
