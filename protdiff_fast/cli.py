@@ -145,6 +145,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.coords_range is not None:
             model["coords_range"] = args.coords_range
     cfg = TrainConfig(data=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, ema_warmup=args.ema_warmup,
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       val_every=args.val_every, seed=args.seed, max_length=args.max_length,
                       min_length=args.min_length, backend=args.backend, device=args.device, model=model,
@@ -368,8 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=1000)
     tr.add_argument("--batch-size", type=int, default=8, help="global batch, split across DDP processes")
     tr.add_argument("--lr", type=float, default=1e-4)
-    tr.add_argument("--grad-clip", type=float, default=1.0)
+    tr.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (default 0: Adam)")
+    tr.add_argument("--warmup-steps", type=int, default=0, metavar="W",
+                    help="linear learning-rate warm-up over the first W steps (a cosine decays over the rest)")
+    tr.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (inf: no clipping)")
     tr.add_argument("--ema-decay", type=float, default=0.999)
+    tr.add_argument("--ema-warmup", action="store_true",
+                    help="EMA decay min(--ema-decay, (1 + step) / (10 + step)): forgets a random start quickly")
     tr.add_argument("--ckpt-every", type=int, default=200)
     tr.add_argument("--val-every", type=int, default=200)
     tr.add_argument("--hidden", type=int, default=256)

@@ -43,9 +43,16 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 8  # the global batch (split across DDP ranks)
     lr: float = 1e-4
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay (0: Adam)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # EMA warm-up: the k-th update (k = step, 0-based) uses min(ema_decay, (1 + k) / (10 + k)), so the
+    # average forgets a random initialisation within tens of steps instead of ~1 / (1 - ema_decay)
+    # (diffusers' EMAModel does the same); off by default: the shipped model's runs had none
+    ema_warmup: bool = False
+    # linear learning-rate warm-up over the first warmup_steps steps ((k + 1) / warmup_steps of the
+    # schedule's value); a cosine schedule then decays over the remaining steps
+    warmup_steps: int = 0
     ckpt_every: int = 200
     val_every: int = 200
     val_batches: int = 4
@@ -133,11 +140,42 @@ def load_data(cfg: TrainConfig, split: Optional[str]) -> BackboneDataset:
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """The learning rate of step ``step`` (0-based), a pure function of the step so resume is exact."""
+    warmup = cfg.warmup_steps
     if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)))
-    raise ValueError(f"lr_schedule: unknown schedule {cfg.lr_schedule!r} (constant or cosine)")
+        lr = cfg.lr
+    elif cfg.lr_schedule == "cosine":
+        span = max(cfg.steps - warmup, 1)
+        progress = min(max(step - warmup, 0), span) / span
+        lr = cfg.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+    else:
+        raise ValueError(f"lr_schedule: unknown schedule {cfg.lr_schedule!r} (constant or cosine)")
+    return lr * (step + 1) / warmup if step < warmup else lr
+
+
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """The EMA decay of the update after step ``step`` (0-based): ema_decay, or its warm-up."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def check_optimizer_options(cfg: TrainConfig) -> None:
+    """Refuse optimisation options that would fail late or train nothing, naming them."""
+    # steps 0 is allowed: it writes a checkpoint of the initial (--init) weights
+    if not (isinstance(cfg.steps, int) and cfg.steps >= 0 and isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
+        raise ValueError(f"steps must be an integer >= 0 and batch_size one >= 1, got {cfg.steps!r}, {cfg.batch_size!r}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if not cfg.grad_clip > 0:  # inf is allowed: no clipping, the norm still checked for NaN
+        raise ValueError(f"grad_clip must be > 0 (inf: no clipping), got {cfg.grad_clip}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must lie in [0, 1) (1 would keep the initial weights), got {cfg.ema_decay}")
+    if not (isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= 0):
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {cfg.warmup_steps!r}")
+    if cfg.lr_schedule == "cosine" and cfg.warmup_steps and cfg.warmup_steps >= cfg.steps:
+        raise ValueError(f"warmup_steps {cfg.warmup_steps} must be fewer than steps {cfg.steps} with the cosine "
+                         "schedule (it decays over the steps after the warm-up)")
+    learning_rate(cfg, 0)  # an unknown schedule is named here, before any file is written
 
 
 def _dist_info():
@@ -417,6 +455,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     """Train (or resume) and return {"step", "train_loss", "val_loss", "checkpoint"}."""
     import protdiff_fast
 
+    check_optimizer_options(cfg)
     if not 0.0 <= cfg.low_t_fraction <= 1.0 or cfg.low_t_max < 1:
         raise ValueError(f"low_t_fraction must lie in [0, 1] and low_t_max be >= 1, got {cfg.low_t_fraction}, "
                          f"{cfg.low_t_max}")
@@ -566,8 +605,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                 f"lower --lr or --grad-clip, or without the auxiliary losses")
         opt.step()
         with torch.no_grad():
+            decay = ema_decay_at(cfg, step)
             for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - cfg.ema_decay)
+                pe.lerp_(p, 1 - decay)
         step += 1
         loss_value = float(loss.detach()) * world
         if world > 1:

@@ -358,6 +358,71 @@ def test_cosine_learning_rate_is_a_function_of_the_step():
         learning_rate(TrainConfig(lr_schedule="step"), 0)
 
 
+def test_learning_rate_warmup_ramps_linearly_then_follows_the_schedule():
+    from protdiff_fast.train import LR_FLOOR, learning_rate
+
+    const = TrainConfig(lr=1e-3, steps=100, warmup_steps=10)
+    assert [learning_rate(const, k) for k in (0, 4, 9, 10, 99)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+    cos = TrainConfig(lr=1e-3, steps=110, warmup_steps=10, lr_schedule="cosine")
+    lrs = [learning_rate(cos, k) for k in range(111)]
+    assert lrs[:10] == pytest.approx([1e-4 * (k + 1) for k in range(10)])
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(1e-3 * (1 + LR_FLOOR) / 2)
+    assert lrs[110] == pytest.approx(LR_FLOOR * 1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_ema_warmup_weight_decay_and_lr_warmup_train_resume_and_are_saved(tmp_path, capsys):
+    from protdiff_fast.train import ema_decay_at
+
+    warm = TrainConfig(ema_decay=0.999, ema_warmup=True)
+    assert [ema_decay_at(warm, k) for k in (0, 8, 100)] == pytest.approx([0.1, 0.5, 101 / 110])
+    assert ema_decay_at(warm, 10 ** 6) == 0.999 and ema_decay_at(TrainConfig(ema_decay=0.99), 0) == 0.99
+    # the first update with warm-up: EMA = init + 0.9 (model - init), where without it 0.001 of the way
+    start = train(cfg(tmp_path, "init", steps=0), progress=False)
+    one = train(cfg(tmp_path, "one", steps=1, ema_warmup=True), progress=False)
+    for e, m, p0 in zip(params(one["ema"]), params(one["model"]), params(start["model"])):
+        assert torch.equal(e, p0.lerp(m, 1 - 0.1))
+    # resume is bit for bit, EMA included, with all three options on
+    kw = dict(ema_warmup=True, warmup_steps=3, weight_decay=0.05, lr_schedule="cosine", steps=6)
+    straight = train(cfg(tmp_path, "a", **kw), progress=False)
+    train(cfg(tmp_path, "b", **kw), progress=False, stop_after=2)
+    resumed = train(cfg(tmp_path, "b", **kw), resume=True, progress=False)
+    for p, q in zip(params(straight["model"]) + params(straight["ema"]), params(resumed["model"]) + params(resumed["ema"])):
+        assert torch.equal(p, q)
+    # weight decay reaches AdamW: the same run without it ends elsewhere
+    plain = train(cfg(tmp_path, "c", **dict(kw, weight_decay=0.0)), progress=False)
+    assert any(not torch.equal(p, q) for p, q in zip(params(straight["model"]), params(plain["model"])))
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="warmup_steps: 3 there, 4 here"):
+        train(cfg(tmp_path, "a", **dict(kw, warmup_steps=4)), resume=True, progress=False)
+    # the CLI flags
+    out = tmp_path / "cli"
+    assert main(["train", "--data", str(demo_data_path()), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                 "--hidden", "16", "--edge-dim", "8", "--layers", "2", "--val-every", "0", "--no-progress",
+                 "--weight-decay", "0.01", "--warmup-steps", "1", "--ema-warmup"]) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["config"]
+    assert (saved["weight_decay"], saved["warmup_steps"], saved["ema_warmup"]) == (0.01, 1, True)
+
+
+@pytest.mark.parametrize("option, match", [
+    (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0, got -0.1"),
+    (dict(grad_clip=0.0), r"grad_clip must be > 0 \(inf: no clipping\), got 0.0"),
+    (dict(ema_decay=1.0), r"ema_decay must lie in \[0, 1\)"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
+    (dict(warmup_steps=12, lr_schedule="cosine"), "warmup_steps 12 must be fewer than steps 12"),
+    (dict(steps=-1), "steps must be an integer >= 0"),
+    (dict(batch_size=0), "batch_size one >= 1, got 12, 0"),
+    (dict(lr_schedule="linear"), "unknown schedule 'linear'"),
+])
+def test_bad_optimizer_options_are_named_before_anything_is_written(tmp_path, option, match):
+    with pytest.raises(ValueError, match=match):
+        train(cfg(tmp_path, "bad", **option), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_low_t_timesteps_weight_the_last_steps_and_default_draws_are_unchanged(tmp_path):
     from protdiff_fast.diffusion.schedule import NoiseSchedule
     from protdiff_fast.train import training_timesteps
