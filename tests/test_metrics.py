@@ -129,6 +129,18 @@ def test_missing_residues_are_a_chain_break_not_a_bad_bond(tmp_path, capsys):
     assert float(dev_line.split()[1]) < 0.05, dev_line
 
 
+def test_neighbours_across_a_chain_break_are_checked_for_clashes():
+    # a straight chain of 3.8 A bonds, residue 6 moved to 2.5 A of residue 5 (and > 3 A of everything else)
+    ca = np.stack([np.arange(10) * 3.8, np.zeros(10), np.zeros(10)], axis=1)
+    ca[6] = ca[5] + [0.0, 2.5, 0.0]
+    breaks = np.zeros(9, dtype=bool)
+    assert clashes(ca)["clash_pairs"] == 0  # bonded neighbours are the bond metrics' business
+    breaks[5] = True  # residues 5 and 6 are not bonded: a pair like any other
+    got = clashes(ca, breaks=breaks)
+    assert got["clash_pairs"] == 1 and got["clash_fraction"] == pytest.approx(1 / (36 + 1))
+    assert backbone_metrics(ca, breaks=breaks)["clash_pairs"] == 1
+
+
 def test_tm_diversity():
     pytest.importorskip("tmtools", reason="tmtools is pinned in requirements-dev.txt; missing only outside dev/CI")
     crambin = read_backbones(DATA / "1crn.pdb")[0].ca

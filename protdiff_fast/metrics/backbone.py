@@ -63,13 +63,17 @@ def ca_ca_bonds(ca: np.ndarray, breaks: Optional[np.ndarray] = None) -> Dict[str
     return dict(ca_ca_dev=float(dev.mean()), ca_ca_valid=float((dev < 0.1).mean()))
 
 
-def clashes(ca: np.ndarray, threshold: float = CLASH_A) -> Dict[str, float]:
+def clashes(ca: np.ndarray, threshold: float = CLASH_A, breaks: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """CA pairs closer than ``threshold``: every pair but bonded neighbours (|i - j| = 1), whose bond is
+    the bond metrics' business; neighbours across a chain break (``breaks``) are not bonded and count."""
     ca = _check(ca)
     L = len(ca)
-    iu = np.triu_indices(L, k=2)
-    if len(iu[0]) == 0:
+    first, second = np.triu_indices(L, k=2)
+    across = np.flatnonzero(_breaks(ca, breaks))
+    first, second = np.concatenate([first, across]), np.concatenate([second, across + 1])
+    if len(first) == 0:
         return dict(clash_pairs=0, clash_fraction=0.0)
-    d = np.linalg.norm(ca[iu[0]] - ca[iu[1]], axis=1)
+    d = np.linalg.norm(ca[first] - ca[second], axis=1)
     n = int((d < threshold).sum())
     return dict(clash_pairs=n, clash_fraction=n / len(d))
 
@@ -146,11 +150,12 @@ def backbone_metrics(ca: np.ndarray, clash_threshold: float = CLASH_A,
                      breaks: Optional[np.ndarray] = None) -> Dict[str, float]:
     """All per-structure metrics of one CA trace (Angstrom). ``breaks`` (one flag per CA-CA bond, e.g.
     ``chain_breaks`` of a real chain with missing residues): those bonds are left out of the bond
-    metrics and of the secondary structure (a gap is not a bad bond)."""
+    metrics and of the secondary structure (a gap is not a bad bond), and the residues either side of
+    one are checked for a clash like any unbonded pair."""
     ca = _check(ca)
     out = dict(length=len(ca))
     out.update(ca_ca_bonds(ca, breaks))
-    out.update(clashes(ca, clash_threshold))
+    out.update(clashes(ca, clash_threshold, breaks))
     out.update(radius_of_gyration(ca))
     out.update(secondary_structure_fractions(ca, breaks))
     return out
