@@ -927,6 +927,25 @@ def test_clash_scripts_trace_one_design_and_list_clashing_pairs():
     assert proc.stdout.splitlines()[-1].startswith("sequence separation: pairs [")
 
 
+def test_evaluate_checkpoint_scores_gaps_of_real_chains_as_breaks_not_bonds(tmp_path):
+    """scripts/evaluate_checkpoint.py: the .npz has no residue numbers, so a real chain's CA-CA bond over
+    4.2 A is a gap (1qys without residues 60-65 scored 0.12 A deviation with the gap as a bond)."""
+    root = Path(__file__).resolve().parents[1]
+    ca = read_backbones(root / "tests" / "data" / "1qys.pdb")[0].ca
+    gapped = ca[np.r_[0:59, 66:len(ca)]].astype(np.float32)
+    data = tmp_path / "held.npz"
+    np.savez(data, ids=np.array(["1qys_gap"]), offsets=np.array([0, len(gapped)]), ca=gapped,
+             split=np.array(["test"]))
+    train(cfg(tmp_path, "tiny", steps=0), progress=False)  # an untrained T = 100 model: sampling is quick
+    proc = subprocess.run([sys.executable, "scripts/evaluate_checkpoint.py", str(tmp_path / "tiny" / "checkpoint.pt"),
+                           str(data), "--split", "test", "--num", "1", "--skip-untrained"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("ca_ca_dev")][0]
+    assert float(row[1]) < 0.05, row  # the real column: 0.12 with the gap counted as a bond
+    assert float(row[2]) > 0.05, row  # the untrained design's bonds are bad, and counted
+
+
 def test_length_outcomes_drops_a_diverged_design_and_keeps_the_others_trajectories():
     """scripts/length_outcomes.py: a design that diverges is reported with its step and the others are
     sampled again with their own noise (the same result as alone); its CLI runs the shipped model."""
