@@ -23,8 +23,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-# `git rev-parse HEAD > .gpu-commit` before the call: a device machine gets the working tree, and a .git
-# there (if any) can be the session's starting commit, not the tree's (seen 2026-12-04)
+# `git describe --always --dirty --abbrev=40 > .gpu-commit` before the call: a device machine gets the working
+# tree, and a .git there (if any) can be the session's starting commit, not the tree's (seen 2026-12-04);
+# "-dirty" says the tree had edits, and results.json's source_sha256 says which sources ran
 commit="$(cat .gpu-commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
 export PROTDIFF_FAST_COMMIT="$commit"
 day="$(date +%Y-%m-%d)"

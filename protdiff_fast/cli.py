@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import shlex
 import sys
 from typing import List, Optional
 
@@ -35,8 +36,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     suites = ["egnn", "ddpm-step", "sampler", "sampler-mixed", "train-step"] if args.suite == "all" else [args.suite]
-    command = "protdiff-fast " + " ".join(sys.argv[1:]) if sys.argv and "protdiff" in sys.argv[0] else \
-        "protdiff-fast bench " + " ".join(a for a in (args.suite, "--quick" if args.quick else "") if a)
+    command = shlex.join(["protdiff-fast", *args.argv])  # as parsed: also right for python -m protdiff_fast.bench
     result = runner.run(suites, device, args.quick, args.out, args.timeout, args.compare, command,
                         providers=args.providers.split(",") if args.providers else None,
                         which="targets" if args.targets else "full",
@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results", help="output folder for results.json / results.md / plots")
     bench.add_argument("--timeout", type=float, default=300.0, help="seconds per row before it is recorded as timeout")
     bench.add_argument("--providers", default=None,
-                       help="comma-separated subset: reference,cpu,triton,triton-slab (the slab backward),egnn-pytorch")
+                       help="comma-separated subset: reference,cpu,triton,triton-slab (the slab backward),egnn-pytorch,"
+                            "compat (our drop-in for egnn-pytorch's layer)")
     bench.add_argument("--compare", default=None, metavar="OLD.json", help="print the change against an earlier results.json")
     bench.add_argument("--dtypes", default=None, help="comma-separated subset of the grid's dtypes: float32,bfloat16,...")
     bench.add_argument("--hidden", default=None, help="comma-separated subset of the grid's H values (egnn rows)")
@@ -550,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.version:
         from protdiff_fast import __version__
 

@@ -334,3 +334,116 @@ def test_ddpm_step_bandwidth_rows_on_gpu_and_graphs_refused_off_it():
     out = runner.run_row(dict(suite="ddpm-step", provider="triton", B=2, N=5, H=0, mode="graphs", dtype="float32"),
                          "cpu", 1, 120, 0.1, mem_limit=None)
     assert out["status"] == "error" and "CUDA only" in out["error"]
+
+
+def test_layer_rows_compare_egnn_pytorch_with_our_drop_in_by_that_layers_own_flops(tmp_path, monkeypatch):
+    """egnn-pytorch's EGNN(dim=H, m_dim=H) does ~8x the op's pair products: its rows are a layer, scored by
+    that layer's FLOPs, and compared with our drop-in (compat), not with the op."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from protdiff_fast.bench.egnn import flops, layer_flops, make_case
+
+    pytest.importorskip("egnn_pytorch", reason="pinned in requirements-dev.txt; missing only outside dev/CI")
+    B, N, H = 1, 24, 16
+    for mode in ("fwd", "fwdbwd"):
+        run = make_case("egnn-pytorch", B, N, H, mode, torch.float32, "cpu")
+        with FlopCounterMode(display=False) as counter:
+            run()
+        counted = counter.get_total_flops()
+        assert 0.9 < counted / layer_flops(B, N, H, mode) < 1.1, (mode, counted, layer_flops(B, N, H, mode))
+        assert layer_flops(B, N, H, mode) > 6 * flops(B, N, H, mode)
+    rows = [dict(suite="egnn", provider=p, B=1, N=12, H=8, mode="fwd", dtype="float32")
+            for p in ("reference", "cpu", "egnn-pytorch", "compat")]
+    monkeypatch.setattr(runner, "grid", lambda device, quick, suites, which="full": rows)
+    monkeypatch.setattr(runner, "device_rates", lambda device: dict(mm_fp32_square_flops=1e11, mm_fp32_pair_shape_flops=5e10,
+                                                                   pair_shape_H=64, copy_bytes_per_s=1e10))
+    result = runner.run(["egnn"], "cpu", True, str(tmp_path / "a"), 120, None, "test")
+    by = {r["provider"]: r for r in result["rows"]}
+    assert all(r["status"] == "ok" and r["reps"] >= 3 for r in by.values()), by
+    assert by["compat"]["flops"] == by["egnn-pytorch"]["flops"] == layer_flops(1, 12, 8, "fwd")
+    assert by["cpu"]["flops"] == flops(1, 12, 8, "fwd")
+    md = {line.split("|")[7].strip(): line for line in (tmp_path / "a" / "results.md").read_text().splitlines()
+          if line.startswith("| egnn |")}
+    speed = lambda p: md[p].split("|")[-2].strip()  # noqa: E731 - the last column
+    assert speed("egnn-pytorch") == ""  # another function than the reference's: no speed-up against it
+    want = by["egnn-pytorch"]["median_s"] / by["compat"]["median_s"]
+    assert speed("compat") == f"{want:.1f}x"  # the drop-in against the layer it replaces
+    assert speed("cpu").endswith("x") and f"[{by['cpu']['reps']}]" in md["cpu"]
+
+
+def test_a_crashed_worker_is_a_crash_not_an_oom_row():
+    import signal
+
+    assert runner._died(-signal.SIGSEGV, "boom")["status"] == "crash"
+    assert "SIGSEGV" in runner._died(-signal.SIGSEGV, "")["error"]
+    assert runner._died(-signal.SIGABRT, "")["status"] == "crash"
+    assert runner._died(-signal.SIGKILL, "")["status"] == "OOM" and runner._died(137, "")["status"] == "OOM"
+    assert runner._died(1, "Traceback")["status"] == "error"
+    # end to end: a worker that segfaults (a kernel bug) is reported as such
+    row = dict(suite="egnn", provider="cpu", B=1, N=4, H=8, mode="fwd", dtype="float32")
+    real = runner.worker_command
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    try:
+        runner.worker_command = lambda spec: ([sys.executable, "-c", code], None)
+        out = runner.run_row(row, "cpu", 1, 60, 0.1, mem_limit=None)
+    finally:
+        runner.worker_command = real
+    assert out["status"] == "crash" and "SIGSEGV" in out["error"], out
+
+
+def test_compare_shows_regressions_missing_rows_and_changed_settings(tmp_path):
+    env = dict(commit="a", cpu="x", threads=2, torch="2.13.0", triton="3.6.0", overrides={})
+    row = lambda p, status="ok", t=0.01: dict(suite="egnn", provider=p, mode="fwd", dtype="float32", H=8, B=1,  # noqa: E731
+                                              N=12, status=status, median_s=t)
+    old = dict(environment=env, rows=[row("reference"), row("cpu"), row("egnn-pytorch")])
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    new = dict(environment=dict(env, threads=1, overrides={"PROTDIFF_FAST_AMX": "0"}),
+               rows=[row("reference", t=0.02), dict(row("cpu", "error"), error="CUDA error"), row("compat")])
+    text = runner.compare(str(tmp_path / "old.json"), new)
+    assert "egnn/reference/fwd/float32/8/1/12: 10.00 ms -> 20.00 ms (0.50x)" in text
+    assert "NOW error: egnn/cpu/fwd/float32/8/1/12 (was 10.00 ms) CUDA error" in text
+    assert "MISSING here: egnn/egnn-pytorch" in text and "new here: egnn/compat" in text
+    assert "WARNING: threads differs: 2 there, 1 here" in text and "WARNING: overrides differs" in text
+    assert "1 rows compared of 3; 1 no longer ok" in text
+
+
+def test_source_digest_follows_the_package_sources(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    first = runner.source_digest(pkg)
+    (pkg / "sub" / "__pycache__").mkdir()
+    (pkg / "sub" / "__pycache__" / "b.cpython.pyc").write_bytes(b"\0")
+    assert runner.source_digest(pkg) == first  # bytecode is not source
+    (pkg / "sub" / "b.py").write_text("y = 3\n")
+    assert runner.source_digest(pkg) != first
+    env = runner.environment("cpu", 1)
+    assert env["source_sha256"] == runner.source_digest() and len(env["source_sha256"]) == 64
+
+
+def test_bench_records_the_command_it_was_given(tmp_path, monkeypatch):
+    """python -m protdiff_fast.bench egnn ... was recorded as 'protdiff-fast egnn ...' (no such command)."""
+    seen = {}
+
+    def fake_run(suites, device, quick, out_dir, timeout, compare_to, command, **kw):
+        seen["command"] = command
+        return dict(plots=None, regressions=[])
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    from protdiff_fast.cli import main
+
+    assert main(["bench", "egnn", "--quick", "--out", str(tmp_path / "o b")]) == 0
+    assert seen["command"] == f"protdiff-fast bench egnn --quick --out '{tmp_path / 'o b'}'"
+
+
+def test_profile_variants_that_disagree_are_not_timed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_profile_bwd", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "gpu_profile_bwd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert not mod.disagrees(None, "bfloat16") and not mod.disagrees(1e-6, "float32")
+    assert mod.disagrees(5e-3, "float32") and mod.disagrees(0.2, "bfloat16") and mod.disagrees(float("nan"), "float32")

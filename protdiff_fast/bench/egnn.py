@@ -1,10 +1,17 @@
-"""The benchmark cases: ``egnn`` (the fused pair aggregation, and egnn-pytorch's dense layer as a
-baseline, forward or forward+backward), ``ddpm-step``, ``sampler``, ``sampler-mixed`` (a whole
-sampling run: mixed lengths, batching, files and manifest) and ``train-step``.
+"""The benchmark cases: ``egnn`` (the fused pair aggregation; and, layer against layer,
+egnn-pytorch's dense ``EGNN`` and our drop-in for it, ``compat``, forward or forward+backward),
+``ddpm-step``, ``sampler``, ``sampler-mixed`` (a whole sampling run: mixed lengths, batching, files
+and manifest) and ``train-step``.
 
-FLOPs counted per real pair (i != j) are the pair MLP's two H x H products: 4 H^2 forward,
+FLOPs of the op rows, per real pair (i != j), are the pair MLP's two H x H products: 4 H^2 forward,
 8 H^2 backward (4 products), so 12 H^2 for forward+backward; the backward's recomputation of the
 forward is work the kernel does but not counted as useful. Elementwise work is not counted.
+
+The layer rows (``egnn-pytorch``, ``compat``) compute another, larger function: egnn-pytorch's
+``EGNN(dim=H, m_dim=H)`` has an edge MLP of width 2 D_in = 4 H + 2 and a coordinate MLP of width 4 H
+on every ordered pair (j = i included), about 8x the op's pair products at any H. Their FLOPs are
+that layer's own (``layer_flops``), the same for both, so their rates compare with each other; their
+time is not comparable with an op row's (``compat`` against ``egnn-pytorch`` is the drop-in's speed-up).
 """
 from __future__ import annotations
 
@@ -12,12 +19,27 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-PROVIDERS = ("reference", "cpu", "triton", "egnn-pytorch")
+PROVIDERS = ("reference", "cpu", "triton", "egnn-pytorch", "compat")
+LAYER_PROVIDERS = ("egnn-pytorch", "compat")  # whole egnn-pytorch-shaped layers, not the op
 
 
 def flops(B: int, N: int, H: int, mode: str) -> float:
+    """The op's useful FLOPs (module docstring)."""
     per_pair = 4 * H * H if mode == "fwd" else 12 * H * H
     return float(B * N * (N - 1) * per_pair)
+
+
+def layer_flops(B: int, N: int, H: int, mode: str) -> float:
+    """egnn-pytorch ``EGNN(dim=H, m_dim=H)``'s pair products on all N^2 ordered pairs (as it computes
+    them): edge MLP D_in -> 2 D_in -> H (D_in = 2 H + 1), coordinate MLP H -> 4 H -> 1; twice that
+    backward (input and weight gradients) as for the op. Node MLP (O(N H^2)) not counted."""
+    d_in = 2 * H + 1
+    macs = d_in * 2 * d_in + 2 * d_in * H + H * 4 * H + 4 * H
+    return float(B * N * N * 2 * macs * (1 if mode == "fwd" else 3))
+
+
+def row_flops(provider: str, B: int, N: int, H: int, mode: str) -> float:
+    return layer_flops(B, N, H, mode) if provider in LAYER_PROVIDERS else flops(B, N, H, mode)
 
 
 def egnn_pytorch_available() -> bool:
@@ -42,10 +64,17 @@ def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dty
         t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
         return t.requires_grad_(need_grad)
 
-    if provider == "egnn-pytorch":
-        from egnn_pytorch import EGNN as DenseEGNN  # the layer most users start from
+    if provider in LAYER_PROVIDERS:
+        if provider == "egnn-pytorch":
+            from egnn_pytorch import EGNN as DenseEGNN  # the layer most users start from
 
-        layer = DenseEGNN(dim=H, m_dim=H).to(device=device, dtype=dtype)
+            layer = DenseEGNN(dim=H, m_dim=H)
+        else:  # our drop-in: the same constructor and function, its pair part through the fused op
+            from protdiff_fast.nn.compat import EGNN as DropIn
+
+            torch.manual_seed(0)
+            layer = DropIn(dim=H, m_dim=H, backend="auto")
+        layer = layer.to(device=device, dtype=dtype)
         feats, coors = r(B, N, H), r(B, N, 3)
 
         def run() -> None:

@@ -20,8 +20,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from protdiff_fast.bench.egnn import (SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, SAMPLER_STEPS, ddpm_step_bytes,
-                                     egnn_pytorch_available, flops, train_step_flops)
+from protdiff_fast.bench.egnn import (LAYER_PROVIDERS, SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, SAMPLER_STEPS,
+                                     ddpm_step_bytes, egnn_pytorch_available, row_flops, train_step_flops)
 
 
 def _git_commit() -> str:
@@ -40,6 +40,21 @@ def _git_commit() -> str:
         return fallback
 
 
+def source_digest(package: Optional[Path] = None) -> str:
+    """sha256 over the package's Python sources (relative path and bytes, sorted): what ran, even where
+    the recorded commit cannot be checked (a device machine gets a working tree, perhaps with edits).
+    Compare with the same function on a checkout of the recorded commit."""
+    import hashlib
+
+    package = Path(package) if package is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(package.rglob("*.py")):
+        if "__pycache__" in f.parts:
+            continue
+        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -56,6 +71,8 @@ def environment(device: str, threads: int) -> Dict:
     from protdiff_fast import backends
 
     env = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), commit=_git_commit(),
+               source_sha256=source_digest(), load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+               thread_env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
                protdiff_fast=protdiff_fast.__version__, python=platform.python_version(), torch=torch.__version__,
                cpu=_cpu_model(), cpu_count=os.cpu_count(), threads=threads, device=device)
     try:
@@ -118,8 +135,8 @@ SAMPLER_LAYERS, TARGET_STEPS = 4, 1024  # the sampler suite's model depth; the i
 
 
 def pair_mlp_flops_per_backbone(N: int, H: int, steps: int = TARGET_STEPS, layers: int = SAMPLER_LAYERS) -> float:
-    """The two H x H products per ordered pair, every layer, every reverse step: 17.6 TFLOP for N = 128,
-    H = 256, 4 layers, 1024 steps (the sampling issue's figure)."""
+    """The two H x H products per ordered pair (i != j), every layer, every reverse step: 17.45 TFLOP for
+    N = 128, H = 256, 4 layers, 1024 steps (the sampling issue's 17.6 counts N^2 pairs)."""
     return float(steps * layers * N * (N - 1) * 4 * H * H)
 
 
@@ -140,7 +157,8 @@ def target_rows(device: str) -> List[Dict]:
     """The rows the kernel issues set targets on (speed-up, memory, long sequences, the fused step)."""
     rows = []
     base = ["reference", "cpu" if not device.startswith("cuda") else "triton"]
-    extra = ["egnn-pytorch"] if egnn_pytorch_available() else []
+    # layer against layer: egnn-pytorch and our drop-in for it (the op rows' speed-up is not the drop-in's)
+    extra = list(LAYER_PROVIDERS) if egnn_pytorch_available() else []
     for mode in ("fwd", "fwdbwd"):
         for p in base + extra:
             rows.append(dict(suite="egnn", provider=p, B=4, N=256, H=64, mode=mode, dtype="float32"))
@@ -151,7 +169,7 @@ def target_rows(device: str) -> List[Dict]:
         for mode in ("fwd", "fwdbwd"):
             for p in ["reference", "triton"] + (["triton-slab"] if mode == "fwdbwd" else []) + extra:
                 rows.append(dict(suite="egnn", provider=p, B=8, N=512, H=128, mode=mode, dtype="bfloat16"))
-        for p in ["reference", "triton", "triton-slab"] + extra:  # the references are expected to run out of memory
+        for p in ["reference", "triton", "triton-slab", "egnn-pytorch"][: 4 if extra else 3]:  # the references: OOM expected
             rows.append(dict(suite="egnn", provider=p, B=1, N=8192, H=128, mode="fwdbwd", dtype="bfloat16"))
     for N in (64, 128, 256):
         for p in ("reference", "cpu" if not device.startswith("cuda") else "triton"):
@@ -208,7 +226,7 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
             Bs, Ns, Hs, modes = [1, 8], [64, 128, 256, 512, 1024], [64, 128], ["fwd", "fwdbwd"]
         providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]
         if egnn_pytorch_available():
-            providers.append("egnn-pytorch")
+            providers += list(LAYER_PROVIDERS)
         dtypes = ["float32"] if not device.startswith("cuda") else ["float32", "bfloat16"]
         for dtype in dtypes:
             for mode in modes:
@@ -216,7 +234,7 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
                     for B in Bs:
                         for N in Ns:
                             for p in providers:
-                                if p == "egnn-pytorch" and B * N > EGNN_PYTORCH_MAX_BN and not quick \
+                                if p in LAYER_PROVIDERS and B * N > EGNN_PYTORCH_MAX_BN and not quick \
                                         and not device.startswith("cuda"):
                                     continue  # minutes per row at ~1% of this machine's matmul rate
                                 if N > 4096 and p != "triton":
@@ -276,6 +294,24 @@ def worker_command(spec: Dict) -> Tuple[List[str], Dict[str, str]]:
     return [sys.executable, "-m", "protdiff_fast.bench.worker", json.dumps(spec)], dict(os.environ, **extra)
 
 
+def _died(returncode: int, stderr: str) -> Dict:
+    """The row of a worker that printed no result. Only SIGKILL (-9, or 137 from a shell) is taken for
+    the system's out-of-memory killer; another signal (a segfault or abort in a kernel) is a crash and
+    an exit code an error, never OOM (the worker itself reports failed allocations as OOM)."""
+    import signal
+
+    tail = stderr[-300:]
+    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        return dict(status="OOM", error="killed by SIGKILL (most likely the out-of-memory killer) " + tail)
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return dict(status="crash", error=f"{name} " + tail)
+    return dict(status="error", error=f"exit code {returncode} " + tail)
+
+
 def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: float, mem_limit: Optional[int]) -> Dict:
     spec = dict(row, device=device, threads=threads, budget_s=budget_s, min_reps=3, max_reps=50,
                 mem_limit_bytes=mem_limit)
@@ -289,8 +325,7 @@ def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: fl
             result = json.loads(line[len("BENCH_RESULT "):])
             break
     else:
-        killed = proc.returncode < 0 or proc.returncode == 137
-        result = dict(status="OOM" if killed else "error", error=(proc.stderr or "")[-300:])
+        result = _died(proc.returncode, proc.stderr or "")
     out = dict(row, **result)
     if out.get("status") == "ok":
         if row["suite"] == "ddpm-step":
@@ -309,7 +344,7 @@ def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: fl
             out["flops"] = train_step_flops(row["B"], row["N"], row["H"])
             out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
         else:
-            out["flops"] = flops(row["B"], row["N"], row["H"], row["mode"])
+            out["flops"] = row_flops(row["provider"], row["B"], row["N"], row["H"], row["mode"])
             out["tflops_per_s"] = out["flops"] / out["median_s"] / 1e12
     return out
 
@@ -340,7 +375,11 @@ def markdown(result: Dict) -> str:
     lines = [f"# Benchmark results ({env['date']})", "",
              f"- machine: {env.get('gpu') or env['cpu']}, {env['threads']} threads; torch {env['torch']}, "
              f"triton {env.get('triton')}, C++ {env.get('cpp_extension')}",
-             f"- commit {env['commit']}" + (f"; overrides {env['overrides']}" if env.get("overrides") else ""),
+             f"- commit {env['commit']}" + (f" (package sources sha256 {env['source_sha256'][:16]})"
+                                              if env.get("source_sha256") else "")
+             + (f"; overrides {env['overrides']}" if env.get("overrides") else "")
+             + (f"; load average at the start {', '.join(f'{v:.2f}' for v in env['load_average'])}"
+                if env.get("load_average") else ""),
              f"- command: `{result['command']}`",
              f"- measured fp32 matmul: {rates['mm_fp32_square_flops'] / 1e9:.1f} GFLOP/s (2048^2), "
              f"{rates['mm_fp32_pair_shape_flops'] / 1e9:.1f} GFLOP/s ([2^18, {rates['pair_shape_H']}] x "
@@ -349,31 +388,44 @@ def markdown(result: Dict) -> str:
                  f"; bf16 matmul {rates['mm_bf16_square_flops'] / 1e12:.1f} TFLOP/s ({rates.get('mm_bf16_square_n', 8192)}^2)"
                  if rates.get("mm_bf16_square_flops") else ""),
              f"- memory: {result.get('mem_method', '')}",
-             f"- egnn-pytorch (dense baseline) rows only where B * N <= {EGNN_PYTORCH_MAX_BN} on CPU", "",
-             "| suite | mode | dtype | H | B | N | provider | median ms (p20-p80) | GFLOP/s (egnn) or GB/s (step) "
-             "| % of mm (square / pair shape) or of copy | peak extra memory | speed-up vs reference |",
+             f"- egnn-pytorch (dense baseline) and compat (our drop-in for it) rows only where B * N <= "
+             f"{EGNN_PYTORCH_MAX_BN} on CPU. They are whole layers of egnn-pytorch's shape (edge MLP 4H + 2 wide, "
+             "coordinate MLP 4H, all N^2 pairs: about 8x the op's pair products), with that layer's FLOPs: "
+             "compare them with each other (compat's speed-up is against egnn-pytorch), not with the op rows",
+             "- median of n timed repetitions (n in brackets), p20-p80 between them", "",
+             "| suite | mode | dtype | H | B | N | provider | median ms [n] (p20-p80) | GFLOP/s (egnn) or GB/s (step) "
+             "| % of mm (square / pair shape) or of copy | peak extra memory | speed-up vs reference (compat: vs "
+             "egnn-pytorch) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = {(r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
            if r["provider"] == "reference" and r.get("status") == "ok"}
+    dense = {(r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
+             if r["provider"] == "egnn-pytorch" and r.get("status") == "ok"}
     for r in result["rows"]:
         key = (r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"])
+        provider = r["provider"]
+        if r["suite"] == "egnn" and not _fused_backward(PROVIDER_VARIANTS.get(provider, (provider,))[0], r["mode"],
+                                                       r["dtype"], r["H"]):
+            provider += " (gradients through the reference)"
         if r.get("status") != "ok":
             lines.append(f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | "
-                         f"{r['provider']} | **{r['status']}** | | | | |")
+                         f"{provider} | **{r['status']}** | | | | |")
             continue
-        speed = f"{ref[key]['median_s'] / r['median_s']:.1f}x" if key in ref else ""
+        base = dense if r["provider"] == "compat" else {} if r["provider"] == "egnn-pytorch" else ref
+        speed = f"{base[key]['median_s'] / r['median_s']:.1f}x" if key in base else ""
+        reps = f"[{r['reps']}]" if "reps" in r else ""
         if r["suite"] == "sampler":
             lines.append(
-                f"| {r['suite']} | {SAMPLER_STEPS} steps{', CUDA graphs' if r['mode'] == 'graphs' else ''} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
-                f"{r['median_s'] * 1e3:.1f} ({r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}) | "
+                f"| {r['suite']} | {SAMPLER_STEPS} steps{', CUDA graphs' if r['mode'] == 'graphs' else ''} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {provider} | "
+                f"{r['median_s'] * 1e3:.1f} {reps} ({r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}) | "
                 f"{r['steps_per_s']:.1f} steps/s | {r['backbones_per_s_T1000']:.3f} backbones/s at T=1000 (derived)"
                 f"{_pair_mlp_limit(r, rates)} | {_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
             continue
         if r["suite"] == "sampler-mixed":
             lines.append(
                 f"| {r['suite']} | {r['mode']}, {SAMPLER_MIXED_STEPS} steps, batch {SAMPLER_MIXED_BATCH} | {r['dtype']} | "
-                f"{r['H']} | {r['B']} designs | {r['N'] // 2}..{r['N']} | {r['provider']} | "
-                f"{r['median_s'] * 1e3:.0f} ({r['p20_s'] * 1e3:.0f}-{r['p80_s'] * 1e3:.0f}) | "
+                f"{r['H']} | {r['B']} designs | {r['N'] // 2}..{r['N']} | {provider} | "
+                f"{r['median_s'] * 1e3:.0f} {reps} ({r['p20_s'] * 1e3:.0f}-{r['p80_s'] * 1e3:.0f}) | "
                 f"{r['backbones_per_s']:.2f} backbones/s (measured) | | {_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
             continue
         if r["suite"] == "ddpm-step":
@@ -384,11 +436,11 @@ def markdown(result: Dict) -> str:
             rate = f"{gf / 1e9:.1f}"
             frac = (f"{100 * gf / rates['mm_fp32_square_flops']:.0f}% / "
                     f"{100 * gf / rates['mm_fp32_pair_shape_flops']:.0f}%")
-            if r["dtype"] in ("bfloat16", MEDIUM) and rates.get("mm_bf16_square_flops"):  # against the bf16 rate
+            if r["dtype"] in ("bfloat16", MEDIUM, AUTOCAST) and rates.get("mm_bf16_square_flops"):  # the bf16 rate
                 frac = f"{100 * gf / rates['mm_bf16_square_flops']:.0f}% of bf16 mm"
         lines.append(
-            f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {r['provider']} | "
-            f"{r['median_s'] * 1e3:.3f} ({r['p20_s'] * 1e3:.3f}-{r['p80_s'] * 1e3:.3f}) | {rate} | {frac} | "
+            f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {provider} | "
+            f"{r['median_s'] * 1e3:.3f} {reps} ({r['p20_s'] * 1e3:.3f}-{r['p80_s'] * 1e3:.3f}) | {rate} | {frac} | "
             f"{_fmt_bytes(r.get('peak_mem_bytes'))} | {speed} |")
     return "\n".join(lines) + "\n"
 
@@ -557,18 +609,41 @@ def _plot_other_suites(result: Dict, out_dir: Path, plt) -> List[str]:
     return written
 
 
+COMPARED_ENVIRONMENT = ("threads", "torch", "triton", "overrides", "cpp_extension")
+
+
 def compare(old_path: str, new: Dict) -> str:
+    """Row-by-row change against an earlier results.json: the time ratio of rows ok in both, then every
+    row that was ok and is not now (a regression shown, not dropped), rows only one run has, and the
+    settings that differ between the runs (machine, threads, versions, kernel overrides)."""
     old = json.loads(Path(old_path).read_text())
     key = lambda r: (r["suite"], r["provider"], r["mode"], r["dtype"], r["H"], r["B"], r["N"])  # noqa: E731
-    old_rows = {key(r): r for r in old["rows"] if r.get("status") == "ok"}
-    lines = [f"compare with {old_path} (commit {old['environment']['commit']}, {old['environment'].get('gpu') or old['environment']['cpu']})"]
-    if (old["environment"].get("gpu") or old["environment"]["cpu"]) != (new["environment"].get("gpu") or new["environment"]["cpu"]):
+    name = lambda r: "/".join(str(v) for v in key(r))  # noqa: E731
+    old_rows, new_rows = {key(r): r for r in old["rows"]}, {key(r): r for r in new["rows"]}
+    env_old, env_new = old["environment"], new["environment"]
+    lines = [f"compare with {old_path} (commit {env_old['commit']}, {env_old.get('gpu') or env_old['cpu']})"]
+    if (env_old.get("gpu") or env_old["cpu"]) != (env_new.get("gpu") or env_new["cpu"]):
         lines.append("WARNING: different devices; ratios below compare different machines")
-    for r in new["rows"]:
-        o = old_rows.get(key(r))
-        if o and r.get("status") == "ok":
-            lines.append(f"{'/'.join(str(v) for v in key(r))}: {o['median_s'] * 1e3:.2f} ms -> {r['median_s'] * 1e3:.2f} ms "
+    for field in COMPARED_ENVIRONMENT:
+        if env_old.get(field) != env_new.get(field):
+            lines.append(f"WARNING: {field} differs: {env_old.get(field)!r} there, {env_new.get(field)!r} here")
+    compared, worse = 0, []
+    for k, r in new_rows.items():
+        o = old_rows.get(k)
+        if o is None:
+            continue
+        if o.get("status") == "ok" and r.get("status") == "ok":
+            compared += 1
+            lines.append(f"{name(r)}: {o['median_s'] * 1e3:.2f} ms -> {r['median_s'] * 1e3:.2f} ms "
                          f"({o['median_s'] / r['median_s']:.2f}x)")
+        elif o.get("status") == "ok":
+            worse.append(f"NOW {r.get('status')}: {name(r)} (was {o['median_s'] * 1e3:.2f} ms) {r.get('error', '')[:120]}")
+        elif r.get("status") == "ok":
+            lines.append(f"{name(r)}: {o.get('status')} -> {r['median_s'] * 1e3:.2f} ms")
+    lines += worse
+    lines += [f"MISSING here: {name(o)} (was {o.get('status')})" for k, o in old_rows.items() if k not in new_rows]
+    lines += [f"new here: {name(r)} ({r.get('status')})" for k, r in new_rows.items() if k not in old_rows]
+    lines.append(f"{compared} rows compared of {len(new_rows)}; {len(worse)} no longer ok")
     return "\n".join(lines)
 
 
