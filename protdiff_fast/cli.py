@@ -34,6 +34,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from protdiff_fast.bench import runner
 
+    if args.targets and args.quick:
+        raise ValueError("--targets runs the target rows as they are; --quick makes a small grid: give one")
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     suites = ["egnn", "ddpm-step", "sampler", "sampler-mixed", "train-step"] if args.suite == "all" else [args.suite]
     command = shlex.join(["protdiff-fast", *args.argv])  # as parsed: also right for python -m protdiff_fast.bench
@@ -177,8 +179,8 @@ def _clash_guidance(args: argparse.Namespace):
 
 def _add_clash_guidance_arguments(parser: argparse.ArgumentParser, extra_help: str = "") -> None:
     parser.add_argument("--clash-guidance", type=float, nargs="?", const=0.5, default=None, metavar="STRENGTH",
-                        help="push CA pairs closer than --clash-distance apart in the predicted x_0 over the last "
-                             "--clash-guidance-steps steps (strength 0..1, 0.5 if given alone; default off)"
+                        help="push CA pairs closer than --clash-distance apart in the predicted x_0 for t <= "
+                             "--clash-guidance-steps (strength 0..1, 0.5 if given alone; default off)"
                              + extra_help)
     parser.add_argument("--clash-distance", type=float, default=3.8, help="A, for --clash-guidance (default 3.8)")
     parser.add_argument("--clash-guidance-steps", type=int, default=200,
@@ -349,9 +351,25 @@ def shipped_checkpoint():
     return _Path(__file__).resolve().parent / "data" / "protdiff_small.pt"
 
 
+BACKEND_HELP = "auto (triton on CUDA, cpu on CPU tensors), reference, cpu or triton"
+DEVICE_HELP = "cpu or cuda[:k] (cpu unless given, also where a GPU is present)"
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Options show their default unless their help already names it (or it is None / a flag's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default is not None and action.default is not False
+                and action.default != argparse.SUPPRESS
+                and "default" not in text and "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="protdiff-fast",
+        prog="protdiff-fast", formatter_class=_HelpWithDefaults,
         description="Kernel-accelerated ProtDiff: diffusion over protein C-alpha backbones with a fused EGNN.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -366,24 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train ProtDiff (torchrun --nproc-per-node K -m protdiff_fast.cli train ... for DDP)")
     tr.add_argument("--data", required=True, help="backbones .npz, or a folder/file of PDB/mmCIF structures")
     tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, history.json)")
-    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (a resume continues to this count)")
     tr.add_argument("--batch-size", type=int, default=8, help="global batch, split across DDP processes")
-    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
     tr.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (default 0: Adam)")
     tr.add_argument("--warmup-steps", type=int, default=0, metavar="W",
                     help="linear learning-rate warm-up over the first W steps (a cosine decays over the rest)")
     tr.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (inf: no clipping)")
-    tr.add_argument("--ema-decay", type=float, default=0.999)
+    tr.add_argument("--ema-decay", type=float, default=0.999, help="decay of the EMA weights that validation, checkpoints' ema and sampling use")
     tr.add_argument("--ema-warmup", action="store_true",
                     help="EMA decay min(--ema-decay, (1 + step) / (10 + step)): forgets a random start quickly")
-    tr.add_argument("--ckpt-every", type=int, default=200)
-    tr.add_argument("--val-every", type=int, default=200)
-    tr.add_argument("--hidden", type=int, default=256)
+    tr.add_argument("--ckpt-every", type=int, default=200, help="write checkpoint.pt (atomically) every this many steps (0: at the end only)")
+    tr.add_argument("--val-every", type=int, default=200, help="validation loss (EMA weights) every this many steps (0: never)")
+    tr.add_argument("--hidden", type=int, default=256, help="hidden size H of the EGNN layers (the shipped model: 64)")
     tr.add_argument("--edge-dim", type=int, default=None, help="offset embedding width (default: --hidden)")
-    tr.add_argument("--layers", type=int, default=4)
-    tr.add_argument("--min-length", type=int, default=40)
-    tr.add_argument("--max-length", type=int, default=128)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--layers", type=int, default=4, help="EGNN blocks")
+    tr.add_argument("--min-length", type=int, default=40, help="shortest training chain")
+    tr.add_argument("--max-length", type=int, default=128, help="longest chain (with --crop: the window length), also the model's maximum")
+    tr.add_argument("--seed", type=int, default=0, help="initialisation, batches, timesteps and noise")
     tr.add_argument("--crop", action="store_true",
                     help="also use chains longer than --max-length: a random break-free window of that many residues")
     tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
@@ -391,11 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init", default=None, help="start from these weights (checkpoint or shipped .pt), fresh optimizer")
     tr.add_argument("--low-t-fraction", type=float, default=0.0,
                     help="draw this fraction of the training timesteps from 1..--low-t-max instead of 1..T")
-    tr.add_argument("--low-t-max", type=int, default=128)
+    tr.add_argument("--low-t-max", type=int, default=128, help="the low timesteps of --low-t-fraction: 1..this")
     tr.add_argument("--structure-weight", type=float, default=0.0,
                     help="add this times a distance loss on the predicted x_0 (bonds, angles, contacts, clashes) "
                          "for t <= --structure-max-t (0: L_simple alone)")
-    tr.add_argument("--structure-max-t", type=int, default=256)
+    tr.add_argument("--structure-max-t", type=int, default=256, help="--structure-weight applies to designs with t <= this")
     tr.add_argument("--structure-cutoff", type=float, default=6.0,
                     help="Angstrom: the pairs closer than this in the data or the prediction enter the loss")
     tr.add_argument("--tanh", action="store_true",
@@ -418,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--own-clash-weight", type=float, default=0.0,
                     help="add this times the clash loss (pairs |i - j| >= 2 closer than --clash-distance) of the "
                          "predicted x_0 on --own-batch of the --own-states per step (0: none)")
-    tr.add_argument("--own-batch", type=int, default=8)
+    tr.add_argument("--own-batch", type=int, default=8, help="own states per step for --own-clash-weight / --own-extent-weight")
     tr.add_argument("--own-max-t", type=int, default=128, help="use the own states with t <= this")
     tr.add_argument("--own-extent-states", default=None, metavar="NPZ",
                     help="states of the model's own sampling at high t (scripts/own_states.py --min-t), for "
@@ -428,23 +446,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "than --own-extent-factor x 2.2 N^0.38 A) on --own-batch of the --own-extent-states per "
                          "step (0: none)")
     tr.add_argument("--own-extent-min-t", type=int, default=512, help="use the own extent states with t >= this")
-    tr.add_argument("--own-extent-factor", type=float, default=3.5)
+    tr.add_argument("--own-extent-factor", type=float, default=3.5, help="--own-extent-weight bound: this times 2.2 N^0.38 A from the centre")
     tr.add_argument("--short-repeat", type=int, default=1, metavar="K",
                     help="each training chain of at most --short-max-length residues appears K times per epoch "
                          "(default 1: once)")
-    tr.add_argument("--short-max-length", type=int, default=64)
-    tr.add_argument("--backend", default="auto")
-    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--short-max-length", type=int, default=64, help="chains (or windows) of at most this many residues count as short for --short-repeat")
+    tr.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    tr.add_argument("--device", default="cpu", help=DEVICE_HELP)
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit for bit")
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
     demo = sub.add_parser("demo", help="sample a few backbones with the shipped model and compare them with real ones")
-    demo.add_argument("--num", type=int, default=4)
-    demo.add_argument("--min-length", type=int, default=50)
-    demo.add_argument("--max-length", type=int, default=80)
+    demo.add_argument("--num", type=int, default=4, help="designs to sample")
+    demo.add_argument("--min-length", type=int, default=50, help="shortest design")
+    demo.add_argument("--max-length", type=int, default=80, help="longest design")
     demo.add_argument("--out", default=None, help="output folder (default: a new protdiff-demo-<time> folder)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", default="auto")
+    demo.add_argument("--seed", type=int, default=0, help="sampling seed")
+    demo.add_argument("--backend", default="auto", help=BACKEND_HELP)
     demo.set_defaults(func=_cmd_demo)
     sm = sub.add_parser("sample", help="sample backbones (default model: the shipped one); "
                                        "torchrun --nproc-per-node K -m protdiff_fast.cli sample ... shards the designs")
@@ -466,10 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "bf16/fp16, coordinates and the step in float32): the GPU's tensor-core rate")
     sm.add_argument("--no-cuda-graphs", action="store_true",
                     help="on a GPU, run each step uncaptured (default: one CUDA graph per batch, same results)")
-    sm.add_argument("--seed", type=int, default=0)
-    sm.add_argument("--backend", default="auto")
-    sm.add_argument("--device", default="cpu")
-    sm.add_argument("--no-progress", action="store_true")
+    sm.add_argument("--seed", type=int, default=0, help="run seed: design i gets its own seed from it, so a design is the same in any batch")
+    sm.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    sm.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    sm.add_argument("--no-progress", action="store_true", help="no progress line (the batch-size note and errors still print)")
     sm.add_argument("--resume", action="store_true", help="continue a killed run in OUT: skip finished designs")
     sm.add_argument("--design-index", type=int, default=None, help="regenerate only this design of the run")
     sm.add_argument("--format", choices=["pdb", "cif"], default="pdb", help="one file per design: PDB or mmCIF")
@@ -486,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="turn PDB/mmCIF files into a cached training set (.npz), reporting skips")
     prep.add_argument("paths", nargs="+", help="files or folders (searched recursively; .pdb/.cif/.ent, also .gz)")
     prep.add_argument("--out", required=True, help="the dataset cache (.npz); reused while inputs and filter match")
-    prep.add_argument("--min-length", type=int, default=40)
-    prep.add_argument("--max-length", type=int, default=128)
+    prep.add_argument("--min-length", type=int, default=40, help="shortest chain kept")
+    prep.add_argument("--max-length", type=int, default=128, help="longest chain kept")
     prep.add_argument("--all-chains", action="store_true", help="every protein chain, not only single-chain files")
     prep.add_argument("--max-breaks", type=int, default=None, help="drop chains with more CA-CA gaps > 4.2 A")
     prep.add_argument("--show-skipped", type=int, default=20, help="list this many skipped entries")
@@ -507,12 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--length", default=None, help="total length range MIN-MAX (default: what the contig allows)")
     sc.add_argument("--num", type=int, default=10, help="number of designs")
     sc.add_argument("--particles", type=int, default=64, help="SMCDiff particles per design (smc only)")
-    sc.add_argument("--method", default="smc", choices=["smc", "replacement", "fixed"])
+    sc.add_argument("--method", default="smc", choices=["smc", "replacement", "fixed"], help="smc: SMCDiff (particles weighted by the motif's likelihood); replacement: the motif's noised coordinates put in at every step; fixed: the motif held at its coordinates")
     sc.add_argument("--out", required=True, help="new (or empty) folder for design_*.pdb and summary.json/.csv")
     sc.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all T)")
-    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--seed", type=int, default=0, help="run seed (layouts, noise, resampling)")
     sc.add_argument("--ckpt", default=None, help="checkpoint (default: the small model shipped in the package)")
-    sc.add_argument("--resampler", default="systematic", choices=["systematic", "residual"])
+    sc.add_argument("--resampler", default="systematic", choices=["systematic", "residual"], help="SMC resampling scheme")
     sc.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < this fraction of the particles")
     sc.add_argument("--redenoise-t", type=int, default=50,
                     help="self-consistency check: re-noise each design to this t and denoise it unconditionally, "
@@ -521,16 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the model under torch.autocast in this dtype (as sample --autocast); particles, "
                          "transition means and SMCDiff weights stay float32")
     _add_clash_guidance_arguments(sc, " (--method replacement or fixed only)")
-    sc.add_argument("--backend", default="auto")
-    sc.add_argument("--device", default="cpu")
-    sc.add_argument("--no-progress", action="store_true")
+    sc.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    sc.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step ESS lines of smc still print)")
     sc.set_defaults(func=_cmd_scaffold)
     bench = sub.add_parser("bench", help="benchmark suites: time, peak memory, FLOP/s against this device's own limits")
     bench.add_argument("suite", nargs="?", default="egnn",
                        choices=["egnn", "ddpm-step", "sampler", "sampler-mixed", "train-step", "all"],
                        help="which suite (sampler-mixed: a whole sampling run of mixed lengths, files included)")
     bench.add_argument("--targets", action="store_true",
-                       help="only the rows the kernel issues set targets on (B=4 N=256, N=1024, N=4096, the step)")
+                       help="only the rows the issues set targets on, every suite (the suite argument is ignored; "
+                            "CPU: egnn B=4 N=256 and N=1024 / 4096, the DDPM step, sampler, train step; GPU adds "
+                            "egnn B=8 N=512 H=128 bf16, N=8192 and the bf16-autocast rows); not with --quick")
     bench.add_argument("--quick", action="store_true", help="a small grid that runs in about a minute")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     bench.add_argument("--out", default="bench-results", help="output folder for results.json / results.md / plots")
@@ -546,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPU: before timing, run every triton row once, this many at a time, so kernels compile "
                             "in parallel (untimed)")
     bench.set_defaults(func=_cmd_bench)
+    for command in sub.choices.values():  # subparsers do not inherit the formatter
+        command.formatter_class = _HelpWithDefaults
     return parser
 
 

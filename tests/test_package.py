@@ -112,3 +112,27 @@ def test_import_resolves_mkl_vml_dispatch_before_any_parallel_math():
 
     used = {"sqrt", "exp", "log", "sin", "cos", "tanh", "sigmoid", "rsqrt", "erf", "expm1", "log1p"}
     assert used <= set(_mkl_warmup._VML_OPS) and all(hasattr(torch, name) for name in used)
+
+
+def test_every_cli_option_has_help_and_its_default_shows():
+    import argparse
+
+    from protdiff_fast.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sp in commands.items() for a in sp._actions
+               if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert not missing, missing
+    text = " ".join(commands["sample"].format_help().split())  # unwrapped
+    assert "(default: 64..128)" in text and "(default: 0)" in text  # --length, --seed
+    assert "(default 3.8)" in text and "(default: 3.8)" not in text  # named in the help: not twice
+    assert "(default: False)" not in text  # flags say nothing
+    assert "(default: metrics.png)" in " ".join(commands["evaluate"].format_help().split())
+
+
+def test_bench_targets_and_quick_together_are_refused(capsys):
+    from protdiff_fast.cli import main
+
+    assert main(["bench", "--targets", "--quick", "--out", "/nonexistent/x"]) == 2
+    assert "--targets runs the target rows as they are" in capsys.readouterr().err

@@ -941,3 +941,20 @@ def test_sample_keeps_the_steps_a_given_scheduler_was_set_to():
     assert model.calls == 10 and sched.num_inference_steps == 10
     sample(model, [5], seed=0, scheduler=sched, num_inference_steps=20, progress=False)  # an explicit K wins
     assert model.calls == 30 and sched.num_inference_steps == 20
+
+
+def test_scheduler_from_model_takes_the_models_schedule_and_refuses_another():
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.train import load_model
+
+    model = load_model(shipped_checkpoint())
+    sched = DDPMScheduler.from_model(model, noise_scale=0.5)
+    cfg = model.config
+    assert (sched.num_train_timesteps, sched.noise_scale) == (cfg.num_timesteps, 0.5)
+    assert sched.config["beta_start"] == cfg.beta_start and sched.config["beta_end"] == cfg.beta_end
+    out = sample(model, [41], seed=0, scheduler=sched, num_inference_steps=3, progress=False)
+    assert out[0].shape == (41, 3)
+    with pytest.raises(ValueError, match=r"from_model: \['num_train_timesteps'\] come from the model's config"):
+        DDPMScheduler.from_model(model, num_train_timesteps=1000)
+    with pytest.raises(ValueError, match="from_model: Linear has no config"):
+        DDPMScheduler.from_model(torch.nn.Linear(2, 2))

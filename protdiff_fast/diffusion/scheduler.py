@@ -81,6 +81,20 @@ class DDPMScheduler:
         self.variance_type, self.eta, self.backend = variance_type, eta, check_backend_name(backend)
         self.set_timesteps(None)
 
+    @classmethod
+    def from_model(cls, model, **kwargs) -> "DDPMScheduler":
+        """The scheduler of ``model``'s own noise schedule (T, beta_start, beta_end of its config, which
+        ``sample`` requires), with any other option given: ``DDPMScheduler.from_model(model, noise_scale=0.5)``."""
+        cfg = getattr(model, "config", None)
+        if cfg is None or not all(hasattr(cfg, k) for k in ("num_timesteps", "beta_start", "beta_end")):
+            raise ValueError(f"from_model: {type(model).__name__} has no config with num_timesteps, beta_start and "
+                             "beta_end (a ProtDiff has)")
+        clash = {"num_train_timesteps", "beta_start", "beta_end"} & set(kwargs)
+        if clash:
+            raise ValueError(f"from_model: {sorted(clash)} come from the model's config; build DDPMScheduler(...) "
+                             "directly for another schedule")
+        return cls(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, **kwargs)
+
     @property
     def num_train_timesteps(self) -> int:
         return self.schedule.num_timesteps
