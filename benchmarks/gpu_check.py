@@ -27,12 +27,26 @@ FULL_SIZES = ((3, 97), (1, 1), (2, 513))  # (B, N)
 SIZES = FULL_SIZES  # --quick: small ones
 
 
+def poison_allocator_cache() -> None:
+    """Fill the CUDA caching allocator's free blocks with NaN (METHOD.md: poison outputs before each run):
+    the op allocates its outputs with torch.empty, which reuses these blocks, so an element the kernels
+    never write stays NaN and fails the finite check. Both pools: small (< 1 MB) and large blocks."""
+    if DEVICE != "cuda":
+        return
+    torch.cuda.synchronize()
+    blocks = [torch.empty(1 << 17, device=DEVICE).fill_(float("nan")) for _ in range(64)]  # 64 x 512 KB
+    blocks.append(torch.empty(1 << 26, device=DEVICE).fill_(float("nan")))  # 256 MB
+    torch.cuda.synchronize()
+    del blocks  # back to the cache, NaN-filled
+
+
 def run(backend, args, kw, dtype, upstream, x_dtype=None):
     floats = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
     leaves = [a.to(DEVICE, x_dtype if k == 0 and x_dtype else dtype).requires_grad_(True) for k, a in enumerate(args)] + \
              [kw[k].to(DEVICE, dtype).requires_grad_(True) for k in floats]
     kw2 = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in kw.items()}
     kw2.update(dict(zip(floats, leaves[len(args):])))
+    poison_allocator_cache()
     out = egnn_pair_aggregate(*leaves[:len(args)], backend=backend, **kw2)
     loss = sum((o.double() * u).sum() for o, u in zip(out, upstream))
     return [o.detach() for o in out] + [g.detach() for g in torch.autograd.grad(loss, leaves)]

@@ -447,3 +447,35 @@ def test_profile_variants_that_disagree_are_not_timed():
     spec.loader.exec_module(mod)
     assert not mod.disagrees(None, "bfloat16") and not mod.disagrees(1e-6, "float32")
     assert mod.disagrees(5e-3, "float32") and mod.disagrees(0.2, "bfloat16") and mod.disagrees(float("nan"), "float32")
+
+
+def test_ddpm_step_rows_rotate_input_sets_so_they_do_not_time_the_cache(monkeypatch):
+    import torch
+
+    import protdiff_fast.ops as ops
+    from protdiff_fast.bench.egnn import MAX_INPUT_SETS, ROTATE_BYTES, input_sets, make_ddpm_step_case
+
+    assert input_sets(ROTATE_BYTES) == 2 and input_sets(-(-ROTATE_BYTES // 3)) == 3 and input_sets(1) == MAX_INPUT_SETS
+    seen = []
+    monkeypatch.setattr(ops, "ddpm_step", lambda schedule, x, eps, t, **kw: seen.append((x.data_ptr(), float(x[0, 0, 0]))))
+    run = make_ddpm_step_case("cpu", 4, 10, torch.float32, "cpu")
+    for _ in range(MAX_INPUT_SETS + 2):
+        run()
+    ptrs = [p for p, _ in seen]
+    assert len(set(ptrs)) == MAX_INPUT_SETS and ptrs[MAX_INPUT_SETS:] == ptrs[:2]  # every set, then round again
+    assert len({v for _, v in seen}) == MAX_INPUT_SETS  # different data, not copies
+    # the rows still run end to end through the worker
+    out = runner.run_row(dict(suite="ddpm-step", provider="cpu", B=4, N=10, H=0, mode="fwd", dtype="float32"),
+                         "cpu", 1, 120, 0.1, mem_limit=None)
+    assert out["status"] == "ok" and out["reps"] >= 3, out
+
+
+def test_unknown_providers_are_named_and_missing_ones_are_reported(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"--providers: unknown \['tritn'\]"):
+        runner.run(["egnn"], "cpu", True, str(tmp_path / "a"), 60, None, "test", providers=["tritn"])
+    monkeypatch.setattr(runner, "egnn_pytorch_available", lambda: False)
+    assert any(m.startswith("egnn-pytorch and compat") for m in runner.not_available("cpu"))
+    result = dict(command="c", environment=runner.environment("cpu", 1), not_run=runner.not_available("cpu"), rows=[],
+                  rates=dict(mm_fp32_square_flops=1e11, mm_fp32_pair_shape_flops=5e10, pair_shape_H=64,
+                             copy_bytes_per_s=1e10))
+    assert "- not run on this machine: egnn-pytorch and compat" in runner.markdown(result)

@@ -103,23 +103,43 @@ def ddpm_step_bytes(B: int, N: int) -> float:
     return float(B * N * 3 * 4 * 5)
 
 
+# the step moves little data per call: repeated calls over one buffer would time the cache, so the rows
+# cycle through input sets adding up to at least this many bytes (METHOD.md: rotate among input sets)
+ROTATE_BYTES = 1 << 28
+MAX_INPUT_SETS = 64
+
+
+def input_sets(set_bytes: int) -> int:
+    return int(min(MAX_INPUT_SETS, max(2, -(-ROTATE_BYTES // max(set_bytes, 1)))))
+
+
 def make_ddpm_step_case(provider: str, B: int, N: int, dtype: torch.dtype, device: str,
                         graphs: bool = False) -> Callable[[], None]:
-    """One batched ancestral step with in-kernel (or generator) noise, at a mid-trajectory t. With
-    ``graphs`` (CUDA) the step is captured once and replayed: the kernels' time without the per-call host
-    work (input checks, coefficient gathers' launches), i.e. what the sampler's captured loop pays."""
+    """One batched ancestral step with in-kernel (or generator) noise, at mid-trajectory timesteps,
+    each call on the next of ``input_sets`` input sets (x_t, eps_hat, t). With ``graphs`` (CUDA) the
+    step is captured once per input set and replayed in turn: the kernels' time without the per-call
+    host work (input checks, coefficient gathers' launches), i.e. what the sampler's captured loop pays."""
     from protdiff_fast.diffusion import NoiseSchedule
     from protdiff_fast.ops import ddpm_step
 
     g = torch.Generator(device="cpu").manual_seed(0)
     schedule = NoiseSchedule(1000)
-    x = torch.randn(B, N, 3, generator=g).to(device=device, dtype=dtype)
-    eps = torch.randn(B, N, 3, generator=g).to(device=device, dtype=dtype)
-    t = torch.randint(2, 1001, (B,), generator=g).to(device)
     seeds = torch.arange(B, device=device)
+    sets = []
+    for _ in range(input_sets(2 * B * N * 3 * torch.empty((), dtype=dtype).element_size())):
+        sets.append((torch.randn(B, N, 3, generator=g).to(device=device, dtype=dtype),
+                     torch.randn(B, N, 3, generator=g).to(device=device, dtype=dtype),
+                     torch.randint(2, 1001, (B,), generator=g).to(device)))
+
+    def step(k: int) -> None:
+        x, eps, t = sets[k]
+        ddpm_step(schedule, x, eps, t, seed=seeds if provider != "reference" else 0, backend=provider)
+
+    calls = [0]
 
     def run() -> None:
-        ddpm_step(schedule, x, eps, t, seed=seeds if provider != "reference" else 0, backend=provider)
+        step(calls[0] % len(sets))
+        calls[0] += 1
 
     if not graphs:
         return run
@@ -130,13 +150,21 @@ def make_ddpm_step_case(provider: str, B: int, N: int, dtype: torch.dtype, devic
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), skip_value_checks():
-        for _ in range(2):
-            run()
+        for k in range(len(sets)):
+            step(k)
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), skip_value_checks():
-        run()
-    return graph.replay
+    replays = []
+    for k in range(len(sets)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), skip_value_checks():
+            step(k)
+        replays.append(graph.replay)
+
+    def replay() -> None:
+        replays[calls[0] % len(replays)]()
+        calls[0] += 1
+
+    return replay
 
 
 def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dtype, device: str,

@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from protdiff_fast.bench.egnn import (LAYER_PROVIDERS, SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, SAMPLER_STEPS,
+from protdiff_fast.bench.egnn import (LAYER_PROVIDERS, PROVIDERS, SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, SAMPLER_STEPS,
                                      ddpm_step_bytes, egnn_pytorch_available, row_flops, train_step_flops)
 
 
@@ -312,6 +312,18 @@ def _died(returncode: int, stderr: str) -> Dict:
     return dict(status="error", error=f"exit code {returncode} " + tail)
 
 
+def not_available(device: str) -> List[str]:
+    """Providers this machine cannot run, and why: their rows are not in the grid (said in results.md)."""
+    from protdiff_fast import backends
+
+    missing = []
+    if not egnn_pytorch_available():
+        missing.append("egnn-pytorch and compat (egnn-pytorch is not installed: pip install egnn-pytorch)")
+    if not device.startswith("cuda") and backends.cpu_extension() is None:
+        missing.append("cpu (the C++ extension is not built)")
+    return missing
+
+
 def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: float, mem_limit: Optional[int]) -> Dict:
     spec = dict(row, device=device, threads=threads, budget_s=budget_s, min_reps=3, max_reps=50,
                 mem_limit_bytes=mem_limit)
@@ -392,11 +404,15 @@ def markdown(result: Dict) -> str:
              f"{EGNN_PYTORCH_MAX_BN} on CPU. They are whole layers of egnn-pytorch's shape (edge MLP 4H + 2 wide, "
              "coordinate MLP 4H, all N^2 pairs: about 8x the op's pair products), with that layer's FLOPs: "
              "compare them with each other (compat's speed-up is against egnn-pytorch), not with the op rows",
-             "- median of n timed repetitions (n in brackets), p20-p80 between them", "",
-             "| suite | mode | dtype | H | B | N | provider | median ms [n] (p20-p80) | GFLOP/s (egnn) or GB/s (step) "
-             "| % of mm (square / pair shape) or of copy | peak extra memory | speed-up vs reference (compat: vs "
-             "egnn-pytorch) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "- median of n timed repetitions (n in brackets), p20-p80 between them; the matmul and copy rates "
+             "above are the best of 5 (a ceiling)"]
+    if result.get("not_run"):
+        lines.append("- not run on this machine: " + "; ".join(result["not_run"]))
+    lines += ["",
+              "| suite | mode | dtype | H | B | N | provider | median ms [n] (p20-p80) | GFLOP/s (egnn) or GB/s (step) "
+              "| % of mm (square / pair shape) or of copy | peak extra memory | speed-up vs reference (compat: vs "
+              "egnn-pytorch) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = {(r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
            if r["provider"] == "reference" and r.get("status") == "ok"}
     dense = {(r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
@@ -681,6 +697,9 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     mem_limit = int(mem_total * 0.7) if not device.startswith("cuda") else None
     rows = grid(device, quick, suites, which)
+    known = set(PROVIDERS) | set(PROVIDER_VARIANTS)
+    if providers and set(providers) - known:
+        raise ValueError(f"--providers: unknown {sorted(set(providers) - known)}; known: {', '.join(sorted(known))}")
     if providers:
         rows = [r for r in rows if r["provider"] in providers]
     if dtypes:
@@ -690,6 +709,7 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
     if max_n:
         rows = [r for r in rows if r["N"] <= max_n]
     result = dict(command=command, environment=environment(device, threads), rates=device_rates(device),
+                  not_run=not_available(device),
                   mem_method="peak resident set of one run after the timed ones, with the C heap's free pages "
                              "handed back first (malloc_trim), minus the resident set before it, plus what the C++ "
                              "backend keeps between calls (CPU); cuda.max_memory_allocated minus allocated before (GPU). Address space capped "
