@@ -284,7 +284,8 @@ def test_clamp_normalize_gradcheck_cpu():
 
 def test_padding_hook_api():
     assert _padding.square_hidden("reference") is None  # the reference takes rectangular widths
-    assert _padding.square_hidden("cpu")(130) == 130
+    assert _padding.square_hidden("cpu") is None  # the C++ kernels take rectangular widths too
+    assert _padding.square_hidden("triton")(130) == 256
     with pytest.raises(ValueError, match="normalize"):
         egnn_pair_aggregate_reference(*_rect_problem("none", False)[0], normalize="detach")
     with pytest.raises(TypeError, match="missing argument"):

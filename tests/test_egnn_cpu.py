@@ -31,14 +31,17 @@ def flag_id(f):
 
 
 def make_problem(B, N, H, E, edge_mode, flags, seed=0, K=None):
-    """Random contract inputs in float64 (weights scaled so activations stay O(1))."""
+    """Random contract inputs in float64 (weights scaled so activations stay O(1)). ``H``: one width, or
+    (H_e, M, H_x) for rectangular weights (egnn-pytorch's layer: H_e = 4M + 2, H_x = 4M)."""
     g = torch.Generator().manual_seed(seed)
+    He, M, Hx = (H, H, H) if isinstance(H, int) else H
 
     def r(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=F64) * scale
 
-    args = [r(B, N, 3, scale=1.5), r(B, N, H), r(B, N, H), r(H, scale=0.3), r(H, H, scale=H ** -0.5), r(H),
-            r(H, H, scale=H ** -0.5), r(H), r(H, scale=H ** -0.5)]
+    args = [r(B, N, 3, scale=1.5), r(B, N, He), r(B, N, He), r(He, scale=0.3), r(He, M, scale=He ** -0.5), r(M),
+            r(M, Hx, scale=M ** -0.5), r(Hx), r(Hx, scale=Hx ** -0.5)]
+    H = He
     kw = dict(mask=random_mask(B, N, generator=g), normalize=flags.get("normalize", False),
               tanh=flags.get("tanh", False), coords_agg=flags.get("coords_agg", "mean"))
     if edge_mode == "dense":
@@ -47,7 +50,7 @@ def make_problem(B, N, H, E, edge_mode, flags, seed=0, K=None):
         K = K if K is not None else max(N // 2, 1)  # clipped for the far pairs
         kw.update(rel=r(2 * K + 1, H))
     if flags.get("attention"):
-        kw.update(w_att=r(H, scale=H ** -0.5), b_att=r(()))
+        kw.update(w_att=r(M, scale=M ** -0.5), b_att=r(()))
     return args, kw
 
 
@@ -77,7 +80,8 @@ NAMES = ["m_i", "dx_i", "x", "p", "q", "w_d", "W2", "b2", "W3", "b3", "w4"]
 def compare(B, N, H, E, edge_mode, flags, dtype, seed=0):
     args, kw = make_problem(B, N, H, E, edge_mode, flags, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    upstream = (torch.randn(B, N, H, generator=g, dtype=F64), torch.randn(B, N, 3, generator=g, dtype=F64))
+    M = args[4].shape[1]
+    upstream = (torch.randn(B, N, M, generator=g, dtype=F64), torch.randn(B, N, 3, generator=g, dtype=F64))
     want = run("reference", args, kw, F64, upstream)
     got = run("cpu", args, kw, dtype, upstream)
     low_ref = rounded = None
@@ -121,6 +125,51 @@ def test_cpu_hidden_sizes_not_multiple_of_the_vector_width(H):
     compare(2, 11, H, 3, "offset", FLAG_SETS[4], F64, seed=H)
 
 
+# rectangular widths (H_e, M, H_x): egnn-pytorch's EGNN(dim=16) through nn/compat.py, widths that are
+# and are not multiples of the vector width, and H_x < M < H_e orders
+RECT_WIDTHS = [(66, 16, 64), (5, 3, 4), (24, 40, 8), (130, 32, 129)]
+
+
+@pytest.mark.parametrize("N", [1, 7, 33])
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=flag_id)
+@pytest.mark.parametrize("widths", RECT_WIDTHS, ids=lambda w: "x".join(map(str, w)))
+def test_cpu_rectangular_widths_match_reference_float64(N, edge_mode, flags, widths):
+    """The kernels run H_e, M, H_x as given (each padded to the column chunk), not padded to one
+    square width by the dispatcher (which cost egnn-pytorch's layer ~5x the products)."""
+    compare(2, N, widths, 3, edge_mode, flags, F64, seed=N + sum(widths))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("edge_mode", ["dense", "offset"])
+def test_cpu_rectangular_widths_low_precision_within_reference_error(dtype, edge_mode):
+    compare(3, 29, (66, 16, 65), 4, edge_mode, FLAG_SETS[4], dtype, seed=5)
+
+
+def test_cpu_does_not_pad_rectangular_widths_to_a_square():
+    """The dispatcher hands the cpu kernels the widths as they are (it zero-padded them to the widest
+    before, 25x the per-pair products for egnn-pytorch's layer at dim = 64)."""
+    from protdiff_fast.ops import _padding
+
+    assert _padding.square_hidden("cpu") is None
+    args, kw = make_problem(1, 5, (66, 16, 64), 0, "none", FLAG_SETS[0])
+    seen = {}
+    import protdiff_fast.ops.egnn_cpu as egnn_cpu
+
+    real = egnn_cpu._EgnnPairAggregateCPU.apply
+
+    def spy(*a):
+        seen["W2"], seen["W3"] = tuple(a[4].shape), tuple(a[6].shape)
+        return real(*a)
+
+    egnn_cpu._EgnnPairAggregateCPU.apply = spy
+    try:
+        egnn_pair_aggregate(*args, backend="cpu", **kw)
+    finally:
+        egnn_cpu._EgnnPairAggregateCPU.apply = real
+    assert seen == {"W2": (66, 16), "W3": (16, 64)}
+
+
 def test_every_simd_build_matches_reference():
     before = _C.simd_isa()
     try:
@@ -129,6 +178,7 @@ def test_every_simd_build_matches_reference():
             for dtype in (F64, torch.float32):
                 compare(2, 19, 24, 4, "dense", FLAG_SETS[4], dtype, seed=7)
                 compare(2, 19, 24, 4, "offset", FLAG_SETS[1], dtype, seed=8)
+                compare(2, 19, (34, 8, 33), 4, "dense", FLAG_SETS[5], dtype, seed=9)
     finally:
         _C.set_simd_isa(before)
     with pytest.raises(ValueError, match="unknown instruction set"):
@@ -285,11 +335,11 @@ def _forward(args, kw, dtype):
 @needs_amx
 @pytest.mark.parametrize("N, H, edge_mode, flags", [
     (7, 20, "offset", FLAG_SETS[4]), (33, 64, "dense", FLAG_SETS[1]), (50, 128, "none", FLAG_SETS[0]),
-    (19, 256, "offset", FLAG_SETS[5]),
+    (19, 256, "offset", FLAG_SETS[5]), (23, (258, 64, 257), "none", FLAG_SETS[4]),
 ])
 def test_amx_bf16_forward_within_bf16_reference_error(N, H, edge_mode, flags, monkeypatch):
     assert uses_amx(torch.bfloat16) and not uses_amx(torch.float32)
-    args, kw = make_problem(3, N, H, 5, edge_mode, flags, seed=N + H)
+    args, kw = make_problem(3, N, H, 5, edge_mode, flags, seed=N + (H if isinstance(H, int) else sum(H)))
     want = egnn_pair_aggregate_reference(*args, **kw)
     bf16_args = [a.to(torch.bfloat16) for a in args]
     bf16_kw = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.dtype.is_floating_point else v)
@@ -324,13 +374,15 @@ def test_amx_fp32_inputs_under_medium_matmul_precision(medium_matmul_precision):
 
 
 @needs_amx
-@pytest.mark.parametrize("N, H, edge_mode, flags", [(21, 32, "offset", FLAG_SETS[1]), (40, 128, "dense", FLAG_SETS[4])])
+@pytest.mark.parametrize("N, H, edge_mode, flags", [(21, 32, "offset", FLAG_SETS[1]), (40, 128, "dense", FLAG_SETS[4]),
+                                                    (17, (130, 32, 129), "dense", FLAG_SETS[5])])
 def test_amx_gradients_within_bf16_reference_error(N, H, edge_mode, flags, medium_matmul_precision):
     """float32 inputs under 'medium': outputs and every gradient within 2x the error of the
     reference run in bf16 (the backward's products on AMX too), and not the fp32 answer."""
     args, kw = make_problem(2, N, H, 5, edge_mode, flags, seed=N)
     g = torch.Generator().manual_seed(N + 1)
-    upstream = (torch.randn(2, N, H, generator=g, dtype=F64), torch.randn(2, N, 3, generator=g, dtype=F64))
+    M = args[4].shape[1]
+    upstream = (torch.randn(2, N, M, generator=g, dtype=F64), torch.randn(2, N, 3, generator=g, dtype=F64))
     want = run("reference", args, kw, F64, upstream)
     low_ref = run("reference", args, kw, torch.bfloat16, upstream)
     got = run("cpu", args, kw, torch.float32, upstream)

@@ -66,33 +66,33 @@ EgnnProblem<T> make_problem(const CArray<T>& x, const CArray<T>& p, const CArray
   pr.B = x.shape(0);
   pr.N = x.shape(1);
   check_shape(p, "p", {pr.B, pr.N, -1});
-  pr.H = p.shape(2);
-  const auto B = pr.B, N = pr.N, H = pr.H;
-  check_shape(q, "q", {B, N, H});
-  check_shape(w_d, "w_d", {H});
-  check_shape(W2, "W2", {H, H});
-  check_shape(b2, "b2", {H});
-  check_shape(W3, "W3", {H, H});
-  check_shape(b3, "b3", {H});
-  check_shape(w4, "w4", {H});
+  check_shape(W2, "W2", {p.shape(2), -1});
+  check_shape(W3, "W3", {W2.shape(1), -1});
+  pr.He = p.shape(2), pr.M = W2.shape(1), pr.Hx = W3.shape(1);
+  const auto B = pr.B, N = pr.N, He = pr.He, M = pr.M, Hx = pr.Hx;
+  check_shape(q, "q", {B, N, He});
+  check_shape(w_d, "w_d", {He});
+  check_shape(b2, "b2", {M});
+  check_shape(b3, "b3", {Hx});
+  check_shape(w4, "w4", {Hx});
   if (edge_attr.has_value() != W_e.has_value())
     throw std::invalid_argument("edge_attr and W_e come together");
   if (edge_attr && rel) throw std::invalid_argument("give at most one edge term: edge_attr or rel");
   if (edge_attr) {
     check_shape(*edge_attr, "edge_attr", {B, N, N, -1});
     pr.E = edge_attr->shape(3);
-    check_shape(*W_e, "W_e", {pr.E, H});
+    check_shape(*W_e, "W_e", {pr.E, He});
     pr.edge_attr = edge_attr->data();
     pr.W_e = W_e->data();
   }
   if (rel) {
-    check_shape(*rel, "rel", {-1, H});
+    check_shape(*rel, "rel", {-1, He});
     if (rel->shape(0) % 2 != 1) throw std::invalid_argument("rel: expected 2K + 1 rows");
     pr.K = rel->shape(0) / 2;
     pr.rel = rel->data();
   }
   if (w_att) {
-    check_shape(*w_att, "w_att", {H});
+    check_shape(*w_att, "w_att", {M});
     pr.w_att = w_att->data();
     pr.b_att = static_cast<T>(b_att);
   }
@@ -150,7 +150,7 @@ void egnn_forward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArra
   EgnnProblem<T> pr = make_problem(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask,
                                    normalize, use_tanh, mean_agg, eps);
   enable_amx(pr, amx);
-  check_shape(m_out, "m_out", {pr.B, pr.N, pr.H});
+  check_shape(m_out, "m_out", {pr.B, pr.N, pr.M});
   check_shape(dx_out, "dx_out", {pr.B, pr.N, 3});
   T* m = writable_data(m_out, "m_out");
   T* dx = writable_data(dx_out, "dx_out");
@@ -175,22 +175,25 @@ void egnn_backward_np(CArray<T> x, CArray<T> p, CArray<T> q, CArray<T> w_d, CArr
   EgnnProblem<T> pr = make_problem(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask,
                                    normalize, use_tanh, mean_agg, eps);
   enable_amx(pr, amx);
-  const auto B = pr.B, N = pr.N, H = pr.H;
-  check_shape(grad_m, "grad_m", {B, N, H});
+  const auto B = pr.B, N = pr.N, He = pr.He, M = pr.M, Hx = pr.Hx;
+  check_shape(grad_m, "grad_m", {B, N, M});
   check_shape(grad_dx, "grad_dx", {B, N, 3});
   check_shape(d_x, "d_x", {B, N, 3});
-  check_shape(d_p, "d_p", {B, N, H});
-  check_shape(d_q, "d_q", {B, N, H});
-  for (auto* a : {&d_w_d, &d_b2, &d_b3, &d_w4}) check_shape(*a, "d_bias", {H});
-  check_shape(d_W2, "d_W2", {H, H});
-  check_shape(d_W3, "d_W3", {H, H});
+  check_shape(d_p, "d_p", {B, N, He});
+  check_shape(d_q, "d_q", {B, N, He});
+  check_shape(d_w_d, "d_w_d", {He});
+  check_shape(d_b2, "d_b2", {M});
+  check_shape(d_b3, "d_b3", {Hx});
+  check_shape(d_w4, "d_w4", {Hx});
+  check_shape(d_W2, "d_W2", {He, M});
+  check_shape(d_W3, "d_W3", {M, Hx});
   if (d_edge_attr) check_shape(*d_edge_attr, "d_edge_attr", {B, N, N, pr.E});
   if (pr.E > 0 && !d_W_e) throw std::invalid_argument("d_W_e is required with a dense edge term");
-  if (d_W_e) check_shape(*d_W_e, "d_W_e", {pr.E, H});
+  if (d_W_e) check_shape(*d_W_e, "d_W_e", {pr.E, He});
   if (pr.K >= 0 && !d_rel) throw std::invalid_argument("d_rel is required with an offset table");
-  if (d_rel) check_shape(*d_rel, "d_rel", {2 * pr.K + 1, H});
+  if (d_rel) check_shape(*d_rel, "d_rel", {2 * pr.K + 1, He});
   if (pr.w_att && (!d_w_att || !d_b_att)) throw std::invalid_argument("d_w_att and d_b_att are required with attention");
-  if (d_w_att) check_shape(*d_w_att, "d_w_att", {H});
+  if (d_w_att) check_shape(*d_w_att, "d_w_att", {M});
   if (d_b_att) check_shape(*d_b_att, "d_b_att", {1});
   EgnnGrads<T> g;
   g.x = writable_data(d_x, "d_x"), g.p = writable_data(d_p, "d_p"), g.q = writable_data(d_q, "d_q");

@@ -13,11 +13,15 @@
 //   s_ij = m_ij W3 + b3                          phi_ij = silu(s_ij) . w4,  psi_ij = tanh(phi_ij) or phi_ij
 //   m_i = sum_j m_ij                             dx_i = C_b sum_j u_ij psi_ij
 //
+// Widths: z_ij, a_ij have He columns, y_ij, m_ij have M (W2 is He x M), s_ij has Hx (W3 is M x Hx);
+// ProtDiff's layer has He = M = Hx = H, egnn-pytorch's (nn/compat.py) He = 4M + 2 and Hx = 4M.
+//
 // Layout of the work: a tile is up to BI x BJ pairs (an i-block against a j-block), compacted to
-// the pairs that count (both real, i != j) and padded to a multiple of MR rows. The two H x H
-// products run on the whole tile ([rows, Hp] x [Hp, Hp], a register-blocked micro-kernel), the
-// elementwise work runs on SIMD vectors along H. H is padded with zeros to Hp, a multiple of the
-// micro-kernel's column chunk; zero columns stay exactly zero through every stage.
+// the pairs that count (both real, i != j) and padded to a multiple of MR rows. The two per-pair
+// products run on the whole tile ([rows, Hep] x [Hep, Mp], then [rows, Mp] x [Mp, Hxp], a
+// register-blocked micro-kernel), the elementwise work runs on SIMD vectors along each width. Each
+// width is padded with zeros (Hep, Mp, Hxp), to a multiple of the micro-kernel's column chunk; zero
+// columns stay exactly zero through every stage.
 //
 // Forward: one task per (sample, i-block); each task owns its output rows, so any schedule gives
 // the same bits. Backward: recomputes the tile, then one task per (sample, group of i-blocks),
@@ -242,77 +246,82 @@ void gemm_acc(int64_t M, int64_t K, int64_t Nc, const T* A, int64_t lda, const T
   }
 }
 
-// Weights and per-node halves, zero-padded from H to Hp columns (and E to Ep).
+// Weights and per-node halves, zero-padded from He, M, Hx to Hep, Mp, Hxp columns (and E to Ep).
 template <typename T>
 struct Packed {
-  int64_t H, Hp, E, Ep, Er;  // Ep: E padded to a column chunk; Er: E padded to MR rows
+  int64_t He, M, Hx, Hep, Mp, Hxp, E, Ep, Er;  // Ep: E padded to a column chunk; Er: E padded to MR rows
   Buffer<T> W2, W2T, W3, W3T, b2, b3, w4, wd, watt, We, WeT, rel, P, Q;
   Buffer<std::uint16_t> W2p, W3p, W2Tp, W3Tp;  // bf16, AMX's pair-interleaved layout (EgnnProblem::amx)
   Buffer<float> b2rows, b3rows;                 // 16 rows of b2, b3: the AMX products' starting tiles
 
   explicit Packed(const EgnnProblem<T>& pr) {
-    H = pr.H;
-    Hp = round_up(H, Tiles<T>::kColPad);
+    He = pr.He, M = pr.M, Hx = pr.Hx;
+    Hep = round_up(He, Tiles<T>::kColPad);
+    Mp = round_up(M, Tiles<T>::kColPad);
+    Hxp = round_up(Hx, Tiles<T>::kColPad);
     E = pr.E;
     Ep = round_up(E > 0 ? E : 1, Tiles<T>::kChunk);
     Er = round_up(E > 0 ? E : 1, Tiles<T>::kMR);
-    auto pad_matrix = [&](Buffer<T>& dst, const T* src, bool transpose_it) {
-      dst.reset(Hp * Hp);
-      for (int64_t r = 0; r < H; ++r)
-        for (int64_t c = 0; c < H; ++c) dst[r * Hp + c] = transpose_it ? src[c * H + r] : src[r * H + c];
+    // src is rows x cols (row-major); dst gets it (or its transpose) zero-padded to the padded widths
+    auto pad_matrix = [&](Buffer<T>& dst, const T* src, int64_t rows, int64_t cols, int64_t rows_p, int64_t cols_p,
+                          bool transpose_it) {
+      const int64_t ld = transpose_it ? rows_p : cols_p;
+      dst.reset(rows_p * cols_p);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) dst[transpose_it ? c * ld + r : r * ld + c] = src[r * cols + c];
     };
-    auto pad_vector = [&](Buffer<T>& dst, const T* src) {
-      dst.reset(Hp);
+    auto pad_vector = [&](Buffer<T>& dst, const T* src, int64_t n, int64_t np) {
+      dst.reset(np);
       if (src)
-        for (int64_t c = 0; c < H; ++c) dst[c] = src[c];
+        for (int64_t c = 0; c < n; ++c) dst[c] = src[c];
     };
-    pad_matrix(W2, pr.W2, false);
-    pad_matrix(W2T, pr.W2, true);
-    pad_matrix(W3, pr.W3, false);
-    pad_matrix(W3T, pr.W3, true);
-    pad_vector(b2, pr.b2);
-    pad_vector(b3, pr.b3);
-    pad_vector(w4, pr.w4);
-    pad_vector(wd, pr.w_d);
-    pad_vector(watt, pr.w_att);
+    pad_matrix(W2, pr.W2, He, M, Hep, Mp, false);   // [Hep x Mp]
+    pad_matrix(W2T, pr.W2, He, M, Hep, Mp, true);   // [Mp x Hep]
+    pad_matrix(W3, pr.W3, M, Hx, Mp, Hxp, false);   // [Mp x Hxp]
+    pad_matrix(W3T, pr.W3, M, Hx, Mp, Hxp, true);   // [Hxp x Mp]
+    pad_vector(b2, pr.b2, M, Mp);
+    pad_vector(b3, pr.b3, Hx, Hxp);
+    pad_vector(w4, pr.w4, Hx, Hxp);
+    pad_vector(wd, pr.w_d, He, Hep);
+    pad_vector(watt, pr.w_att, M, Mp);
     if constexpr (kAmxCapable<T>) {
       if (pr.amx) {
-        W2p.reset(Hp * Hp);
-        W3p.reset(Hp * Hp);
-        amx::pack_b_vnni(W2.get(), Hp, Hp, Hp, W2p.get());
-        amx::pack_b_vnni(W3.get(), Hp, Hp, Hp, W3p.get());
-        W2Tp.reset(Hp * Hp);
-        W3Tp.reset(Hp * Hp);
-        amx::pack_b_vnni(W2T.get(), Hp, Hp, Hp, W2Tp.get());
-        amx::pack_b_vnni(W3T.get(), Hp, Hp, Hp, W3Tp.get());
-        b2rows.reset(16 * Hp);
-        b3rows.reset(16 * Hp);
-        amx::bias_rows(b2.get(), Hp, b2rows.get());
-        amx::bias_rows(b3.get(), Hp, b3rows.get());
+        W2p.reset(Hep * Mp);
+        W3p.reset(Mp * Hxp);
+        amx::pack_b_vnni(W2.get(), Hep, Mp, Mp, W2p.get());
+        amx::pack_b_vnni(W3.get(), Mp, Hxp, Hxp, W3p.get());
+        W2Tp.reset(Mp * Hep);
+        W3Tp.reset(Hxp * Mp);
+        amx::pack_b_vnni(W2T.get(), Mp, Hep, Hep, W2Tp.get());
+        amx::pack_b_vnni(W3T.get(), Hxp, Mp, Mp, W3Tp.get());
+        b2rows.reset(16 * Mp);
+        b3rows.reset(16 * Hxp);
+        amx::bias_rows(b2.get(), Mp, b2rows.get());
+        amx::bias_rows(b3.get(), Hxp, b3rows.get());
       }
     }
     if (E > 0) {
-      We.reset(E * Hp);
-      WeT.reset(Hp * Ep);
+      We.reset(E * Hep);
+      WeT.reset(Hep * Ep);
       for (int64_t e = 0; e < E; ++e)
-        for (int64_t c = 0; c < H; ++c) {
-          We[e * Hp + c] = pr.W_e[e * H + c];
-          WeT[c * Ep + e] = pr.W_e[e * H + c];
+        for (int64_t c = 0; c < He; ++c) {
+          We[e * Hep + c] = pr.W_e[e * He + c];
+          WeT[c * Ep + e] = pr.W_e[e * He + c];
         }
     }
     if (pr.K >= 0) {
       const int64_t R = 2 * pr.K + 1;
-      rel.reset(R * Hp);
+      rel.reset(R * Hep);
       for (int64_t r = 0; r < R; ++r)
-        for (int64_t c = 0; c < H; ++c) rel[r * Hp + c] = pr.rel[r * H + c];
+        for (int64_t c = 0; c < He; ++c) rel[r * Hep + c] = pr.rel[r * He + c];
     }
     const int64_t nodes = pr.B * pr.N;
-    P.reset(nodes * Hp);
-    Q.reset(nodes * Hp);
+    P.reset(nodes * Hep);
+    Q.reset(nodes * Hep);
     for (int64_t n = 0; n < nodes; ++n)
-      for (int64_t c = 0; c < H; ++c) {
-        P[n * Hp + c] = pr.p[n * H + c];
-        Q[n * Hp + c] = pr.q[n * H + c];
+      for (int64_t c = 0; c < He; ++c) {
+        P[n * Hep + c] = pr.p[n * He + c];
+        Q[n * Hep + c] = pr.q[n * He + c];
       }
   }
 };
@@ -328,15 +337,19 @@ struct Scratch {
   int64_t rows = 0, rows_padded = 0;
 
   Scratch(const Packed<T>& pk, bool backward) {
-    const int64_t n = kScratchRows * pk.Hp;
-    Z.reset(n), A.reset(n), Y.reset(n), M0.reset(n), MG.reset(n), S.reset(n), SZ.reset(n), SY.reset(n), SS.reset(n);
+    const int64_t ne = kScratchRows * pk.Hep, nm = kScratchRows * pk.Mp, nx = kScratchRows * pk.Hxp;
+    Z.reset(ne), A.reset(ne), SZ.reset(ne);
+    Y.reset(nm), M0.reset(nm), MG.reset(nm), SY.reset(nm);
+    S.reset(nx), SS.reset(nx);
     if (pk.E > 0) Erow.reset(kScratchRows * pk.Er);  // rows padded to Er columns (zeros) for the dW_e product
     if (pk.W2p.size() > 0) {
-      Abf.reset(kScratchRows * pk.Hp);
-      if (backward) AT.reset(kScratchRows * pk.Hp), Bv.reset(kScratchRows * pk.Hp);
+      const int64_t widest = kScratchRows * (pk.Hep > pk.Mp ? (pk.Hep > pk.Hxp ? pk.Hep : pk.Hxp)
+                                                            : (pk.Mp > pk.Hxp ? pk.Mp : pk.Hxp));
+      Abf.reset(widest);
+      if (backward) AT.reset(widest), Bv.reset(widest);
     }
     if (backward) {
-      G1.reset(n), G2.reset(n), G3.reset(n);
+      G1.reset(nx), G2.reset(nm), G3.reset(ne);  // dS, dM (then dY), dZ
       if (pk.E > 0) dE.reset(kScratchRows * pk.Ep);
     }
   }
@@ -418,41 +431,42 @@ inline const T* messages(const EgnnProblem<T>& pr, const Scratch<T>& s) {
 }
 
 // dst = src W + bias (or dst += src W for a null bias) over the tile's rows_p rows
-// ([rows_p, Hp] x [Hp, Hp]): fp32 FMAs, or with EgnnProblem::amx bf16 operands on AMX (rows
-// padded to 16 with zeros; dst has kMaxRows rows, those past rows_p are scratch).
+// ([rows_p, K] x [K, Nc], both padded widths): fp32 FMAs, or with EgnnProblem::amx bf16 operands on
+// AMX (rows padded to 16 with zeros; dst has kMaxRows rows, those past rows_p are scratch).
 template <typename T>
-inline void pair_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t Hp, const T* src,
-                         const T* W, const std::uint16_t* Wp, const T* bias, const float* bias16, T* dst) {
+inline void pair_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t K, int64_t Nc,
+                         const T* src, const T* W, const std::uint16_t* Wp, const T* bias, const float* bias16,
+                         T* dst) {
   if constexpr (kAmxCapable<T>) {
     if (pr.amx) {
       const int64_t rows16 = round_up(rows_p, 16);
-      amx::rows_to_bf16(src, Hp, rows_p, Hp, s.Abf.get(), Hp);
-      zero(s.Abf.get() + rows_p * Hp, (rows16 - rows_p) * Hp);
-      amx::gemm_bias(rows16, Hp, Hp, s.Abf.get(), Hp, Wp, bias ? bias16 : nullptr, dst, Hp);
+      amx::rows_to_bf16(src, K, rows_p, K, s.Abf.get(), K);
+      zero(s.Abf.get() + rows_p * K, (rows16 - rows_p) * K);
+      amx::gemm_bias(rows16, K, Nc, s.Abf.get(), K, Wp, bias ? bias16 : nullptr, dst, Nc);
       return;
     }
   }
   (void)Wp;
   (void)bias16;
-  gemm_acc<T>(rows_p, Hp, Hp, src, Hp, W, Hp, dst, Hp, bias);
+  gemm_acc<T>(rows_p, K, Nc, src, K, W, Nc, dst, Nc, bias);
 }
 
-// dW += act^T grad over the tile's rows_p pairs ([Hp, rows_p] x [rows_p, Hp]), the weight
-// gradient of a per-pair product act W: fp32 FMAs, or with EgnnProblem::amx bf16 on AMX (the
+// dW += act^T grad over the tile's rows_p pairs ([Ka, rows_p] x [rows_p, Ng]), the weight gradient
+// of a per-pair product act W (W is Ka x Ng): fp32 FMAs, or with EgnnProblem::amx bf16 on AMX (the
 // pair dimension padded to 32 with zeros).
 template <typename T>
-inline void weight_grad_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t Hp, const T* act,
-                                const T* grad, T* dW) {
+inline void weight_grad_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t Ka, int64_t Ng,
+                                const T* act, const T* grad, T* dW) {
   if constexpr (kAmxCapable<T>) {
     if (pr.amx) {
       const int64_t rows32 = round_up(rows_p, 32);
-      amx::transpose_to_bf16(act, Hp, rows_p, rows32, Hp, s.AT.get());
-      amx::rows_to_vnni(grad, Hp, rows_p, rows32, Hp, s.Bv.get());
-      amx::gemm_bias(Hp, rows32, Hp, s.AT.get(), rows32, s.Bv.get(), nullptr, dW, Hp);
+      amx::transpose_to_bf16(act, Ka, rows_p, rows32, Ka, s.AT.get());
+      amx::rows_to_vnni(grad, Ng, rows_p, rows32, Ng, s.Bv.get());
+      amx::gemm_bias(Ka, rows32, Ng, s.AT.get(), rows32, s.Bv.get(), nullptr, dW, Ng);
       return;
     }
   }
-  gemm_acc<T, true>(Hp, rows_p, Hp, act, Hp, grad, Hp, dW, Hp);
+  gemm_acc<T, true>(Ka, rows_p, Ng, act, Ka, grad, Ng, dW, Ng);
 }
 
 // Forward over the gathered pairs of one tile: fills Z, A, Y, M0, MG (with attention), S, the
@@ -461,7 +475,7 @@ template <typename T>
 void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, int64_t b, int64_t i0) {
   using V = Vec<T>;
   constexpr int L = Tiles<T>::kLanes;
-  const int64_t Hp = pk.Hp, rows = s.rows, rows_p = s.rows_padded, N = pr.N;
+  const int64_t Hep = pk.Hep, Mp = pk.Mp, Hxp = pk.Hxp, rows = s.rows, rows_p = s.rows_padded, N = pr.N;
   const int64_t Kt = pr.K;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + s.ii[r], j = s.jj[r];
@@ -473,48 +487,50 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
       dist2 += s.d[r][c] * s.d[r][c];
     }
     s.d2[r] = dist2;
-    const T* pi = pk.P.get() + (b * N + i) * Hp;
-    const T* qj = pk.Q.get() + (b * N + j) * Hp;
-    T* z = s.Z.get() + r * Hp;
+    const T* pi = pk.P.get() + (b * N + i) * Hep;
+    const T* qj = pk.Q.get() + (b * N + j) * Hep;
+    T* z = s.Z.get() + r * Hep;
     const V vd2 = simd::splat(dist2);
     if (Kt >= 0) {
-      const T* e = pk.rel.get() + (clip64(j - i, -Kt, Kt) + Kt) * Hp;
-      for (int64_t k = 0; k < Hp; k += L)
+      const T* e = pk.rel.get() + (clip64(j - i, -Kt, Kt) + Kt) * Hep;
+      for (int64_t k = 0; k < Hep; k += L)
         simd::store(z + k, simd::load(pi + k) + simd::load(qj + k) + vd2 * simd::load(pk.wd.get() + k) +
                                simd::load(e + k));
     } else {
-      for (int64_t k = 0; k < Hp; k += L)
+      for (int64_t k = 0; k < Hep; k += L)
         simd::store(z + k, simd::load(pi + k) + simd::load(qj + k) + vd2 * simd::load(pk.wd.get() + k));
     }
     if (pk.E > 0)
       std::memcpy(s.Erow.get() + r * pk.Er, pr.edge_attr + ((b * N + i) * N + j) * pk.E,
                   static_cast<size_t>(pk.E) * sizeof(T));
   }
-  zero(s.Z.get() + rows * Hp, (rows_p - rows) * Hp);
+  zero(s.Z.get() + rows * Hep, (rows_p - rows) * Hep);
   if (pk.E > 0) {
     zero(s.Erow.get() + rows * pk.Er, (rows_p - rows) * pk.Er);
-    gemm_acc<T>(rows_p, pk.E, Hp, s.Erow.get(), pk.Er, pk.We.get(), Hp, s.Z.get(), Hp);  // z += e_ij W_e
+    gemm_acc<T>(rows_p, pk.E, Hep, s.Erow.get(), pk.Er, pk.We.get(), Hep, s.Z.get(), Hep);  // z += e_ij W_e
   }
-  silu_rows(s.Z.get(), s.A.get(), s.SZ.get(), rows_p * Hp);  // a = silu(z)
-  pair_product(pr, s, rows_p, Hp, s.A.get(), pk.W2.get(), pk.W2p.get(), pk.b2.get(), pk.b2rows.get(), s.Y.get());  // y = a W2 + b2
-  silu_rows(s.Y.get(), s.M0.get(), s.SY.get(), rows_p * Hp);  // m0 = silu(y)
+  silu_rows(s.Z.get(), s.A.get(), s.SZ.get(), rows_p * Hep);  // a = silu(z)
+  pair_product(pr, s, rows_p, Hep, Mp, s.A.get(), pk.W2.get(), pk.W2p.get(), pk.b2.get(), pk.b2rows.get(),
+               s.Y.get());  // y = a W2 + b2
+  silu_rows(s.Y.get(), s.M0.get(), s.SY.get(), rows_p * Mp);  // m0 = silu(y)
   T* m = s.M0.get();  // without attention m_ij = m0_ij: MG is not used
   if (pr.w_att) {
     m = s.MG.get();
     for (int64_t r = 0; r < rows_p; ++r) {
-      const T logit = dot_rows(s.M0.get() + r * Hp, pk.watt.get(), Hp) + pr.b_att;
+      const T logit = dot_rows(s.M0.get() + r * Mp, pk.watt.get(), Mp) + pr.b_att;
       const T g = T(1) / (T(1) + std::exp(-logit));
       s.gate[r] = g;
       const V vg = simd::splat(g);
-      for (int64_t k = 0; k < Hp; k += L) simd::store(m + r * Hp + k, simd::load(s.M0.get() + r * Hp + k) * vg);
+      for (int64_t k = 0; k < Mp; k += L) simd::store(m + r * Mp + k, simd::load(s.M0.get() + r * Mp + k) * vg);
     }
   }
-  pair_product(pr, s, rows_p, Hp, m, pk.W3.get(), pk.W3p.get(), pk.b3.get(), pk.b3rows.get(), s.S.get());  // s = m W3 + b3
+  pair_product(pr, s, rows_p, Mp, Hxp, m, pk.W3.get(), pk.W3p.get(), pk.b3.get(), pk.b3rows.get(),
+               s.S.get());  // s = m W3 + b3
   for (int64_t r = 0; r < rows; ++r) {
-    const T* sr = s.S.get() + r * Hp;
-    T* ss = s.SS.get() + r * Hp;
+    const T* sr = s.S.get() + r * Hxp;
+    T* ss = s.SS.get() + r * Hxp;
     V acc = V{};
-    for (int64_t k = 0; k < Hp; k += L) {
+    for (int64_t k = 0; k < Hxp; k += L) {
       const V v = simd::load(sr + k);
       const V sg = simd::vsigmoid<T>(v);
       simd::store(ss + k, sg);
@@ -546,27 +562,27 @@ template <typename T>
 void egnn_forward(const EgnnProblem<T>& pr, T* m_out, T* dx_out) {
   constexpr int L = Tiles<T>::kLanes;
   const Packed<T> pk(pr);
-  const int64_t B = pr.B, N = pr.N, H = pr.H, Hp = pk.Hp;
+  const int64_t B = pr.B, N = pr.N, M = pr.M, Mp = pk.Mp;
   const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (N + BJ - 1) / BJ;
 #pragma omp parallel
   {
     FlushDenormals ftz;
     Scratch<T> s(pk, false);
-    Buffer<T> m_acc(BI * Hp);
+    Buffer<T> m_acc(BI * Mp);
     T dx_acc[BI][3];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * n_iblocks; ++task) {
       const int64_t b = task / n_iblocks, i0 = (task % n_iblocks) * BI, bi = min64(BI, N - i0);
-      zero(m_acc.get(), BI * Hp);
+      zero(m_acc.get(), BI * Mp);
       for (int a = 0; a < BI; ++a) dx_acc[a][0] = dx_acc[a][1] = dx_acc[a][2] = 0;
       for (int64_t jb = 0; jb < n_jblocks; ++jb) {
         const int64_t j0 = jb * BJ;
         if (!gather_pairs(pr, s, b, i0, bi, j0, min64(BJ, N - j0))) continue;
         tile_forward(pr, pk, s, b, i0);
         for (int64_t r = 0; r < s.rows; ++r) {
-          T* acc = m_acc.get() + s.ii[r] * Hp;
-          const T* m = messages(pr, s) + r * Hp;
-          for (int64_t k = 0; k < Hp; k += L) simd::store(acc + k, simd::load(acc + k) + simd::load(m + k));
+          T* acc = m_acc.get() + s.ii[r] * Mp;
+          const T* m = messages(pr, s) + r * Mp;
+          for (int64_t k = 0; k < Mp; k += L) simd::store(acc + k, simd::load(acc + k) + simd::load(m + k));
           const T w = s.psi[r] * direction_scale(pr, s.d2[r]);
           for (int c = 0; c < 3; ++c) dx_acc[s.ii[r]][c] += w * s.d[r][c];
         }
@@ -574,7 +590,7 @@ void egnn_forward(const EgnnProblem<T>& pr, T* m_out, T* dx_out) {
       const T C = coord_scale(pr, b);
       for (int64_t a = 0; a < bi; ++a) {
         const int64_t i = i0 + a;
-        std::memcpy(m_out + (b * N + i) * H, m_acc.get() + a * Hp, static_cast<size_t>(H) * sizeof(T));
+        std::memcpy(m_out + (b * N + i) * M, m_acc.get() + a * Mp, static_cast<size_t>(M) * sizeof(T));
         for (int c = 0; c < 3; ++c) dx_out[(b * N + i) * 3 + c] = C * dx_acc[a][c];
       }
     }
@@ -593,7 +609,8 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
   using V = Vec<T>;
   constexpr int L = Tiles<T>::kLanes;
   const Packed<T> pk(pr);
-  const int64_t B = pr.B, N = pr.N, H = pr.H, Hp = pk.Hp, E = pk.E;
+  const int64_t B = pr.B, N = pr.N, He = pr.He, M = pr.M, Hx = pr.Hx, Hep = pk.Hep, Mp = pk.Mp, Hxp = pk.Hxp;
+  const int64_t E = pk.E;
   const int64_t n_iblocks = (N + BI - 1) / BI, n_jblocks = (N + BJ - 1) / BJ;
   const int64_t G = backward_groups(B, n_iblocks), tasks = B * G;
   // offsets j - i lie in [-(N-1), N-1]; after clipping to [-K, K] they touch rows [K - Kt, K + Kt]
@@ -602,14 +619,16 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
   // partial buffer; the partials are folded into running sums in task order (the same order for
   // any thread count, so the same bits), as soon as every earlier task is folded. A task may start
   // only while it is fewer than `slots` tasks ahead of the fold, so at most `slots` partials exist.
-  const int64_t wsize = 2 * Hp * Hp + 6 * Hp + 1 + (E > 0 ? pk.Er * Hp : 0);
-  const int64_t rel_size = pr.K >= 0 ? R * Hp : 0;
-  const int64_t part_size = round_up(N * Hp + rel_size + wsize + N * 3, 16);
+  // weight gradients: dW2 [Hep x Mp], dW3 [Mp x Hxp], db2 (Mp), db3 (Hxp), dw4 (Hxp), dw_d (Hep),
+  // dw_att (Mp), db_att (1), dW_e [Er x Hep]
+  const int64_t wsize = Hep * Mp + Mp * Hxp + 2 * Mp + 2 * Hxp + Hep + 1 + (E > 0 ? pk.Er * Hep : 0);
+  const int64_t rel_size = pr.K >= 0 ? R * Hep : 0;
+  const int64_t part_size = round_up(N * Hep + rel_size + wsize + N * 3, 16);
   const int64_t slots = min64(tasks, 2 * max_threads_here());
-  const int64_t sums_size = round_up(B * N * Hp + rel_size + wsize + B * N * 3, 16);
+  const int64_t sums_size = round_up(B * N * Hep + rel_size + wsize + B * N * 3, 16);
   thread_local Workspace<T> workspace;
   T* const sum_q = workspace.get(sums_size + slots * part_size);
-  T* const sum_rel = sum_q + B * N * Hp;
+  T* const sum_rel = sum_q + B * N * Hep;
   T* const sum_w = sum_rel + rel_size;
   T* const sum_x = sum_w + wsize;
   T* const pool = sum_q + sums_size;
@@ -623,12 +642,12 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
   };
   auto fold = [&](int64_t task, const T* part) {
     const int64_t b = task / G;
-    add_into(sum_q + b * N * Hp, part, N * Hp);
-    add_into(sum_rel, part + N * Hp, rel_size);
-    add_into(sum_w, part + N * Hp + rel_size, wsize);
-    add_into(sum_x + b * N * 3, part + N * Hp + rel_size + wsize, N * 3);
+    add_into(sum_q + b * N * Hep, part, N * Hep);
+    add_into(sum_rel, part + N * Hep, rel_size);
+    add_into(sum_w, part + N * Hep + rel_size, wsize);
+    add_into(sum_x + b * N * 3, part + N * Hep + rel_size + wsize, N * 3);
   };
-  zero(out.p, B * N * H);
+  zero(out.p, B * N * He);
   if (out.edge_attr) zero(out.edge_attr, B * N * N * E);
 
 #pragma omp parallel
@@ -648,11 +667,11 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
       }
       T* pq = pool + slot * part_size;
       zero(pq, part_size);
-      T* prel = pr.K >= 0 ? pq + N * Hp : nullptr;
-      T* pw = pq + N * Hp + rel_size;
+      T* prel = pr.K >= 0 ? pq + N * Hep : nullptr;
+      T* pw = pq + N * Hep + rel_size;
       T* px = pw + wsize;
-      T *dW2 = pw, *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
-        *dwd = dw4 + Hp, *dwatt = dwd + Hp, *dbatt = dwatt + Hp, *dWe = dbatt + 1;
+      T *dW2 = pw, *dW3 = dW2 + Hep * Mp, *db2 = dW3 + Mp * Hxp, *db3 = db2 + Mp, *dw4 = db3 + Hxp,
+        *dwd = dw4 + Hxp, *dwatt = dwd + Hep, *dbatt = dwatt + Mp, *dWe = dbatt + 1;
       const T C = coord_scale(pr, b);
       for (int64_t ib = g * n_iblocks / G; ib < (g + 1) * n_iblocks / G; ++ib) {
         const int64_t i0 = ib * BI, bi = min64(BI, N - i0);
@@ -670,10 +689,10 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
             const T dpsi = C * scale * (gx[0] * s.d[r][0] + gx[1] * s.d[r][1] + gx[2] * s.d[r][2]);
             const T dphi = pr.use_tanh ? dpsi * (T(1) - s.psi[r] * s.psi[r]) : dpsi;
             const V vdphi = simd::splat(dphi);
-            const T* sr = s.S.get() + r * Hp;
-            const T* ss = s.SS.get() + r * Hp;
-            T* dsr = dS + r * Hp;
-            for (int64_t k = 0; k < Hp; k += L) {
+            const T* sr = s.S.get() + r * Hxp;
+            const T* ss = s.SS.get() + r * Hxp;
+            T* dsr = dS + r * Hxp;
+            for (int64_t k = 0; k < Hxp; k += L) {
               const V v = simd::load(sr + k);
               const V sg = simd::load(ss + k);
               const V w4 = simd::load(pk.w4.get() + k);
@@ -683,28 +702,29 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
               simd::store(db3 + k, simd::load(db3 + k) + ds);
             }
           }
-          zero(dS + rows * Hp, (rows_p - rows) * Hp);
+          zero(dS + rows * Hxp, (rows_p - rows) * Hxp);
           // dW3 += m^T dS
-          weight_grad_product<T>(pr, s, rows_p, Hp, messages(pr, s), dS, dW3);
+          weight_grad_product<T>(pr, s, rows_p, Mp, Hxp, messages(pr, s), dS, dW3);
           // dm = grad_m_i + dS W3^T
           T* dM = s.G2.get();
           for (int64_t r = 0; r < rows; ++r) {
-            const T* gm = grad_m + (b * N + i0 + s.ii[r]) * H;
-            std::memcpy(dM + r * Hp, gm, static_cast<size_t>(H) * sizeof(T));
-            zero(dM + r * Hp + H, Hp - H);
+            const T* gm = grad_m + (b * N + i0 + s.ii[r]) * M;
+            std::memcpy(dM + r * Mp, gm, static_cast<size_t>(M) * sizeof(T));
+            zero(dM + r * Mp + M, Mp - M);
           }
-          zero(dM + rows * Hp, (rows_p - rows) * Hp);
-          pair_product<T>(pr, s, rows_p, Hp, dS, pk.W3T.get(), pk.W3Tp.get(), nullptr, nullptr, dM);  // dM += dS W3^T
+          zero(dM + rows * Mp, (rows_p - rows) * Mp);
+          pair_product<T>(pr, s, rows_p, Hxp, Mp, dS, pk.W3T.get(), pk.W3Tp.get(), nullptr, nullptr,
+                          dM);  // dM += dS W3^T
           // attention: m = g m0  ->  dm0 = g dm + g (1 - g) (dm . m0) w_att
           if (pr.w_att) {
             for (int64_t r = 0; r < rows; ++r) {
-              T* dmr = dM + r * Hp;
-              const T* m0 = s.M0.get() + r * Hp;
+              T* dmr = dM + r * Mp;
+              const T* m0 = s.M0.get() + r * Mp;
               const T gt = s.gate[r];
-              const T coef = dot_rows(dmr, m0, Hp) * gt * (T(1) - gt);
+              const T coef = dot_rows(dmr, m0, Mp) * gt * (T(1) - gt);
               dbatt[0] += coef;
               const V vc = simd::splat(coef), vg = simd::splat(gt);
-              for (int64_t k = 0; k < Hp; k += L) {
+              for (int64_t k = 0; k < Mp; k += L) {
                 simd::store(dwatt + k, simd::load(dwatt + k) + vc * simd::load(m0 + k));
                 simd::store(dmr + k, simd::load(dmr + k) * vg + vc * simd::load(pk.watt.get() + k));
               }
@@ -712,36 +732,37 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           }
           // dy = dm0 * silu'(y);  db2 += dy;  dW2 += a^T dy;  da = dy W2^T
           T* dY = dM;
-          silu_backward_rows(s.Y.get(), s.SY.get(), dY, rows_p * Hp);
+          silu_backward_rows(s.Y.get(), s.SY.get(), dY, rows_p * Mp);
           for (int64_t r = 0; r < rows; ++r)
-            for (int64_t k = 0; k < Hp; k += L)
-              simd::store(db2 + k, simd::load(db2 + k) + simd::load(dY + r * Hp + k));
-          weight_grad_product<T>(pr, s, rows_p, Hp, s.A.get(), dY, dW2);
+            for (int64_t k = 0; k < Mp; k += L)
+              simd::store(db2 + k, simd::load(db2 + k) + simd::load(dY + r * Mp + k));
+          weight_grad_product<T>(pr, s, rows_p, Hep, Mp, s.A.get(), dY, dW2);
           T* dZ = s.G3.get();
-          zero(dZ, rows_p * Hp);
-          pair_product<T>(pr, s, rows_p, Hp, dY, pk.W2T.get(), pk.W2Tp.get(), nullptr, nullptr, dZ);  // dZ = dY W2^T
-          silu_backward_rows(s.Z.get(), s.SZ.get(), dZ, rows_p * Hp);  // dz = da * silu'(z)
+          zero(dZ, rows_p * Hep);
+          pair_product<T>(pr, s, rows_p, Mp, Hep, dY, pk.W2T.get(), pk.W2Tp.get(), nullptr, nullptr,
+                          dZ);  // dZ = dY W2^T
+          silu_backward_rows(s.Z.get(), s.SZ.get(), dZ, rows_p * Hep);  // dz = da * silu'(z)
           // z = p_i + q_j + w_d d2 + e:  dp_i, dq_j, dw_d, the edge term, and x through d2 and u
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + s.ii[r], j = s.jj[r];
-            const T* dz = dZ + r * Hp;
-            T* dp = out.p + (b * N + i) * H;
-            for (int64_t k = 0; k < H; ++k) dp[k] += dz[k];
-            T* dq = pq + j * Hp;
+            const T* dz = dZ + r * Hep;
+            T* dp = out.p + (b * N + i) * He;
+            for (int64_t k = 0; k < He; ++k) dp[k] += dz[k];
+            T* dq = pq + j * Hep;
             const V vd2 = simd::splat(s.d2[r]);
-            for (int64_t k = 0; k < Hp; k += L) {
+            for (int64_t k = 0; k < Hep; k += L) {
               const V v = simd::load(dz + k);
               simd::store(dq + k, simd::load(dq + k) + v);
               simd::store(dwd + k, simd::load(dwd + k) + v * vd2);
             }
             if (prel) {
-              T* dr = prel + (clip64(j - i, -pr.K, pr.K) + Kt) * Hp;
-              for (int64_t k = 0; k < Hp; k += L) simd::store(dr + k, simd::load(dr + k) + simd::load(dz + k));
+              T* dr = prel + (clip64(j - i, -pr.K, pr.K) + Kt) * Hep;
+              for (int64_t k = 0; k < Hep; k += L) simd::store(dr + k, simd::load(dr + k) + simd::load(dz + k));
             }
             const T* gx = grad_dx + (b * N + i) * 3;
             const T gxd = gx[0] * s.d[r][0] + gx[1] * s.d[r][1] + gx[2] * s.d[r][2];
             // d2 enters z (through w_d) and, for normalize 2, the direction scale s(d2)
-            const T dd2 = dot_rows(dz, pk.wd.get(), Hp) + C * s.psi[r] * gxd * direction_scale_grad(pr, s.d2[r]);
+            const T dd2 = dot_rows(dz, pk.wd.get(), Hep) + C * s.psi[r] * gxd * direction_scale_grad(pr, s.d2[r]);
             const T du = C * s.psi[r] * direction_scale(pr, s.d2[r]);
             for (int c = 0; c < 3; ++c) {
               const T gc = T(2) * dd2 * s.d[r][c] + du * gx[c];
@@ -751,10 +772,10 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
           }
           if (E > 0) {
             // e = edge_attr W_e:  d edge_attr = dz W_e^T;  dW_e += edge_attr^T dz
-            gemm_acc<T, true>(pk.Er, rows_p, Hp, s.Erow.get(), pk.Er, dZ, Hp, dWe, Hp);
+            gemm_acc<T, true>(pk.Er, rows_p, Hep, s.Erow.get(), pk.Er, dZ, Hep, dWe, Hep);
             if (out.edge_attr) {
               zero(s.dE.get(), rows_p * pk.Ep);
-              gemm_acc<T>(rows_p, Hp, pk.Ep, dZ, Hp, pk.WeT.get(), pk.Ep, s.dE.get(), pk.Ep);
+              gemm_acc<T>(rows_p, Hep, pk.Ep, dZ, Hep, pk.WeT.get(), pk.Ep, s.dE.get(), pk.Ep);
               for (int64_t r = 0; r < rows; ++r) {
                 const int64_t i = i0 + s.ii[r], j = s.jj[r];
                 std::memcpy(out.edge_attr + ((b * N + i) * N + j) * E, s.dE.get() + r * pk.Ep,
@@ -777,31 +798,32 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
   }
 
   for (int64_t n = 0; n < B * N; ++n) {
-    std::memcpy(out.q + n * H, sum_q + n * Hp, static_cast<size_t>(H) * sizeof(T));
+    std::memcpy(out.q + n * He, sum_q + n * Hep, static_cast<size_t>(He) * sizeof(T));
     for (int c = 0; c < 3; ++c) out.x[n * 3 + c] = sum_x[n * 3 + c];
   }
-  const T *dW2 = sum_w, *dW3 = dW2 + Hp * Hp, *db2 = dW3 + Hp * Hp, *db3 = db2 + Hp, *dw4 = db3 + Hp,
-          *dwd = dw4 + Hp, *dwatt = dwd + Hp, *dbatt = dwatt + Hp, *dWe = dbatt + 1;
-  for (int64_t r = 0; r < H; ++r)
-    for (int64_t c = 0; c < H; ++c) {
-      out.W2[r * H + c] = dW2[r * Hp + c];
-      out.W3[r * H + c] = dW3[r * Hp + c];
-    }
-  for (int64_t k = 0; k < H; ++k) {
+  const T *dW2 = sum_w, *dW3 = dW2 + Hep * Mp, *db2 = dW3 + Mp * Hxp, *db3 = db2 + Mp, *dw4 = db3 + Hxp,
+          *dwd = dw4 + Hxp, *dwatt = dwd + Hep, *dbatt = dwatt + Mp, *dWe = dbatt + 1;
+  for (int64_t r = 0; r < He; ++r)
+    for (int64_t c = 0; c < M; ++c) out.W2[r * M + c] = dW2[r * Mp + c];
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t c = 0; c < Hx; ++c) out.W3[r * Hx + c] = dW3[r * Hxp + c];
+  for (int64_t k = 0; k < M; ++k) {
     out.b2[k] = db2[k];
-    out.b3[k] = db3[k];
-    out.w4[k] = dw4[k];
-    out.w_d[k] = dwd[k];
     if (out.w_att) out.w_att[k] = dwatt[k];
   }
+  for (int64_t k = 0; k < Hx; ++k) {
+    out.b3[k] = db3[k];
+    out.w4[k] = dw4[k];
+  }
+  for (int64_t k = 0; k < He; ++k) out.w_d[k] = dwd[k];
   if (out.b_att) out.b_att[0] = dbatt[0];
   if (E > 0 && out.W_e)
     for (int64_t e = 0; e < E; ++e)
-      for (int64_t k = 0; k < H; ++k) out.W_e[e * H + k] = dWe[e * Hp + k];
+      for (int64_t k = 0; k < He; ++k) out.W_e[e * He + k] = dWe[e * Hep + k];
   if (pr.K >= 0 && out.rel) {
-    zero(out.rel, (2 * pr.K + 1) * H);
+    zero(out.rel, (2 * pr.K + 1) * He);
     for (int64_t r = 0; r < R; ++r)
-      std::memcpy(out.rel + (pr.K - Kt + r) * H, sum_rel + r * Hp, static_cast<size_t>(H) * sizeof(T));
+      std::memcpy(out.rel + (pr.K - Kt + r) * He, sum_rel + r * Hep, static_cast<size_t>(He) * sizeof(T));
   }
 }
 

@@ -9,31 +9,34 @@
 
 namespace protdiff {
 
-// All buffers C-contiguous; weights in (in, out) layout, as in the contract.
+// All buffers C-contiguous; weights in (in, out) layout, as in the contract. Three widths: He of
+// the pair input z_ij (p, q, w_d, the edge term), M of the messages m_ij (W2's columns), Hx of
+// phi_x's hidden layer (W3's columns); ProtDiff has He = M = Hx = H, egnn-pytorch's layer He = 4M + 2,
+// Hx = 4M.
 template <typename T>
 struct EgnnProblem {
-  std::int64_t B = 0, N = 0, H = 0;
+  std::int64_t B = 0, N = 0, He = 0, M = 0, Hx = 0;
   std::int64_t E = 0;   // dense edge width; 0 when there is no dense edge term
   std::int64_t K = -1;  // relative-offset table half width; -1 when there is no table
   const T* x = nullptr;  // (B, N, 3)
-  const T* p = nullptr;  // (B, N, H)
-  const T* q = nullptr;  // (B, N, H)
-  const T* w_d = nullptr;  // (H)
-  const T* W2 = nullptr;   // (H, H)
-  const T* b2 = nullptr;   // (H)
-  const T* W3 = nullptr;   // (H, H)
-  const T* b3 = nullptr;   // (H)
-  const T* w4 = nullptr;   // (H)
+  const T* p = nullptr;  // (B, N, He)
+  const T* q = nullptr;  // (B, N, He)
+  const T* w_d = nullptr;  // (He)
+  const T* W2 = nullptr;   // (He, M)
+  const T* b2 = nullptr;   // (M)
+  const T* W3 = nullptr;   // (M, Hx)
+  const T* b3 = nullptr;   // (Hx)
+  const T* w4 = nullptr;   // (Hx)
   const T* edge_attr = nullptr;  // (B, N, N, E)
-  const T* W_e = nullptr;        // (E, H)
-  const T* rel = nullptr;        // (2K + 1, H)
-  const T* w_att = nullptr;      // (H); attention on when non-null
+  const T* W_e = nullptr;        // (E, He)
+  const T* rel = nullptr;        // (2K + 1, He)
+  const T* w_att = nullptr;      // (M); attention on when non-null
   T b_att = 0;
   const std::uint8_t* mask = nullptr;  // (B, N); all real when null
   int normalize = 0;  // 0: u = x_i - x_j; 1: u / (stopgrad |u| + eps); 2: u / max(|u|, eps), gradient through |u|
   bool use_tanh = false, mean_agg = true;
   T eps = T(1e-8);
-  // float, AVX-512 build: the per-pair H x H products with an activation on the left (forward:
+  // float, AVX-512 build: the per-pair products with an activation on the left (forward:
   // a W2, m W3; backward also dS W3^T, dY W2^T) in bf16 on AMX with fp32 accumulation; the
   // weight-gradient products and everything else stay fp32. The caller checks amx::available().
   bool amx = false;

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 # whose widest width is w (S >= w), raising ValueError naming its supported sizes when w is too
 # large. The dispatcher zero-pads to S. Backends not listed ("reference") take any widths.
 SQUARE_HIDDEN: Dict[str, str] = {
-    "cpu": "protdiff_fast.ops.egnn_cpu:square_hidden",  # any S (the C++ kernels pad internally)
     "triton": "protdiff_fast.ops.egnn_triton:padded_hidden",  # 16, 32, 64, 128, 256
 }
 # Backends whose kernels implement normalize="clamp" (egnn-pytorch's CoorsNorm); the dispatcher

@@ -69,7 +69,7 @@ class _EgnnPairAggregateCPU(torch.autograd.Function):
         inputs = [None if t is None else t.detach().to(compute).contiguous()
                   for t in (x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att)]
         B, N, _ = x.shape
-        m_i = torch.empty(B, N, p.shape[-1], dtype=compute)
+        m_i = torch.empty(B, N, W2.shape[-1], dtype=compute)  # (B, N, M)
         dx_i = torch.empty(B, N, 3, dtype=compute)
         b_att_value = 0.0 if b_att is None else float(b_att)
         amx = uses_amx(p.dtype)
@@ -90,11 +90,11 @@ class _EgnnPairAggregateCPU(torch.autograd.Function):
         mask_u8 = saved.pop()
         it = iter(saved)
         inputs = [next(it) if present else None for present in ctx.present]
-        x, p = inputs[0], inputs[1]
+        x, W2 = inputs[0], inputs[4]
         compute = ctx.compute
         B, N, _ = x.shape
-        H = p.shape[-1]
-        grad_m = torch.zeros(B, N, H, dtype=compute) if grad_m is None else grad_m.to(compute).contiguous()
+        M = W2.shape[-1]
+        grad_m = torch.zeros(B, N, M, dtype=compute) if grad_m is None else grad_m.to(compute).contiguous()
         grad_dx = torch.zeros(B, N, 3, dtype=compute) if grad_dx is None else grad_dx.to(compute).contiguous()
         grads = [None if t is None else torch.empty_like(t) for t in inputs]
         if inputs[9] is not None and not ctx.needs_input_grad[9]:
@@ -137,8 +137,8 @@ def egnn_pair_aggregate_cpu(
     coords_agg: str = "mean",
     eps: float = 1e-8,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(m_i, dx_i) of the fused-op contract, computed by the C++ kernels (square widths only:
-    H_e = M = H_x; the dispatcher pads other shapes, see :mod:`protdiff_fast.ops._padding`)."""
+    """(m_i, dx_i) of the fused-op contract, computed by the C++ kernels, for any widths H_e, M, H_x
+    (egnn-pytorch's layer: H_e = 4M + 2, H_x = 4M; the kernels pad each to their column chunk)."""
     check_normalize(normalize)
     if x.device.type != "cpu":
         raise ValueError(f"x: the cpu backend takes CPU tensors, got device {x.device}")
@@ -146,16 +146,9 @@ def egnn_pair_aggregate_cpu(
         x, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, edge_attr=edge_attr, W_e=W_e, rel=rel,
         w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
     )
-    if not p.shape[2] == W2.shape[1] == W3.shape[1]:
-        raise ValueError(f"the cpu kernels take square widths H_e = M = H_x, got {p.shape[2]}, {W2.shape[1]}, "
-                         f"{W3.shape[1]}; call protdiff_fast.ops.egnn_pair_aggregate, which pads them")
     # the kernels' normalize mode: 0 none, 1 stopgrad length + eps, 2 "clamp" (max(length, eps), no stopgrad)
     flags = dict(normalize=2 if isinstance(normalize, str) else int(bool(normalize)), tanh=bool(tanh), mean_agg=coords_agg == "mean", eps=float(eps))
     mask_u8 = mask.to(torch.uint8).contiguous()
     return _EgnnPairAggregateCPU.apply(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att,
                                        mask_u8, flags)
 
-
-def square_hidden(width: int) -> int:
-    """The square width the cpu kernels run for widths up to ``width``: any (they pad internally)."""
-    return width
