@@ -24,8 +24,8 @@ void def_egnn(py::module_& m) {
         py::arg("mean_agg") = true, py::arg("eps") = 1e-8, py::arg("m_out").noconvert(),
         py::arg("dx_out").noconvert(), py::arg("amx") = false,
         "Fused EGNN pair aggregation forward (the egnn_pair_aggregate contract): writes m_i into m_out "
-        "(B, N, H) and dx_i into dx_out (B, N, 3). Weights in (in, out) layout; mask uint8 (B, N). "
-        "amx=True: the two H x H products per pair in bf16 on AMX, fp32 accumulation (float32 buffers, "
+        "(B, N, M) and dx_i into dx_out (B, N, 3); p, q (B, N, He), W2 (He, M), W3 (M, Hx). Weights in (in, out) "
+        "layout; mask uint8 (B, N). amx=True: the two per-pair products in bf16 on AMX, fp32 accumulation (float32 buffers, "
         "avx512 kernels; see amx_available()).");
   m.def("egnn_backward", &protdiff::egnn_backward_np<T>, py::arg("x").noconvert(), py::arg("p").noconvert(),
         py::arg("q").noconvert(), py::arg("w_d").noconvert(), py::arg("W2").noconvert(), py::arg("b2").noconvert(),

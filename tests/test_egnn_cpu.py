@@ -39,8 +39,8 @@ def make_problem(B, N, H, E, edge_mode, flags, seed=0, K=None):
     def r(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=F64) * scale
 
-    args = [r(B, N, 3, scale=1.5), r(B, N, He), r(B, N, He), r(He, scale=0.3), r(He, M, scale=He ** -0.5), r(M),
-            r(M, Hx, scale=M ** -0.5), r(Hx), r(Hx, scale=Hx ** -0.5)]
+    args = [r(B, N, 3, scale=1.5), r(B, N, He), r(B, N, He), r(He, scale=0.3), r(He, M, scale=max(He, 1) ** -0.5),
+            r(M), r(M, Hx, scale=max(M, 1) ** -0.5), r(Hx), r(Hx, scale=max(Hx, 1) ** -0.5)]
     H = He
     kw = dict(mask=random_mask(B, N, generator=g), normalize=flags.get("normalize", False),
               tanh=flags.get("tanh", False), coords_agg=flags.get("coords_agg", "mean"))
@@ -50,7 +50,7 @@ def make_problem(B, N, H, E, edge_mode, flags, seed=0, K=None):
         K = K if K is not None else max(N // 2, 1)  # clipped for the far pairs
         kw.update(rel=r(2 * K + 1, H))
     if flags.get("attention"):
-        kw.update(w_att=r(M, scale=M ** -0.5), b_att=r(()))
+        kw.update(w_att=r(M, scale=max(M, 1) ** -0.5), b_att=r(()))
     return args, kw
 
 
@@ -459,3 +459,17 @@ def test_float32_coordinates_are_at_least_as_accurate_as_bf16_coordinates(backen
         assert rel_err(mixed[k], want[k]) <= rel_err(low[k], want[k]), name
     assert rel_err(mixed[1], want[1]) < 0.75 * rel_err(low[1], want[1])  # dx_i: x rounded to bf16 is a large part of it
     assert rel_err(mixed[0], want[0]) <= 2 * rel_err(low[0], want[0]) + 1e-3
+
+
+@needs_amx
+@pytest.mark.parametrize("widths", [(0, 4, 4), (4, 0, 4), (4, 4, 0)], ids=lambda w: "x".join(map(str, w)))
+def test_amx_with_an_empty_width_does_not_crash(widths, medium_matmul_precision):
+    """A zero width left the AMX scratch unallocated (it was keyed on the packed W2's size): a null write
+    (SEGV) once the kernels took rectangular widths. Degenerate, but it must compute what the reference does."""
+    args, kw = make_problem(2, 9, widths, 0, "none", FLAG_SETS[1] if widths[1] else FLAG_SETS[0], seed=4)
+    want = egnn_pair_aggregate_reference(*args, **kw)
+    got = _forward(args, kw, torch.float32)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape and bool(torch.isfinite(a).all())
+        if w.numel():  # m_i is (B, N, 0) when M = 0
+            assert float((a.double() - w).abs().max()) <= 1e-2 * (1 + float(w.abs().max()))

@@ -71,7 +71,7 @@ struct Tiles {
   static constexpr int kMR = PROTDIFF_VBYTES == 64 ? 8 : (PROTDIFF_VBYTES == 32 ? 6 : 4);  // micro-kernel rows
   static constexpr int kNV = 2;                                  // micro-kernel vectors per row
   static constexpr int kChunk = kNV * kLanes;                    // micro-kernel columns
-  // H is padded to kColPad columns: 64 in the AVX-512 build (AMX's gemm_bias needs it)
+  // each width (He, M, Hx) is padded to kColPad columns: 64 in the AVX-512 build (AMX's gemm_bias needs it)
   static constexpr int kColPad = PROTDIFF_VBYTES == 64 ? 64 : kChunk;
 };
 constexpr int BI = 8;  // i-block
@@ -249,6 +249,7 @@ void gemm_acc(int64_t M, int64_t K, int64_t Nc, const T* A, int64_t lda, const T
 // Weights and per-node halves, zero-padded from He, M, Hx to Hep, Mp, Hxp columns (and E to Ep).
 template <typename T>
 struct Packed {
+  bool amx = false;
   int64_t He, M, Hx, Hep, Mp, Hxp, E, Ep, Er;  // Ep: E padded to a column chunk; Er: E padded to MR rows
   Buffer<T> W2, W2T, W3, W3T, b2, b3, w4, wd, watt, We, WeT, rel, P, Q;
   Buffer<std::uint16_t> W2p, W3p, W2Tp, W3Tp;  // bf16, AMX's pair-interleaved layout (EgnnProblem::amx)
@@ -286,6 +287,7 @@ struct Packed {
     pad_vector(watt, pr.w_att, M, Mp);
     if constexpr (kAmxCapable<T>) {
       if (pr.amx) {
+        amx = true;
         W2p.reset(Hep * Mp);
         W3p.reset(Mp * Hxp);
         amx::pack_b_vnni(W2.get(), Hep, Mp, Mp, W2p.get());
@@ -342,7 +344,7 @@ struct Scratch {
     Y.reset(nm), M0.reset(nm), MG.reset(nm), SY.reset(nm);
     S.reset(nx), SS.reset(nx);
     if (pk.E > 0) Erow.reset(kScratchRows * pk.Er);  // rows padded to Er columns (zeros) for the dW_e product
-    if (pk.W2p.size() > 0) {
+    if (pk.amx) {
       const int64_t widest = kScratchRows * (pk.Hep > pk.Mp ? (pk.Hep > pk.Hxp ? pk.Hep : pk.Hxp)
                                                             : (pk.Mp > pk.Hxp ? pk.Mp : pk.Hxp));
       Abf.reset(widest);
