@@ -238,6 +238,9 @@ def configs(quick: bool, ci: bool = False):
         yield 128, "bf16", 2, False, False, True, "fwd", "x32"  # autocast at the GPU target's size (chunked)
         for pass_ in ("fwd", "bwd_i", "bwd_j"):  # ProtDiff's layer under autocast: bf16, float32 coordinates
             yield 256, "bf16", 2, False, False, True, pass_, "x32"
+        for pass_ in ("fwd", "bwd_i", "bwd_j", "slab"):  # normalize="clamp" (NORMALIZE 2): egnn-pytorch's drop-in
+            yield 32, "bf16", 1, True, True, 2, pass_
+        yield 128, "bf16", 1, True, False, 2, "fwd"
         return
     hs = (32, 128) if quick else et.SUPPORTED_HIDDEN
     for H, dtype, pass_ in itertools.product(hs, ("fp32", "bf16"), ("fwd", "bwd_i", "bwd_j")):

@@ -514,3 +514,35 @@ def test_backward_workspace_stays_o_n_h_with_the_full_offset_table(monkeypatch):
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_PASSES", "2")
     none = egnn_triton.backward_workspace(1, 8192, 256, torch.bfloat16, edge=0)
     assert "rel_windows" not in none and none["d_p"][0] == (1, 1, 8192, 256)  # one partial: d_p itself
+
+
+CLAMP_FLAGS = [dict(normalize="clamp"), dict(attention=True, tanh=True, normalize="clamp", coords_agg="sum")]
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", CLAMP_FLAGS, ids=flag_id)
+def test_triton_clamp_normalize_forward_and_gradients(edge_mode, flags):
+    """normalize="clamp" (egnn-pytorch's CoorsNorm: u / max(|u|, eps), the gradient through |u| kept),
+    which the Triton kernels refused before (egnn-pytorch's drop-in with norm_coors=True fell back to
+    the reference on CUDA)."""
+    compare(2, 17, 16, 4, edge_mode, flags, torch.float32, seed=61, K=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_clamp_normalize_in_chunks_and_two_passes(dtype, monkeypatch):
+    flags = CLAMP_FLAGS[1]
+    monkeypatch.setattr(egnn_triton, "fwd_chunks", lambda H, dtype=None, x32=False: (16, 16))
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_CHUNKS", "16,16")
+    compare(2, 13, 32, 3, "offset", flags, dtype, seed=62, K=3)  # the chunked forward and backward
+    monkeypatch.delenv("PROTDIFF_FAST_TRITON_BWD_CHUNKS")
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_PASSES", "2")
+    compare(2, 13, 16, 3, "dense", flags, dtype, seed=63)  # the two-pass backward
+
+
+def test_triton_clamp_normalize_is_dispatched_not_refused():
+    from protdiff_fast.ops import _padding, cannot_run_egnn
+
+    assert "triton" in _padding.CLAMP_NORMALIZE and cannot_run_egnn("triton", 64, (), "clamp") is None
+    args, kw = make_problem(1, 5, 16, 0, "none", dict(normalize="clamp"))
+    with pytest.raises(ValueError, match="normalize: the triton kernels implement True, False and 'clamp'"):
+        egnn_triton.egnn_pair_aggregate_triton(*[a.float() for a in args], **dict(kw, normalize="detach"))

@@ -159,3 +159,13 @@ def test_slab_settings_are_checked(monkeypatch):
         slab.slab_rows(1, 10)
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_PAIRS", "100000")
     assert slab.slab_rows(2, 50) == 50  # never more rows than the sample has
+
+
+@pytest.mark.parametrize("edge_mode", ["dense", "offset"])
+def test_slab_backward_clamp_normalize(slab_backward, chunked_spy, monkeypatch, edge_mode):
+    flags = dict(attention=True, tanh=True, normalize="clamp")
+    compare(2, 19, 16, 3, edge_mode, flags, torch.float32, seed=71, K=3)
+    assert slab_backward
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_SLAB_CHUNKS", "16,16")
+    compare(2, 19, 32, 3, edge_mode, flags, torch.float32, seed=72, K=3)
+    assert chunked_spy

@@ -31,7 +31,7 @@ SQUARE_HIDDEN: Dict[str, str] = {
 }
 # Backends whose kernels implement normalize="clamp" (egnn-pytorch's CoorsNorm); the dispatcher
 # refuses it for the others rather than let them read it as normalize=True.
-CLAMP_NORMALIZE = ("reference", "cpu")
+CLAMP_NORMALIZE = ("reference", "cpu", "triton")
 
 
 def square_hidden(backend: str) -> Optional[Callable[[int], int]]:

@@ -94,6 +94,10 @@ BACKWARD_HIDDEN = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+NORMALIZE_MODES = {False: 0, True: 1, "clamp": 2}  # the op's normalize option -> the kernels' NORMALIZE
+NORMALIZE_OPTIONS = {mode: option for option, mode in NORMALIZE_MODES.items()}
+
+
 def padded_hidden(h: int) -> int:
     """The hidden size this backend runs a width-``h`` op at (the zero-padding adapter's target)."""
     for size in SUPPORTED_HIDDEN:
@@ -328,6 +332,15 @@ def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd"
 # --------------------------------------------------------------------------------------------
 # jitted helpers named after the math
 # --------------------------------------------------------------------------------------------
+# NORMALIZE: 0 u_ij as is; 1 u_ij / (stopgrad |u_ij| + eps) (ProtDiff); 2 u_ij / max(|u_ij|, eps), the
+# gradient through |u_ij| included (egnn-pytorch's CoorsNorm, normalize="clamp")
+@triton.jit
+def _direction_scale_grad(d2, eps):
+    """ds/dd2 of NORMALIZE 2: -1/2 d2^(-3/2) where |u| > eps, else 0 (the clamp is flat there)."""
+    r = tl.sqrt(d2)
+    return tl.where(r > eps, -0.5 / tl.maximum(d2 * r, 1e-30), 0.0)
+
+
 @triton.jit
 def _sigmoid(x, FAST: tl.constexpr):
     """sigmoid(x); FAST: as 0.5 + 0.5 tanh(x / 2) with one tanh.approx (relative error ~2^-11, for
@@ -588,8 +601,10 @@ def _egnn_fwd_kernel(
             phi = _phi_chunked(m, m_copy, W3_ptr, b3_ptr, w4_ptr, M, H, K_CHUNK, N_CHUNK, True, TANH,
                                PRECISION, UPCAST, FAST)
         coef = tl.reshape(phi, (BI, BJ)) * vf
-        if NORMALIZE:
+        if NORMALIZE == 1:  # (the same expression as before NORMALIZE 2: a reciprocal here spilled 20 B)
             coef = coef / (tl.sqrt(d2) + eps)
+        elif NORMALIZE == 2:
+            coef = coef / tl.maximum(tl.sqrt(d2), eps)
         dx0 += tl.sum(u0 * coef, axis=1)
         dx1 += tl.sum(u1 * coef, axis=1)
         dx2 += tl.sum(u2 * coef, axis=1)
@@ -747,12 +762,17 @@ def _egnn_bwd_kernel(
             gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
             g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i, N)
             inv = tl.full((BI, BJ), 1.0, tl.float32)
-            if NORMALIZE:
+            if NORMALIZE == 1:
                 inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached: no gradient through inv
+            elif NORMALIZE == 2:
+                inv = 1.0 / tl.maximum(tl.sqrt(d2), eps)
             d_phi = C * vf * inv * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2)  # dL/dphi_ij
             # dL/du_ij = C v inv phi_ij g_i (through the update) + 2 u_ij dL/dd2_ij (through the distance):
             # the first part now, so g, phi and inv need not stay live until d_z exists
             coef_u = C * vf * inv * tl.reshape(phi, (BI, BJ))
+            if NORMALIZE == 2:  # dL/dd2 through s(d2) (added to the distance's share once d_z exists)
+                d_d2_scale = coef_u * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2) * \
+                    _direction_scale_grad(d2, eps) / inv
             if ROWS_ARE_I:
                 dxo0 += tl.sum(coef_u, axis=1) * g0
                 dxo1 += tl.sum(coef_u, axis=1) * g1
@@ -855,6 +875,8 @@ def _egnn_bwd_kernel(
             d_z3 = tl.reshape(d_z, (BI, BJ, H))
             w_d = tl.load(w_d_ptr + hcol).to(tl.float32)
             d_d2 = tl.reshape(tl.sum(d_z * w_d[None, :], axis=1), (BI, BJ))  # dL/dd2_ij
+            if NORMALIZE == 2:
+                d_d2 += d_d2_scale
             du0 = 2.0 * u0 * d_d2  # the distance part of dL/du_ij
             du1 = 2.0 * u1 * d_d2
             du2 = 2.0 * u2 * d_d2
@@ -1088,10 +1110,15 @@ def _egnn_bwd_chunked_kernel(
             # -- the coordinate update's gradients
             g0, g1, g2 = _load_xyz(gdx_ptr, b * N * 3, i, N)
             inv = tl.full((BI, BJ), 1.0, tl.float32)
-            if NORMALIZE:
+            if NORMALIZE == 1:
                 inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached
+            elif NORMALIZE == 2:
+                inv = 1.0 / tl.maximum(tl.sqrt(d2), eps)
             d_phi = C * vf * inv * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2)
             coef_u = C * vf * inv * tl.reshape(phi, (BI, BJ))
+            if NORMALIZE == 2:  # dL/dd2 through s(d2) (added to the distance's share once d_z exists)
+                d_d2_scale = coef_u * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2) * \
+                    _direction_scale_grad(d2, eps) / inv
             dxi0 += tl.sum(coef_u, axis=1) * g0
             dxi1 += tl.sum(coef_u, axis=1) * g1
             dxi2 += tl.sum(coef_u, axis=1) * g2
@@ -1179,6 +1206,8 @@ def _egnn_bwd_chunked_kernel(
                 dea_rows = dea_ptr + b.to(tl.int64) * N * N * E + (i_m * N + j_m)[:, None] * E + ecol[None, :]
                 tl.store(dea_rows, d_e.to(dea_ptr.dtype.element_ty), mask=ok[:, None] & (ecol < E)[None, :])
             d_d2 = tl.reshape(d_d2, (BI, BJ))
+            if NORMALIZE == 2:
+                d_d2 += d_d2_scale
             du0 = 2.0 * u0 * d_d2
             du1 = 2.0 * u1 * d_d2
             du2 = 2.0 * u2 * d_d2
@@ -1530,7 +1559,7 @@ def _backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx):
                   for k, v in enumerate(like)]
         m_i, dx_i = egnn_pair_aggregate_reference(
             *leaves[:9], mask=mask_u8.bool(), edge_attr=leaves[9], W_e=leaves[10], rel=leaves[11],
-            w_att=leaves[12], b_att=leaves[13], normalize=meta["normalize"], tanh=meta["tanh"],
+            w_att=leaves[12], b_att=leaves[13], normalize=NORMALIZE_OPTIONS[meta["normalize"]], tanh=meta["tanh"],
             coords_agg=meta["coords_agg"], eps=meta["eps"])
         wanted = [k for k, leaf in enumerate(leaves) if leaf is not None and leaf.requires_grad]
         grads = torch.autograd.grad((m_i, dx_i), [leaves[k] for k in wanted], (grad_m, grad_dx), allow_unused=True)
@@ -1583,9 +1612,10 @@ def egnn_pair_aggregate_triton(
     if q.shape[-1] != H or W2.shape != (H, H) or W3.shape != (H, H):
         raise ValueError(f"the triton kernels need square hidden weights (H = {H}); got W2 {tuple(W2.shape)}, "
                          f"W3 {tuple(W3.shape)}")
-    if normalize not in (True, False):  # e.g. "clamp" (egnn-pytorch's CoorsNorm): not in these kernels
-        raise ValueError(f"normalize: the triton kernels implement True/False, got {normalize!r}")
-    flags = dict(normalize=bool(normalize), tanh=bool(tanh), eps=float(eps), coords_agg=coords_agg)
+    if normalize not in (True, False, "clamp"):
+        raise ValueError(f"normalize: the triton kernels implement True, False and 'clamp', got {normalize!r}")
+    # the kernels' NORMALIZE: 0 none, 1 stopgrad length + eps, 2 "clamp" (max(length, eps), no stopgrad)
+    flags = dict(normalize=NORMALIZE_MODES[normalize], tanh=bool(tanh), eps=float(eps), coords_agg=coords_agg)
     scale = _coord_scale(mask, coords_agg, torch.float32).reshape(-1).contiguous()
     mask_u8 = mask.to(torch.uint8).contiguous()
     return _EgnnPairAggregateTriton.apply(x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att,

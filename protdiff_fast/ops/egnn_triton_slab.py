@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from protdiff_fast.ops.egnn_triton import (_accumulate, _chunks_from_env, _dsilu, _fast_sigmoid, _interpreting,
+from protdiff_fast.ops.egnn_triton import (_accumulate, _chunks_from_env, _direction_scale_grad,
+                                           _dsilu, _fast_sigmoid, _interpreting,
                                            _load_rows, _load_xyz, _mm, _precision, _preact_cols, _sigmoid,
                                            _silu_parts)
 
@@ -278,11 +279,16 @@ def _egnn_bwd_slab_kernel(
             phi = 2.0 * _sigmoid(2.0 * phi, FAST) - 1.0
         # -- the coordinate update's gradient
         inv = tl.full((BI, BJ), 1.0, tl.float32)
-        if NORMALIZE:
+        if NORMALIZE == 1:
             inv = 1.0 / (tl.sqrt(d2) + eps)  # the length is detached
+        elif NORMALIZE == 2:
+            inv = 1.0 / tl.maximum(tl.sqrt(d2), eps)
         coef = C * inv * tl.reshape(vf, (BI, BJ))
         d_phi = tl.reshape(coef * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2), (M,))
         coef_u = coef * tl.reshape(phi, (BI, BJ))  # dx_i = sum_j coef_u u_ij: d u_ij = coef_u gdx_i
+        if NORMALIZE == 2:  # dL/dd2 through s(d2) (added to the distance's share once d_z exists)
+            d_d2_scale = coef_u * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2) * \
+                _direction_scale_grad(d2, eps) / inv
         if TANH:
             d_phi = d_phi * (1.0 - phi * phi)
         d_t = d_phi[:, None] * w4[None, :] * _dsilu(t, sig_t)
@@ -322,6 +328,8 @@ def _egnn_bwd_slab_kernel(
         tl.store(dz_ptr + ws, d_z.to(dz_ptr.dtype.element_ty), mask=ok[:, None])
         sum_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
         d_d2 = tl.reshape(tl.sum(d_z * w_d[None, :], axis=1), (BI, BJ))
+        if NORMALIZE == 2:
+            d_d2 += d_d2_scale
         di0, di1, di2 = _slab_dx(coef_u, d_d2, u0, u1, u2, g0, g1, g2, dxj_ptr, pid_i, b, N, j, j_ok)
         dxi0 += di0
         dxi1 += di1
@@ -412,11 +420,16 @@ def _egnn_bwd_slab_chunked_kernel(
         if TANH:
             phi = 2.0 * _sigmoid(2.0 * phi, FAST) - 1.0
         inv = tl.full((BI, BJ), 1.0, tl.float32)
-        if NORMALIZE:
+        if NORMALIZE == 1:
             inv = 1.0 / (tl.sqrt(d2) + eps)
+        elif NORMALIZE == 2:
+            inv = 1.0 / tl.maximum(tl.sqrt(d2), eps)
         coef = C * inv * tl.reshape(vf, (BI, BJ))
         d_phi = tl.reshape(coef * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2), (M,))
         coef_u = coef * tl.reshape(phi, (BI, BJ))
+        if NORMALIZE == 2:  # dL/dd2 through s(d2) (added to the distance's share once d_z exists)
+            d_d2_scale = coef_u * (g0[:, None] * u0 + g1[:, None] * u1 + g2[:, None] * u2) * \
+                _direction_scale_grad(d2, eps) / inv
         if TANH:
             d_phi = d_phi * (1.0 - phi * phi)
         # -- d_m by column chunks of W3, t recomputed; d_t's columns stored
@@ -461,8 +474,10 @@ def _egnn_bwd_slab_chunked_kernel(
             tl.store(dz_ptr + rows[:, None] * H + kc[None, :], d_z.to(dz_ptr.dtype.element_ty), mask=ok[:, None])
             _accumulate(vec + 3 * H, kc, tl.sum(d_z * d2_flat[:, None], axis=0))  # w_d
             d_d2 += tl.sum(d_z * tl.load(w_d_ptr + kc).to(tl.float32)[None, :], axis=1)
-        di0, di1, di2 = _slab_dx(coef_u, tl.reshape(d_d2, (BI, BJ)), u0, u1, u2, g0, g1, g2, dxj_ptr, pid_i, b, N,
-                                 j, j_ok)
+        d_d2 = tl.reshape(d_d2, (BI, BJ))
+        if NORMALIZE == 2:
+            d_d2 += d_d2_scale
+        di0, di1, di2 = _slab_dx(coef_u, d_d2, u0, u1, u2, g0, g1, g2, dxj_ptr, pid_i, b, N, j, j_ok)
         dxi0 += di0
         dxi1 += di1
         dxi2 += di2
