@@ -56,7 +56,8 @@ def combos():
     """(dtype, x dtype, H, edge, flags): fp32, bf16, and bf16 with float32 coordinates (EGNNLayer under
     autocast) for the ProtDiff-like cases; H = 256: the chunked forward and the chunked one-pass backward."""
     cases = [(64, "offset", FLAG_SETS[4]), (128, "offset", FLAG_SETS[4]), (32, "dense", FLAG_SETS[5]),
-             (16, "none", FLAG_SETS[0]), (256, "offset", FLAG_SETS[3])]
+             (16, "none", FLAG_SETS[0]), (256, "offset", FLAG_SETS[3]),
+             (32, "dense", dict(attention=True, tanh=True, normalize="clamp"))]  # egnn-pytorch's CoorsNorm
     return [(dtype, x_dtype, H, edge, flags)
             for dtype, x_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32))
             for H, edge, flags in cases if (x_dtype is None or edge == "offset")
