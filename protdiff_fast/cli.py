@@ -141,7 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     model = dict(hidden_dim=args.hidden, edge_dim=args.edge_dim or args.hidden, num_layers=args.layers)
     if args.coords_range is not None and not args.tanh:
-        raise SystemExit("protdiff-fast train: --coords-range is the bound of --tanh; give --tanh too")
+        raise ValueError("--coords-range is the bound of --tanh; give --tanh too")
     if args.tanh:  # only when asked: configs (and checkpoints) of runs without it stay as before
         model["tanh"] = True
         if args.coords_range is not None:
@@ -317,7 +317,7 @@ def _cmd_scaffold(args: argparse.Namespace) -> int:
 
     from protdiff_fast.motif.scaffold import ScaffoldingError
 
-    command = "protdiff-fast " + " ".join(sys.argv[1:]) if sys.argv and "protdiff" in sys.argv[0] else ""
+    command = shlex.join(["protdiff-fast", *args.argv])
     try:
         result = run_scaffold(args.pdb, args.contig, args.out, length=args.length, num=args.num, particles=args.particles,
                               method=args.method, steps=args.steps, seed=args.seed, ckpt=args.ckpt,

@@ -150,3 +150,36 @@ def test_tm_diversity():
     assert tm_diversity([crambin, rot]) > 0.99  # the same fold, moved: TM-score 1
     assert tm_diversity([crambin, top7, ten]) < 0.5  # unrelated folds
     assert tm_diversity([crambin]) is None
+
+
+def test_secondary_structure_run_lengths_breaks_and_bond_validity_exactly():
+    """Exact answers where the earlier tests had ranges (a helix minimum run of 6 instead of 3, a strand
+    run of 1 instead of 2, torsions across a break kept, or a 0.5 A bond tolerance all passed them)."""
+    from protdiff_fast.metrics.backbone import ca_ca_bonds
+
+    assert secondary_structure(ideal_helix(6)) == "HHHHHH"  # 3 helical torsions: the shortest helix
+    assert secondary_structure(ideal_helix(5)) == "-----"  # 2 torsions: none
+    breaks = np.zeros(7, dtype=bool)
+    breaks[3] = True  # every torsion of 8 residues spans bond 3: no helix across the gap
+    assert secondary_structure(ideal_helix(8), breaks) == "--------"
+    # a strand: theta ~124 deg, tau ~ -170 deg; one strand torsion is not a strand, two are
+    k = np.arange(6)
+    zig = np.stack([3.3 * k, 0.95 * (-1.0) ** k, np.zeros(6)], axis=1)  # flat zigzag: theta ~120, tau 180
+    assert secondary_structure(zig[:4]) == "----" and secondary_structure(zig[:5]) == "EEEEE"
+    # bond validity: within 0.1 A of 3.80 A
+    line = lambda bonds: np.concatenate([[0.0], np.cumsum(bonds)])[:, None] * np.array([[1.0, 0.0, 0.0]])  # noqa: E731
+    assert ca_ca_bonds(line([3.8, 3.85, 3.75]))["ca_ca_valid"] == 1.0
+    assert ca_ca_bonds(line([4.0, 3.6, 4.0]))["ca_ca_valid"] == 0.0
+    assert ca_ca_bonds(line([4.0, 3.6, 4.0]))["ca_ca_dev"] == pytest.approx(0.2)
+
+
+def test_summary_is_the_mean_of_the_rows():
+    straight = np.stack([np.arange(12) * 3.8, np.zeros(12), np.zeros(12)], axis=1)
+    clashing = straight.copy()
+    clashing[6] = clashing[2] + [0.0, 2.0, 0.0]
+    rows = [backbone_metrics(ideal_helix(12)), backbone_metrics(straight), backbone_metrics(clashing)]
+    s = summarize(rows)
+    for key in ("helix", "strand", "rg_ratio", "ca_ca_dev", "ca_ca_valid", "clash_fraction"):
+        assert s[key] == pytest.approx(np.mean([r[key] for r in rows])), key
+    assert rows[0]["helix"] > 0.5 and rows[1]["helix"] == 0.0
+    assert s["with_clash"] == pytest.approx(1 / 3) and s["count"] == 3

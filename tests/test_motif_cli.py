@@ -190,3 +190,29 @@ def test_scaffold_warns_below_the_training_lengths(tmp_path):
     args[args.index("--length") + 1] = "39-45"  # the shipped model saw chains of 40.. residues
     with pytest.warns(UserWarning, match=r"designs of 39\.\. residues, shorter than any chain this model was trained on"):
         assert main(args) == 0
+
+
+def test_scaffold_cli_exits_3_naming_the_step_when_the_model_gives_nan(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import protdiff_fast.train as train_module
+
+    real = train_module.load_model
+
+    def nan_model(*a, **kw):
+        model = real(*a, **kw)
+        model.forward = lambda x, t, mask=None: torch.full_like(x, float("nan"))
+        return model
+
+    monkeypatch.setattr(train_module, "load_model", nan_model)
+    out = tmp_path / "nan"
+    assert main(_args(out)) == 3
+    err = capsys.readouterr().err
+    assert "protdiff-fast scaffold: error:" in err and "NaN" in err and "t=" in err, err
+    assert not out.exists() or not list(out.glob("design_*"))  # no partial designs
+
+
+def test_scaffold_records_the_command_it_was_given(tmp_path):
+    assert main(_args(tmp_path / "c", "fixed")) == 0
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert s["summary"].get("command", s.get("command", "")).startswith("protdiff-fast scaffold --pdb ")

@@ -136,3 +136,19 @@ def test_bench_targets_and_quick_together_are_refused(capsys):
 
     assert main(["bench", "--targets", "--quick", "--out", "/nonexistent/x"]) == 2
     assert "--targets runs the target rows as they are" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sample", "--length", "5..3", "--out", "{tmp}/o"], "--length: empty range 5..3"),
+    (["train", "--data", "x.npz", "--out", "{tmp}/t", "--coords-range", "2"], "--coords-range is the bound of --tanh"),
+    (["demo", "--min-length", "90", "--max-length", "50", "--out", "{tmp}/d"], "need 1 <= min <= max"),
+    (["evaluate", "{tmp}/bad.pdb", "--plot", ""], "no readable structures"),
+])
+def test_cli_refusals_exit_2_with_a_message(tmp_path, capsys, argv, words):
+    from protdiff_fast.cli import main
+
+    (tmp_path / "bad.pdb").write_text("not a structure\n")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert words in captured.err + captured.out
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists() and not (tmp_path / "d").exists()
