@@ -144,3 +144,32 @@ def test_redenoise_noises_to_t_start_then_denoises(problem):
     out = np.stack(redenoise(problem["model"], [x_in] * 2000, t_start=t, scheduler=problem["scheduler"], seed=3,
                              dtype=torch.float64))
     assert np.linalg.norm(out.mean(0) - want) < 0.1 * np.linalg.norm(want)  # 0.03 measured; 1.0 without noising
+
+
+def test_resampling_criteria_on_fixed_weights():
+    from protdiff_fast.motif.scaffold import effective_sample_size, needs_resampling
+
+    w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.4, 0.3, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]],
+                     dtype=torch.float64)
+    ess = effective_sample_size(w.clamp_min(1e-300).log())
+    assert ess.tolist() == pytest.approx([4.0, 1.0, 1 / 0.30, 1 / 0.52])
+    # departure sum_k |4 w_k - 1|: 0, 6, 1.6, 3.6 against 3
+    assert needs_resampling(w, ess, "departure", 0.5).tolist() == [False, True, False, True]
+    # ESS (4, 1, 3.33, 1.92) < 0.5 K = 2: the second and last; < 0.9 K = 3.6: all but the uniform one
+    assert needs_resampling(w, ess, "ess", 0.5).tolist() == [False, True, False, True]
+    assert needs_resampling(w, ess, "ess", 0.9).tolist() == [False, True, True, True]
+
+
+def test_resampled_duplicates_take_their_own_noise(problem):
+    """After resampling, slot k continues from its ancestor's mean plus its own noise: duplicates diverge at
+    once. Resampling at every step up to t = 2 (the last step adds no noise): copies made there would
+    still be identical at the end if they shared their ancestor's noise."""
+    R, K = 4, 8
+    res = scaffold(problem["model"], problem["motif"], [N_NODES] * R, np.tile(np.arange(N_MOTIF), (R, 1)),
+                   method="smc", particles=K, scheduler=problem["scheduler"], seed=5, dtype=torch.float64,
+                   ess_threshold=1.0)  # ESS < K: practically every step
+    assert res.resampled[-2].all()  # the step t = 2 -> 1 resampled every design
+    for parts in res.particles:
+        flat = parts.reshape(K, -1)
+        gaps = np.abs(flat[:, None] - flat[None]).max(-1) + np.eye(K)
+        assert gaps.min() > 1e-6  # no two final particles are copies

@@ -174,6 +174,16 @@ class ScaffoldResult:
         return self.particles[d][int(self.chosen[d])]
 
 
+def needs_resampling(w: torch.Tensor, ess: torch.Tensor, resample_when: str, ess_threshold: float) -> torch.Tensor:
+    """Which designs resample now, from their normalised weights ``w`` (D, K) and ESS (D,): ESS below
+    ess_threshold K ("ess"), or the original code's total departure from uniform weights,
+    sum_k |K w_k - 1| > 3/4 K ("departure")."""
+    K = w.shape[1]
+    if resample_when == "ess":
+        return ess < ess_threshold * K
+    return (K * w - 1).abs().sum(1) > 0.75 * K
+
+
 def transition_sigma(scheduler: DDPMScheduler, t: int, t_prev: int) -> float:
     """The standard deviation of p_theta(x_{t_prev} | x_t) that ``scheduler.step`` uses (0 on the last step)."""
     tab = scheduler.schedule.tables
@@ -366,10 +376,7 @@ def scaffold(
             ess = effective_sample_size(log_w)  # (D,)
             ess_log[s] = ess.numpy()
             w = log_w.exp()
-            if resample_when == "ess":
-                need = ess < ess_threshold * K
-            else:  # the original code's test: total departure from uniform weights
-                need = (K * w - 1).abs().sum(1) > 0.75 * K
+            need = needs_resampling(w, ess, resample_when, ess_threshold)
             if bool(need.any()):
                 chosen_designs = need.nonzero().flatten()
                 if resampler == "systematic":  # all designs that need it in one vectorised call
