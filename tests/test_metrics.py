@@ -183,3 +183,14 @@ def test_summary_is_the_mean_of_the_rows():
         assert s[key] == pytest.approx(np.mean([r[key] for r in rows])), key
     assert rows[0]["helix"] > 0.5 and rows[1]["helix"] == 0.0
     assert s["with_clash"] == pytest.approx(1 / 3) and s["count"] == 3
+
+
+def test_tm_diversity_is_symmetric_for_chains_of_different_lengths():
+    """The mean of the TM-scores normalised by either chain: a structure and a fragment of it score the same
+    in either order (normalised by the first chain only, 0.6 one way and about 1 the other)."""
+    pytest.importorskip("tmtools", reason="tmtools is pinned in requirements-dev.txt; missing only outside dev/CI")
+    crambin = read_backbones(DATA / "1crn.pdb")[0].ca
+    fragment = crambin[:30]
+    forward, backward = tm_diversity([crambin, fragment]), tm_diversity([fragment, crambin])
+    assert forward == pytest.approx(backward, abs=1e-6)
+    assert 0.6 < forward < 0.95  # between the two normalisations
