@@ -148,10 +148,12 @@ def test_plots_for_every_suite(tmp_path):
     rows += [_synthetic(p, 64, 1.0, 1.0, suite=s) for s in ("ddpm-step", "sampler", "train-step")
              for p in ("reference", "cpu")]
     rows.append(dict(_synthetic("reference", 128, 1.0, 1.0, suite="train-step"), status="OOM"))
+    rows += [dict(_synthetic(p, N, 2.0, 1.0), dtype="bfloat16") for p in ("reference", "triton") for N in (128, 256)]
     result = dict(rows=rows, environment=dict(cpu="test cpu"))
     names = runner.plot(result, tmp_path)
     assert {"ddpm-step.png", "sampler.png", "train-step.png"} <= set(names)
-    assert any(n.startswith("egnn_fwd") for n in names)
+    assert "egnn_fwd_B1_H64.png" in names
+    assert "egnn_fwd_B1_H64_bfloat16.png" in names  # the GPU's bf16 target rows get their own figure
     assert all((tmp_path / n).stat().st_size > 1000 for n in names)
 
 

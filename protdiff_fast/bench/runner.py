@@ -550,38 +550,35 @@ def plot(result: Dict, out_dir: Path) -> Optional[List[str]]:
         return None
     written = []
     rows = [r for r in result["rows"] if r["suite"] == "egnn"]
-    for mode in sorted({r["mode"] for r in rows}):
-        for H in sorted({r["H"] for r in rows}):
-            for B in sorted({r["B"] for r in rows}):
-                sel = [r for r in rows if r["mode"] == mode and r["H"] == H and r["B"] == B and r["dtype"] == "float32"]
-                if not sel:
-                    continue
-                fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-                for provider in sorted({r["provider"] for r in sel}):
-                    pts = sorted((r for r in sel if r["provider"] == provider), key=lambda r: r["N"])
-                    ok = [r for r in pts if r.get("status") == "ok"]
-                    bad = [r for r in pts if r.get("status") != "ok"]
-                    line = axes[0].plot([r["N"] for r in ok], [r["median_s"] * 1e3 for r in ok], "o-", label=provider)
-                    if ok and ok[0].get("peak_mem_bytes") is not None:
-                        axes[1].plot([r["N"] for r in ok], [max(r["peak_mem_bytes"], 1) / 2 ** 20 for r in ok], "o-",
-                                     color=line[0].get_color(), label=provider)
-                    for r in bad:
-                        for ax in axes:
-                            ax.axvline(r["N"], color=line[0].get_color(), ls=":", alpha=0.6)
-                            ax.text(r["N"], ax.get_ylim()[1] if ok else 1, r["status"], rotation=90, fontsize=7)
-                for ax, label in zip(axes, ("time (ms)", "peak extra memory (MiB)")):
-                    ax.set_xscale("log", base=2)
-                    ax.set_yscale("log")
-                    ax.set_xlabel("N (residues)")
-                    ax.set_ylabel(label)
-                    ax.grid(True, which="both", alpha=0.3)
-                    ax.legend(fontsize=8)
-                fig.suptitle(f"egnn {mode}, B={B}, H={H}, fp32 ({result['environment'].get('gpu') or result['environment']['cpu']})")
-                fig.tight_layout()
-                name = f"egnn_{mode}_B{B}_H{H}.png"
-                fig.savefig(out_dir / name, dpi=110)
-                plt.close(fig)
-                written.append(name)
+    # one figure per mode, H, B and dtype (the GPU's bf16 target rows included)
+    for mode, H, B, dtype in sorted({(r["mode"], r["H"], r["B"], r["dtype"]) for r in rows}):
+        sel = [r for r in rows if r["mode"] == mode and r["H"] == H and r["B"] == B and r["dtype"] == dtype]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for provider in sorted({r["provider"] for r in sel}):
+            pts = sorted((r for r in sel if r["provider"] == provider), key=lambda r: r["N"])
+            ok = [r for r in pts if r.get("status") == "ok"]
+            bad = [r for r in pts if r.get("status") != "ok"]
+            line = axes[0].plot([r["N"] for r in ok], [r["median_s"] * 1e3 for r in ok], "o-", label=provider)
+            if ok and ok[0].get("peak_mem_bytes") is not None:
+                axes[1].plot([r["N"] for r in ok], [max(r["peak_mem_bytes"], 1) / 2 ** 20 for r in ok], "o-",
+                             color=line[0].get_color(), label=provider)
+            for r in bad:
+                for ax in axes:
+                    ax.axvline(r["N"], color=line[0].get_color(), ls=":", alpha=0.6)
+                    ax.text(r["N"], ax.get_ylim()[1] if ok else 1, r["status"], rotation=90, fontsize=7)
+        for ax, label in zip(axes, ("time (ms)", "peak extra memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N (residues)")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"egnn {mode}, B={B}, H={H}, {dtype} ({result['environment'].get('gpu') or result['environment']['cpu']})")
+        fig.tight_layout()
+        name = f"egnn_{mode}_B{B}_H{H}.png" if dtype == "float32" else f"egnn_{mode}_B{B}_H{H}_{dtype}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
     written += _plot_other_suites(result, out_dir, plt)
     return written
 
