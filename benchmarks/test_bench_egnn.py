@@ -33,7 +33,7 @@ def test_egnn_pair_aggregate(benchmark, provider, case, mode):
     benchmark.group = f"egnn {'layer' if provider in LAYER_PROVIDERS else 'op'} {mode} B={B} N={N} H={H}"
     benchmark.extra_info["gflop"] = row_flops(provider, B, N, H, mode) / 1e9
     benchmark.extra_info["threads"] = torch.get_num_threads()
-    benchmark.pedantic(run, warmup_rounds=1, rounds=5, iterations=1)
+    benchmark.pedantic(run, warmup_rounds=1, rounds=10, iterations=1)
 
 
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p not in LAYER_PROVIDERS])

@@ -170,6 +170,24 @@ def test_pytest_benchmark_suites_run_once_as_smoke_tests():
     assert " passed" in proc.stdout and "failed" not in proc.stdout
 
 
+def test_pytest_benchmark_json_records_threads_build_and_sources(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/",
+                           "-k", "B1-N128-H64 and fwdbwd and reference", f"--benchmark-json={out}"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    info = saved["machine_info"]["protdiff_fast"]
+    assert info["threads"] >= 1 and len(info["source_sha256"]) == 64 and info["torch"]
+    assert saved["benchmarks"] and saved["benchmarks"][0]["stats"]["rounds"] == 10
+    assert saved["benchmarks"][0]["extra_info"]["threads"] == info["threads"]
+
+
 def test_sampler_case_through_the_graph_runner_matches_the_plain_loop():
     """The sampler suite's "graphs" rows run the sampler's step runner (captured on CUDA); on a CPU
     it runs uncaptured and must compute what the plain loop computes."""
