@@ -44,7 +44,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         which="targets" if args.targets else "full",
                         dtypes=args.dtypes.split(",") if args.dtypes else None,
                         hidden=[int(h) for h in args.hidden.split(",")] if args.hidden else None,
-                        max_n=args.max_n, warm_jobs=args.warm_jobs)
+                        max_n=args.max_n, warm_jobs=args.warm_jobs, runs=args.runs)
     print(f"wrote {args.out}/results.json, {args.out}/results.md" +
           (" (no plots: matplotlib missing)" if result["plots"] is None else f" and {len(result['plots'])} plots"))
     return 1 if result["regressions"] else 0
@@ -562,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", default=None, help="comma-separated subset of the grid's dtypes: float32,bfloat16,...")
     bench.add_argument("--hidden", default=None, help="comma-separated subset of the grid's H values (egnn rows)")
     bench.add_argument("--max-n", type=int, default=None, help="leave out rows with N above this")
+    bench.add_argument("--runs", type=int, default=1, metavar="K",
+                       help="time each row K times, each in a fresh process: the row reports the median of the "
+                            "runs' medians and their spread (a difference smaller than it is noise)")
     bench.add_argument("--warm-jobs", type=int, default=0,
                        help="GPU: before timing, run every triton row once, this many at a time, so kernels compile "
                             "in parallel (untimed)")

@@ -499,3 +499,21 @@ def test_unknown_providers_are_named_and_missing_ones_are_reported(tmp_path, mon
                   rates=dict(mm_fp32_square_flops=1e11, mm_fp32_pair_shape_flops=5e10, pair_shape_H=64,
                              copy_bytes_per_s=1e10))
     assert "- not run on this machine: egnn-pytorch and compat" in runner.markdown(result)
+
+
+def test_rows_timed_in_several_runs_report_their_spread(tmp_path, monkeypatch):
+    medians = iter([0.010, 0.012, 0.011])
+    monkeypatch.setattr(runner, "run_row", lambda row, *a: dict(row, status="ok", median_s=next(medians),
+                                                                p20_s=0.009, p80_s=0.013, reps=5))
+    row = dict(suite="egnn", provider="cpu", B=1, N=12, H=8, mode="fwd", dtype="float32")
+    out = runner.repeated_row(row, "cpu", 1, 60, 0.1, None, runs=3)
+    assert out["run_medians_s"] == [0.010, 0.012, 0.011] and out["median_s"] == pytest.approx(0.011)
+    assert out["run_spread"] == pytest.approx(0.2)
+    out["flops"], out["tflops_per_s"] = 1e9, 0.1
+    md = runner.markdown(dict(command="c", environment=runner.environment("cpu", 1), rows=[out],
+                              rates=dict(mm_fp32_square_flops=1e11, mm_fp32_pair_shape_flops=5e10, pair_shape_H=64,
+                                         copy_bytes_per_s=1e10)))
+    assert "11.000 [5] ±10% over 3 runs" in md
+    failing = iter([dict(row, status="ok", median_s=0.01), dict(row, status="error", error="boom")])
+    monkeypatch.setattr(runner, "run_row", lambda row, *a: next(failing))
+    assert runner.repeated_row(row, "cpu", 1, 60, 0.1, None, runs=2)["status"] == "error"

@@ -361,6 +361,31 @@ def run_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: fl
     return out
 
 
+def repeated_row(row: Dict, device: str, threads: int, timeout_s: float, budget_s: float, mem_limit: Optional[int],
+                 runs: int = 1) -> Dict:
+    """``run_row`` ``runs`` times, each in a fresh process (METHOD.md: time the same version twice; a
+    difference between versions smaller than this spread is noise). The row keeps the median of the runs'
+    medians, each run's median (``run_medians_s``) and their spread (max / min - 1); any run not ok makes
+    the row that run's result."""
+    results = [run_row(row, device, threads, timeout_s, budget_s, mem_limit) for _ in range(max(1, runs))]
+    bad = [r for r in results if r.get("status") != "ok"]
+    if bad or len(results) == 1:
+        return bad[0] if bad else results[0]
+    import statistics
+
+    medians = [r["median_s"] for r in results]
+    middle = min(results, key=lambda r: abs(r["median_s"] - statistics.median(medians)))
+    scale = statistics.median(medians) / middle["median_s"]
+    out = dict(middle, run_medians_s=medians, run_spread=max(medians) / min(medians) - 1.0)
+    for key in ("median_s", "p20_s", "p80_s"):
+        out[key] = middle[key] * scale
+    for key in ("gbytes_per_s", "tflops_per_s", "steps_per_s", "backbones_per_s", "backbones_per_s_T1000",
+                "backbones_per_s_T1024", "pair_mlp_tflops_per_s"):
+        if key in out:
+            out[key] = middle[key] / scale
+    return out
+
+
 def _fmt_bytes(b) -> str:
     if b is None:
         return "n/a"
@@ -430,6 +455,8 @@ def markdown(result: Dict) -> str:
         base = dense if r["provider"] == "compat" else {} if r["provider"] == "egnn-pytorch" else ref
         speed = f"{base[key]['median_s'] / r['median_s']:.1f}x" if key in base else ""
         reps = f"[{r['reps']}]" if "reps" in r else ""
+        if "run_spread" in r:  # several runs of the row: their spread
+            reps += f" ±{100 * r['run_spread'] / 2:.0f}% over {len(r['run_medians_s'])} runs"
         if r["suite"] == "sampler":
             lines.append(
                 f"| {r['suite']} | {SAMPLER_STEPS} steps{', CUDA graphs' if r['mode'] == 'graphs' else ''} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | {provider} | "
@@ -687,7 +714,7 @@ def warm_kernel_cache(rows: List[Dict], device: str, threads: int, timeout_s: fl
 def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: float, compare_to: Optional[str],
         command: str, providers: Optional[List[str]] = None, which: str = "full",
         dtypes: Optional[List[str]] = None, hidden: Optional[List[int]] = None, max_n: Optional[int] = None,
-        warm_jobs: int = 0) -> Dict:
+        warm_jobs: int = 0, runs: int = 1) -> Dict:
     threads = torch.get_num_threads()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -716,7 +743,7 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
     if warm_jobs > 1 and device.startswith("cuda"):
         warm_kernel_cache(rows, device, threads, timeout_s, warm_jobs)
     for k, row in enumerate(rows):
-        res = run_row(row, device, threads, timeout_s, budget, mem_limit)
+        res = repeated_row(row, device, threads, timeout_s, budget, mem_limit, runs)
         result["rows"].append(res)
         status = res.get("status")
         shown = f"{res['median_s'] * 1e3:9.2f} ms" if status == "ok" else f"{status:>12}"
