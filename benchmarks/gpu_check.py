@@ -34,8 +34,10 @@ def poison_allocator_cache() -> None:
     if DEVICE != "cuda":
         return
     torch.cuda.synchronize()
-    blocks = [torch.empty(1 << 17, device=DEVICE).fill_(float("nan")) for _ in range(64)]  # 64 x 512 KB
-    blocks.append(torch.empty(1 << 26, device=DEVICE).fill_(float("nan")))  # 256 MB
+    # 0x7FC07FC0: a NaN as float32 and in each 16-bit half (bf16 and fp16 NaN), so bf16 outputs are
+    # poisoned in every element (a float32 NaN read as bf16 is [0, NaN, 0, NaN, ...])
+    blocks = [torch.empty(1 << 17, dtype=torch.int32, device=DEVICE).fill_(0x7FC07FC0) for _ in range(64)]
+    blocks.append(torch.empty(1 << 26, dtype=torch.int32, device=DEVICE).fill_(0x7FC07FC0))  # 256 MB
     torch.cuda.synchronize()
     del blocks  # back to the cache, NaN-filled
 

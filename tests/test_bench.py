@@ -1,5 +1,6 @@
 """The benchmark runner works end to end on tiny rows (speed itself is measured by the benchmarks, not here)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -177,9 +178,12 @@ def test_pytest_benchmark_json_records_threads_build_and_sources(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/",
-                           "-k", "B1-N128-H64 and fwdbwd and reference", f"--benchmark-json={out}"], cwd=root,
-                          capture_output=True, text=True, timeout=600)
+    # a clean environment for the inner pytest: under xdist the outer worker's PYTEST_XDIST_* variables make
+    # pytest-benchmark disable itself (no JSON)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "benchmarks/", "-k", "B1-N128-H64 and fwdbwd and reference", f"--benchmark-json={out}"],
+                          cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     saved = json.loads(out.read_text())
     info = saved["machine_info"]["protdiff_fast"]
@@ -488,6 +492,20 @@ def test_ddpm_step_rows_rotate_input_sets_so_they_do_not_time_the_cache(monkeypa
     out = runner.run_row(dict(suite="ddpm-step", provider="cpu", B=4, N=10, H=0, mode="fwd", dtype="float32"),
                          "cpu", 1, 120, 0.1, mem_limit=None)
     assert out["status"] == "ok" and out["reps"] >= 3, out
+
+
+def test_rows_of_a_missing_cpu_extension_are_left_out_and_named(tmp_path, monkeypatch):
+    from protdiff_fast import backends
+
+    rows = [dict(suite="egnn", provider=p, B=1, N=12, H=8, mode="fwd", dtype="float32") for p in ("reference", "cpu")]
+    monkeypatch.setattr(runner, "grid", lambda device, quick, suites, which="full": rows)
+    monkeypatch.setattr(runner, "device_rates", lambda device: dict(mm_fp32_square_flops=1e11, mm_fp32_pair_shape_flops=5e10,
+                                                                   pair_shape_H=64, copy_bytes_per_s=1e10))
+    monkeypatch.setattr(backends, "cpu_extension", lambda: None)
+    result = runner.run(["egnn"], "cpu", True, str(tmp_path / "a"), 120, None, "test")
+    assert [r["provider"] for r in result["rows"]] == ["reference"]
+    assert "not run on this machine: " in (tmp_path / "a" / "results.md").read_text()
+    assert any(m.startswith("cpu ") for m in result["not_run"])
 
 
 def test_unknown_providers_are_named_and_missing_ones_are_reported(tmp_path, monkeypatch):

@@ -546,3 +546,29 @@ def test_triton_clamp_normalize_is_dispatched_not_refused():
     args, kw = make_problem(1, 5, 16, 0, "none", dict(normalize="clamp"))
     with pytest.raises(ValueError, match="normalize: the triton kernels implement True, False and 'clamp'"):
         egnn_triton.egnn_pair_aggregate_triton(*[a.float() for a in args], **dict(kw, normalize="detach"))
+
+
+@pytest.mark.parametrize("variant", ["one-pass", "two-pass", "chunked", "slab"])
+def test_triton_clamp_normalize_inside_the_clamp(variant, monkeypatch):
+    """eps = 2: a fifth of the pairs are closer than eps, where s = 1 / eps is flat (no gradient through
+    |u|); with eps = 1e-8 only i = j would be."""
+    if variant == "two-pass":
+        monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_PASSES", "2")
+    elif variant == "chunked":
+        monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_CHUNKS", "16,16")
+        monkeypatch.setattr(egnn_triton, "fwd_chunks", lambda H, dtype=None, x32=False: (16, 16))
+    elif variant == "slab":
+        monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD", "slab")
+    B, N, H = 2, 13, 32 if variant == "chunked" else 16
+    args, kw = make_problem(B, N, H, 3, "dense", dict(attention=True, normalize="clamp"), seed=81)
+    kw["eps"] = 2.0
+    d = (args[0][:, :, None] - args[0][:, None]).norm(dim=-1)
+    close = float(((d < 2.0) & (d > 0)).float().mean())
+    assert 0.05 < close < 0.5, close  # the clamp is active for a good share of the pairs
+    g = torch.Generator().manual_seed(82)
+    upstream = (torch.randn(B, N, H, generator=g, dtype=F64), torch.randn(B, N, 3, generator=g, dtype=F64))
+    want = run("reference", args, kw, F64, upstream)
+    got = run("triton", args, kw, torch.float32, upstream)
+    extra = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
+    for name, a, w in zip(NAMES + extra, got, want):
+        assert_close_rel(a, w, 1e-4, f"{name} ({variant}, eps = 2)")

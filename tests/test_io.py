@@ -159,7 +159,7 @@ def test_non_finite_coordinates_name_the_file_chain_and_residue(tmp_path):
 
 @pytest.mark.parametrize("field, shown", [("        ", "''"), ("   abc  ", "'abc'"), ("  1.2.3 ", "'1.2.3'"),
                                           ("  12-4.0", "'12-4.0'")])
-@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("gz", [False, True, "upper"])
 def test_pdb_coordinate_fields_that_are_not_numbers_are_refused(tmp_path, field, shown, gz):
     # gemmi reads a blank or non-numeric PDB coordinate as 0 (or its leading digits): a silently wrong atom
     path = write_pdb(tmp_path / "ok.pdb", chain_of(6))
@@ -167,7 +167,7 @@ def test_pdb_coordinate_fields_that_are_not_numbers_are_refused(tmp_path, field,
     ca_lines = [k for k, line in enumerate(text) if line[12:16].strip() == "CA"]
     line = text[ca_lines[2]]
     text[ca_lines[2]] = line[:38] + field + line[46:]  # residue 3's y
-    name = "bad.pdb.gz" if gz else "bad.pdb"
+    name = {False: "bad.pdb", True: "bad.pdb.gz", "upper": "bad.PDB.GZ"}[gz]  # gemmi reads .GZ as gzip too
     bad = tmp_path / name
     data = ("\n".join(text) + "\n").encode()
     bad.write_bytes(gzip.compress(data) if gz else data)
@@ -175,6 +175,14 @@ def test_pdb_coordinate_fields_that_are_not_numbers_are_refused(tmp_path, field,
     with pytest.raises(StructureError, match=match):
         read_backbones(bad)
     assert read_backbones(path)[0].ca.shape == (6, 3)  # the well-formed file still reads
+
+
+def test_pdb_coordinate_check_stops_at_end_as_gemmi_does(tmp_path):
+    path = write_pdb(tmp_path / "ok.pdb", chain_of(4))
+    text = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("END")]
+    garbage = text[-1][:30] + "   abc  " + text[-1][38:]
+    path.write_text("\n".join(text + ["END", garbage]) + "\n")  # after END: not part of the structure
+    assert read_backbones(path)[0].ca.shape == (4, 3)
 
 
 @pytest.mark.parametrize("case, match", [

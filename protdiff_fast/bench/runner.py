@@ -313,7 +313,8 @@ def _died(returncode: int, stderr: str) -> Dict:
 
 
 def not_available(device: str) -> List[str]:
-    """Providers this machine cannot run, and why: their rows are not in the grid (said in results.md)."""
+    """Providers this machine cannot run, and why: their rows are left out of the grid (grid() for the
+    egnn-pytorch layers, run() for cpu) and named in results.md."""
     from protdiff_fast import backends
 
     missing = []
@@ -726,6 +727,9 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
         raise ValueError(f"--providers: unknown {sorted(set(providers) - known)}; known: {', '.join(sorted(known))}")
     if providers:
         rows = [r for r in rows if r["provider"] in providers]
+    missing = not_available(device)
+    if any(m.startswith("cpu ") for m in missing):  # no C++ extension: its rows would only be error rows
+        rows = [r for r in rows if r["provider"] != "cpu"]
     if dtypes:
         rows = [r for r in rows if r["dtype"] in dtypes]
     if hidden:
@@ -733,7 +737,7 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
     if max_n:
         rows = [r for r in rows if r["N"] <= max_n]
     result = dict(command=command, environment=environment(device, threads), rates=device_rates(device),
-                  not_run=not_available(device),
+                  not_run=missing,
                   mem_method="peak resident set of one run after the timed ones, with the C heap's free pages "
                              "handed back first (malloc_trim), minus the resident set before it, plus what the C++ "
                              "backend keeps between calls (CPU); cuda.max_memory_allocated minus allocated before (GPU). Address space capped "

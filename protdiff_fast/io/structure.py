@@ -123,9 +123,11 @@ def _check_pdb_coordinate_fields(path: Path) -> None:
     gemmi reads such a field as 0 (blank, "abc") or as its leading digits ("1.2.3" as 1.2): a
     silently wrong atom, where mmCIF's parser gives NaN.
     """
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.lower().endswith(".gz") else open  # gemmi's test is case-insensitive too
     with opener(path, "rt", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
+            if line.startswith("END") and not line[3:].strip():  # gemmi stops reading there
+                break
             if not line.startswith(("ATOM  ", "HETATM")):
                 continue
             for axis, start in (("x", 30), ("y", 38), ("z", 46)):
