@@ -983,3 +983,27 @@ def test_ddim_step_at_eta_between_0_and_1_follows_the_paper(eta, steps):
         out = sched.step(e, t, x, noise=z)
         assert torch.allclose(out.prev_sample, want, atol=1e-10), (eta, t)
         assert torch.allclose(out.pred_original_sample, x0, atol=1e-10)
+
+
+def test_a_models_nan_in_padding_is_not_a_design_failure():
+    """Padding rows belong to no design: a model that leaves NaN there (an unmasked op) samples the same
+    designs, bit for bit, as one that zeroes them; NaN on a real residue still stops the run."""
+    sched = DDPMScheduler(20)
+    model = ExactGaussianEps(sched.schedule, 1.0, max_length=64)
+
+    def unmasked(x, t, mask):
+        return model(x, t, mask).masked_fill(~mask.unsqueeze(-1), float("nan"))
+
+    lengths = [5, 9, 7]  # one padded batch: 4 and 2 padding rows
+    want = sample(model, lengths, scheduler=sched, seed=3, progress=False)
+    got = sample(unmasked, lengths, scheduler=sched, seed=3, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+    def real_nan(x, t, mask):
+        eps = model(x, t, mask)
+        if int(t[0]) == 4:
+            eps[0, 2, 1] = float("nan")  # a real residue of the first design (length 5)
+        return eps
+
+    with pytest.raises(SamplingError, match=r"NaN/Inf at t=4 for design 0 \(length 5"):
+        sample(real_nan, lengths, scheduler=sched, seed=3, progress=False, batch_size=3)

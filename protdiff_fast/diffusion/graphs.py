@@ -50,7 +50,9 @@ class DenoiseStep:
             with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16,
                                 enabled=self.autocast is not None, cache_enabled=False):
                 eps = self.model(x, t, self.mask)
-            eps = eps.to(x.dtype)
+            # padding is no design's: whatever a model leaves there (NaN from an unmasked op) is dropped, so
+            # it neither fails the finite check nor reaches the step (ProtDiff's padding is 0: same bits)
+            eps = eps.to(x.dtype).masked_fill(~self.mask.unsqueeze(-1), 0.0)
             used = eps
             if check_eps and not bool(torch.isfinite(eps).all()):
                 if not self.step_finite_rows:
