@@ -352,7 +352,7 @@ def shipped_checkpoint():
 
 
 BACKEND_HELP = "auto (triton on CUDA, cpu on CPU tensors), reference, cpu or triton"
-DEVICE_HELP = "cpu or cuda[:k] (cpu unless given, also where a GPU is present)"
+DEVICE_HELP = "cpu, cuda[:k], or auto (cuda where torch sees a GPU, else cpu); cpu unless given"
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
@@ -587,6 +587,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if getattr(args, "device", None) == "auto":  # resolved here: runs, manifests and checkpoints name the device
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.matmul_precision is not None:
         import torch
 

@@ -312,6 +312,13 @@ def test_sample_command_writes_pdbs_and_metrics(tmp_path, capsys):
     assert "ca_ca_dev" in capsys.readouterr().out
     model = load_model(run["checkpoint"])
     assert model.config.hidden_dim == 16 and not model.training
+    # --device auto: cuda where torch sees a GPU, else cpu; the manifest names the device that ran
+    auto = tmp_path / "auto"
+    assert main(["sample", "--ckpt", run["checkpoint"], "--length", "12", "--num", "1", "--out", str(auto),
+                 "--steps", "3", "--no-progress", "--device", "auto"]) == 0
+    manifest = json.loads((auto / "manifest.json").read_text())
+    ran = next(iter(manifest["designs"].values()))["device"]
+    assert ran == ("cuda" if torch.cuda.is_available() else "cpu"), manifest
 
 
 def test_bf16_autocast_training_step_matches_float32_within_bf16_error():
