@@ -56,14 +56,17 @@ def run(backend, args, kw, dtype, upstream, x_dtype=None):
 
 def combos():
     """(dtype, x dtype, H, edge, flags): fp32, bf16, and bf16 with float32 coordinates (EGNNLayer under
-    autocast) for the ProtDiff-like cases; H = 256: the chunked forward and the chunked one-pass backward."""
+    autocast) for the ProtDiff-like cases; H = 256: the chunked forward and the chunked one-pass backward;
+    H = (H_e, M, H_x): rectangular widths (egnn-pytorch's layer at dim 64 with norm_coors, m_dim 64, and at
+    dim 16), the chunked kernels with HE, HM, HX."""
     cases = [(64, "offset", FLAG_SETS[4]), (128, "offset", FLAG_SETS[4]), (32, "dense", FLAG_SETS[5]),
              (16, "none", FLAG_SETS[0]), (256, "offset", FLAG_SETS[3]),
-             (32, "dense", dict(attention=True, tanh=True, normalize="clamp"))]  # egnn-pytorch's CoorsNorm
+             (32, "dense", dict(attention=True, tanh=True, normalize="clamp")),  # egnn-pytorch's CoorsNorm
+             ((258, 64, 257), "none", dict(normalize="clamp")), ((66, 16, 64), "dense", dict(attention=True))]
     return [(dtype, x_dtype, H, edge, flags)
             for dtype, x_dtype in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32))
             for H, edge, flags in cases if (x_dtype is None or edge == "offset")
-            and (SIZES == FULL_SIZES or H <= 32)]  # --quick: the small widths only
+            and (SIZES == FULL_SIZES or H in (16, 32, (66, 16, 64)))]  # --quick: the small widths only
 
 
 def run_parallel(jobs: int, time_limit: float) -> int:
@@ -125,9 +128,10 @@ def main() -> int:
     todo = combos() if opts.combo is None else [combos()[opts.combo]]
     for dtype, x_dtype, H, edge, flags in todo:
         for B, N in SIZES:
-            args, kw = make_problem(B, N, H, 6, edge, flags, seed=H + N)
+            args, kw = make_problem(B, N, H, 6, edge, flags, seed=(H if isinstance(H, int) else sum(H)) + N)
             g = torch.Generator().manual_seed(1)
-            up = [torch.randn(B, N, H, generator=g, dtype=F64).to(DEVICE),
+            M = args[4].shape[1]
+            up = [torch.randn(B, N, M, generator=g, dtype=F64).to(DEVICE),
                   torch.randn(B, N, 3, generator=g, dtype=F64).to(DEVICE)]
             want = run("reference", args, kw, F64, up)
             low = run("reference", args, kw, dtype, up, x_dtype)
@@ -152,7 +156,8 @@ def main() -> int:
             worst = max(worst, max(ratios))
             failed += not ok
             label = str(dtype) + ("+x32" if x_dtype else "")
-            print(f"{'ok  ' if ok else 'FAIL'} {label:<19} H={H:<4} {edge:<7} B={B} N={N:<4} "
+            width = H if isinstance(H, int) else "x".join(map(str, H))
+            print(f"{'ok  ' if ok else 'FAIL'} {label:<19} H={width:<4} {edge:<7} B={B} N={N:<4} "
                   f"m err {rel_err(got[0], want[0]):.1e} dx err {rel_err(got[1], want[1]):.1e} "
                   f"worst error / tolerance {max(ratios):.2f} ({worst_name}) deterministic {same}"
                   + ("" if ok else f"\n     error / torch's own, per output in order {' '.join(detail)}"), flush=True)

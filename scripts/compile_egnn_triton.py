@@ -69,10 +69,11 @@ def compile_rel_sum(H):
     """The offset-table gradient's window sum (_rel_windows_kernel): no tl.dot, checked for compiling,
     registers and spills."""
     kernel = et._rel_windows_kernel
-    sig = {n: "*fp32" if n.endswith("_ptr") else ("constexpr" if n in ("H", "BLOCK_O") else "i32")
+    sig = {n: "*fp32" if n.endswith("_ptr") else ("constexpr" if n in ("H", "BLOCK_O", "HE") else "i32")
            for n in kernel.arg_names}
     attrs = {(k,): [["tt.divisibility", 16]] for k, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=dict(H=H, BLOCK_O=et.REL_SUM_BLOCK),
+    cols = H if H in et.SUPPORTED_HIDDEN else et.RECT_K_CHUNK  # as _rel_gradient launches it
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=dict(H=cols, BLOCK_O=et.REL_SUM_BLOCK, HE=H),
                                     attrs=attrs)
     return src, et.REL_SUM_WARPS
 
@@ -121,15 +122,54 @@ def compile_slab(H, dtype, edge, attention, tanh, normalize, config=None, coords
     return _finish(rec, src, warps, needs_dot=True, num_stages=1)
 
 
+def compile_rect(widths, dtype, edge, attention, tanh, normalize, pass_, coords32=False):
+    """The chunked forward / one-pass backward at rectangular widths (HE, HM, HX), as the launchers run them
+    (rect_fwd_config / rect_bwd_config)."""
+    import torch
+    HE, HM, HX = widths
+    torch_dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    if pass_ == "fwd":
+        BI, BJ, warps, kc, nc = et.rect_fwd_config(HM, HX, torch_dtype)
+        kernel = et._egnn_fwd_kernel
+    else:
+        BI, BJ, warps, kc, nc = et.rect_bwd_config(HM, HX, torch_dtype)
+        kernel = et._egnn_bwd_chunked_kernel
+    if os.environ.get("RECT_BLOCKS"):  # "BI,BJ,WARPS": for sweeps
+        BI, BJ, warps = (int(v) for v in os.environ["RECT_BLOCKS"].split(","))
+    if os.environ.get("RECT_CHUNKS"):  # "K,N": for sweeps
+        kc, nc = (int(v) for v in os.environ["RECT_CHUNKS"].split(","))
+    sig = _signature(kernel, dtype, pass_, coords32)
+    consts = dict(HE=HE, HM=HM, HX=HX, EP=16, BI=BI, BJ=BJ, EDGE=edge, ATTENTION=attention, TANH=tanh,
+                  NORMALIZE=normalize, PRECISION=et._precision(torch_dtype), UPCAST=False,
+                  FAST=bool(int(os.environ.get("FAST", "1"))) and dtype != "fp32", K_CHUNK=kc, N_CHUNK=nc)
+    if pass_ == "fwd":
+        consts.update(M_SCRATCH=et.rect_m_scratch(HM, torch_dtype), CHUNKED=True)
+        stages = et.NUM_STAGES
+    else:
+        consts.update(HS=max(widths), HX_CHUNK=et.hx_chunk(HX, nc), W_REL=triton.next_power_of_2(BI + BJ - 1), NEED_DEA=edge == 1,
+                      PRECISION_BWD=et._precision(torch.float32) if dtype == "fp32" else "tf32",
+                      DW_STAGE=et.dw_stage(HM, torch_dtype), FLUSH_ROWS=et.BWD_CHUNKED_FLUSH_ROWS)
+        stages = et.bwd_chunked_stages()
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
+    rec = dict(H="x".join(map(str, widths)), widths=list(widths), dtype=dtype + ("+x32" if coords32 else ""),
+               edge=["none", "dense", "offset"][edge], attention=attention, tanh=tanh, normalize=normalize,
+               kernel=pass_, block_i=BI, block_j=BJ, num_warps=warps, chunks=[kc, nc],
+               known_spill=(HM, dtype == "fp32", pass_) in et.RECT_KNOWN_SPILLS)
+    return _finish(rec, src, warps, needs_dot=True, num_stages=stages)
+
+
 def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, coords32=False):
     import torch
-    if pass_ == "slab":
-        return compile_slab(H, dtype, edge, attention, tanh, normalize, config, coords32)
-    if pass_ == "rel_sum":
-        src, warps = compile_rel_sum(H)
-        rec = dict(H=H, dtype="fp32", edge="offset", attention=False, tanh=False, normalize=False, kernel=pass_,
+    if pass_ == "rel_sum":  # (rectangular: the windows are HE wide)
+        HE = H[0] if isinstance(H, tuple) else H
+        src, warps = compile_rel_sum(HE)
+        rec = dict(H=HE, dtype="fp32", edge="offset", attention=False, tanh=False, normalize=False, kernel=pass_,
                    block_i=et.REL_SUM_BLOCK, block_j=1, num_warps=warps, known_spill=False)
         return _finish(rec, src, warps, needs_dot=False)
+    if isinstance(H, tuple):  # rectangular widths (HE, HM, HX)
+        return compile_rect(H, dtype, edge, attention, tanh, normalize, pass_, coords32)
+    if pass_ == "slab":
+        return compile_slab(H, dtype, edge, attention, tanh, normalize, config, coords32)
     BI, BJ, warps = config or et.block_sizes(H, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), pass_,
                                              edge)
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
@@ -146,12 +186,16 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, 
     consts = dict(H=H, EP=16, BI=BI, BJ=BJ, EDGE=edge, ATTENTION=attention, TANH=tanh, NORMALIZE=normalize,
                   PRECISION=et._precision(getattr(torch, torch_dtype)), UPCAST=False,
                   FAST=bool(int(os.environ.get("FAST", "1"))) and dtype != "fp32")
+    if pass_ == "fwd" or chunked_bwd:  # the kernels that also take rectangular widths: H -> (HE, HM, HX)
+        consts.pop("H")
+        consts.update(HE=H, HM=H, HX=H)
     if pass_ == "fwd":  # K_CHUNK / N_CHUNK from the environment ("32,64"): for sweeps
         env_chunks = os.environ.get("FWD_CHUNKS")
         kc, nc = (int(v) for v in env_chunks.split(",")) if env_chunks else et.fwd_chunks(H, getattr(torch, torch_dtype), x32=coords32)
         env_scratch = os.environ.get("FWD_M_SCRATCH")  # "1" / "0": for sweeps
         consts.update(K_CHUNK=kc, N_CHUNK=nc,
-                      M_SCRATCH=bool(int(env_scratch)) if env_scratch else et.fwd_m_scratch(H, getattr(torch, torch_dtype), coords32))
+                      M_SCRATCH=bool(int(env_scratch)) if env_scratch else et.fwd_m_scratch(H, getattr(torch, torch_dtype), coords32),
+                      CHUNKED=kc * nc < H * H)
     if pass_ != "fwd":
         consts.update(W_REL=triton.next_power_of_2(BI + BJ - 1), ROWS_ARE_I=pass_ == "bwd_i",
                       NEED_DEA=edge == 1,  # DW_CHUNK from the environment: for sweeps
@@ -162,7 +206,7 @@ def compile_one(H, dtype, edge, attention, tanh, normalize, pass_, config=None, 
         if chunked_bwd:  # the chunked kernel: always both sides, rows i, staged weight gradients
             for name in ("ROWS_ARE_I", "DW_CHUNK", "BOTH"):
                 consts.pop(name)
-            consts.update(K_CHUNK=bwd_kc, N_CHUNK=bwd_nc,
+            consts.update(K_CHUNK=bwd_kc, N_CHUNK=bwd_nc, HS=H, HX_CHUNK=H,
                           FLUSH_ROWS=int(os.environ.get("FLUSH_ROWS", et.BWD_CHUNKED_FLUSH_ROWS)))
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=_attrs(kernel, sig))
     rec = dict(H=H, dtype=dtype + ("+x32" if coords32 else ""), edge=["none", "dense", "offset"][edge], attention=attention, tanh=tanh,
@@ -212,7 +256,7 @@ def _compile_args(cfg):
     return compile_one(*cfg[:7], coords32=cfg[7:] == ("x32",))
 
 
-def configs(quick: bool, ci: bool = False):
+def configs(quick: bool, ci: bool = False, rect: bool = False):
     if ci:  # what the test suite compiles: the spill-free forward sizes, and one backward pair
         for H in (16, 32, 64):
             yield H, "bf16", 2, True, True, True, "fwd"
@@ -241,6 +285,18 @@ def configs(quick: bool, ci: bool = False):
         for pass_ in ("fwd", "bwd_i", "bwd_j", "slab"):  # normalize="clamp" (NORMALIZE 2): egnn-pytorch's drop-in
             yield 32, "bf16", 1, True, True, 2, pass_
         yield 128, "bf16", 1, True, False, 2, "fwd"
+        for pass_ in ("fwd", "bwd_i"):  # rectangular widths (egnn-pytorch's layer at dim 64 / 32)
+            yield (272, 64, 272), "bf16", 0, False, False, 2, pass_  # (norm_coors: H_x = 4 m_dim + 1)
+            yield (144, 16, 64), "fp32", 1, True, False, 2, pass_
+        yield (272, 64, 256), "fp32", 0, False, False, False, "rel_sum"
+        return
+    if rect:  # rectangular widths only: egnn-pytorch's shapes with its options, and one offset-table set
+        for widths, dtype, pass_ in itertools.product(et.RECT_WIDTHS, ("fp32", "bf16"), ("fwd", "bwd_i")):
+            for edge, att, tanh, norm in [(0, False, False, 0), (0, False, False, 2), (1, True, False, 2),
+                                          (2, True, True, 1)]:
+                yield widths, dtype, edge, att, tanh, norm, pass_
+        for widths in et.RECT_WIDTHS:
+            yield widths, "fp32", 2, False, False, False, "rel_sum"
         return
     hs = (32, 128) if quick else et.SUPPORTED_HIDDEN
     for H, dtype, pass_ in itertools.product(hs, ("fp32", "bf16"), ("fwd", "bwd_i", "bwd_j")):
@@ -271,6 +327,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset (H 32 and 128, two flag sets)")
     ap.add_argument("--ci", action="store_true", help="the few configurations the test suite compiles")
+    ap.add_argument("--rect", action="store_true", help="rectangular widths only (egnn-pytorch's shapes)")
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--markdown", help="write a table here")
     ap.add_argument("--jobs", type=int, default=1, help="compile this many configurations at once (processes)")
@@ -280,7 +337,7 @@ def main(argv=None) -> int:
               f"{'spill':>6} {'smem':>7} {'wgmma':>6} {'mma':>4}  ok")
     print(header, flush=True)
     lines = []
-    cfgs = list(configs(args.quick, args.ci))
+    cfgs = list(configs(args.quick, args.ci, args.rect))
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         pool = ProcessPoolExecutor(args.jobs)

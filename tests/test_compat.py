@@ -118,9 +118,11 @@ def test_matches_egnn_pytorch_float64(backend, opt, B, N, masked):
 
 
 @pytest.mark.parametrize("opt", list(OPTIONS))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 def test_matches_egnn_pytorch_float32(backend, opt):
-    """Ours in float32 against theirs in float64, within 2x theirs in float32 (plus 2e-5)."""
+    """Ours in float32 against theirs in float64, within 2x theirs in float32 (plus 2e-5). On triton
+    (interpreted) every option runs the rectangular kernels: (H_e, M, H_x) = (4 dim + 2 + 2 edge_dim,
+    m_dim, 4 m_dim [+ 1]) is padded to multiples of 16 (M to 16), never to a square."""
     opts = OPTIONS[opt]
     theirs, ours = make_pair(backend, **opts)
     inputs = make_inputs(3, 7, opts.get("edge_dim", 0), masked=True, seed=5)
@@ -129,6 +131,38 @@ def test_matches_egnn_pytorch_float32(backend, opt):
     theirs32 = run(theirs.float(), *inputs32)
     compare(run(ours.float(), *inputs32), expected, 2e-5, floor_from=theirs32,
             loose=LOOSE if opts.get("norm_coors") else None)
+
+
+@pytest.mark.parametrize("dim,m_dim", [(64, 16), (32, 32)])
+def test_triton_matches_egnn_pytorch_at_its_real_widths(dim, m_dim):
+    """egnn-pytorch's layer at dim 64 (H_e = 258, past the square kernels' 256: it ran the reference on
+    CUDA before) and dim 32 = m_dim: the triton kernels at rectangular widths (272, 16, 80) and
+    (144, 32, 144), float32, masked, against egnn-pytorch in float64 (within 2x its float32 error)."""
+    theirs = randomize_(egnn_pytorch.EGNN(dim=dim, m_dim=m_dim, norm_coors=True), scale=0.15).double()
+    ours = compat.EGNN(dim=dim, m_dim=m_dim, norm_coors=True, backend="triton").double()
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(dim)
+    feats, coors = torch.randn(2, 9, dim, generator=g, dtype=F64), 1.5 * torch.randn(2, 9, 3, generator=g, dtype=F64)
+    mask = random_mask(2, 9, generator=g)
+    expected = run(theirs, feats, coors, None, mask)
+    theirs32 = run(theirs.float(), feats.float(), coors.float(), None, mask)
+    seen = []
+    from protdiff_fast.ops import egnn_triton
+    kernel = egnn_triton._egnn_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append((kw["HE"], kw["HM"], kw["HX"])) or kernel[grid](*a, **kw)
+
+    egnn_triton._egnn_fwd_kernel = Spy()
+    try:
+        got = run(ours.float(), feats.float(), coors.float(), None, mask)
+    finally:
+        egnn_triton._egnn_fwd_kernel = kernel
+    # (norm_coors carries b4 as one more phi_x unit: H_x = 4 m_dim + 1)
+    assert seen == [_padding.padded_widths("triton")(4 * dim + 2, m_dim, 4 * m_dim + 1)]
+    assert seen[0][0] < 4 * dim + 2 + 16 and seen[0][1] == m_dim
+    compare(got, expected, 2e-5, floor_from=theirs32, loose=LOOSE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -265,7 +299,7 @@ def test_padding_adapter_is_exact(edge, attention, normalize):
     expected = _outputs_and_grads(egnn_pair_aggregate_reference, args, kw)
     padded_cpu = _outputs_and_grads(lambda *a, **k: egnn_pair_aggregate(*a, backend="cpu", **k), args, kw)
     padded_ref = _outputs_and_grads(
-        lambda *a, **k: _padding.call_padded(egnn_pair_aggregate_reference, lambda w: 16, a, k), args, kw)
+        lambda *a, **k: _padding.call_padded(egnn_pair_aggregate_reference, lambda *w: (16, 16, 16), a, k), args, kw)
     for got in (padded_cpu, padded_ref):
         assert got[0].shape == expected[0].shape  # m_i sliced back to M
         for a, e in zip(got, expected):
@@ -283,13 +317,14 @@ def test_clamp_normalize_gradcheck_cpu():
 
 
 def test_padding_hook_api():
-    assert _padding.square_hidden("reference") is None  # the reference takes rectangular widths
-    assert _padding.square_hidden("cpu") is None  # the C++ kernels take rectangular widths too
-    assert _padding.square_hidden("triton")(130) == 256
+    assert _padding.padded_widths("reference") is None  # the reference takes rectangular widths
+    assert _padding.padded_widths("cpu") is None  # the C++ kernels take rectangular widths too
+    assert _padding.padded_widths("triton")(130, 130, 130) == (256, 256, 256)
+    assert _padding.padded_widths("triton")(130, 32, 129) == (144, 32, 144)  # rectangular: not (256,) * 3
     with pytest.raises(ValueError, match="normalize"):
         egnn_pair_aggregate_reference(*_rect_problem("none", False)[0], normalize="detach")
     with pytest.raises(TypeError, match="missing argument"):
-        _padding.call_padded(egnn_pair_aggregate_reference, lambda w: w, (torch.zeros(1, 1, 3),), {})
+        _padding.call_padded(egnn_pair_aggregate_reference, lambda *w: w, (torch.zeros(1, 1, 3),), {})
 
 
 def test_silu_one_constant():

@@ -151,7 +151,7 @@ def test_cpu_does_not_pad_rectangular_widths_to_a_square():
     before, 25x the per-pair products for egnn-pytorch's layer at dim = 64)."""
     from protdiff_fast.ops import _padding
 
-    assert _padding.square_hidden("cpu") is None
+    assert _padding.padded_widths("cpu") is None
     args, kw = make_problem(1, 5, (66, 16, 64), 0, "none", FLAG_SETS[0])
     seen = {}
     import protdiff_fast.ops.egnn_cpu as egnn_cpu

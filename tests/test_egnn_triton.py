@@ -28,7 +28,8 @@ def compare(B, N, H, E, edge_mode, flags, dtype, seed=0, K=None, x_dtype=None, b
     given: float32 coordinates next to low-precision features, against the reference run the same way)."""
     args, kw = make_problem(B, N, H, E, edge_mode, flags, seed, K=K)
     g = torch.Generator().manual_seed(seed + 1)
-    upstream = (torch.randn(B, N, H, generator=g, dtype=F64), torch.randn(B, N, 3, generator=g, dtype=F64))
+    M = args[4].shape[1]  # (H may be rectangular widths (H_e, M, H_x))
+    upstream = (torch.randn(B, N, M, generator=g, dtype=F64), torch.randn(B, N, 3, generator=g, dtype=F64))
     want = run("reference", args, kw, F64, upstream)
     got = run(backend, args, kw, dtype, upstream, x_dtype=x_dtype)
     low_ref = run("reference", args, kw, dtype, upstream, x_dtype=x_dtype)
@@ -396,7 +397,7 @@ def test_kernels_compile_for_sm90_without_spills_and_use_tensor_cores(tmp_path):
 
 
 def test_dispatcher_pads_other_widths_for_triton():
-    """H_e = 20, M = 12, H_x = 24: zero-padded to the kernels' 32, sliced back, same answer."""
+    """H_e = 20, M = 12, H_x = 24: zero-padded to the kernels' (32, 16, 32), sliced back, same answer."""
     g = torch.Generator().manual_seed(3)
     B, N, He, M, Hx = 2, 9, 20, 12, 24
 
@@ -572,3 +573,118 @@ def test_triton_clamp_normalize_inside_the_clamp(variant, monkeypatch):
     extra = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
     for name, a, w in zip(NAMES + extra, got, want):
         assert_close_rel(a, w, 1e-4, f"{name} ({variant}, eps = 2)")
+
+
+# ---------------------------------------------------------------------------------------------
+# rectangular widths (H_e, M, H_x): the chunked kernels, not a square padding
+# ---------------------------------------------------------------------------------------------
+# (H_e, M, H_x) -> padded (HE, HM, HX): egnn-pytorch's dim 16 layer (66, 16, 64) -> (80, 16, 64); M wider
+# than H_e and H_x (24, 40, 8) -> (32, 64, 16); H_x not a power of two (130, 32, 129) -> (144, 32, 144):
+# t in 9 column chunks of 16, dW3 flushed by column chunks
+TRITON_RECT = [(66, 16, 64), (24, 40, 8), (130, 32, 129)]
+
+
+class _KernelSpy:
+    """Records the width constexprs of each launch of a jitted kernel, then launches it."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((kw.get("HE"), kw.get("HM"), kw.get("HX")))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@pytest.fixture
+def rect_launches(monkeypatch):
+    """(HE, HM, HX) of every forward and chunked-backward launch, by kernel."""
+    calls = {"fwd": [], "bwd": []}
+    monkeypatch.setattr(egnn_triton, "_egnn_fwd_kernel", _KernelSpy(egnn_triton._egnn_fwd_kernel, calls["fwd"]))
+    monkeypatch.setattr(egnn_triton, "_egnn_bwd_chunked_kernel",
+                        _KernelSpy(egnn_triton._egnn_bwd_chunked_kernel, calls["bwd"]))
+    return calls
+
+
+def test_triton_padded_widths():
+    pw = egnn_triton.padded_widths
+    assert pw(20, 20, 20) == (32, 32, 32) and pw(20, 30, 17) == (32, 32, 32)  # same power of two: square
+    assert pw(256, 256, 256) == (256, 256, 256)
+    assert pw(66, 16, 64) == (80, 16, 64)  # egnn-pytorch at dim 16: 5 K chunks of 16, not 128^2 + 128^2
+    assert pw(258, 64, 256) == (272, 64, 256)  # ... at dim 64 (past the square kernels' 256)
+    assert pw(258, 64, 257) == (272, 64, 272)  # ... with norm_coors (one more phi_x unit): not 512
+    assert pw(514, 128, 513) == (528, 128, 528)  # dim = m_dim = 128
+    assert pw(4096, 16, 4096) == (4096, 16, 4096)
+    for bad in [(16, 257, 16), (16, 16, 4097), (4097, 16, 16)]:
+        with pytest.raises(ValueError, match=r"M up to 256 and H_e, H_x up to 4096, got \(H_e, M, H_x\)"):
+            pw(*bad)
+    assert [egnn_triton._dividing_chunk(w, 64) for w in (16, 48, 80, 96, 128, 272)] == [16, 16, 16, 32, 64, 16]
+    assert egnn_triton.hx_chunk(256, 64) == 256 and egnn_triton.hx_chunk(272, 16) == 16
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", [FLAG_SETS[0], FLAG_SETS[5], dict(attention=True, normalize="clamp")], ids=flag_id)
+@pytest.mark.parametrize("widths", TRITON_RECT, ids=lambda w: "x".join(map(str, w)))
+def test_triton_rectangular_widths_match_reference(widths, flags, edge_mode, rect_launches):
+    compare(2, 19, widths, 3, edge_mode, flags, torch.float32, seed=sum(widths), K=4)
+    padded = egnn_triton.padded_widths(*widths)
+    assert not egnn_triton.is_square(*padded)
+    assert rect_launches["fwd"] == [padded] and rect_launches["bwd"] == [padded]
+
+
+@pytest.mark.parametrize("N", [1, 2, 40])
+def test_triton_rectangular_odd_sizes(N):
+    # N = 1: no pairs; N = 40 over two 32-blocks and two regions of the backward (its partial flushes)
+    compare(3, N, (66, 16, 64), 3, "offset", FLAG_SETS[4], torch.float32, seed=N, K=3)
+    compare(1, N, (24, 40, 8), 3, "dense", FLAG_SETS[5], torch.float32, seed=N + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("edge_mode", ["dense", "offset"])
+def test_triton_rectangular_low_precision_within_reference_error(dtype, edge_mode):
+    compare(3, 23, (130, 32, 129), 3, edge_mode, FLAG_SETS[4], dtype, seed=5, K=4)
+
+
+@pytest.mark.parametrize("edge_mode", ["dense", "offset"])
+def test_triton_rectangular_backward_programs_and_stages(edge_mode, monkeypatch):
+    """One program per sample walking every block, and weight-gradient flushes every 3 tiles (a
+    partly filled last stage): same answer."""
+    monkeypatch.setattr(egnn_triton, "BACKWARD_PROGRAMS", 1)
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_DW_STAGE", "3")
+    compare(2, 70, (66, 16, 64), 3, edge_mode, FLAG_SETS[4], torch.float32, seed=72, K=5)
+
+
+def test_triton_rectangular_two_passes_fall_back_to_the_reference_backward(monkeypatch, rect_launches):
+    """Only the one-pass chunked kernel takes rectangular widths: with two passes asked for, the
+    forward is fused and the gradients come from the reference (still right)."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BWD_PASSES", "2")
+    assert not egnn_triton.has_fused_backward(80, torch.float32, (80, 16, 64))
+    assert egnn_triton.has_fused_backward(32, torch.float32, (32, 32, 32))
+    compare(2, 9, (66, 16, 64), 3, "offset", FLAG_SETS[4], torch.float32, seed=3, K=3)
+    assert rect_launches["fwd"] == [(80, 16, 64)] and rect_launches["bwd"] == []
+
+
+def test_triton_rectangular_widths_the_kernels_do_not_run_are_refused():
+    args, kw = make_problem(1, 5, (24, 40, 8), 0, "none", FLAG_SETS[0])
+    args = [a.float() for a in args]
+    with pytest.raises(ValueError, match=r"M in \(16, 32, 64, 128, 256\) and H_e, H_x multiples of 16"):
+        egnn_triton.egnn_pair_aggregate_triton(*args, **kw)  # unpadded: the dispatcher pads, the kernel does not
+    with pytest.raises(ValueError, match="square hidden sizes"):
+        egnn_triton.egnn_pair_aggregate_triton(*[a.float() for a in make_problem(1, 5, 24, 0, "none", {})[0]])
+    from protdiff_fast.ops import cannot_run_egnn
+    assert cannot_run_egnn("triton", (258, 257, 64)) is not None and cannot_run_egnn("triton", (258, 64, 257)) is None
+    args, kw = make_problem(1, 4, (20, 300, 8), 0, "none", FLAG_SETS[0])
+    with pytest.raises(ValueError, match="M up to 256"):  # (auto on CUDA runs the reference instead)
+        egnn_pair_aggregate(*[a.float() for a in args], backend="triton", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_rectangular_m_from_scratch_and_wide_hx(dtype, monkeypatch, rect_launches):
+    """The forward's phi_x product with m read back from scratch (shipped for fp32 at M = 256, forced
+    here), and H_x = 512: a power of two over 256, whose dW3 is flushed by column chunks (hx_chunk)."""
+    monkeypatch.setattr(egnn_triton, "rect_m_scratch", lambda HM, dtype: True)
+    compare(2, 11, (20, 16, 512), 3, "offset", FLAG_SETS[4], dtype, seed=41, K=3)
+    compare(2, 11, (66, 16, 64), 3, "dense", FLAG_SETS[5], dtype, seed=42)
+    assert rect_launches["fwd"] == [(32, 16, 512), (80, 16, 64)]
+    assert egnn_triton.hx_chunk(512, 64) == 64 and egnn_triton.hx_chunk(64, 16) == 64

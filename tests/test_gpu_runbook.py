@@ -133,7 +133,8 @@ def test_gpu_check_scripts_run_their_comparisons_on_the_cpu():
     egnn = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--jobs", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert egnn.returncode == 0 and "0 failed" in egnn.stdout, egnn.stdout[-2000:] + egnn.stderr[-2000:]
-    assert egnn.stdout.count("ok  ") == 12  # 6 combinations (H <= 32, clamp included) x 2 sizes
+    # 8 combinations (H <= 32, clamp included; rectangular (66, 16, 64)) x 2 sizes
+    assert egnn.stdout.count("ok  ") == 16 and egnn.stdout.count("H=66x16x64") == 4
     steps = subprocess.run([sys.executable, "benchmarks/gpu_check_sampler.py", "--device", "cpu", "--backend", "cpu",
                             "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     lines = steps.stdout.splitlines()

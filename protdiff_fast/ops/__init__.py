@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from protdiff_fast.backends import get_impl
-from protdiff_fast.ops._padding import CLAMP_NORMALIZE, bind_arguments, call_padded, square_hidden
+from protdiff_fast.ops._padding import CLAMP_NORMALIZE, bind_arguments, call_padded, padded_widths
 
 
 def remove_center_of_mass(
@@ -27,11 +27,11 @@ def egnn_pair_aggregate(*args, backend: str = "auto", **kwargs) -> Tuple[torch.T
     """The fused EGNN pair aggregation; contract in :mod:`protdiff_fast.reference.egnn`.
 
     The widths H_e (p, q), M (W2's columns) and H_x (W3's columns) may differ. A backend that runs
-    only square widths of certain sizes declares it in ``protdiff_fast.ops._padding.SQUARE_HIDDEN``
-    with a function ``square_hidden(w) -> S`` (S >= w, or ValueError naming its sizes); this
-    dispatcher then zero-pads every width to S = square_hidden(max(H_e, M, H_x)) and slices m_i
-    back to M (exact; :mod:`protdiff_fast.ops._padding`). Calling a backend's function directly
-    skips the padding.
+    only certain widths declares it in ``protdiff_fast.ops._padding.PADDED_WIDTHS`` with a function
+    ``padded_widths(H_e, M, H_x) -> (H_e', M', H_x')`` (each >= its width, or ValueError naming its
+    limits); this dispatcher then zero-pads each width to its target and slices m_i back to M
+    (exact; :mod:`protdiff_fast.ops._padding`). Calling a backend's function directly skips the
+    padding.
     """
     x = kwargs["x"] if "x" in kwargs else args[0]
     name, fn = get_impl("egnn_pair_aggregate", backend, x.device)
@@ -46,29 +46,30 @@ def egnn_pair_aggregate(*args, backend: str = "auto", **kwargs) -> Tuple[torch.T
     if isinstance(kwargs.get("normalize"), str) and name not in CLAMP_NORMALIZE:
         raise NotImplementedError(f"normalize={kwargs['normalize']!r} is not implemented by the {name!r} backend "
                                   f"(implemented by: {', '.join(CLAMP_NORMALIZE)})")
-    square = square_hidden(name)
-    if square is None:
+    padded = padded_widths(name)
+    if padded is None:
         return fn(*args, **kwargs)
-    return call_padded(fn, square, args, kwargs)
+    return call_padded(fn, padded, args, kwargs)
 
 
 # backends of egnn_pair_aggregate that run only some dtypes (x's and p's); the others run every float dtype
 EGNN_DTYPES = {"triton": (torch.float32, torch.bfloat16, torch.float16)}
 
 
-def cannot_run_egnn(name: str, width: Optional[int] = None, dtypes=(), normalize=None) -> Optional[str]:
-    """Why backend ``name`` cannot run egnn_pair_aggregate with these widest width, input dtypes and
-    ``normalize`` option, or None. ``backend="auto"`` runs the reference where this gives a reason."""
+def cannot_run_egnn(name: str, width=None, dtypes=(), normalize=None) -> Optional[str]:
+    """Why backend ``name`` cannot run egnn_pair_aggregate with these widths (one square width, or
+    (H_e, M, H_x)), input dtypes and ``normalize`` option, or None. ``backend="auto"`` runs the
+    reference where this gives a reason."""
     if isinstance(normalize, str) and name not in CLAMP_NORMALIZE:
         return f"normalize={normalize!r}"
     bad = [d for d in dtypes if name in EGNN_DTYPES and d not in EGNN_DTYPES[name]]
     if bad:
         runs = ", ".join(str(d).replace("torch.", "") for d in EGNN_DTYPES[name])
         return f"{str(bad[0]).replace('torch.', '')} inputs (it runs {runs})"
-    square = square_hidden(name)
-    if square is not None and width is not None:
+    padded = padded_widths(name)
+    if padded is not None and width is not None:
         try:
-            square(width)
+            padded(*((width,) * 3 if isinstance(width, int) else width))
         except ValueError as err:
             return str(err)
     return None
@@ -82,7 +83,7 @@ def _cannot_run(name: str, args: tuple, kwargs: dict) -> Optional[str]:
         return None  # let the backend's validator name the problem
     widths = [t.shape[-1] for t in (named["p"], named["W2"], named["W3"]) if isinstance(t, torch.Tensor)]
     dtypes = [t.dtype for t in (named["x"], named["p"]) if isinstance(t, torch.Tensor)]
-    return cannot_run_egnn(name, max(widths) if widths else None, dtypes, kwargs.get("normalize"))
+    return cannot_run_egnn(name, tuple(widths) if len(widths) == 3 else None, dtypes, kwargs.get("normalize"))
 
 
 @functools.lru_cache(maxsize=None)

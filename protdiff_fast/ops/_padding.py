@@ -1,8 +1,8 @@
-"""Zero-padding of egnn_pair_aggregate's three widths to the square width a backend runs.
+"""Zero-padding of egnn_pair_aggregate's three widths to the widths a backend runs.
 
 The contract (:mod:`protdiff_fast.reference.egnn`) allows rectangular widths: p, q (B, N, H_e),
-W2 (H_e, M), W3 (M, H_x). Some backends run only H_e = M = H_x = S with S from a fixed set
-(:func:`protdiff_fast.backends.square_hidden`). Padding every width to S with zeros is exact:
+W2 (H_e, M), W3 (M, H_x). Some backends run only certain widths (the triton kernels: a square
+S in {16, ..., 256}, or M rounded up to a power of two and H_e, H_x to multiples of 16). Padding each width with zeros is exact:
 
     z's extra columns are 0 (p, q, w_d, W_e / rel padded with zero columns) -> silu(0) = 0,
     and W2's extra rows are 0, so the real y = silu(z) @ W2 + b2 is unchanged;
@@ -11,8 +11,7 @@ W2 (H_e, M), W3 (M, H_x). Some backends run only H_e = M = H_x = S with S from a
     s's extra columns are 0 -> silu(0) = 0, and w4's extra entries are 0, so phi_ij is unchanged.
 
 m_i comes back sliced to (B, N, M). F.pad and slicing are differentiable, so the gradients of
-the real entries are the backend's and those of the padding are dropped. Cost: the backend's
-work grows to S^2 per pair instead of H_e*M + M*H_x.
+the real entries are the backend's and those of the padding are dropped.
 """
 from __future__ import annotations
 
@@ -22,23 +21,25 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-# Backends whose egnn_pair_aggregate runs only square widths H_e = M = H_x = S, of certain sizes:
-# backend -> "module:function" of ``square_hidden(w) -> S``, the square width it runs for inputs
-# whose widest width is w (S >= w), raising ValueError naming its supported sizes when w is too
-# large. The dispatcher zero-pads to S. Backends not listed ("reference") take any widths.
-SQUARE_HIDDEN: Dict[str, str] = {
-    "triton": "protdiff_fast.ops.egnn_triton:padded_hidden",  # 16, 32, 64, 128, 256
+# Backends whose egnn_pair_aggregate runs only some widths: backend -> "module:function" of
+# ``padded_widths(H_e, M, H_x) -> (H_e', M', H_x')``, the widths (each >= its own) it runs inputs of
+# these widths at, raising ValueError naming its limits when a width is too large. The dispatcher
+# zero-pads to them. Backends not listed ("reference", "cpu") take any widths.
+PADDED_WIDTHS: Dict[str, str] = {
+    "triton": "protdiff_fast.ops.egnn_triton:padded_widths",
 }
 # Backends whose kernels implement normalize="clamp" (egnn-pytorch's CoorsNorm); the dispatcher
 # refuses it for the others rather than let them read it as normalize=True.
 CLAMP_NORMALIZE = ("reference", "cpu", "triton")
 
+Widths = Tuple[int, int, int]
 
-def square_hidden(backend: str) -> Optional[Callable[[int], int]]:
-    """The square-width function of ``backend``'s egnn_pair_aggregate, or None (takes any widths)."""
-    if backend not in SQUARE_HIDDEN:
+
+def padded_widths(backend: str) -> Optional[Callable[[int, int, int], Widths]]:
+    """The width-padding function of ``backend``'s egnn_pair_aggregate, or None (takes any widths)."""
+    if backend not in PADDED_WIDTHS:
         return None
-    module_name, fn_name = SQUARE_HIDDEN[backend].split(":")
+    module_name, fn_name = PADDED_WIDTHS[backend].split(":")
     return getattr(importlib.import_module(module_name), fn_name)
 
 # positional order of the op's tensor arguments (protdiff_fast.reference.egnn)
@@ -79,28 +80,27 @@ def _pad_matrix(t, rows: int, cols: int):
     return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
 
 
-def call_padded(fn: Callable, square: Callable[[int], int], args: tuple, kwargs: dict):
-    """Call ``fn`` (a backend of egnn_pair_aggregate) with every width zero-padded to
-    S = square(max(H_e, M, H_x)), and return (m_i[..., :M], dx_i). No copies when already square S."""
+def call_padded(fn: Callable, padded: Callable[[int, int, int], Widths], args: tuple, kwargs: dict):
+    """Call ``fn`` (a backend of egnn_pair_aggregate) with its widths zero-padded to
+    padded(H_e, M, H_x), and return (m_i[..., :M], dx_i). No copies when nothing needs padding."""
     named = bind_arguments(args, kwargs)
     H_e, M, H_x = _widths(named)
     if H_e < 0:
         return fn(**named)  # malformed: let the backend's validator name the problem
-    S = square(max(H_e, M, H_x))
-    if H_e == M == H_x == S:
+    Pe, Pm, Px = padded(H_e, M, H_x)
+    if (Pe, Pm, Px) == (H_e, M, H_x):
         return fn(**named)
     last = {"q": H_e, "w_d": H_e, "b2": M, "b3": H_x, "w4": H_x, "W_e": H_e, "rel": H_e, "w_att": M}
     if named["W2"].shape[0] != H_e or named["W3"].shape[0] != M or any(
             isinstance(named.get(k), torch.Tensor) and (named[k].dim() == 0 or named[k].shape[-1] != w)
             for k, w in last.items()) or not all(isinstance(named[k], torch.Tensor) for k in POSITIONAL):
         return fn(**named)  # inconsistent widths: unpadded, so the backend's validator names the argument
-    padded = dict(named)
-    for key in ("p", "q", "w_d", "b2", "b3", "w4"):
-        padded[key] = _pad_last(named[key], S)
-    for key in ("W_e", "rel", "w_att"):  # the optional ones
-        if isinstance(named.get(key), torch.Tensor):
-            padded[key] = _pad_last(named[key], S)
-    padded["W2"] = _pad_matrix(named["W2"], S, S)
-    padded["W3"] = _pad_matrix(named["W3"], S, S)
-    m_i, dx_i = fn(**padded)
+    target = {"p": Pe, "q": Pe, "w_d": Pe, "W_e": Pe, "rel": Pe, "b2": Pm, "w_att": Pm, "b3": Px, "w4": Px}
+    padded_args = dict(named)
+    for key, size in target.items():
+        if isinstance(named.get(key), torch.Tensor):  # (W_e, rel, w_att are optional)
+            padded_args[key] = _pad_last(named[key], size)
+    padded_args["W2"] = _pad_matrix(named["W2"], Pe, Pm)
+    padded_args["W3"] = _pad_matrix(named["W3"], Pm, Px)
+    m_i, dx_i = fn(**padded_args)
     return m_i[..., :M], dx_i

@@ -15,8 +15,11 @@ flattened to [BLOCK_I * BLOCK_J, H] so the two H x H products are ``tl.dot``s (t
 the GPU). Extra memory is O(B N H): m_i, dx_i and, in the backward, per-program partial sums of
 the weight gradients.
 
-Hidden sizes H in SUPPORTED_HIDDEN = (16, 32, 64, 128, 256) (the dispatcher zero-pads other widths up,
-:func:`padded_hidden`). At H = 256 the forward splits both H x H products into chunks
+Hidden sizes H in SUPPORTED_HIDDEN = (16, 32, 64, 128, 256) for square widths H_e = M = H_x = H.
+Rectangular widths (egnn-pytorch's layer: H_e = 4 dim + 2, M = m_dim, H_x = 4 m_dim) run the chunked
+kernels below with three widths HE, HM, HX: z by K chunks and t by column chunks (HE, HX multiples of
+RECT_K_CHUNK up to RECT_MAX_WIDTH), m whole (HM a power of two up to 256), so a pair costs HE HM + HM HX
+products instead of the square 2 S^2 (the dispatcher zero-pads to :func:`padded_widths`). At H = 256 the forward splits both H x H products into chunks
 (:func:`fwd_chunks`): r = b2 + sum_c silu(z[:, c]) W2[c, :] over K chunks, z's columns rebuilt from
 the inputs per chunk, and phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c] over output-column chunks,
 weight chunks loaded inside the loops; fp32 at H = 128 chunks them too (its 3xTF32 operand copies
@@ -99,11 +102,113 @@ NORMALIZE_OPTIONS = {mode: option for option, mode in NORMALIZE_MODES.items()}
 
 
 def padded_hidden(h: int) -> int:
-    """The hidden size this backend runs a width-``h`` op at (the zero-padding adapter's target)."""
+    """The square hidden size this backend runs a width-``h`` op at."""
     for size in SUPPORTED_HIDDEN:
         if h <= size:
             return size
     raise ValueError(f"the triton backend supports hidden sizes up to {SUPPORTED_HIDDEN[-1]}, got {h}")
+
+
+# Rectangular widths (H_e, M, H_x not all one size after rounding up, e.g. egnn-pytorch's layer: H_e =
+# 4 dim + 2, M = m_dim, H_x = 4 m_dim (+ 1 with norm_coors)) run the chunked kernels: z by K chunks and t
+# by column chunks, H_e and H_x padded to multiples of RECT_K_CHUNK (up to RECT_MAX_WIDTH), m whole with M
+# rounded up to a power of two in SUPPORTED_HIDDEN. Work per pair H_e M + M H_x instead of 2 S^2.
+RECT_K_CHUNK = 16
+RECT_MAX_WIDTH = 4096
+
+
+def padded_widths(H_e: int, M: int, H_x: int) -> Tuple[int, int, int]:
+    """(HE, HM, HX), the widths this backend runs an op of widths (H_e, M, H_x) at (each >= its width;
+    the dispatcher zero-pads, exact). Square S (the tuned square kernels) when the three round up to
+    the same power of two, else rectangular (the chunked kernels, :data:`RECT_K_CHUNK`). ValueError
+    naming the limits when M exceeds 256 or H_e or H_x exceeds RECT_MAX_WIDTH."""
+    rounded = [padded_hidden(w) if w <= SUPPORTED_HIDDEN[-1] else None for w in (H_e, M, H_x)]
+    if rounded[0] is not None and rounded[0] == rounded[1] == rounded[2]:
+        return rounded[0], rounded[0], rounded[0]
+    if rounded[1] is None or max(H_e, H_x) > RECT_MAX_WIDTH:
+        raise ValueError(f"the triton backend supports M up to {SUPPORTED_HIDDEN[-1]} and H_e, H_x up to "
+                         f"{RECT_MAX_WIDTH}, got (H_e, M, H_x) = ({H_e}, {M}, {H_x})")
+    return _round_up(H_e, RECT_K_CHUNK), rounded[1], _round_up(H_x, RECT_K_CHUNK)
+
+
+def _round_up(w: int, step: int) -> int:
+    return -(-w // step) * step
+
+
+def _dividing_chunk(width: int, most: int) -> int:
+    """The largest power of two <= ``most`` that divides ``width`` (a multiple of RECT_K_CHUNK)."""
+    chunk = most
+    while width % chunk:
+        chunk //= 2
+    return chunk
+
+
+def is_square(HE: int, HM: int, HX: int) -> bool:
+    return HE == HM == HX
+
+
+def _check_rect_widths(HE: int, HM: int, HX: int) -> None:
+    """ValueError unless (HE, HM, HX) is a width triple the kernels run (padded_widths' outputs)."""
+    if is_square(HE, HM, HX):
+        if HE not in SUPPORTED_HIDDEN:
+            raise ValueError(f"p: the triton kernels run square hidden sizes {SUPPORTED_HIDDEN}, got H = {HE} "
+                             "(egnn_pair_aggregate pads other sizes with zeros; call it instead)")
+        return
+    if HM not in SUPPORTED_HIDDEN or any(w % RECT_K_CHUNK or not 0 < w <= RECT_MAX_WIDTH for w in (HE, HX)):
+        raise ValueError(f"the triton kernels run rectangular widths with M in {SUPPORTED_HIDDEN} and H_e, H_x "
+                         f"multiples of {RECT_K_CHUNK} up to {RECT_MAX_WIDTH}; got (H_e, M, H_x) = ({HE}, {HM}, {HX}) "
+                         "(egnn_pair_aggregate pads other sizes with zeros; call it instead)")
+
+
+# rectangular widths: (HM, fp32?) -> (BLOCK_I, BLOCK_J, num_warps) of the chunked forward, chosen with
+# scripts/compile_egnn_triton.py --rect on sm_90a (RECT_WIDTHS x 4 flag sets: every forward spill-free; fp32
+# at HM = 32 spilled 16-84 B at 8 x 16 x 4 warps, 0 at 8 x 16 x 8). HM = 128 / 256 are the square
+# chunked forward's blocks, not swept at rectangular widths.
+_RECT_FWD_BLOCKS = {(16, False): (8, 16, 4), (32, False): (8, 16, 4), (64, False): (8, 16, 8),
+                    (128, False): (4, 16, 8), (256, False): (4, 16, 8),
+                    (16, True): (8, 16, 4), (32, True): (8, 16, 8), (64, True): (8, 8, 8),
+                    (128, True): (4, 16, 8), (256, True): (2, 8, 8)}
+RECT_BWD_BLOCKS = (1, 16, 8)
+# (HM, fp32?, kernel) of rectangular configurations that still spill on sm_90 (scripts/compile_egnn_triton.py
+# --rect: RECT_WIDTHS x 4 flag sets, benchmarks/results/egnn_triton_sm90_compile_rect.md). The chunked
+# one-pass backward in bf16 at HM = 64: 0-16 B at N_CHUNK 64 (4-32 B at 16, 12-44 B at 32); at HM = 256
+# 20-40 B (bf16) and 0-12 B (fp32, dense edges with attention) at N_CHUNK 16. Every forward and every
+# other backward: 0 B.
+RECT_KNOWN_SPILLS = {(64, False, "bwd_i"), (256, False, "bwd_i"), (256, True, "bwd_i")}
+# egnn-pytorch's widths as the dispatcher pads them (H_e = 4 dim + 2 and H_x = 4 m_dim [+ 1 with norm_coors] -> multiples
+# of 16, M = m_dim): dim 16 / 32 / 64 / 128 at its default m_dim = 16, and m_dim = dim (swept by the compile script)
+RECT_WIDTHS = ((80, 16, 64), (144, 16, 64), (144, 32, 144), (272, 16, 64), (272, 16, 80), (272, 64, 256), (272, 64, 272),
+               (528, 16, 64), (528, 32, 128), (528, 128, 512), (528, 128, 528), (1040, 256, 1024), (1040, 256, 1040))
+
+
+def rect_fwd_config(HM: int, HX: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_I, BLOCK_J, num_warps, K_CHUNK, N_CHUNK) of the forward at rectangular widths."""
+    if _interpreting():
+        return 32, 32, 4, RECT_K_CHUNK, _dividing_chunk(HX, 64)
+    BI, BJ, warps = _RECT_FWD_BLOCKS[(HM, dtype == torch.float32)]
+    # fp32 at HM = 128: (528, 128, 512) spilled 8 B at 32 columns, 0 at 16
+    n_chunk = 64 if dtype != torch.float32 else (16 if HM >= 128 else 32)
+    return BI, BJ, warps, RECT_K_CHUNK, _dividing_chunk(HX, n_chunk)
+
+
+def rect_bwd_config(HM: int, HX: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_I, BLOCK_J, num_warps, K_CHUNK, N_CHUNK) of the chunked one-pass backward at rectangular
+    widths (K_CHUNK also the K step over m's HM columns, so <= HM)."""
+    BI, BJ, warps = block_sizes(HM, dtype, "bwd_i") if _interpreting() else RECT_BWD_BLOCKS
+    n_chunk = 64 if dtype != torch.float32 and HM == 64 else 16  # (RECT_KNOWN_SPILLS; HM = 128 bf16 spilled 12-24 B at 64)
+    return BI, BJ, warps, RECT_K_CHUNK, _dividing_chunk(HX, n_chunk)
+
+
+def hx_chunk(HX: int, n_chunk: int) -> int:
+    """dW3's columns per product of a weight-gradient flush: HX whole when a power of two up to 256, else
+    N_CHUNK (a [16, 1024] fp32 accumulator spilled 128-244 B at (1040, 256, 1024) in bf16)."""
+    return HX if HX & (HX - 1) == 0 and HX <= SUPPORTED_HIDDEN[-1] else n_chunk
+
+
+def rect_m_scratch(HM: int, dtype: torch.dtype) -> bool:
+    """Whether the rectangular forward reads m back from scratch by K chunks for phi_x's product (as the
+    square fp32 forward at H = 256: fp32 at HM = 256 spilled 0.5-0.6 KB with m whole in registers)."""
+    return dtype == torch.float32 and HM >= 256
 
 
 def _interpreting() -> bool:
@@ -252,9 +357,12 @@ def bwd_chunks(H: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
     return _BWD_CHUNKS.get((H, dtype == torch.float32), (H, H))
 
 
-def has_fused_backward(H: int, dtype: torch.dtype) -> bool:
+def has_fused_backward(H: int, dtype: torch.dtype, widths: Optional[Tuple[int, int, int]] = None) -> bool:
     """Whether the fused backward kernels run (H, dtype); otherwise _backward_by_reference (fp32 at H = 256
-    with two passes, which have no rows-j configuration there)."""
+    with two passes, which have no rows-j configuration there; rectangular ``widths`` (HE, HM, HX) with two
+    passes: only the chunked one-pass kernel takes rectangular widths)."""
+    if widths is not None and not is_square(*widths):
+        return bwd_passes(widths[1], dtype) == 1
     fp32 = dtype == torch.float32
     return (H, fp32, "bwd_i") in _CONFIGS and (bwd_passes(H, dtype) == 1 or (H, fp32, "bwd_j") in _CONFIGS)
 
@@ -445,23 +553,24 @@ def _pair_tile(
 
 @triton.jit
 def _preact_cols(
-    b, i, j, N, d2, e, cols,  # sample, rows [BI], columns [BJ], nodes, d2 [BI, BJ], e [M, EP], hidden columns [C]
+    b, i, j, N, d2, e, cols,  # sample, rows [BI], columns [BJ], nodes, d2 [BI, BJ], e [M, EP], z's columns [C]
     p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
-    H: tl.constexpr, EP: tl.constexpr, EDGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HE: tl.constexpr, EP: tl.constexpr, EDGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Columns ``cols`` of _pair_tile's z, rebuilt from the inputs: [M, C]."""
+    """Columns ``cols`` of z (phi_e's pre-activation, HE wide: the row length of p, q, rel and W_e),
+    rebuilt from the inputs: [M, C]."""
     M: tl.constexpr = i.shape[0] * j.shape[0]
-    p_c = _load_rows(p_ptr + b * N * H, i, N, cols, H).to(tl.float32)
-    q_c = _load_rows(q_ptr + b * N * H, j, N, cols, H).to(tl.float32)
+    p_c = _load_rows(p_ptr + b * N * HE, i, N, cols, HE).to(tl.float32)
+    q_c = _load_rows(q_ptr + b * N * HE, j, N, cols, HE).to(tl.float32)
     w_d = tl.load(w_d_ptr + cols).to(tl.float32)
     z3 = p_c[:, None, :] + q_c[None, :, :] + d2[:, :, None] * w_d[None, None, :]
     if EDGE == 2:
         k = tl.minimum(tl.maximum(j[None, :] - i[:, None], -K), K) + K
-        z3 += tl.load(rel_ptr + k[:, :, None] * H + cols[None, None, :]).to(tl.float32)
+        z3 += tl.load(rel_ptr + k[:, :, None] * HE + cols[None, None, :]).to(tl.float32)
     z = tl.reshape(z3, (M, cols.shape[0]))
     if EDGE == 1:
         ecol = tl.arange(0, EP)
-        W_e = tl.load(We_ptr + ecol[:, None] * H + cols[None, :], mask=(ecol < E)[:, None], other=0.0)
+        W_e = tl.load(We_ptr + ecol[:, None] * HE + cols[None, :], mask=(ecol < E)[:, None], other=0.0)
         z += _mm(e, W_e, PRECISION, UPCAST)
     return z
 
@@ -472,18 +581,20 @@ def _pair_m_chunked(
     xi0, xi1, xi2, xj0, xj1, xj2, mi, mj,  # coordinates, masks
     p_ptr, q_ptr, w_d_ptr, W2_ptr, b2_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
     E, K,
-    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, K_CHUNK: tl.constexpr,
+    HE: tl.constexpr, HM: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+    K_CHUNK: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
-    """The forward's pair quantities (u, d2, m, v) of the tile (i, j) with phi_e's H x H product split
-    into K chunks, for the large H where neither a whole [M, H] pre-activation tile next to r nor a
-    resident W2 fits in registers (toolchain notes: spills or "register allocation failed"):
+    """The forward's pair quantities (u, d2, m, v) of the tile (i, j) with phi_e's HE x HM product split
+    into K chunks, for the large widths where neither a whole [M, HE] pre-activation tile next to r nor a
+    resident W2 fits in registers (toolchain notes: spills or "register allocation failed"), and for
+    rectangular widths (HE need only be a multiple of K_CHUNK):
 
         r = b2 + sum_c silu(z[:, c]) W2[c, :]      over K chunks c: z's columns rebuilt from the inputs
 
     W2's chunks are loaded inside the loop (from L2 on the GPU), never held whole."""
     M: tl.constexpr = BI * BJ
-    hcol = tl.arange(0, H)
+    hcol = tl.arange(0, HM)
     u0 = xi0[:, None] - xj0[None, :]  # u_ij = x_i - x_j, [BI, BJ]
     u1 = xi1[:, None] - xj1[None, :]
     u2 = xi2[:, None] - xj2[None, :]
@@ -496,13 +607,13 @@ def _pair_m_chunked(
         e3 = tl.load(ea_ptr + b.to(tl.int64) * N * N * E + pair_off[:, :, None] * E + ecol[None, None, :],
                      mask=in_range[:, :, None] & (ecol < E)[None, None, :], other=0.0)
         e = tl.reshape(e3.to(tl.float32), (M, EP))
-    r = tl.zeros((M, H), dtype=tl.float32) + tl.load(b2_ptr + hcol).to(tl.float32)[None, :]
-    for k0 in tl.range(0, H, K_CHUNK):
+    r = tl.zeros((M, HM), dtype=tl.float32) + tl.load(b2_ptr + hcol).to(tl.float32)[None, :]
+    for k0 in tl.range(0, HE, K_CHUNK):
         kc = k0 + tl.arange(0, K_CHUNK)
         z_c = _preact_cols(b, i, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
-                           H, EP, EDGE, PRECISION, UPCAST)
+                           HE, EP, EDGE, PRECISION, UPCAST)
         a_c = z_c * _sigmoid(z_c, FAST)  # phi_e's first SiLU, K_CHUNK columns
-        W2_c = tl.load(W2_ptr + kc[:, None] * H + hcol[None, :])  # rows kc of W2
+        W2_c = tl.load(W2_ptr + kc[:, None] * HM + hcol[None, :])  # rows kc of W2
         r += _mm(a_c, W2_c, PRECISION, UPCAST)
     m = r * _sigmoid(r, FAST)  # m_ij before the gate
     if ATTENTION:
@@ -514,24 +625,25 @@ def _pair_m_chunked(
 
 @triton.jit
 def _phi_chunked(
-    m, m_rows,  # m [M, H] in registers, or (M_SCRATCH) the program's row-major [M, H] copy of it, read back
-    W3_ptr, b3_ptr, w4_ptr, M: tl.constexpr, H: tl.constexpr, K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
-    M_SCRATCH: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    m, m_rows,  # m [M, HM] in registers, or (M_SCRATCH) the program's row-major [M, HM] copy of it, read back
+    W3_ptr, b3_ptr, w4_ptr, M: tl.constexpr, HM: tl.constexpr, HX: tl.constexpr, K_CHUNK: tl.constexpr,
+    N_CHUNK: tl.constexpr, M_SCRATCH: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
     """phi = sum_c silu(m W3[:, c] + b3[c]) . w4[c] over output-column chunks c of phi_x's hidden layer
-    (exact: silu is elementwise, so s's columns are independent), [M]. M_SCRATCH: m's K chunks are read
-    back from m_rows (_scratch_times_weight), so the product's A operand is never whole in registers:
-    in fp32 its 3xTF32 hi / lo copies of a whole [M, H] m spilled 0.2-0.4 KB at H = 128 / 256."""
-    hcol = tl.arange(0, H)
+    (HX wide; exact: silu is elementwise, so s's columns are independent), [M]. M_SCRATCH: m's K chunks
+    are read back from m_rows (_scratch_times_weight), so the product's A operand is never whole in
+    registers: in fp32 its 3xTF32 hi / lo copies of a whole [M, H] m spilled 0.2-0.4 KB at H = 128 / 256."""
+    hcol = tl.arange(0, HM)
     m_op = m.to(W3_ptr.dtype.element_ty)  # the product's A operand, cast once
     phi = tl.zeros((M,), dtype=tl.float32)
-    for n0 in tl.range(0, H, N_CHUNK):
+    for n0 in tl.range(0, HX, N_CHUNK):
         nc = n0 + tl.arange(0, N_CHUNK)
         if M_SCRATCH:
-            t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, H, K_CHUNK, False,
+            t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, HM, HM, HX, K_CHUNK, False,
                                         W3_ptr.dtype.element_ty == tl.float32, PRECISION, UPCAST)
         else:
-            W3_c = tl.load(W3_ptr + hcol[:, None] * H + nc[None, :])  # columns nc of W3
+            W3_c = tl.load(W3_ptr + hcol[:, None] * HX + nc[None, :])  # columns nc of W3
             t_c = _mm(m_op, W3_c, PRECISION, UPCAST)
         t_c += tl.load(b3_ptr + nc).to(tl.float32)[None, :]
         s_c = t_c * _sigmoid(t_c, FAST)  # phi_x's hidden layer, N_CHUNK columns
@@ -543,31 +655,35 @@ def _phi_chunked(
 
 @triton.jit
 def _egnn_fwd_kernel(
-    x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,  # (B,N,3), (B,N,H) x2, (B,N) uint8, (B,) C_b fp32
+    x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,  # (B,N,3), (B,N,HE) x2, (B,N) uint8, (B,) C_b fp32
     w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,  # phi_e / phi_x weights, (in, out) layout
     ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,  # edge term, attention (unused ones: any pointer)
-    m_out_ptr, dx_out_ptr,  # (B,N,H) fp32 zeroed, (B,N,3) outputs
-    scratch_ptr,  # M_SCRATCH: per program (BI * BJ, H) in W3's dtype, the m tile read back by K chunks
+    m_out_ptr, dx_out_ptr,  # (B,N,HM) fp32 zeroed, (B,N,3) outputs
+    scratch_ptr,  # M_SCRATCH: per program (BI * BJ, HM) in W3's dtype, the m tile read back by K chunks
     N, E, K, eps,
-    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+    HE: tl.constexpr, HM: tl.constexpr, HX: tl.constexpr,  # widths of z (p, q), m (W2's columns), W3's columns
+    EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
-    K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,  # < H: the products split into chunks (fwd_chunks)
+    K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,  # < HE / HX: the products split into chunks (fwd_chunks)
     M_SCRATCH: tl.constexpr,  # (chunked only) phi_x's product reads m back from scratch by K chunks
+    CHUNKED: tl.constexpr,  # the chunked products (either split, or rectangular widths); else one square H
 ):
-    CHUNKED: tl.constexpr = K_CHUNK * N_CHUNK < H * H  # either product split
     M: tl.constexpr = BI * BJ
+    H: tl.constexpr = HM  # the unchunked path's one width (square: HE = HM = HX)
+    if not CHUNKED:
+        tl.static_assert(HE == HM and HM == HX, "the unchunked forward runs square widths only")
     pid_i = tl.program_id(0)
     b = tl.program_id(1)
-    m_copy = scratch_ptr + (b * tl.num_programs(0) + pid_i).to(tl.int64) * M * H
+    m_copy = scratch_ptr + (b * tl.num_programs(0) + pid_i).to(tl.int64) * M * HM
     srow = tl.arange(0, M)
-    hcol = tl.arange(0, H)
+    hcol = tl.arange(0, HM)
     i = pid_i * BI + tl.arange(0, BI)
     mi = (tl.load(mask_ptr + b * N + i, mask=i < N, other=0) != 0) & (i < N)
     xi0, xi1, xi2 = _load_xyz(x_ptr, b * N * 3, i, N)
     if not CHUNKED:
         p_i = _load_rows(p_ptr + b * N * H, i, N, hcol, H).to(tl.float32)
-    m_rows = m_out_ptr + (b * N + i[:, None]) * H + hcol[None, :]  # fp32, zeroed by the launcher
+    m_rows = m_out_ptr + (b * N + i[:, None]) * HM + hcol[None, :]  # fp32, zeroed by the launcher
     dx0 = tl.zeros((BI,), dtype=tl.float32)  # sum_j u_ij phi_ij
     dx1 = tl.zeros((BI,), dtype=tl.float32)
     dx2 = tl.zeros((BI,), dtype=tl.float32)
@@ -579,9 +695,9 @@ def _egnn_fwd_kernel(
             u0, u1, u2, d2, m, v = _pair_m_chunked(
                 b, i, j, N, xi0, xi1, xi2, xj0, xj1, xj2, mi, mj,
                 p_ptr, q_ptr, w_d_ptr, W2_ptr, b2_ptr, ea_ptr, We_ptr, rel_ptr, watt_ptr,
-                b_att, E, K, H, EP, BI, BJ, K_CHUNK, EDGE, ATTENTION, PRECISION, UPCAST, FAST)
+                b_att, E, K, HE, HM, EP, BI, BJ, K_CHUNK, EDGE, ATTENTION, PRECISION, UPCAST, FAST)
             if not M_SCRATCH:
-                phi = _phi_chunked(m, m_copy, W3_ptr, b3_ptr, w4_ptr, M, H, K_CHUNK, N_CHUNK, False, TANH,
+                phi = _phi_chunked(m, m_copy, W3_ptr, b3_ptr, w4_ptr, M, HM, HX, K_CHUNK, N_CHUNK, False, TANH,
                                    PRECISION, UPCAST, FAST)
         else:
             q_j = _load_rows(q_ptr + b * N * H, j, N, hcol, H).to(tl.float32)
@@ -591,14 +707,14 @@ def _egnn_fwd_kernel(
                 H, EP, BI, BJ, EDGE, ATTENTION, TANH, PRECISION, UPCAST, FAST)
         vf = v.to(tl.float32)
         # m_i: each tile's partial sum is added into the program's own rows of the output instead of a
-        # loop-carried [BI, H] register accumulator (whose layout costs registers and spills at H = 128)
-        m_part = tl.sum(tl.reshape(m, (BI, BJ, H)) * vf[:, :, None], axis=1)
+        # loop-carried [BI, HM] register accumulator (whose layout costs registers and spills at H = 128)
+        m_part = tl.sum(tl.reshape(m, (BI, BJ, HM)) * vf[:, :, None], axis=1)
         tl.store(m_rows, tl.load(m_rows, mask=(i < N)[:, None], other=0.0) + m_part, mask=(i < N)[:, None])
         tl.debug_barrier()  # (also: the last tile's reads of m_copy are done before it is overwritten)
         if CHUNKED and M_SCRATCH:
-            tl.store(m_copy + srow[:, None] * H + hcol[None, :], m.to(W3_ptr.dtype.element_ty))
+            tl.store(m_copy + srow[:, None] * HM + hcol[None, :], m.to(W3_ptr.dtype.element_ty))
             tl.debug_barrier()  # other threads' rows are read back
-            phi = _phi_chunked(m, m_copy, W3_ptr, b3_ptr, w4_ptr, M, H, K_CHUNK, N_CHUNK, True, TANH,
+            phi = _phi_chunked(m, m_copy, W3_ptr, b3_ptr, w4_ptr, M, HM, HX, K_CHUNK, N_CHUNK, True, TANH,
                                PRECISION, UPCAST, FAST)
         coef = tl.reshape(phi, (BI, BJ)) * vf
         if NORMALIZE == 1:  # (the same expression as before NORMALIZE 2: a reciprocal here spilled 20 B)
@@ -623,26 +739,42 @@ def _accumulate(ptr, cols, value):
 
 @triton.jit
 def _flush_weight_gradient(
-    stage, n_rows, pW_ptr,  # stage: (2, STAGE_ROWS, H) staged A then G; the first n_rows rows of each are live
-    H: tl.constexpr, STAGE_ROWS: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr,
+    stage, n_rows, pW_ptr,  # stage: (2, STAGE_ROWS, HS) staged A then G; the first n_rows rows of each are live
+    HA: tl.constexpr, HG: tl.constexpr, HS: tl.constexpr,  # A's and G's widths, the stage's row length
+    G_CHUNK: tl.constexpr,  # G's columns per product: HG (a power of two), or a power of two dividing it
+    STAGE_ROWS: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """pW[H, H] += A^T G over the staged pairs (A = a or m, G = d_r or d_t, in the weight dtype): one read-
+    """pW[HA, HG] += A^T G over the staged pairs (A = a or m, G = d_r or d_t, in the weight dtype): one read-
     modify-write of the program's partial per DW_STAGE tiles instead of per tile. By ROWS output rows at a
-    time (a [ROWS, H] fp32 accumulator), K = the staged pairs in steps of STEP."""
-    hcol = tl.arange(0, H)
-    g_base = stage + STAGE_ROWS * H
-    # a rolled loop: unrolled (static_range), ptxas overlapped the row blocks and spilled 4-104 B more
-    for c0 in tl.range(0, H, ROWS):
-        cols = c0 + tl.arange(0, ROWS)
-        acc = tl.zeros((ROWS, H), dtype=tl.float32)
-        for k0 in range(0, n_rows, STEP):
-            kk = k0 + tl.arange(0, STEP)
-            A_k = tl.load(stage + kk[:, None] * H + cols[None, :])  # [STEP, ROWS]
-            G_k = tl.load(g_base + kk[:, None] * H + hcol[None, :])  # [STEP, H]
-            acc += _mm(tl.trans(A_k), G_k, PRECISION, UPCAST)
-        addr = pW_ptr + cols[:, None] * H + hcol[None, :]
-        tl.store(addr, tl.load(addr) + acc)
+    time (a [ROWS, G_CHUNK] fp32 accumulator), K = the staged pairs in steps of STEP."""
+    g_base = stage + STAGE_ROWS * HS
+    if G_CHUNK == HG:  # G whole (every square width)
+        gcol = tl.arange(0, HG)
+        # a rolled loop: unrolled (static_range), ptxas overlapped the row blocks and spilled 4-104 B more
+        for c0 in tl.range(0, HA, ROWS):
+            cols = c0 + tl.arange(0, ROWS)
+            acc = tl.zeros((ROWS, HG), dtype=tl.float32)
+            for k0 in range(0, n_rows, STEP):
+                kk = k0 + tl.arange(0, STEP)
+                A_k = tl.load(stage + kk[:, None] * HS + cols[None, :])  # [STEP, ROWS]
+                G_k = tl.load(g_base + kk[:, None] * HS + gcol[None, :])  # [STEP, HG]
+                acc += _mm(tl.trans(A_k), G_k, PRECISION, UPCAST)
+            addr = pW_ptr + cols[:, None] * HG + gcol[None, :]
+            tl.store(addr, tl.load(addr) + acc)
+    else:  # HG not a power of two (a rectangular H_x): by column chunks too
+        for c0 in tl.range(0, HA, ROWS):
+            cols = c0 + tl.arange(0, ROWS)
+            for g0 in tl.range(0, HG, G_CHUNK):
+                gcol = g0 + tl.arange(0, G_CHUNK)
+                acc = tl.zeros((ROWS, G_CHUNK), dtype=tl.float32)
+                for k0 in range(0, n_rows, STEP):
+                    kk = k0 + tl.arange(0, STEP)
+                    A_k = tl.load(stage + kk[:, None] * HS + cols[None, :])
+                    G_k = tl.load(g_base + kk[:, None] * HS + gcol[None, :])
+                    acc += _mm(tl.trans(A_k), G_k, PRECISION, UPCAST)
+                addr = pW_ptr + cols[:, None] * HG + gcol[None, :]
+                tl.store(addr, tl.load(addr) + acc)
 
 
 @triton.jit
@@ -939,9 +1071,10 @@ def _egnn_bwd_kernel(
                 if staged == DW_STAGE:
                     tl.debug_barrier()  # the stage rows were written by other threads
                     _flush_weight_gradient(stage, STAGE_ROWS, pW2_ptr + prog * H * H if ROWS_ARE_I else
-                                           pW3_ptr + prog * H * H, H, STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
+                                           pW3_ptr + prog * H * H, H, H, H, H, STAGE_ROWS, FLUSH_ROWS, M, PRECISION,
+                                           UPCAST)
                     if BOTH:
-                        _flush_weight_gradient(stage + W3_AT * H, STAGE_ROWS, pW3_ptr + prog * H * H, H, STAGE_ROWS,
+                        _flush_weight_gradient(stage + W3_AT * H, STAGE_ROWS, pW3_ptr + prog * H * H, H, H, H, H, STAGE_ROWS,
                                                FLUSH_ROWS, M, PRECISION, UPCAST)
                     staged = 0
             tl.debug_barrier()  # the next tile's read-modify-writes (and stage rows) may touch rows other threads wrote
@@ -956,9 +1089,9 @@ def _egnn_bwd_kernel(
     if DW_STAGE > 1:
         if staged > 0:  # the last, partly filled stage
             _flush_weight_gradient(stage, staged * M, pW2_ptr + prog * H * H if ROWS_ARE_I else pW3_ptr + prog * H * H,
-                                   H, STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
+                                   H, H, H, H, STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
             if BOTH:
-                _flush_weight_gradient(stage + W3_AT * H, staged * M, pW3_ptr + prog * H * H, H, STAGE_ROWS,
+                _flush_weight_gradient(stage + W3_AT * H, staged * M, pW3_ptr + prog * H * H, H, H, H, H, STAGE_ROWS,
                                        FLUSH_ROWS, M, PRECISION, UPCAST)
     base = prog * 6 * H
     if ROWS_ARE_I and not BOTH:
@@ -972,21 +1105,23 @@ def _egnn_bwd_kernel(
 
 
 @triton.jit
-def _scratch_times_weight(a_ptr, W_ptr, cols, M: tl.constexpr, H: tl.constexpr, K_CHUNK: tl.constexpr,
-                          TRANS_W: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """A W[:, cols] (TRANS_W: A W[cols, :]^T) for the program's own row-major [M, H] scratch tile A, by K
-    chunks read back from it: [M, len(cols)] fp32. An mma.sync at M = 16 gives every warp the whole A
-    operand, [16, H] in registers per product (128 registers at H = 256 in TF32); a K chunk of it is
-    [16, K_CHUNK]. F32: TF32 (or 3xTF32) products of fp32 operands, else in the weight dtype."""
+def _scratch_times_weight(a_ptr, W_ptr, cols, M: tl.constexpr, KD: tl.constexpr, A_STRIDE: tl.constexpr,
+                          W_STRIDE: tl.constexpr, K_CHUNK: tl.constexpr, TRANS_W: tl.constexpr, F32: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """A W[:, cols] (TRANS_W: A W[cols, :]^T) for the program's own [M, KD] scratch tile A (rows A_STRIDE
+    apart; W's rows W_STRIDE long), by K chunks read back from it: [M, len(cols)] fp32. An mma.sync at
+    M = 16 gives every warp the whole A operand, [16, KD] in registers per product (128 registers at
+    KD = 256 in TF32); a K chunk of it is [16, K_CHUNK]. F32: TF32 (or 3xTF32) products of fp32
+    operands, else in the weight dtype."""
     srow = tl.arange(0, M)
     acc = tl.zeros((M, cols.shape[0]), dtype=tl.float32)
-    for k0 in tl.range(0, H, K_CHUNK):
+    for k0 in tl.range(0, KD, K_CHUNK):
         kk = k0 + tl.arange(0, K_CHUNK)
-        a = tl.load(a_ptr + srow[:, None] * H + kk[None, :])
+        a = tl.load(a_ptr + srow[:, None] * A_STRIDE + kk[None, :])
         if TRANS_W:
-            w = tl.load(W_ptr + cols[None, :] * H + kk[:, None])  # W[cols, kk]^T: [K_CHUNK, C]
+            w = tl.load(W_ptr + cols[None, :] * W_STRIDE + kk[:, None])  # W[cols, kk]^T: [K_CHUNK, C]
         else:
-            w = tl.load(W_ptr + kk[:, None] * H + cols[None, :])  # W[kk, cols]
+            w = tl.load(W_ptr + kk[:, None] * W_STRIDE + cols[None, :])  # W[kk, cols]
         if F32:
             acc += _mm(a.to(tl.float32), w.to(tl.float32), PRECISION, False)
         else:
@@ -999,25 +1134,29 @@ def _egnn_bwd_chunked_kernel(
     x_ptr, p_ptr, q_ptr, mask_ptr, scale_ptr,
     w_d_ptr, W2_ptr, b2_ptr, W3_ptr, b3_ptr, w4_ptr,
     ea_ptr, We_ptr, rel_ptr, watt_ptr, b_att,
-    gm_ptr, gdx_ptr,  # (B,N,H), (B,N,3) fp32 upstream gradients
-    dnode_ptr, dx_part_ptr,  # (n_chunks, B, N, H) d_p (zeroed: added to by column chunks), (n_chunks, B, N, 3) i side of dx
-    dnode2_ptr, dx2_part_ptr,  # (n_chunks, B, N, H) d_q and (n_chunks, B, N, 3) the j side of dx, zeroed
+    gm_ptr, gdx_ptr,  # (B,N,HM), (B,N,3) fp32 upstream gradients
+    dnode_ptr, dx_part_ptr,  # (n_chunks, B, N, HE) d_p (zeroed: added to by column chunks), (n_chunks, B, N, 3) i side of dx
+    dnode2_ptr, dx2_part_ptr,  # (n_chunks, B, N, HE) d_q and (n_chunks, B, N, 3) the j side of dx, zeroed
     dea_ptr,  # (B,N,N,E) d edge_attr (NEED_DEA)
-    pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr,  # per-program partials: (P,H,H) x2, (P,6,H), (P,EP,H), zeroed
-    prel_ptr,  # (B, n_regions, 2 chunk - 1, H) d_rel per region and unclipped offset, zeroed
-    stage_ptr,  # weight dtype, per program: (4, DW_STAGE M, H): a, d_r, m, d_t
-    scratch_ptr,  # fp32, per program: (M, H) d_r, the A operand of d_z = d_r W2^T read back by K chunks
+    pW2_ptr, pW3_ptr, pvec_ptr, pWe_ptr,  # per-program partials: (P,HE,HM), (P,HM,HX), (P,6,HS), (P,EP,HE), zeroed
+    prel_ptr,  # (B, n_regions, 2 chunk - 1, HE) d_rel per region and unclipped offset, zeroed
+    stage_ptr,  # weight dtype, per program: (4, DW_STAGE M, HS): a, d_r, m, d_t
+    scratch_ptr,  # fp32, per program: (M, HM) d_r, the A operand of d_z = d_r W2^T read back by K chunks
     N, E, K, eps,
     own_chunk, other_chunk, n_other_chunks, n_regions,
-    H: tl.constexpr, EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
+    HE: tl.constexpr, HM: tl.constexpr, HX: tl.constexpr,  # widths of z (p, q), m (W2's columns), W3's columns
+    HS: tl.constexpr,  # row length of the stage and of the vector partials: max(HE, HM, HX)
+    HX_CHUNK: tl.constexpr,  # dW3's columns per flush product: HX when a power of two, else N_CHUNK
+    EP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, W_REL: tl.constexpr,
     EDGE: tl.constexpr, ATTENTION: tl.constexpr, TANH: tl.constexpr, NORMALIZE: tl.constexpr,
     NEED_DEA: tl.constexpr, PRECISION: tl.constexpr, PRECISION_BWD: tl.constexpr, UPCAST: tl.constexpr,
     FAST: tl.constexpr, DW_STAGE: tl.constexpr, FLUSH_ROWS: tl.constexpr,
     K_CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
 ):
-    """The one-pass backward (_egnn_bwd_kernel with BOTH) with every H x H product split into column
-    chunks, for H = 256, where the unchunked body keeps about a dozen [M, H] fp32 tiles live and
-    spilled ~1 KB per thread. Only r, m and d_m (then d_r) stay whole; per tile of pairs:
+    """The one-pass backward (_egnn_bwd_kernel with BOTH) with every product split into column chunks,
+    for H = 256, where the unchunked body keeps about a dozen [M, H] fp32 tiles live and spilled ~1 KB
+    per thread, and for rectangular widths (z HE wide, a multiple of K_CHUNK; m HM; t HX, a multiple
+    of N_CHUNK). Only r, m and d_m (then d_r), HM wide, stay whole; per tile of pairs:
 
         r    = b2 + sum_c silu(z[:, c]) W2[c, :]        z's K chunks rebuilt from the inputs; a's columns staged
         phi  = sum_c silu(m W3[:, c] + b3[c]) . w4[c]   output-column chunks of W3
@@ -1036,10 +1175,10 @@ def _egnn_bwd_chunked_kernel(
     pid = tl.program_id(0)
     b = tl.program_id(1)
     P = tl.num_programs(0)
-    hcol = tl.arange(0, H)
+    hcol = tl.arange(0, HM)
     C = tl.load(scale_ptr + b)
     prog = b * P + pid
-    vec = pvec_ptr + prog * 6 * H
+    vec = pvec_ptr + prog * 6 * HS
     region = pid
     own_lo = region // n_other_chunks * own_chunk
     other_part = region % n_other_chunks  # d_p and the i side of dx: a partial per other chunk
@@ -1047,7 +1186,7 @@ def _egnn_bwd_chunked_kernel(
     blk_start = own_lo // BI
     blk_stop = tl.minimum(tl.cdiv(N, BI), (own_lo + own_chunk) // BI)
     staged = pid * 0
-    stage = stage_ptr + prog.to(tl.int64) * (4 * STAGE_ROWS * H)
+    stage = stage_ptr + prog.to(tl.int64) * (4 * STAGE_ROWS * HS)
     W2_STAGE: tl.constexpr = 0  # stage rows: a, then d_r, then m, then d_t
     W3_STAGE: tl.constexpr = 2 * STAGE_ROWS
     srow = tl.arange(0, M)
@@ -1078,29 +1217,30 @@ def _egnn_bwd_chunked_kernel(
                              mask=in_range[:, :, None] & (ecol < E)[None, None, :], other=0.0)
                 e = tl.reshape(e3.to(tl.float32), (M, EP))
             # -- recompute: r by K chunks of z (a's columns staged for dW2), m, phi by chunks of W3's columns
-            w_att = tl.zeros((H,), dtype=tl.float32)
-            r = tl.zeros((M, H), dtype=tl.float32) + b2[None, :]
-            for k0 in tl.range(0, H, K_CHUNK):
+            w_att = tl.zeros((HM,), dtype=tl.float32)
+            r = tl.zeros((M, HM), dtype=tl.float32) + b2[None, :]
+            for k0 in tl.range(0, HE, K_CHUNK):
                 kc = k0 + tl.arange(0, K_CHUNK)
                 z_c = _preact_cols(b, i, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
-                                   H, EP, EDGE, PRECISION, UPCAST)
+                                   HE, EP, EDGE, PRECISION, UPCAST)
                 a_c = z_c * _sigmoid(z_c, FAST)
-                tl.store(stage + (W2_STAGE + staged * M + srow)[:, None] * H + kc[None, :],
+                tl.store(stage + (W2_STAGE + staged * M + srow)[:, None] * HS + kc[None, :],
                          a_c.to(stage_ptr.dtype.element_ty))
-                r += _mm(a_c, tl.load(W2_ptr + kc[:, None] * H + hcol[None, :]), PRECISION, UPCAST)
+                r += _mm(a_c, tl.load(W2_ptr + kc[:, None] * HM + hcol[None, :]), PRECISION, UPCAST)
             m0 = r * _sigmoid(r, FAST)  # sigmoid(r) is recomputed for d_r rather than kept live through d_m
             g = tl.full((M,), 1.0, tl.float32)
             if ATTENTION:
                 w_att = tl.load(watt_ptr + hcol).to(tl.float32)
                 g = _sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att, FAST)
             m_op = (m0 * g[:, None]).to(W3_ptr.dtype.element_ty)  # m_ij, the A operand of t = m W3
-            m_rows = stage + (W3_STAGE + staged * M) * H  # m, staged for dW3, read back by K chunks for t = m W3
-            tl.store(m_rows + srow[:, None] * H + hcol[None, :], m_op.to(stage_ptr.dtype.element_ty))
+            m_rows = stage + (W3_STAGE + staged * M) * HS  # m, staged for dW3, read back by K chunks for t = m W3
+            tl.store(m_rows + srow[:, None] * HS + hcol[None, :], m_op.to(stage_ptr.dtype.element_ty))
             tl.debug_barrier()
             phi = tl.zeros((M,), dtype=tl.float32)
-            for n0 in tl.range(0, H, N_CHUNK):
+            for n0 in tl.range(0, HX, N_CHUNK):
                 nc = n0 + tl.arange(0, N_CHUNK)
-                t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, H, K_CHUNK, False, False, PRECISION, UPCAST) + \
+                t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, HM, HS, HX, K_CHUNK, False, False, PRECISION,
+                                            UPCAST) + \
                     tl.load(b3_ptr + nc).to(tl.float32)[None, :]
                 phi += tl.sum(t_c * _sigmoid(t_c, FAST) * tl.load(w4_ptr + nc).to(tl.float32)[None, :], axis=1)
             if TANH:
@@ -1129,34 +1269,35 @@ def _egnn_bwd_chunked_kernel(
             if TANH:
                 d_phi = d_phi * (1.0 - phi * phi)
             # -- d_m = gm v + d_t W3^T by chunks of W3's columns, t recomputed; d_t's columns staged for dW3
-            d_m = tl.zeros((M, H), dtype=tl.float32)
-            for n0 in tl.range(0, H, N_CHUNK):
+            d_m = tl.zeros((M, HM), dtype=tl.float32)
+            for n0 in tl.range(0, HX, N_CHUNK):
                 nc = n0 + tl.arange(0, N_CHUNK)
-                t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, H, K_CHUNK, False, False, PRECISION, UPCAST) + \
+                t_c = _scratch_times_weight(m_rows, W3_ptr, nc, M, HM, HS, HX, K_CHUNK, False, False, PRECISION,
+                                            UPCAST) + \
                     tl.load(b3_ptr + nc).to(tl.float32)[None, :]
                 sig_t = _sigmoid(t_c, FAST)
                 d_t = d_phi[:, None] * tl.load(w4_ptr + nc).to(tl.float32)[None, :] * _dsilu(t_c, sig_t)
-                tl.store(stage + (W3_STAGE + STAGE_ROWS + staged * M + srow)[:, None] * H + nc[None, :],
+                tl.store(stage + (W3_STAGE + STAGE_ROWS + staged * M + srow)[:, None] * HS + nc[None, :],
                          d_t.to(stage_ptr.dtype.element_ty))
-                _accumulate(vec + 1 * H, nc, tl.sum(d_t, axis=0))  # b3
-                _accumulate(vec + 2 * H, nc, tl.sum(t_c * sig_t * d_phi[:, None], axis=0))  # w4
-                W3T_c = tl.load(W3_ptr + hcol[None, :] * H + nc[:, None]).to(tl.float32)  # [N_CHUNK, H]
+                _accumulate(vec + 1 * HS, nc, tl.sum(d_t, axis=0))  # b3
+                _accumulate(vec + 2 * HS, nc, tl.sum(t_c * sig_t * d_phi[:, None], axis=0))  # w4
+                W3T_c = tl.load(W3_ptr + hcol[None, :] * HX + nc[:, None]).to(tl.float32)  # [N_CHUNK, HM]
                 d_m += _mm(d_t, W3T_c, PRECISION_BWD, False)
-            gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
-            d_m += tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, H))  # through m_i = sum_j v_ij m_ij
+            gm_i = _load_rows(gm_ptr + b * N * HM, i, N, hcol, HM)
+            d_m += tl.reshape(gm_i[:, None, :] * vf[:, :, None], (M, HM))  # through m_i = sum_j v_ij m_ij
             sig_r = _sigmoid(r, FAST)
             if ATTENTION:
                 d_gate = tl.sum(d_m * r * sig_r, axis=1) * g * (1.0 - g)
                 d_m = d_m * g[:, None] + d_gate[:, None] * w_att[None, :]
-                _accumulate(vec + 4 * H, hcol, tl.sum(r * sig_r * d_gate[:, None], axis=0))
-                _accumulate(vec + 5 * H, hcol, tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0))
+                _accumulate(vec + 4 * HS, hcol, tl.sum(r * sig_r * d_gate[:, None], axis=0))
+                _accumulate(vec + 5 * HS, hcol, tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0))
             d_r = d_m * _dsilu(r, sig_r)
-            tl.store(stage + (W2_STAGE + STAGE_ROWS + staged * M + srow)[:, None] * H + hcol[None, :],
+            tl.store(stage + (W2_STAGE + STAGE_ROWS + staged * M + srow)[:, None] * HS + hcol[None, :],
                      d_r.to(stage_ptr.dtype.element_ty))
-            d_r_rows = scratch_ptr + prog.to(tl.int64) * M * H  # fp32: the d_r -> d_z product stays TF32
-            tl.store(d_r_rows + srow[:, None] * H + hcol[None, :], d_r)
+            d_r_rows = scratch_ptr + prog.to(tl.int64) * M * HM  # fp32: the d_r -> d_z product stays TF32
+            tl.store(d_r_rows + srow[:, None] * HM + hcol[None, :], d_r)
             tl.debug_barrier()
-            _accumulate(vec + 0 * H, hcol, tl.sum(d_r, axis=0))  # b2
+            _accumulate(vec + 0 * HS, hcol, tl.sum(d_r, axis=0))  # b2
             # -- d_z by K chunks, and everything that reads it
             d_d2 = tl.zeros((M,), dtype=tl.float32)
             d2_flat = tl.reshape(d2, (M,))
@@ -1164,27 +1305,28 @@ def _egnn_bwd_chunked_kernel(
             i_ok = i < N
             j_ok = j < N
             d_e = tl.zeros((M, EP), dtype=tl.float32)  # d edge_attr (NEED_DEA)
-            for k0 in tl.range(0, H, K_CHUNK):
+            for k0 in tl.range(0, HE, K_CHUNK):
                 kc = k0 + tl.arange(0, K_CHUNK)
                 z_c = _preact_cols(b, i, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
-                                   H, EP, EDGE, PRECISION, UPCAST)
-                d_z = _scratch_times_weight(d_r_rows, W2_ptr, kc, M, H, K_CHUNK, True, True, PRECISION_BWD, False) * \
+                                   HE, EP, EDGE, PRECISION, UPCAST)
+                d_z = _scratch_times_weight(d_r_rows, W2_ptr, kc, M, HM, HM, HM, K_CHUNK, True, True, PRECISION_BWD,
+                                            False) * \
                     _dsilu(z_c, _sigmoid(z_c, FAST))  # d_r W2[kc, :]^T silu'(z[:, kc]), [M, K_CHUNK]
                 d_z3 = tl.reshape(d_z, (BI, BJ, K_CHUNK))
                 d_d2 += tl.sum(d_z * tl.load(w_d_ptr + kc).to(tl.float32)[None, :], axis=1)
-                _accumulate(vec + 3 * H, kc, tl.sum(d_z * d2_flat[:, None], axis=0))  # w_d
-                addr_p = dnode_ptr + i_rows[:, None] * H + kc[None, :]
+                _accumulate(vec + 3 * HS, kc, tl.sum(d_z * d2_flat[:, None], axis=0))  # w_d
+                addr_p = dnode_ptr + i_rows[:, None] * HE + kc[None, :]
                 tl.store(addr_p, tl.load(addr_p, mask=i_ok[:, None], other=0.0) + tl.sum(d_z3, axis=1),
                          mask=i_ok[:, None])
-                addr_q = dnode2_ptr + j_rows[:, None] * H + kc[None, :]
+                addr_q = dnode2_ptr + j_rows[:, None] * HE + kc[None, :]
                 tl.store(addr_q, tl.load(addr_q, mask=j_ok[:, None], other=0.0) + tl.sum(d_z3, axis=0),
                          mask=j_ok[:, None])
                 if EDGE == 1:
                     ecol = tl.arange(0, EP)
-                    addr_We = pWe_ptr + (prog * EP + ecol[:, None]) * H + kc[None, :]
+                    addr_We = pWe_ptr + (prog * EP + ecol[:, None]) * HE + kc[None, :]
                     tl.store(addr_We, tl.load(addr_We) + tl.dot(tl.trans(e), d_z, input_precision=PRECISION_BWD))
                     if NEED_DEA:  # d edge_attr = d_z W_e^T, K chunk by K chunk into a [M, EP] accumulator
-                        We_cT = tl.load(We_ptr + ecol[None, :] * H + kc[:, None], mask=(ecol < E)[None, :], other=0.0)
+                        We_cT = tl.load(We_ptr + ecol[None, :] * HE + kc[:, None], mask=(ecol < E)[None, :], other=0.0)
                         d_e += tl.dot(d_z, We_cT.to(tl.float32), input_precision=PRECISION_BWD)
                 if EDGE == 2:  # d_rel: the tile's pairs of equal offset summed into the region's window
                     o_lo = ob * BJ - (blk * BI + BI - 1)
@@ -1194,7 +1336,7 @@ def _egnn_bwd_chunked_kernel(
                     rows = o_lo + w - other_part * other_chunk + own_lo + own_chunk - 1
                     win_rows = own_chunk + other_chunk - 1
                     ok = (rows < win_rows)[:, None]
-                    addr = prel_ptr + (b.to(tl.int64) * n_regions + region) * win_rows * H + rows[:, None] * H + \
+                    addr = prel_ptr + (b.to(tl.int64) * n_regions + region) * win_rows * HE + rows[:, None] * HE + \
                         kc[None, :]
                     tl.store(addr, tl.load(addr, mask=ok, other=0.0) + d_rel, mask=ok)
             if EDGE == 1 and NEED_DEA:
@@ -1223,10 +1365,10 @@ def _egnn_bwd_chunked_kernel(
             staged += 1
             if staged == DW_STAGE:
                 tl.debug_barrier()  # the stage rows were written by other threads
-                _flush_weight_gradient(stage + W2_STAGE * H, STAGE_ROWS, pW2_ptr + prog * H * H, H, STAGE_ROWS,
-                                       FLUSH_ROWS, M, PRECISION, UPCAST)
-                _flush_weight_gradient(stage + W3_STAGE * H, STAGE_ROWS, pW3_ptr + prog * H * H, H, STAGE_ROWS,
-                                       FLUSH_ROWS, M, PRECISION, UPCAST)
+                _flush_weight_gradient(stage + W2_STAGE * HS, STAGE_ROWS, pW2_ptr + prog * HE * HM, HE, HM, HS, HM,
+                                       STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
+                _flush_weight_gradient(stage + W3_STAGE * HS, STAGE_ROWS, pW3_ptr + prog * HM * HX, HM, HX, HS, HX_CHUNK,
+                                       STAGE_ROWS, FLUSH_ROWS, M, PRECISION, UPCAST)
                 staged = 0
             tl.debug_barrier()  # the next tile's read-modify-writes may touch what other threads wrote
         i_ok = i < N
@@ -1234,24 +1376,26 @@ def _egnn_bwd_chunked_kernel(
         tl.store(dx_part_ptr + i_rows * 3 + 1, dxi1, mask=i_ok)
         tl.store(dx_part_ptr + i_rows * 3 + 2, dxi2, mask=i_ok)
     if staged > 0:  # the last, partly filled stage
-        _flush_weight_gradient(stage + W2_STAGE * H, staged * M, pW2_ptr + prog * H * H, H, STAGE_ROWS, FLUSH_ROWS, M,
-                               PRECISION, UPCAST)
-        _flush_weight_gradient(stage + W3_STAGE * H, staged * M, pW3_ptr + prog * H * H, H, STAGE_ROWS, FLUSH_ROWS, M,
-                               PRECISION, UPCAST)
+        _flush_weight_gradient(stage + W2_STAGE * HS, staged * M, pW2_ptr + prog * HE * HM, HE, HM, HS, HM, STAGE_ROWS,
+                               FLUSH_ROWS, M, PRECISION, UPCAST)
+        _flush_weight_gradient(stage + W3_STAGE * HS, staged * M, pW3_ptr + prog * HM * HX, HM, HX, HS, HX_CHUNK, STAGE_ROWS,
+                               FLUSH_ROWS, M, PRECISION, UPCAST)
 
 
 @triton.jit
 def _rel_windows_kernel(
-    win_ptr,  # (B, n_regions, own_chunk + other_chunk - 1, H) fp32: d_rel per region by offset (rows-i pass)
-    out_ptr,  # (2N - 1, H) fp32: d_rel by unclipped offset o = j - i, row o + N - 1
+    win_ptr,  # (B, n_regions, own_chunk + other_chunk - 1, HE) fp32: d_rel per region by offset (rows-i pass)
+    out_ptr,  # (2N - 1, HE) fp32: d_rel by unclipped offset o = j - i, row o + N - 1
     B, N, own_chunk, other_chunk, n_other_chunks, n_regions,
-    H: tl.constexpr, BLOCK_O: tl.constexpr,
+    H: tl.constexpr, BLOCK_O: tl.constexpr,  # H: the columns per program (a power of two dividing HE)
+    HE: tl.constexpr,  # row length of the windows and the output
 ):
     """Sums the regions' windows of offsets into one row per offset, in a fixed order (deterministic, no
     atomics): row k of region (oc, tc)'s window is the offset o = k + tc other_chunk - oc own_chunk -
-    own_chunk + 1, so for a block of offsets only the few tc whose windows overlap it are read."""
+    own_chunk + 1, so for a block of offsets only the few tc whose windows overlap it are read. Columns
+    by blocks of H along the grid's second axis."""
     rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # output rows
-    hcol = tl.arange(0, H)
+    hcol = tl.program_id(1) * H + tl.arange(0, H)
     o = rows - (N - 1)
     o_lo = tl.program_id(0) * BLOCK_O - (N - 1)
     o_hi = o_lo + BLOCK_O - 1
@@ -1267,9 +1411,9 @@ def _rel_windows_kernel(
             for tc in range(tc_lo, tc_hi):
                 k = o - tc * other_chunk + oc * own_chunk + own_chunk - 1
                 ok = (k >= 0) & (k < win_rows)
-                base = win_ptr + ((b * n_regions + oc * n_other_chunks + tc).to(tl.int64) * win_rows) * H
-                acc += tl.load(base + k[:, None] * H + hcol[None, :], mask=ok[:, None], other=0.0)
-    tl.store(out_ptr + rows[:, None] * H + hcol[None, :], acc, mask=(rows < 2 * N - 1)[:, None])
+                base = win_ptr + ((b * n_regions + oc * n_other_chunks + tc).to(tl.int64) * win_rows) * HE
+                acc += tl.load(base + k[:, None] * HE + hcol[None, :], mask=ok[:, None], other=0.0)
+    tl.store(out_ptr + rows[:, None] * HE + hcol[None, :], acc, mask=(rows < 2 * N - 1)[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -1290,38 +1434,46 @@ def _edge_mode(edge_attr, rel) -> int:
     return 1 if edge_attr is not None else (2 if rel is not None else 0)
 
 
-def _launch_meta(x, p, edge_attr, rel, flags):
+def _launch_meta(x, p, W2, W3, edge_attr, rel, flags):
     B, N, _ = x.shape
-    H = p.shape[-1]
+    HE, HM, HX = p.shape[-1], W2.shape[1], W3.shape[1]
     dtype = p.dtype  # the compute dtype (x may be float32 next to bf16/fp16 features: fp32 coordinates)
-    BI, BJ, warps = block_sizes(H, dtype, "fwd", _edge_mode(edge_attr, rel))
     E = edge_attr.shape[-1] if edge_attr is not None else 0
     K = rel.shape[0] // 2 if rel is not None else 0
-    K_CHUNK, N_CHUNK = fwd_chunks(H, dtype, x32=x.dtype == torch.float32)
-    return dict(K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, M_SCRATCH=fwd_m_scratch(H, dtype, x.dtype == torch.float32), B=B, N=N, H=H, BI=BI, BJ=BJ, warps=warps, dtype=dtype, E=E,
-                EP=max(16, triton.next_power_of_2(max(E, 1))),
-                K=K, EDGE=_edge_mode(edge_attr, rel), **flags)
+    meta = dict(B=B, N=N, HE=HE, HM=HM, HX=HX, square=is_square(HE, HM, HX), dtype=dtype, E=E,
+                EP=max(16, triton.next_power_of_2(max(E, 1))), K=K, EDGE=_edge_mode(edge_attr, rel), **flags)
+    if meta["square"]:
+        H = HE
+        BI, BJ, warps = block_sizes(H, dtype, "fwd", _edge_mode(edge_attr, rel))
+        K_CHUNK, N_CHUNK = fwd_chunks(H, dtype, x32=x.dtype == torch.float32)
+        meta.update(H=H, BI=BI, BJ=BJ, warps=warps, K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK,
+                    M_SCRATCH=fwd_m_scratch(H, dtype, x.dtype == torch.float32), CHUNKED=K_CHUNK * N_CHUNK < H * H)
+    else:  # rectangular: the chunked forward always
+        BI, BJ, warps, K_CHUNK, N_CHUNK = rect_fwd_config(HM, HX, dtype)
+        meta.update(H=None, BI=BI, BJ=BJ, warps=warps, K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK,
+                    M_SCRATCH=rect_m_scratch(HM, dtype), CHUNKED=True)
+    return meta
 
 
 def _forward(meta, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att):
-    B, N, H = meta["B"], meta["N"], meta["H"]
-    m_i = torch.zeros(B, N, H, dtype=torch.float32, device=x.device)  # accumulated in place
+    B, N, HE, HM, HX = meta["B"], meta["N"], meta["HE"], meta["HM"], meta["HX"]
+    m_i = torch.zeros(B, N, HM, dtype=torch.float32, device=x.device)  # accumulated in place
     dx_i = torch.empty(B, N, 3, dtype=x.dtype, device=x.device)
     dummy = x
     grid = (triton.cdiv(N, meta["BI"]), B)
-    # M_SCRATCH: O(B N BJ H), BJ x the size of m_i (a [BI * BJ, H] tile per program of BI rows)
-    scratch = torch.empty(grid[0] * B, meta["BI"] * meta["BJ"], H, dtype=W3.dtype, device=x.device) \
+    # M_SCRATCH: O(B N BJ HM), BJ x the size of m_i (a [BI * BJ, HM] tile per program of BI rows)
+    scratch = torch.empty(grid[0] * B, meta["BI"] * meta["BJ"], HM, dtype=W3.dtype, device=x.device) \
         if meta["M_SCRATCH"] else dummy
     _egnn_fwd_kernel[grid](
         x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4,
         edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
         rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
         m_i, dx_i, scratch, N, meta["E"], meta["K"], meta["eps"],
-        H=H, EP=meta["EP"], BI=meta["BI"], BJ=meta["BJ"], EDGE=meta["EDGE"], ATTENTION=w_att is not None,
-        TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(p.dtype),
+        HE=HE, HM=HM, HX=HX, EP=meta["EP"], BI=meta["BI"], BJ=meta["BJ"], EDGE=meta["EDGE"],
+        ATTENTION=w_att is not None, TANH=meta["tanh"], NORMALIZE=meta["normalize"], PRECISION=_precision(p.dtype),
         UPCAST=_interpreting() and p.dtype != torch.float32, FAST=_fast_sigmoid(p.dtype),
-        K_CHUNK=meta["K_CHUNK"], N_CHUNK=meta["N_CHUNK"], M_SCRATCH=meta["M_SCRATCH"], num_warps=meta["warps"],
-        num_stages=NUM_STAGES,
+        K_CHUNK=meta["K_CHUNK"], N_CHUNK=meta["N_CHUNK"], M_SCRATCH=meta["M_SCRATCH"], CHUNKED=meta["CHUNKED"],
+        num_warps=meta["warps"], num_stages=NUM_STAGES,
     )
     return m_i.to(p.dtype), dx_i
 
@@ -1366,9 +1518,10 @@ def _rel_gradient(windows: torch.Tensor, N: int, K: int, own_chunk: int, other_c
     every o >= K into row 2K)."""
     B, n_regions, _, H = windows.shape
     by_offset = torch.empty(2 * N - 1, H, dtype=torch.float32, device=windows.device)
-    _rel_windows_kernel[(triton.cdiv(2 * N - 1, REL_SUM_BLOCK),)](
-        windows, by_offset, B, N, own_chunk, other_chunk, n_other_chunks, n_regions, H=H, BLOCK_O=REL_SUM_BLOCK,
-        num_warps=REL_SUM_WARPS, num_stages=NUM_STAGES)
+    cols = H if H in SUPPORTED_HIDDEN else RECT_K_CHUNK  # columns per program (rectangular H_e: by chunks)
+    _rel_windows_kernel[(triton.cdiv(2 * N - 1, REL_SUM_BLOCK), H // cols)](
+        windows, by_offset, B, N, own_chunk, other_chunk, n_other_chunks, n_regions, H=cols, BLOCK_O=REL_SUM_BLOCK,
+        HE=H, num_warps=REL_SUM_WARPS, num_stages=NUM_STAGES)
     if K >= N - 1:  # no pair is clipped: offsets -(N-1)..N-1 are rows K-(N-1)..K+N-1
         table = torch.zeros(2 * K + 1, H, dtype=torch.float32, device=windows.device)
         table[K - (N - 1): K + N] = by_offset
@@ -1379,8 +1532,14 @@ def _rel_gradient(windows: torch.Tensor, N: int, K: int, own_chunk: int, other_c
     return table
 
 
-def _backward_grid(B: int, N: int, H: int, dtype: torch.dtype, edge: int) -> Tuple[int, int, int, int]:
-    """(programs per sample of the rows-i pass, of the rows-j pass (0: one pass), region chunk, n_chunks)."""
+def _backward_grid(B: int, N: int, H: int, dtype: torch.dtype, edge: int, widths: Optional[Tuple[int, int, int]] = None
+                   ) -> Tuple[int, int, int, int]:
+    """(programs per sample of the rows-i pass, of the rows-j pass (0: one pass), region chunk, n_chunks).
+    ``widths``: (HE, HM, HX) when rectangular (the chunked one-pass kernel; H ignored)."""
+    if widths is not None and not is_square(*widths):
+        BI1, BJ1 = rect_bwd_config(widths[1], widths[2], dtype)[:2]
+        chunk, n_chunks = _regions(N, B, max(BI1, BJ1))
+        return n_chunks * n_chunks, 0, chunk, n_chunks
     BI1, BJ1, _ = block_sizes(H, dtype, "bwd_i")
     if bwd_passes(H, dtype) == 1:  # one pass over square regions, whatever the edge term
         chunk, n_chunks = _regions(N, B, max(BI1, BJ1))
@@ -1394,30 +1553,35 @@ def _backward_grid(B: int, N: int, H: int, dtype: torch.dtype, edge: int) -> Tup
     return n_chunks * n_chunks, n_jb, chunk, n_chunks  # one program per region
 
 
-def backward_workspace(B: int, N: int, H: int, dtype: torch.dtype, edge: int, EP: int = 16) -> dict:
+def backward_workspace(B: int, N: int, H: int, dtype: torch.dtype, edge: int, EP: int = 16,
+                       widths: Optional[Tuple[int, int, int]] = None) -> dict:
     """name -> (shape, zero-initialised?) of the fp32 buffers the fused backward allocates (besides the
     gradients themselves, d edge_attr and, in the weight dtype, the weight-gradient stage of
     programs x 2 x dw_stage x 16 x H: 64 MB at H = 256 bf16 with 512 programs): per-program
     weight-gradient partials (O(programs H^2), bounded), per-chunk partials of d_p / dx and the
     offset table's per-region windows (O(n_chunks B N H), no N^2 term and no (2K + 1) table per
-    program). ``edge``: 0 none, 1 dense edge_attr, 2 offset table."""
-    n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, edge)
+    program). ``edge``: 0 none, 1 dense edge_attr, 2 offset table. ``widths``: (HE, HM, HX) when
+    rectangular (H ignored): d_p / d_q / windows HE wide, pW2 (HE, HM), pW3 (HM, HX)."""
+    HE, HM, HX = widths if widths is not None else (H, H, H)
+    square = is_square(HE, HM, HX)
+    n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, edge, None if square else widths)
     P, P2 = B * n_ib, B * n_jb
     one_pass = n_jb == 0
-    chunked = one_pass and bwd_chunks(H, dtype) != (H, H)  # d_p added to by column chunks
-    shapes = dict(d_p=((n_chunks, B, N, H), chunked), dx_i_side=((n_chunks, B, N, 3), False),
+    chunked = one_pass and (not square or bwd_chunks(H, dtype) != (H, H))  # d_p added to by column chunks
+    HS = max(HE, HM, HX)
+    shapes = dict(d_p=((n_chunks, B, N, HE), chunked), dx_i_side=((n_chunks, B, N, 3), False),
                   # one pass: d_q and the j side of dx read-modify-written per tile, a partial per row chunk
-                  d_q=((n_chunks, B, N, H), True) if one_pass else ((1, B, N, H), False),
+                  d_q=((n_chunks, B, N, HE), True) if one_pass else ((1, B, N, HE), False),
                   dx_j_side=((n_chunks, B, N, 3), True) if one_pass else ((1, B, N, 3), False),
-                  pW2=((P, H, H), True), pW3=((P if one_pass else P2, H, H), True),  # added to per dw_stage tiles
-                  pvec=((P, 6, H), one_pass), pvec2=((P2, 6, H), False))  # one pass: added to per tile
+                  pW2=((P, HE, HM), True), pW3=((P if one_pass else P2, HM, HX), True),  # added to per dw_stage tiles
+                  pvec=((P, 6, HS), one_pass), pvec2=((P2, 6, HS), False))  # one pass: added to per tile
     if chunked:  # the chunked kernel's per-program fp32 copy of d_r (read back by K chunks for d_r W2^T)
-        BI1, BJ1, _ = block_sizes(H, dtype, "bwd_i")
-        shapes["scratch"] = ((P, BI1 * BJ1, H), False)
+        BI1, BJ1 = (block_sizes(H, dtype, "bwd_i") if square else rect_bwd_config(HM, HX, dtype))[:2]
+        shapes["scratch"] = ((P, BI1 * BJ1, HM), False)
     if edge == 1:
-        shapes["pWe"] = ((P, EP, H), True)
+        shapes["pWe"] = ((P, EP, HE), True)
     if edge == 2:
-        shapes["rel_windows"] = ((B, n_ib, 2 * chunk - 1, H), True)  # d rel per region and offset
+        shapes["rel_windows"] = ((B, n_ib, 2 * chunk - 1, HE), True)  # d rel per region and offset
     return shapes
 
 
@@ -1425,21 +1589,29 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
               w_att, need_dea):
     from protdiff_fast.ops.egnn_triton_slab import backward_slab, use_slab_backward
 
-    if use_slab_backward(meta["H"], W2.dtype):  # PROTDIFF_FAST_TRITON_BWD=slab: the row-slab scheme
+    square = meta["square"]
+    if square and use_slab_backward(meta["H"], W2.dtype):  # PROTDIFF_FAST_TRITON_BWD=slab: the row-slab scheme
         return backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b3, w4, edge_attr,
                              W_e, rel, w_att, need_dea)
-    B, N, H, EP, K = (meta[k] for k in ("B", "N", "H", "EP", "K"))
+    B, N, EP, K = (meta[k] for k in ("B", "N", "EP", "K"))
+    HE, HM, HX = meta["HE"], meta["HM"], meta["HX"]
+    H = meta["H"] if square else HM  # (rectangular: the key of the width-independent choices below)
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
     dtype = p.dtype  # the compute dtype (x may be float32 next to bf16/fp16 features)
-    BI1, BJ1, warps1 = block_sizes(H, dtype, "bwd_i")
+    if square:
+        BI1, BJ1, warps1 = block_sizes(H, dtype, "bwd_i")
+        K_CHUNK, N_CHUNK = bwd_chunks(H, dtype)
+    else:  # the chunked one-pass kernel (has_fused_backward)
+        BI1, BJ1, warps1, K_CHUNK, N_CHUNK = rect_bwd_config(HM, HX, dtype)
     BI2, BJ2, warps2 = block_sizes(H, dtype, "bwd_j") if bwd_passes(H, dtype) == 2 else (BI1, BJ1, warps1)
     # programs per sample: enough to fill a GPU, few enough that the per-program (H, H) partials stay
     # small; each program loops over its share of the blocks (grid-stride), or owns one region of the
     # offset table's rows-i pass
-    n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, meta["EDGE"])
+    widths = (HE, HM, HX)
+    n_ib, n_jb, chunk, n_chunks = _backward_grid(B, N, H, dtype, meta["EDGE"], widths)
     P, P2 = B * n_ib, B * n_jb
-    shapes = backward_workspace(B, N, H, dtype, meta["EDGE"], EP)
+    shapes = backward_workspace(B, N, H, dtype, meta["EDGE"], EP, widths)
     ws = {name: (torch.zeros if zeroed else torch.empty)(shape, **f32) for name, (shape, zeroed) in shapes.items()}
     d_p, dx_i_side, d_q, dx_j_side = ws["d_p"], ws["dx_i_side"], ws["d_q"], ws["dx_j_side"]
     pW2, pW3, pvec, pvec2 = ws["pW2"], ws["pW3"], ws["pvec"], ws["pvec2"]
@@ -1449,8 +1621,9 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
     chunk_i, chunk_j = dw_chunk(H, dtype, "bwd_i"), dw_chunk(H, dtype, "bwd_j")
     T = dw_stage(H, dtype)
     one_pass = n_jb == 0
+    HS = max(HE, HM, HX)  # the stage's row length
     if T > 1:  # the A and G operands, T tiles per program (two passes run one after the other, one stage)
-        stage = torch.empty(max(P * BI1 * BJ1 * (4 if one_pass else 2), P2 * BI2 * BJ2 * 2) * T * H,
+        stage = torch.empty(max(P * BI1 * BJ1 * (4 if one_pass else 2), P2 * BI2 * BJ2 * 2) * T * HS,
                             dtype=W3.dtype, device=dev)
     else:  # rows-j scratch for a chunked dW3
         stage = torch.empty(P2, BI2 * BJ2, H, dtype=W3.dtype, device=dev) if chunk_j < H else x
@@ -1459,18 +1632,18 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
               edge_attr if edge_attr is not None else dummy, W_e if W_e is not None else dummy,
               rel if rel is not None else dummy, w_att if w_att is not None else dummy, meta["b_att"],
               grad_m, grad_dx)
-    chunked = one_pass and bwd_chunks(H, dtype) != (H, H)
-    consts = dict(H=H, EP=EP, EDGE=meta["EDGE"],
+    chunked = one_pass and (not square or (K_CHUNK, N_CHUNK) != (H, H))
+    consts = dict(EP=EP, EDGE=meta["EDGE"],
                   ATTENTION=w_att is not None, TANH=meta["tanh"], NORMALIZE=meta["normalize"],
                   NEED_DEA=need_dea, PRECISION=_precision(dtype),
                   PRECISION_BWD=_precision(torch.float32) if dtype == torch.float32 else "tf32",
                   UPCAST=_interpreting() and dtype != torch.float32, FAST=_fast_sigmoid(dtype),
                   DW_STAGE=T, FLUSH_ROWS=BWD_CHUNKED_FLUSH_ROWS if chunked else flush_rows(H))
-    K_CHUNK, N_CHUNK = bwd_chunks(H, dtype)
     if chunked:
         _egnn_bwd_chunked_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec, pWe,
                                             windows, stage, ws["scratch"],
                                             N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
+                                            HE=HE, HM=HM, HX=HX, HS=HS, HX_CHUNK=hx_chunk(HX, N_CHUNK),
                                             BI=BI1, BJ=BJ1, W_REL=triton.next_power_of_2(BI1 + BJ1 - 1),
                                             K_CHUNK=K_CHUNK, N_CHUNK=N_CHUNK, num_warps=warps1,
                                             num_stages=bwd_chunked_stages(), **consts)
@@ -1478,21 +1651,21 @@ def _backward(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W3, b
         _egnn_bwd_kernel[(n_ib, B)](*common, d_p, dx_i_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec, pWe, windows,
                                     stage if T > 1 else x,
                                     N, meta["E"], K, meta["eps"], chunk, chunk, n_chunks, n_ib,
-                                    ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
+                                    H=H, ROWS_ARE_I=True, BI=BI1, BJ=BJ1,
                                     W_REL=triton.next_power_of_2(BI1 + BJ1 - 1), DW_CHUNK=chunk_i,
                                     num_warps=warps1, num_stages=NUM_STAGES, BOTH=one_pass, **consts)
     if not one_pass:
         _egnn_bwd_kernel[(n_jb, B)](*common, d_q, dx_j_side, d_q, dx_j_side, d_ea, pW2, pW3, pvec2, pWe, windows, stage,
                                     N, meta["E"], K, meta["eps"], N, N, 1, n_jb,
-                                    ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
+                                    H=H, ROWS_ARE_I=False, BI=BI2, BJ=BJ2,
                                     W_REL=triton.next_power_of_2(BI2 + BJ2 - 1), DW_CHUNK=chunk_j,
                                     num_warps=warps2, num_stages=NUM_STAGES, **consts)
     vec = pvec.sum(0)
     vec2 = vec if one_pass else pvec2.sum(0)
     return dict(
-        x=_sum_partials(dx_i_side) + _sum_partials(dx_j_side), p=_sum_partials(d_p), q=_sum_partials(d_q), w_d=vec[3],
-        W2=pW2.sum(0), b2=vec[0],
-        W3=pW3.sum(0), b3=vec2[1], w4=vec2[2], w_att=vec[4], b_att=vec[5].sum(),
+        x=_sum_partials(dx_i_side) + _sum_partials(dx_j_side), p=_sum_partials(d_p), q=_sum_partials(d_q),
+        w_d=vec[3, :HE], W2=pW2.sum(0), b2=vec[0, :HM],
+        W3=pW3.sum(0), b3=vec2[1, :HX], w4=vec2[2, :HX], w_att=vec[4, :HM], b_att=vec[5].sum(),
         W_e=pWe.sum(0)[: meta["E"]] if meta["EDGE"] == 1 else None,
         rel=_rel_gradient(windows, N, K, chunk, chunk, n_chunks) if meta["EDGE"] == 2 else None,
         edge_attr=d_ea if need_dea else None,
@@ -1508,7 +1681,7 @@ _INPUTS = ("x", "p", "q", "w_d", "W2", "b2", "W3", "b3", "w4", "edge_attr", "W_e
 class _EgnnPairAggregateTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att, mask_u8, scale, flags):
-        meta = _launch_meta(x, p, edge_attr, rel, flags)
+        meta = _launch_meta(x, p, W2, W3, edge_attr, rel, flags)
         meta["b_att"] = 0.0 if b_att is None else float(b_att)
         tensors = [None if t is None else t.detach().contiguous()
                    for t in (x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att)]
@@ -1528,12 +1701,12 @@ class _EgnnPairAggregateTriton(torch.autograd.Function):
         t = [next(it) if present else None for present in ctx.present]
         x, p = t[0], t[1]
         B, N, _ = x.shape
-        H = p.shape[-1]
+        meta = ctx.meta
         f32 = dict(dtype=torch.float32, device=x.device)
-        grad_m = torch.zeros(B, N, H, **f32) if grad_m is None else grad_m.to(torch.float32).contiguous()
+        grad_m = torch.zeros(B, N, meta["HM"], **f32) if grad_m is None else grad_m.to(torch.float32).contiguous()
         grad_dx = torch.zeros(B, N, 3, **f32) if grad_dx is None else grad_dx.to(torch.float32).contiguous()
         need_dea = t[9] is not None and ctx.needs_input_grad[9]  # O(N^2 E): only when asked
-        if not has_fused_backward(H, p.dtype):
+        if not has_fused_backward(meta["HE"], p.dtype, (meta["HE"], meta["HM"], meta["HX"])):
             return (*_backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx), None, None, None)
         grads = _backward(ctx.meta, grad_m, grad_dx, x, p, t[2], mask_u8, scale, *t[3:], need_dea=need_dea)
         out = []
@@ -1605,13 +1778,7 @@ def egnn_pair_aggregate_triton(
         x, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, edge_attr=edge_attr, W_e=W_e, rel=rel,
         w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
     )
-    H = p.shape[-1]
-    if H not in SUPPORTED_HIDDEN:
-        raise ValueError(f"p: the triton kernels run hidden sizes {SUPPORTED_HIDDEN}, got H = {H} "
-                         "(egnn_pair_aggregate pads other sizes with zeros; call it instead)")
-    if q.shape[-1] != H or W2.shape != (H, H) or W3.shape != (H, H):
-        raise ValueError(f"the triton kernels need square hidden weights (H = {H}); got W2 {tuple(W2.shape)}, "
-                         f"W3 {tuple(W3.shape)}")
+    _check_rect_widths(p.shape[-1], W2.shape[1], W3.shape[1])  # (the shapes agree: checked above)
     if normalize not in (True, False, "clamp"):
         raise ValueError(f"normalize: the triton kernels implement True, False and 'clamp', got {normalize!r}")
     # the kernels' NORMALIZE: 0 none, 1 stopgrad length + eps, 2 "clamp" (max(length, eps), no stopgrad)

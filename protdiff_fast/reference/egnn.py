@@ -57,7 +57,8 @@ EGNNLayer uses H_e = M = H_x = H, egnn-pytorch's layer (``protdiff_fast.nn.compa
              the low precision, m_i comes out in it): what EGNNLayer passes under autocast, since
              coordinates of tens of Angstrom lose a tenth of an Angstrom in bf16.
 
-Backends may run only square widths of certain sizes (H_e = M = H_x = S): the dispatcher
+Backends may run only certain widths (triton: a square S in {16, ..., 256}, or M rounded up to
+a power of two and H_e, H_x to multiples of 16): the dispatcher
 ``protdiff_fast.ops.egnn_pair_aggregate`` pads with zeros for them (exact, since silu(0) = 0);
 see :mod:`protdiff_fast.ops._padding`.
 
