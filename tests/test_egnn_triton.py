@@ -688,3 +688,21 @@ def test_triton_rectangular_m_from_scratch_and_wide_hx(dtype, monkeypatch, rect_
     compare(2, 11, (66, 16, 64), 3, "dense", FLAG_SETS[5], dtype, seed=42)
     assert rect_launches["fwd"] == [(32, 16, 512), (80, 16, 64)]
     assert egnn_triton.hx_chunk(512, 64) == 64 and egnn_triton.hx_chunk(64, 16) == 64
+
+
+@pytest.mark.parametrize("blocks", ["1,16,8", "8,16,4", "16,8,8"])
+@pytest.mark.parametrize("widths,edge_mode", [(16, "offset"), (32, "dense"), ((66, 16, 64), "offset"),
+                                              ((24, 40, 8), "dense")], ids=["16", "32", "66x16x64", "24x40x8"])
+def test_triton_gpu_block_shapes(blocks, widths, edge_mode, monkeypatch):
+    """The interpreter runs 32 x 32 tiles by default (its cost is per program); the GPU runs 1 x 16 in
+    the backward and 8 x 16 / 16 x 8 / 4 x 16 forwards (block_sizes, rect_*_config). Here every kernel
+    runs the GPU's tile shapes (PROTDIFF_FAST_TRITON_BLOCKS): tiles of one row, regions of 16 nodes,
+    the offset windows of a 1 x 16 tile."""
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BLOCKS", blocks)
+    compare(2, 19, widths, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=13, K=5)
+
+
+def test_triton_block_shape_override_is_checked(monkeypatch):
+    monkeypatch.setenv("PROTDIFF_FAST_TRITON_BLOCKS", "1,12,8")
+    with pytest.raises(ValueError, match="three powers of two"):
+        egnn_triton.block_sizes(32, torch.float32)

@@ -184,8 +184,8 @@ RECT_WIDTHS = ((80, 16, 64), (144, 16, 64), (144, 32, 144), (272, 16, 64), (272,
 def rect_fwd_config(HM: int, HX: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
     """(BLOCK_I, BLOCK_J, num_warps, K_CHUNK, N_CHUNK) of the forward at rectangular widths."""
     if _interpreting():
-        return 32, 32, 4, RECT_K_CHUNK, _dividing_chunk(HX, 64)
-    BI, BJ, warps = _RECT_FWD_BLOCKS[(HM, dtype == torch.float32)]
+        return (*(_blocks_from_env() or (32, 32, 4)), RECT_K_CHUNK, _dividing_chunk(HX, 64))
+    BI, BJ, warps = _blocks_from_env() or _RECT_FWD_BLOCKS[(HM, dtype == torch.float32)]
     # fp32 at HM = 128: (528, 128, 512) spilled 8 B at 32 columns, 0 at 16
     n_chunk = 64 if dtype != torch.float32 else (16 if HM >= 128 else 32)
     return BI, BJ, warps, RECT_K_CHUNK, _dividing_chunk(HX, n_chunk)
@@ -194,7 +194,7 @@ def rect_fwd_config(HM: int, HX: int, dtype: torch.dtype) -> Tuple[int, int, int
 def rect_bwd_config(HM: int, HX: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
     """(BLOCK_I, BLOCK_J, num_warps, K_CHUNK, N_CHUNK) of the chunked one-pass backward at rectangular
     widths (K_CHUNK also the K step over m's HM columns, so <= HM)."""
-    BI, BJ, warps = block_sizes(HM, dtype, "bwd_i") if _interpreting() else RECT_BWD_BLOCKS
+    BI, BJ, warps = _blocks_from_env() or ((32, 32, 4) if _interpreting() else RECT_BWD_BLOCKS)
     n_chunk = 64 if dtype != torch.float32 and HM == 64 else 16  # (RECT_KNOWN_SPILLS; HM = 128 bf16 spilled 12-24 B at 64)
     return BI, BJ, warps, RECT_K_CHUNK, _dividing_chunk(HX, n_chunk)
 
@@ -423,16 +423,30 @@ def flush_rows(H: int) -> int:
     return 64 if H >= 256 else min(H, 16)
 
 
+def _blocks_from_env() -> Optional[Tuple[int, int, int]]:
+    """(BLOCK_I, BLOCK_J, num_warps) from ``PROTDIFF_FAST_TRITON_BLOCKS`` = "BI,BJ,WARPS" (every kernel;
+    tuning sweeps, and tests running the GPU's block shapes in the interpreter), or None."""
+    env = os.environ.get("PROTDIFF_FAST_TRITON_BLOCKS")
+    if not env:
+        return None
+    try:
+        bi, bj, w = (int(v) for v in env.split(","))
+    except ValueError:
+        bi = bj = w = 0
+    if not all(v > 0 and v & (v - 1) == 0 for v in (bi, bj, w)):
+        raise ValueError(f"PROTDIFF_FAST_TRITON_BLOCKS: three powers of two 'BI,BJ,WARPS', got {env!r}")
+    return bi, bj, w
+
+
 def block_sizes(H: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd", edge: int = 0
                 ) -> Tuple[int, int, int]:
     """(BLOCK_I, BLOCK_J, num_warps) for ``kernel`` in {"fwd", "bwd_i", "bwd_j"}; ``edge``: 0 none,
     1 dense edge_attr, 2 offset table."""
+    env = _blocks_from_env()
+    if env:
+        return env
     if _interpreting():  # the interpreter's cost is per program and loop step: large blocks
         return 32, 32, 4
-    env = os.environ.get("PROTDIFF_FAST_TRITON_BLOCKS")  # "BI,BJ,WARPS": for tuning sweeps only
-    if env:
-        bi, bj, w = (int(v) for v in env.split(","))
-        return bi, bj, w
     key = (H, dtype == torch.float32, kernel)
     return _EDGE_CONFIGS[key] if edge and key in _EDGE_CONFIGS else _CONFIGS[key]
 
