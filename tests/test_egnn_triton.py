@@ -706,3 +706,26 @@ def test_triton_block_shape_override_is_checked(monkeypatch):
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_BLOCKS", "1,12,8")
     with pytest.raises(ValueError, match="three powers of two"):
         egnn_triton.block_sizes(32, torch.float32)
+
+
+def test_triton_zero_widths_and_32_bit_offsets(monkeypatch):
+    """A zero H_e or H_x (no z or t columns) still runs (one zero chunk), as the square padding did; sizes
+    whose 32-bit offsets would wrap are refused by name instead of computed wrong."""
+    assert egnn_triton.padded_widths(0, 32, 16) == (16, 32, 16) and egnn_triton.padded_widths(16, 32, 0) == (16, 32, 16)
+    for widths in [(0, 32, 16), (16, 32, 0)]:
+        compare(1, 5, widths, 0, "none", FLAG_SETS[0], torch.float32, seed=1)
+    check = egnn_triton._check_int32_offsets
+    check(64, 8192, 256, 256, 256, torch.bfloat16, 2, backward=True)  # fine: 2^27 rows of 256, and partials
+    with pytest.raises(ValueError, match="32-bit offsets.*B N max"):
+        check(64, 8192, 4096, 64, 4096, torch.bfloat16, 0, backward=False)
+    with pytest.raises(ValueError, match="32-bit offsets.*the backward's partials"):
+        check(16, 16384, 4096, 64, 64, torch.bfloat16, 0, backward=True)
+    check(16, 16384, 4096, 64, 64, torch.bfloat16, 0, backward=False)
+
+
+def test_auto_with_a_0_dim_weight_names_it():
+    from test_egnn_cpu import make_problem as mp
+    args, kw = mp(1, 4, 16, 0, "none", {})
+    args[4] = torch.tensor(1.0, dtype=args[4].dtype)
+    with pytest.raises(ValueError, match="W2"):
+        egnn_pair_aggregate(*args, backend="auto", **kw)

@@ -21,6 +21,11 @@ sum_j b4 (x_i - x_j) = b4 (n x_i - sum_j x_j) is added in O(N) outside the op, a
 where it does not factor, b4 rides along inside phi_x as one extra hidden unit with constant
 input (b3 entry 1, W3 column 0, w4 entry b4 / silu(1)). Nothing O(N^2 H) is materialized.
 
+The widths (H_e, M, H_x) = (2 D_in, m_dim, 4 m_dim [+ 1]) are rectangular: the cpu kernels take them
+as they are, the triton kernels with H_e and H_x padded to multiples of 16 and M to a power of two
+(:func:`protdiff_fast.ops.egnn_triton.padded_widths`; m_dim up to 256), so a pair costs the layer's
+own H_e M + M H_x products on either device.
+
 Padding nodes (mask False): outputs equal egnn-pytorch's on every row, padding rows included
 (there, x' = x and h' = h + node_mlp([node_norm(h), 0])). One difference: the op requires every
 sample to have at least one real node, where egnn-pytorch accepts all-padding samples.

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from protdiff_fast.backends import get_impl
+from protdiff_fast.ops import _padding
 from protdiff_fast.ops._padding import CLAMP_NORMALIZE, bind_arguments, call_padded, padded_widths
 
 
@@ -81,9 +82,9 @@ def _cannot_run(name: str, args: tuple, kwargs: dict) -> Optional[str]:
         named = bind_arguments(args, kwargs)
     except TypeError:
         return None  # let the backend's validator name the problem
-    widths = [t.shape[-1] for t in (named["p"], named["W2"], named["W3"]) if isinstance(t, torch.Tensor)]
+    widths = _padding._widths(named)  # (-1, -1, -1) when malformed: the backend's validator names it
     dtypes = [t.dtype for t in (named["x"], named["p"]) if isinstance(t, torch.Tensor)]
-    return cannot_run_egnn(name, tuple(widths) if len(widths) == 3 else None, dtypes, kwargs.get("normalize"))
+    return cannot_run_egnn(name, widths if widths[0] >= 0 else None, dtypes, kwargs.get("normalize"))
 
 
 @functools.lru_cache(maxsize=None)

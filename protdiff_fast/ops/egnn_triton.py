@@ -128,7 +128,8 @@ def padded_widths(H_e: int, M: int, H_x: int) -> Tuple[int, int, int]:
     if rounded[1] is None or max(H_e, H_x) > RECT_MAX_WIDTH:
         raise ValueError(f"the triton backend supports M up to {SUPPORTED_HIDDEN[-1]} and H_e, H_x up to "
                          f"{RECT_MAX_WIDTH}, got (H_e, M, H_x) = ({H_e}, {M}, {H_x})")
-    return _round_up(H_e, RECT_K_CHUNK), rounded[1], _round_up(H_x, RECT_K_CHUNK)
+    # (a zero width, an op with no z or t columns, still gets one chunk: the kernels need one)
+    return max(RECT_K_CHUNK, _round_up(H_e, RECT_K_CHUNK)), rounded[1], max(RECT_K_CHUNK, _round_up(H_x, RECT_K_CHUNK))
 
 
 def _round_up(w: int, step: int) -> int:
@@ -1756,6 +1757,23 @@ def _backward_by_reference(ctx, t, mask_u8, grad_m, grad_dx):
     return out
 
 
+def _check_int32_offsets(B: int, N: int, HE: int, HM: int, HX: int, dtype: torch.dtype, edge: int,
+                         backward: bool) -> None:
+    """ValueError where a buffer the kernels index with 32-bit offsets would pass 2^31 elements (p, q, m_i,
+    and the backward's per-chunk partials of d_p / d_q and offset windows): silent garbage otherwise."""
+    widths = (HE, HM, HX)
+    limit = B * N * max(widths)
+    where = f"B N max(H_e, M, H_x) = {limit}"
+    if backward and has_fused_backward(HE, dtype, widths):
+        H = HE if is_square(*widths) else None
+        _, _, chunk, n_chunks = _backward_grid(B, N, H, dtype, edge, None if H else widths)
+        if n_chunks * B * N * HE > limit:
+            limit, where = n_chunks * B * N * HE, f"the backward's partials, {n_chunks} x B N H_e = {n_chunks * B * N * HE}"
+    if limit >= 2 ** 31:
+        raise ValueError(f"the triton kernels index with 32-bit offsets, and {where} elements pass 2^31 "
+                         f"(B = {B}, N = {N}, widths {widths}); use a smaller batch or narrower widths")
+
+
 def egnn_pair_aggregate_triton(
     x: torch.Tensor,
     p: torch.Tensor,
@@ -1793,6 +1811,10 @@ def egnn_pair_aggregate_triton(
         w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
     )
     _check_rect_widths(p.shape[-1], W2.shape[1], W3.shape[1])  # (the shapes agree: checked above)
+    _check_int32_offsets(x.shape[0], N, p.shape[-1], W2.shape[1], W3.shape[1], p.dtype, _edge_mode(edge_attr, rel),
+                         backward=torch.is_grad_enabled() and any(
+                             t is not None and t.requires_grad
+                             for t in (x, p, q, w_d, W2, b2, W3, b3, w4, edge_attr, W_e, rel, w_att, b_att)))
     if normalize not in (True, False, "clamp"):
         raise ValueError(f"normalize: the triton kernels implement True, False and 'clamp', got {normalize!r}")
     # the kernels' NORMALIZE: 0 none, 1 stopgrad length + eps, 2 "clamp" (max(length, eps), no stopgrad)
