@@ -535,3 +535,12 @@ def test_rows_timed_in_several_runs_report_their_spread(tmp_path, monkeypatch):
     failing = iter([dict(row, status="ok", median_s=0.01), dict(row, status="error", error="boom")])
     monkeypatch.setattr(runner, "run_row", lambda row, *a: next(failing))
     assert runner.repeated_row(row, "cpu", 1, 60, 0.1, None, runs=2)["status"] == "error"
+
+
+def test_gpu_targets_run_the_drop_in_at_8192():
+    """egnn-pytorch's layer and our drop-in at N = 8192 side by side (its O(N^2 H) tensors cannot fit;
+    the drop-in runs its rectangular widths in the fused kernels)."""
+    pytest.importorskip("egnn_pytorch")
+    rows = runner.target_rows("cuda")
+    for p in ("compat", "egnn-pytorch", "triton"):
+        assert dict(suite="egnn", provider=p, B=1, N=8192, H=128, mode="fwdbwd", dtype="bfloat16") in rows
