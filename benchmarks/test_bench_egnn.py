@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from protdiff_fast import backends, ddpm_step
-from protdiff_fast.bench.egnn import LAYER_PROVIDERS, egnn_pytorch_available, make_case, row_flops
+from protdiff_fast.bench.egnn import LAYER_PROVIDERS, egnn_pytorch_available, layer_flops, make_case, row_flops
 from protdiff_fast.diffusion import NoiseSchedule
 
 PROVIDERS = ["reference"]
@@ -32,6 +32,23 @@ def test_egnn_pair_aggregate(benchmark, provider, case, mode):
     # the layer rows compute egnn-pytorch's wider layer (about 8x the op's pair products): their own group
     benchmark.group = f"egnn {'layer' if provider in LAYER_PROVIDERS else 'op'} {mode} B={B} N={N} H={H}"
     benchmark.extra_info["gflop"] = row_flops(provider, B, N, H, mode) / 1e9
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.pedantic(run, warmup_rounds=1, rounds=10, iterations=1)
+
+
+DEFAULT_M_CASES = [(1, 256, 64), (4, 256, 64), (1, 512, 128)]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("case", DEFAULT_M_CASES, ids=[f"B{b}-N{n}-dim{h}" for b, n, h in DEFAULT_M_CASES])
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p in LAYER_PROVIDERS])
+def test_egnn_layer_at_egnn_pytorch_defaults(benchmark, provider, case, mode):
+    """egnn-pytorch's layer at its own default m_dim = 16 (the rows above use m_dim = dim), and our
+    drop-in for it: widths (4 dim + 2, 16, 64), the edge MLP's first layer dominating egnn-pytorch's pairs."""
+    B, N, H = case
+    run = make_case(provider, B, N, H, mode, torch.float32, "cpu", m_dim=16)
+    benchmark.group = f"egnn layer m_dim=16 {mode} B={B} N={N} dim={H}"
+    benchmark.extra_info["gflop"] = layer_flops(B, N, H, mode, m_dim=16) / 1e9
     benchmark.extra_info["threads"] = torch.get_num_threads()
     benchmark.pedantic(run, warmup_rounds=1, rounds=10, iterations=1)
 

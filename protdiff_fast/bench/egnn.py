@@ -29,12 +29,13 @@ def flops(B: int, N: int, H: int, mode: str) -> float:
     return float(B * N * (N - 1) * per_pair)
 
 
-def layer_flops(B: int, N: int, H: int, mode: str) -> float:
-    """egnn-pytorch ``EGNN(dim=H, m_dim=H)``'s pair products on all N^2 ordered pairs (as it computes
-    them): edge MLP D_in -> 2 D_in -> H (D_in = 2 H + 1), coordinate MLP H -> 4 H -> 1; twice that
-    backward (input and weight gradients) as for the op. Node MLP (O(N H^2)) not counted."""
+def layer_flops(B: int, N: int, H: int, mode: str, m_dim: Optional[int] = None) -> float:
+    """egnn-pytorch ``EGNN(dim=H, m_dim=m_dim or H)``'s pair products on all N^2 ordered pairs (as it
+    computes them): edge MLP D_in -> 2 D_in -> M (D_in = 2 H + 1), coordinate MLP M -> 4 M -> 1; twice
+    that backward (input and weight gradients) as for the op. Node MLP (O(N H^2)) not counted."""
+    M = H if m_dim is None else m_dim
     d_in = 2 * H + 1
-    macs = d_in * 2 * d_in + 2 * d_in * H + H * 4 * H + 4 * H
+    macs = d_in * 2 * d_in + 2 * d_in * M + M * 4 * M + 4 * M
     return float(B * N * N * 2 * macs * (1 if mode == "fwd" else 3))
 
 
@@ -51,11 +52,12 @@ def egnn_pytorch_available() -> bool:
 
 
 def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dtype, device: str,
-              K: int = 64) -> Callable[[], None]:
+              K: int = 64, m_dim: Optional[int] = None) -> Callable[[], None]:
     """A closure that runs one forward (and backward when mode == "fwdbwd") of the chosen provider.
 
     The inputs are those of a ProtDiff layer: relative-offset edges (table of 2K + 1 rows),
-    attention off, normalize on, mean coordinate aggregation, no padding.
+    attention off, normalize on, mean coordinate aggregation, no padding. The layer providers build
+    egnn-pytorch's ``EGNN(dim=H, m_dim=m_dim or H)`` (its own default is m_dim = 16).
     """
     g = torch.Generator(device="cpu").manual_seed(0)
     need_grad = mode == "fwdbwd"
@@ -68,12 +70,12 @@ def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dty
         if provider == "egnn-pytorch":
             from egnn_pytorch import EGNN as DenseEGNN  # the layer most users start from
 
-            layer = DenseEGNN(dim=H, m_dim=H)
+            layer = DenseEGNN(dim=H, m_dim=m_dim or H)
         else:  # our drop-in: the same constructor and function, its pair part through the fused op
             from protdiff_fast.nn.compat import EGNN as DropIn
 
             torch.manual_seed(0)
-            layer = DropIn(dim=H, m_dim=H, backend="auto")
+            layer = DropIn(dim=H, m_dim=m_dim or H, backend="auto")
         layer = layer.to(device=device, dtype=dtype)
         feats, coors = r(B, N, H), r(B, N, 3)
 
