@@ -544,3 +544,32 @@ def test_gpu_targets_run_the_drop_in_at_8192():
     rows = runner.target_rows("cuda")
     for p in ("compat", "egnn-pytorch", "triton"):
         assert dict(suite="egnn", provider=p, B=1, N=8192, H=128, mode="fwdbwd", dtype="bfloat16") in rows
+
+
+def test_layer_rows_at_egnn_pytorchs_default_m_dim():
+    """egnn-pytorch-m16 / compat-m16: the layers at m_dim = 16 (its default), scored by that layer's FLOPs,
+    and the drop-in's speed-up set against egnn-pytorch at the same m_dim (not the m_dim = H row)."""
+    pytest.importorskip("egnn_pytorch")
+    from protdiff_fast.bench import egnn as cases
+
+    assert cases.layer_spec("compat-m16") == ("compat", 16) and cases.layer_spec("compat") == ("compat", None)
+    assert cases.layer_spec("triton") is None
+    assert cases.layer_flops(1, 8, 32, "fwd", m_dim=16) < cases.layer_flops(1, 8, 32, "fwd")
+    targets = runner.target_rows("cuda")
+    for p in ("compat-m16", "egnn-pytorch-m16"):
+        assert dict(suite="egnn", provider=p, B=8, N=512, H=128, mode="fwdbwd", dtype="bfloat16") in targets
+    rows = {}
+    for p in ("egnn-pytorch", "compat", "egnn-pytorch-m16", "compat-m16"):
+        rows[p] = runner.run_row(dict(suite="egnn", provider=p, B=1, N=9, H=16, mode="fwdbwd", dtype="float32"),
+                                 "cpu", 1, 300, 0.1, mem_limit=None)
+        assert rows[p]["status"] == "ok", rows[p]
+    assert rows["compat-m16"]["flops"] == cases.layer_flops(1, 9, 16, "fwdbwd", m_dim=16) == rows["egnn-pytorch-m16"]["flops"]
+    assert rows["compat"]["flops"] == cases.layer_flops(1, 9, 16, "fwdbwd")
+    rows["egnn-pytorch"]["median_s"], rows["egnn-pytorch-m16"]["median_s"] = 3.0, 5.0
+    rows["compat"]["median_s"] = rows["compat-m16"]["median_s"] = 1.0
+    md = runner.markdown(dict(environment=dict(date="d", cpu="c", threads=1, torch="t", commit="x"),
+                              rates=dict(mm_fp32_square_flops=1.0, mm_fp32_pair_shape_flops=1.0, pair_shape_H=64,
+                                         copy_bytes_per_s=1.0), command="cmd", rows=list(rows.values())))
+    line = {p: next(ln for ln in md.splitlines() if f"| {p} |" in ln) for p in rows}
+    assert line["compat"].rstrip().endswith("| 3.0x |") and line["compat-m16"].rstrip().endswith("| 5.0x |")
+    assert line["egnn-pytorch-m16"].rstrip().endswith("|  |")

@@ -15,12 +15,21 @@ time is not comparable with an op row's (``compat`` against ``egnn-pytorch`` is 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-PROVIDERS = ("reference", "cpu", "triton", "egnn-pytorch", "compat")
-LAYER_PROVIDERS = ("egnn-pytorch", "compat")  # whole egnn-pytorch-shaped layers, not the op
+PROVIDERS = ("reference", "cpu", "triton", "egnn-pytorch", "compat", "egnn-pytorch-m16", "compat-m16")
+LAYER_PROVIDERS = ("egnn-pytorch", "compat")  # whole egnn-pytorch-shaped layers, not the op: EGNN(dim=H, m_dim=H)
+# the same two layers at egnn-pytorch's own default message width, EGNN(dim=H, m_dim=16): provider -> (layer, m_dim)
+DEFAULT_M_PROVIDERS = {"egnn-pytorch-m16": ("egnn-pytorch", 16), "compat-m16": ("compat", 16)}
+
+
+def layer_spec(provider: str) -> Optional[Tuple[str, Optional[int]]]:
+    """(layer provider, m_dim or None for m_dim = H) of an egnn-pytorch-shaped layer row, else None (the op)."""
+    if provider in LAYER_PROVIDERS:
+        return provider, None
+    return DEFAULT_M_PROVIDERS.get(provider)
 
 
 def flops(B: int, N: int, H: int, mode: str) -> float:
@@ -40,7 +49,8 @@ def layer_flops(B: int, N: int, H: int, mode: str, m_dim: Optional[int] = None) 
 
 
 def row_flops(provider: str, B: int, N: int, H: int, mode: str) -> float:
-    return layer_flops(B, N, H, mode) if provider in LAYER_PROVIDERS else flops(B, N, H, mode)
+    spec = layer_spec(provider)
+    return layer_flops(B, N, H, mode, m_dim=spec[1]) if spec else flops(B, N, H, mode)
 
 
 def egnn_pytorch_available() -> bool:
@@ -66,7 +76,8 @@ def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dty
         t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
         return t.requires_grad_(need_grad)
 
-    if provider in LAYER_PROVIDERS:
+    if layer_spec(provider):
+        provider, m_dim = layer_spec(provider)[0], m_dim or layer_spec(provider)[1]
         if provider == "egnn-pytorch":
             from egnn_pytorch import EGNN as DenseEGNN  # the layer most users start from
 

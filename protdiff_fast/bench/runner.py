@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from protdiff_fast.bench.egnn import (LAYER_PROVIDERS, PROVIDERS, SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, SAMPLER_STEPS,
+from protdiff_fast.bench.egnn import (DEFAULT_M_PROVIDERS, LAYER_PROVIDERS, PROVIDERS, layer_spec, SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS, SAMPLER_STEPS,
                                      ddpm_step_bytes, egnn_pytorch_available, row_flops, train_step_flops)
 
 
@@ -173,6 +173,9 @@ def target_rows(device: str) -> List[Dict]:
         # widths since 2026-12-07) should run where egnn-pytorch cannot
         for p in ["reference", "triton", "triton-slab"] + extra:
             rows.append(dict(suite="egnn", provider=p, B=1, N=8192, H=128, mode="fwdbwd", dtype="bfloat16"))
+        for mode in ("fwd", "fwdbwd"):  # the layers at egnn-pytorch's default m_dim = 16 (widths (4H + 2, 16, 64))
+            for p in list(DEFAULT_M_PROVIDERS) if extra else []:
+                rows.append(dict(suite="egnn", provider=p, B=8, N=512, H=128, mode=mode, dtype="bfloat16"))
     for N in (64, 128, 256):
         for p in ("reference", "cpu" if not device.startswith("cuda") else "triton"):
             rows.append(dict(suite="ddpm-step", provider=p, B=256, N=N, H=0, mode="fwd", dtype="float32"))
@@ -443,8 +446,10 @@ def markdown(result: Dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = {(r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
            if r["provider"] == "reference" and r.get("status") == "ok"}
-    dense = {(r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"]): r for r in result["rows"]
-             if r["provider"] == "egnn-pytorch" and r.get("status") == "ok"}
+    # the drop-in's speed-up is against egnn-pytorch's layer of the same m_dim
+    dense = {(r["provider"].replace("egnn-pytorch", "compat"), r["suite"], r["mode"], r["dtype"], r["H"], r["B"],
+              r["N"]): r for r in result["rows"] if r["provider"] in ("egnn-pytorch", "egnn-pytorch-m16")
+             and r.get("status") == "ok"}
     for r in result["rows"]:
         key = (r["suite"], r["mode"], r["dtype"], r["H"], r["B"], r["N"])
         provider = r["provider"]
@@ -455,8 +460,11 @@ def markdown(result: Dict) -> str:
             lines.append(f"| {r['suite']} | {r['mode']} | {r['dtype']} | {r['H']} | {r['B']} | {r['N']} | "
                          f"{provider} | **{r['status']}** | | | | |")
             continue
-        base = dense if r["provider"] == "compat" else {} if r["provider"] == "egnn-pytorch" else ref
-        speed = f"{base[key]['median_s'] / r['median_s']:.1f}x" if key in base else ""
+        if layer_spec(r["provider"]):  # compat against egnn-pytorch (same m_dim); egnn-pytorch: no base
+            base, base_key = dense, (r["provider"], *key)
+        else:
+            base, base_key = ref, key
+        speed = f"{base[base_key]['median_s'] / r['median_s']:.1f}x" if base_key in base else ""
         reps = f"[{r['reps']}]" if "reps" in r else ""
         if "run_spread" in r:  # several runs of the row: their spread
             reps += f" ±{100 * r['run_spread'] / 2:.0f}% over {len(r['run_medians_s'])} runs"
