@@ -729,3 +729,10 @@ def test_auto_with_a_0_dim_weight_names_it():
     args[4] = torch.tensor(1.0, dtype=args[4].dtype)
     with pytest.raises(ValueError, match="W2"):
         egnn_pair_aggregate(*args, backend="auto", **kw)
+
+
+@pytest.mark.parametrize("edge_mode", ["dense", "offset"])
+def test_triton_rectangular_bf16_with_float32_coordinates(edge_mode):
+    """Under autocast the layers call the op in bf16 with float32 coordinates (x read, dx written in
+    float32): the rectangular kernels too, against the reference run the same way."""
+    compare(2, 17, (66, 16, 65), 3, edge_mode, FLAG_SETS[4], torch.bfloat16, seed=9, K=4, x_dtype=torch.float32)
