@@ -140,6 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from protdiff_fast.train import TrainConfig, train
 
     model = dict(hidden_dim=args.hidden, edge_dim=args.edge_dim or args.hidden, num_layers=args.layers)
+    if args.embed_dim is not None:  # only when asked: configs of runs without it stay as before
+        model["embed_dim"] = args.embed_dim
     if args.coords_range is not None and not args.tanh:
         raise ValueError("--coords-range is the bound of --tanh; give --tanh too")
     if args.tanh:  # only when asked: configs (and checkpoints) of runs without it stay as before
@@ -399,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--hidden", type=int, default=256, help="hidden size H of the EGNN layers (the shipped model: 64)")
     tr.add_argument("--edge-dim", type=int, default=None, help="offset embedding width (default: --hidden)")
     tr.add_argument("--layers", type=int, default=4, help="EGNN blocks")
+    tr.add_argument("--embed-dim", type=int, default=None,
+                    help="width of the residue-index / timestep sinusoids (default: --hidden; a model widened by "
+                         "scripts/widen_checkpoint.py keeps the narrow model's)")
     tr.add_argument("--min-length", type=int, default=40, help="shortest training chain")
     tr.add_argument("--max-length", type=int, default=128, help="longest chain (with --crop: the window length), also the model's maximum")
     tr.add_argument("--seed", type=int, default=0, help="initialisation, batches, timesteps and noise")

@@ -1355,3 +1355,105 @@ def test_deepen_checkpoint_keeps_the_function_and_the_new_blocks_learn(tmp_path)
         for name in ("egnn.phi_h.2.weight", "egnn.phi_x.2.weight", "egnn.phi_x.0.weight", "embedding_in.weight"):
             before, after = grown_state["ema"][f"blocks.{k}.{name}"], trained[f"blocks.{k}.{name}"]
             assert not torch.equal(before, after.to(before.dtype)), (k, name)
+
+
+def _load_script(name):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_embed_dim_config_keeps_old_configs_and_validates():
+    """embed_dim (the sinusoids' width) defaults to hidden_dim and is then left out of the config dict, so the
+    configs of checkpoints saved before it compare equal (init, resume); other widths change the first layer."""
+    from protdiff_fast.models import ProtDiffConfig
+
+    old = ProtDiffConfig(hidden_dim=16, edge_dim=8).to_dict()
+    assert "embed_dim" not in old
+    assert ProtDiffConfig(hidden_dim=16, edge_dim=8, embed_dim=16).to_dict() == old
+    model = ProtDiff(backend="reference", hidden_dim=16, edge_dim=8, embed_dim=6, num_layers=2)
+    assert model.config.to_dict()["embed_dim"] == 6
+    assert model.blocks[0].embedding_in.weight.shape == (16, 6) and model.blocks[1].embedding_in.weight.shape == (16, 16)
+    assert model.index_table.shape[1] == 6 and model.time_table.shape[1] == 6
+    x, _, mask = inputs(B=2, N=9, dtype=torch.float32)
+    assert torch.isfinite(model(x, torch.tensor([1, 1024]), mask)).all()
+    for bad in (5, 0, 2.0, True):
+        with pytest.raises(ValueError, match="embed_dim"):
+            ProtDiff(backend="reference", hidden_dim=16, edge_dim=8, embed_dim=bad)
+
+
+def _trained_looking(model):
+    with torch.no_grad():  # LayerNorm affine and a coordinate head away from their initial values
+        for b in model.blocks[:-1]:
+            b.norm.weight.uniform_(0.5, 1.5)
+            b.norm.bias.normal_(0.0, 0.2)
+        for b in model.blocks:
+            b.egnn.phi_x[2].weight.mul_(300.0)
+    return model
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_widen_checkpoint_keeps_the_function_and_the_copies_part(factor):
+    """scripts/widen_checkpoint.py copies every hidden unit: the same eps_hat (float64, masked inputs, every
+    backend's function is the reference's), and the copies of a unit get different gradients (with equal
+    split fractions, spread 0, they would stay copies forever: checked, so the test can tell)."""
+    widen = _load_script("widen_checkpoint").widen
+    torch.manual_seed(4)
+    model = _trained_looking(ProtDiff(backend="reference", hidden_dim=16, edge_dim=8, num_layers=3)).to(F64)
+    state = dict(model_config=model.config.to_dict(), ema={k: v.clone() for k, v in model.state_dict().items()})
+    wide_state = widen(state, factor, spread=0.2, seed=1)
+    assert wide_state["model_config"]["hidden_dim"] == 16 * factor and wide_state["model_config"]["embed_dim"] == 16
+    wide = ProtDiff(backend="reference", **wide_state["model_config"]).to(F64)
+    wide.load_state_dict(wide_state["ema"])
+    for seed in range(2):
+        x, _, mask = inputs(B=3, N=23, seed=seed)
+        t = torch.tensor([1, 400, 1024])
+        with torch.no_grad():
+            want, got = model(x * 2, t, mask), wide(x * 2, t, mask)
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-12, rel_err(got, want)
+
+    def copy_gap(module_state, spread):
+        w = ProtDiff(backend="reference", **module_state["model_config"]).to(F64)
+        w.load_state_dict(widen(state, factor, spread=spread, seed=1)["ema"])
+        x, _, mask = inputs(B=2, N=15, seed=5)
+        w(x, torch.tensor([3, 200]), mask).pow(2).sum().backward()
+        g = w.blocks[0].egnn.phi_e[0].weight.grad  # rows: the message units, copies 16 apart
+        return rel_err(g[16:32], g[:16])
+
+    assert copy_gap(wide_state, 0.0) < 1e-12
+    assert copy_gap(wide_state, 0.2) > 1e-3
+
+
+def test_widen_checkpoint_cli_and_training_from_it(tmp_path):
+    """The script's command line writes a slim checkpoint that `train --init` takes with the wider --hidden and
+    the narrow --embed-dim (and refuses without --embed-dim: another architecture); bad factors are refused."""
+    root = Path(__file__).resolve().parents[1]
+    torch.manual_seed(5)
+    model = ProtDiff(backend="reference", max_length=128, hidden_dim=16, edge_dim=8, num_layers=2)
+    src, dst = tmp_path / "narrow.pt", tmp_path / "wide.pt"
+    torch.save(dict(model_config=model.config.to_dict(), ema=model.state_dict(), version="test"), src)
+    proc = subprocess.run([sys.executable, "scripts/widen_checkpoint.py", str(src), str(dst)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hidden 32, embed 16, edge 8" in proc.stdout
+    for bad, message in ((("--factor", "1"), "factor"), (("--spread", "0.5"), "spread")):
+        p = subprocess.run([sys.executable, "scripts/widen_checkpoint.py", str(src), str(tmp_path / "x.pt"), *bad],
+                           cwd=root, capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0 and message in p.stderr and not (tmp_path / "x.pt").exists()
+    cmd = _train_cmd(tmp_path / "run", 3, ("--init", str(dst), "--embed-dim", "16"))
+    cmd[cmd.index("--hidden") + 1] = "32"
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert trained["model_config"]["embed_dim"] == 16 and trained["model_config"]["hidden_dim"] == 32
+    loaded = load_model(tmp_path / "run" / "checkpoint.pt", backend="reference")
+    assert loaded.blocks[0].embedding_in.weight.shape == (32, 16)
+    cmd.remove("--embed-dim")
+    cmd.remove("16")
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "run2")
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "embed_dim" in proc.stderr

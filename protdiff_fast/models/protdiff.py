@@ -6,7 +6,8 @@ residual, SiLU, last coordinate layer initialised with xavier gain 0.001), a lin
 then LayerNorm on h.
 
 - node features: sinusoidal embedding of the residue index + sinusoidal embedding of t, the
-  latter rotated by a fixed random orthogonal matrix (a buffer) so the two are not aligned;
+  latter rotated by a fixed random orthogonal matrix (a buffer) so the two are not aligned; of width
+  ``embed_dim`` (default hidden_dim), which the first block's embedding_in maps to hidden_dim;
 - edge features: sinusoidal embedding of the residue offset i - j, handed to the fused op as the
   relative-offset table (2 max_len - 1 rows): never a dense N x N x E tensor;
 - eps_hat = x_out - x_in, masked and projected to zero centre of mass.
@@ -42,9 +43,20 @@ class ProtDiffConfig:
     # Off in the shipped model and every checkpoint saved before the option (their configs lack the key).
     tanh: bool = False
     coords_range: float = 1.0  # with tanh: R of R tanh(phi_x / R), a layer's largest move (EGNNLayer)
+    # Width of the sinusoidal residue-index and timestep features, which the first block's embedding_in
+    # maps to hidden_dim. None: hidden_dim (the original model). A model widened from a trained one
+    # (scripts/widen_checkpoint.py) keeps the narrow model's features, so it can compute the same function.
+    embed_dim: Optional[int] = None
 
     def to_dict(self) -> Dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["embed_dim"] in (None, self.hidden_dim):  # one spelling per architecture, and the configs of
+            del out["embed_dim"]                           # every checkpoint saved before the option stay equal
+        return out
+
+    @property
+    def input_dim(self) -> int:
+        return self.hidden_dim if self.embed_dim is None else self.embed_dim
 
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:
@@ -65,9 +77,9 @@ class EGNNBlock(nn.Module):
     (eps comes from x only), so it has no h update, embedding out or norm: no dead parameters."""
 
     def __init__(self, hidden_dim: int, edge_dim: int, backend: str, last: bool = False, tanh: bool = False,
-                 coords_range: float = 1.0) -> None:
+                 coords_range: float = 1.0, input_dim: Optional[int] = None) -> None:
         super().__init__()
-        self.embedding_in = nn.Linear(hidden_dim, hidden_dim)
+        self.embedding_in = nn.Linear(input_dim or hidden_dim, hidden_dim)
         self.egnn = EGNNLayer(hidden_dim, edge_dim, normalize=True, coords_agg="mean", update_h=not last,
                               tanh=tanh, coords_range=coords_range, backend=backend)
         self.embedding_out = None if last else nn.Linear(hidden_dim, hidden_dim)
@@ -91,22 +103,25 @@ class ProtDiff(nn.Module):
         config = config or ProtDiffConfig()
         if overrides:
             config = ProtDiffConfig(**{**config.to_dict(), **overrides})
-        if config.hidden_dim % 2 or config.edge_dim % 2:
-            raise ValueError("hidden_dim and edge_dim must be even (sin/cos pairs)")
+        if config.embed_dim is not None and (not isinstance(config.embed_dim, int) or isinstance(config.embed_dim, bool)
+                                             or config.embed_dim < 2):
+            raise ValueError(f"embed_dim must be an even int >= 2 or None (= hidden_dim), got {config.embed_dim!r}")
+        if config.hidden_dim % 2 or config.edge_dim % 2 or config.input_dim % 2:
+            raise ValueError("hidden_dim, edge_dim and embed_dim must be even (sin/cos pairs)")
         self.config = config
         self.max_length = config.max_length
-        H, E, L = config.hidden_dim, config.edge_dim, config.max_length
+        H, E, L, D = config.hidden_dim, config.edge_dim, config.max_length, config.input_dim
         g = torch.Generator().manual_seed(config.seed)
-        q, r = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))
+        q, r = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
         rotation = q * torch.sign(torch.diagonal(r))
-        time_table = sinusoidal_embedding(torch.arange(config.num_timesteps + 1), H, config.num_timesteps) @ rotation
-        self.register_buffer("time_table", time_table.float(), persistent=False)  # (T + 1, H)
-        self.register_buffer("index_table", sinusoidal_embedding(torch.arange(L), H, L).float(), persistent=False)
+        time_table = sinusoidal_embedding(torch.arange(config.num_timesteps + 1), D, config.num_timesteps) @ rotation
+        self.register_buffer("time_table", time_table.float(), persistent=False)  # (T + 1, D)
+        self.register_buffer("index_table", sinusoidal_embedding(torch.arange(L), D, L).float(), persistent=False)
         # row o + (L - 1) embeds the offset i - j = -o of the pair (i, j = i + o), as the original
         offsets = torch.arange(-(L - 1), L)
         self.register_buffer("offset_table", sinusoidal_embedding(-offsets, E, L).float(), persistent=False)
         self.blocks = nn.ModuleList(EGNNBlock(H, E, backend, last=k == config.num_layers - 1, tanh=config.tanh,
-                                              coords_range=config.coords_range)
+                                              coords_range=config.coords_range, input_dim=D if k == 0 else H)
                                     for k in range(config.num_layers))
 
     @property
@@ -134,7 +149,7 @@ class ProtDiff(nn.Module):
             raise ValueError(f"t: timesteps must lie in [1, {self.config.num_timesteps}]")
         mask = check_mask(mask, B, N, x_t.device)
         dtype = x_t.dtype
-        h = self.index_table[:N].to(dtype)[None] + self.time_table[t].to(dtype)[:, None]  # (B, N, H)
+        h = self.index_table[:N].to(dtype)[None] + self.time_table[t].to(dtype)[:, None]  # (B, N, D)
         L = self.max_length
         rel = self.offset_table[L - N: L + N - 1].to(dtype)  # offsets -(N-1) .. N-1: (2N - 1, E)
         x = x_t
