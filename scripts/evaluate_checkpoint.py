@@ -30,6 +30,10 @@ def main() -> None:
     ap.add_argument("--noise-scale", type=float, default=1.0, help="DDPMScheduler(noise_scale=...) for every model")
     ap.add_argument("--clash-guidance", type=float, default=None, metavar="STRENGTH",
                     help="DDPMScheduler(clash_guidance=ClashGuidance(STRENGTH)) for every model")
+    ap.add_argument("--steps", type=int, default=None, metavar="K",
+                    help="sample with K respaced steps (set_timesteps(K)) instead of all T")
+    ap.add_argument("--eta", type=float, default=1.0,
+                    help="DDPMScheduler(eta=...): 1 ancestral (default), 0 deterministic DDIM")
     args = ap.parse_args()
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
@@ -38,7 +42,7 @@ def main() -> None:
     torch.manual_seed(1234)
     untrained = ProtDiff(cfg).eval()
     real = [c.double().numpy() * held.scale for c in held.coords][: args.num]
-    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, noise_scale=args.noise_scale,
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, noise_scale=args.noise_scale, eta=args.eta,
                               clash_guidance=None if args.clash_guidance is None else ClashGuidance(args.clash_guidance))
     # the .npz holds no residue numbers: a real CA-CA bond longer than 4.2 A spans missing residues (a
     # gap, not a bad bond); designs get no breaks, so a long bond of theirs stays a bad bond
@@ -52,7 +56,8 @@ def main() -> None:
     for name, model in models:
         t0 = time.perf_counter()
         with torch.no_grad():
-            designs = sample(model, lengths, seed=args.seed, scheduler=scheduler, batch_size=64, progress=False)
+            designs = sample(model, lengths, seed=args.seed, scheduler=scheduler, batch_size=64, progress=False,
+                             num_inference_steps=args.steps)
         timing[name] = time.perf_counter() - t0
         columns[name] = summarize([backbone_metrics(c) for c in designs])
     table = format_table(columns)
@@ -64,7 +69,9 @@ def main() -> None:
         + (f" --matmul-precision {args.matmul_precision}" if args.matmul_precision else "")
         + (" --skip-untrained" if args.skip_untrained else "")
         + (f" --noise-scale {args.noise_scale:g}" if args.noise_scale != 1.0 else "")
-        + (f" --clash-guidance {args.clash_guidance:g}" if args.clash_guidance is not None else "") + "`",
+        + (f" --clash-guidance {args.clash_guidance:g}" if args.clash_guidance is not None else "")
+        + (f" --steps {args.steps}" if args.steps is not None else "")
+        + (f" --eta {args.eta:g}" if args.eta != 1.0 else "") + "`",
         f"- machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; sampling time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()),
         f"- model: {sum(p.numel() for p in trained.parameters())} parameters, config {cfg.to_dict()}",
