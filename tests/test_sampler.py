@@ -1007,3 +1007,28 @@ def test_a_models_nan_in_padding_is_not_a_design_failure():
 
     with pytest.raises(SamplingError, match=r"NaN/Inf at t=4 for design 0 \(length 5"):
         sample(real_nan, lengths, scheduler=sched, seed=3, progress=False, batch_size=3)
+
+
+def test_cli_eta_runs_ddim_records_it_and_refuses_a_resume_with_another(tmp_path, capsys):
+    """`sample --eta 0` is deterministic DDIM after x_T, recorded in the manifest's scheduler config, so a
+    resume with another eta is refused naming it; eta outside [0, 1] is a clear error."""
+    from protdiff_fast.cli import main
+    from protdiff_fast.io import read_backbones
+
+    def run(out, *extra):
+        return main(["sample", "--length", "40", "--num", "1", "--steps", "5", "--seed", "1",
+                     "--out", str(tmp_path / out), "--no-progress", *extra])
+
+    def ca(out):
+        return read_backbones(tmp_path / out / "design_000000.pdb")[0].ca
+
+    assert run("ddim", "--eta", "0") == 0 and run("ancestral") == 0
+    assert json.loads((tmp_path / "ddim" / "manifest.json").read_text())["run"]["scheduler"]["eta"] == 0.0
+    assert json.loads((tmp_path / "ancestral" / "manifest.json").read_text())["run"]["scheduler"]["eta"] == 1.0
+    assert np.abs(ca("ddim") - ca("ancestral")).max() > 0.01  # same x_T, no noise after it: another design
+    capsys.readouterr()
+    assert run("ddim", "--eta", "1", "--resume") == 2
+    assert "holds a different sampling run (manifest.json: scheduler.eta: 0.0 in the folder vs 1.0 now)" in \
+        capsys.readouterr().err.replace("\n", " ")
+    assert run("bad", "--eta", "1.5") == 2
+    assert "eta must be a number in [0, 1], got 1.5" in capsys.readouterr().err

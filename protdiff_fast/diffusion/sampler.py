@@ -180,19 +180,23 @@ def _backends(model, scheduler, device) -> Dict[str, str]:
     return out
 
 
-def _run_differences(saved: Dict, now: Dict) -> List[str]:
-    """What differs between the run recorded in a folder and this one, in words."""
+def _run_differences(saved: Dict, now: Dict, prefix: str = "") -> List[str]:
+    """What differs between the run recorded in a folder and this one, in words (a nested dict such as
+    the scheduler's config by its own keys: "scheduler.eta: ...")."""
     diffs = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key, "<not recorded>"), now.get(key, "<not recorded>")
         if a == b:
             continue
-        if key == "lengths" and isinstance(a, list) and isinstance(b, list):
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(_run_differences(a, b, prefix=f"{prefix}{key}."))
+        elif key == "lengths" and isinstance(a, list) and isinstance(b, list):
             first = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
             diffs.append(f"lengths: {len(a)} designs in the folder vs {len(b)} now, first difference at design "
                          f"{first}")
         else:
-            diffs.append(f"{key}: {json.dumps(a, sort_keys=True)} in the folder vs {json.dumps(b, sort_keys=True)} now")
+            diffs.append(f"{prefix}{key}: {json.dumps(a, sort_keys=True)} in the folder vs "
+                         f"{json.dumps(b, sort_keys=True)} now")
     return diffs
 
 
