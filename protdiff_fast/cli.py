@@ -214,7 +214,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     chosen = [rng.choice(lengths) for _ in range(args.num)] if len(lengths) > 1 else lengths * args.num
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend,
-                              noise_scale=args.noise_scale, eta=args.eta, clash_guidance=_clash_guidance(args))
+                              noise_scale=args.noise_scale, eta=args.eta, variance_type=args.variance,
+                              clash_guidance=_clash_guidance(args))
     from protdiff_fast.diffusion.sampler import OutputError, read_manifests
 
     if args.design_index is not None and not 0 <= args.design_index < len(chosen):
@@ -486,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--eta", type=float, default=1.0,
                     help="DDIM's eta in [0, 1]: 1 (default) the ancestral sampler (respaced with --steps), 0 "
                          "deterministic DDIM (with the shipped model: worse bonds and more clashes)")
+    sm.add_argument("--variance", choices=["fixed_small", "fixed_large"], default="fixed_small",
+                    help="the ancestral step's variance: fixed_small (beta_tilde_t, default) or fixed_large "
+                         "(beta_t, all T steps and eta 1 only)")
     _add_clash_guidance_arguments(sm)
     sm.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
                     help="run the model under torch.autocast in this dtype (GEMMs and the EGNN pair op in "

@@ -34,6 +34,8 @@ def main() -> None:
                     help="sample with K respaced steps (set_timesteps(K)) instead of all T")
     ap.add_argument("--eta", type=float, default=1.0,
                     help="DDPMScheduler(eta=...): 1 ancestral (default), 0 deterministic DDIM")
+    ap.add_argument("--variance", default="fixed_small", choices=["fixed_small", "fixed_large"],
+                    help="DDPMScheduler(variance_type=...)")
     args = ap.parse_args()
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
@@ -42,7 +44,8 @@ def main() -> None:
     torch.manual_seed(1234)
     untrained = ProtDiff(cfg).eval()
     real = [c.double().numpy() * held.scale for c in held.coords][: args.num]
-    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, noise_scale=args.noise_scale, eta=args.eta,
+    scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, noise_scale=args.noise_scale,
+                              eta=args.eta, variance_type=args.variance,
                               clash_guidance=None if args.clash_guidance is None else ClashGuidance(args.clash_guidance))
     # the .npz holds no residue numbers: a real CA-CA bond longer than 4.2 A spans missing residues (a
     # gap, not a bad bond); designs get no breaks, so a long bond of theirs stays a bad bond
@@ -71,7 +74,8 @@ def main() -> None:
         + (f" --noise-scale {args.noise_scale:g}" if args.noise_scale != 1.0 else "")
         + (f" --clash-guidance {args.clash_guidance:g}" if args.clash_guidance is not None else "")
         + (f" --steps {args.steps}" if args.steps is not None else "")
-        + (f" --eta {args.eta:g}" if args.eta != 1.0 else "") + "`",
+        + (f" --eta {args.eta:g}" if args.eta != 1.0 else "")
+        + (f" --variance {args.variance}" if args.variance != "fixed_small" else "") + "`",
         f"- machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; sampling time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()),
         f"- model: {sum(p.numel() for p in trained.parameters())} parameters, config {cfg.to_dict()}",

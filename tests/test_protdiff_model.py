@@ -958,6 +958,13 @@ def test_evaluate_checkpoint_scores_gaps_of_real_chains_as_breaks_not_bonds(tmp_
     assert "--skip-untrained --steps 10 --eta 0`" in strided.stdout  # the command as run, in the report
     strided_row = [ln.split() for ln in strided.stdout.splitlines() if ln.startswith("ca_ca_dev")][0]
     assert strided_row[1] == row[1] and strided_row[2] != row[2]  # same real chain, another sampler
+    large = subprocess.run([sys.executable, "scripts/evaluate_checkpoint.py", str(tmp_path / "tiny" / "checkpoint.pt"),
+                            str(data), "--split", "test", "--num", "1", "--skip-untrained", "--variance", "fixed_large"],
+                           cwd=root, capture_output=True, text=True, timeout=600)
+    assert large.returncode == 0, large.stderr[-2000:]
+    assert "--skip-untrained --variance fixed_large`" in large.stdout
+    large_row = [ln.split() for ln in large.stdout.splitlines() if ln.startswith("ca_ca_dev")][0]
+    assert large_row[1] == row[1] and large_row[2] != row[2]
 
 
 def test_length_outcomes_drops_a_diverged_design_and_keeps_the_others_trajectories():

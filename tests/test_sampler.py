@@ -1032,3 +1032,24 @@ def test_cli_eta_runs_ddim_records_it_and_refuses_a_resume_with_another(tmp_path
         capsys.readouterr().err.replace("\n", " ")
     assert run("bad", "--eta", "1.5") == 2
     assert "eta must be a number in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_cli_variance_fixed_large_is_recorded_and_refused_with_strided_steps(tmp_path, capsys):
+    """`sample --variance fixed_large` runs beta_t as the step's variance (all T steps): recorded in the
+    manifest, another design than fixed_small's with the same seed; with --steps below T it is refused,
+    naming the option to use."""
+    from protdiff_fast.cli import main
+    from protdiff_fast.io import read_backbones
+
+    def run(out, *extra):
+        return main(["sample", "--length", "40", "--num", "1", "--seed", "3", "--out", str(tmp_path / out),
+                     "--no-progress", *extra])
+
+    assert run("large", "--variance", "fixed_large") == 0 and run("small") == 0
+    run_info = json.loads((tmp_path / "large" / "manifest.json").read_text())["run"]
+    assert run_info["scheduler"]["variance_type"] == "fixed_large" and run_info["num_inference_steps"] == 1024
+    large, small = (read_backbones(tmp_path / d / "design_000000.pdb")[0].ca for d in ("large", "small"))
+    assert np.isfinite(large).all() and np.abs(large - small).max() > 0.01
+    capsys.readouterr()
+    assert run("strided", "--variance", "fixed_large", "--steps", "8") == 2
+    assert "variance_type='fixed_large' is the full-length ancestral sampler's" in capsys.readouterr().err
