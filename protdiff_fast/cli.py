@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--providers", default=None,
                        help="comma-separated subset: reference,cpu,triton,triton-slab (the slab backward),egnn-pytorch,"
                             "compat (our drop-in for egnn-pytorch's layer, both at m_dim = H), egnn-pytorch-m16,"
-                            "compat-m16 (the same at egnn-pytorch's default m_dim = 16; GPU targets only)")
+                            "compat-m16 (the same at egnn-pytorch's default m_dim = 16)")
     bench.add_argument("--compare", default=None, metavar="OLD.json", help="print the change against an earlier results.json")
     bench.add_argument("--dtypes", default=None, help="comma-separated subset of the grid's dtypes: float32,bfloat16,...")
     bench.add_argument("--hidden", default=None, help="comma-separated subset of the grid's H values (egnn rows)")

@@ -573,3 +573,23 @@ def test_layer_rows_at_egnn_pytorchs_default_m_dim():
     line = {p: next(ln for ln in md.splitlines() if f"| {p} |" in ln) for p in rows}
     assert line["compat"].rstrip().endswith("| 3.0x |") and line["compat-m16"].rstrip().endswith("| 5.0x |")
     assert line["egnn-pytorch-m16"].rstrip().endswith("|  |")
+
+
+def test_cpu_grid_and_targets_run_the_layers_at_m_dim_16_too():
+    """The CPU grid and targets set the drop-in against egnn-pytorch at its default m_dim = 16 as well as at
+    m_dim = H, under the same size cap as the m_dim = H rows; the GPU grid leaves them to its targets."""
+    pytest.importorskip("egnn_pytorch")
+    full = runner.grid("cpu", quick=False, suites=["egnn"])
+    for p in ("compat-m16", "egnn-pytorch-m16"):
+        sizes = {(r["B"], r["N"]) for r in full if r["provider"] == p}
+        assert (1, 1024) in sizes and (8, 128) in sizes, sizes
+        assert all(B * N <= runner.EGNN_PYTORCH_MAX_BN for B, N in sizes), sizes
+        assert sizes == {(r["B"], r["N"]) for r in full if r["provider"] == layer_twin(p)}
+        for mode in ("fwd", "fwdbwd"):
+            assert dict(suite="egnn", provider=p, B=4, N=256, H=64, mode=mode, dtype="float32") \
+                in runner.target_rows("cpu")
+    assert not any(r["provider"].endswith("-m16") for r in runner.grid("cuda", quick=False, suites=["egnn"]))
+
+
+def layer_twin(provider):
+    return provider[: -len("-m16")]

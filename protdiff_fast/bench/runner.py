@@ -159,8 +159,9 @@ def target_rows(device: str) -> List[Dict]:
     base = ["reference", "cpu" if not device.startswith("cuda") else "triton"]
     # layer against layer: egnn-pytorch and our drop-in for it (the op rows' speed-up is not the drop-in's)
     extra = list(LAYER_PROVIDERS) if egnn_pytorch_available() else []
+    extra_m16 = list(DEFAULT_M_PROVIDERS) if extra else []  # and both at egnn-pytorch's default m_dim = 16
     for mode in ("fwd", "fwdbwd"):
-        for p in base + extra:
+        for p in base + extra + extra_m16:
             rows.append(dict(suite="egnn", provider=p, B=4, N=256, H=64, mode=mode, dtype="float32"))
     for p in base:
         rows.append(dict(suite="egnn", provider=p, B=1, N=1024, H=64, mode="fwdbwd", dtype="float32"))
@@ -174,7 +175,7 @@ def target_rows(device: str) -> List[Dict]:
         for p in ["reference", "triton", "triton-slab"] + extra:
             rows.append(dict(suite="egnn", provider=p, B=1, N=8192, H=128, mode="fwdbwd", dtype="bfloat16"))
         for mode in ("fwd", "fwdbwd"):  # the layers at egnn-pytorch's default m_dim = 16 (widths (4H + 2, 16, 64))
-            for p in list(DEFAULT_M_PROVIDERS) if extra else []:
+            for p in extra_m16:
                 rows.append(dict(suite="egnn", provider=p, B=8, N=512, H=128, mode=mode, dtype="bfloat16"))
     for N in (64, 128, 256):
         for p in ("reference", "cpu" if not device.startswith("cuda") else "triton"):
@@ -232,6 +233,8 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
         providers = ["reference", "cpu"] if not device.startswith("cuda") else ["reference", "triton"]
         if egnn_pytorch_available():
             providers += list(LAYER_PROVIDERS)
+            if not device.startswith("cuda"):  # on a GPU they are target rows (B=8 N=512 H=128 bf16)
+                providers += list(DEFAULT_M_PROVIDERS)
         dtypes = ["float32"] if not device.startswith("cuda") else ["float32", "bfloat16"]
         for dtype in dtypes:
             for mode in modes:
@@ -239,7 +242,7 @@ def grid(device: str, quick: bool, suites: Iterable[str], which: str = "full") -
                     for B in Bs:
                         for N in Ns:
                             for p in providers:
-                                if p in LAYER_PROVIDERS and B * N > EGNN_PYTORCH_MAX_BN and not quick \
+                                if layer_spec(p) is not None and B * N > EGNN_PYTORCH_MAX_BN and not quick \
                                         and not device.startswith("cuda"):
                                     continue  # minutes per row at ~1% of this machine's matmul rate
                                 if N > 4096 and p != "triton":
