@@ -112,3 +112,29 @@ def test_triton_step_noise_of_a_sample_does_not_depend_on_its_padding():
     big = ddpm_step(s, zero_big, zero_big, t, mask=mask_big, seed=seeds, backend="triton").prev_sample
     assert float(small.abs().max()) > 0 and torch.equal(small[0], big[0, :9])
     assert float(big[0, 9:].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("N", [1, 7, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_step_gradients_match_reference(N, dtype):
+    from test_ddpm_cpu import check_fused_step_gradients
+
+    check_fused_step_gradients("triton", N, "fixed_small", dtype)
+
+
+def test_triton_step_refuses_float64_and_auto_runs_it_on_the_reference(monkeypatch):
+    """The kernel computes in float32: float64 in, float32-exact out was a silent loss of precision."""
+    import protdiff_fast.ops as ops
+    from protdiff_fast.ops.ddpm_triton import ddpm_step_triton
+
+    s = NoiseSchedule(20)
+    g = torch.Generator().manual_seed(0)
+    x, e, z = (torch.randn(2, 5, 3, generator=g, dtype=F64) for _ in range(3))
+    with pytest.raises(ValueError, match="triton step runs float32.*float64"):
+        ddpm_step(s, x, e, 7, noise=z, backend="triton")
+    real = ops.get_impl
+    monkeypatch.setattr(ops, "get_impl", lambda op, backend, device: ("triton", ddpm_step_triton)
+                        if backend == "auto" else real(op, backend, device))  # auto as on a CUDA tensor
+    got = ddpm_step(s, x, e, 7, noise=z, backend="auto")
+    want = ddpm_step(s, x, e, 7, noise=z, backend="reference")
+    assert got.prev_sample.dtype == F64 and torch.equal(got.prev_sample, want.prev_sample)

@@ -98,5 +98,7 @@ def ddpm_step(schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t, *, backend:
 
     Keyword arguments: mask, noise (explicit z), seed (int, or (B,) per-sample seeds), generator, variance.
     """
-    _, fn = get_impl("ddpm_step", backend, x_t.device)
+    name, fn = get_impl("ddpm_step", backend, x_t.device)
+    if backend == "auto" and name == "triton" and x_t.dtype == torch.float64:  # the kernel computes in float32
+        _, fn = get_impl("ddpm_step", "reference", x_t.device)
     return fn(schedule, x_t, eps_hat, t, **kwargs)

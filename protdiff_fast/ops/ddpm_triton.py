@@ -21,9 +21,11 @@ import triton.language as tl
 
 from protdiff_fast.diffusion.schedule import NoiseSchedule
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
+from protdiff_fast.ops.ddpm_grad import needs_step_gradients, step_with_gradients
 from protdiff_fast.reference.ddpm import DDPMStepOutput, check_step_inputs, step_coefficients
 
 MAX_NODES = 16384  # one program holds a whole sample
+STEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NOISE_STRIDE = tl.constexpr(3 * MAX_NODES)  # noise counter per timestep: (t, node, column)
 
 
@@ -111,7 +113,13 @@ def ddpm_step_triton(
     generator: Optional[torch.Generator] = None,
     variance: str = "fixed_small",
 ) -> DDPMStepOutput:
+    if x_t.dtype not in STEP_DTYPES:  # the kernel computes in float32: float64 would come back float32-exact only
+        raise ValueError(f"x_t: the triton step runs float32, bfloat16 and float16, got {x_t.dtype} "
+                         "(backend='auto' runs float64 on the reference)")
     t, mask = check_step_inputs(schedule, x_t, eps_hat, t, mask, noise, variance)
+    if needs_step_gradients(x_t, eps_hat, noise):
+        return step_with_gradients(ddpm_step_triton, schedule, x_t, eps_hat, t, mask, noise, variance, seed=seed,
+                                   generator=generator)
     B, N, _ = x_t.shape
     if N > MAX_NODES:
         raise ValueError(f"x_t: the triton step holds a sample in one program; N = {N} > {MAX_NODES}")
