@@ -1,6 +1,8 @@
 """Shared test utilities: error norms, random rotations, random masks."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -14,6 +16,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_close_rel(actual, expected, tol, what=""):
+    # a tolerance made of a low-precision reference's own error is inf when that reference gave NaN:
+    # then nothing would be checked
+    assert math.isfinite(tol), f"{what}: the tolerance is {tol} (the reference it is made of is not finite)"
     err = rel_err(actual, expected)
     diff = (actual.detach().double() - expected.detach().double()).abs()
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} (max abs diff {float(diff.max()):.3e})"

@@ -89,7 +89,8 @@ import triton
 import triton.language as tl
 
 from protdiff_fast._checks import first_order_backward
-from protdiff_fast.reference.egnn import _coord_scale, check_egnn_pair_aggregate_inputs, egnn_pair_aggregate_reference
+from protdiff_fast.reference.egnn import (_coord_scale, check_egnn_pair_aggregate_inputs, egnn_pair_aggregate_reference,
+                                         zero_padding)
 
 SUPPORTED_HIDDEN = (16, 32, 64, 128, 256)  # H must be one of these (tl.dot needs K >= 16)
 # hidden sizes of the fused backward kernels for every dtype; H = 256 too, one pass (chunked) for fp32
@@ -1806,10 +1807,13 @@ def egnn_pair_aggregate_triton(
     if edge_attr is not None and N * N * edge_attr.shape[-1] >= 2 ** 31:  # in-sample offsets are int32
         raise ValueError(f"edge_attr: N^2 E = {N * N * edge_attr.shape[-1]} elements per sample exceed the triton "
                          "kernels' 2^31 limit; use the relative-offset table (rel=) or fewer edge features")
+    given = mask is not None
     mask, b_att = check_egnn_pair_aggregate_inputs(
         x, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, edge_attr=edge_attr, W_e=W_e, rel=rel,
         w_att=w_att, b_att=b_att, coords_agg=coords_agg, eps=eps,
     )
+    if given:  # the kernels mask the pair sums; padding rows of 1e20 or NaN would still reach them
+        x, p, q, edge_attr = zero_padding(mask, x, p, q, edge_attr)
     _check_rect_widths(p.shape[-1], W2.shape[1], W3.shape[1])  # (the shapes agree: checked above)
     _check_int32_offsets(x.shape[0], N, p.shape[-1], W2.shape[1], W3.shape[1], p.dtype, _edge_mode(edge_attr, rel),
                          backward=torch.is_grad_enabled() and any(

@@ -23,7 +23,8 @@ def remove_center_of_mass_reference(x: torch.Tensor, mask: Optional[torch.Tensor
     """P x for x (B, N, D) and mask (B, N); padding rows come out exactly zero."""
     check_tensor("x", x, (None, None, None))
     mask = check_mask(mask, x.shape[0], x.shape[1], x.device)
-    m = mask.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
-    n_real = m.sum(dim=1, keepdim=True)  # (B, 1, 1)
-    centroid = (x * m).sum(dim=1, keepdim=True) / n_real  # (B, 1, D)
-    return torch.where(mask.unsqueeze(-1), x - centroid, torch.zeros_like(x))
+    keep = mask.unsqueeze(-1)  # (B, N, 1)
+    x = torch.where(keep, x, torch.zeros_like(x))  # not x * mask: padding may hold NaN (NaN * 0 = NaN)
+    n_real = keep.to(x.dtype).sum(dim=1, keepdim=True)  # (B, 1, 1)
+    centroid = x.sum(dim=1, keepdim=True) / n_real  # (B, 1, D)
+    return torch.where(keep, x - centroid, torch.zeros_like(x))

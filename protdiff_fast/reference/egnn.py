@@ -91,6 +91,19 @@ def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask[:, :, None] & mask[:, None, :] & not_self
 
 
+def zero_padding(mask: torch.Tensor, x, p, q, edge_attr=None):
+    """x, p, q (and edge_attr on pairs with a padding node) with padding rows set to zero.
+
+    Padding contributes nothing, whatever it holds (the finiteness checks skip it): masking the sums
+    alone would not do, as NaN * 0 = NaN and padding coordinates of 1e20 (300 in float16) overflow d2."""
+    keep = mask.unsqueeze(-1)
+    x, p, q = (torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device)) for v in (x, p, q))
+    if edge_attr is not None:
+        pairs = (mask[:, :, None] & mask[:, None, :]).unsqueeze(-1)
+        edge_attr = torch.where(pairs, edge_attr, torch.zeros((), dtype=edge_attr.dtype, device=edge_attr.device))
+    return x, p, q, edge_attr
+
+
 def _coord_scale(mask: torch.Tensor, coords_agg: str, dtype: torch.dtype) -> torch.Tensor:
     """C per sample, (B, 1, 1): 1/(n_b - 1) over real nodes for "mean" (1 when n_b = 1), 1 for "sum"."""
     if coords_agg == "sum":
@@ -200,6 +213,7 @@ def egnn_pair_aggregate_reference(
     )
     B, N, _ = x.shape
     dtype, device = p.dtype, x.device  # x.dtype too, or float32 coordinates (then u, d2 and dx in float32)
+    x, p, q, edge_attr = zero_padding(mask, x, p, q, edge_attr)
 
     d2 = (x[:, :, None, :] - x[:, None, :, :]).pow(2).sum(-1)  # (B, N, N)
     z = p[:, :, None, :] + q[:, None, :, :] + d2[..., None].to(dtype) * w_d  # (B, N, N, H)
@@ -222,8 +236,8 @@ def egnn_pair_aggregate_reference(
         above = d2 > eps * eps
         length = torch.where(above, d2, torch.ones_like(d2)).sqrt()  # no sqrt'(0) = inf at i == j
         u_ij = u_ij / torch.where(above, length, torch.full_like(length, eps))[..., None]
-    elif normalize:
-        u_ij = u_ij / (d2.detach().sqrt() + eps)[..., None]
+    elif normalize:  # (the self pair's 0 / (0 + eps) is 0/0 where eps rounds to 0, as 1e-8 does in float16)
+        u_ij = u_ij / torch.where(_pair_mask(mask), d2.detach().sqrt() + eps, torch.ones_like(d2))[..., None]
     pair = _pair_mask(mask).to(dtype)  # (B, N, N)
     m_i = (m_ij * pair[..., None]).sum(dim=2)
     dx_i = (u_ij * (phi_ij * pair).to(x.dtype)[..., None]).sum(dim=2) * _coord_scale(mask, coords_agg, x.dtype)
