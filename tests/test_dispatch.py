@@ -161,3 +161,109 @@ def test_a_backend_typo_fails_when_the_module_is_built():
                   lambda: CompatEGNN(dim=8, backend="trition"), lambda: DDPMScheduler(10, backend="trition")):
         with pytest.raises(ValueError, match=r"unknown backend 'trition'; choose one of \('auto', 'reference'"):
             build()
+
+
+@pytest.mark.parametrize("edge_mode", ["none", "dense"])
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float32), ("reference", torch.float16),
+                                           ("cpu", torch.float32), ("triton", torch.float32),
+                                           ("triton", torch.float16)])
+def test_padding_contents_never_reach_real_rows(backend, dtype, edge_mode):
+    """Padding rows holding 1e4 (float16 squares overflow at 256) or 1e20 give the outputs and real rows'
+    gradients of zero padding: the reference and triton masked the pair sums only, and inf * 0 = NaN.
+    NaN in padding is refused by every backend alike."""
+    if not _runs_here("egnn_pair_aggregate", backend):
+        pytest.skip(f"{backend} not available here")
+    args, kw = make_problem(2, 7, 16, 4, edge_mode, dict(normalize=True))
+    mask = kw["mask"]
+    pad = ~mask
+    assert bool(pad.any())
+
+    def run(fill):
+        x, p, q = (a.clone() for a in args[:3])
+        ea = kw.get("edge_attr")
+        x[pad], p[pad], q[pad] = fill, fill, -fill
+        if ea is not None:
+            ea = ea.clone()
+            ea[pad] = fill
+        leaves = [v.to(dtype).requires_grad_(True) for v in (x, p, q)]
+        kw2 = dict(kw, **({"edge_attr": ea.to(dtype), "W_e": kw["W_e"].to(dtype)} if ea is not None else {}))
+        m, dx = egnn_pair_aggregate(*leaves, *(a.to(dtype) for a in args[3:]), backend=backend, **kw2)
+        grads = torch.autograd.grad((m.float().sum() + dx.float().pow(2).sum()), leaves)
+        return [m, dx] + [gr[mask] for gr in grads]
+
+    clean = run(0.0)
+    assert all(bool(torch.isfinite(v).all()) for v in clean)
+    for a, b in zip(run(1e4 if dtype == torch.float16 else 1e20), clean):
+        assert torch.equal(a, b), "large padding values changed the result"
+    with pytest.raises(ValueError, match="contains NaN"):
+        run(float("nan"))
+
+
+def test_dispatchers_name_a_non_tensor_input():
+    """A numpy array, a list or nothing as x: a TypeError naming x (was AttributeError on .device / IndexError)."""
+    import numpy as np
+
+    from protdiff_fast.diffusion import NoiseSchedule
+
+    for bad in (np.zeros((1, 3, 3)), [[0.0, 0.0, 0.0]]):
+        with pytest.raises(TypeError, match=r"x: expected a torch.Tensor"):
+            egnn_pair_aggregate(bad)
+        with pytest.raises(TypeError, match=r"x_t: expected a torch.Tensor"):
+            ops.ddpm_step(NoiseSchedule(5), bad, bad, 2)
+        with pytest.raises(TypeError, match=r"x: expected a torch.Tensor"):
+            ops.remove_center_of_mass(bad)
+    with pytest.raises(TypeError, match=r"x: expected a torch.Tensor"):
+        egnn_pair_aggregate()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_ddpm_step_empty_batch_and_no_nodes_alike_on_every_backend(backend):
+    import numpy as np
+
+    from protdiff_fast.diffusion import DDPMScheduler, NoiseSchedule
+
+    if not _runs_here("ddpm_step", backend):
+        pytest.skip(f"{backend} not available here")
+    s = NoiseSchedule(10)
+    out = ops.ddpm_step(s, torch.zeros(0, 4, 3), torch.zeros(0, 4, 3), 5, backend=backend)
+    assert out.prev_sample.shape == (0, 4, 3)
+    with pytest.raises(ValueError, match=r"t: timesteps must lie in \[1, 10\], got 11"):
+        ops.ddpm_step(s, torch.zeros(0, 4, 3), torch.zeros(0, 4, 3), 11, backend=backend)
+    with pytest.raises(ValueError, match=r"x_t: samples have no nodes \(N = 0\)"):
+        ops.ddpm_step(s, torch.zeros(2, 0, 3), torch.zeros(2, 0, 3), 5, backend=backend)
+    sched = DDPMScheduler(10, backend=backend)
+    assert sched.step(torch.zeros(0, 4, 3), 5, torch.zeros(0, 4, 3)).prev_sample.shape == (0, 4, 3)
+    assert sched.add_noise(torch.zeros(0, 4, 3), torch.zeros(0, 4, 3), 5).shape == (0, 4, 3)
+    x = torch.randn(1, 4, 3)
+    want = sched.step(x, 5, x, noise=x).prev_sample
+    assert torch.equal(sched.step(x, np.int64(5), x, noise=x).prev_sample, want)  # a numpy integer timestep
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_ddpm_step_seed_checked_alike_on_every_backend(backend):
+    """A float seed tensor was taken by the reference and refused by the fused steps; 2**64 + 5 the other way
+    round; a numpy integer seed only by the reference."""
+    import numpy as np
+
+    from protdiff_fast.diffusion import NoiseSchedule
+
+    if not _runs_here("ddpm_step", backend):
+        pytest.skip(f"{backend} not available here")
+    s = NoiseSchedule(10)
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+
+    def step(seed):
+        return ops.ddpm_step(s, x, x, 5, seed=seed, backend=backend).prev_sample
+
+    assert torch.equal(step(np.int64(3)), step(3))
+    assert not torch.equal(step(3), step(4))
+    assert torch.equal(step(torch.tensor([3, 4], dtype=torch.int32)), step(torch.tensor([3, 4])))
+    with pytest.raises(TypeError, match="seed: per-sample seeds must be an integer tensor"):
+        step(torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match=r"seed: expected one seed per sample, shape \(2,\)"):
+        step(torch.tensor([3, 4, 5]))
+    with pytest.raises(ValueError, match=r"seed: expected an integer in \[-2\^63, 2\^64\)"):
+        step(2 ** 64 + 5)
+    for bad in (True, 1.5, "3"):
+        with pytest.raises(TypeError, match="seed: expected an int or an integer tensor"):
+            step(bad)

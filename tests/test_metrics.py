@@ -63,6 +63,8 @@ def test_metrics_reject_bad_input():
         backbone_metrics(np.zeros((4, 2)))
     with pytest.raises(ValueError, match="NaN"):
         backbone_metrics(np.full((4, 3), np.nan))
+    with pytest.raises(ValueError, match=r"ca: no residues"):  # was a ZeroDivisionError
+        backbone_metrics(np.zeros((0, 3)))
 
 
 def test_summary_table_and_evaluate_cli(tmp_path, capsys):

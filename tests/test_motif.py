@@ -480,3 +480,22 @@ def test_segment_length_with_insertion_codes_needs_the_structure():
     assert str(seg) == "A52A-53"
     with pytest.raises(ContigError, match="insertion codes"):
         seg.length
+
+
+@pytest.mark.parametrize("method", ["smc", "replacement", "fixed"])
+def test_scaffold_with_a_trainable_model_outside_no_grad(method):
+    """scaffold() called as a user would, gradients enabled and a model with parameters: SMC crashed
+    ("Can't call numpy() on Tensor that requires grad") and the other methods kept a graph over every step."""
+    from protdiff_fast.models import ProtDiff
+    from protdiff_fast.models.protdiff import ProtDiffConfig
+    from protdiff_fast.motif import scaffold
+
+    torch.manual_seed(0)
+    model = ProtDiff(ProtDiffConfig(max_length=8, num_timesteps=20, hidden_dim=16, edge_dim=8, num_layers=2))
+    assert torch.is_grad_enabled()
+    res = scaffold(model, np.random.default_rng(0).normal(size=(3, 3)) * 0.38, [6], np.array([[0, 1, 2]]),
+                   particles=2, num_inference_steps=5, method=method)
+    for particles in res.particles:  # per design
+        assert not (isinstance(particles, torch.Tensor) and particles.requires_grad)
+        assert np.asarray(particles).shape[-2:] == (6, 3) and np.isfinite(np.asarray(particles)).all()
+    assert torch.is_grad_enabled()

@@ -109,6 +109,10 @@ def test_model_rejects_bad_input():
     with pytest.raises(TypeError, match=r"x_t: dtype torch.bfloat16, but the model's weights are"):
         m(x.to(torch.bfloat16), t, mask)  # was a raw matmul dtype error
     assert m.double()(x.double(), t, mask).dtype == torch.float64
+    bad = x.double().clone()
+    bad[0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^x_t: contains NaN"):  # was "x: ...", the op's name for it
+        m(bad, t, mask)
 
 
 def test_sinusoidal_tables_match_libm_to_the_last_bit_and_do_not_use_torch_sin(monkeypatch):
@@ -1471,3 +1475,13 @@ def test_widen_checkpoint_cli_and_training_from_it(tmp_path):
     cmd[cmd.index("--out") + 1] = str(tmp_path / "run2")
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "embed_dim" in proc.stderr
+
+
+@pytest.mark.parametrize("field,bad", [("num_layers", 0), ("max_length", 0), ("num_timesteps", 0), ("hidden_dim", 0),
+                                       ("edge_dim", -2), ("num_layers", 2.0), ("max_length", True),
+                                       ("coords_range", 0.0)])
+def test_model_config_values_are_checked_when_built(field, bad):
+    """A config no model can run is refused by name when the model is built (num_layers=0 built and then failed
+    with IndexError; num_timesteps=0 built a NaN time table; max_length=0 a torch.arange error)."""
+    with pytest.raises(ValueError, match=field):
+        ProtDiff(backend="reference", **{**dict(hidden_dim=16, edge_dim=8, num_layers=2), field: bad})

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close_rel, random_mask, random_orthogonal, rel_err
-from protdiff_fast.nn import EGNNLayer
+from protdiff_fast.nn import EGNN, EGNNLayer
 from protdiff_fast.reference.egnn import egnn_layer_reference, egnn_pair_aggregate_reference
 
 F64 = torch.float64
@@ -411,3 +411,15 @@ def test_layer_rejects_bad_input():
         make_layer(8, 0)(h, x, torch.randn(9, 3, dtype=F64))
     with pytest.raises(ValueError, match="coords_agg"):
         EGNNLayer(8, coords_agg="max")
+    # dtypes against the weights, named (were torch's "mat1 and mat2 must have the same dtype")
+    with pytest.raises(TypeError, match=r"h: dtype torch.float32, but the module's weights are torch.float64"):
+        layer(h.float(), x.float(), torch.randn(9, 3, dtype=F64))
+    with pytest.raises(TypeError, match=r"edge_attr: expected dtype torch.float64 .* got torch.float32"):
+        layer(h, x, torch.randn(9, 3))
+    with pytest.raises(TypeError, match=r"edge_attr: expected dtype torch.float64 .* got torch.float32"):
+        layer(h, x, torch.randn(2, 5, 5, 3))
+    stack = EGNN(8, 16, num_layers=1).double()
+    with pytest.raises(ValueError, match=r"h: expected shape \(\*, \*, 8\)"):
+        stack(torch.randn(2, 5, 7, dtype=F64), x)
+    with pytest.raises(TypeError, match=r"h: dtype torch.float32, but the module's weights are torch.float64"):
+        stack(h.float(), x)

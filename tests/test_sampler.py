@@ -53,6 +53,23 @@ def test_set_timesteps():
     for bad in (1.7, "10", True):
         with pytest.raises(ValueError, match="num_inference_steps: an integer"):
             s.set_timesteps(bad)
+    s.set_timesteps(5, device="cpu")  # diffusers' signature
+    assert s.timesteps.device.type == "cpu" and len(s.timesteps) == 5
+    for bad in (2.5, "10", 0, True):  # named as the caller spelled it (was a linspace TypeError / '<' on str)
+        with pytest.raises(ValueError, match="num_train_timesteps must be an integer >= 1"):
+            DDPMScheduler(bad)
+    with pytest.raises(ValueError, match=r"beta_schedule: expected one of \('linear', 'cosine'\)"):
+        DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+
+
+def test_step_return_dict_false_gives_diffusers_tuple():
+    s = DDPMScheduler(20)
+    g = torch.Generator().manual_seed(0)
+    x, eps, z = (torch.randn(2, 5, 3, generator=g) for _ in range(3))
+    out = s.step(eps, 7, x, noise=z)
+    tup = s.step(eps, 7, x, noise=z, return_dict=False)
+    assert type(tup) is tuple and len(tup) == 2
+    assert torch.equal(tup[0], out.prev_sample) and torch.equal(tup[1], out.pred_original_sample)
 
 
 def test_eta_and_variance_are_used_or_refused():
@@ -210,6 +227,11 @@ def test_sampler_bad_input_and_nan_model():
         sample(model, 65, scheduler=sched, progress=False)
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
         sample(model, 10, num_samples=0, scheduler=sched, progress=False)
+    if not torch.cuda.is_available():  # the device named (it said "backend 'cpu' cannot run ddpm_step here")
+        with pytest.raises(ValueError, match="device: 'cuda', but torch sees no CUDA GPU"):
+            sample(model, 10, scheduler=sched, progress=False, device="cuda")
+    with pytest.raises(ValueError, match="device: 'gpu' is not a device torch knows"):
+        sample(model, 10, scheduler=sched, progress=False, device="gpu")
     # not silently coerced: "12" ran lengths 1 and 2, [2.7] length 2, True length 1, seed 1.5 seed 1
     for kw, match in ((dict(lengths="12"), "lengths: an integer or a sequence of integers, got '12'"),
                       (dict(lengths=[2.7]), r"lengths: an integer or a sequence of integers, got \[2.7\]"),

@@ -52,17 +52,21 @@ class ClashGuidance:
 
     def __call__(self, eps_hat: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, mask: torch.Tensor,
                  alpha_bar: torch.Tensor) -> torch.Tensor:
-        """eps' for (B, N, 3) ``eps_hat`` and ``x_t``, (B,) ``t``, (B, N) bool ``mask``, (B, 1, 1) ``alpha_bar``.
+        """eps' for (B, N, 3) ``eps_hat`` and ``x_t``, (B,) ``t``, (B, N) bool ``mask``, (B, 1, 1) ``alpha_bar``
+        (float32 or float64: in bf16 it rounds to 1 near t = 0).
 
         Samples with t > t_max and padding rows get ``eps_hat`` back unchanged. No host synchronisation
         (the t <= t_max choice is a per-sample select): capturable in a CUDA graph.
         """
         if self.strength == 0:
             return eps_hat
-        sqrt_ab, sqrt_1mab = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        x0_hat = (x_t - sqrt_1mab * eps_hat) / sqrt_ab
+        # in float32 at least, as the steps are: in bf16 1 - alpha_bar rounds to 0 for t <= 10 (eps' = inf)
+        work = torch.promote_types(eps_hat.dtype, torch.float32)
+        e, x, ab = eps_hat.to(work), x_t.to(work), alpha_bar.to(work)
+        sqrt_ab, sqrt_1mab = ab.sqrt(), (1 - ab).sqrt()
+        x0_hat = (x - sqrt_1mab * e) / sqrt_ab
         x0_new = x0_hat + self.strength * repulsion(x0_hat, mask, self.min_distance / self.scale)
-        guided = (x_t - sqrt_ab * x0_new) / sqrt_1mab
+        guided = ((x - sqrt_ab * x0_new) / sqrt_1mab).to(eps_hat.dtype)
         return torch.where((t <= self.max_timestep).view(-1, 1, 1) & mask.unsqueeze(-1), guided, eps_hat)
 
 

@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from protdiff_fast._checks import check_device
 from protdiff_fast.backends import cpu_extension
 from protdiff_fast.diffusion.graphs import DenoiseStep
 from protdiff_fast.diffusion.scheduler import DDPMScheduler
@@ -371,7 +372,7 @@ def sample(
     # None: the steps the scheduler was set to (all T unless its set_timesteps was called), not a reset
     scheduler.set_timesteps(num_inference_steps if num_inference_steps is not None
                             else scheduler.num_inference_steps)
-    device = torch.device(device)
+    device = check_device(device)
     lengths = _expand_lengths(lengths, num_samples, getattr(model, "max_length", None))
     shortest_trained = getattr(model, "min_training_length", None)
     if shortest_trained is not None and min(lengths) < shortest_trained:

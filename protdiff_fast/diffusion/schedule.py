@@ -14,8 +14,10 @@ f(t) = cos^2((t / T + s) / (1 + s) * pi / 2), beta_t clipped at max_beta (Nichol
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Tuple, Union
 
+import numpy as np
 import torch
 
 from protdiff_fast._checks import value_checks_enabled
@@ -37,8 +39,9 @@ class NoiseSchedule:
     ) -> None:
         if kind not in SCHEDULES:
             raise ValueError(f"kind: expected one of {SCHEDULES}, got {kind!r}")
-        if num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, numbers.Integral) or num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+        num_timesteps = int(num_timesteps)
         if kind == "linear" and not (0 < beta_start <= beta_end < 1):
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         self.num_timesteps, self.kind = num_timesteps, kind
@@ -87,9 +90,13 @@ class NoiseSchedule:
 
     def check_timesteps(self, t: Union[int, torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
         """t as a (B,) long tensor on ``device``; an int is broadcast. Raises outside [1, T]."""
+        if isinstance(t, np.integer):  # a numpy scalar, as iterating over an array gives
+            t = int(t)
         if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
             raise TypeError(f"t: expected an int or an integer tensor, got {type(t).__name__}")
         if isinstance(t, int):
+            if not 1 <= t <= self.num_timesteps:  # also for an empty batch
+                raise ValueError(f"t: timesteps must lie in [1, {self.num_timesteps}], got {t}")
             t = torch.full((batch,), t, dtype=torch.long, device=device)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
             raise TypeError(f"t: expected an integer tensor, got dtype {t.dtype}")
@@ -99,7 +106,7 @@ class NoiseSchedule:
             raise ValueError(f"t: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
         if t.device != torch.device(device):
             raise ValueError(f"t: is on device {t.device}, but the samples are on {device}")
-        if not value_checks_enabled():
+        if not value_checks_enabled() or t.numel() == 0:
             return t.long()
         lo, hi = int(t.min()), int(t.max())
         if lo < 1 or hi > self.num_timesteps:

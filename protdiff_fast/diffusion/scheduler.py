@@ -4,7 +4,8 @@ Differences from diffusers, on purpose: timesteps run 1..T as in the DDPM paper;
 (B,) tensor (every sample its own step); noise comes from an explicit tensor, a seed (an int, or
 one seed per sample), or a torch.Generator (with none of them, torch's global RNG, as diffusers; the
 sampler always passes per-design seeds); no clipping of x_0 (our
-coordinates exceed 1); every sample lives in the zero-centre-of-mass subspace of its real nodes.
+coordinates exceed 1); every sample lives in the zero-centre-of-mass subspace of its real nodes;
+``step``'s arguments after ``sample`` (mask, noise, seed, generator, return_dict) are keyword-only.
 
 Full-length sampling (``set_timesteps(None)`` or ``T``) runs the fused ancestral step of the chosen
 backend (:func:`protdiff_fast.ops.ddpm_step`). Strided sampling (``set_timesteps(K)`` with K < T)
@@ -33,7 +34,7 @@ import torch
 
 from protdiff_fast.backends import check_backend_name
 from protdiff_fast.diffusion.guidance import ClashGuidance
-from protdiff_fast.diffusion.schedule import NoiseSchedule
+from protdiff_fast.diffusion.schedule import SCHEDULES, NoiseSchedule
 from protdiff_fast.ops import ddpm_step, remove_center_of_mass
 from protdiff_fast.reference.ddpm import VARIANCES, add_noise, check_step_inputs
 
@@ -57,6 +58,12 @@ class DDPMScheduler:
         noise_scale: float = 1.0,
         clash_guidance: Optional[ClashGuidance] = None,
     ) -> None:
+        # named here as the caller spelled them (NoiseSchedule calls them num_timesteps and kind)
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral) \
+                or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
+        if beta_schedule not in SCHEDULES:
+            raise ValueError(f"beta_schedule: expected one of {SCHEDULES}, got {beta_schedule!r}")
         if variance_type not in VARIANCES:
             raise ValueError(f"variance_type: expected one of {VARIANCES}, got {variance_type!r}")
         if isinstance(eta, bool) or not (isinstance(eta, numbers.Real) and 0.0 <= float(eta) <= 1.0):
@@ -99,10 +106,11 @@ class DDPMScheduler:
     def num_train_timesteps(self) -> int:
         return self.schedule.num_timesteps
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None) -> None:
+    def set_timesteps(self, num_inference_steps: Optional[int] = None,
+                      device: Union[str, torch.device, None] = None) -> None:
         """Use all T steps (None or T), or K evenly spaced ones from T down to 1 (K = 1: T alone, one
         step from x_T to the predicted data). Below T steps, and at T with eta < 1, the step is DDIM's
-        (``strided``)."""
+        (``strided``). ``device``: where ``timesteps`` lives (as diffusers; default CPU)."""
         T = self.num_train_timesteps
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
                                                 or not isinstance(num_inference_steps, numbers.Integral)):
@@ -115,7 +123,7 @@ class DDPMScheduler:
                              f"{K} of {T} steps use DDIM's sigma (eta): use variance_type='fixed_small'")
         steps = (torch.tensor([T]) if K == 1 else
                  torch.linspace(1, T, K, dtype=torch.float64).round().long().unique(sorted=True))
-        self.timesteps = steps.flip(0)  # T .. 1, descending, as diffusers
+        self.timesteps = steps.flip(0).to(device if device is not None else "cpu")  # T .. 1, descending, as diffusers
         self.num_inference_steps = len(steps)
         # previous timestep of each t in the sequence (0 = the data)
         self._prev = torch.zeros(T + 1, dtype=torch.long)
@@ -141,13 +149,21 @@ class DDPMScheduler:
         noise: Optional[torch.Tensor] = None,
         seed: Union[int, torch.Tensor, None] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> SchedulerOutput:
+        return_dict: bool = True,
+    ) -> Union[SchedulerOutput, tuple]:
         """x_t -> x_{t_prev} given the predicted noise ``model_output`` (eps_hat); with ``clash_guidance``
-        the step (and its pred_original_sample) uses the guided eps' instead (:mod:`.guidance`)."""
+        the step (and its pred_original_sample) uses the guided eps' instead (:mod:`.guidance`).
+        ``return_dict=False`` gives the plain tuple (prev_sample, pred_original_sample), as diffusers'
+        ``step(..., return_dict=False)[0]`` expects."""
+        out = self._step(model_output, timestep, sample, mask, noise, seed, generator)
+        return out if return_dict else (out.prev_sample, out.pred_original_sample)
+
+    def _step(self, model_output, timestep, sample, mask, noise, seed, generator) -> SchedulerOutput:
         if self.clash_guidance is not None:
             t_b, mask_b = check_step_inputs(self.schedule, sample, model_output, timestep, mask, noise, "fixed_small")
+            like = sample if sample.dtype == torch.float64 else sample.float()  # alpha_bar not rounded to bf16
             model_output = self.clash_guidance(model_output, t_b, sample, mask_b,
-                                               self.schedule.coef("alpha_bars", t_b, sample))
+                                               self.schedule.coef("alpha_bars", t_b, like))
         if not self.strided:
             out = SchedulerOutput(*ddpm_step(self.schedule, sample, model_output, timestep, mask=mask, noise=noise,
                                              seed=seed, generator=generator, variance=self.variance_type,

@@ -26,6 +26,8 @@ def _check(ca: np.ndarray) -> np.ndarray:
     ca = np.asarray(ca, dtype=np.float64)
     if ca.ndim != 2 or ca.shape[1] != 3:
         raise ValueError(f"ca: expected shape (L, 3), got {ca.shape}")
+    if len(ca) == 0:
+        raise ValueError("ca: no residues (shape (0, 3)): a structure needs at least one")
     if not np.isfinite(ca).all():
         raise ValueError("ca: contains NaN or Inf")
     return ca

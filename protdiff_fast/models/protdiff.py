@@ -106,6 +106,13 @@ class ProtDiff(nn.Module):
         if config.embed_dim is not None and (not isinstance(config.embed_dim, int) or isinstance(config.embed_dim, bool)
                                              or config.embed_dim < 2):
             raise ValueError(f"embed_dim must be an even int >= 2 or None (= hidden_dim), got {config.embed_dim!r}")
+        for name, least in (("max_length", 1), ("num_timesteps", 1), ("hidden_dim", 2), ("edge_dim", 2),
+                            ("num_layers", 1)):
+            value = getattr(config, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if not (isinstance(config.coords_range, (int, float)) and config.coords_range > 0):
+            raise ValueError(f"coords_range must be a number > 0, got {config.coords_range!r}")
         if config.hidden_dim % 2 or config.edge_dim % 2 or config.input_dim % 2:
             raise ValueError("hidden_dim, edge_dim and embed_dim must be even (sin/cos pairs)")
         self.config = config
@@ -153,8 +160,14 @@ class ProtDiff(nn.Module):
         L = self.max_length
         rel = self.offset_table[L - N: L + N - 1].to(dtype)  # offsets -(N-1) .. N-1: (2N - 1, E)
         x = x_t
-        for block in self.blocks:
-            h, x = block(h, x, rel, mask)
+        for k, block in enumerate(self.blocks):
+            try:
+                h, x = block(h, x, rel, mask)
+            except ValueError as err:  # the op names its own argument x: say whose coordinates they are
+                if not str(err).startswith("x: contains"):
+                    raise
+                whose = "x_t" if k == 0 else f"the coordinates after block {k - 1} (x_t was finite)"
+                raise ValueError(f"{whose}: {str(err).split(': ', 1)[1]}") from err
         keep = mask.unsqueeze(-1)
         eps = torch.where(keep, x - x_t, torch.zeros_like(x))
         return batch_invariant.center(eps, mask)

@@ -55,6 +55,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from protdiff_fast._checks import check_device
 from protdiff_fast.diffusion.scheduler import DDPMScheduler
 from protdiff_fast.diffusion.sampler import DIVERGED_UNITS, _scheduler_for
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
@@ -230,6 +231,7 @@ def replace_motif(x: torch.Tensor, motif_index: torch.Tensor, motif_shape: torch
     return x.scatter(1, idx3, (motif_shape.to(x.dtype) + centroid))
 
 
+@torch.no_grad()  # sampling: no graph over the steps (SMC weights go through numpy, which refuses one)
 def scaffold(
     model: EpsModel,
     motif: Union[torch.Tensor, np.ndarray],
@@ -266,7 +268,7 @@ def scaffold(
     if not 0.0 < ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must lie in (0, 1], got {ess_threshold}")
     K = int(particles)
-    device = torch.device(device)
+    device = check_device(device)
     lengths = [int(n) for n in lengths]
     D = len(lengths)
     if D < 1:
@@ -453,7 +455,7 @@ def redenoise(
     if not 1 <= t_start <= T:
         raise ValueError(f"t_start must lie in [1, {T}], got {t_start}")
     scheduler.set_timesteps(None)
-    device = torch.device(device)
+    device = check_device(device)
     lengths = [len(ca) for ca in designs]
     B, L = len(designs), max(lengths)
     mask = torch.zeros(B, L, dtype=torch.bool)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protdiff_fast._checks import check_tensor
+from protdiff_fast._checks import check_mask, check_tensor
 from protdiff_fast.backends import check_backend_name
 from protdiff_fast.ops import egnn_pair_aggregate
 
@@ -180,8 +180,7 @@ class EGNN(nn.Module):
         elif edges is not None:
             raise ValueError("edges: this layer was built with edge_dim=0")
         if mask is not None:
-            check_tensor("mask", mask, (B, N), device=feats.device, floating=False)
-            mask = mask.bool()
+            mask = check_mask(mask, B, N, feats.device, check_empty=False)  # 0/1 values only (0.3 is no answer)
 
         first = self.edge_mlp[0]
         W = first.weight  # (H_e, 2D + 1 + E), input order [h_i, h_j, d2, e_ij]

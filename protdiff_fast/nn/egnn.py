@@ -108,7 +108,8 @@ class EGNNLayer(nn.Module):
                 return "reference"
         return name
 
-    def _edge_kwargs(self, edge_attr: Optional[torch.Tensor], B: int, N: int, W_e: torch.Tensor) -> dict:
+    def _edge_kwargs(self, edge_attr: Optional[torch.Tensor], B: int, N: int, W_e: torch.Tensor,
+                     dtype: Optional[torch.dtype] = None) -> dict:
         E = self.edge_dim
         if edge_attr is None:
             if E:
@@ -117,11 +118,11 @@ class EGNNLayer(nn.Module):
         if not E:
             raise ValueError("edge_attr: this layer was built with edge_dim=0; pass edge_dim to use edge features")
         if edge_attr.dim() == 2:  # relative-offset table (2K + 1, E)
-            check_tensor("edge_attr", edge_attr, (None, E))
+            check_tensor("edge_attr", edge_attr, (None, E), dtype=dtype)
             if edge_attr.shape[0] % 2 != 1:
                 raise ValueError(f"edge_attr: an offset table needs 2K + 1 rows, got {edge_attr.shape[0]}")
             return {"rel": batch_invariant.linear(edge_attr, W_e)}  # (2K + 1, H)
-        check_tensor("edge_attr", edge_attr, (B, N, N, E))
+        check_tensor("edge_attr", edge_attr, (B, N, N, E), dtype=dtype)
         return {"edge_attr": edge_attr, "W_e": W_e.t()}
 
     def forward(
@@ -148,6 +149,8 @@ class EGNNLayer(nn.Module):
         # Angstrom would lose a tenth of an Angstrom in bf16
         check_tensor("x", x, (B, N, 3), dtype=None if autocast else h.dtype, device=h.device)
         first = self.phi_e[0]
+        if not autocast:
+            check_weight_dtype("h", h, first.weight)
         W_src, W_dst = first.weight[:, :H], first.weight[:, H:2 * H]  # (H, H) each, nn.Linear layout
         w_d, W_e = first.weight[:, 2 * H], first.weight[:, 2 * H + 1:]  # (H,), (H, E)
         p = batch_invariant.linear(h, W_src, first.bias)  # (B, N, H): the h_i half of phi_e's first layer
@@ -158,7 +161,7 @@ class EGNNLayer(nn.Module):
         pair_inputs = [x, p, q, w_d, self.phi_e[2].weight.t(), self.phi_e[2].bias, self.phi_x[0].weight.t(),
                        self.phi_x[0].bias, self.phi_x[2].weight[0] / self.coords_range if self.coords_range != 1.0
                        else self.phi_x[2].weight[0]]  # R tanh(phi / R): w4 / R in, dx times R out
-        edge = self._edge_kwargs(edge_attr, B, N, W_e)
+        edge = self._edge_kwargs(edge_attr, B, N, W_e, None if autocast else W_e.dtype)
         if autocast:
             # The fused op is not an autocast-aware torch op, so the cast is made here: its bulk is two
             # H x H products per pair, so it runs in the autocast dtype like a matmul (bf16/fp16
@@ -191,6 +194,12 @@ class EGNNLayer(nn.Module):
         return h_out, x_out
 
 
+def check_weight_dtype(name: str, t: torch.Tensor, weight: torch.Tensor) -> None:
+    if t.dtype != weight.dtype:
+        raise TypeError(f"{name}: dtype {t.dtype}, but the module's weights are {weight.dtype}: convert one "
+                        f"(module.to({t.dtype}) or {name}.to({weight.dtype})), or run under torch.autocast")
+
+
 class EGNN(nn.Module):
     """Embedding in, ``num_layers`` EGNNLayers (optionally each followed by LayerNorm on h), embedding out.
 
@@ -221,6 +230,9 @@ class EGNN(nn.Module):
         mask: Optional[torch.Tensor] = None,
         rel_offsets: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        check_tensor("h", h, (None, None, self.embedding_in.in_features))
+        if not torch.is_autocast_enabled(h.device.type):
+            check_weight_dtype("h", h, self.embedding_in.weight)
         h = self.embedding_in(h)
         for k, layer in enumerate(self.layers):
             h, x = layer(h, x, edge_attr, mask, rel_offsets)

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from protdiff_fast._checks import check_tensor
 from protdiff_fast.backends import get_impl
 from protdiff_fast.ops import _padding
 from protdiff_fast.ops._padding import CLAMP_NORMALIZE, bind_arguments, call_padded, padded_widths
@@ -20,6 +21,7 @@ def remove_center_of_mass(
     x: torch.Tensor, mask: Optional[torch.Tensor] = None, *, backend: str = "auto"
 ) -> torch.Tensor:
     """Masked zero-centre-of-mass projection; see :mod:`protdiff_fast.reference.com`."""
+    check_tensor("x", x, (None, None, None))
     _, fn = get_impl("remove_center_of_mass", backend, x.device)
     return fn(x, mask)
 
@@ -34,7 +36,9 @@ def egnn_pair_aggregate(*args, backend: str = "auto", **kwargs) -> Tuple[torch.T
     (exact; :mod:`protdiff_fast.ops._padding`). Calling a backend's function directly skips the
     padding.
     """
-    x = kwargs["x"] if "x" in kwargs else args[0]
+    x = kwargs["x"] if "x" in kwargs else args[0] if args else None
+    if not isinstance(x, torch.Tensor):  # (before the device lookup: a numpy array has a str .device)
+        raise TypeError(f"x: expected a torch.Tensor (B, N, 3), got {type(x).__name__}")
     name, fn = get_impl("egnn_pair_aggregate", backend, x.device)
     if isinstance(x, torch.Tensor) and x.dim() == 3 and 0 in x.shape[:2] and name != "reference":
         # no pairs (B = 0 or N = 0): nothing to compute, and the fused kernels' grids would be empty
@@ -98,7 +102,10 @@ def ddpm_step(schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t, *, backend:
 
     Keyword arguments: mask, noise (explicit z), seed (int, or (B,) per-sample seeds), generator, variance.
     """
+    check_tensor("x_t", x_t, (None, None, 3))
     name, fn = get_impl("ddpm_step", backend, x_t.device)
     if backend == "auto" and name == "triton" and x_t.dtype == torch.float64:  # the kernel computes in float32
+        _, fn = get_impl("ddpm_step", "reference", x_t.device)
+    if x_t.shape[0] == 0 and name != "reference":  # an empty batch: no kernel grid to launch
         _, fn = get_impl("ddpm_step", "reference", x_t.device)
     return fn(schedule, x_t, eps_hat, t, **kwargs)

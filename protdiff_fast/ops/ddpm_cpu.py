@@ -15,7 +15,7 @@ import torch
 from protdiff_fast.backends import cpu_extension
 from protdiff_fast.diffusion.schedule import NoiseSchedule
 from protdiff_fast.ops.ddpm_grad import needs_step_gradients, step_with_gradients
-from protdiff_fast.reference.ddpm import DDPMStepOutput, check_step_inputs, step_coefficients
+from protdiff_fast.reference.ddpm import DDPMStepOutput, check_seed, check_step_inputs, step_coefficients
 
 _MASK64 = (1 << 64) - 1
 
@@ -78,6 +78,7 @@ def ddpm_step_cpu(
     if x_t.device.type != "cpu":
         raise ValueError(f"x_t: the cpu backend takes CPU tensors, got device {x_t.device}")
     t, mask = check_step_inputs(schedule, x_t, eps_hat, t, mask, noise, variance, check_values=False)
+    seed = check_seed(seed, x_t.shape[0])
     if needs_step_gradients(x_t, eps_hat, noise):
         return step_with_gradients(ddpm_step_cpu, schedule, x_t, eps_hat, t, mask, noise, variance, seed=seed,
                                    generator=generator)

@@ -22,7 +22,7 @@ import triton.language as tl
 from protdiff_fast.diffusion.schedule import NoiseSchedule
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.ops.ddpm_grad import needs_step_gradients, step_with_gradients
-from protdiff_fast.reference.ddpm import DDPMStepOutput, check_step_inputs, step_coefficients
+from protdiff_fast.reference.ddpm import DDPMStepOutput, check_seed, check_step_inputs, step_coefficients
 
 MAX_NODES = 16384  # one program holds a whole sample
 STEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,6 +117,7 @@ def ddpm_step_triton(
         raise ValueError(f"x_t: the triton step runs float32, bfloat16 and float16, got {x_t.dtype} "
                          "(backend='auto' runs float64 on the reference)")
     t, mask = check_step_inputs(schedule, x_t, eps_hat, t, mask, noise, variance)
+    seed = check_seed(seed, x_t.shape[0])
     if needs_step_gradients(x_t, eps_hat, noise):
         return step_with_gradients(ddpm_step_triton, schedule, x_t, eps_hat, t, mask, noise, variance, seed=seed,
                                    generator=generator)

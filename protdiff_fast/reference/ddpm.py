@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from protdiff_fast._checks import check_finite, check_mask, check_tensor
@@ -138,8 +139,30 @@ def check_step_inputs(
     if noise is not None:
         _check_coords("noise", noise, x_t)
     B, N, _ = x_t.shape
+    if N == 0 and B > 0:  # (every backend says so alike; an empty batch B = 0 is a no-op)
+        raise ValueError("x_t: samples have no nodes (N = 0)")
     t = schedule.check_timesteps(t, B, x_t.device)
     return t, check_mask(mask, B, N, x_t.device)
+
+
+def check_seed(seed, batch: int):
+    """The step's ``seed`` as every backend takes it: None, an int in [-2^63, 2^64) (a numpy integer too),
+    or an integer tensor of shape (B,) (one seed per sample)."""
+    if seed is None:
+        return None
+    if isinstance(seed, np.integer):
+        seed = int(seed)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"seed: per-sample seeds must be an integer tensor, got dtype {seed.dtype}")
+        if seed.shape != (batch,):
+            raise ValueError(f"seed: expected one seed per sample, shape ({batch},), got {tuple(seed.shape)}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int or an integer tensor, got {type(seed).__name__}")
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed: expected an integer in [-2^63, 2^64), got {seed}")
+    return seed
 
 
 def step_coefficients(schedule: NoiseSchedule, t: torch.Tensor, variance: str) -> dict:
@@ -181,6 +204,7 @@ def ddpm_step_reference(
     1 / sqrt(alpha_t) rounds to 1 and the chain's variance runs away.
     """
     t, mask = check_step_inputs(schedule, x_t, eps_hat, t, mask, noise, variance)
+    seed = check_seed(seed, x_t.shape[0])
     if x_t.dtype not in (torch.float32, torch.float64):
         if noise is None and not isinstance(seed, torch.Tensor):  # the draw as before, in x_t's dtype
             if seed is not None:
