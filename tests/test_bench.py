@@ -377,6 +377,12 @@ def test_layer_rows_compare_egnn_pytorch_with_our_drop_in_by_that_layers_own_flo
         counted = counter.get_total_flops()
         assert 0.9 < counted / layer_flops(B, N, H, mode) < 1.1, (mode, counted, layer_flops(B, N, H, mode))
         assert layer_flops(B, N, H, mode) > 6 * flops(B, N, H, mode)
+        # and at a message width other than H (egnn-pytorch's default 16), where M and H are told apart
+        run = make_case("egnn-pytorch-m16", B, N, 48, mode, torch.float32, "cpu")
+        with FlopCounterMode(display=False) as counter:
+            run()
+        counted, want = counter.get_total_flops(), layer_flops(B, N, 48, mode, m_dim=16)
+        assert 0.9 < counted / want < 1.1, (mode, counted, want)
     rows = [dict(suite="egnn", provider=p, B=1, N=12, H=8, mode="fwd", dtype="float32")
             for p in ("reference", "cpu", "egnn-pytorch", "compat")]
     monkeypatch.setattr(runner, "grid", lambda device, quick, suites, which="full": rows)

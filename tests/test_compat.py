@@ -85,6 +85,45 @@ def run(module, feats, coors, edges, mask, seed=1):
     return out
 
 
+def _on_backend(module, backend):
+    """A copy of a compat module whose layers run ``backend``."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    for layer in twin.modules():
+        if isinstance(layer, compat.EGNN):
+            layer.backend = backend
+    return twin
+
+
+class _ran_backend:
+    """Counts the calls of ``backend``'s egnn_pair_aggregate (through the dispatcher) inside the block."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def __enter__(self):
+        import protdiff_fast.backends as backends
+
+        self.original = backends.get_impl
+
+        def spy(op, name, device):
+            resolved, fn = self.original(op, name, device)
+            if op == "egnn_pair_aggregate" and resolved == self.backend:
+                self.calls.append(name)
+            return resolved, fn
+
+        self.targets = [m for m in (backends, __import__("protdiff_fast.ops", fromlist=["get_impl"]))
+                        if getattr(m, "get_impl", None) is self.original]
+        for m in self.targets:
+            m.get_impl = spy
+        return self.calls
+
+    def __exit__(self, *exc):
+        for m in self.targets:
+            m.get_impl = self.original
+
+
 def compare(actual, expected, tol, floor_from=None, loose=None):
     """Every output and gradient within tol (relative, norm-wise); with floor_from, within
     2x the error of floor_from (egnn-pytorch in low precision) against expected, plus tol;
@@ -129,8 +168,15 @@ def test_matches_egnn_pytorch_float32(backend, opt):
     expected = run(theirs, *inputs)
     inputs32 = [None if t is None else (t.float() if t.is_floating_point() else t) for t in inputs]
     theirs32 = run(theirs.float(), *inputs32)
-    compare(run(ours.float(), *inputs32), expected, 2e-5, floor_from=theirs32,
-            loose=LOOSE if opts.get("norm_coors") else None)
+    with _ran_backend(backend) as calls:
+        got = run(ours.float(), *inputs32)
+    assert calls, f"the {backend} kernels did not run"
+    compare(got, expected, 2e-5, floor_from=theirs32, loose=LOOSE if opts.get("norm_coors") else None)
+    # and within 2x our own float32 reference's error against our float64 reference (which matches
+    # egnn-pytorch in float64 to 1e-10, above): egnn-pytorch's float32 error under norm_coors is ~1 in
+    # d coors (its self pair), so the bound above alone let a 20% wrong coordinate gradient through
+    compare(got, run(_on_backend(ours, "reference").double(), *inputs), 2e-5,
+            floor_from=run(_on_backend(ours, "reference").float(), *inputs32))
 
 
 @pytest.mark.parametrize("dim,m_dim", [(64, 16), (32, 32)])
@@ -226,7 +272,12 @@ def test_network_matches_egnn_pytorch_on_triton_float32():
 
     expected = outputs(theirs, F64)
     floor = outputs(theirs.float(), F32)
-    compare(outputs(ours.float(), F32), expected, 2e-5, floor_from=floor)
+    with _ran_backend("triton") as calls:
+        got = outputs(ours.float(), F32)
+    assert len(calls) >= 2, "both layers on the triton kernels"  # (dropping backend= ran the cpu backend)
+    compare(got, expected, 2e-5, floor_from=floor)
+    compare(got, outputs(_on_backend(ours, "reference").double(), F64), 2e-5,
+            floor_from=outputs(_on_backend(ours, "reference").float(), F32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +311,11 @@ def test_bad_arguments_raise():
         compat.EGNN(dim=DIM, edge_dim=2).double()(feats, coors)
     with pytest.raises(ValueError, match=r"feats: expected shape \(\*, \*, 6\)"):
         layer(torch.randn(1, 4, 5, dtype=F64), coors)
+    with pytest.raises(ValueError, match="mask: expected booleans or 0/1 values"):
+        layer(feats, coors, mask=torch.tensor([[1.0, 0.3, 1.0, 1.0]]))  # was taken as a real node
+    a = layer(feats, coors, mask=torch.tensor([[1.0, 0.0, 1.0, 1.0]]))
+    b = layer(feats, coors, mask=torch.tensor([[True, False, True, True]]))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
     with pytest.raises(ValueError, match="num_adj_degrees"):
         compat.EGNN_Network(depth=1, dim=DIM, num_adj_degrees=2)
     with pytest.raises(ValueError, match="global_linear_attn_every"):
@@ -284,6 +340,29 @@ def test_equivariance(backend, reflect):
         perm = torch.randperm(9, generator=g)
         h2, x2 = layer(feats[:, perm], coors[:, perm], edges[:, perm][:, :, perm], mask[:, perm])
         assert rel_err(h2, h0[:, perm]) < 1e-10 and rel_err(x2, x0[:, perm]) < 1e-10
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_equivariance_on_triton_float32(reflect):
+    """The drop-in on the triton kernels (interpreted): rectangular widths, dense edges, norm_coors (the
+    clamp normalization), soft edges, mean pooling; rotated / reflected and translated input gives the
+    rotated output, permuted input the permuted output (float32: 1e-5)."""
+    _, layer = make_pair("triton", **OPTIONS["all"])
+    layer = layer.float()
+    feats, coors, edges, mask = (None if t is None else t.float() if t.is_floating_point() else t
+                                 for t in make_inputs(2, 9, 3, masked=True, seed=7))
+    g = torch.Generator().manual_seed(11)
+    R = random_orthogonal(reflect, generator=g).float()
+    t = torch.randn(1, 1, 3, generator=g)
+    with torch.no_grad(), _ran_backend("triton") as calls:
+        h0, x0 = layer(feats, coors, edges, mask)
+        h1, x1 = layer(feats, coors @ R + t, edges, mask)
+        assert rel_err(h1, h0) < 1e-5 and rel_err(x1, x0 @ R + t) < 1e-5
+        assert rel_err(x0, coors) > 1e-3, "the layer must move the coordinates for this to mean anything"
+        perm = torch.randperm(9, generator=g)
+        h2, x2 = layer(feats[:, perm], coors[:, perm], edges[:, perm][:, :, perm], mask[:, perm])
+        assert rel_err(h2, h0[:, perm]) < 1e-5 and rel_err(x2, x0[:, perm]) < 1e-5
+    assert len(calls) == 3
 
 
 # ----------------------------------------------------------------------------------------------

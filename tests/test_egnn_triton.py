@@ -302,20 +302,30 @@ def test_triton_layer_matches_reference_layer_with_parameter_gradients():
 
 
 @pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
-def test_triton_layer_is_e3_and_permutation_equivariant(reflect):
-    H, N = 16, 13
-    _, layer = _layer_pair(H, 0, attention=True, tanh=True)
+@pytest.mark.parametrize("kind", ["plain", "offset-normalize"])
+def test_triton_layer_is_e3_and_permutation_equivariant(reflect, kind):
+    """kind offset-normalize: ProtDiff's own layer (offset table, normalized directions) at H = 32. A
+    permutation of the nodes changes their offsets, so it is checked on the plain layer only."""
+    H, N = (16, 13) if kind == "plain" else (32, 11)
+    if kind == "plain":
+        _, layer = _layer_pair(H, 0, attention=True, tanh=True)
+        table = None
+    else:
+        _, layer = _layer_pair(H, 4, normalize=True)
+        table = torch.randn(2 * 5 + 1, 4, generator=torch.Generator().manual_seed(6))
     g = torch.Generator().manual_seed(5)
     h, x = torch.randn(2, N, H, generator=g), torch.randn(2, N, 3, generator=g) * 3
     mask = random_mask(2, N, generator=g, min_real=3)
-    h1, x1 = layer(h, x, mask=mask)
+    h1, x1 = layer(h, x, mask=mask, rel_offsets=table)
     Q = random_orthogonal(reflect, generator=g, dtype=torch.float32)
     shift = torch.randn(3, generator=g) * 10
-    h2, x2 = layer(h, x @ Q.T + shift, mask=mask)
+    h2, x2 = layer(h, x @ Q.T + shift, mask=mask, rel_offsets=table)
     keep = mask.unsqueeze(-1).float()
     assert_close_rel(h2, h1, 1e-5, "h invariant")
     assert_close_rel(x2, (x1 @ Q.T + shift) * keep, 1e-5, "x equivariant")
     assert not torch.allclose(x1, x * keep, atol=1e-3), "the layer must move x for this test to mean anything"
+    if table is not None:
+        return
     perm = torch.randperm(N, generator=g)
     h3, x3 = layer(h[:, perm], x[:, perm], mask=mask[:, perm])
     assert_close_rel(h3, h1[:, perm], 1e-5, "h permuted")
@@ -587,12 +597,14 @@ TRITON_RECT = [(66, 16, 64), (24, 40, 8), (130, 32, 129)]
 class _KernelSpy:
     """Records the width constexprs of each launch of a jitted kernel, then launches it."""
 
-    def __init__(self, kernel, calls):
-        self.kernel, self.calls = kernel, calls
+    def __init__(self, kernel, calls, tiles=None):
+        self.kernel, self.calls, self.tiles = kernel, calls, tiles
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
             self.calls.append((kw.get("HE"), kw.get("HM"), kw.get("HX")))
+            if self.tiles is not None:  # (BI, BJ, num_warps) of the launch
+                self.tiles.append((kw.get("BI"), kw.get("BJ"), kw.get("num_warps")))
             return self.kernel[grid](*args, **kw)
         return launch
 
@@ -642,8 +654,10 @@ def test_triton_rectangular_odd_sizes(N):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("edge_mode", ["dense", "offset"])
-def test_triton_rectangular_low_precision_within_reference_error(dtype, edge_mode):
+def test_triton_rectangular_low_precision_within_reference_error(dtype, edge_mode, rect_launches):
     compare(3, 23, (130, 32, 129), 3, edge_mode, FLAG_SETS[4], dtype, seed=5, K=4)
+    # the fused kernels, both ways (the reference's backward would pass the bound as well)
+    assert rect_launches["fwd"] == [(144, 32, 144)] and rect_launches["bwd"] == [(144, 32, 144)]
 
 
 @pytest.mark.parametrize("edge_mode", ["dense", "offset"])
@@ -687,6 +701,7 @@ def test_triton_rectangular_m_from_scratch_and_wide_hx(dtype, monkeypatch, rect_
     compare(2, 11, (20, 16, 512), 3, "offset", FLAG_SETS[4], dtype, seed=41, K=3)
     compare(2, 11, (66, 16, 64), 3, "dense", FLAG_SETS[5], dtype, seed=42)
     assert rect_launches["fwd"] == [(32, 16, 512), (80, 16, 64)]
+    assert rect_launches["bwd"] == [(32, 16, 512), (80, 16, 64)]
     assert egnn_triton.hx_chunk(512, 64) == 64 and egnn_triton.hx_chunk(64, 16) == 64
 
 
@@ -699,7 +714,17 @@ def test_triton_gpu_block_shapes(blocks, widths, edge_mode, monkeypatch):
     runs the GPU's tile shapes (PROTDIFF_FAST_TRITON_BLOCKS): tiles of one row, regions of 16 nodes,
     the offset windows of a 1 x 16 tile."""
     monkeypatch.setenv("PROTDIFF_FAST_TRITON_BLOCKS", blocks)
+    tiles = {}
+    for name in ("_egnn_fwd_kernel", "_egnn_bwd_kernel", "_egnn_bwd_chunked_kernel"):
+        tiles[name] = []
+        monkeypatch.setattr(egnn_triton, name, _KernelSpy(getattr(egnn_triton, name), [], tiles[name]))
     compare(2, 19, widths, 3, edge_mode, FLAG_SETS[4], torch.float32, seed=13, K=5)
+    # the tiles asked for ran, forward and backward (the override once applied on the GPU only, and this
+    # test ran the interpreter's 32 x 32 tiles without noticing)
+    want = tuple(int(v) for v in blocks.split(","))
+    bwd = tiles["_egnn_bwd_kernel"] + tiles["_egnn_bwd_chunked_kernel"]
+    assert tiles["_egnn_fwd_kernel"] and bwd, tiles
+    assert set(tiles["_egnn_fwd_kernel"] + bwd) == {want}, tiles
 
 
 def test_triton_block_shape_override_is_checked(monkeypatch):
@@ -732,7 +757,8 @@ def test_auto_with_a_0_dim_weight_names_it():
 
 
 @pytest.mark.parametrize("edge_mode", ["dense", "offset"])
-def test_triton_rectangular_bf16_with_float32_coordinates(edge_mode):
+def test_triton_rectangular_bf16_with_float32_coordinates(edge_mode, rect_launches):
     """Under autocast the layers call the op in bf16 with float32 coordinates (x read, dx written in
     float32): the rectangular kernels too, against the reference run the same way."""
     compare(2, 17, (66, 16, 65), 3, edge_mode, FLAG_SETS[4], torch.bfloat16, seed=9, K=4, x_dtype=torch.float32)
+    assert rect_launches["fwd"] == [(80, 16, 80)] and rect_launches["bwd"] == [(80, 16, 80)]
