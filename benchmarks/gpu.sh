@@ -30,6 +30,8 @@ commit="$(cat .gpu-commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo 
 export PROTDIFF_FAST_COMMIT="$commit"
 day="$(date +%Y-%m-%d)"
 if [ -n "${OUT:-}" ]; then work="$(mktemp -d)/gpu-$stage-$day"; else work="benchmarks/results/gpu-$day/$stage"; fi
+# a second run of a stage the same day gets its own folder (bench refuses to overwrite results)
+if [ -e "$work" ]; then n=2; while [ -e "$work-$n" ]; do n=$((n + 1)); done; work="$work-$n"; fi
 mkdir -p "$work"
 echo "$commit" > "$work/commit.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$work/gpu.txt" 2>&1

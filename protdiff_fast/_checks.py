@@ -145,6 +145,8 @@ def check_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device: {device!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r}: protdiff_fast runs on cpu and cuda devices")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r}, but torch sees no CUDA GPU here (torch {torch.__version__})")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -27,6 +27,11 @@ BACKENDS: Tuple[str, ...] = ("reference", "triton", "cpu")
 logger = logging.getLogger("protdiff_fast")
 
 
+class BackendUnavailableError(RuntimeError, ValueError):
+    """An explicit backend that cannot run an op on this device (a RuntimeError as before, and a ValueError:
+    a bad option of the caller's, which the command line reports as one)."""
+
+
 class BackendUnavailableWarning(RuntimeWarning):
     """A fast path could not be loaded; the library keeps working on the others."""
 
@@ -152,7 +157,7 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
         raise NotImplementedError(f"{op} has no {backend!r} backend yet (implemented: {', '.join(have)})")
     ok, why = _usable(backend, device)
     if not ok:
-        raise RuntimeError(f"backend {backend!r} cannot run {op} here: {why}")
+        raise BackendUnavailableError(f"backend {backend!r} cannot run {op} here: {why}")
     return backend
 
 

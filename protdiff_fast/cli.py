@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import shlex
 import sys
@@ -43,7 +44,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         providers=args.providers.split(",") if args.providers else None,
                         which="targets" if args.targets else "full",
                         dtypes=args.dtypes.split(",") if args.dtypes else None,
-                        hidden=[int(h) for h in args.hidden.split(",")] if args.hidden else None,
+                        hidden=_int_list("--hidden", args.hidden) if args.hidden else None,
                         max_n=args.max_n, warm_jobs=args.warm_jobs, runs=args.runs)
     print(f"wrote {args.out}/results.json, {args.out}/results.md" +
           (" (no plots: matplotlib missing)" if result["plots"] is None else f" and {len(result['plots'])} plots"))
@@ -98,15 +99,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_prepare_options(args: argparse.Namespace):
+    """prepare's options and --out, named before any file is read; returns --out as a Path."""
+    from protdiff_fast.io.dataset import check_cache_file
+    from protdiff_fast.io.structure import check_output_file
+
+    if args.min_length < 1:
+        raise ValueError(f"--min-length: at least 1 residue, got {args.min_length}")
+    if args.max_length < args.min_length:
+        raise ValueError(f"--max-length {args.max_length} is below --min-length {args.min_length}: no chain could be kept")
+    if args.max_breaks is not None and args.max_breaks < 0:
+        raise ValueError(f"--max-breaks: a number of chain breaks >= 0, got {args.max_breaks}")
+    if args.show_skipped < 0:
+        raise ValueError(f"--show-skipped: a number of entries >= 0, got {args.show_skipped}")
+    out = check_output_file(args.out, "--out")  # a folder, or a place where nothing can be written
+    if out.suffix != ".npz":  # train --data reads X.npz as a dataset, any other name as structure files
+        raise ValueError(f"--out {out}: the dataset is an .npz file (train --data takes a name ending in .npz as "
+                         f"a prepared dataset): name it e.g. {out.stem if out.suffix else out.name}.npz")
+    check_cache_file(out)  # an existing file that prepare did not write is never replaced, --overwrite or not
+    return out
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from protdiff_fast.io import BackboneDataset, find_structure_files
 
+    _check_prepare_options(args)
     if not find_structure_files(args.paths):
         raise ValueError(f"no structure files (.pdb, .ent, .cif, .mmcif, optionally .gz) in {', '.join(args.paths)}: "
                          "nothing written")
+    # --out is also the cache: an up-to-date dataset of the same files and filter is reused (nothing written);
+    # one built from other files or another filter is replaced only with --overwrite
     ds = BackboneDataset.from_structures(args.paths, min_length=args.min_length, max_length=args.max_length,
                                          monomers_only=not args.all_chains, max_breaks=args.max_breaks,
-                                         cache=args.out)
+                                         cache=args.out, overwrite=args.overwrite)
     lengths = ds.lengths
     print(f"{len(ds)} chains" + (f", lengths {lengths.min()}..{lengths.max()}" if len(ds) else "") +
           f" -> {args.out}" + (" (cache was up to date)" if ds.cache_hit else ""))
@@ -116,7 +141,34 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0 if len(ds) else 2
 
 
-def _parse_lengths(spec: str, most: int = 100_000):
+def _int_list(option: str, text: str):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option}: comma-separated integers, got {text!r}") from None
+
+
+def _check_device_and_backend(args: argparse.Namespace) -> None:
+    """--device and --backend named before any work: 'bogus', a CUDA device on a machine without one, or
+    --backend triton on the CPU were tracebacks (or errors at the first reverse step)."""
+    from protdiff_fast import backends
+    from protdiff_fast._checks import check_device
+
+    device = getattr(args, "device", None)
+    try:
+        dev = check_device(device if device is not None else "cpu")  # (demo runs on the cpu)
+    except ValueError as err:
+        raise ValueError(f"--device: {str(err).split(': ', 1)[1]}") from None
+    backend = getattr(args, "backend", None)
+    if backend not in (None, "auto"):
+        for op in ("egnn_pair_aggregate", "ddpm_step") if args.command != "train" else ("egnn_pair_aggregate",):
+            try:
+                backends.resolve(op, backend, dev)
+            except (RuntimeError, NotImplementedError) as err:
+                raise ValueError(f"--backend {backend}: {err}") from None
+
+
+def _parse_lengths(spec: str, most: int = 65536):  # (the models' MAX_LENGTH)
     """'100' -> [100]; '64..128' -> 64..128 inclusive; '50,60,70' -> those."""
     out = []
     for part in spec.split(","):
@@ -130,13 +182,55 @@ def _parse_lengths(spec: str, most: int = 100_000):
         lo, hi = bounds[0], bounds[-1]
         if lo > hi:
             raise ValueError(f"--length: empty range {part}")
+        if lo < 1:  # (a range from 0 ran whenever the draw missed the 0)
+            raise ValueError(f"--length: lengths start at 1, got {part.strip()!r} in {spec!r}")
         if hi > most:
             raise ValueError(f"--length: {hi} is beyond any model's length (up to {most})")
         out.extend(range(lo, hi + 1))
     return out
 
 
+def _check_train_args(args: argparse.Namespace) -> None:
+    """train's options named before anything is read, allocated or created (a huge --max-length was OOM-killed
+    after minutes, --layers 0 / --hidden -4 / --seed 1e20 failed in torch, --ckpt-every -1 checkpointed every step)."""
+    from protdiff_fast.train import check_option_ranges
+
+    check_option_ranges(vars(args), lambda field: "--" + field.replace("_", "-"))
+    # the most: far beyond any useful model (the shipped one: 64 wide, 4 layers), before the allocation
+    # (--hidden 1000000 asked for 8 TB) or the construction (--layers 1000000 ran for minutes) fails
+    for option, value, least, most in (("--hidden", args.hidden, 2, 8192), ("--edge-dim", args.edge_dim, 2, 8192),
+                                       ("--layers", args.layers, 1, 1024), ("--embed-dim", args.embed_dim, 2, 8192)):
+        if value is not None and (not least <= value <= most or (least == 2 and value % 2)):
+            raise ValueError(f"{option} must be an integer from {least} to {most}"
+                             + (", even (sin/cos pairs)" if least == 2 else "") + f", got {value}")
+    if args.coords_range is not None and not (math.isfinite(args.coords_range) and args.coords_range > 0):
+        raise ValueError(f"--coords-range must be a finite number > 0, got {args.coords_range}")
+    if args.min_length > args.max_length and not args.crop:
+        raise ValueError(f"--min-length {args.min_length} > --max-length {args.max_length}: no chain fits (or give "
+                         "--crop to train on windows of --max-length residues of the longer chains)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out} is a file, not a folder")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    _check_train_args(args)
+    created, rc = not os.path.exists(args.out), 1
+    try:
+        rc = _run_train(args)
+        return rc
+    finally:  # a failed run leaves no folder of its own behind with nothing in it but its dataset cache
+        if rc != 0 and created and os.path.isdir(args.out):
+            try:
+                left = set(os.listdir(args.out))
+                if left <= {"dataset_cache.npz", "dataset_cache_crop.npz"}:
+                    for name in left:
+                        os.unlink(os.path.join(args.out, name))
+                    os.rmdir(args.out)
+            except OSError:  # another process (a DDP rank) wrote to it or removed it meanwhile
+                pass
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from protdiff_fast.train import TrainConfig, train
 
     model = dict(hidden_dim=args.hidden, edge_dim=args.edge_dim or args.hidden, num_layers=args.layers)
@@ -163,7 +257,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       own_extent_states=args.own_extent_states or "", own_extent_weight=args.own_extent_weight,
                       own_extent_min_t=args.own_extent_min_t, own_extent_factor=args.own_extent_factor,
                       short_repeat=args.short_repeat, short_max_length=args.short_max_length)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except FloatingPointError as err:  # a diverging run: what happened and where the last checkpoint is
+        print(f"protdiff-fast train: error: {err}", file=sys.stderr)
+        return 1
+    if result["step"] == result["start_step"] and args.resume and result["step"]:
+        print(f"nothing to train: {result['checkpoint']} is already at step {result['step']} >= --steps {args.steps} "
+              "(give a larger --steps to continue it)")
+        return 0
+    if result["train_loss"] is None:  # --steps 0: the initial (--init) weights
+        print(f"step {result['step']}: no training step (--steps 0); checkpoint {result['checkpoint']} holds the "
+              + ("--init weights" if args.init else "initial weights"))
+        return 0
     print(f"step {result['step']}: train loss {result['train_loss']:.4f}"
           + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
           + f"; checkpoint {result['checkpoint']}")
@@ -221,6 +327,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.design_index is not None and not 0 <= args.design_index < len(chosen):
         raise ValueError(f"--design-index {args.design_index}: this run has designs 0..{len(chosen) - 1} "
                          f"(--num {len(chosen)})")
+    if args.design_index is not None and args.overwrite:
+        try:
+            others = sorted(set(read_manifests(args.out)) - {args.design_index})
+        except (OSError, ValueError):
+            others = []
+        if others:  # --overwrite deletes the folder's run: here, designs the user did not ask to redo
+            raise ValueError(f"--design-index {args.design_index} --overwrite: {args.out} holds other designs of "
+                             f"a run ({others[:5]}{' ...' if len(others) > 5 else ''}) that --overwrite would "
+                             "delete; write the one design to a new folder")
     try:
         with __import__("torch").no_grad():
             sample(model, chosen, batch_size=args.batch_size, seed=args.seed, scheduler=scheduler,
@@ -272,6 +387,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from protdiff_fast.diffusion import DDPMScheduler
     from protdiff_fast.diffusion.sampler import sample
     from protdiff_fast.io import demo_data_path
+
+    if args.seed < 0:  # (numpy's "expected non-negative integer" named no option)
+        raise ValueError(f"--seed: a non-negative integer, got {args.seed}")
     from protdiff_fast.metrics import backbone_metrics, format_table, summarize
     from protdiff_fast.train import load_model
 
@@ -294,6 +412,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"sampling {args.num} backbones of lengths {lengths}")
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, backend=args.backend)
     t0 = _time.perf_counter()
+    from pathlib import Path
+
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        # (the sampler's own message suggests --resume / --overwrite, which are sample's options, not demo's)
+        raise FileExistsError(f"--out {out}: exists and is not empty; the demo writes a new folder (leave --out "
+                              "out for a fresh protdiff-demo-<time>/), nothing is overwritten")
     with torch.no_grad():
         # a design that diverges is reported, not allowed to end the demo
         designs = sample(model, lengths, seed=args.seed, scheduler=scheduler, out_dir=out, progress=True,
@@ -387,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train ProtDiff (torchrun --nproc-per-node K -m protdiff_fast.cli train ... for DDP)")
     tr.add_argument("--data", required=True, help="backbones .npz, or a folder/file of PDB/mmCIF structures")
     tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, history.json)")
-    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (a resume continues to this count)")
+    tr.add_argument("--steps", type=int, default=1000,
+                    help="optimizer steps in all (a resume continues to this count; 0: only write a checkpoint of "
+                         "the initial or --init weights)")
     tr.add_argument("--batch-size", type=int, default=8, help="global batch, split across DDP processes")
     tr.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
     tr.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (default 0: Adam)")
@@ -406,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="width of the residue-index / timestep sinusoids (default: --hidden; a model widened by "
                          "scripts/widen_checkpoint.py keeps the narrow model's)")
     tr.add_argument("--min-length", type=int, default=40, help="shortest training chain")
-    tr.add_argument("--max-length", type=int, default=128, help="longest chain (with --crop: the window length), also the model's maximum")
-    tr.add_argument("--seed", type=int, default=0, help="initialisation, batches, timesteps and noise")
+    tr.add_argument("--max-length", type=int, default=128, help="longest chain (with --crop: the window length), also the model's maximum (at most 65536)")
+    tr.add_argument("--seed", type=int, default=0, help="initialisation, batches, timesteps and noise (0 .. 2^32 - 1)")
     tr.add_argument("--crop", action="store_true",
                     help="also use chains longer than --max-length: a random break-free window of that many residues")
     tr.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
@@ -455,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--own-extent-factor", type=float, default=3.5, help="--own-extent-weight bound: this times 2.2 N^0.38 A from the centre")
     tr.add_argument("--short-repeat", type=int, default=1, metavar="K",
                     help="each training chain of at most --short-max-length residues appears K times per epoch "
-                         "(default 1: once)")
+                         "(default 1: once; at most 1000, as every repeat is an item of each epoch's batches)")
     tr.add_argument("--short-max-length", type=int, default=64, help="chains (or windows) of at most this many residues count as short for --short-repeat")
     tr.add_argument("--backend", default="auto", help=BACKEND_HELP)
     tr.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -521,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--all-chains", action="store_true", help="every protein chain, not only single-chain files")
     prep.add_argument("--max-breaks", type=int, default=None, help="drop chains with more CA-CA gaps > 4.2 A")
     prep.add_argument("--show-skipped", type=int, default=20, help="list this many skipped entries")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace an --out dataset that prepare built from other files or another filter (default: "
+                           "refuse; a file prepare did not write is never replaced)")
     prep.set_defaults(func=_cmd_prepare)
     ev = sub.add_parser("evaluate", help="backbone quality metrics of structures, side by side with a reference set")
     ev.add_argument("paths", nargs="+", help="PDB/mmCIF files or folders (searched recursively)")
@@ -611,6 +740,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from protdiff_fast.diffusion.sampler import SamplingError
 
     try:
+        _check_device_and_backend(args)
         return args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:  # bad input: a message, not a traceback
         print(f"protdiff-fast {args.command}: error: {err}", file=sys.stderr)

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -30,7 +31,7 @@ from protdiff_fast._checks import check_device
 from protdiff_fast.diffusion.schedule import NoiseSchedule
 from protdiff_fast.io.dataset import SCALE_A, BackboneDataset
 from protdiff_fast.io.structure import _atomic_write
-from protdiff_fast.models.protdiff import ProtDiff, ProtDiffConfig
+from protdiff_fast.models.protdiff import MAX_LENGTH, ProtDiff, ProtDiffConfig
 from protdiff_fast.reference.ddpm import add_noise, predict_x0_from_eps, sample_noise
 
 CHECKPOINT = "checkpoint.pt"
@@ -111,6 +112,60 @@ class TrainConfig:
 
 LR_FLOOR = 0.02
 NO_MAX_LENGTH = 1 << 30
+# short_repeat's bound: every repeat is an item of each epoch's list of batches, built when the epoch starts
+# (K = 10000 on the 64 demo chains took a minute for one step; 1000, 5 s)
+MAX_SHORT_REPEAT = 1000
+# seed's bound: it is combined with epochs and steps (seed * 1000003 + step + 2^40) into 64-bit torch seeds
+MAX_SEED = (1 << 32) - 1
+
+# the integer options of TrainConfig: (field, least, most or None, why the most)
+INT_OPTIONS = (
+    ("steps", 0, None, ""), ("batch_size", 1, None, ""), ("warmup_steps", 0, None, ""),
+    ("ckpt_every", 0, None, ""), ("val_every", 0, None, ""), ("val_batches", 1, None, ""),
+    ("seed", 0, MAX_SEED, "it is combined with steps into 64-bit torch seeds"),
+    ("min_length", 1, None, ""),
+    ("max_length", 1, MAX_LENGTH, "the model's residue-index and offset tables grow with it; no protein chain is "
+                                  "that long"),
+    ("low_t_max", 1, None, ""), ("structure_max_t", 1, None, ""), ("clash_max_t", 1, None, ""),
+    ("own_batch", 1, None, ""), ("own_max_t", 1, None, ""), ("own_extent_min_t", 1, None, ""),
+    ("short_repeat", 1, MAX_SHORT_REPEAT, "each repeat is an item of every epoch's list of batches"),
+    ("short_max_length", 1, None, ""),
+)
+# the float options: (field, interval), with "[" / "(" a closed / open end; inf only where the interval says so
+FLOAT_OPTIONS = (
+    ("lr", "(0, inf)"), ("weight_decay", "[0, inf)"),
+    ("grad_clip", "(0, inf]"),  # inf: no clipping (the norm is still checked for NaN)
+    ("ema_decay", "[0, 1)"), ("low_t_fraction", "[0, 1]"),
+    ("structure_weight", "[0, inf)"), ("structure_cutoff", "(0, inf)"),
+    ("clash_weight", "[0, inf)"), ("clash_distance", "(0, inf)"),
+    ("input_perturbation", "[0, inf)"), ("own_clash_weight", "[0, inf)"),
+    ("own_extent_weight", "[0, inf)"), ("own_extent_factor", "(0, inf)"),
+)
+
+
+def check_option_ranges(values: Dict, name=lambda field: field) -> None:
+    """Refuse an integer option out of its range and a float option that is not a finite number in its
+    range (NaN and inf trained to a FloatingPointError, or to nothing), naming it as ``name(field)``.
+    ``values``: the options by TrainConfig field name (missing or None ones are not checked)."""
+    for field_name, least, most, why in INT_OPTIONS:
+        v = values.get(field_name)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < least or (most is not None and v > most):
+            span = f">= {least}" if most is None else f"from {least} to {most}" + (f" ({why})" if why else "")
+            raise ValueError(f"{name(field_name)} must be an integer {span}, got {v!r}")
+    for field_name, interval in FLOAT_OPTIONS:
+        v = values.get(field_name)
+        if v is None:
+            continue
+        lo, hi = (float(b) for b in interval[1:-1].split(","))
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and \
+            (lo <= v if interval[0] == "[" else lo < v) and (v <= hi if interval[-1] == "]" else v < hi)
+        if not ok:  # (NaN fails every comparison)
+            what = "a number" if interval.endswith("inf]") else "a finite number"
+            span = f"{'>=' if interval[0] == '[' else '>'} {lo:g}" if math.isinf(hi) else f"in {interval}"
+            raise ValueError(f"{name(field_name)} must be {what} {span}"
+                             + (" (inf: no clipping)" if field_name == "grad_clip" else "") + f", got {v!r}")
 
 
 def load_data(cfg: TrainConfig, split: Optional[str]) -> BackboneDataset:
@@ -119,7 +174,7 @@ def load_data(cfg: TrainConfig, split: Optional[str]) -> BackboneDataset:
     path = Path(cfg.data)
     crop = cfg.crop and split in (None, "train")
     max_length = NO_MAX_LENGTH if crop else cfg.max_length
-    if path.suffix == ".npz":
+    if path.suffix == ".npz" or _is_zip(path):  # also prepare's output saved under another name
         data = BackboneDataset.from_npz(path, split=split, min_length=cfg.min_length, max_length=max_length)
     elif split not in (None, "train"):
         return BackboneDataset([], [])
@@ -136,6 +191,34 @@ def load_data(cfg: TrainConfig, split: Optional[str]) -> BackboneDataset:
         data = data.subset([i for i in range(len(data))
                             for _ in range(cfg.short_repeat if served[i] <= cfg.short_max_length else 1)])
     return data
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether ``path`` is a file that starts as a zip archive (an .npz) does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:  # a folder, a missing or unreadable file: the structure reader says what it is
+        return False
+
+
+def _no_chains_reason(cfg: TrainConfig, data: BackboneDataset) -> str:
+    """Why ``load_data`` found no training chain in ``cfg.data`` (a garbage or unreadable file, a folder
+    without structures, chains of other lengths), for the error message."""
+    skipped = getattr(data, "skipped", None)
+    if skipped is not None and skipped.skipped:
+        unreadable = [reason.split(": ", 1)[-1] for _, reason in skipped.skipped if reason.startswith("unreadable")]
+        if unreadable and len(unreadable) == len(skipped.skipped):
+            if Path(cfg.data).is_file():
+                why = unreadable[0]
+                why = why[len(str(cfg.data)) + 2:] if why.startswith(f"{cfg.data}: ") else why
+                return (f": it is neither a structure file nor a dataset .npz of `protdiff-fast prepare` "
+                        f"({why[:300]})")
+            return f": none of its {len(unreadable)} structure files could be read (the first: {unreadable[0][:300]})"
+        return f" ({skipped}; the first: {skipped.skipped[0][0]}: {skipped.skipped[0][1][:300]})"
+    if Path(cfg.data).is_dir():
+        return ": the folder holds no .pdb / .ent / .cif / .mmcif file"
+    return ""
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -268,7 +351,7 @@ class OwnStates:
                 x, t, lengths = f["x"], f["t"], f["lengths"]
                 # optional (steps, designs) mask: states to draw (e.g. not those of a chain already far out)
                 valid = f["valid"] if "valid" in f.files else np.ones(x.shape[:2], bool)
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:  # (a .npy: TypeError)
             raise ValueError(f"own_states {path}: not a states file of scripts/own_states.py ({e})") from None
         if x.ndim != 4 or x.shape[:2] != (len(t), len(lengths)) or x.shape[3] != 3 or x.shape[2] < lengths.max():
             raise ValueError(f"own_states {path}: x has shape {x.shape}, expected (steps={len(t)}, "
@@ -482,6 +565,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                          f"{cfg.own_extent_weight}, {cfg.own_extent_min_t}, {cfg.own_extent_factor}")
     if cfg.own_extent_weight > 0 and not cfg.own_extent_states:
         raise ValueError("own_extent_weight > 0 needs own_extent_states (a file of scripts/own_states.py --min-t)")
+    check_option_ranges(asdict(cfg))
     init_distributed(cfg.device)
     rank, world = _dist_info()
     device = check_device(cfg.device)
@@ -490,16 +574,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         torch.cuda.set_device(device)
     out = Path(cfg.out_dir)
     ckpt_path = out / CHECKPOINT
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: {out} is a file, not a folder")
     if not resume and ckpt_path.is_file():
         raise FileExistsError(f"{out} holds the checkpoint of an earlier run ({ckpt_path.name}): continue it with "
                               "--resume, or give another --out (nothing was changed)")
+    if not ckpt_path.is_file() and (out / "history.json").exists():  # a run writes its history after a checkpoint
+        raise FileExistsError(f"{out} holds a history.json but no {CHECKPOINT}: not a run to continue (or its "
+                              "checkpoint was removed), and a new run would overwrite the file; give another --out "
+                              "(nothing was changed)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     train_set, val_set = load_data(cfg, "train"), load_data(cfg, "val")
     if len(train_set) == 0:
-        raise ValueError(f"{cfg.data}: no training chains of length {cfg.min_length}..{cfg.max_length}")
+        raise ValueError(f"{cfg.data}: no training chains of length {cfg.min_length}..{cfg.max_length}"
+                         + _no_chains_reason(cfg, train_set))
     model_cfg = ProtDiffConfig(**{**ProtDiffConfig(max_length=cfg.max_length).to_dict(), **cfg.model})
     own_states = None
     if cfg.own_clash_weight > 0:
@@ -519,6 +610,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     ema = copy.deepcopy(model).requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
     step, history = 0, []
+    saved_step = None  # the step of the checkpoint in out (None: there is none)
     if resume and ckpt_path.is_file():
         state = read_checkpoint(ckpt_path, device, "resume")
         changed = resume_differences(state.get("config") or {}, cfg)
@@ -536,6 +628,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, history = state["step"], state.get("history", [])
+        saved_step = step
     else:
         if resume and rank == 0:
             print(f"no checkpoint at {ckpt_path}: starting from step 0")
@@ -548,6 +641,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def checkpoint() -> None:
+        nonlocal saved_step
+        saved_step = step
         if rank == 0:
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                                             generator=generator.get_state(), step=step, history=history,
@@ -575,7 +670,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 15.0)  # logs: a line per 15 s
     last_val = history[-1].get("val_loss") if history else None
-    residues, t0 = 0, time.perf_counter()
+    residues, t0, start_step = 0, time.perf_counter(), step
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     while step < end:
         batch = training_batch(train_set, cfg, step)
@@ -599,10 +694,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         (loss * world).backward()  # DDP averages over ranks; loss is already over the global residue count
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if not math.isfinite(float(grad_norm)):  # before the update: the weights (and checkpoints) stay good
+            remedy = ("a lower --lr or --grad-clip, or smaller weights of the auxiliary losses or "
+                      "--input-perturbation")
+            if saved_step is not None:
+                advice = f"The last checkpoint {ckpt_path} (step {saved_step}) is intact: resume from it with {remedy}"
+            else:  # (a checkpoint of another run is refused at the start, so out holds none)
+                due = min(cfg.ckpt_every or cfg.steps, cfg.steps)
+                advice = f"No checkpoint was written (the first was due at step {due}): start again with {remedy}"
             raise FloatingPointError(
                 f"training step {step + 1}: the gradient is {float(grad_norm)} (loss {float(loss.detach()) * world}); "
-                f"the weights were not updated. The last checkpoint in {out} is intact: resume from it with a "
-                f"lower --lr or --grad-clip, or without the auxiliary losses")
+                f"the weights were not updated. {advice}")
         opt.step()
         with torch.no_grad():
             decay = ema_decay_at(cfg, step)
@@ -633,9 +734,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if world > 1:
         dist.barrier()
     if rank == 0:
-        (out / "history.json").write_text(json.dumps(history[-1000:]))
+        text = json.dumps(history[-1000:])
+        _atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(text))
     return dict(step=step, train_loss=history[-1]["loss"] if history else None, val_loss=last_val,
-                checkpoint=str(ckpt_path), model=model, ema=ema)
+                checkpoint=str(ckpt_path), model=model, ema=ema, start_step=start_step)
 
 
 def load_model(path, backend: str = "auto", use_ema: bool = True, device: str = "cpu") -> ProtDiff:

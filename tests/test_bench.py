@@ -599,3 +599,41 @@ def test_cpu_grid_and_targets_run_the_layers_at_m_dim_16_too():
 
 def layer_twin(provider):
     return provider[: -len("-m16")]
+
+
+def test_bench_options_and_outputs_are_checked_before_any_row_runs(tmp_path, monkeypatch, capsys):
+    """Filters that leave nothing, impossible numbers, an unreadable --compare file and an --out holding an
+    earlier run's results are named up front (0 rows ran with exit 0, --timeout 0 made every row a timeout,
+    --compare failed after the whole run, an earlier results.json was overwritten)."""
+    ran = []
+    monkeypatch.setattr(runner, "repeated_row", lambda row, *a: ran.append(row) or dict(row, status="ok", median_s=1.0))
+
+    def bench(**kw):
+        args = dict(suites=["egnn"], device="cpu", quick=True, out_dir=str(tmp_path / "o"), timeout_s=60,
+                    compare_to=None, command="test")
+        return runner.run(**{**args, **kw})
+
+    for kw, match in ((dict(dtypes=["float64"]), r"no benchmark rows left after the filters .*float32"),
+                      (dict(max_n=0), "--max-n: the largest N to run, at least 1"),
+                      (dict(timeout_s=0), "--timeout: seconds per row, a number > 0"),
+                      (dict(timeout_s=float("nan")), "--timeout"), (dict(runs=0), "--runs must be >= 1"),
+                      (dict(warm_jobs=-1), "--warm-jobs >= 0"), (dict(hidden=[0]), "--hidden: H values >= 1"),
+                      (dict(compare_to=str(tmp_path / "none.json")), "--compare .*none.json: no such file")):
+        with pytest.raises(ValueError, match=match):
+            bench(**kw)
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(ValueError, match="--compare .*text.json: not a results.json"):
+        bench(compare_to=str(tmp_path / "text.json"))
+    assert ran == [] and not (tmp_path / "o").exists()
+    monkeypatch.setattr(runner, "device_rates", lambda device: {})
+    monkeypatch.setattr(runner, "markdown", lambda result: "")
+    monkeypatch.setattr(runner, "plot", lambda result, out: None)
+    bench(max_n=64, providers=["reference"])
+    first = (tmp_path / "o" / "results.json").read_text()
+    with pytest.raises(FileExistsError, match=r"--out .*o: holds the results of an earlier run"):
+        bench(max_n=64, providers=["reference"])
+    assert (tmp_path / "o" / "results.json").read_text() == first
+    from protdiff_fast.cli import main
+
+    assert main(["bench", "egnn", "--quick", "--hidden", "abc", "--out", str(tmp_path / "p")]) == 2
+    assert "--hidden: comma-separated integers, got 'abc'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The training set: filters, skip report, cache, centring and scale, bucketed batches, rotations."""
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -166,3 +167,78 @@ def test_cropped_batches_are_break_free_recentred_windows():
     assert again == [b["names"] for b in ds.batches(3, seed=3, crop=crop)]
     with pytest.raises(ValueError, match="crop must be >= 1"):
         next(ds.batches(3, crop=0))
+
+
+# ---------------------------------------------------------------- prepare: --out and options (audit)
+def _prepare(*argv):
+    from protdiff_fast.cli import main
+
+    return main(["prepare", *map(str, argv)])
+
+
+def test_prepare_never_replaces_another_dataset_without_overwrite(tmp_path, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    shutil.copy(DATA / "1crn.pdb", one / "1crn.pdb")
+    shutil.copy(DATA / "1qys.pdb", two / "1qys.pdb")
+    out = tmp_path / "set.npz"
+    assert _prepare(one, "--out", out) == 0
+    first = out.read_bytes()
+    # the same files and filter: the cache is reused (nothing written); other files: refused, untouched
+    assert _prepare(one, "--out", out) == 0 and "cache was up to date" in capsys.readouterr().out
+    assert _prepare(two, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "set.npz: holds a dataset prepared from other files, another filter or another version" in err
+    assert "(1 chains)" in err and "--overwrite" in err
+    assert out.read_bytes() == first
+    assert _prepare(one, "--out", out, "--max-length", "45") == 2 and out.read_bytes() == first  # another filter
+    capsys.readouterr()
+    assert _prepare(two, "--out", out, "--overwrite") == 0
+    assert BackboneDataset.from_npz(out).names == ["1qys_A"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "set.npz", "two"]  # no temporary file left
+
+
+def test_prepare_refuses_an_out_that_is_not_its_dataset_before_the_work(tmp_path, capsys, monkeypatch):
+    shutil.copy(DATA / "1crn.pdb", tmp_path / "1crn.pdb")
+    src = tmp_path / "1crn.pdb"
+    parsed = []
+    import protdiff_fast.io.dataset as dataset
+
+    monkeypatch.setattr(dataset, "read_backbones", lambda f: parsed.append(f) or read_backbones(f))
+    # another kind of .npz (the project's backbones.npz format): was KeyError 'key is not a file in the archive'
+    other = tmp_path / "backbones.npz"
+    np.savez(other, ids=np.array(["x"]), offsets=np.array([0, 1]), ca=np.zeros((1, 3), np.float32))
+    text = tmp_path / "notes.npz"
+    text.write_text("my notes")
+    (tmp_path / "folder.npz").mkdir()
+    for out, overwrite, match in (
+            (other, False, r"backbones.npz: exists and is an .npz with arrays ids, offsets, ca, not a dataset written "
+                           r"by prepare \(no key, seqs, skipped\), so not replaced"),
+            (other, True, "not a dataset written by prepare"),  # --overwrite replaces only prepare's own datasets
+            (text, True, r"notes.npz: exists and is not an .npz archive: not a dataset written by prepare"),
+            (tmp_path / "folder.npz", False, r"--out: .*folder.npz is a folder; name a file"),
+            (tmp_path / "notes.txt", False, r"--out .*notes.txt: the dataset is an .npz file .* name it e.g. notes.npz"),
+            (src, False, r"--out .*1crn.pdb: the dataset is an .npz file"),
+            (tmp_path / "cachefile", False, r"--out .*cachefile: the dataset is an .npz file .*e.g. cachefile.npz"),
+            (src / "x.npz", False, r"--out: .*1crn.pdb/x.npz: .*1crn.pdb is a file, not a folder"),
+            ("/proc/x.npz", False, r"--out: cannot write /proc/x.npz: folder /proc is not writable")):
+        assert _prepare(src, "--out", out, *(["--overwrite"] if overwrite else [])) == 2, out
+        err = capsys.readouterr().err
+        assert re.search(match, err) and ".tmp" not in err, (out, err)
+    assert parsed == []  # refused before any structure was read
+    assert other.is_file() and text.read_text() == "my notes" and not (tmp_path / "cachefile").exists()
+    with np.load(other) as d:
+        assert sorted(d.files) == ["ca", "ids", "offsets"]
+
+
+@pytest.mark.parametrize("options, match", [
+    (["--min-length", "100", "--max-length", "50"], "--max-length 50 is below --min-length 100"),
+    (["--max-length", "0"], "--max-length 0 is below --min-length 40"),
+    (["--min-length", "0"], "--min-length: at least 1 residue, got 0"),
+    (["--max-breaks", "-1"], "--max-breaks: a number of chain breaks >= 0, got -1"),
+    (["--show-skipped", "-1"], "--show-skipped: a number of entries >= 0, got -1"),
+])
+def test_prepare_refuses_impossible_option_values_by_name(tmp_path, capsys, options, match):
+    # every chain was reported out of range instead (or a negative count sliced the skip list)
+    assert _prepare(DATA / "1crn.pdb", "--out", tmp_path / "s.npz", *options) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / "s.npz").exists()

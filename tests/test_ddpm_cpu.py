@@ -147,7 +147,7 @@ def test_cpu_step_bad_input():
     bad_eps[2, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="contains NaN or Inf in sample 2"):
         ddpm_step(s, x, bad_eps, t, mask=mask, seed=0, backend="cpu")
-    with pytest.raises(ValueError, match=r"seed: expected an int or an integer tensor of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"seed: expected one seed per sample, shape \(3,\)"):
         ddpm_step(s, x, eps, t, mask=mask, seed=torch.tensor([1, 2]), backend="cpu")
     with pytest.raises(ValueError, match="no real nodes"):
         m = mask.clone()

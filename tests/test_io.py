@@ -327,3 +327,171 @@ def test_trajectory_is_a_multi_model_mmcif(tmp_path):
     with pytest.raises(FileExistsError):
         write_trajectory(path, frames)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.cif.gz"]
+
+
+# ---------------------------------------------------------------- malformed input (audit of reading)
+def _cif_text(tmp_path, n=4):
+    ca = np.stack([np.arange(n) * 3.8, np.zeros(n), np.zeros(n)], axis=1)
+    return write_backbone(tmp_path / "w.cif", ca).read_text()
+
+
+@pytest.mark.parametrize("fmt", ["pdb", "cif"])
+def test_absurd_coordinates_are_refused_naming_file_chain_residue_and_value(tmp_path, fmt):
+    # only NaN / Inf were refused: a CA at 1e30 A gave evaluate a ca_ca_dev of 2e28 and stayed in prepare's set
+    if fmt == "pdb":
+        text = write_pdb(tmp_path / "ok.pdb", chain_of(6)).read_text().splitlines()
+        k = [i for i, line in enumerate(text) if line[12:16].strip() == "CA"][1]
+        text[k] = text[k][:38] + f"{'-1e30':>8}" + text[k][46:]  # residue 2's y
+        bad = tmp_path / "far.pdb"
+        bad.write_text("\n".join(text) + "\n")
+        match = r"far.pdb: chain 'A' residue 2 \(ALA\): CA y coordinate -1e\+30 A is beyond \+-1e\+07 A"
+    else:
+        bad = tmp_path / "far.cif"
+        bad.write_text(_cif_text(tmp_path).replace("ATOM 2 C CA . GLY A A 2 ? 3.8 0 0", "ATOM 2 C CA . GLY A A 2 ? 3.8 0 2.5e7"))
+        match = r"far.cif: chain 'A' residue 2 \(GLY\): CA z coordinate 2.5e\+07 A is beyond \+-1e\+07 A"
+    with pytest.raises(StructureError, match=match):
+        read_backbones(bad)
+    from protdiff_fast.cli import main
+    from protdiff_fast.io import BackboneDataset
+
+    ds = BackboneDataset.from_structures([bad], min_length=2)
+    assert len(ds) == 0 and "beyond +-1e+07 A" in ds.skipped.skipped[0][1]
+    assert main(["evaluate", str(bad), "--plot", ""]) == 2  # skipped (named), no table of 2e28
+    # far out but below the reader's bound (sample writes designs up to 1e4 model units x its scale in
+    # mmCIF): read, but never taken into a training set (a real chain stays within 1e4 A)
+    near = write_backbone(tmp_path / "near.cif", np.array([[0.0, 0, 0], [3.8, 0, 0], [3.8, -2.5e5, 0]]))
+    assert read_backbones(near)[0].ca[2, 1] == -2.5e5
+    ds = BackboneDataset.from_structures([near], min_length=2)
+    assert len(ds) == 0 and ds.skipped.skipped == [
+        ("near_A", "coordinates out of range: CA y of residue 3 is -250000 A (beyond +-1e+05 A)")]
+
+
+def _with_second_copy(tmp_path, name, second):
+    residues = chain_of(6)
+    residues = residues[:3] + [second] + residues[3:] if second[1] == 3 else residues + [second]
+    return write_pdb(tmp_path / name, residues)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("repeated later", r"rep.pdb: chain 'A' residue 3 \(ALA\): 2 CA atoms without distinct alternate-location labels"),
+    ("repeated next", r"rep.pdb: chain 'A' residue 3 \(ALA\): 2 CA atoms without distinct alternate-location labels"),
+    ("other name", r"rep.pdb: chain 'A' residue 3 \(ALA\) occurs twice \(again as GLY, not as alternate locations\)"),
+    ("two CA", r"rep.pdb: chain 'A' residue 2 \(ALA\): 2 CA atoms without distinct alternate-location labels"),
+    ("same altloc", r"rep.pdb: chain 'A' residue 2 \(ALA\): 2 CA atoms without distinct alternate-location labels"),
+    ("cif repeated", r"rep.cif: chain 'A' residue 2 \(GLY\).*(2 CA atoms without distinct|occurs twice)"),
+])
+def test_repeated_residues_and_unlabelled_second_ca_are_malformed(tmp_path, case, match):
+    # the first copy was kept silently (with the other copy's coordinates lost)
+    other = [("N", (49.0, 0, 0), " ", 1.0), ("CA", (50.0, 0, 0), " ", 1.0)]
+    if case == "repeated later":
+        path = write_pdb(tmp_path / "rep.pdb", chain_of(6) + [("ALA", 3, " ", other)])
+    elif case == "repeated next":
+        path = write_pdb(tmp_path / "rep.pdb", chain_of(6)[:3] + [("ALA", 3, " ", other)] + chain_of(6)[3:])
+    elif case == "other name":
+        path = write_pdb(tmp_path / "rep.pdb", chain_of(6)[:3] + [("GLY", 3, " ", other)] + chain_of(6)[3:])
+    elif case in ("two CA", "same altloc"):
+        residues = chain_of(6)
+        alt = "A" if case == "same altloc" else " "
+        name, num, icode, atoms = residues[1]
+        residues[1] = (name, num, icode, [(a, xyz, alt, 0.5) if a == "CA" else (a, xyz, l, o) for a, xyz, l, o in atoms]
+                       + [("CA", (4.5, 1.0, 0.0), alt, 0.5)])
+        path = write_pdb(tmp_path / "rep.pdb", residues)
+    else:
+        text = _cif_text(tmp_path)
+        path = tmp_path / "rep.cif"
+        path.write_text(text.replace("ATOM 4 C CA . GLY A A 4 ? 11.4 0 0 1 0 ? 4 A 1",
+                                     "ATOM 4 C CA . GLY A A 4 ? 11.4 0 0 1 0 ? 4 A 1\n"
+                                     "ATOM 5 C CA . GLY A A 2 ? 30 0 0 1 0 ? 2 A 1"))
+    with pytest.raises(StructureError, match=match):
+        read_backbones(path)
+    from protdiff_fast.cli import main
+
+    assert main(["evaluate", str(path), "--plot", ""]) == 2  # named as skipped, then no readable structure
+
+
+def test_microheterogeneity_with_altlocs_is_still_read(tmp_path):
+    # two residue types at one position, as PDB writes them (atoms with altloc labels): the first is kept
+    residues = chain_of(5)
+    residues = residues[:2] + [("SER", 3, " ", [("CA", (7.6, 0.0, 0.0), "A", 0.6)]),
+                               ("GLY", 3, " ", [("CA", (7.7, 0.2, 0.0), "B", 0.4)])] + residues[3:]
+    bb = read_backbones(write_pdb(tmp_path / "micro.pdb", residues))[0]
+    assert bb.sequence == "AASAA" and list(bb.resnums) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(bb.ca[2], [7.6, 0.0, 0.0], atol=1e-3)
+
+
+def test_hetatm_records_ligands_and_chains_of_unknown_residues(tmp_path):
+    het = lambda i, name, num, xyz: atom_line(i, "CA", name, "A", num, xyz, record="HETATM")  # noqa: E731
+    protein = [atom_line(i + 1, "CA", "ALA", "A", i + 1, (3.8 * i, 0, 0)) for i in range(6)]
+    # a free glutamate after TER (a bound ligand) was appended to the chain as its 7th residue
+    lig = tmp_path / "ligand.pdb"
+    lig.write_text("\n".join(protein + ["TER", het(20, "GLU", 101, (30.0, 5.0, 0.0)), "END", ""]))
+    assert read_backbones(lig)[0].sequence == "AAAAAA"
+    # ... while a modified residue bonded to the chain (C-terminal MSE, HETATM) stays part of it
+    mse = tmp_path / "mse.pdb"
+    mse.write_text("\n".join(protein + [het(7, "MSE", 7, (3.8 * 6, 0, 0)), "TER", "END", ""]))
+    assert read_backbones(mse)[0].sequence == "AAAAAAM"
+    # HETATM records only: standard (or mapped modified) amino acids are a protein chain, others are not
+    std = tmp_path / "het_std.pdb"
+    std.write_text("\n".join([het(i + 1, "ALA" if i % 2 else "MSE", i + 1, (3.8 * i, 0, 0)) for i in range(6)] + ["END", ""]))
+    assert read_backbones(std)[0].sequence == "MAMAMA"
+    unk = tmp_path / "het_unk.pdb"
+    unk.write_text("\n".join([het(i + 1, "UNK", i + 1, (3.8 * i, 0, 0)) for i in range(6)] + ["END", ""]))
+    with pytest.raises(StructureError, match=r"het_unk.pdb: no protein C-alpha trace \(chain 'A': not a protein chain: "
+                                             r"HETATM records only, of residues that are not standard amino acids \(UNK\)"):
+        read_backbones(unk)
+    from protdiff_fast.io import BackboneDataset
+
+    ds = BackboneDataset.from_structures([unk, std], min_length=2)
+    assert ds.names == ["het_std_A"] and "HETATM records only" in ds.skipped.skipped[0][1]
+    # ATOM records of UNK (a motif file's unnamed residues) remain a protein chain
+    atom_unk = tmp_path / "atom_unk.pdb"
+    atom_unk.write_text("\n".join(atom_line(i + 1, "CA", "UNK", "A", i + 1, (3.8 * i, 0, 0)) for i in range(4)) + "\nEND\n")
+    assert read_backbones(atom_unk)[0].sequence == "XXXX"
+
+
+@pytest.mark.parametrize("case, match", [
+    ("truncated gz", r"cut.cif.gz: truncated or corrupt gzip file"),
+    ("not gzip", r"plain.pdb.gz: truncated or corrupt gzip file \(BadGzipFile: |plain.pdb.gz: truncated or corrupt gzip"),
+    ("binary", r"binary.pdb: binary data, not a PDB or mmCIF text file"),
+    ("binary in gz", r"binary.cif.gz: binary data \(after gunzip\), not a PDB or mmCIF text file"),
+    ("no atoms", r"text.pdb: no models \(no atom records.*not a structure file"),
+])
+def test_corrupt_files_are_named_as_such(tmp_path, case, match):
+    # a cut .cif.gz gave gemmi's "Would it be 100 -> 1062156419 bytes?"; binary garbage was "no chains"
+    if case == "truncated gz":
+        data = (DATA / "1CRN.cif.gz").read_bytes()
+        path = tmp_path / "cut.cif.gz"
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "not gzip":
+        path = tmp_path / "plain.pdb.gz"
+        path.write_bytes((DATA / "1crn.pdb").read_bytes())
+    elif case == "binary":
+        path = tmp_path / "binary.pdb"
+        path.write_bytes(bytes(range(256)) * 8)
+    elif case == "binary in gz":
+        path = tmp_path / "binary.cif.gz"
+        path.write_bytes(gzip.compress(bytes(range(256)) * 8))
+    else:
+        path = tmp_path / "text.pdb"
+        path.write_text("HEADER    NOTES\nREMARK   1 nothing here\n")
+    with pytest.raises(StructureError, match=match):
+        read_backbones(path)
+
+
+def _shared_structure_files():
+    import os
+
+    root = Path(os.environ.get("PROTDIFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not root.is_dir():
+        return []
+    return find_structure_files(root)
+
+
+def test_every_real_structure_file_of_the_shared_data_reads():
+    files = _shared_structure_files()
+    if not files:
+        pytest.skip("no ../shared/data here (set PROTDIFF_SHARED_DATA)")
+    assert len(files) >= 90  # 94 files (PDB, mmCIF, gzipped) when this test was written
+    for f in files:
+        chains = read_backbones(f)
+        assert chains and all(np.abs(bb.ca).max() < 1e4 for bb in chains), f

@@ -1,5 +1,6 @@
 """Backbone metrics on geometries with known answers and on real proteins."""
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,50 @@ def test_tm_diversity_is_symmetric_for_chains_of_different_lengths():
     forward, backward = tm_diversity([crambin, fragment]), tm_diversity([fragment, crambin])
     assert forward == pytest.approx(backward, abs=1e-6)
     assert 0.6 < forward < 0.95  # between the two normalisations
+
+
+def test_evaluate_checks_the_plot_location_before_the_work(tmp_path, capsys):
+    # --plot /proc/x.png printed the whole table, then failed naming a hidden /proc/.x.png.<random>.tmp
+    sample = str(DATA / "1qys.pdb")
+    (tmp_path / "a_folder.png").mkdir()
+    (tmp_path / "file").write_text("x")
+    for plot, match in (("/proc/x.png", "plot: cannot write /proc/x.png: folder /proc is not writable"),
+                        (str(tmp_path / "file" / "x.png"), r"plot: .*file/x.png: .*file is a file, not a folder"),
+                        (str(tmp_path / "a_folder.png"), r"a_folder.png exists and is not a png plot")):
+        assert main(["evaluate", sample, "--plot", plot]) == 2
+        captured = capsys.readouterr()
+        assert "ca_ca_dev" not in captured.out and re.search(match, captured.err) and ".tmp" not in captured.err
+    # a write that fails anyway names the user's path, not the hidden temporary file
+    from protdiff_fast.io.structure import _atomic_write
+
+    with pytest.raises(OSError, match=r"cannot write /proc/x.png") as info:
+        _atomic_write(Path("/proc/x.png"), lambda tmp: Path(tmp).write_text("x"))
+    assert ".tmp" not in str(info.value)
+    with pytest.raises(IsADirectoryError, match=r"cannot write .*a_folder.png: Is a directory"):
+        _atomic_write(tmp_path / "a_folder.png", lambda tmp: Path(tmp).write_text("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder.png", "file"]
+
+
+def test_one_residue_chain_has_no_bond_metrics_and_no_numpy_warning(tmp_path, capsys):
+    import warnings
+
+    from protdiff_fast.io import write_backbone
+
+    one = write_backbone(tmp_path / "one.pdb", np.zeros((1, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" RuntimeWarning was printed
+        assert main(["evaluate", str(one), "--plot", ""]) == 0
+        s = summarize([backbone_metrics(np.zeros((1, 3)))])
+    assert math.isnan(s["ca_ca_dev"]) and math.isnan(s["ca_ca_valid"]) and s["count"] == 1
+    lines = {ln.split()[0]: ln.split()[1:] for ln in capsys.readouterr().out.splitlines()[1:] if ln.strip()}
+    assert lines["ca_ca_dev"] == ["n/a"] and lines["ca_ca_valid"] == ["n/a"] and lines["length"] == ["1.000"]
+    # with a longer chain in the set, the mean is over the chains that have bonds
+    both = summarize([backbone_metrics(np.zeros((1, 3))), backbone_metrics(np.array([[0, 0, 0], [3.9, 0, 0]]))])
+    assert both["ca_ca_dev"] == pytest.approx(0.1)
+
+
+def test_table_cells_never_overflow_their_column():
+    table = format_table({"samples": {"rg": 2.2e28, "length": 50.0}, "reference": {"rg": -3.5e12, "length": 60.0}})
+    widths = {len(line) for line in table.splitlines()}
+    assert len(widths) == 1, table  # columns aligned: every line equally long
+    assert "2.200e+28" in table and "-3.500e+12" in table and "50.000" in table

@@ -90,6 +90,7 @@ def test_motif_spec_reads_mmcif(tmp_path):
 @pytest.mark.parametrize("contig, length, words", [
     ("10-40,B163-181,10-40", None, "no chain 'B'"),
     ("10-40,A160-181,10-40", None, r"no CA for residue\(s\) 160, 161, 162"),
+    ("10-20,A163-1000000000000000000000,10-20", None, r"no CA for residue\(s\) 1000000000000000000000, "),
     ("10-40,A163-181,10-40", "10-15", "19 residues, more than the maximum length 15"),
     ("10-20,A163-181,10-20", "70-80", "cannot meet the requested length 70-80"),
     ("0,A163-181,0", "25-30", "cannot meet"),

@@ -131,6 +131,18 @@ def test_every_cli_option_has_help_and_its_default_shows():
     assert "(default: metrics.png)" in " ".join(commands["evaluate"].format_help().split())
 
 
+def test_cli_backend_that_cannot_run_here_is_named_up_front(tmp_path, capsys, monkeypatch):
+    """--backend triton on the CPU (no interpreter): named before any work, not a RuntimeError at the
+    first reverse step. (The tests run with TRITON_INTERPRET=1, under which triton runs on the CPU.)"""
+    from protdiff_fast.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for cmd in (["sample", "--length", "10"], ["demo"]):
+        assert main(cmd + ["--backend", "triton", "--out", str(tmp_path / "o")]) == 2
+        assert "--backend triton: backend 'triton' cannot run egnn_pair_aggregate here" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bench_targets_and_quick_together_are_refused(capsys):
     from protdiff_fast.cli import main
 
@@ -143,6 +155,14 @@ def test_bench_targets_and_quick_together_are_refused(capsys):
     (["train", "--data", "x.npz", "--out", "{tmp}/t", "--coords-range", "2"], "--coords-range is the bound of --tanh"),
     (["demo", "--min-length", "90", "--max-length", "50", "--out", "{tmp}/d"], "need 1 <= min <= max"),
     (["evaluate", "{tmp}/bad.pdb", "--plot", ""], "no readable structures"),
+    # named before any work (tracebacks, or errors at the first reverse step, before)
+    (["sample", "--length", "0..10", "--out", "{tmp}/o"], "--length: lengths start at 1, got '0..10'"),
+    (["sample", "--length", "10", "--device", "bogus", "--out", "{tmp}/o"], "--device: 'bogus' is not a device"),
+    (["sample", "--length", "10", "--device", "mps", "--out", "{tmp}/o"], "runs on cpu and cuda devices"),
+    (["info", "--device", "bogus"], "--device: 'bogus' is not a device"),
+    (["demo", "--out", "{tmp}"], "the demo writes a new folder"),
+    (["demo", "--seed", "-1", "--out", "{tmp}/d"], "--seed: a non-negative integer, got -1"),  # (said: pass --resume or --overwrite)
+    (["bench", "--device", "cuda:7", "--quick", "--out", "{tmp}/o"], "--device: 'cuda:7'"),
 ])
 def test_cli_refusals_exit_2_with_a_message(tmp_path, capsys, argv, words):
     from protdiff_fast.cli import main

@@ -3,6 +3,7 @@ import copy
 import math
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -302,6 +303,162 @@ def test_prepared_structures_train_as_the_readme_says(tmp_path):
     assert len(prepared) == 3 and len(BackboneDataset.from_npz(tmp_path / "prep.npz", split="val")) == 0
     assert main(["train", "--data", str(tmp_path / "prep.npz"), "--out", str(tmp_path / "run"), "--steps", "1",
                  "--hidden", "16", "--layers", "1", "--batch-size", "2", "--no-progress"]) == 0
+
+
+TINY_TRAIN = ["--hidden", "8", "--layers", "1", "--batch-size", "2", "--val-every", "0", "--no-progress"]
+
+
+def _train_main(data, out, *extra):
+    return main(["train", "--data", str(data), "--out", str(out), *TINY_TRAIN, *extra])
+
+
+def test_train_refuses_an_out_holding_a_history_json_but_no_checkpoint(tmp_path, capsys, monkeypatch):
+    """A user's history.json in --out was overwritten; the run's own history.json is written atomically."""
+    import protdiff_fast.train as train_mod
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "history.json").write_text('{"mine": 1}')
+    (out / "notes.txt").write_text("notes")
+    for resume in ([], ["--resume"]):
+        assert _train_main(demo_data_path(), out, "--steps", "1", *resume) == 2
+        assert "holds a history.json but no checkpoint.pt" in capsys.readouterr().err
+    assert (out / "history.json").read_text() == '{"mine": 1}' and sorted(p.name for p in out.iterdir()) == \
+        ["history.json", "notes.txt"]
+    written = []
+    real = train_mod._atomic_write
+    monkeypatch.setattr(train_mod, "_atomic_write", lambda path, write, **kw: (written.append(Path(path).name),
+                                                                                real(path, write, **kw)))
+    assert _train_main(demo_data_path(), tmp_path / "run", "--steps", "1") == 0
+    assert "history.json" in written and json.loads((tmp_path / "run" / "history.json").read_text())[0]["step"] == 1
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-length", "100000000"], "--max-length must be an integer from 1 to 65536 (the model's"),
+    (["--short-repeat", "100000000"], "--short-repeat must be an integer from 1 to 1000"),
+    (["--seed", "99999999999999999999"], "--seed must be an integer from 0 to 4294967295"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+    (["--layers", "0"], "--layers must be an integer from 1 to 1024, got 0"),
+    (["--hidden", "-4"], "--hidden must be an integer from 2 to 8192, even (sin/cos pairs), got -4"),
+    (["--hidden", "1000000"], "--hidden must be an integer from 2 to 8192"),
+    (["--min-length", "-5"], "--min-length must be an integer >= 1, got -5"),
+    (["--min-length", "200"], "--min-length 200 > --max-length 128: no chain fits"),
+    (["--ckpt-every", "-1"], "--ckpt-every must be an integer >= 0, got -1"),
+    (["--val-every", "-1"], "--val-every must be an integer >= 0, got -1"),
+    (["--structure-weight", "inf"], "--structure-weight must be a finite number >= 0, got inf"),
+    (["--input-perturbation", "1e400"], "--input-perturbation must be a finite number >= 0, got inf"),
+    (["--clash-weight", "nan"], "--clash-weight must be a finite number >= 0, got nan"),
+    (["--clash-distance", "inf"], "--clash-distance must be a finite number > 0, got inf"),
+    (["--structure-cutoff", "inf"], "--structure-cutoff must be a finite number > 0, got inf"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--grad-clip", "nan"], "--grad-clip must be a number > 0 (inf: no clipping), got nan"),
+    (["--low-t-fraction", "nan"], "--low-t-fraction must be a finite number in [0, 1], got nan"),
+    (["--own-extent-factor", "inf"], "--own-extent-factor must be a finite number > 0, got inf"),
+    (["--tanh", "--coords-range", "inf"], "--coords-range must be a finite number > 0, got inf"),
+])
+def test_train_options_out_of_range_are_named_before_the_data_is_read(tmp_path, capsys, argv, words):
+    """(--max-length 1e8 was OOM-killed after minutes, --short-repeat 1e8 hung, --seed 1e20 / --layers 0 /
+    --hidden -4 failed inside torch, --min-length -5 and --ckpt-every -1 were accepted, inf trained to NaN.)
+    The data file does not exist: the option is named first, and no folder is left behind."""
+    assert _train_main(tmp_path / "missing.npz", tmp_path / "t", "--steps", "1", *argv) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_train_model_config_bounds_max_length():
+    with pytest.raises(ValueError, match="max_length must be at most 65536"):
+        ProtDiff(backend="reference", max_length=100_000_000, hidden_dim=8, edge_dim=8, num_layers=1)
+    with pytest.raises(ValueError, match="coords_range must be a finite number > 0, got inf"):
+        ProtDiff(backend="reference", hidden_dim=8, edge_dim=8, num_layers=1, tanh=True, coords_range=math.inf)
+
+
+@pytest.mark.parametrize("option, match", [
+    (dict(seed=2 ** 64), "seed must be an integer from 0 to 4294967295"),
+    (dict(short_repeat=10 ** 8), "short_repeat must be an integer from 1 to 1000"),
+    (dict(max_length=10 ** 8), "max_length must be an integer from 1 to 65536"),
+    (dict(ckpt_every=-1), "ckpt_every must be an integer >= 0, got -1"),
+    (dict(structure_weight=math.inf), "structure_weight must be a finite number >= 0, got inf"),
+    (dict(clash_distance=math.inf), "clash_distance must be a finite number > 0, got inf"),
+])
+def test_train_config_out_of_range_is_named_before_anything_is_written(tmp_path, option, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        train(cfg(tmp_path, "bad", **option), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_train_steps_0_writes_the_initial_weights_and_says_so(tmp_path, capsys):
+    """(It wrote checkpoint.pt, then failed formatting the summary's None loss.)"""
+    assert _train_main(demo_data_path(), tmp_path / "r", "--steps", "0") == 0
+    assert "no training step (--steps 0); checkpoint" in capsys.readouterr().out
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["step"] == 0
+
+
+def test_train_resume_of_a_checkpoint_past_steps_says_there_is_nothing_to_train(tmp_path, capsys):
+    assert _train_main(demo_data_path(), tmp_path / "r", "--steps", "2") == 0
+    capsys.readouterr()
+    assert _train_main(demo_data_path(), tmp_path / "r", "--steps", "1", "--resume") == 0
+    assert "is already at step 2 >= --steps 1" in capsys.readouterr().out
+
+
+def test_a_diverging_train_run_exits_1_with_a_message_that_says_where_the_checkpoint_is(tmp_path, capsys):
+    """(An uncaught FloatingPointError whose message promised an intact checkpoint in an empty folder.)"""
+    diverge = ["--lr", "1e12", "--grad-clip", "inf", "--steps", "20"]
+    assert _train_main(demo_data_path(), tmp_path / "none", *diverge) == 1
+    err = capsys.readouterr().err
+    assert "protdiff-fast train: error: training step 2: the gradient is nan" in err, err
+    assert "No checkpoint was written (the first was due at step 20): start again" in err and "intact" not in err
+    assert "Traceback" not in err and not (tmp_path / "none").exists()  # the folder it made, empty: removed
+    assert _train_main(demo_data_path(), tmp_path / "one", *diverge, "--ckpt-every", "1") == 1
+    err = capsys.readouterr().err
+    assert f"The last checkpoint {tmp_path / 'one' / 'checkpoint.pt'} (step 1) is intact: resume from it" in err
+    assert torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def _not_datasets(tmp_path):
+    good = demo_data_path().read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(good[:20000])
+    (tmp_path / "text.npz").write_text("hello\n")
+    (tmp_path / "pdb.npz").write_bytes((Path(__file__).parent / "data" / "1qys.pdb").read_bytes())
+    np.savez(tmp_path / "missing.npz", ids=np.array(["a"]))
+    np.savez(tmp_path / "offsets.npz", ids=np.array(["a", "b"]), offsets=np.array([0, 50, 400]),
+             ca=np.zeros((100, 3), np.float32))
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    (tmp_path / "garbage.pdb").write_text("garbage\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no structures here\n")
+
+
+@pytest.mark.parametrize("name, words", [
+    ("trunc.npz", "trunc.npz is not a dataset written by `protdiff-fast prepare` (a backbones .npz): BadZipFile"),
+    ("text.npz", "text.npz is not a dataset written by `protdiff-fast prepare` (a backbones .npz): not an .npz"),
+    ("pdb.npz", "pdb.npz is not a dataset written by `protdiff-fast prepare` (a backbones .npz): not an .npz"),
+    ("missing.npz", "missing.npz is not a dataset written by `protdiff-fast prepare` (a backbones .npz): it lacks "
+                    "the array(s) offsets, ca (it has: ids)"),
+    ("offsets.npz", "offsets.npz is not a dataset written by `protdiff-fast prepare` (a backbones .npz): offsets "
+                    "are not increasing"),
+    ("array.npz", "array.npz is not a dataset written by `protdiff-fast prepare` (a backbones .npz): a single array"),
+    ("garbage.pdb", "garbage.pdb: no training chains of length 40..128: it is neither a structure file nor a "
+                    "dataset .npz of `protdiff-fast prepare` (no models"),
+    ("empty", "empty: no training chains of length 40..128: the folder holds no .pdb / .ent / .cif / .mmcif file"),
+    ("nothere.npz", "nothere.npz: no such file"),
+])
+def test_train_data_that_is_not_a_dataset_is_named(tmp_path, capsys, name, words):
+    """(A truncated .npz was a BadZipFile traceback, one without ``ca`` a KeyError, a text or PDB file numpy's
+    advice to unpickle it; a garbage structure file only 'no training chains'.)"""
+    _not_datasets(tmp_path)
+    assert _train_main(tmp_path / name, tmp_path / "t", "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "pickle" not in err, err
+    assert not (tmp_path / "t").exists()  # nothing of the run left behind (not even a dataset cache)
+
+
+def test_train_reads_prepares_npz_saved_under_another_name(tmp_path, capsys):
+    """(A prepared dataset without the .npz suffix was parsed as a structure file: 'no training chains'.)"""
+    data = tmp_path / "prepared"
+    data.write_bytes(demo_data_path().read_bytes())
+    assert _train_main(data, tmp_path / "r", "--steps", "1") == 0
+    assert "step 1: train loss" in capsys.readouterr().out
 
 
 def test_sample_command_writes_pdbs_and_metrics(tmp_path, capsys):

@@ -584,9 +584,16 @@ def test_resume_samples_again_a_finished_design_whose_file_was_deleted(tmp_path,
     (folder / "design_000001.pdb").unlink()
     capsys.readouterr()
     out = sample(model, [6, 7, 8], seed=4, scheduler=sched, out_dir=folder, progress=False, resume=True)
-    assert "1 finished design(s) missing" in capsys.readouterr().err
+    assert "1 finished design(s) missing or unreadable" in capsys.readouterr().err
     assert (folder / "design_000001.pdb").read_bytes() == before and out[1] is not None
     assert sorted(json.loads((folder / "manifest.json").read_text())["designs"]) == ["0", "1", "2"]
+    # a file cut short since (a full disk, an interrupted copy) is not a finished design either
+    kept = (folder / "design_000000.pdb").read_bytes()
+    (folder / "design_000002.pdb").write_bytes((folder / "design_000002.pdb").read_bytes()[:100])
+    out = sample(model, [6, 7, 8], seed=4, scheduler=sched, out_dir=folder, progress=False, resume=True)
+    assert "1 finished design(s) missing or unreadable in" in capsys.readouterr().err
+    assert len(read_backbones(folder / "design_000002.pdb")[0].ca) == 8 and out[2] is not None
+    assert (folder / "design_000000.pdb").read_bytes() == kept and out[0] is None
 
 
 def test_folder_of_a_different_run_is_refused_unless_overwrite(tmp_path):
@@ -1075,3 +1082,20 @@ def test_cli_variance_fixed_large_is_recorded_and_refused_with_strided_steps(tmp
     capsys.readouterr()
     assert run("strided", "--variance", "fixed_large", "--steps", "8") == 2
     assert "variance_type='fixed_large' is the full-length ancestral sampler's" in capsys.readouterr().err
+
+
+def test_design_index_with_overwrite_never_deletes_the_runs_other_designs(tmp_path, capsys):
+    """`sample --out RUN --design-index 1 --overwrite` deleted designs 0 and 2 of RUN (--overwrite deletes the
+    folder's run): refused when the folder holds designs other than the one asked for."""
+    from protdiff_fast.cli import main
+
+    base = ["sample", "--length", "40", "--num", "3", "--steps", "128", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(base) == 0
+    files = sorted(p.name for p in (tmp_path / "r").glob("design_*"))
+    assert len(files) == 3
+    assert main(base + ["--design-index", "1", "--overwrite"]) == 2
+    assert "holds other designs of a run ([0, 2])" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "r").glob("design_*")) == files
+    one = ["--out", str(tmp_path / "one"), "--design-index", "1"]
+    assert main(base[:-2] + one) == 0
+    assert main(base[:-2] + one + ["--overwrite", "--seed", "5"]) == 0  # its own folder: overwritten as asked

@@ -666,11 +666,24 @@ def _plot_other_suites(result: Dict, out_dir: Path, plt) -> List[str]:
 COMPARED_ENVIRONMENT = ("threads", "torch", "triton", "overrides", "cpp_extension")
 
 
-def compare(old_path: str, new: Dict) -> str:
+def _read_results(path: str) -> Dict:
+    """An earlier run's results.json, or a ValueError naming the file and what is wrong with it."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--compare {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--compare {path}: not a results.json of protdiff-fast bench ({err})") from None
+    if not isinstance(old, dict) or not isinstance(old.get("rows"), list) or "environment" not in old:
+        raise ValueError(f"--compare {path}: not a results.json of protdiff-fast bench (no rows / environment)")
+    return old
+
+
+def compare(old_path: str, new: Dict, old: Optional[Dict] = None) -> str:
     """Row-by-row change against an earlier results.json: the time ratio of rows ok in both, then every
     row that was ok and is not now (a regression shown, not dropped), rows only one run has, and the
     settings that differ between the runs (machine, threads, versions, kernel overrides)."""
-    old = json.loads(Path(old_path).read_text())
+    old = old if old is not None else _read_results(old_path)
     key = lambda r: (r["suite"], r["provider"], r["mode"], r["dtype"], r["H"], r["B"], r["N"])  # noqa: E731
     name = lambda r: "/".join(str(v) for v in key(r))  # noqa: E731
     old_rows, new_rows = {key(r): r for r in old["rows"]}, {key(r): r for r in new["rows"]}
@@ -729,9 +742,23 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
         command: str, providers: Optional[List[str]] = None, which: str = "full",
         dtypes: Optional[List[str]] = None, hidden: Optional[List[int]] = None, max_n: Optional[int] = None,
         warm_jobs: int = 0, runs: int = 1) -> Dict:
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"--timeout: seconds per row, a number > 0, got {timeout_s!r}")
+    if max_n is not None and max_n < 1:
+        raise ValueError(f"--max-n: the largest N to run, at least 1, got {max_n}")
+    if runs < 1 or warm_jobs < 0:
+        raise ValueError(f"--runs must be >= 1 and --warm-jobs >= 0, got {runs} and {warm_jobs}")
+    if hidden is not None and (not hidden or min(hidden) < 1):
+        raise ValueError(f"--hidden: H values >= 1, got {hidden}")
+    old_result = _read_results(compare_to) if compare_to else None  # a bad file named now, not after the run
     threads = torch.get_num_threads()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    if (out / "results.json").exists() and not (compare_to and Path(compare_to).resolve() == (out / "results.json").resolve()):
+        # an earlier run's results are kept: a new run goes to a new folder (compare them with --compare)
+        raise FileExistsError(f"--out {out_dir}: holds the results of an earlier run (results.json); give a new "
+                              "folder, and --compare OLD/results.json to see the change")
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     mem_limit = int(mem_total * 0.7) if not device.startswith("cuda") else None
     rows = grid(device, quick, suites, which)
@@ -749,6 +776,11 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
         rows = [r for r in rows if r["suite"] != "egnn" or r["H"] in hidden]
     if max_n:
         rows = [r for r in rows if r["N"] <= max_n]
+    if not rows:
+        raise ValueError(f"no benchmark rows left after the filters (--providers {providers}, --dtypes {dtypes}, "
+                         f"--hidden {hidden}, --max-n {max_n}); the grid's dtypes here: "
+                         f"{sorted({r['dtype'] for r in grid(device, quick, suites, which)})}")
+    out.mkdir(parents=True, exist_ok=True)
     result = dict(command=command, environment=environment(device, threads), rates=device_rates(device),
                   not_run=missing,
                   mem_method="peak resident set of one run after the timed ones, with the C heap's free pages "
@@ -779,5 +811,5 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
         print(f"REGRESSION: {f['provider']} egnn {f['mode']} memory grows as N^{f['memory_exponent']:.2f} "
               f"(limit {MEMORY_EXPONENT_LIMIT}) at H={f['H']} B={f['B']} {f['dtype']}", flush=True)
     if compare_to:
-        print(compare(compare_to, result))
+        print(compare(compare_to, result, old=old_result))
     return result

@@ -549,11 +549,11 @@ def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool,
     elif resume and saved:
         def on_disk(entry) -> bool:  # a design whose file was deleted since is sampled again (same seed)
             name = entry.get("file") if isinstance(entry, dict) else None
-            return not name or (out_dir / name).is_file()
+            return not name or _design_file_intact(out_dir / name, entry.get("length"))
 
         gone = sorted(int(i) for m in saved.values() for i, e in m["designs"].items() if not on_disk(e))
         if gone and rank == 0:
-            print(f"resume: {len(gone)} finished design(s) missing from {out_dir} ({gone[:5]}"
+            print(f"resume: {len(gone)} finished design(s) missing or unreadable in {out_dir} ({gone[:5]}"
                   f"{' ...' if len(gone) > 5 else ''}): sampling them again", file=sys.stderr)
         for path, m in saved.items():  # a failed design is not retried: it would fail the same way
             finished_any.update(int(i) for i, e in m["designs"].items() if on_disk(e))
@@ -570,6 +570,20 @@ def _prepare_folder(out_dir: Path, manifest: Path, run_info: Dict, resume: bool,
         torch.distributed.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
     return finished, finished_any, failed
+
+
+def _design_file_intact(path: Path, length) -> bool:
+    """The design file is there and reads back as one chain of its length (a file cut short since the
+    run, e.g. by a full disk or a copy, is not a finished design)."""
+    if not path.is_file():
+        return False
+    from protdiff_fast.io import read_backbones
+
+    try:
+        chains = read_backbones(path)
+    except Exception:  # noqa: BLE001 - any reading error: not intact
+        return False
+    return len(chains) == 1 and (length is None or len(chains[0].ca) == int(length))
 
 
 def _write_batch(out_dir, manifest, idx, results, frames, finished, run_info, lengths, seeds, suffix, scale,

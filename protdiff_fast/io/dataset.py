@@ -8,10 +8,12 @@ Files that cannot be used are skipped with a reason, never fatal.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,9 @@ import torch
 from protdiff_fast.io.structure import Backbone, StructureError, _atomic_write, find_structure_files, read_backbones
 
 SCALE_A = 10.0
+# a training chain with a CA coordinate beyond this (A) is skipped: no real structure comes near it (PDB's
+# columns stop at 1e4 A), and one such residue would dominate every batch it is in
+MAX_TRAIN_COORD_A = 1e5
 
 
 @dataclass
@@ -43,6 +48,45 @@ class SkipReport:
         return f"skipped {len(self.skipped)}: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.counts().items()))
 
 
+CACHE_ARRAYS = ("key", "ids", "seqs", "offsets", "ca", "skipped")  # what ``save`` writes
+
+
+def check_cache_file(path: Union[str, os.PathLike], key: Optional[str] = None) -> None:
+    """Refuse to replace ``path`` (nothing to do when it does not exist): ValueError, naming it, when it
+    is not a dataset cache that ``save`` wrote (a folder, not an .npz archive, another kind of .npz
+    such as the project's backbones.npz: never read as a cache nor replaced); with ``key``,
+    FileExistsError when the cache was built from other files or another filter."""
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a dataset cache (.npz)")
+    try:
+        d = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # numpy's ValueError: "pickled data"
+        why = "" if isinstance(err, ValueError) else f" ({type(err).__name__}: {str(err)[:200]})"
+        raise ValueError(f"{path}: exists and is not an .npz archive{why}: not a dataset written by prepare, so not "
+                         "replaced; choose another --out (or delete the file)") from None
+    files = list(getattr(d, "files", ()))
+    missing = [k for k in CACHE_ARRAYS if k not in files]
+    try:
+        if missing:
+            kind = f"an .npz with arrays {', '.join(files[:8]) or 'none'}" if hasattr(d, "files") else "an .npy array"
+            raise ValueError(f"{path}: exists and is {kind}, not a dataset written by prepare (no "
+                             f"{', '.join(missing)}), so not replaced; choose another --out (a backbones.npz is "
+                             "read directly by train --data)")
+        if key is not None and str(d["key"]) != key:
+            raise FileExistsError(f"{path}: holds a dataset prepared from other files, another filter or another "
+                                  f"version of protdiff_fast "
+                                  f"({len(d['ids'])} chains): not replaced (prepare --overwrite, or "
+                                  "overwrite=True, replaces it)")
+    finally:
+        if hasattr(d, "close"):
+            d.close()
+
+
 def _cache_key(files: Sequence[Path], config: Dict) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for f in files:
@@ -58,6 +102,61 @@ def random_rotations(n: int, generator: Optional[torch.Generator] = None, dtype=
     det = torch.det(q)
     q[:, :, 0] = q[:, :, 0] * det.unsqueeze(-1)  # flip one axis where det = -1
     return q.to(dtype)
+
+
+NOT_A_DATASET = "is not a dataset written by `protdiff-fast prepare` (a backbones .npz)"
+
+
+@contextlib.contextmanager
+def _open_npz(path):
+    """np.load of a dataset .npz (no pickles), its arrays read inside; a file that is not one, or lacks
+    ``ids`` / ``offsets`` / ``ca``, is a ValueError naming it (not zipfile's, numpy's or a KeyError)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a dataset .npz")
+    try:
+        d = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except PermissionError:
+        raise PermissionError(f"{path}: permission denied (it cannot be read)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # text, a PDB, a truncated archive
+        why = "not an .npz archive" if isinstance(err, ValueError) and "pickle" in str(err) else \
+            f"{type(err).__name__}: {str(err)[:200]}"
+        raise ValueError(f"{path} {NOT_A_DATASET}: {why}") from None
+    if not isinstance(d, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ValueError(f"{path} {NOT_A_DATASET}: a single array, not an .npz archive")
+    with d:
+        missing = [k for k in ("ids", "offsets", "ca") if k not in d.files]
+        if missing:
+            raise ValueError(f"{path} {NOT_A_DATASET}: it lacks the array(s) {', '.join(missing)} "
+                             f"(it has: {', '.join(d.files) or 'none'})")
+        try:
+            yield d
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # an array's bytes are damaged
+            if str(path) in str(err):
+                raise
+            raise ValueError(f"{path} {NOT_A_DATASET}: {type(err).__name__}: {str(err)[:200]}") from None
+
+
+def _check_arrays(path, ids, offsets, ca, splits, seqs) -> None:
+    """The arrays of a dataset .npz fit together (else chains would be cut wrongly, or an IndexError)."""
+    n = len(ids) if ids.ndim == 1 else -1
+    problem = None
+    if n < 0:
+        problem = f"ids has shape {ids.shape}, expected (chains,)"
+    elif ca.ndim != 2 or ca.shape[1] != 3 or not np.issubdtype(ca.dtype, np.number):
+        problem = f"ca has shape {ca.shape} ({ca.dtype}), expected (residues, 3) numbers"
+    elif offsets.shape != (n + 1,) or not np.issubdtype(offsets.dtype, np.integer):
+        problem = f"offsets has shape {offsets.shape} ({offsets.dtype}), expected ({n + 1},) integers"
+    elif n and (offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] > len(ca)):
+        problem = f"offsets are not increasing from 0 to at most the {len(ca)} residues of ca"
+    elif splits is not None and splits.shape != (n,):
+        problem = f"split has shape {splits.shape}, expected ({n},)"
+    elif seqs is not None and seqs.shape != (n,):
+        problem = f"seqs has shape {seqs.shape}, expected ({n},)"
+    if problem:
+        raise ValueError(f"{path} {NOT_A_DATASET}: {problem}")
 
 
 class BackboneDataset(torch.utils.data.Dataset):
@@ -100,6 +199,7 @@ class BackboneDataset(torch.utils.data.Dataset):
         max_breaks: Optional[int] = None,
         cache: Optional[Union[str, os.PathLike]] = None,
         scale: float = SCALE_A,
+        overwrite: bool = True,
     ) -> "BackboneDataset":
         """Parse PDB/mmCIF files (folders are searched recursively) into a dataset.
 
@@ -107,18 +207,25 @@ class BackboneDataset(torch.utils.data.Dataset):
         single-chain monomers); otherwise every protein chain is an entry. ``max_breaks``: drop
         chains with more CA-CA gaps (> 4.2 A). ``cache``: an .npz path reused while neither the
         files nor the filter change. Unusable files are counted in ``dataset.skipped``.
+        ``overwrite=False`` (prepare without --overwrite): a file at ``cache`` that is not this
+        build's cache is refused before any file is parsed (``check_cache_file``).
         """
         files = find_structure_files(paths)
         config = dict(min_length=min_length, max_length=max_length, monomers_only=monomers_only,
-                      max_breaks=max_breaks, version=1)
+                      max_breaks=max_breaks, version=2)  # 2: stricter reading (malformed files refused)
         key = _cache_key(files, config)
+        if cache is not None and not overwrite:
+            check_cache_file(cache, key)
         if cache is not None and Path(cache).is_file():
-            with np.load(cache, allow_pickle=False) as d:
-                if str(d["key"]) == key:
-                    ds = cls._from_arrays(d, scale)
-                    ds.skipped = SkipReport([tuple(s.split("\t", 1)) for s in d["skipped"].tolist()])
-                    ds.cache_hit = True
-                    return ds
+            try:
+                with np.load(cache, allow_pickle=False) as d:
+                    if str(d["key"]) == key:
+                        ds = cls._from_arrays(d, scale)
+                        ds.skipped = SkipReport([tuple(s.split("\t", 1)) for s in d["skipped"].tolist()])
+                        ds.cache_hit = True
+                        return ds
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a damaged cache: rebuilt
+                pass
         report = SkipReport()
         kept: List[Backbone] = []
         for f in files:
@@ -135,6 +242,10 @@ class BackboneDataset(torch.utils.data.Dataset):
                     report.add(bb.name, f"length out of range: {len(bb)} not in [{min_length}, {max_length}]")
                 elif max_breaks is not None and bb.n_breaks > max_breaks:
                     report.add(bb.name, f"chain breaks: {bb.n_breaks} > {max_breaks}")
+                elif np.abs(bb.ca).max() > MAX_TRAIN_COORD_A:
+                    i, k = np.unravel_index(int(np.abs(bb.ca).argmax()), bb.ca.shape)
+                    report.add(bb.name, f"coordinates out of range: CA {'xyz'[k]} of residue {bb.resnums[i]}"
+                                        f"{bb.icodes[i]} is {bb.ca[i, k]:.6g} A (beyond +-{MAX_TRAIN_COORD_A:.0e} A)")
                 else:
                     kept.append(bb)
         ds = cls([bb.name for bb in kept], [bb.ca for bb in kept], scale, [bb.sequence for bb in kept])
@@ -149,11 +260,12 @@ class BackboneDataset(torch.utils.data.Dataset):
                  max_length: int = 128, scale: float = SCALE_A) -> "BackboneDataset":
         """Chains of a ``backbones.npz`` (``ids``, ``offsets``, ``ca`` in A; optional ``split``). A file
         without ``split`` (``prepare``'s) is all training chains: ``split="train"`` takes every chain,
-        any other split none."""
-        with np.load(path, allow_pickle=False) as d:
+        any other split none. A file that is no such dataset is a ValueError naming it and what is wrong."""
+        with _open_npz(path) as d:
             ids, offsets, ca = d["ids"], d["offsets"], d["ca"]
             splits = d["split"] if "split" in d else None
             seqs = d["seqs"] if "seqs" in d else None
+            _check_arrays(path, ids, offsets, ca, splits, seqs)
             names, coords, sequences = [], [], []
             for i, name in enumerate(ids):
                 s, e = int(offsets[i]), int(offsets[i + 1])

@@ -5,6 +5,20 @@ modified, e.g. MSE read as M) that have a CA atom, in file order: one residue pe
 position (microheterogeneity: the first), the CA altloc of highest occupancy, no waters, ligands
 or ions. Chain breaks are flagged where consecutive CA atoms are more than 4.2 A apart.
 
+Malformed input is refused with a StructureError naming the file (and chain, residue, value):
+a truncated or corrupt gzip file, binary data, a file without atom records; a CA coordinate that
+is NaN / Inf or beyond +-1e7 A (``MAX_COORD_A``: no real structure comes near it, PDB's columns
+stop at 1e4 A; mmCIF has no limit, and ``sample`` writes designs up to 1e4 model units there, i.e.
+1e4 x its ``scale`` A; beyond 1e7 A float32, the dataset's precision, no longer holds 1 A; the
+training set is stricter: ``dataset.MAX_TRAIN_COORD_A``); a residue number (with insertion code)
+that occurs twice in a chain, unless as microheterogeneity (adjacent residues of different names
+whose CA atoms carry alternate-location labels); a residue with several CA atoms that lack
+distinct altloc labels.
+HETATM records: an amino acid that gemmi classifies as a ligand (not bonded to the chain, e.g. a
+bound glutamate after TER) is not part of the chain; a chain of HETATM records only is a protein
+chain when every residue is a standard amino acid or a modified one with a known parent (MSE read
+as M); otherwise (e.g. UNK) it is "not a protein chain".
+
 Writing produces CA-only files (PDB with a CRYST1 record, or mmCIF; either gzipped when the name
 ends in .gz) that gemmi and viewers read back; files are written to a temporary name and renamed,
 so a crash never leaves half a file. PDB's fixed-width columns hold x, y, z as %8.3f, i.e. only
@@ -27,6 +41,8 @@ CHAIN_BREAK_A = 4.2
 # what PDB's %8.3f coordinate columns (31-38, 39-46, 47-54) can hold, and its 4-column resSeq
 PDB_COORD_MIN, PDB_COORD_MAX = -999.999, 9999.999
 PDB_MAX_RESIDUES = 9999
+# a CA coordinate beyond this (Angstrom) is a corrupt file, not a structure (e.g. 1e30 in an mmCIF field)
+MAX_COORD_A = 1e7
 PathLike = Union[str, os.PathLike]
 
 THREE_LETTER = {
@@ -97,19 +113,65 @@ def _best_ca(residue):
     return best
 
 
-def _chain_trace(chain, path: Path):
-    ca, resnums, icodes, seq = [], [], [], []
-    for residue in chain.first_conformer():  # one residue per position (microheterogeneity: the first)
+def _residue_label(residue) -> str:
+    return f"{residue.seqid.num}{residue.seqid.icode.strip()} ({residue.name})"
+
+
+def _chain_residues(chain, path: Path):
+    """The residues of ``chain`` that make its CA trace, in file order (see the module docstring), or a
+    StructureError naming a repeated residue number or a residue with CA atoms lacking altloc labels."""
+    import gemmi
+
+    kept, first_at = [], {}
+    for residue in chain:
         if residue.is_water() or not _is_amino_acid(residue.name):
             continue
-        atom = _best_ca(residue)
-        if atom is None:
+        if residue.het_flag == "H" and residue.entity_type != gemmi.EntityType.Polymer:
+            continue  # a free amino acid (ligand), not bonded to the chain: gemmi's classification
+        cas = [atom for atom in residue if atom.name == "CA"]
+        if not cas:
             continue
+        if len(cas) > 1 and (any(a.altloc == "\0" for a in cas) or len({a.altloc for a in cas}) < len(cas)):
+            raise StructureError(
+                f"{path}: chain {chain.name!r} residue {_residue_label(residue)}: {len(cas)} CA atoms without "
+                "distinct alternate-location labels (a residue repeated in the file?): malformed file")
+        key = (residue.seqid.num, residue.seqid.icode)
+        if key in first_at:  # microheterogeneity: the next residue, another name, CA atoms with altlocs
+            j, prev = first_at[key]
+            micro = (j == len(kept) - 1 and prev.name != residue.name
+                     and all(a.altloc != "\0" for r in (prev, residue) for a in r if a.name == "CA"))
+            if not micro:
+                raise StructureError(
+                    f"{path}: chain {chain.name!r} residue {_residue_label(prev)} occurs twice (again as "
+                    f"{residue.name}, not as alternate locations): malformed file (a residue number with "
+                    "insertion code must be unique in a chain)")
+            continue  # one residue per position: the first
+        first_at[key] = (len(kept), residue)
+        kept.append(residue)
+    return kept
+
+
+def _chain_trace(residues):
+    ca, resnums, icodes, seq = [], [], [], []
+    for residue in residues:
+        atom = _best_ca(residue)
         ca.append((atom.pos.x, atom.pos.y, atom.pos.z))
         resnums.append(residue.seqid.num)
         icodes.append(residue.seqid.icode.strip())
         seq.append(_one_letter(residue.name))
     return np.asarray(ca, dtype=np.float64).reshape(-1, 3), np.asarray(resnums, dtype=np.int64), icodes, "".join(seq)
+
+
+def _hetatm_only_problem(residues) -> Optional[str]:
+    """Why a chain of HETATM records only is not a protein chain (residues that are not standard amino
+    acids or modified ones with a known parent), or None."""
+    if not residues or any(r.het_flag != "H" for r in residues):
+        return None
+    unknown = sorted({r.name for r in residues if _one_letter(r.name) == "X"})
+    if not unknown:
+        return None
+    return (f"not a protein chain: HETATM records only, of residues that are not standard amino acids "
+            f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})")
 
 
 # one %8.3f-style number (exponents and nan/inf let through: the latter fail the finite check, which
@@ -139,6 +201,28 @@ def _check_pdb_coordinate_fields(path: Path) -> None:
                         f"(columns {start + 1}-{start + 8}) is {field.strip()!r}, not a number")
 
 
+def _check_text_file(path: Path) -> None:
+    """Refuse a truncated or corrupt gzip file and binary data before gemmi reads them (gemmi: "Would it
+    be 100 -> 1062156419 bytes?" for a cut .gz; binary garbage in a .pdb read as a file with no chains)."""
+    import zlib
+
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(1 << 16)
+            if gz:
+                while f.read(1 << 20):  # the whole stream: a cut file fails only at its end
+                    pass
+    except (EOFError, OSError, zlib.error) as err:  # BadGzipFile is an OSError
+        if not gz or isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise StructureError(f"{path}: cannot read: {err}") from None
+        raise StructureError(f"{path}: truncated or corrupt gzip file ({err})") from None
+    if b"\0" in head:
+        raise StructureError(f"{path}: binary data{' (after gunzip)' if gz else ''}, not a PDB or mmCIF text file")
+    if gz and not head.strip():
+        raise StructureError(f"{path}: empty file (after gunzip)")
+
+
 def read_structure(path: PathLike):
     """gemmi.Structure of ``path`` (PDB, mmCIF, either gzipped), with StructureError on failure."""
     import gemmi
@@ -150,12 +234,14 @@ def read_structure(path: PathLike):
         raise StructureError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise StructureError(f"{path}: empty file")
+    _check_text_file(path)
     try:
         st = gemmi.read_structure(str(path))
     except Exception as err:  # gemmi raises RuntimeError / ValueError with its own message
         raise StructureError(f"{path}: cannot parse as PDB/mmCIF: {err}") from None
-    if len(st) == 0:
-        raise StructureError(f"{path}: no models (no atom records)")
+    if len(st) == 0 or not any(len(ch) for ch in st[0]):
+        raise StructureError(f"{path}: no models (no atom records: ATOM / HETATM in PDB, _atom_site in "
+                             "mmCIF): not a structure file")
     if st.input_format == gemmi.CoorFormat.Pdb:
         _check_pdb_coordinate_fields(path)
     st.setup_entities()
@@ -180,11 +266,23 @@ def read_backbones(path: PathLike, chain: Optional[str] = None, min_length: int 
     for ch in model:
         if chain is not None and ch.name != chain:
             continue
-        ca, resnums, icodes, seq = _chain_trace(ch, path)
+        residues = _chain_residues(ch, path)
+        ca, resnums, icodes, seq = _chain_trace(residues)
         bad = np.flatnonzero(~np.isfinite(ca).all(axis=1))
         if len(bad):  # "nan" in a PDB coordinate field, "?" in an mmCIF one: gemmi reads them as NaN
             raise StructureError(f"{path}: chain {ch.name!r} residue {resnums[bad[0]]}{icodes[bad[0]]}: CA "
                                  f"coordinates are not finite ({len(bad)} residue(s) of the chain)")
+        far = np.flatnonzero((np.abs(ca) > MAX_COORD_A).any(axis=1))
+        if len(far):  # e.g. 1e30 in a coordinate field: corrupt, and it would wreck every metric
+            i = int(far[0])
+            k = int(np.argmax(np.abs(ca[i])))
+            raise StructureError(f"{path}: chain {ch.name!r} residue {resnums[i]}{icodes[i]} ({residues[i].name}): "
+                                 f"CA {'xyz'[k]} coordinate {ca[i, k]:.6g} A is beyond +-{MAX_COORD_A:.0e} A "
+                                 f"(a corrupt file?; {len(far)} residue(s) of the chain)")
+        why = _hetatm_only_problem(residues)
+        if why is not None:
+            problems.append(f"chain {ch.name!r}: {why}")
+            continue
         if len(ca) == 0:
             has_aa = any(_is_amino_acid(r.name) for r in ch)
             problems.append(f"chain {ch.name!r}: " + ("amino acids but no CA atoms" if has_aa else "not a protein chain"))
@@ -200,13 +298,39 @@ def read_backbones(path: PathLike, chain: Optional[str] = None, min_length: int 
     return out
 
 
+def check_output_file(path: PathLike, label: str = "output") -> Path:
+    """``path`` as a Path where a file can be written, checked before the work that produces it: not a
+    folder, below a folder (existing or creatable: no file on the way) where a file can be created. A
+    ValueError names ``label`` (e.g. "--out") and the user's path."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{label}: {path} is a folder; name a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{label}: {path}: {folder} is a file, not a folder")
+    try:  # the real test (os.access says yes to root, also on read-only file systems such as /proc)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix="." + path.name + ".", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{label}: cannot write {path}: folder {folder} is not writable "
+                         f"({err.strerror or err})") from None
+    return path
+
+
 def _atomic_write(path: Path, write, durable: bool = False) -> None:
     """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it over.
 
     ``durable``: fsync the file before the rename and the folder after it, so a power cut leaves
-    the old or the new file, never an empty one (used for checkpoints; a few ms per call)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    the old or the new file, never an empty one (used for checkpoints; a few ms per call). An
+    OSError about the hidden temporary file is raised (same type) naming ``path`` instead."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -219,9 +343,15 @@ def _atomic_write(path: Path, write, durable: bool = False) -> None:
         os.replace(tmp, path)
         if durable:
             _fsync_folder(path.parent)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None and tmp in (err.filename, err.filename2):
+            try:
+                named = type(err)(err.errno, f"cannot write {path}: {err.strerror}")
+            except Exception:  # an OSError subclass with another constructor: as it was
+                raise err from None
+            raise named from None
         raise
 
 

@@ -186,13 +186,30 @@ def tm_diversity(cas: Sequence[np.ndarray], max_pairs: int = 2000, seed: int = 0
 SUMMARY_KEYS = ("length", "ca_ca_dev", "ca_ca_valid", "clash_fraction", "rg", "rg_ratio", "helix", "strand", "coil")
 
 
+def _mean_of_defined(values) -> float:
+    """Mean of the values that are not NaN; NaN (no numpy warning) when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def summarize(rows: List[Dict[str, float]]) -> Dict[str, float]:
-    """Mean of each metric over structures, plus the fraction of structures with any clash."""
-    out = {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS} if rows else {}
+    """Mean of each metric over structures, plus the fraction of structures with any clash. A metric a
+    structure does not have (the bond metrics of a one-residue chain, which has no bond: NaN) is left out
+    of its mean; with no structure that has it the mean is NaN, which ``format_table`` shows as n/a."""
+    out = {k: _mean_of_defined([r[k] for r in rows]) for k in SUMMARY_KEYS} if rows else {}
     if rows:
         out["with_clash"] = float(np.mean([r["clash_pairs"] > 0 for r in rows]))
         out["count"] = len(rows)
     return out
+
+
+def _cell(v, width: int) -> str:
+    """A value as the table shows it: n/a for None / NaN, %.3f, or %.3e where %.3f would not fit."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    text = f"{v:.3f}"
+    return text if len(text) <= width else f"{v:.3e}"
 
 
 def format_table(columns: Dict[str, Dict[str, float]]) -> str:
@@ -205,7 +222,7 @@ def format_table(columns: Dict[str, Dict[str, float]]) -> str:
         cells = []
         for n in names:
             v = columns[n].get(k)
-            cells.append(f"{'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.3f}':>{width + 2}}")
+            cells.append(f"{_cell(v, width):>{width + 2}}")
         lines.append(f"{k:<16}" + "".join(cells))
     return "\n".join(lines)
 
@@ -217,8 +234,11 @@ PLOT_FORMATS = {".png": (b"\x89PNG",), ".svg": (b"<?xml", b"<svg"), ".pdf": (b"%
 
 def check_plot_path(path):
     """``path`` as a Path where a plot may be written, or a ValueError (not .png / .svg / .pdf; an
-    existing file that is not a plot of that format)."""
+    existing file that is not a plot of that format; a folder, or a place where no file can be
+    written: checked with a probe file, so ``evaluate`` names it before the work)."""
     from pathlib import Path
+
+    from protdiff_fast.io.structure import check_output_file
 
     path = Path(path)
     fmt = PLOT_FORMATS.get(path.suffix.lower())
@@ -227,7 +247,7 @@ def check_plot_path(path):
     if path.is_dir() or (path.exists() and not path.read_bytes()[:16].lstrip().startswith(fmt)):
         raise ValueError(f"plot: {path} exists and is not a {path.suffix.lower()[1:]} plot: not overwritten "
                          "(choose another --plot)")
-    return path
+    return check_output_file(path, "plot")
 
 
 def plot_metrics(sets: Dict[str, List[Dict[str, float]]], path) -> Optional[str]:

@@ -29,6 +29,12 @@ from protdiff_fast.nn import batch_invariant
 from protdiff_fast.nn.egnn import EGNNLayer
 
 
+# the longest chain a model may be built for: its residue-index and offset tables grow with max_length
+# (2 max_length - 1 rows) and a chain's pair work with its square; the longest known protein chain (titin)
+# has ~35,000 residues. A larger value (a typo such as 100000000) would allocate gigabytes before failing.
+MAX_LENGTH = 65536
+
+
 @dataclass
 class ProtDiffConfig:
     max_length: int = 128
@@ -111,8 +117,12 @@ class ProtDiff(nn.Module):
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        if not (isinstance(config.coords_range, (int, float)) and config.coords_range > 0):
-            raise ValueError(f"coords_range must be a number > 0, got {config.coords_range!r}")
+        if config.max_length > MAX_LENGTH:
+            raise ValueError(f"max_length must be at most {MAX_LENGTH} (the model's residue-index and offset tables "
+                             f"grow with it; no protein chain is that long), got {config.max_length}")
+        if not (isinstance(config.coords_range, (int, float)) and math.isfinite(config.coords_range)
+                and config.coords_range > 0):
+            raise ValueError(f"coords_range must be a finite number > 0, got {config.coords_range!r}")
         if config.hidden_dim % 2 or config.edge_dim % 2 or config.input_dim % 2:
             raise ValueError("hidden_dim, edge_dim and embed_dim must be even (sin/cos pairs)")
         self.config = config

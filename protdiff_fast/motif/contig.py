@@ -237,7 +237,12 @@ def _segment_rows(path, bb, seg: MotifSegment) -> List[int]:
     ends = [(seg.first, seg.first_icode)] + ([(seg.last, seg.last_icode)] if seg.last != seg.first
                                               or seg.last_icode != seg.first_icode else [])
     missing = [f"{n}{ic}" for n, ic in ends if (n, ic) not in present]
-    missing += [str(n) for n in range(seg.first + 1, seg.last) if (n, "") not in present]
+    # the numbers between the ends, clipped to the chain's numbering (+-10): a range end of 10^21 (a typo)
+    # enumerated 10^21 numbers until the machine ran out of memory
+    lo, hi = seg.first + 1, seg.last
+    if len(bb):
+        lo, hi = max(lo, int(bb.resnums.min()) - 10), min(hi, int(bb.resnums.max()) + 11)
+    missing += [str(n) for n in range(lo, hi) if (n, "") not in present]
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         why = _why_missing(path, seg.chain, missing[0])
