@@ -276,10 +276,19 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+CLASH_DISTANCE_A, CLASH_GUIDANCE_STEPS = 3.8, 200  # sample / scaffold --clash-guidance defaults
+
+
 def _clash_guidance(args: argparse.Namespace):
     from protdiff_fast.diffusion import ClashGuidance
 
     if args.clash_guidance is None:
+        given = [f"--clash-distance {args.clash_distance}" if args.clash_distance != CLASH_DISTANCE_A else "",
+                 f"--clash-guidance-steps {args.clash_guidance_steps}"
+                 if args.clash_guidance_steps != CLASH_GUIDANCE_STEPS else ""]
+        if any(given):  # (silently ignored before: a run the user believed guided was not)
+            raise ValueError(f"{' and '.join(g for g in given if g)}: only with --clash-guidance [STRENGTH], "
+                             "which is off")
         return None
     return ClashGuidance(strength=args.clash_guidance, min_distance=args.clash_distance,
                          max_timestep=args.clash_guidance_steps)
@@ -290,8 +299,9 @@ def _add_clash_guidance_arguments(parser: argparse.ArgumentParser, extra_help: s
                         help="push CA pairs closer than --clash-distance apart in the predicted x_0 for t <= "
                              "--clash-guidance-steps (strength 0..1, 0.5 if given alone; default off)"
                              + extra_help)
-    parser.add_argument("--clash-distance", type=float, default=3.8, help="A, for --clash-guidance (default 3.8)")
-    parser.add_argument("--clash-guidance-steps", type=int, default=200,
+    parser.add_argument("--clash-distance", type=float, default=CLASH_DISTANCE_A,
+                        help=f"A, for --clash-guidance (default {CLASH_DISTANCE_A})")
+    parser.add_argument("--clash-guidance-steps", type=int, default=CLASH_GUIDANCE_STEPS,
                         help="the guidance acts for t <= this (default 200 of 1024)")
 
 
@@ -445,6 +455,12 @@ def _cmd_scaffold(args: argparse.Namespace) -> int:
     from protdiff_fast.motif.scaffold import ScaffoldingError
 
     command = shlex.join(["protdiff-fast", *args.argv])
+    if args.method != "smc":  # SMCDiff's options do nothing for the other methods: say so, not silently
+        unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in
+                  (("particles", 64), ("resampler", "systematic"), ("ess_threshold", 0.5)) if getattr(args, k) != default]
+        if unused:
+            print(f"protdiff-fast scaffold: note: {', '.join(unused)}: only for --method smc; ignored by "
+                  f"--method {args.method}", file=sys.stderr)
     try:
         result = run_scaffold(args.pdb, args.contig, args.out, length=args.length, num=args.num, particles=args.particles,
                               method=args.method, steps=args.steps, seed=args.seed, ckpt=args.ckpt,

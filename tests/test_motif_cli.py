@@ -63,8 +63,10 @@ def test_scaffold_cli_writes_marked_designs_and_summary(tmp_path, capsys):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
-def test_scaffold_cli_is_reproducible_and_baselines_run(tmp_path):
+def test_scaffold_cli_is_reproducible_and_baselines_run(tmp_path, capsys):
     assert main(_args(tmp_path / "a", "replacement")) == 0
+    # _args gives --particles 3, which only SMCDiff uses: said, not silently ignored
+    assert "--particles 3: only for --method smc; ignored by --method replacement" in capsys.readouterr().err
     assert main(_args(tmp_path / "b", "replacement")) == 0
     assert (tmp_path / "a" / "design_0000.pdb").read_bytes() == (tmp_path / "b" / "design_0000.pdb").read_bytes()
     assert main(_args(tmp_path / "c", "fixed")) == 0

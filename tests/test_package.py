@@ -161,6 +161,8 @@ def test_bench_targets_and_quick_together_are_refused(capsys):
     (["sample", "--length", "10", "--device", "mps", "--out", "{tmp}/o"], "runs on cpu and cuda devices"),
     (["info", "--device", "bogus"], "--device: 'bogus' is not a device"),
     (["demo", "--out", "{tmp}"], "the demo writes a new folder"),
+    (["sample", "--length", "40", "--clash-distance", "3.0", "--out", "{tmp}/o"],
+     "--clash-distance 3.0: only with --clash-guidance [STRENGTH], which is off"),
     (["demo", "--seed", "-1", "--out", "{tmp}/d"], "--seed: a non-negative integer, got -1"),  # (said: pass --resume or --overwrite)
     (["bench", "--device", "cuda:7", "--quick", "--out", "{tmp}/o"], "--device: 'cuda:7'"),
 ])
