@@ -242,3 +242,39 @@ def test_prepare_refuses_impossible_option_values_by_name(tmp_path, capsys, opti
     # every chain was reported out of range instead (or a negative count sliced the skip list)
     assert _prepare(DATA / "1crn.pdb", "--out", tmp_path / "s.npz", *options) == 2
     assert match in capsys.readouterr().err and not (tmp_path / "s.npz").exists()
+
+
+def _two_chain_arrays(**overrides):
+    ca = _chain(100).astype(np.float32)
+    arrays = dict(ids=np.array(["x_A", "y_A"]), offsets=np.array([0, 50, 100]), ca=ca,
+                  split=np.array(["train", "val"]), seqs=np.array(["A" * 50, "G" * 50]), lengths=np.array([50, 50]))
+    arrays.update(overrides)
+    return arrays
+
+
+def test_npz_of_bytes_strings_reads_names_splits_and_sequences_as_text(tmp_path):
+    # str(b"train") is "b'train'": no chain matched a split (an empty training set) and names read "b'x_A'"
+    path = tmp_path / "bytes.npz"
+    arrays = _two_chain_arrays()
+    np.savez(path, **{k: v.astype(bytes) if v.dtype.kind == "U" else v for k, v in arrays.items()})
+    ds = BackboneDataset.from_npz(path, min_length=1)
+    assert ds.names == ["x_A", "y_A"] and ds.sequences == ["A" * 50, "G" * 50]
+    assert BackboneDataset.from_npz(path, split="train", min_length=1).names == ["x_A"]
+    assert BackboneDataset.from_npz(path, split="val", min_length=1).names == ["y_A"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    # the last chain's offset lost: chain y_A was served cut to 20 residues, 30 residues silently dropped
+    (dict(offsets=np.array([0, 50, 70])), r"offsets are not increasing from 0 to the 100 residues of ca \(they run "
+                                          r"from 0 to 70\)"),
+    (dict(lengths=np.array([50, 40])), r"lengths disagree with offsets for 1 chain\(s\), e.g. y_A: length 40, "
+                                       r"offsets give 50"),
+    (dict(lengths=np.array([50])), r"lengths has shape \(1,\) \(int64\), expected \(2,\) integers"),
+])
+def test_npz_offsets_must_cover_ca_and_agree_with_lengths(tmp_path, overrides, match):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **_two_chain_arrays(**overrides))
+    with pytest.raises(ValueError, match=r"bad.npz is not a dataset written by `protdiff-fast prepare` .*: " + match):
+        BackboneDataset.from_npz(path, min_length=1)
+    np.savez(path, **_two_chain_arrays())  # the consistent file reads
+    assert BackboneDataset.from_npz(path, min_length=1).lengths.tolist() == [50, 50]

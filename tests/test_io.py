@@ -132,9 +132,11 @@ def test_write_rejects_bad_coordinates(tmp_path):
         write_backbone(tmp_path / "a.pdb", np.ones((5, 3), bool))
     with pytest.raises(ValueError, match=r"sequence: '\*1' are not one-letter amino acid codes"):
         write_backbone(tmp_path / "a.pdb", np.zeros((5, 3)), sequence="AC*D1")
-    for bad in ("", "ABC", "A B"):
+    for bad in ("", "ABC", "A B", "\u00e9", "\u00b2"):  # non-ASCII: a corrupt PDB line, an unparsable mmCIF
         with pytest.raises(ValueError, match="chain_id: 1 letter or digit"):
             write_backbone(tmp_path / "a.pdb", np.zeros((5, 3)), chain_id=bad)
+    with pytest.raises(ValueError, match=r"chain_id: 1 letter or digit \(up to 4 in mmCIF\) \(A-Z, a-z, 0-9\)"):
+        write_backbone(tmp_path / "a.cif", np.zeros((5, 3)), chain_id="A\u00e9")
     assert not list(tmp_path.iterdir())
     written = write_backbone(tmp_path / "b.cif", np.arange(15.0).reshape(5, 3), sequence="acdxg", chain_id="AB")
     bb = read_backbones(written)[0]
@@ -292,6 +294,62 @@ def test_pdb_refuses_coordinates_that_overflow_its_columns(tmp_path, value):
     # mmCIF has no fixed columns: the same coordinates round-trip there
     back = read_backbones(write_backbone(tmp_path / "d.cif.gz", ca))[0]
     np.testing.assert_allclose(back.ca, ca, atol=1e-6 * max(1.0, abs(value)))
+
+
+@pytest.mark.parametrize("name", ["d.cif", "d.cif.gz", "d.pdb"])
+@pytest.mark.parametrize("value, match", [
+    (2.5e7, r"ca: coordinate 2.5e\+07 A \(z of residue 3\) is beyond \+-1e\+07 A, which read_backbones refuses"),
+    (-1e30, r"ca: coordinate -1e\+30 A \(z of residue 3\) is beyond \+-1e\+07 A"),
+    (np.nan, r"ca: contains NaN or Inf: z of residue 3 is nan \(1 residue\(s\)\)"),
+    (-np.inf, r"ca: contains NaN or Inf: z of residue 3 is -inf"),
+])
+def test_writers_refuse_coordinates_the_reader_refuses_naming_the_residue(tmp_path, name, value, match):
+    # mmCIF took a CA at 2.5e7 A and wrote a file that read_backbones then refused as corrupt
+    from protdiff_fast.io import write_trajectory
+
+    ca = np.stack([np.arange(5) * 3.8, np.zeros(5), np.zeros(5)], axis=1)
+    ca[2, 2] = value
+    with pytest.raises(ValueError, match=match):
+        write_backbone(tmp_path / name, ca)
+    if name != "d.pdb":
+        with pytest.raises(ValueError, match="frames: frame 1: " + match):
+            write_trajectory(tmp_path / f"t_{name}", [np.zeros((5, 3)), ca])
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary left
+    # the reader's own bound is still writable, and reads back exactly
+    ca[2, 2] = -1e7
+    back = read_backbones(write_backbone(tmp_path / "edge.cif", ca))[0]
+    assert back.ca[2, 2] == -1e7
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_never_sets_the_process_umask(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from protdiff_fast.io import structure
+
+    ca = np.stack([np.arange(4) * 3.8, np.zeros(4), np.zeros(4)], axis=1)
+    old_umask = os.umask(0o027)
+    try:
+        set_to = []
+        real_umask = os.umask
+        monkeypatch.setattr(os, "umask", lambda mask: set_to.append(mask) or real_umask(mask))
+        path = write_backbone(tmp_path / "d.pdb", ca)
+        monkeypatch.undo()
+    finally:
+        os.umask(old_umask)
+    # reading the umask by setting it to 0 left every thread (and child) of the process creating
+    # world-writable files for that moment; the file still gets 0666 less the umask
+    assert set_to == [] and stat.S_IMODE(path.stat().st_mode) == 0o640
+    before = path.read_bytes()
+
+    def half_then_fail(tmp, text, gz):
+        Path(tmp).write_text(text[: len(text) // 2])
+        raise OSError(28, "No space left on device", tmp)
+
+    monkeypatch.setattr(structure, "_write_text", half_then_fail)
+    with pytest.raises(OSError, match=r"cannot write .*d.pdb: No space left on device"):
+        write_backbone(path, ca * 2, overwrite=True)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["d.pdb"]
 
 
 def test_mmcif_has_labels_viewers_use(tmp_path):
@@ -454,6 +512,9 @@ def test_hetatm_records_ligands_and_chains_of_unknown_residues(tmp_path):
     ("not gzip", r"plain.pdb.gz: truncated or corrupt gzip file \(BadGzipFile: |plain.pdb.gz: truncated or corrupt gzip"),
     ("binary", r"binary.pdb: binary data, not a PDB or mmCIF text file"),
     ("binary in gz", r"binary.cif.gz: binary data \(after gunzip\), not a PDB or mmCIF text file"),
+    # was "binary data, not a PDB or mmCIF text file"
+    ("gzip without .gz", r"1CRN.cif: gzip-compressed data in a file whose name does not end in .gz \(rename it "
+                         r"1CRN.cif.gz, or gunzip it\)"),
     ("no atoms", r"text.pdb: no models \(no atom records.*not a structure file"),
 ])
 def test_corrupt_files_are_named_as_such(tmp_path, case, match):
@@ -471,6 +532,9 @@ def test_corrupt_files_are_named_as_such(tmp_path, case, match):
     elif case == "binary in gz":
         path = tmp_path / "binary.cif.gz"
         path.write_bytes(gzip.compress(bytes(range(256)) * 8))
+    elif case == "gzip without .gz":
+        path = tmp_path / "1CRN.cif"
+        path.write_bytes((DATA / "1CRN.cif.gz").read_bytes())
     else:
         path = tmp_path / "text.pdb"
         path.write_text("HEADER    NOTES\nREMARK   1 nothing here\n")

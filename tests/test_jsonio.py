@@ -35,3 +35,12 @@ def test_cli_refuses_an_unwritable_output_with_a_message(tmp_path, capsys):
         os.chmod(locked, 0o700)
     assert rc == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_numpy_integers_booleans_and_arrays_are_written_as_json():
+    # json.dumps raised TypeError on them (at the end of a run, losing its summary); NaN inside an array too
+    obj = {"n": np.int64(3), "ok": np.bool_(True), "xs": np.array([[1.5, np.nan], [np.inf, -2.0]], np.float32),
+           "ids": np.arange(3, dtype=np.int32), "t": (np.uint8(7), np.float16(0.5))}
+    back = json.loads(dumps_strict(obj), parse_constant=lambda name: pytest.fail(f"non-standard token {name}"))
+    assert back == {"n": 3, "ok": True, "xs": [[1.5, None], [None, -2.0]], "ids": [0, 1, 2], "t": [7, 0.5]}
+    assert type(back["n"]) is int and type(back["ok"]) is bool

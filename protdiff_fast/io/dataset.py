@@ -139,8 +139,18 @@ def _open_npz(path):
             raise ValueError(f"{path} {NOT_A_DATASET}: {type(err).__name__}: {str(err)[:200]}") from None
 
 
-def _check_arrays(path, ids, offsets, ca, splits, seqs) -> None:
-    """The arrays of a dataset .npz fit together (else chains would be cut wrongly, or an IndexError)."""
+def _as_text(array: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """A bytes array (dtype S, e.g. written from h5py) as str: str(b"train") is "b'train'", which
+    matched no split and made every name "b'...'"."""
+    if array is not None and array.dtype.kind == "S":
+        return np.char.decode(array, "utf-8")
+    return array
+
+
+def _check_arrays(path, ids, offsets, ca, splits, seqs, lengths=None) -> None:
+    """The arrays of a dataset .npz fit together (else chains would be cut wrongly, or an IndexError):
+    offsets run from 0 to exactly the residues of ``ca`` (residues past the last offset belong to no
+    chain: a file whose last chain lost its offset), and agree with ``lengths`` where there is one."""
     n = len(ids) if ids.ndim == 1 else -1
     problem = None
     if n < 0:
@@ -149,8 +159,15 @@ def _check_arrays(path, ids, offsets, ca, splits, seqs) -> None:
         problem = f"ca has shape {ca.shape} ({ca.dtype}), expected (residues, 3) numbers"
     elif offsets.shape != (n + 1,) or not np.issubdtype(offsets.dtype, np.integer):
         problem = f"offsets has shape {offsets.shape} ({offsets.dtype}), expected ({n + 1},) integers"
-    elif n and (offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] > len(ca)):
-        problem = f"offsets are not increasing from 0 to at most the {len(ca)} residues of ca"
+    elif offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(ca):
+        problem = (f"offsets are not increasing from 0 to the {len(ca)} residues of ca (they run from "
+                   f"{offsets[0]} to {offsets[-1]})")
+    elif lengths is not None and (lengths.shape != (n,) or not np.issubdtype(lengths.dtype, np.integer)):
+        problem = f"lengths has shape {lengths.shape} ({lengths.dtype}), expected ({n},) integers"
+    elif lengths is not None and (lengths != np.diff(offsets)).any():
+        bad = np.flatnonzero(lengths != np.diff(offsets))
+        problem = (f"lengths disagree with offsets for {len(bad)} chain(s), e.g. {ids[bad[0]]}: length "
+                   f"{lengths[bad[0]]}, offsets give {offsets[bad[0] + 1] - offsets[bad[0]]}")
     elif splits is not None and splits.shape != (n,):
         problem = f"split has shape {splits.shape}, expected ({n},)"
     elif seqs is not None and seqs.shape != (n,):
@@ -262,10 +279,11 @@ class BackboneDataset(torch.utils.data.Dataset):
         without ``split`` (``prepare``'s) is all training chains: ``split="train"`` takes every chain,
         any other split none. A file that is no such dataset is a ValueError naming it and what is wrong."""
         with _open_npz(path) as d:
-            ids, offsets, ca = d["ids"], d["offsets"], d["ca"]
-            splits = d["split"] if "split" in d else None
-            seqs = d["seqs"] if "seqs" in d else None
-            _check_arrays(path, ids, offsets, ca, splits, seqs)
+            ids, offsets, ca = _as_text(d["ids"]), d["offsets"], d["ca"]
+            splits = _as_text(d["split"]) if "split" in d else None
+            seqs = _as_text(d["seqs"]) if "seqs" in d else None
+            lengths = d["lengths"] if "lengths" in d else None
+            _check_arrays(path, ids, offsets, ca, splits, seqs, lengths)
             names, coords, sequences = [], [], []
             for i, name in enumerate(ids):
                 s, e = int(offsets[i]), int(offsets[i + 1])

@@ -6,11 +6,12 @@ position (microheterogeneity: the first), the CA altloc of highest occupancy, no
 or ions. Chain breaks are flagged where consecutive CA atoms are more than 4.2 A apart.
 
 Malformed input is refused with a StructureError naming the file (and chain, residue, value):
-a truncated or corrupt gzip file, binary data, a file without atom records; a CA coordinate that
-is NaN / Inf or beyond +-1e7 A (``MAX_COORD_A``: no real structure comes near it, PDB's columns
-stop at 1e4 A; mmCIF has no limit, and ``sample`` writes designs up to 1e4 model units there, i.e.
-1e4 x its ``scale`` A; beyond 1e7 A float32, the dataset's precision, no longer holds 1 A; the
-training set is stricter: ``dataset.MAX_TRAIN_COORD_A``); a residue number (with insertion code)
+a truncated or corrupt gzip file, gzip data under a name without .gz, binary data, a file without
+atom records; a CA coordinate that is NaN / Inf or beyond +-1e7 A (``MAX_COORD_A``: no real
+structure comes near it, PDB's columns stop at 1e4 A; mmCIF has no limit, and ``sample`` writes
+designs up to 1e4 model units there, i.e. 1e4 x its ``scale`` A; beyond 1e7 A float32, the
+dataset's precision, no longer holds 1 A; the training set is stricter:
+``dataset.MAX_TRAIN_COORD_A``); a residue number (with insertion code)
 that occurs twice in a chain, unless as microheterogeneity (adjacent residues of different names
 whose CA atoms carry alternate-location labels); a residue with several CA atoms that lack
 distinct altloc labels.
@@ -23,13 +24,16 @@ Writing produces CA-only files (PDB with a CRYST1 record, or mmCIF; either gzipp
 ends in .gz) that gemmi and viewers read back; files are written to a temporary name and renamed,
 so a crash never leaves half a file. PDB's fixed-width columns hold x, y, z as %8.3f, i.e. only
 -999.999 .. 9999.999 A: a PDB write outside that range raises (mmCIF has no such limit, which is
-why trajectories, whose early frames can be far out, are mmCIF only).
+why trajectories, whose early frames can be far out, are mmCIF only). Either format refuses what
+reading would refuse (NaN / Inf, beyond +-``MAX_COORD_A``), naming the residue.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import re
+import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +221,9 @@ def _check_text_file(path: Path) -> None:
         if not gz or isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise StructureError(f"{path}: cannot read: {err}") from None
         raise StructureError(f"{path}: truncated or corrupt gzip file ({err})") from None
+    if not gz and head.startswith(b"\x1f\x8b"):  # gemmi decompresses by the name only
+        raise StructureError(f"{path}: gzip-compressed data in a file whose name does not end in .gz (rename it "
+                             f"{path.name}.gz, or gunzip it)")
     if b"\0" in head:
         raise StructureError(f"{path}: binary data{' (after gunzip)' if gz else ''}, not a PDB or mmCIF text file")
     if gz and not head.strip():
@@ -328,15 +335,11 @@ def _atomic_write(path: Path, write, durable: bool = False) -> None:
     OSError about the hidden temporary file is raised (same type) naming ``path`` instead."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+        tmp = _create_temporary_beside(path)
     except OSError as err:
         raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -355,6 +358,21 @@ def _atomic_write(path: Path, write, durable: bool = False) -> None:
         raise
 
 
+def _create_temporary_beside(path: Path) -> str:
+    """Create an empty hidden file in ``path``'s folder (a new name, never an existing file) with the
+    permissions a plain open() gives (0666 less the umask). mkstemp's 0600 needed a chmod, and
+    reading the umask means setting it: for a moment the whole process, every thread and every
+    child started then, would create files with umask 0 (world-writable)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, f"no unused temporary name beside {path}")
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -366,6 +384,24 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_readable_coordinates(ca: np.ndarray) -> None:
+    """Raise ValueError, naming the residue (1-based, as written) and axis, for a coordinate that
+    ``read_backbones`` would refuse: NaN / Inf, or beyond +-``MAX_COORD_A``. A file holding one could
+    be written (mmCIF has no column limit) but never read back."""
+    ca = np.asarray(ca, dtype=np.float64)
+    nonfinite = ~np.isfinite(ca)
+    if nonfinite.any():
+        i, k = (int(v) for v in np.argwhere(nonfinite)[0])
+        raise ValueError(f"ca: contains NaN or Inf: {'xyz'[k]} of residue {i + 1} is {ca[i, k]} "
+                         f"({int(nonfinite.any(axis=1).sum())} residue(s))")
+    far = np.abs(ca) > MAX_COORD_A
+    if far.any():
+        i, k = (int(v) for v in np.argwhere(far)[0])
+        raise ValueError(f"ca: coordinate {ca[i, k]:.6g} A ({'xyz'[k]} of residue {i + 1}) is beyond "
+                         f"+-{MAX_COORD_A:.0e} A, which read_backbones refuses as a corrupt file "
+                         f"({int(far.any(axis=1).sum())} residue(s)); are the coordinates in Angstrom?")
 
 
 def check_pdb_coordinates(ca: np.ndarray) -> None:
@@ -397,15 +433,18 @@ def backbone_structure(ca: np.ndarray, sequence: Optional[str] = None, chain_id:
     ca = np.asarray(ca, dtype=np.float64)
     if ca.ndim != 2 or ca.shape[1] != 3 or len(ca) == 0:
         raise ValueError(f"ca: expected shape (L, 3) with L >= 1, got {ca.shape}")
-    if not (isinstance(chain_id, str) and 1 <= len(chain_id) <= (1 if pdb_range else 4) and chain_id.isalnum()):
-        raise ValueError(f"chain_id: 1 letter or digit{'' if pdb_range else ' (up to 4 in mmCIF)'}, got {chain_id!r}")
+    # ASCII only: str.isalnum() takes "é" or "²", which shift PDB's byte columns and made an mmCIF file
+    # that gemmi cannot parse
+    if not (isinstance(chain_id, str) and 1 <= len(chain_id) <= (1 if pdb_range else 4) and chain_id.isascii()
+            and chain_id.isalnum()):
+        raise ValueError(f"chain_id: 1 letter or digit{'' if pdb_range else ' (up to 4 in mmCIF)'} (A-Z, a-z, 0-9), "
+                         f"got {chain_id!r}")
     if sequence is not None:
         unknown = sorted({c for c in sequence.upper() if c not in THREE_LETTER and c != "X"})
         if unknown:  # lowercase is read as uppercase, X is UNK; anything else is not a one-letter code
             raise ValueError(f"sequence: {''.join(unknown)[:10]!r} are not one-letter amino acid codes (or X)")
         sequence = sequence.upper()
-    if not np.isfinite(ca).all():
-        raise ValueError("ca: contains NaN or Inf")
+    check_readable_coordinates(ca)
     if pdb_range:
         check_pdb_coordinates(ca)
     if sequence is not None and len(sequence) != len(ca):
@@ -507,7 +546,10 @@ def write_trajectory(path: PathLike, frames: Sequence[np.ndarray], timesteps: Op
     st = None
     for k, ca in enumerate(frames):
         ca = np.round(np.asarray(ca, dtype=np.float64), 3)  # PDB's precision; mmCIF would print 8+ digits
-        one = backbone_structure(ca, chain_id=chain_id, name=path.name.split(".")[0], pdb_range=False)
+        try:
+            one = backbone_structure(ca, chain_id=chain_id, name=path.name.split(".")[0], pdb_range=False)
+        except ValueError as err:
+            raise ValueError(f"frames: frame {k}: {err}") from None
         if st is None:
             st = one
             st[0].num = 1
