@@ -46,6 +46,8 @@ def test_parse_contig_segments_in_order():
 @pytest.mark.parametrize("contig, words", [
     ("", "empty"), ("10-20", "no motif"), ("10-20,,A1-5", "empty segment"), ("20-10,A1-5", "min 20 > max 10"),
     ("A9-5", "backwards"), ("10-20,A1-10,5,A8-12", "overlap"), ("10-20,A1-5,x?", "cannot read"),
+    # a blank inside a segment was removed: "5 10" became a 510-residue scaffold, "A15-30 5-15" chain 'A15'
+    ("5 10,A1-5", "segment '5 10' contains a space"), ("A15-30 5-15", "segment 'A15-30 5-15' contains a space"),
 ])
 def test_parse_contig_errors(contig, words):
     with pytest.raises(ContigError, match=words):
@@ -115,6 +117,20 @@ def test_a_motif_residue_outside_the_ca_trace_says_why(tmp_path):
         motif_spec(path, "10-20,A9-12,10-20")
     with pytest.raises(ContigError, match="the file has no residue 30 in chain A"):
         motif_spec(path, "10-20,A30-31,10-20")
+
+
+def test_a_hetatm_ligand_motif_residue_is_named_as_such_not_as_lacking_a_ca(tmp_path):
+    """A free amino acid after TER (HETATM, a bound ligand) has a CA but is left out of the trace: the error
+    said "has no CA atom", which sent users looking for a missing atom."""
+    from test_io import atom_line
+
+    protein = [atom_line(i + 1, "CA", "ALA", "A", i + 1, (3.8 * i, 0, 0)) for i in range(6)]
+    ligand = atom_line(20, "CA", "GLU", "A", 101, (30.0, 5.0, 0.0), record="HETATM")
+    path = tmp_path / "ligand.pdb"
+    path.write_text("\n".join(protein + ["TER", ligand, "END", ""]))
+    with pytest.raises(ContigError, match=r"residue 101 \(GLU\) is a HETATM non-polymer residue") as err:
+        motif_spec(path, "5,A101,5")
+    assert "no CA atom" not in str(err.value)
 
 
 def test_motif_spec_respects_model_max_length():
@@ -333,6 +349,11 @@ def test_scaffold_bad_input():
         scaffold(model, y0, [5], [[0, 5]], **ok)
     with pytest.raises(ValueError, match="max_length"):
         scaffold(model, y0, [100], [[0, 1]], **ok)
+    # fractional positions / lengths were truncated (2.5 -> 2, 5.7 -> 5) and the run went on
+    with pytest.raises(ValueError, match="motif_positions: integer positions expected"):
+        scaffold(model, y0, [5], np.array([[0.0, 2.5]]), **ok)
+    with pytest.raises(ValueError, match=r"lengths: whole numbers expected, got \[5.7\]"):
+        scaffold(model, y0, [5.7], [[0, 1]], **ok)
     with pytest.raises(ValueError, match="NaN"):
         scaffold(model, torch.full((2, 3), float("nan")), [5], [[0, 1]], **ok)
     tempered = DDPMScheduler(20, 1e-3, 0.2, backend="reference", noise_scale=0.5)
@@ -475,6 +496,21 @@ def test_insertion_codes_run_in_file_order_not_alphabetically(tmp_path):
         motif_spec(path, "3,A1C-1A,3,A1B,3")
 
 
+def test_lower_case_insertion_codes_in_the_file_can_be_named(tmp_path):
+    """A file with a lower-case insertion code (3a): the contig's codes are read in upper case, so A3a-4 was
+    "the file has no residue 3A" and no contig could name the residue. Matched case-blind, it is 3a's CA."""
+    from test_io import chain_of, write_pdb
+
+    res = chain_of(7)
+    labels = [(1, " "), (2, " "), (3, " "), (3, "a"), (4, " "), (5, " "), (6, " ")]
+    res = [(r[0], n, ic, r[3]) for r, (n, ic) in zip(res, labels)]
+    path = write_pdb(tmp_path / "lower.pdb", res)
+    ca = np.array([r[3][1][1] for r in res])  # the CA of each residue, file order
+    for contig in ("2,A3a-4,2", "2,A3A-4,2"):
+        np.testing.assert_allclose(motif_spec(path, contig).motif_ca, ca[[3, 4]], atol=1e-3)
+    np.testing.assert_allclose(motif_spec(path, "2,A3-4,2").motif_ca, ca[[2, 3, 4]], atol=1e-3)  # 3a inside the range
+
+
 def test_segment_length_with_insertion_codes_needs_the_structure():
     seg = parse_contig("A52A-53")[0]
     assert seg == MotifSegment("A", 52, 53, "A", "")
@@ -499,4 +535,26 @@ def test_scaffold_with_a_trainable_model_outside_no_grad(method):
     for particles in res.particles:  # per design
         assert not (isinstance(particles, torch.Tensor) and particles.requires_grad)
         assert np.asarray(particles).shape[-2:] == (6, 3) and np.isfinite(np.asarray(particles)).all()
+    assert torch.is_grad_enabled()
+
+
+def test_redenoise_runs_without_a_graph_outside_no_grad():
+    """redenoise() called as a user would, gradients on, with a trainable model: every step's activations
+    stayed referenced by a graph over all t_start steps (memory growing with t_start)."""
+    from protdiff_fast.models import ProtDiff
+    from protdiff_fast.models.protdiff import ProtDiffConfig
+    from protdiff_fast.motif.scaffold import redenoise
+
+    torch.manual_seed(0)
+    model = ProtDiff(ProtDiffConfig(max_length=8, num_timesteps=20, hidden_dim=16, edge_dim=8, num_layers=2))
+    grad_in_model = []
+
+    def recording(x, t, mask=None, _forward=model.forward):
+        grad_in_model.append(torch.is_grad_enabled())
+        return _forward(x, t, mask)
+
+    model.forward = recording
+    assert torch.is_grad_enabled()
+    out = redenoise(model, [np.random.default_rng(0).normal(size=(6, 3))], t_start=3)
+    assert grad_in_model == [False] * 3 and np.isfinite(out[0]).all()
     assert torch.is_grad_enabled()

@@ -80,6 +80,7 @@ def test_scaffold_cli_is_reproducible_and_baselines_run(tmp_path, capsys):
     ({"--length": "5-10"}, "more than the maximum length 10"),
     ({"--particles": "0"}, "--particles must be >= 1"),
     ({"--contig": "10-40,A163-181,A170-175"}, "overlap"),
+    ({"--steps": "0"}, "--steps must lie in [1, T = 1024], got 0"),  # was the scheduler's num_inference_steps
 ])
 def test_scaffold_cli_bad_input_is_a_message(tmp_path, capsys, change, words):
     args = _args(tmp_path / "x")
@@ -218,3 +219,47 @@ def test_scaffold_records_the_command_it_was_given(tmp_path):
     assert main(_args(tmp_path / "c", "fixed")) == 0
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert s["summary"].get("command", s.get("command", "")).startswith("protdiff-fast scaffold --pdb ")
+
+
+def test_long_remarks_are_wrapped_not_cut(tmp_path):
+    """A motif of many segments: its residue list in REMARK 999 was cut at column 80, so "...,81,91" read
+    "...,81,9" (a residue that is not in the motif). Wrapped at commas, the lines give the whole list back."""
+    from protdiff_fast.motif.run import _design_structure, _ranges
+
+    pos = np.arange(2, 200, 10)  # 20 single-residue segments: "3,13,23,...,193"
+    ca = np.random.default_rng(0).standard_normal((200, 3)) * 10
+    st = _design_structure(ca, pos, "A" * len(pos), ["MOTIF RESIDUES (B-FACTOR 1.00) " + _ranges(pos + 1)])
+    st.write_pdb(str(tmp_path / "d.pdb"))
+    remarks = [line for line in (tmp_path / "d.pdb").read_text().splitlines() if line.startswith("REMARK 999")]
+    assert len(remarks) > 1 and all(len(line) <= 80 for line in remarks)
+    text = "".join(line[len("REMARK 999 "):].strip() for line in remarks)
+    listed = text.split("MOTIF RESIDUES (B-FACTOR 1.00) ", 1)[1]
+    assert [int(v) for v in listed.split(",")] == (pos + 1).tolist()
+
+
+def test_files_that_appear_during_the_run_are_not_overwritten(tmp_path, capsys, monkeypatch):
+    """The folder is checked empty at the start; a second run with the same --out that finished first had
+    its design_0000.pdb replaced by this run's (rename over it) without a word."""
+    import protdiff_fast.train as train_module
+
+    real = train_module.load_model
+    out = tmp_path / "shared"
+
+    def other_run_writes_meanwhile(*a, **kw):
+        model = real(*a, **kw)
+        forward = model.forward
+
+        def forward_and_write(x, t, mask=None):
+            if not (out / "design_0000.pdb").exists():
+                (out / "design_0000.pdb").write_text("the other run's design\n")
+            return forward(x, t, mask)
+
+        model.forward = forward_and_write
+        return model
+
+    monkeypatch.setattr(train_module, "load_model", other_run_writes_meanwhile)
+    assert main(_args(out, "fixed", "--redenoise-t", "0")) == 2
+    err = capsys.readouterr().err
+    assert "design_0000.pdb appeared while this run was sampling" in err, err
+    assert (out / "design_0000.pdb").read_text() == "the other run's design\n"
+    assert not (out / "summary.json").exists()

@@ -79,9 +79,15 @@ def parse_contig(contig: str) -> List[Segment]:
     if not isinstance(contig, str) or not contig.strip():
         raise ContigError("contig: empty; expected e.g. '10-20,A15-30,5-15'")
     segments: List[Segment] = []
-    for raw in contig.replace(" ", "").split(","):
+    for raw in contig.split(","):
+        # blanks around a segment are layout; blanks inside one are an error: removing them joined
+        # "5 10" into a 510-residue scaffold and read "A15-30 5-15" as chain 'A15', residues -305..15
+        raw = raw.strip()
         if not raw:
             raise ContigError(f"contig {contig!r}: empty segment (two commas in a row, or a trailing comma)")
+        if any(c.isspace() for c in raw):
+            raise ContigError(f"contig {contig!r}: segment {raw!r} contains a space; separate segments with "
+                              "commas, e.g. '10-20,A15-30,5-15'")
         m = _SCAFFOLD.match(raw)
         if m:
             lo = int(m.group(1))
@@ -206,11 +212,17 @@ class MotifSpec:
 
 
 def _why_missing(path, chain: str, residue: str) -> str:
-    """What the file has at ``residue`` of ``chain`` when the CA trace lacks it (error path only)."""
+    """What the file has at ``residue`` of ``chain`` when the CA trace lacks it (error path only).
+
+    The reasons follow the trace's own rules (io.structure._chain_residues), in its order: not an
+    amino acid (waters too), a free amino acid (HETATM of a non-polymer entity, e.g. a bound ligand),
+    no CA."""
+    import gemmi
+
     from protdiff_fast.io.structure import StructureError, _is_amino_acid, read_structure
 
     try:
-        model = read_structure(path)[0]
+        model = read_structure(path)[0]  # (entities set up: entity_type below is gemmi's classification)
     except StructureError:
         return ""
     for ch in model:
@@ -220,6 +232,10 @@ def _why_missing(path, chain: str, residue: str) -> str:
             if f"{r.seqid.num}{r.seqid.icode.strip()}" == residue:
                 if not _is_amino_acid(r.name):
                     return f"residue {residue} is {r.name}, not an amino acid, so not part of the CA trace"
+                if r.het_flag == "H" and r.entity_type != gemmi.EntityType.Polymer:
+                    # it has a CA: "no CA atom" sent users looking for a missing atom
+                    return (f"residue {residue} ({r.name}) is a HETATM non-polymer residue (a free amino acid, "
+                            "e.g. a bound ligand, not bonded to the chain), so not part of the CA trace")
                 return f"residue {residue} ({r.name}) has no CA atom"
     return f"the file has no residue {residue} in chain {chain}"
 
@@ -231,7 +247,11 @@ def _segment_rows(path, bb, seg: MotifSegment) -> List[int]:
     (antibody numbering: 52, 52A, 52B, 53) belong to it: leaving them out would join residues
     that are not neighbours. Every plain number in the range must be present (a missing residue
     is an error, not a silent gap)."""
-    keys = [(int(n), ic) for n, ic in zip(bb.resnums, bb.icodes)]
+    # parse_contig reads insertion codes in upper case: a file's lower-case ones (52a) could not be named
+    # at all ("the file has no residue 52A"), so they match case-blind, unless that makes two residues one
+    folded = [ic.upper() for ic in bb.icodes]
+    icodes = folded if len(set(zip(bb.resnums.tolist(), folded))) == len(folded) else list(bb.icodes)
+    keys = [(int(n), ic) for n, ic in zip(bb.resnums, icodes)]
     have = f"{int(bb.resnums.min())}..{int(bb.resnums.max())}" if len(bb) else "none"
     present = set(keys)
     ends = [(seg.first, seg.first_icode)] + ([(seg.last, seg.last_icode)] if seg.last != seg.first

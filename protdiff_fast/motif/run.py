@@ -44,8 +44,26 @@ def _design_structure(ca_a: np.ndarray, positions: np.ndarray, motif_seq: str, r
     motif = set(positions.tolist())
     for i, res in enumerate(st[0][0]):
         res[0].b_iso = 1.0 if i in motif else 0.0  # B-factor marks the motif residues
-    st.raw_remarks = [f"REMARK 999 {line}"[:80] for line in remarks]
+    st.raw_remarks = [line for text in remarks for line in _remark_lines(text)]
     return st
+
+
+def _remark_lines(text: str, width: int = 80) -> List[str]:
+    """``text`` as REMARK 999 records of at most ``width`` columns, broken after a comma or at a space
+    (continuation lines indented two spaces). Cutting at column 80 turned a motif list "...,81,91" into
+    "...,81,9": a wrong residue, not merely a short line."""
+    head, lines, rest = "REMARK 999 ", [], text
+    while True:
+        indent = "  " if lines else ""
+        room = width - len(head) - len(indent)
+        if len(rest) <= room:
+            lines.append(head + indent + rest)
+            return lines
+        cut = max(rest.rfind(",", 0, room) + 1, rest.rfind(" ", 0, room + 1))
+        if cut <= 0:  # one token longer than a line (a long file name): split it
+            cut = room
+        lines.append(head + indent + rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
 
 
 def run_scaffold(
@@ -114,6 +132,9 @@ def run_scaffold(
         eps_model = AutocastEps(model, getattr(torch, autocast))
     if redenoise_t > cfg.num_timesteps:
         raise ValueError(f"--redenoise-t must be <= T = {cfg.num_timesteps}, got {redenoise_t}")
+    # here, not in the scheduler: its message names num_inference_steps, which no option is called
+    if steps is not None and not 1 <= steps <= cfg.num_timesteps:
+        raise ValueError(f"--steps must lie in [1, T = {cfg.num_timesteps}], got {steps}")
     spec = motif_spec(pdb, contig, length, max_model_length=model.max_length)
     shortest_trained = getattr(model, "min_training_length", None)
     if shortest_trained is not None and spec.min_length < shortest_trained:
@@ -146,6 +167,14 @@ def run_scaffold(
         raise
     elapsed = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the folder was empty at the start, but the sampling takes minutes: a second run given the same
+    # --out wrote its files meanwhile, and the renames below replaced them without a word
+    taken = [n for n in [f"design_{d:04d}.pdb" for d in range(num)] + ["summary.json", "summary.csv"]
+             if (out_dir / n).exists()]
+    if taken:
+        raise FileExistsError(f"{out_dir}: {', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''} appeared while "
+                              "this run was sampling (another run writing to the same folder?); nothing "
+                              "overwritten, this run's designs not written")
     rows = []
     for d, lay in enumerate(layouts):
         ca = designs[d] * SCALE_A

@@ -269,11 +269,21 @@ def scaffold(
         raise ValueError(f"ess_threshold must lie in (0, 1], got {ess_threshold}")
     K = int(particles)
     device = check_device(device)
+    # integers only: int() / a long cast truncated 10.7 to 10 and a position 2.5 to 2 without a word
+    bad = [n for n in lengths if isinstance(n, bool) or not float(n).is_integer()]
+    if bad:
+        raise ValueError(f"lengths: whole numbers expected, got {bad[:5]}")
     lengths = [int(n) for n in lengths]
     D = len(lengths)
     if D < 1:
         raise ValueError("lengths: no designs")
-    positions = torch.as_tensor(np.asarray(motif_positions), dtype=torch.long)
+    positions = np.asarray(motif_positions.cpu() if isinstance(motif_positions, torch.Tensor) else motif_positions)
+    if positions.size and not (np.issubdtype(positions.dtype, np.integer)
+                               or (np.issubdtype(positions.dtype, np.floating)
+                                   and bool(np.all(np.isfinite(positions) & (positions == np.round(positions)))))):
+        raise ValueError(f"motif_positions: integer positions expected, got {positions.dtype} "
+                         f"{positions.ravel()[:10].tolist()}")
+    positions = torch.as_tensor(positions.astype(np.int64))
     motif = torch.as_tensor(np.asarray(motif) if not isinstance(motif, torch.Tensor) else motif).to(torch.float64)
     if motif.dim() == 2:
         motif = motif.unsqueeze(0).expand(D, -1, -1)
@@ -433,6 +443,7 @@ def scaffold(
                           resampled=resampled_log, events=events)
 
 
+@torch.no_grad()  # as scaffold(): called with gradients on, it kept a graph over all t_start steps
 def redenoise(
     model: EpsModel,
     designs: Sequence[np.ndarray],
