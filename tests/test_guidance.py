@@ -161,3 +161,33 @@ def test_guided_step_in_low_precision_within_the_unguided_steps_error(dtype):
                 got, guided_want = low, want
         assert not torch.equal(guided_want, plain.step(eps.double(), t, x.double(), noise=z.double()).prev_sample)
         assert rel_err(got, guided_want) <= 3 * plain_err + 2 * torch.finfo(dtype).eps, (t, rel_err(got, guided_want))
+
+
+def test_nan_in_padding_rows_never_reaches_the_real_rows():
+    """Padding pairs have weight 0, but the repulsion's W @ x multiplied that 0 by a padding row's NaN (a model's
+    unmasked output) and every real residue's eps' came out NaN."""
+    B, N = 2, 9
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, 6:] = False
+    x = clustered(B, N, 0.25, seed=7) * mask[..., None]
+    eps = torch.randn(B, N, 3, generator=torch.Generator().manual_seed(8), dtype=F64) * mask[..., None]
+    t = torch.tensor([10, 10])
+    gd = ClashGuidance(strength=0.5, min_distance=3.8, max_timestep=50)
+    clean = guided_eps(gd, x, eps, t, mask)
+    dirty = guided_eps(gd, x, eps.masked_fill(~mask[..., None], float("nan")), t, mask)
+    assert not torch.allclose(clean[mask], eps[mask])  # the guidance acts on these
+    assert torch.equal(dirty[mask], clean[mask])
+    assert dirty[~mask].isnan().all()  # padding gets the model's eps back, as it was
+
+
+def test_strength_one_half_removes_an_isolated_overlap_exactly():
+    """strength lambda moves each atom of a lone overlapping pair by lambda * overlap, so the pair's distance grows
+    by 2 lambda * overlap: 0.5 puts it at d_min, 1 overshoots by the overlap (the docstring said lambda was the
+    fraction of the overlap removed)."""
+    x = torch.tensor([[[0.0, 0.0, 0.0], [0.1, 5.0, 0.0], [0.2, 0.0, 0.0]]], dtype=F64)  # 0 and 2 at 0.2
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    d_min = 0.38
+    for strength, want in ((0.5, d_min), (1.0, d_min + (d_min - 0.2)), (0.25, 0.2 + 0.5 * (d_min - 0.2))):
+        moved = x + strength * repulsion(x, mask, d_min)
+        assert float((moved[0, 2] - moved[0, 0]).norm()) == pytest.approx(want, rel=1e-12)
+        assert torch.equal(moved[0, 1], x[0, 1])  # the chain neighbour of both is not pushed

@@ -244,3 +244,25 @@ def test_table_cells_never_overflow_their_column():
     widths = {len(line) for line in table.splitlines()}
     assert len(widths) == 1, table  # columns aligned: every line equally long
     assert "2.200e+28" in table and "-3.500e+12" in table and "50.000" in table
+
+
+def test_chain_breaks_needs_one_residue_number_per_residue():
+    """A resnums list one short broadcast against the bonds: 3 residues numbered [1, 5] flagged bond 1 (the
+    long one) as a break, without a word; it names the mismatch now."""
+    from protdiff_fast.metrics.backbone import chain_breaks
+
+    ca = np.array([[0.0, 0, 0], [3.8, 0, 0], [13.8, 0, 0]])
+    for bad in ([1, 5], [1, 2, 3, 9], [[1, 2, 3]]):
+        with pytest.raises(ValueError, match=r"resnums: expected one residue number per CA, shape \(3,\)"):
+            chain_breaks(ca, np.array(bad))
+    assert chain_breaks(ca, np.array([1, 2, 9])).tolist() == [False, True]
+    assert chain_breaks(ca[:1], np.array([4])).shape == (0,)
+
+
+def test_clash_threshold_must_be_a_positive_distance():
+    ca = ideal_helix(12)
+    ca[8] = ca[2] + 0.1
+    for bad in (float("nan"), 0.0, -3.0, float("inf"), "3", True):  # NaN and <= 0 counted no clash, silently
+        with pytest.raises(ValueError, match="threshold: a clash distance in A > 0"):
+            clashes(ca, threshold=bad)
+    assert clashes(ca, threshold=np.float32(3.0))["clash_pairs"] >= 1

@@ -307,3 +307,15 @@ def test_gaussian_sampling_check_catches_a_broken_sampler(defect):
         x = run_sampler(NoiseSchedule(1000, beta_end=0.01), exact_eps(s, data_var), M, n, "fixed_small", seed=3)
     ok, err = covariance_matches(x, data_var, n, tol)
     assert not ok, f"a broken sampler passed the check (error {err:.3f}, tol {tol:.3f})"
+
+
+def test_cosine_schedule_rejects_an_offset_or_clip_that_breaks_it():
+    """max_beta = 1 made alpha_bar_T = 0 (x_0 = x_t / 0), max_beta = 0 a chain without noise, cosine_s < 0 an
+    alpha_bar of 1e26, NaN a table of NaN: all were built without a word."""
+    for kw, match in ((dict(max_beta=1.0), "max_beta"), (dict(max_beta=0.0), "max_beta"),
+                      (dict(max_beta=math.nan), "max_beta"), (dict(cosine_s=-0.5), "cosine_s"),
+                      (dict(cosine_s=math.nan), "cosine_s"), (dict(cosine_s=math.inf), "cosine_s")):
+        with pytest.raises(ValueError, match=match):
+            NoiseSchedule(100, kind="cosine", **kw)
+    s = NoiseSchedule(100, kind="cosine", cosine_s=0.0, max_beta=0.5)  # s = 0 is a valid cosine schedule
+    assert float(s.betas.max()) == 0.5 and bool(s.alpha_bars.isfinite().all()) and float(s.alpha_bars[-1]) > 0

@@ -12,8 +12,10 @@ samplers, this pushes such pairs apart during sampling, on the model's predictio
 and the step goes on with eps' (any step backend). -grad_i U = sum_j relu(d_min - d_ij) (x_i - x_j) / d_ij
 is antisymmetric in (i, j), so the centre of mass does not move; it is E(3)-equivariant (distances
 and differences only), and pairs with padding or chain neighbours (|i - j| = 1, bonded at 3.8 A)
-never contribute. Memory O(B N^2) scalars (no (B, N, N, 3) tensor). The samples are then no longer
-the model's own: a run records the guidance in its manifest (the scheduler's config).
+never contribute. Units: d_min is ``min_distance`` / ``scale`` model units (Angstrom / Angstrom per
+unit); lambda = ``strength`` is dimensionless. Memory O(B N^2) scalars (no (B, N, N, 3) tensor). The
+samples are then no longer the model's own: a run records the guidance in its manifest (the
+scheduler's config).
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from protdiff_fast.io.dataset import SCALE_A
 
 @dataclass(frozen=True)
 class ClashGuidance:
-    strength: float = 0.5  # lambda: the fraction of each pair's overlap removed from x0_hat per step
+    # lambda: each atom of an isolated overlapping pair moves lambda * overlap along the pair, so the pair's
+    # distance in x0_hat grows by 2 lambda * overlap: 0.5 removes the overlap, 1 overshoots it by as much
+    strength: float = 0.5
     min_distance: float = 3.8  # d_min in Angstrom (the clash metric counts pairs below 3.0 A)
     max_timestep: int = 200  # t_max: active for t <= t_max (the steps that settle local geometry)
     scale: float = SCALE_A  # Angstrom per model unit
@@ -65,6 +69,9 @@ class ClashGuidance:
         e, x, ab = eps_hat.to(work), x_t.to(work), alpha_bar.to(work)
         sqrt_ab, sqrt_1mab = ab.sqrt(), (1 - ab).sqrt()
         x0_hat = (x - sqrt_1mab * e) / sqrt_ab
+        # padding rows are zeroed: their pairs get weight 0 in repulsion, but 0 * NaN (a model's unmasked
+        # padding) is NaN in its W @ x and would reach every real row
+        x0_hat = torch.where(mask.unsqueeze(-1), x0_hat, torch.zeros_like(x0_hat))
         x0_new = x0_hat + self.strength * repulsion(x0_hat, mask, self.min_distance / self.scale)
         guided = ((x - sqrt_ab * x0_new) / sqrt_1mab).to(eps_hat.dtype)
         return torch.where((t <= self.max_timestep).view(-1, 1, 1) & mask.unsqueeze(-1), guided, eps_hat)

@@ -44,6 +44,13 @@ class NoiseSchedule:
         num_timesteps = int(num_timesteps)
         if kind == "linear" and not (0 < beta_start <= beta_end < 1):
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+        if kind == "cosine":
+            # max_beta = 1 gives alpha_bar_T = 0 (x_0 = x_t / 0), 0 gives no noise at all, and s < 0 puts a
+            # zero of f at or before t = 0 (alpha_bar = f / f(0) ran to 1e26): all were taken silently
+            if not 0 < max_beta < 1:
+                raise ValueError(f"max_beta: need 0 < max_beta < 1, got {max_beta}")
+            if not (0 <= cosine_s < math.inf):
+                raise ValueError(f"cosine_s: need a finite offset s >= 0, got {cosine_s}")
         self.num_timesteps, self.kind = num_timesteps, kind
         self.config = dict(num_timesteps=num_timesteps, beta_start=beta_start, beta_end=beta_end,
                            kind=kind, cosine_s=cosine_s, max_beta=max_beta)

@@ -4,8 +4,18 @@ Differences from diffusers, on purpose: timesteps run 1..T as in the DDPM paper;
 (B,) tensor (every sample its own step); noise comes from an explicit tensor, a seed (an int, or
 one seed per sample), or a torch.Generator (with none of them, torch's global RNG, as diffusers; the
 sampler always passes per-design seeds); no clipping of x_0 (our
-coordinates exceed 1); every sample lives in the zero-centre-of-mass subspace of its real nodes;
-``step``'s arguments after ``sample`` (mask, noise, seed, generator, return_dict) are keyword-only.
+coordinates exceed 1); every sample lives in the zero-centre-of-mass subspace of its real nodes.
+``step(model_output, timestep, sample, generator=None, return_dict=True)`` takes diffusers' two
+positional arguments in diffusers' places; ours (mask, noise, seed) are keyword-only.
+
+``set_timesteps(K)`` keeps round(linspace(1, T, K)): both ends, T and 1, evenly spaced between them.
+That is improved DDPM's even respacing (Nichol & Dhariwal 2021) and diffusers'
+``timestep_spacing="linspace"`` shifted to our 1-based t; not diffusers' DDPM default "leading"
+(1 + k (T // K) in our t: it never starts at T) nor "trailing" (T, T - T/K, ..., T/K: it stops short
+of t = 1).
+The respaced chain's betas are 1 - alpha_bar_t / alpha_bar_{t_prev} over the kept steps (improved
+DDPM's respacing): the DDIM update below uses the kept alpha_bars directly, which at eta = 1 is
+exactly the ancestral step of that respaced chain with its beta_tilde as variance.
 
 Full-length sampling (``set_timesteps(None)`` or ``T``) runs the fused ancestral step of the chosen
 backend (:func:`protdiff_fast.ops.ddpm_step`). Strided sampling (``set_timesteps(K)`` with K < T)
@@ -36,7 +46,7 @@ from protdiff_fast.backends import check_backend_name
 from protdiff_fast.diffusion.guidance import ClashGuidance
 from protdiff_fast.diffusion.schedule import SCHEDULES, NoiseSchedule
 from protdiff_fast.ops import ddpm_step, remove_center_of_mass
-from protdiff_fast.reference.ddpm import VARIANCES, add_noise, check_step_inputs
+from protdiff_fast.reference.ddpm import VARIANCES, add_noise, check_seed, check_step_inputs
 
 
 class SchedulerOutput(NamedTuple):
@@ -108,9 +118,10 @@ class DDPMScheduler:
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None,
                       device: Union[str, torch.device, None] = None) -> None:
-        """Use all T steps (None or T), or K evenly spaced ones from T down to 1 (K = 1: T alone, one
-        step from x_T to the predicted data). Below T steps, and at T with eta < 1, the step is DDIM's
-        (``strided``). ``device``: where ``timesteps`` lives (as diffusers; default CPU)."""
+        """Use all T steps (None or T), or K evenly spaced ones from T down to 1, round(linspace(1, T, K))
+        ("linspace" spacing, both ends kept: see the module docstring; K = 1: T alone, one step from x_T
+        to the predicted data). Below T steps, and at T with eta < 1, the step is DDIM's (``strided``).
+        ``device``: where ``timesteps`` lives (as diffusers; default CPU)."""
         T = self.num_train_timesteps
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
                                                 or not isinstance(num_inference_steps, numbers.Integral)):
@@ -144,17 +155,27 @@ class DDPMScheduler:
         model_output: torch.Tensor,
         timestep: Union[int, torch.Tensor],
         sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
         *,
         mask: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
         seed: Union[int, torch.Tensor, None] = None,
-        generator: Optional[torch.Generator] = None,
-        return_dict: bool = True,
     ) -> Union[SchedulerOutput, tuple]:
         """x_t -> x_{t_prev} given the predicted noise ``model_output`` (eps_hat); with ``clash_guidance``
         the step (and its pred_original_sample) uses the guided eps' instead (:mod:`.guidance`).
-        ``return_dict=False`` gives the plain tuple (prev_sample, pred_original_sample), as diffusers'
-        ``step(..., return_dict=False)[0]`` expects."""
+        ``generator`` and ``return_dict`` may be given positionally, 4th and 5th, as in diffusers'
+        ``step(model_output, timestep, sample, generator=None, return_dict=True)``; mask, noise and seed
+        only by keyword. ``return_dict=False`` gives the plain tuple (prev_sample, pred_original_sample),
+        as diffusers' ``step(..., return_dict=False)[0]`` expects."""
+        # the 4th place was keyword-only before: a mask or noise tensor given there must not be taken
+        # for a generator (nor an int for a seed), so name what that place is
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None (the 4th positional argument, as in "
+                            f"diffusers), got {type(generator).__name__}; pass mask=, noise=, seed= by keyword")
+        if not isinstance(return_dict, bool):
+            raise TypeError(f"return_dict: expected True or False (the 5th positional argument), got "
+                            f"{type(return_dict).__name__}; pass mask=, noise=, seed= by keyword")
         out = self._step(model_output, timestep, sample, mask, noise, seed, generator)
         return out if return_dict else (out.prev_sample, out.pred_original_sample)
 
@@ -170,6 +191,7 @@ class DDPMScheduler:
                                              backend=self.backend))
             return self._scale_noise(out)
         t, mask = check_step_inputs(self.schedule, sample, model_output, timestep, mask, noise, "fixed_small")
+        seed = check_seed(seed, sample.shape[0])  # as the fused step does: 1.5 or "3" is no seed (int() took them)
         inside = self._in_sequence[t.cpu()]
         if not bool(inside.all()):
             raise ValueError(f"timestep: {sorted(set(t.cpu()[~inside].tolist()))[:5]} not in the sequence set by "

@@ -1,14 +1,21 @@
 """Quality metrics of C-alpha backbones (coordinates in Angstrom), for samples and real structures.
 
-- CA-CA bond: mean |d(i, i+1) - 3.80 A| and the fraction of bonds within 0.1 A of 3.80 A
-  (FrameDiff's ca_ca_deviation / ca_ca_valid_percent).
+- CA-CA bond: mean |d(i, i+1) - 3.80 A| and the fraction of bonds within 0.1 A of 3.80 A on either
+  side, |d - 3.80| < 0.1 (after FrameDiff's ca_ca_deviation / ca_ca_valid_percent, Yim et al. 2023,
+  but not equal to them: FrameDiff's "valid" is one-sided, d < 3.8021 + 0.1, so a too-short bond
+  counts as valid there and not here; its ideal is 3.8021 A, ours 3.80 A).
 - Clashes: CA pairs with |i - j| >= 2 closer than 3.0 A (threshold configurable); reported as
-  the number of such pairs and their fraction of all |i - j| >= 2 pairs.
-- Radius of gyration, and its ratio to the 2.2 N^0.38 A law for compact globular proteins.
+  the number of such pairs and their fraction of all |i - j| >= 2 pairs. (FrameDiff's
+  num_ca_ca_clashes counts pairs under 1.0 A instead.)
+- Radius of gyration over the CA atoms, and its ratio to Rg = 2.2 N^0.38 A, the empirical law for
+  a compact globular region of N residues (Kuszewski, Gronenborn & Clore 1999, J. Am. Chem. Soc.
+  121:2337, the radius-of-gyration restraint of Xplor-NIH). Crambin, 1TEN and Top7 score 1.00-1.06.
 - Secondary structure from CA geometry: the virtual bond angle theta_i (i-1, i, i+1) and the
   virtual torsion tau_i (i-1, i, i+1, i+2). Helix: theta 89 +/- 12 deg and tau 50 +/- 20 deg over
   at least 3 consecutive torsions; strand: theta 124 +/- 14 deg and tau -170 +/- 45 deg over at
-  least 2 (the CA criteria of P-SEA, Labesse et al. 1997). Fractions of H, E and coil.
+  least 2. These are the angle criteria of P-SEA (Labesse et al. 1997, CABIOS 13:291) alone: its
+  CA(i, i+2/3/4) distance criteria, minimum element lengths and strand pairing are not applied, so
+  the fractions are close to but not P-SEA's (nor DSSP's). Fractions of H, E and coil.
 - Optional: mean pairwise TM-score of a set (diversity), when ``tmtools`` is installed.
 """
 from __future__ import annotations
@@ -48,9 +55,15 @@ def chain_breaks(ca: np.ndarray, resnums: Optional[np.ndarray], max_bond: float 
     the CA-CA distance exceeds ``max_bond`` A (both: renumbered chains and insertion codes are no break,
     and a design's long bond, with contiguous numbers, is a bad bond, not a break)."""
     ca = _check(ca)
-    if resnums is None or len(ca) < 2:
+    if resnums is None:
         return np.zeros(max(len(ca) - 1, 0), dtype=bool)
-    jump = np.diff(np.asarray(resnums, dtype=np.int64)) > 1
+    resnums = np.asarray(resnums)
+    # one number per residue: a shorter list broadcast against the bonds and flagged the wrong ones
+    if resnums.shape != (len(ca),):
+        raise ValueError(f"resnums: expected one residue number per CA, shape ({len(ca)},), got {resnums.shape}")
+    if len(ca) < 2:
+        return np.zeros(0, dtype=bool)
+    jump = np.diff(resnums.astype(np.int64)) > 1
     return jump & (np.linalg.norm(np.diff(ca, axis=0), axis=1) > max_bond)
 
 
@@ -69,6 +82,10 @@ def clashes(ca: np.ndarray, threshold: float = CLASH_A, breaks: Optional[np.ndar
     """CA pairs closer than ``threshold``: every pair but bonded neighbours (|i - j| = 1), whose bond is
     the bond metrics' business; neighbours across a chain break (``breaks``) are not bonded and count."""
     ca = _check(ca)
+    # NaN or a distance <= 0 counted no clash at all, silently
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) \
+            or not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold: a clash distance in A > 0, got {threshold!r}")
     L = len(ca)
     first, second = np.triu_indices(L, k=2)
     across = np.flatnonzero(_breaks(ca, breaks))
