@@ -363,6 +363,9 @@ def test_scaffold_bad_input():
     ddim = DDPMScheduler(20, 1e-3, 0.2, backend="reference", eta=0.3)
     with pytest.raises(ValueError, match="eta=0.3 with method 'smc'"):
         scaffold(model, y0, [5], [[0, 1]], scheduler=ddim, dtype=torch.float64)
+    # bf16 particle means are off by more than sigma_t near t = 1: the weights would follow rounding
+    with pytest.raises(ValueError, match="float32 or float64.*AutocastEps"):
+        scaffold(model, y0, [5], [[0, 1]], scheduler=sch, dtype=torch.bfloat16)
 
 
 def test_scaffold_runs_under_the_models_own_schedule():

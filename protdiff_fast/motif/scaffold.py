@@ -267,6 +267,11 @@ def scaffold(
         raise ValueError(f"particles must be an integer >= 1, got {particles!r}")
     if not 0.0 < ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must lie in (0, 1], got {ess_threshold}")
+    if method == "smc" and dtype not in (torch.float32, torch.float64):
+        # the weights compare the motif with each particle's mean on the scale of sigma_t (~0.01 model
+        # units near t = 1): bf16 means are off by more than that, and the resampling follows the noise
+        raise ValueError(f"dtype: SMCDiff's particles and weights need float32 or float64, got {dtype}; for a "
+                         "low-precision model wrap it as AutocastEps(model, torch.bfloat16) (the CLI's --autocast)")
     K = int(particles)
     device = check_device(device)
     # integers only: int() / a long cast truncated 10.7 to 10 and a position 2.5 to 2 without a word
