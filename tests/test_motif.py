@@ -138,6 +138,13 @@ def test_motif_spec_respects_model_max_length():
     assert spec.max_length == 128
     with pytest.raises(ContigError, match="model"):
         motif_spec(MOTIF_5TPN, "150-200,A163-181,0", None, max_model_length=128)
+    # without a model, the models' own limit: an end of 10^20 failed inside numpy's draw ("high is out of
+    # bounds for int64")
+    from protdiff_fast.models.protdiff import MAX_LENGTH
+
+    spec = motif_spec(MOTIF_5TPN, "10-99999999999999999999,A163-181,0", None)
+    assert spec.max_length == MAX_LENGTH
+    assert 29 <= spec.sample_layout(0).length <= MAX_LENGTH
 
 
 def test_layouts_valid_reproducible_and_varied():

@@ -328,6 +328,10 @@ def motif_spec(
     feasible_lo, feasible_hi = max(lo, want_lo), min(hi, want_hi)
     if max_model_length is not None:
         feasible_hi = min(feasible_hi, max_model_length)
+    else:  # no model can take more; a contig end of 10^20 failed deep inside numpy's integer draw
+        from protdiff_fast.models.protdiff import MAX_LENGTH
+
+        feasible_hi = min(feasible_hi, MAX_LENGTH)
     if feasible_lo > feasible_hi:
         model = f", model maximum {max_model_length}" if max_model_length is not None else ""
         raise ContigError(f"contig {contig!r}: allows total lengths {lo}..{hi} ({M} motif residues), which "
