@@ -55,6 +55,8 @@ class TrainConfig:
     # schedule's value); a cosine schedule then decays over the remaining steps
     warmup_steps: int = 0
     ckpt_every: int = 200
+    # validation: L_simple of the EMA weights (what load_model samples with, not the raw ones) on the first
+    # val_batches batches of the val split, the same t and noise every time, t from 1..T; 0: never
     val_every: int = 200
     val_batches: int = 4
     seed: int = 0

@@ -1642,3 +1642,19 @@ def test_model_config_values_are_checked_when_built(field, bad):
     with IndexError; num_timesteps=0 built a NaN time table; max_length=0 a torch.arange error)."""
     with pytest.raises(ValueError, match=field):
         ProtDiff(backend="reference", **{**dict(hidden_dim=16, edge_dim=8, num_layers=2), field: bad})
+
+
+def test_timesteps_of_any_integer_dtype_pick_their_own_embedding():
+    """t as uint8 was a boolean mask to torch's indexing: with B = T + 1 samples every sample got the time
+    embedding of its position in the batch (silently), otherwise an IndexError about a mask; int8 / int16 t
+    an IndexError. Any integer dtype must give the eps of the same t as long."""
+    torch.manual_seed(0)
+    T = 10
+    m = ProtDiff(backend="reference", max_length=12, num_timesteps=T, **SMALL).to(F64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T + 1, 6, 3, generator=g, dtype=F64)
+    t = torch.tensor([5, 1, 10, 3, 3, 7, 2, 9, 1, 4, 6])  # B = T + 1, and not 0..T in order
+    with torch.no_grad():
+        want = m(x, t)
+        for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+            assert torch.equal(m(x, t.to(dtype)), want), dtype

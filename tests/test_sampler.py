@@ -1099,3 +1099,177 @@ def test_design_index_with_overwrite_never_deletes_the_runs_other_designs(tmp_pa
     one = ["--out", str(tmp_path / "one"), "--design-index", "1"]
     assert main(base[:-2] + one) == 0
     assert main(base[:-2] + one + ["--overwrite", "--seed", "5"]) == 0  # its own folder: overwritten as asked
+
+
+@pytest.mark.parametrize("steps", [None, 10])
+def test_step_takes_diffusers_generator_and_return_dict_positionally(steps):
+    """diffusers' step(model_output, timestep, sample, generator=None, return_dict=True): the 4th and 5th
+    arguments in their places (a TypeError before: keyword-only); ours stay keyword-only, and a tensor in the
+    4th place (a mask or noise given positionally) is refused naming the place, not taken for a generator."""
+    s = DDPMScheduler(100)
+    s.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 5, 3, generator=g, dtype=F64), torch.randn(2, 5, 3, generator=g, dtype=F64)
+    t = int(s.timesteps[1])
+    by_place = s.step(eps, t, x, torch.Generator().manual_seed(3))
+    by_name = s.step(eps, t, x, generator=torch.Generator().manual_seed(3))
+    other = s.step(eps, t, x, torch.Generator().manual_seed(4))
+    assert torch.equal(by_place.prev_sample, by_name.prev_sample)
+    assert not torch.allclose(by_place.prev_sample, other.prev_sample)  # the generator is used
+    tup = s.step(eps, t, x, torch.Generator().manual_seed(3), False)
+    assert type(tup) is tuple and torch.equal(tup[0], by_name.prev_sample)
+    assert torch.equal(s.step(eps, t, x, None, True, seed=7).prev_sample, s.step(eps, t, x, seed=7).prev_sample)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"generator: expected a torch.Generator or None \(the 4th positional"):
+        s.step(eps, t, x, mask)
+    with pytest.raises(TypeError, match=r"return_dict: expected True or False"):
+        s.step(eps, t, x, None, mask)
+    with pytest.raises(TypeError):
+        s.step(eps, t, x, None, True, mask)  # mask, noise, seed: by keyword only
+
+
+def test_strided_step_checks_its_seed_as_the_full_step_does():
+    """The DDIM branch took int(seed): 1.5, True and "3" ran as seeds 1, 1 and 3; the fused step refuses them."""
+    s = DDPMScheduler(100)
+    x, eps = torch.randn(2, 5, 3, dtype=F64), torch.randn(2, 5, 3, dtype=F64)
+    for steps in (None, 10):
+        s.set_timesteps(steps)
+        for bad in (1.5, True, "3", torch.tensor([1.0, 2.0])):
+            with pytest.raises(TypeError, match="seed: "):
+                s.step(eps, 100, x, seed=bad)
+        with pytest.raises(ValueError, match=r"seed: expected one seed per sample, shape \(2,\)"):
+            s.step(eps, 100, x, seed=torch.tensor([1, 2, 3]))
+    s.set_timesteps(10)
+    assert torch.equal(s.step(eps, 100, x, seed=np.int64(5)).prev_sample, s.step(eps, 100, x, seed=5).prev_sample)
+
+
+def test_strided_eta_1_is_the_ancestral_step_of_the_respaced_chain():
+    """set_timesteps(K) keeps round(linspace(1, T, K)) (both ends, as improved DDPM's respacing), and at eta = 1
+    its step is DDPM's Algorithm 2 on the respaced chain, written out here in DDPM's own form:
+    beta' = 1 - ab_t / ab_prev, mu = (x - beta' / sqrt(1 - ab_t) e) / sqrt(1 - beta'), sigma^2 = beta_tilde' =
+    (1 - ab_prev) / (1 - ab_t) beta' (and no noise into t = 0). An eta mix-up or the unrespaced beta_t fail it."""
+    from protdiff_fast.reference.com import remove_center_of_mass_reference as project
+
+    T, K = 1000, 7
+    s = DDPMScheduler(T, backend="reference")
+    s.set_timesteps(K)
+    assert s.timesteps.tolist() == [1000, 834, 667, 500, 334, 168, 1]  # half-way 167.5 rounds to even
+    g = torch.Generator().manual_seed(21)
+    mask = random_mask(3, 8, generator=g, min_real=2)
+    x = project(torch.randn(3, 8, 3, generator=g, dtype=F64), mask)
+    e = torch.randn(3, 8, 3, generator=g, dtype=F64)
+    z = torch.randn(3, 8, 3, generator=g, dtype=F64)
+    ab_table = s.schedule.alpha_bars
+    seq = s.timesteps.tolist() + [0]
+    for t, t_prev in zip(seq, seq[1:]):
+        ab, ab_prev = float(ab_table[t]), float(ab_table[t_prev])
+        beta = 1 - ab / ab_prev
+        beta_tilde = (1 - ab_prev) / (1 - ab) * beta
+        mu = (x - beta / math.sqrt(1 - ab) * e) / math.sqrt(1 - beta)
+        want = project(mu + math.sqrt(beta_tilde) * project(z, mask), mask)
+        got = s.step(e, t, x, mask=mask, noise=z)
+        assert_close_rel(got.prev_sample, want, 1e-10, f"t={t} -> {t_prev}")
+        assert_close_rel(got.mean, project(mu, mask), 1e-10, f"mean t={t}")
+    assert beta_tilde == 0.0  # the last step, into the data, adds no noise
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="per-design noise (same designs whatever the batching) needs the C++ step")
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError()])
+def test_cpu_out_of_memory_halves_the_batch_too(error, capsys):
+    """torch's CPU allocator raises a plain RuntimeError that does not say "out of memory" (torch 2.13, as
+    above), and numpy a MemoryError: both are out of memory, retried in halves, not a lost run."""
+    sched = DDPMScheduler(20, backend="cpu")
+    inner = ExactGaussianEps(sched.schedule, 1.0)
+
+    def cpu_oom_above_2(x, t, mask):
+        if x.shape[0] > 2:
+            raise error
+        return inner(x, t, mask)
+
+    lengths = [9, 11, 9, 10, 12]
+    want = sample(inner, lengths, batch_size=2, seed=4, scheduler=sched, progress=False)
+    got = sample(cpu_oom_above_2, lengths, batch_size=5, seed=4, scheduler=sched, progress=False)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert "out of memory with a batch of 5" in capsys.readouterr().err
+
+
+def test_lengths_from_a_generator_or_a_tensor_are_read_once():
+    """A generator of lengths was checked (consuming it) and then read again: "lengths: nothing to sample";
+    an integer tensor was refused (its items are 0-d tensors)."""
+    sched = DDPMScheduler(10)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    got = sample(model, (n for n in (5, 7)), num_samples=2, scheduler=sched, progress=False, batch_size=4)
+    assert [g.shape for g in got] == [(5, 3), (5, 3), (7, 3), (7, 3)]
+    from_tensor = sample(model, torch.tensor([5, 7]), num_samples=2, scheduler=sched, progress=False, batch_size=4)
+    assert all(np.array_equal(a, b) for a, b in zip(got, from_tensor))
+    with pytest.raises(ValueError, match=r"lengths: an integer or a sequence of integers, got \[5, 2.5\]"):
+        sample(model, (n for n in (5, 2.5)), scheduler=sched, progress=False)
+    with pytest.raises(ValueError, match=r"lengths: an integer or a sequence of integers, got \[5.0\]"):
+        sample(model, torch.tensor([5.0]), scheduler=sched, progress=False)
+
+
+def test_design_indices_and_trajectory_every_must_be_integers(tmp_path):
+    """int() took design 1 for 1.7 (and for True); trajectory_every 2.5 kept every 5th step, True every step."""
+    sched = DDPMScheduler(10)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    for bad in ([1.7], [True], ["1"], "1"):
+        with pytest.raises(ValueError, match="design_indices: "):
+            sample(model, [5, 6], design_indices=bad, scheduler=sched, progress=False, batch_size=2)
+    one = sample(model, [5, 6], design_indices=1, scheduler=sched, progress=False, batch_size=2)  # a bare int
+    assert one[0] is None and one[1].shape == (6, 3)
+    assert np.array_equal(one[1], sample(model, [5, 6], design_indices=np.array([1]), scheduler=sched,
+                                         progress=False, batch_size=2)[1])
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=r"trajectory_every must be >= 1 \(an integer"):
+            sample(model, [5], trajectory_every=bad, scheduler=sched, progress=False, batch_size=1,
+                   out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_float64_run_of_a_float32_protdiff_names_the_dtype_option():
+    """The model's own message said to convert x_t (which the caller of sample() does not hold)."""
+    from protdiff_fast.models import ProtDiff
+
+    model = ProtDiff(hidden_dim=8, edge_dim=4, num_layers=2, max_length=16, num_timesteps=10, backend="reference")
+    with pytest.raises(ValueError, match=r"dtype: torch.float64, but the model's weights are torch.float32: pass "
+                                         r"dtype=torch.float32"):
+        sample(model, [5], dtype=F64, progress=False, batch_size=1)
+    got = sample(model.to(F64), [5], dtype=F64, progress=False, batch_size=1)
+    assert got[0].shape == (5, 3) and np.isfinite(got[0]).all()
+
+
+def test_a_loop_written_for_diffusers_runs_unchanged():
+    """diffusers' pipeline loop: x_T = randn * init_noise_sigma, model(scale_model_input(x, t), t), step(...,
+    generator) per t in timesteps. init_noise_sigma is x_T's scale under this schedule (sqrt(1 - alpha_bar_T)
+    ~ 1), scale_model_input leaves x_t as DDPM's model takes it, and the loop equals the same steps taken
+    with our own keyword API."""
+    s = DDPMScheduler(1000)
+    x0 = torch.randn(3, 6, 3, dtype=F64) * 4
+    noise = remove_center_of_mass_reference(torch.randn(3, 6, 3, dtype=F64), None)
+    x_T = s.add_noise(x0, noise, torch.full((3,), 1000))
+    assert s.init_noise_sigma == 1.0
+    assert torch.linalg.vector_norm(x_T - s.init_noise_sigma * noise) < 0.05 * torch.linalg.vector_norm(noise)
+    s.set_timesteps(20)
+
+    def eps_model(x, t):
+        return 0.1 * remove_center_of_mass_reference(x, None)
+
+    def run(diffusers_shaped):
+        g = torch.Generator().manual_seed(0)
+        x = remove_center_of_mass_reference(torch.randn(3, 6, 3, generator=g, dtype=F64), None) * s.init_noise_sigma
+        for t in s.timesteps:
+            if diffusers_shaped:
+                model_input = s.scale_model_input(x, t)
+                assert model_input is x
+                x = s.step(eps_model(model_input, t), t, x, g, False)[0]
+            else:
+                x = s.step(eps_model(x, t), int(t), x, generator=g).prev_sample
+        return x
+
+    a, b = run(True), run(False)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert torch.allclose(a.mean(1), torch.zeros(3, 3, dtype=F64), atol=1e-12)

@@ -222,8 +222,15 @@ def _distributed():
     return 0, 1
 
 
+# how an allocation failure reads when it is not a torch.OutOfMemoryError: CUDA's "out of memory", and torch's
+# CPU allocator, which raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to
+# allocate ..." in torch 2.x, "... not enough memory ..." before)
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(m in text for m in OOM_MESSAGES)
 
 
 def auto_batch_size(model, max_len: int, device: torch.device, safety: float = 0.5, cap: int = 1024) -> int:
@@ -256,9 +263,16 @@ def _is_int(v) -> bool:
 
 
 def _expand_lengths(lengths: Union[int, Sequence[int]], num_samples: Optional[int], max_length: Optional[int]):
+    if isinstance(lengths, torch.Tensor) and lengths.dim() <= 1:  # its items are 0-d tensors, not integers
+        lengths = lengths.tolist()
     if _is_int(lengths):
         lengths = [lengths]
-    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Iterable) or not all(map(_is_int, lengths)):
+    if not isinstance(lengths, (str, bytes)) and isinstance(lengths, Iterable):
+        try:  # read once: a generator checked and then read again came back empty ("nothing to sample")
+            lengths = list(lengths)
+        except TypeError:  # an iterable that cannot be iterated (a 0-d array)
+            pass
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, list) or not all(map(_is_int, lengths)):
         shown = lengths if isinstance(lengths, (str, bytes, numbers.Number)) else list(lengths)[:5]
         raise ValueError(f"lengths: an integer or a sequence of integers, got {shown!r}")
     lengths = [int(n) for n in lengths]
@@ -322,7 +336,8 @@ def sample(
     batch_invariant: Optional[bool] = None,
     on_diverge: str = "raise",
 ) -> List[Optional[np.ndarray]]:
-    """Sample one backbone per entry of ``lengths`` (times ``num_samples`` when given).
+    """Sample one backbone per entry of ``lengths`` (times ``num_samples`` when given, each length that many
+    times in a row: ``[50, 60]`` with 2 is designs 50, 50, 60, 60, indexed 0..3).
 
     ``model(x_t, t, mask) -> eps_hat`` works in model units (1 unit = ``scale`` A); the results are
     returned in Angstrom, in the order of ``lengths``.
@@ -385,12 +400,24 @@ def sample(
         raise ValueError(f"seed: an integer, got {seed!r}")
     if file_format not in FORMATS:
         raise ValueError(f"file_format: {file_format!r}; choose one of {', '.join(FORMATS)}")
-    if trajectory_every is not None and trajectory_every < 1:
-        raise ValueError(f"trajectory_every must be >= 1, got {trajectory_every}")
+    if trajectory_every is not None and (not _is_int(trajectory_every) or trajectory_every < 1):
+        # (2.5 kept every 5th step, True every step: a count of steps is an integer)
+        raise ValueError(f"trajectory_every must be >= 1 (an integer: a count of steps), got {trajectory_every!r}")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: resume keeps the folder's designs, "
                          "overwrite deletes them")
-    wanted = set(range(len(lengths))) if design_indices is None else {int(i) for i in design_indices}
+    if design_indices is None:
+        wanted = set(range(len(lengths)))
+    else:
+        if _is_int(design_indices):
+            design_indices = [design_indices]
+        if isinstance(design_indices, (str, bytes)) or not isinstance(design_indices, Iterable):
+            raise ValueError(f"design_indices: a sequence of design indices (integers), got {design_indices!r}")
+        design_indices = list(design_indices)
+        not_int = [i for i in design_indices if not _is_int(i)]
+        if not_int:  # int() would have sampled design 1 for 1.7 (and design 1 for True)
+            raise ValueError(f"design_indices: integers, got {not_int[:5]!r}")
+        wanted = {int(i) for i in design_indices}
     out_of_range = sorted(i for i in wanted if i < 0 or i >= len(lengths))
     if out_of_range:
         raise ValueError(f"design_indices: {out_of_range[:5]} outside [0, {len(lengths) - 1}] "
@@ -399,6 +426,15 @@ def sample(
         raise ValueError(f"on_diverge: 'raise' or 'skip', got {on_diverge!r}")
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast: torch.bfloat16 or torch.float16 (or None), got {autocast!r}")
+    from protdiff_fast.models.protdiff import ProtDiff
+
+    # ProtDiff takes x_t only in its weights' dtype (a wrapper module may cast: not checked), and its own
+    # message would tell the caller of sample() to convert x_t, which they do not hold
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) \
+        if isinstance(model, ProtDiff) else None
+    if weights is not None and weights != dtype:
+        raise ValueError(f"dtype: {dtype}, but the model's weights are {weights}: pass dtype={weights}, or "
+                         f"convert the model (model.to({dtype})); for low precision use autocast instead")
     seeds = design_seeds(seed, len(lengths))
     from protdiff_fast import __version__
 
@@ -474,7 +510,7 @@ def sample(
                 x, frames, failed = _denoise_batch(model, scheduler, idx, lengths, seeds, steps, per_design_noise,
                                                    device, dtype, bar, trajectory_every, cuda_graphs, autocast,
                                                    on_diverge)
-        except RuntimeError as err:  # out of memory: halve the batch and retry, never lose the run
+        except (RuntimeError, MemoryError) as err:  # out of memory: halve the batch and retry, never lose the run
             if not _is_oom(err) or len(idx) == 1:
                 raise
             if device.type == "cuda":

@@ -112,6 +112,15 @@ class DDPMScheduler:
                              "directly for another schedule")
         return cls(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, **kwargs)
 
+    # diffusers' pipeline hooks: x_T ~ N(0, I) and an unscaled model input, as for DDPM (in our space x_T
+    # must also be zero-CoM over the real nodes: draw it with ops.remove_center_of_mass, as sample() does)
+    init_noise_sigma = 1.0
+    order = 1
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
+        """``sample`` unchanged (DDPM's model input is x_t itself), for loops written against diffusers."""
+        return sample
+
     @property
     def num_train_timesteps(self) -> int:
         return self.schedule.num_timesteps

@@ -102,7 +102,16 @@ class EGNNBlock(nn.Module):
 
 
 class ProtDiff(nn.Module):
-    """eps_theta(x_t, t, mask): ``forward(x_t (B, N, 3), t (B,), mask (B, N)) -> eps_hat (B, N, 3)``."""
+    """eps_theta(x_t, t, mask): ``forward(x_t (B, N, 3), t (B,), mask (B, N)) -> eps_hat (B, N, 3)``.
+
+    Slot k of a chain is residue index k (the index embedding and the offsets i - j are the slots'):
+    padding belongs after the real residues, as the sampler and the training batches put it; a False
+    slot between real ones is a missing residue. The sinusoidal tables are buffers built from the
+    config (max_length, num_timesteps, seed, embed_dim) and not saved in the state_dict, which is the
+    same on every backend: load a state_dict only into a model of the config it was trained with
+    (``load_model`` does): under another max_length the same weights load without error and compute
+    another function.
+    """
 
     def __init__(self, config: Optional[ProtDiffConfig] = None, backend: str = "auto", **overrides) -> None:
         super().__init__()
@@ -166,7 +175,9 @@ class ProtDiff(nn.Module):
             raise ValueError(f"t: timesteps must lie in [1, {self.config.num_timesteps}]")
         mask = check_mask(mask, B, N, x_t.device)
         dtype = x_t.dtype
-        h = self.index_table[:N].to(dtype)[None] + self.time_table[t].to(dtype)[:, None]  # (B, N, D)
+        # t as long: a uint8 index is a boolean mask to torch (with B = T + 1 samples it picked table rows
+        # 0..T in batch order, whatever t said), and int8 / int16 indices are refused
+        h = self.index_table[:N].to(dtype)[None] + self.time_table[t.long()].to(dtype)[:, None]  # (B, N, D)
         L = self.max_length
         rel = self.offset_table[L - N: L + N - 1].to(dtype)  # offsets -(N-1) .. N-1: (2N - 1, E)
         x = x_t
