@@ -1658,3 +1658,30 @@ def test_timesteps_of_any_integer_dtype_pick_their_own_embedding():
         want = m(x, t)
         for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
             assert torch.equal(m(x, t.to(dtype)), want), dtype
+
+
+def test_fingerprint_tells_apart_the_same_weights_under_another_max_length_or_seed():
+    """The index and time tables are buffers outside the state_dict (built from max_length and seed): the same
+    weights loaded under another of them compute another function, which `sample --resume` accepted as the
+    same model. Models at the defaults keep the fingerprint they had (earlier runs still resume)."""
+    import hashlib
+
+    from protdiff_fast.diffusion.sampler import model_fingerprint
+
+    torch.manual_seed(0)
+    base = ProtDiff(backend="reference", num_timesteps=100, **SMALL).to(F64)
+    x, t, mask = inputs()
+    prints = {}
+    for name, over in (("max_length", dict(max_length=96)), ("seed", dict(seed=5))):
+        other = ProtDiff(backend="reference", num_timesteps=100, **SMALL, **over).to(F64)
+        other.load_state_dict(base.state_dict())  # loads without a word
+        with torch.no_grad():
+            assert not torch.allclose(base(x, t, mask), other(x, t, mask)), name  # another function
+        prints[name] = model_fingerprint(other)
+    assert len({model_fingerprint(base), *prints.values()}) == 3
+    # at the defaults: exactly the hash of the state_dict, as before the settings were hashed
+    h = hashlib.sha256()
+    for key, tensor in sorted(base.state_dict().items()):
+        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    assert model_fingerprint(base) == "sha256:" + h.hexdigest()

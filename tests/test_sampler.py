@@ -1216,7 +1216,7 @@ def test_design_indices_and_trajectory_every_must_be_integers(tmp_path):
     """int() took design 1 for 1.7 (and for True); trajectory_every 2.5 kept every 5th step, True every step."""
     sched = DDPMScheduler(10)
     model = ExactGaussianEps(sched.schedule, 1.0)
-    for bad in ([1.7], [True], ["1"], "1"):
+    for bad in ([1.7], [True], ["1"], "1", []):  # [] returned every design as None, nothing run
         with pytest.raises(ValueError, match="design_indices: "):
             sample(model, [5, 6], design_indices=bad, scheduler=sched, progress=False, batch_size=2)
     one = sample(model, [5, 6], design_indices=1, scheduler=sched, progress=False, batch_size=2)  # a bare int

@@ -164,6 +164,13 @@ def model_fingerprint(model) -> str:
     cfg = getattr(model, "config", None)
     if getattr(cfg, "tanh", False):  # parameter-free switches of the function
         h.update(f"tanh:{float(getattr(cfg, 'coords_range', 1.0))!r};".encode())
+    # the sinusoidal tables are buffers outside the state_dict, built from max_length (the index embedding's
+    # base) and seed (the time embedding's rotation): the same weights under another of them are another
+    # function. Hashed only away from the defaults (128, 0), so fingerprints of earlier runs stay as they were.
+    for name, default in (("max_length", 128), ("seed", 0)):
+        value = getattr(cfg, name, default)
+        if value != default:
+            h.update(f"{name}:{int(value)};".encode())
     for name, tensor in sorted(state().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
@@ -414,6 +421,8 @@ def sample(
         if isinstance(design_indices, (str, bytes)) or not isinstance(design_indices, Iterable):
             raise ValueError(f"design_indices: a sequence of design indices (integers), got {design_indices!r}")
         design_indices = list(design_indices)
+        if not design_indices:  # (it returned every design as None: "all failed", with nothing run)
+            raise ValueError("design_indices: empty; give the designs to sample, or None for all")
         not_int = [i for i in design_indices if not _is_int(i)]
         if not_int:  # int() would have sampled design 1 for 1.7 (and design 1 for True)
             raise ValueError(f"design_indices: integers, got {not_int[:5]!r}")
