@@ -7,6 +7,9 @@ sampler always passes per-design seeds); no clipping of x_0 (our
 coordinates exceed 1); every sample lives in the zero-centre-of-mass subspace of its real nodes.
 ``step(model_output, timestep, sample, generator=None, return_dict=True)`` takes diffusers' two
 positional arguments in diffusers' places; ours (mask, noise, seed) are keyword-only.
+``init_noise_sigma`` (1.0), ``order`` (1) and ``scale_model_input(sample, timestep)`` (``sample``
+unchanged) are there too, so a sampling loop written for diffusers runs as is (draw x_T zero-CoM
+over the real nodes, as :func:`~protdiff_fast.diffusion.sampler.sample` does).
 
 ``set_timesteps(K)`` keeps round(linspace(1, T, K)): both ends, T and 1, evenly spaced between them.
 That is improved DDPM's even respacing (Nichol & Dhariwal 2021) and diffusers'
