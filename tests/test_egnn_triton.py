@@ -62,6 +62,14 @@ def test_triton_odd_sizes_and_single_node(N):
     compare(3, N, 16, 3, "dense", FLAG_SETS[5], torch.float32, seed=N + 50)
 
 
+@pytest.mark.parametrize("N, seed", [(2, 61), (5, 65)])  # (seeds whose random masks leave pairs to sum)
+def test_triton_one_row_offset_table(N, seed):
+    """K = 0: a (1, H) offset table that every pair reads (all offsets clip into its one row). Its gradient
+    once kept only the pairs with j - i >= 0: rows 0 and 2K are the same row, and folding the far end into
+    row 2K overwrote the near end folded into row 0."""
+    compare(2, N, 16, 3, "offset", FLAG_SETS[0], torch.float32, seed=seed, K=0)
+
+
 @pytest.mark.parametrize("H", [32, 64])
 def test_triton_hidden_sizes(H):
     compare(2, 19, H, 4, "offset", FLAG_SETS[4], torch.float32, seed=H)

@@ -49,6 +49,13 @@ def test_slab_backward_odd_sizes_and_single_node(slab_backward, N):
     compare(3, N, 16, 3, "dense", FLAG_SETS[5], torch.float32, seed=N + 50)
 
 
+def test_slab_backward_one_row_offset_table(slab_backward):
+    """K = 0: the one-row table's gradient must sum the pairs of every offset (the fold of the clipped
+    ends once overwrote the offsets < 0 with those >= 0)."""
+    compare(2, 5, 16, 3, "offset", FLAG_SETS[0], torch.float32, seed=65, K=0)
+    assert slab_backward
+
+
 @pytest.mark.parametrize("edge_mode,K", [("none", None), ("dense", None), ("offset", None), ("offset", 4)])
 def test_slab_backward_over_many_slabs(slab_backward, monkeypatch, edge_mode, K):
     """B = 2, N = 45, 200 pairs per slab: SI = 2 rows, 23 slabs, the last of one row; the offset table

@@ -1538,10 +1538,19 @@ def _rel_gradient(windows: torch.Tensor, N: int, K: int, own_chunk: int, other_c
     _rel_windows_kernel[(triton.cdiv(2 * N - 1, REL_SUM_BLOCK), H // cols)](
         windows, by_offset, B, N, own_chunk, other_chunk, n_other_chunks, n_regions, H=cols, BLOCK_O=REL_SUM_BLOCK,
         HE=H, num_warps=REL_SUM_WARPS, num_stages=NUM_STAGES)
+    return fold_offset_sums(by_offset, N, K)
+
+
+def fold_offset_sums(by_offset: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """d rel, (2K + 1, H), from d_z summed per unclipped offset o = j - i ((2N - 1, H), row o + N - 1),
+    folded like the forward's row clip(o, -K, K) + K: every o <= -K into row 0, every o >= K into row 2K."""
+    H = by_offset.shape[1]
     if K >= N - 1:  # no pair is clipped: offsets -(N-1)..N-1 are rows K-(N-1)..K+N-1
-        table = torch.zeros(2 * K + 1, H, dtype=torch.float32, device=windows.device)
+        table = torch.zeros(2 * K + 1, H, dtype=by_offset.dtype, device=by_offset.device)
         table[K - (N - 1): K + N] = by_offset
         return table
+    if K == 0:  # a one-row table: rows 0 and 2K are the same row, every offset lands in it
+        return by_offset.sum(0, keepdim=True)
     table = by_offset[N - 1 - K: N + K].clone()  # offsets -K..K
     table[0] = by_offset[: N - K].sum(0)
     table[2 * K] = by_offset[N - 1 + K:].sum(0)

@@ -51,7 +51,7 @@ import triton.language as tl
 from protdiff_fast.ops.egnn_triton import (_accumulate, _chunks_from_env, _direction_scale_grad,
                                            _dsilu, _fast_sigmoid, _interpreting,
                                            _load_rows, _load_xyz, _mm, _precision, _preact_cols, _sigmoid,
-                                           _silu_parts)
+                                           _silu_parts, fold_offset_sums)
 
 # pairs per slab (B * SI * N): ~1K tiles of 64 pairs, enough to fill a GPU; workspace 5 x 2^16 x H
 # elements (84 MB at H = 128 in bf16)
@@ -589,12 +589,6 @@ def backward_slab(meta, grad_m, grad_dx, x, p, q, mask_u8, scale, w_d, W2, b2, W
         dx += dx_j_side.sum(0)
     rel_grad = None
     if by_offset is not None:
-        if K >= N - 1:  # no pair is clipped
-            rel_grad = torch.zeros(2 * K + 1, H, **f32)
-            rel_grad[K - (N - 1): K + N] = by_offset
-        else:
-            rel_grad = by_offset[N - 1 - K: N + K].clone()
-            rel_grad[0] = by_offset[: N - K].sum(0)
-            rel_grad[2 * K] = by_offset[N - 1 + K:].sum(0)
+        rel_grad = fold_offset_sums(by_offset, N, K)  # (clipped ends folded in; K = 0 a single row)
     return dict(x=dx, p=d_p, q=d_q, w_d=vec[3], W2=dW2, b2=vec[0], W3=dW3, b3=vec[1], w4=vec[2], w_att=vec[4],
                 b_att=vec[5].sum(), W_e=dW_e, rel=rel_grad, edge_attr=d_ea)
