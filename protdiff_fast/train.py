@@ -204,6 +204,17 @@ def _is_zip(path: Path) -> bool:
         return False
 
 
+def _split_labels(path: Path) -> Optional[set]:
+    """The labels of a dataset .npz's ``split`` array (None: no such array, or no .npz)."""
+    if not (path.suffix == ".npz" or _is_zip(path)):
+        return None
+    with np.load(path, allow_pickle=False) as d:
+        if "split" not in d:
+            return None
+        split = d["split"]
+        return {v.decode() if isinstance(v, bytes) else str(v) for v in split.tolist()}
+
+
 def _no_chains_reason(cfg: TrainConfig, data: BackboneDataset) -> str:
     """Why ``load_data`` found no training chain in ``cfg.data`` (a garbage or unreadable file, a folder
     without structures, chains of other lengths), for the error message."""
@@ -593,6 +604,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if len(train_set) == 0:
         raise ValueError(f"{cfg.data}: no training chains of length {cfg.min_length}..{cfg.max_length}"
                          + _no_chains_reason(cfg, train_set))
+    if len(val_set) == 0 and cfg.val_every > 0 and rank == 0:
+        # said, not silent: a file labelling its held-out chains "validation" or "valid" gave no val loss
+        labels = _split_labels(Path(cfg.data))
+        if labels:
+            print(f"train: no validation chains of length {cfg.min_length}..{cfg.max_length} in {cfg.data} (its "
+                  f"split labels: {', '.join(sorted(labels)[:10])}; validation reads split 'val'): no val_loss",
+                  file=sys.stderr)
     model_cfg = ProtDiffConfig(**{**ProtDiffConfig(max_length=cfg.max_length).to_dict(), **cfg.model})
     own_states = None
     if cfg.own_clash_weight > 0:

@@ -1685,3 +1685,18 @@ def test_fingerprint_tells_apart_the_same_weights_under_another_max_length_or_se
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
     assert model_fingerprint(base) == "sha256:" + h.hexdigest()
+
+
+def test_a_dataset_without_val_labels_says_so(tmp_path, capsys):
+    """A .npz whose held-out chains are labelled "validation" (not "val") trained with no val loss and no
+    word; now the labels it has are named. A file with "val" chains says nothing."""
+    with np.load(demo_data_path(), allow_pickle=False) as d:
+        content = {k: d[k] for k in d.files}
+    renamed = tmp_path / "renamed.npz"
+    np.savez(renamed, **{**content, "split": np.where(content["split"] == "val", "validation", content["split"])})
+    train(cfg(tmp_path, "renamed", data=str(renamed), steps=1, ckpt_every=1, val_every=1), progress=False)
+    err = capsys.readouterr().err
+    assert "no validation chains" in err and "(its split labels: train, validation;" in err, err
+    assert "split 'val'" in err
+    train(cfg(tmp_path, "plain", steps=1, ckpt_every=1, val_every=1), progress=False)
+    assert "no validation chains" not in capsys.readouterr().err
