@@ -559,3 +559,15 @@ def test_every_real_structure_file_of_the_shared_data_reads():
     for f in files:
         chains = read_backbones(f)
         assert chains and all(np.abs(bb.ca).max() < 1e4 for bb in chains), f
+
+
+@pytest.mark.parametrize("name, fmt", [("design.PDB", "pdb"), ("design.CIF", "cif"), ("design.Pdb.GZ", "pdb"),
+                                       ("design.cif.Gz", "cif")])
+def test_upper_case_suffixes_are_written_as_they_are_read(tmp_path, name, fmt):
+    """The readers take .PDB / .CIF.GZ case-blind; the writer refused them ("unknown format '.PDB'")."""
+    ca = np.cumsum(np.full((6, 3), 2.2), axis=0)
+    path = write_backbone(tmp_path / name, ca)
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if name.lower().endswith(".gz") else raw).decode()
+    assert text.startswith("CRYST1") if fmt == "pdb" else text.startswith("data_")
+    np.testing.assert_allclose(read_backbones(path)[0].ca, ca, atol=1e-3)

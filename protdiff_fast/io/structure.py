@@ -480,9 +480,9 @@ def backbone_structure(ca: np.ndarray, sequence: Optional[str] = None, chain_id:
 
 def _format_of(path: Path):
     """('pdb' | 'cif', gzipped) from a name such as design.pdb, design.cif.gz."""
-    gz = path.suffix == ".gz"
+    gz = path.suffix.lower() == ".gz"  # case-blind, as the readers are: design.PDB is read, so it is written
     suffix = Path(path.stem).suffix if gz else path.suffix
-    fmt = {".pdb": "pdb", ".cif": "cif", ".mmcif": "cif"}.get(suffix)
+    fmt = {".pdb": "pdb", ".cif": "cif", ".mmcif": "cif"}.get(suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown format {suffix!r}; use .pdb or .cif (optionally .gz)")
     return fmt, gz
