@@ -24,10 +24,14 @@ def folder(tmp_path):
 
 def test_build_filters_and_reports(folder):
     ds = BackboneDataset.from_structures(folder)
-    assert sorted(ds.names) == ["1CRN_A", "1TEN_A_A", "1crn_A", "1qys_A"]
+    # 1crn.pdb and 1CRN.cif.gz are one structure in two formats: the first file's chain is kept (it counted
+    # twice in every epoch before)
+    assert sorted(ds.names) == ["1CRN_A", "1TEN_A_A", "1qys_A"]
     counts = ds.skipped.counts()
-    assert counts == {"unreadable": 2, "not a monomer": 1}, ds.skipped.skipped
-    assert "broken.pdb" in str(ds.skipped.skipped) and "skipped 3" in str(ds.skipped)
+    assert counts == {"unreadable": 2, "not a monomer": 1, "duplicate": 1}, ds.skipped.skipped
+    assert "broken.pdb" in str(ds.skipped.skipped) and "skipped 4" in str(ds.skipped)
+    assert [r for n, r in ds.skipped.skipped if n == "1crn_A"] == [
+        f"duplicate: the same CA trace and sequence as 1CRN_A ({folder / '1CRN.cif.gz'})"]
     short = BackboneDataset.from_structures(folder, min_length=50, monomers_only=False)
     assert "1crn_A" not in short.names and "1CKB_A" in short.names and "1CKB_B" not in short.names
     assert short.skipped.counts()["length out of range"] == 3  # two crambins and the peptide
@@ -107,7 +111,8 @@ def test_prepare_command(folder, tmp_path, capsys):
     out = tmp_path / "set.npz"
     assert main(["prepare", str(folder), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "4 chains, lengths 46..92" in text and "unreadable x2" in text and "not a monomer x1" in text
+    assert "3 chains, lengths 46..92" in text and "unreadable x2" in text and "not a monomer x1" in text
+    assert "duplicate x1" in text
     assert main(["prepare", str(folder), "--out", str(out)]) == 0
     assert "cache was up to date" in capsys.readouterr().out
     assert main(["prepare", str(folder / "1CKB.pdb"), "--out", str(tmp_path / "none.npz")]) == 2

@@ -229,7 +229,7 @@ class BackboneDataset(torch.utils.data.Dataset):
         """
         files = find_structure_files(paths)
         config = dict(min_length=min_length, max_length=max_length, monomers_only=monomers_only,
-                      max_breaks=max_breaks, version=2)  # 2: stricter reading (malformed files refused)
+                      max_breaks=max_breaks, version=3)  # 2: stricter reading (malformed files refused); 3: duplicates
         key = _cache_key(files, config)
         if cache is not None and not overwrite:
             check_cache_file(cache, key)
@@ -245,6 +245,9 @@ class BackboneDataset(torch.utils.data.Dataset):
                 pass
         report = SkipReport()
         kept: List[Backbone] = []
+        # the same chain twice (1crn.pdb beside 1CRN.cif.gz, a copy in another folder) would count twice in
+        # every epoch: the first file's copy is kept. Compared at PDB's precision (0.001 A), which both formats hold
+        seen: Dict[bytes, str] = {}
         for f in files:
             try:
                 chains = read_backbones(f)
@@ -264,6 +267,12 @@ class BackboneDataset(torch.utils.data.Dataset):
                     report.add(bb.name, f"coordinates out of range: CA {'xyz'[k]} of residue {bb.resnums[i]}"
                                         f"{bb.icodes[i]} is {bb.ca[i, k]:.6g} A (beyond +-{MAX_TRAIN_COORD_A:.0e} A)")
                 else:
+                    fingerprint = hashlib.sha256(np.round(bb.ca, 3).astype(np.float64).tobytes()
+                                                 + bb.sequence.encode()).digest()
+                    if fingerprint in seen:
+                        report.add(bb.name, f"duplicate: the same CA trace and sequence as {seen[fingerprint]}")
+                        continue
+                    seen[fingerprint] = f"{bb.name} ({f})"
                     kept.append(bb)
         ds = cls([bb.name for bb in kept], [bb.ca for bb in kept], scale, [bb.sequence for bb in kept])
         ds.skipped = report
