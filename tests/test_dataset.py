@@ -283,3 +283,28 @@ def test_npz_offsets_must_cover_ca_and_agree_with_lengths(tmp_path, overrides, m
         BackboneDataset.from_npz(path, min_length=1)
     np.savez(path, **_two_chain_arrays())  # the consistent file reads
     assert BackboneDataset.from_npz(path, min_length=1).lengths.tolist() == [50, 50]
+
+
+def test_npz_ids_must_be_unique(tmp_path):
+    # two chains under one id: every report and split named them as one
+    path = tmp_path / "twice.npz"
+    np.savez(path, **_two_chain_arrays(ids=np.array(["x_A", "x_A"])))
+    with pytest.raises(ValueError, match=r"twice.npz is not a dataset .*: ids are not unique: 1 id\(s\) name more "
+                                         r"than one chain, e.g. 'x_A'"):
+        BackboneDataset.from_npz(path, min_length=1)
+
+
+def test_npz_warns_when_one_chain_stands_in_two_splits(tmp_path):
+    import warnings
+
+    path = tmp_path / "leak.npz"
+    arrays = _two_chain_arrays()
+    arrays["ca"] = np.concatenate([arrays["ca"][:50], arrays["ca"][:50]])  # y_A (val) is x_A (train) renamed
+    np.savez(path, **arrays)
+    with pytest.warns(UserWarning, match=r"1 chain\(s\) stand in two splits under different ids .* e.g. x_A "
+                                         r"\(train\) and y_A \(val\)"):
+        BackboneDataset.from_npz(path, split="val", min_length=1)
+    np.savez(path, **_two_chain_arrays())  # distinct chains: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert BackboneDataset.from_npz(path, split="val", min_length=1).names == ["y_A"]

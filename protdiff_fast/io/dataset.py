@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -172,8 +173,32 @@ def _check_arrays(path, ids, offsets, ca, splits, seqs, lengths=None) -> None:
         problem = f"split has shape {splits.shape}, expected ({n},)"
     elif seqs is not None and seqs.shape != (n,):
         problem = f"seqs has shape {seqs.shape}, expected ({n},)"
+    elif len(set(ids.tolist())) != n:
+        # an id names a chain in every report and split; two chains under one name cannot both be meant
+        twice = [k for k, c in Counter(ids.tolist()).items() if c > 1]
+        problem = f"ids are not unique: {len(twice)} id(s) name more than one chain, e.g. {twice[0]!r}"
     if problem:
         raise ValueError(f"{path} {NOT_A_DATASET}: {problem}")
+    if splits is not None:
+        _warn_shared_chains(path, ids, offsets, ca, splits)
+
+
+def _warn_shared_chains(path, ids, offsets, ca, splits) -> None:
+    """Warn when one CA trace (to 0.001 A) stands in two splits under different ids: a held-out chain
+    that is also a training chain makes every validation number optimistic."""
+    first_seen: Dict[bytes, int] = {}
+    shared = []
+    for i in range(len(ids)):
+        trace = np.round(np.asarray(ca[offsets[i]:offsets[i + 1]], dtype=np.float64), 3)
+        fingerprint = hashlib.sha256(trace.tobytes()).digest()
+        k = first_seen.setdefault(fingerprint, i)
+        if k != i and str(splits[k]) != str(splits[i]):
+            shared.append((k, i))
+    if shared:
+        k, i = shared[0]
+        warnings.warn(f"{path}: {len(shared)} chain(s) stand in two splits under different ids (the same CA "
+                      f"trace to 0.001 A), e.g. {ids[k]} ({splits[k]}) and {ids[i]} ({splits[i]}): "
+                      f"validation on such a split is not held out", stacklevel=4)
 
 
 class BackboneDataset(torch.utils.data.Dataset):
@@ -286,7 +311,8 @@ class BackboneDataset(torch.utils.data.Dataset):
                  max_length: int = 128, scale: float = SCALE_A) -> "BackboneDataset":
         """Chains of a ``backbones.npz`` (``ids``, ``offsets``, ``ca`` in A; optional ``split``). A file
         without ``split`` (``prepare``'s) is all training chains: ``split="train"`` takes every chain,
-        any other split none. A file that is no such dataset is a ValueError naming it and what is wrong."""
+        any other split none. A file that is no such dataset (arrays that do not fit, ids not unique) is a ValueError
+        it and what is wrong; one CA trace in two splits under different ids is a warning (not held out)."""
         with _open_npz(path) as d:
             ids, offsets, ca = _as_text(d["ids"]), d["offsets"], d["ca"]
             splits = _as_text(d["split"]) if "split" in d else None
