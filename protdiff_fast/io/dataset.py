@@ -311,8 +311,8 @@ class BackboneDataset(torch.utils.data.Dataset):
                  max_length: int = 128, scale: float = SCALE_A) -> "BackboneDataset":
         """Chains of a ``backbones.npz`` (``ids``, ``offsets``, ``ca`` in A; optional ``split``). A file
         without ``split`` (``prepare``'s) is all training chains: ``split="train"`` takes every chain,
-        any other split none. A file that is no such dataset (arrays that do not fit, ids not unique) is a ValueError
-        it and what is wrong; one CA trace in two splits under different ids is a warning (not held out)."""
+        any other split none. A file that is no such dataset (arrays that do not fit, ids not unique) is a
+        ValueError naming it and what is wrong; one CA trace in two splits under different ids is a warning."""
         with _open_npz(path) as d:
             ids, offsets, ca = _as_text(d["ids"]), d["offsets"], d["ca"]
             splits = _as_text(d["split"]) if "split" in d else None
