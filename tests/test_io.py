@@ -352,6 +352,18 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_never_sets_the_process_u
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["d.pdb"]
 
 
+def test_overwriting_a_file_keeps_its_permissions(tmp_path):
+    import os
+    import stat
+
+    ca = np.stack([np.arange(4) * 3.8, np.zeros(4), np.zeros(4)], axis=1)
+    path = write_backbone(tmp_path / "d.pdb", ca)
+    for mode in (0o600, 0o644, 0o640):
+        os.chmod(path, mode)  # a user made it private / readable by the group
+        write_backbone(path, ca * (1 + mode % 7), overwrite=True)  # the temporary file got 0666 less the umask
+        assert stat.S_IMODE(path.stat().st_mode) == mode and np.allclose(read_backbones(path)[0].ca, ca * (1 + mode % 7))
+
+
 def test_mmcif_has_labels_viewers_use(tmp_path):
     import gemmi
 

@@ -34,6 +34,7 @@ import gzip
 import os
 import re
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,7 @@ def _atomic_write(path: Path, write, durable: bool = False) -> None:
         raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from None
     try:
         write(tmp)
+        _keep_mode_of(path, tmp)
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -356,6 +358,17 @@ def _atomic_write(path: Path, write, durable: bool = False) -> None:
                 raise err from None
             raise named from None
         raise
+
+
+def _keep_mode_of(path: Path, tmp: str) -> None:
+    """Give ``tmp`` the permissions of the file it replaces, as an edit in place would keep them: a
+    file a user made group-readable (or private) stays so when it is written again."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
 
 
 def _create_temporary_beside(path: Path) -> str:
