@@ -42,6 +42,10 @@ the slot k that takes ancestor a gets mu_a + (x_{t'}^k - mu_k): the ancestor's m
 own fresh noise. Duplicated particles therefore diverge at once, and one fused step per reverse
 step serves all K x D particles, run as one batch through the model.
 
+Every random draw of design d (its motif trajectory, its particles' noise, keyed by particle seed
+and t as sample()'s steps, its resampling) comes from streams of SplitMix64(seed, d): design d of
+a run is design d of a larger run with the same seed and options.
+
 The returned designs are the model's own final x_0 (the motif rows are *not* pasted over at the
 end), so the motif RMSD of a design measures where the model put the motif.
 """
@@ -57,7 +61,9 @@ import torch
 
 from protdiff_fast._checks import check_device
 from protdiff_fast.diffusion.scheduler import DDPMScheduler
-from protdiff_fast.diffusion.sampler import DIVERGED_UNITS, _scheduler_for
+from protdiff_fast.diffusion.sampler import DIVERGED_UNITS, _scheduler_for, initial_noise
+from protdiff_fast.diffusion.scheduler import _per_sample_noise
+from protdiff_fast.nn.batch_invariant import batch_invariant as invariant_products
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.reference.com import remove_center_of_mass_reference
 
@@ -331,11 +337,11 @@ def scaffold(
     def gen(s: int, salt: int) -> torch.Generator:  # independent streams per design and purpose
         return torch.Generator().manual_seed(int(per_sample_seeds(int(s) ^ salt, 1)[0]) & ((1 << 63) - 1))
 
-    traj_gens = [gen(s, 0x11) for s in seeds]  # per design: its motif trajectory does not depend on the others
-    # particle noise and resampling draws from one stream each for the whole batch (one call per step,
-    # not one per design): reproducible for the same run, not per design
-    noise_gen = gen(int(seed) & ((1 << 64) - 1), 0x33)
-    resample_gen = gen(int(seed) & ((1 << 64) - 1), 0x44)
+    # every random draw of design d comes from streams of its own seed: design d of a run is design d of
+    # a larger run with the same seed (as sample()), and no design depends on the others or on K of them
+    traj_gens = [gen(s, 0x11) for s in seeds]  # the motif trajectory
+    resample_gens = [gen(s, 0x44) for s in seeds]  # resampling and the final draw
+    particle_seeds = np.concatenate([per_sample_seeds(int(s) ^ 0x33, K) for s in seeds])  # (D K,)
     traj = motif_trajectory(scheduler, motif, traj_gens, ascending)  # (S + 1, D, M, 3) float64
     if method == "fixed":  # the motif held at the data at every step
         traj = traj[:1].expand_as(traj)
@@ -348,10 +354,14 @@ def scaffold(
     motif_index = positions[design_of].to(device)  # (B, M)
     mask = mask.to(device)
 
-    def particle_noise() -> torch.Tensor:  # z' ~ N(0, I); padding rows are zeroed by the masked ops
-        return torch.randn(B, L, 3, generator=noise_gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    step_seeds = torch.from_numpy(particle_seeds.view(np.int64).copy())
+    invariant = device.type == "cpu"  # as sample(): BLAS's shape-picked kernels would tie a design to its batch
 
-    x = remove_center_of_mass_reference(particle_noise(), mask)  # x_T = P z per particle
+    def particle_noise(tt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # z' ~ N(0, I) keyed by (particle seed, t) as sample()'s steps; padding is zeroed by the masked ops
+        return _per_sample_noise(step_seeds, tt, x)
+
+    x = initial_noise(particle_seeds.tolist(), L, mask, dtype, device)  # x_T = P z per particle
     x = replace_motif(x, motif_index, traj[-1][design_of].to(device))
     log_w = torch.full((D, K), -math.log(K), dtype=torch.float64)
     S = len(steps)
@@ -369,12 +379,13 @@ def scaffold(
         i = len(ascending) - 1 - s  # ascending[i] == t
         t_prev = ascending[i - 1]
         tt = torch.full((B,), t, dtype=torch.long, device=device)
-        eps = model(x, tt, mask)
+        with invariant_products(invariant):
+            eps = model(x, tt, mask)
         bad = ~torch.isfinite(eps).flatten(1).all(1)
         if bool(bad.any()):
             b = int(bad.nonzero()[0])
             raise ScaffoldingError(f"model output is NaN/Inf at t={t} for design {b // K} (particle {b % K})")
-        out = scheduler.step(eps, tt, x, mask=mask, noise=particle_noise())
+        out = scheduler.step(eps, tt, x, mask=mask, noise=particle_noise(tt, x))
         prev, mean = out.prev_sample, out.mean
         sigma = transition_sigma(scheduler, t, t_prev)
         if method == "smc" and sigma > 0 and K > 1:
@@ -396,10 +407,8 @@ def scaffold(
             need = needs_resampling(w, ess, resample_when, ess_threshold)
             if bool(need.any()):
                 chosen_designs = need.nonzero().flatten()
-                if resampler == "systematic":  # all designs that need it in one vectorised call
-                    local = systematic_resample_rows(w[chosen_designs], resample_gen)
-                else:
-                    local = torch.stack([residual_resample(w[d], resample_gen) for d in chosen_designs.tolist()])
+                resample = systematic_resample if resampler == "systematic" else residual_resample
+                local = torch.stack([resample(w[d], resample_gens[d]) for d in chosen_designs.tolist()])
                 ancestors = torch.arange(B).view(D, K)
                 ancestors[chosen_designs] = chosen_designs.view(-1, 1) * K + local
                 ancestors = ancestors.flatten()
@@ -407,9 +416,12 @@ def scaffold(
                     events.append(dict(step=s, t=t, design=d, ess=float(ess[d])))
                 resampled_log[s, chosen_designs.numpy()] = True
                 log_w[chosen_designs] = -math.log(K)  # weights reset after resampling
-                anc = ancestors.to(device)
-                # slot k takes ancestor a's mean with its own noise: duplicates diverge at once
-                prev = mean[anc] + (prev - mean)
+                # slot k takes ancestor a's mean with its own noise: duplicates diverge at once. Only the
+                # resampled designs' rows: mean + (prev - mean) is not prev in floating point, and the other
+                # designs must not depend on whether a batch mate resampled
+                rows = torch.isin(design_of, chosen_designs).nonzero().flatten()
+                anc, rows = ancestors[rows].to(device), rows.to(device)
+                prev = prev.index_copy(0, rows, mean[anc] + (prev[rows] - mean[rows]))
                 pending_events += int(need.sum())
         if t_prev > 0:
             x = replace_motif(prev, motif_index, traj[i - 1][design_of].to(device))
@@ -441,7 +453,7 @@ def scaffold(
     chosen = np.zeros(D, dtype=np.int64)
     if method == "smc" and K > 1:  # report a particle drawn by the final weights (a draw from the SMC target)
         for d in range(D):
-            chosen[d] = int(torch.multinomial(log_w[d].exp(), 1, generator=resample_gen))
+            chosen[d] = int(torch.multinomial(log_w[d].exp(), 1, generator=resample_gens[d]))
     result_particles = [x[d * K:(d + 1) * K, : lengths[d]].numpy() for d in range(D)]
     return ScaffoldResult(particles=result_particles, log_weights=log_w.numpy(), chosen=chosen,
                           motif_positions=positions.numpy(), timesteps=steps, ess=ess_log,
@@ -480,16 +492,18 @@ def redenoise(
         mask[b, : lengths[b]] = True
         x0[b, : lengths[b]] = torch.as_tensor(np.asarray(ca, dtype=np.float64))
     x0 = remove_center_of_mass_reference(x0, mask)
-    g = torch.Generator().manual_seed(int(seed) & ((1 << 63) - 1))
-    eps = remove_center_of_mass_reference(torch.randn(B, L, 3, generator=g, dtype=torch.float64), mask)
+    # design b's noise from its own seed: it does not depend on the other designs of the batch
+    design_seeds = per_sample_seeds(int(seed) ^ 0x55, B)
+    eps = initial_noise(design_seeds.tolist(), L, mask, torch.float64, "cpu")
     x = scheduler.add_noise(x0, eps, t_start, mask).to(dtype=dtype, device=device)
     mask = mask.to(device)
+    step_seeds = torch.from_numpy(design_seeds.view(np.int64).copy())
     for t in range(t_start, 0, -1):
         tt = torch.full((B,), t, dtype=torch.long, device=device)
-        e = model(x, tt, mask)
+        with invariant_products(device.type == "cpu"):
+            e = model(x, tt, mask)
         if not bool(torch.isfinite(e).all()):
             raise ScaffoldingError(f"model output is NaN/Inf at t={t} while re-denoising")
-        noise = torch.randn(B, L, 3, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-        x = scheduler.step(e, tt, x, mask=mask, noise=noise).prev_sample
+        x = scheduler.step(e, tt, x, mask=mask, noise=_per_sample_noise(step_seeds, tt, x)).prev_sample
     x = x.detach().to(torch.float64).cpu().numpy()
     return [x[b, : lengths[b]] for b in range(B)]
