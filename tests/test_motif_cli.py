@@ -263,3 +263,19 @@ def test_files_that_appear_during_the_run_are_not_overwritten(tmp_path, capsys, 
     assert "design_0000.pdb appeared while this run was sampling" in err, err
     assert (out / "design_0000.pdb").read_text() == "the other run's design\n"
     assert not (out / "summary.json").exists()
+
+
+def test_scaffold_cli_design_i_is_the_same_in_a_larger_run(tmp_path):
+    # README: design i of --num 10 is design i of --num 100 (same seed and options), bit for bit
+    rows = {}
+    for num in (2, 5):
+        out = tmp_path / f"n{num}"
+        args = _args(out)
+        args[args.index("--num") + 1] = str(num)
+        assert main(args) == 0
+        rows[num] = json.loads((out / "summary.json").read_text())["designs"]
+    lengths = [r["length"] for r in rows[5]]
+    assert max(lengths[2:]) > max(lengths[:2]), lengths  # the larger run pads further (seed 5's layouts)
+    for a, b in zip(rows[2], rows[5][:2]):
+        assert a == b
+        assert (tmp_path / "n2" / a["design"]).read_bytes() == (tmp_path / "n5" / b["design"]).read_bytes()
