@@ -280,6 +280,71 @@ def test_network_matches_egnn_pytorch_on_triton_float32():
             floor_from=outputs(_on_backend(ours, "reference").float(), F32))
 
 
+@pytest.mark.parametrize("opt", ["plain", "edges", "all"])
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_under_autocast_like_egnn_pytorch(backend, opt):
+    """Under torch.autocast (bf16), as egnn-pytorch runs in mixed-precision training: the drop-in raised a
+    TypeError naming W2 (p and q came out of F.linear in bf16, the op's weights stayed float32). Now the
+    pair op runs in bf16 with float32 coordinates, as EGNNLayer's: float32 outputs (theirs too), within
+    2x egnn-pytorch's own autocast error against float64 (outputs; gradients more loosely)."""
+    opts = OPTIONS[opt]
+    theirs, ours = make_pair(backend, **opts)
+    with torch.no_grad():  # O(1) parameters at 0.3 (0.5 takes bf16 gradients of both to ~100% error)
+        for a, b in zip(theirs.parameters(), ours.parameters()):
+            a.mul_(0.6), b.mul_(0.6)
+    inputs = make_inputs(3, 7, opts.get("edge_dim", 0), masked=True, seed=4)
+    expected = run(theirs, *inputs)
+    inputs32 = [None if t is None else (t.float() if t.is_floating_point() else t) for t in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        floor = run(theirs.float(), *inputs32)
+        with _ran_backend(backend) as calls:
+            got = run(ours.float(), *inputs32)
+    assert calls, f"the {backend} kernels did not run"
+    assert got["h_out"].dtype == floor["h_out"].dtype == F32 and got["x_out"].dtype == F32
+    assert rel_err(floor["h_out"], expected["h_out"]) > 1e-3, "autocast must change the arithmetic"
+    compare({k: got[k] for k in ("h_out", "x_out")}, {k: expected[k] for k in ("h_out", "x_out")}, 2e-3,
+            floor_from=floor)
+    compare(got, expected, 2e-2, floor_from=floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_rows_as_egnn_pytorch_whatever_they_hold_float16(backend):
+    """Padding rows come out as egnn-pytorch's (x' = x, h' = h + node_mlp([node_norm(h), 0])) whatever
+    they hold: in float16, padding coordinates of 1e4 overflowed b4's term n x_i to inf and padding features
+    whose p + q overflows made the self message inf, and inf * 0 turned those rows into NaN."""
+    D = 2
+    theirs = egnn_pytorch.EGNN(dim=D)
+    with torch.no_grad():
+        for prm in theirs.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.3)
+        theirs.edge_mlp[0].weight.fill_(0.5)  # p + q = 2 (f_1 + f_2): inf at f = 2e4 in float16, p, q finite
+        theirs.edge_mlp[0].bias.zero_()
+        theirs.node_mlp[-1].weight.zero_()  # theirs finite on those rows as well: h' = h + b
+    theirs = theirs.half()
+    ours = compat.EGNN(dim=D, backend=backend).half()
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(0)
+    B, N = 2, 12
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, 10:], mask[1, 5:] = False, False
+    feats = (0.5 * torch.randn(B, N, D, generator=g)).half()
+    coors = torch.randn(B, N, 3, generator=g).half()
+    for what in ("coors", "feats"):
+        f, c = feats.clone(), coors.clone()
+        if what == "coors":
+            c[~mask] = 1e4
+        else:
+            f[~mask] = 2e4
+        with torch.no_grad():
+            h_out, x_out = ours(f, c, mask=mask)
+            h_want, x_want = theirs(f, c, mask=mask)
+        assert torch.isfinite(h_want).all() and torch.isfinite(x_want).all()
+        assert torch.isfinite(h_out).all() and torch.isfinite(x_out).all(), what
+        assert torch.equal(x_out[~mask], c[~mask]), what
+        assert torch.equal(h_out[~mask], h_want[~mask]), what
+        assert rel_err(x_out[mask], x_want[mask]) < 2e-2 and rel_err(h_out[mask], h_want[mask]) < 2e-2, what
+
+
 # ----------------------------------------------------------------------------------------------
 # Options we do not support: a clear error naming the option
 # ----------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ dense mode), ``dropout > 0`` in training mode (fine in eval mode), and in ``EGNN
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -67,6 +68,17 @@ class CoorsNorm(nn.Module):
         return coors / norm.clamp(min=self.eps) * self.scale
 
 
+# the fused op's argument -> what it is made of in EGNN (for its errors, e.g. a NaN in the inputs)
+_OP_NAMES = {
+    "x": "coors", "edge_attr": "edges",
+    "p": "feats (or edge_mlp.0's weight or bias), through p = edge_mlp.0's feats_i part",
+    "q": "feats (or edge_mlp.0.weight), through q = edge_mlp.0's feats_j part",
+    "w_d": "edge_mlp.0.weight", "W_e": "edge_mlp.0.weight", "W2": "edge_mlp.3.weight", "b2": "edge_mlp.3.bias",
+    "W3": "coors_mlp.0.weight", "b3": "coors_mlp.0.bias", "w4": "coors_mlp.3 (weight or bias)",
+    "w_att": "edge_gate.0.weight",
+}
+
+
 def _unsupported(option: str, value, why: str) -> ValueError:
     return ValueError(f"{option}={value!r} is not supported by protdiff_fast.nn.compat ({why})")
 
@@ -76,7 +88,9 @@ class EGNN(nn.Module):
 
     ``forward(feats, coors, edges=None, mask=None) -> (feats', coors')`` with feats (B, N, dim),
     coors (B, N, 3), edges (B, N, N, edge_dim), mask (B, N) bool. Same constructor arguments as
-    egnn-pytorch 0.2.8 (see the module docstring for those that raise), plus ``backend``.
+    egnn-pytorch 0.2.8 (see the module docstring for those that raise), plus ``backend``. Under
+    ``torch.autocast`` the pair op runs in the autocast dtype with float32 coordinates, as in
+    :class:`protdiff_fast.nn.EGNNLayer`.
     """
 
     def __init__(
@@ -208,10 +222,28 @@ class EGNN(nn.Module):
         else:  # no coordinate update: a one-unit zero phi_x, its output is dropped
             W3, b3, w4 = W2.new_zeros(self.m_dim, 1), b2.new_zeros(1), b2.new_zeros(1)
 
-        m_i, dx_i = egnn_pair_aggregate(
-            coors, p, q, w_d, W2, b2, W3, b3, w4, mask=mask, normalize=normalize, coords_agg="sum",
-            eps=getattr(self.coors_norm, "eps", 1e-8), backend=self.backend, **gate, **edge_kw,
-        )  # (B, N, M), (B, N, 3): sums over j != i, real
+        pair_inputs = [coors, p, q, w_d, W2, b2, W3, b3, w4]
+        autocast = torch.is_autocast_enabled(feats.device.type) and p.dtype != coors.dtype
+        if autocast:
+            # as EGNNLayer: the fused op is no autocast-aware torch op (p and q came out of F.linear in the
+            # autocast dtype, the weights are float32), so it runs in p's dtype, like the matmuls it stands
+            # for, with float32 coordinates (the op's "fp32 coordinates"): it raised on W2's dtype before
+            low = p.dtype
+            pair_inputs = [coors.float()] + [t.to(low) for t in pair_inputs[1:]]
+            gate = {k: v.to(low) for k, v in gate.items()}
+            edge_kw = {k: v.to(low) for k, v in edge_kw.items()}
+        with torch.autocast(feats.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            try:
+                m_i, dx_i = egnn_pair_aggregate(
+                    *pair_inputs, mask=mask, normalize=normalize, coords_agg="sum",
+                    eps=getattr(self.coors_norm, "eps", 1e-8), backend=self.backend, **gate, **edge_kw,
+                )  # (B, N, M), (B, N, 3): sums over j != i, real
+            except ValueError as err:  # name this module's inputs and parameters, not the op's ("p: contains NaN")
+                name, _, rest = str(err).partition(": ")
+                if name in _OP_NAMES and rest.startswith("contains"):
+                    raise ValueError(f"{_OP_NAMES[name]}: {rest}") from err
+                raise
+        dx_i = dx_i.to(coors.dtype)
 
         real = None if mask is None else mask.unsqueeze(-1).to(feats.dtype)  # (B, N, 1)
         if self.coors_mlp is not None:
@@ -220,9 +252,11 @@ class EGNN(nn.Module):
             else:  # b4's term: sum_{j real} b4 (x_i - x_j) = b4 (n x_i - sum_j x_j)
                 if real is None:
                     n, total = float(N), coors.sum(dim=1, keepdim=True)
-                else:
-                    n, total = real.sum(dim=1, keepdim=True), (coors * real).sum(dim=1, keepdim=True)
-                bias_term = b4 * (n * coors - total)
+                else:  # padding rows through torch.where, not * 0: padding coordinates of 1e4 in float16
+                    # overflowed n x_i to inf, and inf * 0 made those rows NaN instead of x' = x
+                    coors_real = torch.where(mask.unsqueeze(-1), coors, coors.new_zeros(()))
+                    n, total = real.sum(dim=1, keepdim=True), coors_real.sum(dim=1, keepdim=True)
+                bias_term = b4 * (n * (coors if real is None else coors_real) - total)
                 dx_i = dx_i + (bias_term if real is None else bias_term * real)
             coors_out = coors + dx_i
         else:
@@ -234,6 +268,8 @@ class EGNN(nn.Module):
         z_ii = p + q  # (B, N, H_e)
         if edges is not None:
             z_ii = z_ii + F.linear(torch.diagonal(edges, dim1=1, dim2=2).transpose(1, 2), W_e)
+        if mask is not None:  # (zeroed before the MLP, as the op zeroes padding: an overflow there was inf * 0)
+            z_ii = torch.where(mask.unsqueeze(-1), z_ii, z_ii.new_zeros(()))
         m_ii = F.silu(F.linear(F.silu(z_ii), second.weight, b2))  # (B, N, M)
         if self.edge_gate is not None:
             m_ii = m_ii * self.edge_gate(m_ii)

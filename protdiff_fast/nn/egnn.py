@@ -17,7 +17,7 @@ from protdiff_fast._checks import check_tensor
 from protdiff_fast.backends import check_backend_name, resolve
 from protdiff_fast.nn import batch_invariant
 from protdiff_fast.ops import cannot_run_egnn, egnn_pair_aggregate
-from protdiff_fast.reference.egnn import COORDS_AGG
+from protdiff_fast.reference.egnn import COORDS_AGG, check_normalize
 
 
 def _no_context():
@@ -77,6 +77,7 @@ class EGNNLayer(nn.Module):
         self.coords_range = float(coords_range)
         if coords_agg not in COORDS_AGG:
             raise ValueError(f"coords_agg: expected one of {COORDS_AGG}, got {coords_agg!r}")
+        check_normalize(normalize)  # here, not at the first call: the triton backend took normalize=1 as True
         if hidden_dim < 1 or edge_dim < 0:
             raise ValueError(f"hidden_dim must be >= 1 and edge_dim >= 0, got {hidden_dim}, {edge_dim}")
         H, E = hidden_dim, edge_dim
@@ -109,7 +110,7 @@ class EGNNLayer(nn.Module):
         return name
 
     def _edge_kwargs(self, edge_attr: Optional[torch.Tensor], B: int, N: int, W_e: torch.Tensor,
-                     dtype: Optional[torch.dtype] = None) -> dict:
+                     dtype: Optional[torch.dtype] = None, name: str = "edge_attr") -> dict:
         E = self.edge_dim
         if edge_attr is None:
             if E:
@@ -118,9 +119,9 @@ class EGNNLayer(nn.Module):
         if not E:
             raise ValueError("edge_attr: this layer was built with edge_dim=0; pass edge_dim to use edge features")
         if edge_attr.dim() == 2:  # relative-offset table (2K + 1, E)
-            check_tensor("edge_attr", edge_attr, (None, E), dtype=dtype)
+            check_tensor(name, edge_attr, (None, E), dtype=dtype)  # (named as the caller passed it)
             if edge_attr.shape[0] % 2 != 1:
-                raise ValueError(f"edge_attr: an offset table needs 2K + 1 rows, got {edge_attr.shape[0]}")
+                raise ValueError(f"{name}: an offset table needs 2K + 1 rows, got {edge_attr.shape[0]}")
             return {"rel": batch_invariant.linear(edge_attr, W_e)}  # (2K + 1, H)
         check_tensor("edge_attr", edge_attr, (B, N, N, E), dtype=dtype)
         return {"edge_attr": edge_attr, "W_e": W_e.t()}
@@ -161,7 +162,8 @@ class EGNNLayer(nn.Module):
         pair_inputs = [x, p, q, w_d, self.phi_e[2].weight.t(), self.phi_e[2].bias, self.phi_x[0].weight.t(),
                        self.phi_x[0].bias, self.phi_x[2].weight[0] / self.coords_range if self.coords_range != 1.0
                        else self.phi_x[2].weight[0]]  # R tanh(phi / R): w4 / R in, dx times R out
-        edge = self._edge_kwargs(edge_attr, B, N, W_e, None if autocast else W_e.dtype)
+        edge = self._edge_kwargs(edge_attr, B, N, W_e, None if autocast else W_e.dtype,
+                                 "rel_offsets" if rel_offsets is not None else "edge_attr")
         if autocast:
             # The fused op is not an autocast-aware torch op, so the cast is made here: its bulk is two
             # H x H products per pair, so it runs in the autocast dtype like a matmul (bf16/fp16
