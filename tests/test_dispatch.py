@@ -267,3 +267,17 @@ def test_ddpm_step_seed_checked_alike_on_every_backend(backend):
     for bad in (True, 1.5, "3"):
         with pytest.raises(TypeError, match="seed: expected an int or an integer tensor"):
             step(bad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_nan_attention_bias_is_refused_by_name(backend):
+    """b_att was the one weight outside the finiteness check: a NaN there made every output NaN silently."""
+    if not _runs_here("egnn_pair_aggregate", backend):
+        pytest.skip(f"{backend} not available here")
+    args, kw = make_problem(2, 5, 16, 2, "none", dict(attention=True), seed=3)
+    args, kw = [a.float() for a in args], {k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()}
+    m_i, _ = egnn_pair_aggregate(*args, backend=backend, **kw)
+    assert bool(torch.isfinite(m_i).all())
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="b_att: contains (NaN|Inf)"):
+            egnn_pair_aggregate(*args, backend=backend, **dict(kw, b_att=torch.tensor(bad)))

@@ -94,8 +94,9 @@ def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
 def zero_padding(mask: torch.Tensor, x, p, q, edge_attr=None):
     """x, p, q (and edge_attr on pairs with a padding node) with padding rows set to zero.
 
-    Padding contributes nothing, whatever it holds (the finiteness checks skip it): masking the sums
-    alone would not do, as NaN * 0 = NaN and padding coordinates of 1e20 (300 in float16) overflow d2."""
+    Padding contributes nothing, whatever finite values it holds (NaN/Inf anywhere is refused by the
+    checks): masking the sums alone would not do, as padding coordinates of 1e20 (300 in float16)
+    overflow d2 and inf * 0 = NaN."""
     keep = mask.unsqueeze(-1)
     x, p, q = (torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device)) for v in (x, p, q))
     if edge_attr is not None:
@@ -178,7 +179,8 @@ def check_egnn_pair_aggregate_inputs(
         b_att = check_tensor("b_att", b_att.reshape(()), (), dtype=dtype, device=device)
     # the weights and the offset table too (one read for all): a NaN there made every output NaN silently
     check_all_finite((("x", x), ("p", p), ("q", q), ("edge_attr", edge_attr), ("rel", rel), ("w_d", w_d), ("W2", W2),
-                      ("b2", b2), ("W3", W3), ("b3", b3), ("w4", w4), ("W_e", W_e), ("w_att", w_att)),
+                      ("b2", b2), ("W3", W3), ("b3", b3), ("w4", w4), ("W_e", W_e), ("w_att", w_att),
+                      ("b_att", b_att)),
                      mask=mask if given else None)
     return mask, b_att
 
