@@ -69,3 +69,10 @@ def test_egnn_layer_refuses_a_bad_normalize_when_built(normalize):
         EGNNLayer(16, normalize=normalize, backend="triton")
     for ok in (False, True, "clamp"):
         assert EGNNLayer(16, normalize=ok).normalize == ok
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_egnn_stack_needs_at_least_one_layer(bad):
+    with pytest.raises(ValueError, match=rf"num_layers must be an integer >= 1, got {bad!r}"):
+        EGNN(4, 8, num_layers=bad)
+    assert len(EGNN(4, 8, num_layers=1).layers) == 1

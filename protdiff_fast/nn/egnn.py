@@ -219,6 +219,9 @@ class EGNN(nn.Module):
         **layer_kwargs,
     ) -> None:
         super().__init__()
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            # 0 layers returned x unchecked and unmasked: no EGNN at all, not an identity one
+            raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
         self.embedding_in = nn.Linear(in_dim, hidden_dim)
         self.layers = nn.ModuleList(EGNNLayer(hidden_dim, edge_dim, **layer_kwargs) for _ in range(num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(num_layers)) if layer_norm else None
