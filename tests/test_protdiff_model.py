@@ -1700,3 +1700,17 @@ def test_a_dataset_without_val_labels_says_so(tmp_path, capsys):
     assert "split 'val'" in err
     train(cfg(tmp_path, "plain", steps=1, ckpt_every=1, val_every=1), progress=False)
     assert "no validation chains" not in capsys.readouterr().err
+
+
+def test_autocast_drift_script_writes_its_table(tmp_path, capsys):
+    """scripts/autocast_drift.py (the README's --autocast bf16 numbers): one row per design, the file as printed."""
+    drift = _load_script("autocast_drift")
+    out = tmp_path / "drift.md"
+    assert drift.main(["--lengths", "40", "45", "--steps", "20", "--seed", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text in capsys.readouterr().out and "20 steps; seed 1" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(0, 40), (1, 45)]
+    for r in rows:  # bf16 rounding moves the designs, a little
+        rms, kabsch, largest = map(float, r[2:])
+        assert 0 < kabsch <= rms * 1.001 and 0 < rms <= largest < 2.0
