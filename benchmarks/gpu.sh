@@ -40,7 +40,9 @@ $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 limit="${STAGE_TIMEOUT:-540}"
 jobs="${CHECK_JOBS:-13}"   # the egnn check's combinations in parallel processes: their kernels compile at once
 started=$SECONDS
-left() { echo $(( limit - (SECONDS - started) )); }
+# never below 1: `timeout 0` means no limit at all (a stage past its time would run on until the device call
+# is killed, and the archive with everything measured would never be packed); a negative one is refused
+left() { local s=$(( limit - (SECONDS - started) )); [ "$s" -lt 1 ] && s=1; echo "$s"; }
 check() {  # the egnn kernels and the sampling checks side by side (correctness only: nothing is timed)
   timeout "$1" $py benchmarks/gpu_check.py --jobs "$jobs" --time-limit $(( $1 - 15 )) > "$work/gpu_check.txt" 2>&1 &
   local egnn=$!
@@ -65,7 +67,8 @@ case "$stage" in
   bwd)     timeout "$limit" $py benchmarks/gpu_profile_bwd.py --jobs "$jobs" --timeout 150 --out "$work/bwd/results.json" \
              "$@" 2>&1 | tee "$work/bwd.log"; rc=${PIPESTATUS[0]} ;;
   lease)   # one device call: the checks (at most CHECK_TIMEOUT s), then the target rows in the time left
-    check "${CHECK_TIMEOUT:-240}"; rc=$?
+    ct="${CHECK_TIMEOUT:-240}"; [ "$ct" -gt "$(left)" ] && ct="$(left)"   # within the stage's own limit
+    check "$ct"; rc=$?
     targets "$(left)" "$@"; rc_t=$?
     [ "$rc" -eq 0 ] && rc=$rc_t ;;
   *) echo "unknown stage $stage (check | targets | grid | bwd | lease)" >&2; exit 2 ;;

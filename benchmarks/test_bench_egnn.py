@@ -17,8 +17,8 @@ from protdiff_fast.diffusion import NoiseSchedule
 PROVIDERS = ["reference"]
 if backends.cpu_extension() is not None:
     PROVIDERS.append("cpu")
-if egnn_pytorch_available():
-    PROVIDERS += ["egnn-pytorch", "compat"]  # layer against layer: egnn-pytorch and our drop-in for it
+if egnn_pytorch_available():  # layer against layer: egnn-pytorch and our drop-in for it (on the C++ kernels)
+    PROVIDERS += ["egnn-pytorch"] + (["compat"] if backends.cpu_extension() is not None else [])
 
 CASES = [(1, 128, 64), (4, 256, 64), (1, 512, 128)]
 

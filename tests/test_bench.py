@@ -52,8 +52,10 @@ def test_oom_rows_are_kept(tmp_path):
     assert out["status"] == "OOM" and out["N"] == 2048
 
 
-def test_sampler_mixed_row_measures_a_whole_run():
+def test_sampler_mixed_row_measures_a_whole_run(tmp_path, monkeypatch):
     from protdiff_fast.bench.egnn import sampler_mixed_lengths
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the worker's scratch folders: none may be left behind
 
     lengths = sampler_mixed_lengths(5, 12)
     assert sorted(lengths) == [6, 8, 9, 10, 12] and lengths != sorted(lengths)  # mixed, not pre-sorted
@@ -62,6 +64,7 @@ def test_sampler_mixed_row_measures_a_whole_run():
     out = runner.run_row(row, "cpu", 1, 300, 0.1, mem_limit=None)
     assert out["status"] == "ok", out
     assert out["backbones_per_s"] == 2 / out["median_s"] and out["reps"] >= 2
+    assert not list(tmp_path.glob("protdiff-bench-*"))  # the last repetition's designs were left in /tmp
     md = runner.markdown(dict(environment=dict(date="d", cpu="c", threads=1, torch="t", commit="x"),
                               rates=dict(mm_fp32_square_flops=1.0, mm_fp32_pair_shape_flops=1.0, pair_shape_H=64,
                                          copy_bytes_per_s=1.0), command="cmd", rows=[out]))
@@ -637,3 +640,127 @@ def test_bench_options_and_outputs_are_checked_before_any_row_runs(tmp_path, mon
 
     assert main(["bench", "egnn", "--quick", "--hidden", "abc", "--out", str(tmp_path / "p")]) == 2
     assert "--hidden: comma-separated integers, got 'abc'" in capsys.readouterr().err
+
+
+def test_egnn_fwd_rows_record_no_autograd_graph_for_any_provider():
+    """"fwd" is inference for the op and the layers alike: egnn-pytorch's and compat's parameters required
+    grad, so their forward kept every pair activation for a backward never run (egnn-pytorch's peak ~1.7x
+    its inference peak at B=1 N=128 H=64), while the op rows' inputs required none: their memory ratio
+    was inflated."""
+    import torch
+
+    from protdiff_fast.bench.egnn import make_case
+
+    providers = ["reference", "cpu"] + (["egnn-pytorch", "compat", "compat-m16"] if _has_egnn_pytorch() else [])
+    for provider in providers:
+        run = make_case(provider, 1, 12, 16, "fwd", torch.float32, "cpu")
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            run()
+        assert saved == [], (provider, sum(saved))
+
+
+def _has_egnn_pytorch():
+    from protdiff_fast.bench.egnn import egnn_pytorch_available
+
+    return egnn_pytorch_available()
+
+
+def test_egnn_fwdbwd_rows_do_not_accumulate_gradients_across_repetitions(monkeypatch):
+    """Every timed repetition computes the gradients afresh and frees them, as the first does: nothing
+    piles up in ``.grad`` (an extra read-modify-write per input and repetition, and gradient buffers held
+    from the warm-up in the memory baseline)."""
+    import torch
+
+    import protdiff_fast.nn.compat as compat
+    import protdiff_fast.ops as ops
+    from protdiff_fast.bench.egnn import make_case
+
+    seen = []
+    real = ops.egnn_pair_aggregate
+    monkeypatch.setattr(ops, "egnn_pair_aggregate", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+
+    class Recorded(compat.EGNN):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(((), dict(layer=self)))
+
+    monkeypatch.setattr(compat, "EGNN", Recorded)
+    for provider in ("reference", "cpu", "compat"):
+        seen.clear()
+        run = make_case(provider, 1, 10, 16, "fwdbwd", torch.float32, "cpu")
+        run()
+        run()
+        tensors = [t for a, k in seen for t in (*a, *k.values()) if isinstance(t, torch.Tensor)]
+        tensors += [p for a, k in seen if "layer" in k for p in k["layer"].parameters()]
+        assert any(t.requires_grad for t in tensors), provider
+        assert all(t.grad is None for t in tensors), provider
+
+
+def test_results_files_get_the_permissions_of_a_plain_write(tmp_path, monkeypatch, capsys):
+    """results.json / results.md were written through mkstemp and kept its 0600 (the plots beside them,
+    and every other file a run writes, get 0666 less the umask); --quick prints its table as promised."""
+    rows = [dict(suite="egnn", provider="reference", B=1, N=6, H=8, mode="fwd", dtype="float32")]
+    monkeypatch.setattr(runner, "grid", lambda device, quick, suites, which="full": rows)
+    monkeypatch.setattr(runner, "device_rates", lambda device: dict(mm_fp32_square_flops=1e11, mm_fp32_pair_shape_flops=5e10,
+                                                                   pair_shape_H=64, copy_bytes_per_s=1e10))
+    monkeypatch.setattr(runner, "repeated_row", lambda row, *a: dict(row, status="ok", median_s=1e-3, p20_s=1e-3,
+                                                                     p80_s=1e-3, reps=3, flops=1e6, tflops_per_s=1e-6))
+    monkeypatch.setattr(runner, "plot", lambda result, out: [])
+    (tmp_path / "plain").write_text("")
+    want = (tmp_path / "plain").stat().st_mode & 0o777
+    runner.run(["egnn"], "cpu", True, str(tmp_path / "a"), 60, None, "test")
+    for name in ("results.json", "results.md"):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == want, name
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["results.json", "results.md"]  # no temporaries
+    assert "| egnn | fwd | float32 | 8 | 1 | 6 | reference | 1.000 [3]" in capsys.readouterr().out
+
+
+def test_train_step_rows_count_the_parameter_gradients_as_the_steps_own_memory(monkeypatch):
+    """The step freed the previous repetition's gradients at its start: they sat in the worker's memory
+    baseline (taken after the warm-up) and the step's peak left them out. Now each step frees its own
+    at its end, so nothing is held between repetitions."""
+    import torch
+
+    import protdiff_fast.models as models
+    from protdiff_fast.bench.egnn import make_train_step_case
+
+    built = []
+
+    class Recorded(models.ProtDiff):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+
+    monkeypatch.setattr(models, "ProtDiff", Recorded)
+    run = make_train_step_case("cpu", 1, 10, 16, torch.float32, "cpu")
+    run()
+    (model,) = built
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_compat_rows_run_the_fused_op_or_fail_never_the_reference_under_its_name(tmp_path, monkeypatch):
+    """compat rows built the drop-in with backend="auto", which runs the reference, silently, wherever the
+    fused backend cannot (here: no C++ extension): the row said "compat" and set the reference's time against
+    egnn-pytorch's. Now they name the fused backend: such a row fails, and the runner leaves it out."""
+    import torch
+
+    from protdiff_fast import backends
+    from protdiff_fast.bench.egnn import make_case
+
+    monkeypatch.setattr(backends, "_load_cpu_extension",
+                        lambda: (None, "the C++ extension protdiff_fast._C could not be imported (hidden)"))
+    for provider in ("compat", "compat-m16"):
+        run = make_case(provider, 1, 8, 16, "fwd", torch.float32, "cpu")
+        with pytest.raises(RuntimeError, match="C\\+\\+ extension"):
+            run()
+    rows = [dict(suite="egnn", provider=p, B=1, N=12, H=8, mode="fwd", dtype="float32")
+            for p in ("reference", "cpu", "egnn-pytorch", "compat", "compat-m16")]
+    monkeypatch.setattr(runner, "grid", lambda device, quick, suites, which="full": rows)
+    monkeypatch.setattr(runner, "device_rates", lambda device: {})
+    monkeypatch.setattr(runner, "markdown", lambda result: "")
+    monkeypatch.setattr(runner, "plot", lambda result, out: None)
+    monkeypatch.setattr(runner, "repeated_row", lambda row, *a: dict(row, status="ok", median_s=1.0))
+    result = runner.run(["egnn"], "cpu", True, str(tmp_path / "a"), 60, None, "test")
+    assert [r["provider"] for r in result["rows"]] == ["reference", "egnn-pytorch"]
+    assert any(m.startswith("cpu and compat") for m in result["not_run"])

@@ -18,7 +18,8 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$@" >> "$FAKE_LOG"
 case "$*" in
   *gpu_check_sampler.py*) echo "fake sampler check line"; exit "${FAKE_SAMPLER_RC:-0}" ;;
-  *gpu_check.py*) echo "fake check line"; exit "${FAKE_RC:-0}" ;;
+  *gpu_check.py*) echo "fake check line"; [ -n "${FAKE_CHECK_SLEEP:-}" ] && exec sleep "$FAKE_CHECK_SLEEP"
+    exit "${FAKE_RC:-0}" ;;
   *gpu_profile_bwd.py*)
     out=""; prev=""
     for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
@@ -97,6 +98,22 @@ def test_a_stage_stops_at_its_time_limit_and_keeps_its_results(tmp_path):
                                       env_extra=dict(STAGE_TIMEOUT="1", FAKE_SLEEP="20"))
     assert proc.returncode == 124
     assert "grid/results.json" in members and "stopped at 1 s" in members["gpu.txt"]
+
+
+def test_lease_keeps_to_its_stage_limit_when_the_checks_use_it_all(tmp_path):
+    """CHECK_TIMEOUT above what the stage has (STAGE_TIMEOUT=3 here, CHECK_TIMEOUT 10): the checks ran their
+    10 s, past the stage's limit, and the targets then got `timeout <= 0` - refused when negative, and when
+    exactly 0 no limit at all, so the device call was killed before the archive was packed. Now the checks
+    are bounded by the stage, the targets get at least 1 s, and the archive comes back."""
+    import time
+
+    t0 = time.monotonic()
+    proc, archives, members, calls = _run(tmp_path, "lease", env_extra=dict(
+        STAGE_TIMEOUT="3", CHECK_TIMEOUT="10", FAKE_CHECK_SLEEP="30", FAKE_SLEEP="30"))
+    elapsed = time.monotonic() - t0
+    assert elapsed < 8, (elapsed, proc.stdout + proc.stderr)
+    assert "protdiff_fast.cli" in calls, proc.stdout + proc.stderr  # the targets were started, and stopped
+    assert len(archives) == 1 and "targets/results.json" in members and "stopped at 3 s" in members["gpu.txt"]
 
 
 def test_the_commit_recorded_is_gpu_commit_before_git(tmp_path):

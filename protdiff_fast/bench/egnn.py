@@ -68,6 +68,12 @@ def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dty
     The inputs are those of a ProtDiff layer: relative-offset edges (table of 2K + 1 rows),
     attention off, normalize on, mean coordinate aggregation, no padding. The layer providers build
     egnn-pytorch's ``EGNN(dim=H, m_dim=m_dim or H)`` (its own default is m_dim = 16).
+
+    "fwd" is inference for every provider: nothing requires grad, so no autograd graph is recorded
+    (the layers' parameters included: with them requiring grad, egnn-pytorch's forward kept all its
+    (B, N, N, 4H + 2) activations for a backward that never came: 1.7-1.8x its inference peak at
+    H = 64). "fwdbwd" computes the gradients of every input and parameter and frees them (``.grad = None``) instead of
+    accumulating into them across repetitions: each call allocates its own, as the first one does.
     """
     g = torch.Generator(device="cpu").manual_seed(0)
     need_grad = mode == "fwdbwd"
@@ -86,14 +92,20 @@ def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dty
             from protdiff_fast.nn.compat import EGNN as DropIn
 
             torch.manual_seed(0)
-            layer = DropIn(dim=H, m_dim=m_dim or H, backend="auto")
-        layer = layer.to(device=device, dtype=dtype)
+            # the fused backend by name: "auto" ran the reference, silently, where the fused one could not
+            # (no C++ extension, no triton, widths beyond the kernels'), and the row still said "compat"
+            fused = "triton" if str(device).startswith("cuda") else "cpu"
+            layer = DropIn(dim=H, m_dim=m_dim or H, backend=fused)
+        layer = layer.to(device=device, dtype=dtype).requires_grad_(need_grad)
         feats, coors = r(B, N, H), r(B, N, 3)
+        leaves = [feats, coors, *layer.parameters()]
 
         def run() -> None:
             h, x = layer(feats, coors)
             if need_grad:
                 (h.sum() + x.sum()).backward()
+                for t in leaves:  # freed, not accumulated into by the next repetition
+                    t.grad = None
 
         return run
 
@@ -107,6 +119,8 @@ def make_case(provider: str, B: int, N: int, H: int, mode: str, dtype: torch.dty
         m, dx = egnn_pair_aggregate(*args, rel=rel, normalize=True, backend=provider)
         if need_grad:
             (m.sum() + dx.sum()).backward()
+            for t in (*args, rel):  # freed, not accumulated into by the next repetition
+                t.grad = None
 
     return run
 
@@ -199,10 +213,12 @@ def make_train_step_case(provider: str, B: int, N: int, H: int, dtype: torch.dty
     mask = torch.ones(B, N, dtype=torch.bool, device=device)
 
     def run() -> None:
-        model.zero_grad(set_to_none=True)
         with torch.autocast(torch.device(device).type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = model(x, t, mask).float().pow(2).sum()
         loss.backward()
+        # freed after the step, not before the next: the parameter gradients are part of the step's own
+        # memory (held from the previous repetition, they sat in the worker's baseline and went uncounted)
+        model.zero_grad(set_to_none=True)
 
     return run
 
@@ -282,9 +298,11 @@ def make_sampler_mixed_case(provider: str, B: int, N: int, H: int, dtype: torch.
     """``sample()`` of B designs of mixed lengths end to end: length-sorted batches of
     SAMPLER_MIXED_BATCH, SAMPLER_MIXED_STEPS strided steps of the shipped ProtDiff (``provider``
     picks the EGNN and step backend), and with ``write`` the PDB files, per-design metrics and the
-    manifest in a fresh folder per repetition (deleted afterwards, outside the timing of the next).
+    manifest in a fresh folder per repetition (the previous repetition's is deleted at the start of the
+    next, inside its timing: a few ms against seconds; the last one when the worker exits).
     ``H`` is the shipped model's (64); other values are refused.
     """
+    import atexit
     import shutil
     import tempfile
 
@@ -299,9 +317,10 @@ def make_sampler_mixed_case(provider: str, B: int, N: int, H: int, dtype: torch.
         raise ValueError(f"sampler-mixed uses the shipped model (H={cfg.hidden_dim}), not H={H}")
     lengths = sampler_mixed_lengths(B, N)
     folders = []
+    atexit.register(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])  # the last one's files
 
     def run() -> None:
-        if folders:  # the previous repetition's files: removed here, so it is not timed as writing
+        if folders:  # the previous repetition's files
             shutil.rmtree(folders.pop(), ignore_errors=True)
         out = tempfile.mkdtemp(prefix="protdiff-bench-") if write else None
         if out:

@@ -13,7 +13,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -329,7 +328,7 @@ def not_available(device: str) -> List[str]:
     if not egnn_pytorch_available():
         missing.append("egnn-pytorch and compat (egnn-pytorch is not installed: pip install egnn-pytorch)")
     if not device.startswith("cuda") and backends.cpu_extension() is None:
-        missing.append("cpu (the C++ extension is not built)")
+        missing.append("cpu and compat (the C++ extension is not built)")
     return missing
 
 
@@ -574,10 +573,12 @@ def scaling_markdown(fits: List[Dict]) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """The package's atomic write (protdiff_fast.io.structure): a new file gets a plain open()'s permissions
+    (mkstemp's were 0600: results.json / results.md unreadable to the group, unlike the plots beside them),
+    and a failed write leaves no temporary file behind."""
+    from protdiff_fast.io.structure import _atomic_write as atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def plot(result: Dict, out_dir: Path) -> Optional[List[str]]:
@@ -769,7 +770,7 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
         rows = [r for r in rows if r["provider"] in providers]
     missing = not_available(device)
     if any(m.startswith("cpu ") for m in missing):  # no C++ extension: its rows would only be error rows
-        rows = [r for r in rows if r["provider"] != "cpu"]
+        rows = [r for r in rows if r["provider"] != "cpu" and (layer_spec(r["provider"]) or ("",))[0] != "compat"]
     if dtypes:
         rows = [r for r in rows if r["dtype"] in dtypes]
     if hidden:
@@ -804,6 +805,8 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
     _atomic_write(out / "results.json", json.dumps(result, indent=1))
     _atomic_write(out / "results.md", markdown(result) + scaling_markdown(result["scaling"]))
     result["plots"] = plot(result, out)
+    if quick:  # --quick promises its table on the terminal (the rows' one-line progress is not it)
+        print(markdown(result), flush=True)
     if result["scaling"]:
         print(scaling_markdown(result["scaling"]))
     result["regressions"] = [f for f in result["scaling"] if f["memory_regression"]]
