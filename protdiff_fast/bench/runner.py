@@ -123,6 +123,10 @@ def device_rates(device: str, H: int = 64) -> Dict:
         a16, b16 = a.new_empty(n, n, dtype=torch.bfloat16).normal_(), a.new_empty(n, n, dtype=torch.bfloat16).normal_()
         rates["mm_bf16_square_flops"] = 2 * n ** 3 / _time_it(lambda: a16 @ b16, 10, sync)
         rates["mm_bf16_square_n"] = n
+        del a16, b16
+    if device.startswith("cuda"):  # ~1 GB of probes: cached by this process, it was missing to every row's worker
+        del a, b, x, w, src, dst
+        torch.cuda.empty_cache()
     return rates
 
 
