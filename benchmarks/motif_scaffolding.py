@@ -52,13 +52,21 @@ def main() -> int:
             s = json.loads((out / "summary.json").read_text())["summary"]
             rows.append((name, method, s, time.perf_counter() - t0))
             print(f"{name} {method}: redenoised motif RMSD {s['mean_redenoise_motif_rmsd']:.2f} A", flush=True)
+    from protdiff_fast.cli import shipped_checkpoint
+    from protdiff_fast.diffusion.sampler import model_fingerprint
+    from protdiff_fast.train import load_model
+
+    model = load_model(str(shipped_checkpoint()), device="cpu")
+    params = sum(p.numel() for p in model.parameters())
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown (not a git checkout)"
     lines = [
         "# Motif scaffolding with the shipped model (CPU)",
         "",
         f"Date {time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}; model "
-        "`protdiff_fast/data/protdiff_small.pt` (150k parameters; its unconditional samples: "
-        "`benchmarks/results/protdiff_small_eval.md`).",
+        f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}; commit {commit}; model "
+        f"`protdiff_fast/data/protdiff_small.pt` ({params / 1e3:.0f}k parameters, fingerprint "
+        f"{model_fingerprint(model).split(':')[-1][:12]}; its unconditional samples: `benchmarks/results/protdiff_small_eval.md`).",
         "",
         "Command:",
         "",
@@ -89,7 +97,9 @@ def main() -> int:
                      f"{s.get('resampling_events', '-')} | {secs:.0f} |")
     lines += ["", "Means over the designs of each run. With 8 designs per cell, differences of a few tenths of an "
               "A between methods are within design-to-design spread; see the per-design `summary.json` files."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    from protdiff_fast.io.structure import _atomic_write
+
+    _atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     print(f"wrote {args.out} (runs in {work})")
     return 0
 
