@@ -764,3 +764,17 @@ def test_compat_rows_run_the_fused_op_or_fail_never_the_reference_under_its_name
     result = runner.run(["egnn"], "cpu", True, str(tmp_path / "a"), 60, None, "test")
     assert [r["provider"] for r in result["rows"]] == ["reference", "egnn-pytorch"]
     assert any(m.startswith("cpu and compat") for m in result["not_run"])
+
+
+def test_markdown_warns_when_the_machine_was_busy_at_the_start():
+    from protdiff_fast.bench import runner
+
+    def md(load, cores):
+        env = dict(date="d", cpu="c", threads=1, torch="t", commit="x", load_average=load, cpu_count=cores)
+        return runner.markdown(dict(environment=env, rates=dict(mm_fp32_square_flops=1.0, mm_fp32_pair_shape_flops=1.0,
+                                                                pair_shape_H=64, copy_bytes_per_s=1.0),
+                                    command="cmd", rows=[]))
+
+    assert "WARNING: load average 2.90 on 2 cores at the start" in md((2.9, 3.4, 3.5), 2)
+    assert "WARNING" not in md((0.1, 0.3, 0.4), 2) and "WARNING" not in md((3.0, 3.0, 3.0), 16)
+    assert "WARNING" not in md(None, 2)  # no load average on this platform: nothing to say

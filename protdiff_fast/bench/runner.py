@@ -419,9 +419,20 @@ def _pair_mlp_limit(row: Dict, rates: Dict) -> str:
             f"of the bf16 pair-MLP limit {limit:.1f}/s ({row['pair_mlp_tflops_per_s']:.0f} TFLOP/s)")
 
 
+def busy_warning(env: Dict) -> Optional[str]:
+    """A warning when the machine was not idle at the start (1-minute load average above a quarter of the
+    cores): other processes then share the cores, and with OpenMP's spinning threads rows ran 3-8x slower."""
+    load, cores = env.get("load_average"), env.get("cpu_count")
+    if not load or not cores or load[0] <= max(0.5, cores / 4):
+        return None
+    return (f"WARNING: load average {load[0]:.2f} on {cores} cores at the start: other processes share the CPU, "
+            "so times are slower and noisier than on an idle machine (compare rows of this run only)")
+
+
 def markdown(result: Dict) -> str:
     env, rates = result["environment"], result["rates"]
-    lines = [f"# Benchmark results ({env['date']})", "",
+    busy = busy_warning(env)
+    lines = [f"# Benchmark results ({env['date']})", "", *([f"**{busy}**", ""] if busy else []),
              f"- machine: {env.get('gpu') or env['cpu']}, {env['threads']} threads; torch {env['torch']}, "
              f"triton {env.get('triton')}, C++ {env.get('cpp_extension')}",
              f"- commit {env['commit']}" + (f" (package sources sha256 {env['source_sha256'][:16]})"
@@ -786,7 +797,10 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
                          f"--hidden {hidden}, --max-n {max_n}); the grid's dtypes here: "
                          f"{sorted({r['dtype'] for r in grid(device, quick, suites, which)})}")
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(command=command, environment=environment(device, threads), rates=device_rates(device),
+    env = environment(device, threads)
+    if busy_warning(env):
+        print(busy_warning(env), file=sys.stderr, flush=True)
+    result = dict(command=command, environment=env, rates=device_rates(device),
                   not_run=missing,
                   mem_method="peak resident set of one run after the timed ones, with the C heap's free pages "
                              "handed back first (malloc_trim), minus the resident set before it, plus what the C++ "
