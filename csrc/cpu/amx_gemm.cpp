@@ -64,6 +64,12 @@ inline std::uint16_t to_bf16(float f) {  // round to nearest even; NaN stays NaN
   return static_cast<std::uint16_t>(u >> 16);
 }
 
+// exact (bf16 is fp32's upper half); the maskz forms because GCC 12's plain ones pass an undefined
+// vector that -Wmaybe-uninitialized reports
+inline __m512 bf16_to_ps(__m256bh v) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, (__m256i)v), 16));
+}
+
 }  // namespace
 
 bool available() { return reason()[0] == '\0'; }
@@ -81,6 +87,19 @@ void rows_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows, std:
       const __m512 lo = _mm512_loadu_ps(src + r * ld_src + c);
       const __m512 hi = _mm512_loadu_ps(src + r * ld_src + c + 16);
       _mm512_storeu_si512(dst + r * ld_dst + c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+void rows_to_bf16_hi_lo(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t cols,
+                        std::uint16_t* hi, std::uint16_t* lo, std::int64_t ld_dst) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; c += 16) {
+      const __m512 a = _mm512_loadu_ps(src + r * ld_src + c);
+      const __m256bh h = _mm512_cvtneps_pbh(a);
+      // a - h is exact in fp32 (h holds a's leading bits): lo loses only its own rounding
+      const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(a, bf16_to_ps(h)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + r * ld_dst + c), (__m256i)h);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + r * ld_dst + c), (__m256i)l);
     }
 }
 
@@ -122,10 +141,14 @@ void rows_to_vnni(const float* src, std::int64_t ld_src, std::int64_t rows, std:
     }
 }
 
+namespace {
+
 // 2 x 2 blocks of 16 x 16 output tiles (tmm0-3) from two A tiles (tmm4-5) and two B tiles
-// (tmm6-7); a last odd block row uses tmm0-1 only.
-void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A, std::int64_t lda,
-               const std::uint16_t* Bp, const float* bias, float* C, std::int64_t ldc) {
+// (tmm6-7); a last odd block row uses tmm0-1 only. kLo: A_lo's tiles go through tmm4-5 after A's,
+// against the B tiles already loaded (no second pass over B and C).
+template <bool kLo>
+void gemm_tiles(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A, const std::uint16_t* A_lo,
+                std::int64_t lda, const std::uint16_t* Bp, const float* bias, float* C, std::int64_t ldc) {
   load_config();
   const long sa = lda * 2, sb = 4 * N, sc = ldc * 4;
   for (std::int64_t n0 = 0; n0 < N; n0 += 32) {
@@ -147,6 +170,14 @@ void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
+        if constexpr (kLo) {
+          _tile_loadd(4, A_lo + m0 * lda + k, sa);
+          _tile_loadd(5, A_lo + (m0 + 16) * lda + k, sa);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
       }
       _tile_stored(0, C + m0 * ldc + n0, sc);
       _tile_stored(1, C + m0 * ldc + n0 + 16, sc);
@@ -162,6 +193,11 @@ void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16
         _tile_loadd(7, Bp + (k / 2) * 2 * N + 2 * (n0 + 16), sb);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
+        if constexpr (kLo) {
+          _tile_loadd(4, A_lo + m0 * lda + k, sa);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+        }
       }
       _tile_stored(0, C + m0 * ldc + n0, sc);
       _tile_stored(1, C + m0 * ldc + n0 + 16, sc);
@@ -171,14 +207,31 @@ void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16
   // re-enable the tile state (measured: ~10% of a backward in kernel time)
 }
 
+}  // namespace
+
+void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A, std::int64_t lda,
+               const std::uint16_t* Bp, const float* bias, float* C, std::int64_t ldc) {
+  gemm_tiles<false>(M, K, N, A, nullptr, lda, Bp, bias, C, ldc);
+}
+
+void gemm_bias_hi_lo(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A_hi,
+                     const std::uint16_t* A_lo, std::int64_t lda, const std::uint16_t* Bp, const float* bias, float* C,
+                     std::int64_t ldc) {
+  gemm_tiles<true>(M, K, N, A_hi, A_lo, lda, Bp, bias, C, ldc);
+}
+
 #else  // built without AMX
 
 bool available() { return false; }
 const char* unavailable_reason() { return "this build of the extension has no AMX code (compiler or platform)"; }
 void pack_b_vnni(const float*, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*) {}
 void rows_to_bf16(const float*, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*, std::int64_t) {}
+void rows_to_bf16_hi_lo(const float*, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*, std::uint16_t*,
+                        std::int64_t) {}
 void gemm_bias(std::int64_t, std::int64_t, std::int64_t, const std::uint16_t*, std::int64_t, const std::uint16_t*,
                const float*, float*, std::int64_t) {}
+void gemm_bias_hi_lo(std::int64_t, std::int64_t, std::int64_t, const std::uint16_t*, const std::uint16_t*, std::int64_t,
+                     const std::uint16_t*, const float*, float*, std::int64_t) {}
 void transpose_to_bf16(const float*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*) {}
 void bias_rows(const float*, std::int64_t, float*) {}
 void rows_to_vnni(const float*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*) {}

@@ -23,6 +23,12 @@ void pack_b_vnni(const float* W, std::int64_t K, std::int64_t N, std::int64_t ld
 void rows_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t cols, std::uint16_t* dst,
                   std::int64_t ld_dst);
 
+// hi[r][c] = bf16(src[r][c]), lo[r][c] = bf16(src[r][c] - hi[r][c]) (round to nearest even) for
+// r < rows, c < cols; cols % 16 == 0, hi and lo with ld_dst. hi + lo carries ~16 of fp32's 24 bits:
+// the left operand (gemm_bias_hi_lo) of a product whose columns cancel.
+void rows_to_bf16_hi_lo(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t cols,
+                        std::uint16_t* hi, std::uint16_t* lo, std::int64_t ld_dst);
+
 // dst[c][r] = bf16(src[r][c]) for c < cols, r < rows32 (rows >= `rows` are zeros): the left
 // operand of a weight gradient (A^T of a [rows x cols] activation). dst has rows32 columns.
 void transpose_to_bf16(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t rows32,
@@ -42,6 +48,11 @@ void bias_rows(const float* bias, std::int64_t N, float* out);
 // M % 16 == 0, K % 32 == 0, N % 32 == 0. C fp32 row-major with ldc elements.
 void gemm_bias(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A, std::int64_t lda,
                const std::uint16_t* Bp, const float* bias, float* C, std::int64_t ldc);
+
+// gemm_bias with A = A_hi + A_lo (rows_to_bf16_hi_lo), both with lda: each B tile serves both.
+void gemm_bias_hi_lo(std::int64_t M, std::int64_t K, std::int64_t N, const std::uint16_t* A_hi,
+                     const std::uint16_t* A_lo, std::int64_t lda, const std::uint16_t* Bp, const float* bias, float* C,
+                     std::int64_t ldc);
 
 }  // namespace amx
 }  // namespace protdiff

@@ -347,7 +347,7 @@ struct Scratch {
     if (pk.amx) {
       const int64_t widest = kScratchRows * (pk.Hep > pk.Mp ? (pk.Hep > pk.Hxp ? pk.Hep : pk.Hxp)
                                                             : (pk.Mp > pk.Hxp ? pk.Mp : pk.Hxp));
-      Abf.reset(widest);
+      Abf.reset(2 * widest);  // hi and lo rows (pair_product's hi_lo)
       if (backward) AT.reset(widest), Bv.reset(widest);
     }
     if (backward) {
@@ -434,20 +434,33 @@ inline const T* messages(const EgnnProblem<T>& pr, const Scratch<T>& s) {
 
 // dst = src W + bias (or dst += src W for a null bias) over the tile's rows_p rows
 // ([rows_p, K] x [K, Nc], both padded widths): fp32 FMAs, or with EgnnProblem::amx bf16 operands on
-// AMX (rows padded to 16 with zeros; dst has kMaxRows rows, those past rows_p are scratch).
+// AMX (rows padded to 16 with zeros; dst has kMaxRows rows, those past rows_p are scratch). With
+// hi_lo, src goes to AMX as bf16 hi + lo, src W = hi W + lo W: src to ~16 bits for twice the tile
+// products (see tile_forward).
 template <typename T>
 inline void pair_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t rows_p, int64_t K, int64_t Nc,
                          const T* src, const T* W, const std::uint16_t* Wp, const T* bias, const float* bias16,
-                         T* dst) {
+                         T* dst, bool hi_lo = false) {
   if constexpr (kAmxCapable<T>) {
     if (pr.amx) {
       const int64_t rows16 = round_up(rows_p, 16);
-      amx::rows_to_bf16(src, K, rows_p, K, s.Abf.get(), K);
-      zero(s.Abf.get() + rows_p * K, (rows16 - rows_p) * K);
-      amx::gemm_bias(rows16, K, Nc, s.Abf.get(), K, Wp, bias ? bias16 : nullptr, dst, Nc);
+      std::uint16_t* hi = s.Abf.get();
+      std::uint16_t* lo = hi + rows16 * K;
+      if (hi_lo) {
+        amx::rows_to_bf16_hi_lo(src, K, rows_p, K, hi, lo, K);
+        zero(lo + rows_p * K, (rows16 - rows_p) * K);
+      } else {
+        amx::rows_to_bf16(src, K, rows_p, K, hi, K);
+      }
+      zero(hi + rows_p * K, (rows16 - rows_p) * K);
+      if (hi_lo)
+        amx::gemm_bias_hi_lo(rows16, K, Nc, hi, lo, K, Wp, bias ? bias16 : nullptr, dst, Nc);
+      else
+        amx::gemm_bias(rows16, K, Nc, hi, K, Wp, bias ? bias16 : nullptr, dst, Nc);
       return;
     }
   }
+  (void)hi_lo;
   (void)Wp;
   (void)bias16;
   gemm_acc<T>(rows_p, K, Nc, src, K, W, Nc, dst, Nc, bias);
@@ -473,8 +486,19 @@ inline void weight_grad_product(const EgnnProblem<T>& pr, Scratch<T>& s, int64_t
 
 // Forward over the gathered pairs of one tile: fills Z, A, Y, M0, MG (with attention), S, the
 // kept sigmoids, d, d2, gate, psi.
+//
+// On AMX, a and m go into y = a W2 + b2 and s = m W3 + b3 as bf16 hi + lo where a bend reads the
+// result: silu'(y), silu'(s) in the backward, the attention gate sigmoid(m0 . w_att + b_att) in both.
+// Where silu saturates (|z| in the thousands: coordinates ~100, p, q ~50) a and m are that large
+// while a few columns of y or s cancel to O(10), and one bf16 rounding of a or m (2^-9 relative)
+// moves such a column by more than the bend's width: b2's gradient came out at 4x, q's at 3x, m_i
+// (through the gate) at 3.7x the bf16 reference's error. Elsewhere the forward keeps one bf16
+// operand: silu(y), silu(s) move only by those columns' small absolute error, a sliver of m_i's and
+// dx_i's norms. The lo tiles reuse the weight's tiles (gemm_bias_hi_lo): within timing noise at
+// H = 64, a few percent of a backward at H = 256.
 template <typename T>
-void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, int64_t b, int64_t i0) {
+void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, int64_t b, int64_t i0,
+                  bool for_backward = false) {
   using V = Vec<T>;
   constexpr int L = Tiles<T>::kLanes;
   const int64_t Hep = pk.Hep, Mp = pk.Mp, Hxp = pk.Hxp, rows = s.rows, rows_p = s.rows_padded, N = pr.N;
@@ -513,7 +537,7 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
   }
   silu_rows(s.Z.get(), s.A.get(), s.SZ.get(), rows_p * Hep);  // a = silu(z)
   pair_product(pr, s, rows_p, Hep, Mp, s.A.get(), pk.W2.get(), pk.W2p.get(), pk.b2.get(), pk.b2rows.get(),
-               s.Y.get());  // y = a W2 + b2
+               s.Y.get(), for_backward || pr.w_att != nullptr);  // y = a W2 + b2
   silu_rows(s.Y.get(), s.M0.get(), s.SY.get(), rows_p * Mp);  // m0 = silu(y)
   T* m = s.M0.get();  // without attention m_ij = m0_ij: MG is not used
   if (pr.w_att) {
@@ -527,7 +551,7 @@ void tile_forward(const EgnnProblem<T>& pr, const Packed<T>& pk, Scratch<T>& s, 
     }
   }
   pair_product(pr, s, rows_p, Mp, Hxp, m, pk.W3.get(), pk.W3p.get(), pk.b3.get(), pk.b3rows.get(),
-               s.S.get());  // s = m W3 + b3
+               s.S.get(), for_backward);  // s = m W3 + b3
   for (int64_t r = 0; r < rows; ++r) {
     const T* sr = s.S.get() + r * Hxp;
     T* ss = s.SS.get() + r * Hxp;
@@ -680,7 +704,7 @@ void egnn_backward(const EgnnProblem<T>& pr, const T* grad_m, const T* grad_dx, 
         for (int64_t jb = 0; jb < n_jblocks; ++jb) {
           const int64_t j0 = jb * BJ;
           if (!gather_pairs(pr, s, b, i0, bi, j0, min64(BJ, N - j0))) continue;
-          tile_forward(pr, pk, s, b, i0);
+          tile_forward(pr, pk, s, b, i0, true);
           const int64_t rows = s.rows, rows_p = s.rows_padded;
           T* dS = s.G1.get();
           // psi -> phi -> s:  dS = dphi * w4 * silu'(s);  dw4 += dphi * silu(s);  db3 += dS

@@ -36,9 +36,11 @@ struct EgnnProblem {
   int normalize = 0;  // 0: u = x_i - x_j; 1: u / (stopgrad |u| + eps); 2: u / max(|u|, eps), gradient through |u|
   bool use_tanh = false, mean_agg = true;
   T eps = T(1e-8);
-  // float, AVX-512 build: the per-pair products with an activation on the left (forward:
-  // a W2, m W3; backward also dS W3^T, dY W2^T) in bf16 on AMX with fp32 accumulation; the
-  // weight-gradient products and everything else stay fp32. The caller checks amx::available().
+  // float, AVX-512 build: the per-pair products (forward: a W2, m W3; backward also dS W3^T,
+  // dY W2^T and the weight gradients a^T dY, m^T dS) with bf16 operands on AMX and fp32
+  // accumulation, everything else fp32. a and m go in as bf16 hi + lo where a bend reads the
+  // product (silu' in the backward, the attention gate): see tile_forward. The caller checks
+  // amx::available().
   bool amx = false;
 };
 

@@ -10,10 +10,15 @@ bf16 products on AMX: on CPUs with AMX-BF16 (Intel Sapphire Rapids and later) th
 the two H x H products per pair (a W2, m W3) with bf16 operands and fp32 accumulation, the rest
 in fp32, when the inputs are bf16, or when they are float32 and
 ``torch.get_float32_matmul_precision()`` is ``"medium"`` (torch's own switch for "bf16 inside
-float32 matmuls"). The backward then runs its recomputed forward and the two products that
-carry the gradient back through the pair MLP (dS W3^T, dY W2^T) the same way; the weight
-gradients (sums over pairs) stay fp32 FMAs. ``PROTDIFF_FAST_AMX=0`` turns it off.
-:func:`amx_status` says whether and why (not).
+float32 matmuls"). The backward then runs its recomputed forward, the two products that carry
+the gradient back through the pair MLP (dS W3^T, dY W2^T) and the weight gradients (a^T dY,
+m^T dS) the same way. Where a bend reads a product's output (silu' in the backward, the
+attention gate), its left operand a or m goes in as two bf16 parts, hi + lo (~16 bits, twice the
+tile products for that one, sharing the weight's tiles): with silu saturated (p, q ~50,
+coordinates ~100) a and m reach the thousands while a few columns of y, s cancel to O(10), and
+one bf16 rounding moved them across the bend (gradients, and m_i with attention, at 3-4x the
+bf16 reference's error). ``PROTDIFF_FAST_AMX=0`` turns it off. :func:`amx_status` says whether
+and why (not).
 """
 from __future__ import annotations
 
