@@ -75,8 +75,9 @@ multiply in their own type with fp32 accumulation, and on the GPU their sigmoids
 one tanh.approx each (relative error ~2^-11, below bf16's 2^-8; fp32 keeps tl.sigmoid). Under
 ``TRITON_INTERPRET=1`` low-precision operands are upcast before the dot: the interpreter's bf16 dot
 is wrong (triton#11584), and the upcast of already-rounded values gives what the tensor cores
-compute; the sigmoids stay tl.sigmoid there (no inline PTX), so the tanh.approx path is checked
-only on a GPU.
+compute; its fp32 -> bf16 casts truncate where the GPU rounds to nearest even, so every bf16 cast of
+the kernels goes through :func:`_cast`, which rounds by hand there. The sigmoids stay tl.sigmoid there
+(no inline PTX), so the tanh.approx path is checked only on a GPU.
 """
 from __future__ import annotations
 
@@ -490,9 +491,27 @@ def _dsilu(x, sig):
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x (fp32) cast to ``dtype``, rounded to nearest even as on the GPU (cvt.rn). Under the interpreter
+    (UPCAST) triton 3.6 casts fp32 to bf16 by truncation (toward zero, with or without
+    fp_downcast_rounding="rtne"; its fp16 casts round to nearest): a bias of 2^-9 relative on average on
+    every dot operand, staged weight-gradient operand and stored output, which summed over pairs gave
+    bf16 errors up to ~5x the bf16 reference's (and it mangles fp32 subnormals). There the rounding is
+    done on the bits, and the top 16 bits reinterpreted as bf16. The GPU (UPCAST off) compiles the plain
+    cast."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16  # (finite inputs: the checks refuse NaN)
+        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
 def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with a cast to b's type (fp32 accumulation)."""
-    a = a.to(b.dtype)
+    a = _cast(a, b.dtype, UPCAST)
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
@@ -651,7 +670,7 @@ def _phi_chunked(
     are read back from m_rows (_scratch_times_weight), so the product's A operand is never whole in
     registers: in fp32 its 3xTF32 hi / lo copies of a whole [M, H] m spilled 0.2-0.4 KB at H = 128 / 256."""
     hcol = tl.arange(0, HM)
-    m_op = m.to(W3_ptr.dtype.element_ty)  # the product's A operand, cast once
+    m_op = _cast(m, W3_ptr.dtype.element_ty, UPCAST)  # the product's A operand, cast once
     phi = tl.zeros((M,), dtype=tl.float32)
     for n0 in tl.range(0, HX, N_CHUNK):
         nc = n0 + tl.arange(0, N_CHUNK)
@@ -728,7 +747,7 @@ def _egnn_fwd_kernel(
         tl.store(m_rows, tl.load(m_rows, mask=(i < N)[:, None], other=0.0) + m_part, mask=(i < N)[:, None])
         tl.debug_barrier()  # (also: the last tile's reads of m_copy are done before it is overwritten)
         if CHUNKED and M_SCRATCH:
-            tl.store(m_copy + srow[:, None] * HM + hcol[None, :], m.to(W3_ptr.dtype.element_ty))
+            tl.store(m_copy + srow[:, None] * HM + hcol[None, :], _cast(m, W3_ptr.dtype.element_ty, UPCAST))
             tl.debug_barrier()  # other threads' rows are read back
             phi = _phi_chunked(m, m_copy, W3_ptr, b3_ptr, w4_ptr, M, HM, HX, K_CHUNK, N_CHUNK, True, TANH,
                                PRECISION, UPCAST, FAST)
@@ -742,9 +761,9 @@ def _egnn_fwd_kernel(
         dx2 += tl.sum(u2 * coef, axis=1)
     C = tl.load(scale_ptr + b)
     rows = i < N
-    tl.store(dx_out_ptr + (b * N + i) * 3 + 0, (C * dx0).to(dx_out_ptr.dtype.element_ty), mask=rows)
-    tl.store(dx_out_ptr + (b * N + i) * 3 + 1, (C * dx1).to(dx_out_ptr.dtype.element_ty), mask=rows)
-    tl.store(dx_out_ptr + (b * N + i) * 3 + 2, (C * dx2).to(dx_out_ptr.dtype.element_ty), mask=rows)
+    tl.store(dx_out_ptr + (b * N + i) * 3 + 0, _cast(C * dx0, dx_out_ptr.dtype.element_ty, UPCAST), mask=rows)
+    tl.store(dx_out_ptr + (b * N + i) * 3 + 1, _cast(C * dx1, dx_out_ptr.dtype.element_ty, UPCAST), mask=rows)
+    tl.store(dx_out_ptr + (b * N + i) * 3 + 2, _cast(C * dx2, dx_out_ptr.dtype.element_ty, UPCAST), mask=rows)
 
 
 @triton.jit
@@ -901,10 +920,11 @@ def _egnn_bwd_kernel(
                     a_or_m = _a
                 else:
                     a_or_m = _m
-                tl.store(stage + (staged * M + srow)[:, None] * H + hcol[None, :], a_or_m.to(stage_ptr.dtype.element_ty))
+                tl.store(stage + (staged * M + srow)[:, None] * H + hcol[None, :],
+                         _cast(a_or_m, stage_ptr.dtype.element_ty, UPCAST))
                 if BOTH:
                     tl.store(stage + (W3_AT + staged * M + srow)[:, None] * H + hcol[None, :],
-                             _m.to(stage_ptr.dtype.element_ty))
+                             _cast(_m, stage_ptr.dtype.element_ty, UPCAST))
             vf = v.to(tl.float32)
             # upstream gradients of the tile's rows i
             gm_i = _load_rows(gm_ptr + b * N * H, i, N, hcol, H)
@@ -944,24 +964,24 @@ def _egnn_bwd_kernel(
             if not ROWS_ARE_I or BOTH:  # phi_x's weights in this pass, phi_e's in the other (or both here)
                 if DW_STAGE > 1:
                     tl.store(stage + (W3_AT + STAGE_ROWS + staged * M + srow)[:, None] * H + hcol[None, :],
-                             d_t.to(stage_ptr.dtype.element_ty))
+                             _cast(d_t, stage_ptr.dtype.element_ty, UPCAST))
                 elif DW_CHUNK == H:
                     m_re = r * _sigmoid(r, FAST) * g[:, None]
                     tl.store(pW3_ptr + prog * H * H + hh,
-                             tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), d_t.to(W3T.dtype), PRECISION,
-                                                                        UPCAST))
+                             tl.load(pW3_ptr + prog * H * H + hh) + _mm(tl.trans(m_re), _cast(d_t, W3T.dtype, UPCAST),
+                                                                        PRECISION, UPCAST))
                 else:  # dW3 = m^T d_t by rows of m^T, read back from this program's scratch copy of m (a
                     # register tile cannot be sliced; recomputing m's columns as a W2[:, cols] spilled more)
                     m_stage = stage_ptr + prog * M * H
                     mrow = tl.arange(0, M)
                     tl.store(m_stage + mrow[:, None] * H + hcol[None, :],
-                             (r * _sigmoid(r, FAST) * g[:, None]).to(stage_ptr.dtype.element_ty))
+                             _cast(r * _sigmoid(r, FAST) * g[:, None], stage_ptr.dtype.element_ty, UPCAST))
                     tl.debug_barrier()
                     for c0 in tl.static_range(0, H, DW_CHUNK):
                         cols = c0 + tl.arange(0, DW_CHUNK)
                         mT_c = tl.load(m_stage + mrow[None, :] * H + cols[:, None])  # [C, M]
                         addr = pW3_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
-                        tl.store(addr, tl.load(addr) + _mm(mT_c, d_t.to(W3T.dtype), PRECISION, UPCAST))
+                        tl.store(addr, tl.load(addr) + _mm(mT_c, _cast(d_t, W3T.dtype, UPCAST), PRECISION, UPCAST))
                 if BOTH:
                     _accumulate(vec + 1 * H, hcol, tl.sum(d_t, axis=0))
                 else:
@@ -986,12 +1006,12 @@ def _egnn_bwd_kernel(
             if ROWS_ARE_I:
                 if DW_STAGE > 1:
                     tl.store(stage + (STAGE_ROWS + staged * M + srow)[:, None] * H + hcol[None, :],
-                             d_r.to(stage_ptr.dtype.element_ty))
+                             _cast(d_r, stage_ptr.dtype.element_ty, UPCAST))
                 elif DW_CHUNK == H:
                     a_re = z * _sigmoid(z, FAST)
                     tl.store(pW2_ptr + prog * H * H + hh,
-                             tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(a_re), d_r.to(W2T.dtype), PRECISION,
-                                                                        UPCAST))
+                             tl.load(pW2_ptr + prog * H * H + hh) + _mm(tl.trans(a_re), _cast(d_r, W2T.dtype, UPCAST),
+                                                                        PRECISION, UPCAST))
                 else:  # dW2 = a^T d_r by rows: a's columns rebuilt from the inputs (an [H, H] product held
                     # H^2 / threads registers on top of the tile: ~300 B of spills at H = 128)
                     for c0 in tl.static_range(0, H, DW_CHUNK):
@@ -1000,7 +1020,8 @@ def _egnn_bwd_kernel(
                                            H, EP, EDGE, PRECISION, UPCAST)
                         a_c = z_c * _sigmoid(z_c, FAST)
                         addr = pW2_ptr + prog * H * H + cols[:, None] * H + hcol[None, :]
-                        tl.store(addr, tl.load(addr) + _mm(tl.trans(a_c), d_r.to(W2T.dtype), PRECISION, UPCAST))
+                        tl.store(addr, tl.load(addr) + _mm(tl.trans(a_c), _cast(d_r, W2T.dtype, UPCAST), PRECISION,
+                                                           UPCAST))
                 if BOTH:
                     _accumulate(vec + 0 * H, hcol, tl.sum(d_r, axis=0))
                 else:
@@ -1062,7 +1083,8 @@ def _egnn_bwd_kernel(
                         dea_row = dea_ptr + b.to(tl.int64) * N * N * E + (i_m * N + j_m) * E  # sample base in 64 bits
                         for c in range(0, E):
                             We_c = tl.load(We_ptr + c * H + hcol).to(tl.float32)
-                            tl.store(dea_row + c, tl.sum(d_z * We_c[None, :], axis=1).to(dea_ptr.dtype.element_ty), mask=ok)
+                            tl.store(dea_row + c, _cast(tl.sum(d_z * We_c[None, :], axis=1), dea_ptr.dtype.element_ty,
+                                                        UPCAST), mask=ok)
                 if EDGE == 2:
                     # sum d_z over the tile's pairs with equal offset j - i into the region's window, row
                     # (j - other_lo) - (i - own_lo) + own_chunk - 1 (unclipped: the launcher folds the
@@ -1241,16 +1263,16 @@ def _egnn_bwd_chunked_kernel(
                                    HE, EP, EDGE, PRECISION, UPCAST)
                 a_c = z_c * _sigmoid(z_c, FAST)
                 tl.store(stage + (W2_STAGE + staged * M + srow)[:, None] * HS + kc[None, :],
-                         a_c.to(stage_ptr.dtype.element_ty))
+                         _cast(a_c, stage_ptr.dtype.element_ty, UPCAST))
                 r += _mm(a_c, tl.load(W2_ptr + kc[:, None] * HM + hcol[None, :]), PRECISION, UPCAST)
             m0 = r * _sigmoid(r, FAST)  # sigmoid(r) is recomputed for d_r rather than kept live through d_m
             g = tl.full((M,), 1.0, tl.float32)
             if ATTENTION:
                 w_att = tl.load(watt_ptr + hcol).to(tl.float32)
                 g = _sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att, FAST)
-            m_op = (m0 * g[:, None]).to(W3_ptr.dtype.element_ty)  # m_ij, the A operand of t = m W3
+            m_op = _cast(m0 * g[:, None], W3_ptr.dtype.element_ty, UPCAST)  # m_ij, the A operand of t = m W3
             m_rows = stage + (W3_STAGE + staged * M) * HS  # m, staged for dW3, read back by K chunks for t = m W3
-            tl.store(m_rows + srow[:, None] * HS + hcol[None, :], m_op.to(stage_ptr.dtype.element_ty))
+            tl.store(m_rows + srow[:, None] * HS + hcol[None, :], _cast(m_op, stage_ptr.dtype.element_ty, UPCAST))
             tl.debug_barrier()
             phi = tl.zeros((M,), dtype=tl.float32)
             for n0 in tl.range(0, HX, N_CHUNK):
@@ -1294,7 +1316,7 @@ def _egnn_bwd_chunked_kernel(
                 sig_t = _sigmoid(t_c, FAST)
                 d_t = d_phi[:, None] * tl.load(w4_ptr + nc).to(tl.float32)[None, :] * _dsilu(t_c, sig_t)
                 tl.store(stage + (W3_STAGE + STAGE_ROWS + staged * M + srow)[:, None] * HS + nc[None, :],
-                         d_t.to(stage_ptr.dtype.element_ty))
+                         _cast(d_t, stage_ptr.dtype.element_ty, UPCAST))
                 _accumulate(vec + 1 * HS, nc, tl.sum(d_t, axis=0))  # b3
                 _accumulate(vec + 2 * HS, nc, tl.sum(t_c * sig_t * d_phi[:, None], axis=0))  # w4
                 W3T_c = tl.load(W3_ptr + hcol[None, :] * HX + nc[:, None]).to(tl.float32)  # [N_CHUNK, HM]
@@ -1309,7 +1331,7 @@ def _egnn_bwd_chunked_kernel(
                 _accumulate(vec + 5 * HS, hcol, tl.where(hcol == 0, tl.sum(d_gate, axis=0), 0.0))
             d_r = d_m * _dsilu(r, sig_r)
             tl.store(stage + (W2_STAGE + STAGE_ROWS + staged * M + srow)[:, None] * HS + hcol[None, :],
-                     d_r.to(stage_ptr.dtype.element_ty))
+                     _cast(d_r, stage_ptr.dtype.element_ty, UPCAST))
             d_r_rows = scratch_ptr + prog.to(tl.int64) * M * HM  # fp32: the d_r -> d_z product stays TF32
             tl.store(d_r_rows + srow[:, None] * HM + hcol[None, :], d_r)
             tl.debug_barrier()
@@ -1362,7 +1384,7 @@ def _egnn_bwd_chunked_kernel(
                 ok = (i_m < N) & (j_m < N)
                 ecol = tl.arange(0, EP)
                 dea_rows = dea_ptr + b.to(tl.int64) * N * N * E + (i_m * N + j_m)[:, None] * E + ecol[None, :]
-                tl.store(dea_rows, d_e.to(dea_ptr.dtype.element_ty), mask=ok[:, None] & (ecol < E)[None, :])
+                tl.store(dea_rows, _cast(d_e, dea_ptr.dtype.element_ty, UPCAST), mask=ok[:, None] & (ecol < E)[None, :])
             d_d2 = tl.reshape(d_d2, (BI, BJ))
             if NORMALIZE == 2:
                 d_d2 += d_d2_scale

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from protdiff_fast.ops.egnn_triton import (_accumulate, _chunks_from_env, _direction_scale_grad,
+from protdiff_fast.ops.egnn_triton import (_accumulate, _cast, _chunks_from_env, _direction_scale_grad,
                                            _dsilu, _fast_sigmoid, _interpreting,
                                            _load_rows, _load_xyz, _mm, _precision, _preact_cols, _sigmoid,
                                            _silu_parts, fold_offset_sums)
@@ -263,15 +263,15 @@ def _egnn_bwd_slab_kernel(
             z += _mm(e, W_e, PRECISION, UPCAST)
         a = z * _sigmoid(z, FAST)
         ws = rows[:, None] * H + hcol[None, :]
-        tl.store(a_ptr + ws, a.to(a_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(a_ptr + ws, _cast(a, a_ptr.dtype.element_ty, UPCAST), mask=ok[:, None])
         # -- forward recomputed: r, m, t, phi
         r = _mm(a, W2, PRECISION, UPCAST) + b2[None, :]
         m0, sig_r = _silu_parts(r, FAST)
         g = tl.full((M,), 1.0, tl.float32)
         if ATTENTION:
             g = _sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att, FAST)
-        m = (m0 * g[:, None]).to(W3_ptr.dtype.element_ty)  # the W3 product's A operand, also dW3's
-        tl.store(m_ptr + ws, m.to(m_ptr.dtype.element_ty), mask=ok[:, None])
+        m = _cast(m0 * g[:, None], W3_ptr.dtype.element_ty, UPCAST)  # the W3 product's A operand, also dW3's
+        tl.store(m_ptr + ws, _cast(m, m_ptr.dtype.element_ty, UPCAST), mask=ok[:, None])
         t = _mm(m, W3, PRECISION, UPCAST) + b3[None, :]
         s, sig_t = _silu_parts(t, FAST)
         phi = tl.sum(s * w4[None, :], axis=1)  # [M]
@@ -292,7 +292,7 @@ def _egnn_bwd_slab_kernel(
         if TANH:
             d_phi = d_phi * (1.0 - phi * phi)
         d_t = d_phi[:, None] * w4[None, :] * _dsilu(t, sig_t)
-        tl.store(dt_ptr + ws, d_t.to(dt_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(dt_ptr + ws, _cast(d_t, dt_ptr.dtype.element_ty, UPCAST), mask=ok[:, None])
         sum_b3 += tl.sum(d_t, axis=0)
         sum_w4 += tl.sum(s * d_phi[:, None], axis=0)
         # -- d_m = d_t W3^T + v gm_i, through the gate, then d_r
@@ -308,7 +308,7 @@ def _egnn_bwd_slab_kernel(
             sum_watt += tl.sum(m0 * d_gate[:, None], axis=0)
             sum_batt += d_gate
         d_r = d_m * _dsilu(r, sig_r)
-        tl.store(dr_ptr + ws, d_r.to(dr_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(dr_ptr + ws, _cast(d_r, dr_ptr.dtype.element_ty, UPCAST), mask=ok[:, None])
         sum_b2 += tl.sum(d_r, axis=0)
         # -- d_z = (d_r W2^T) silu'(z), z rebuilt
         z3 = p_i[:, None, :] + q_j[None, :, :] + d2[:, :, None] * w_d[None, None, :]
@@ -325,7 +325,7 @@ def _egnn_bwd_slab_kernel(
         else:
             d_a = _mm(d_r, tl.trans(W2).to(tl.float32), PRECISION_BWD, False)
         d_z = d_a * _dsilu(z, _sigmoid(z, FAST))
-        tl.store(dz_ptr + ws, d_z.to(dz_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(dz_ptr + ws, _cast(d_z, dz_ptr.dtype.element_ty, UPCAST), mask=ok[:, None])
         sum_wd += tl.sum(d_z * tl.reshape(d2, (M,))[:, None], axis=0)
         d_d2 = tl.reshape(tl.sum(d_z * w_d[None, :], axis=1), (BI, BJ))
         if NORMALIZE == 2:
@@ -402,14 +402,15 @@ def _egnn_bwd_slab_chunked_kernel(
             z_c = _preact_cols(b, i_safe, j, N, d2, e, kc, p_ptr, q_ptr, w_d_ptr, We_ptr, rel_ptr, E, K,
                                H, EP, EDGE, PRECISION, UPCAST)
             a_c = z_c * _sigmoid(z_c, FAST)
-            tl.store(a_ptr + rows[:, None] * H + kc[None, :], a_c.to(a_ptr.dtype.element_ty), mask=ok[:, None])
+            tl.store(a_ptr + rows[:, None] * H + kc[None, :], _cast(a_c, a_ptr.dtype.element_ty, UPCAST),
+                     mask=ok[:, None])
             r += _mm(a_c, tl.load(W2_ptr + kc[:, None] * H + hcol[None, :]), PRECISION, UPCAST)
         m0, sig_r = _silu_parts(r, FAST)
         g = tl.full((M,), 1.0, tl.float32)
         if ATTENTION:
             g = _sigmoid(tl.sum(m0 * w_att[None, :], axis=1) + b_att, FAST)
-        m = (m0 * g[:, None]).to(W3_ptr.dtype.element_ty)
-        tl.store(m_ptr + rows[:, None] * H + hcol[None, :], m.to(m_ptr.dtype.element_ty), mask=ok[:, None])
+        m = _cast(m0 * g[:, None], W3_ptr.dtype.element_ty, UPCAST)
+        tl.store(m_ptr + rows[:, None] * H + hcol[None, :], _cast(m, m_ptr.dtype.element_ty, UPCAST), mask=ok[:, None])
         # -- phi by column chunks of W3
         phi = tl.zeros((M,), dtype=tl.float32)
         for n0 in tl.range(0, H, N_CHUNK):
@@ -442,7 +443,8 @@ def _egnn_bwd_slab_chunked_kernel(
             sig_t = _sigmoid(t_c, FAST)
             w4_c = tl.load(w4_ptr + nc).to(tl.float32)
             d_t = d_phi[:, None] * w4_c[None, :] * _dsilu(t_c, sig_t)
-            tl.store(dt_ptr + rows[:, None] * H + nc[None, :], d_t.to(dt_ptr.dtype.element_ty), mask=ok[:, None])
+            tl.store(dt_ptr + rows[:, None] * H + nc[None, :], _cast(d_t, dt_ptr.dtype.element_ty, UPCAST),
+                     mask=ok[:, None])
             _accumulate(vec + 1 * H, nc, tl.sum(d_t, axis=0))  # b3
             _accumulate(vec + 2 * H, nc, tl.sum(t_c * sig_t * d_phi[:, None], axis=0))  # w4
             W3T_c = tl.load(W3_ptr + hcol[None, :] * H + nc[:, None])  # [N_CHUNK, H]
@@ -456,7 +458,8 @@ def _egnn_bwd_slab_chunked_kernel(
             sum_watt += tl.sum(m0 * d_gate[:, None], axis=0)
             sum_batt += d_gate
         d_r = d_m * _dsilu(r, sig_r)
-        tl.store(dr_ptr + rows[:, None] * H + hcol[None, :], d_r.to(dr_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(dr_ptr + rows[:, None] * H + hcol[None, :], _cast(d_r, dr_ptr.dtype.element_ty, UPCAST),
+                 mask=ok[:, None])
         sum_b2 += tl.sum(d_r, axis=0)
         # -- d_z by K chunks
         d_d2 = tl.zeros((M,), dtype=tl.float32)
@@ -471,7 +474,8 @@ def _egnn_bwd_slab_chunked_kernel(
             else:
                 d_a = _mm(d_r, W2T_c.to(tl.float32), PRECISION_BWD, False)
             d_z = d_a * _dsilu(z_c, _sigmoid(z_c, FAST))
-            tl.store(dz_ptr + rows[:, None] * H + kc[None, :], d_z.to(dz_ptr.dtype.element_ty), mask=ok[:, None])
+            tl.store(dz_ptr + rows[:, None] * H + kc[None, :], _cast(d_z, dz_ptr.dtype.element_ty, UPCAST),
+                     mask=ok[:, None])
             _accumulate(vec + 3 * H, kc, tl.sum(d_z * d2_flat[:, None], axis=0))  # w_d
             d_d2 += tl.sum(d_z * tl.load(w_d_ptr + kc).to(tl.float32)[None, :], axis=1)
         d_d2 = tl.reshape(d_d2, (BI, BJ))
