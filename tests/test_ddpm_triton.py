@@ -138,3 +138,19 @@ def test_triton_step_refuses_float64_and_auto_runs_it_on_the_reference(monkeypat
     got = ddpm_step(s, x, e, 7, noise=z, backend="auto")
     want = ddpm_step(s, x, e, 7, noise=z, backend="reference")
     assert got.prev_sample.dtype == F64 and torch.equal(got.prev_sample, want.prev_sample)
+
+
+def test_triton_step_bf16_outputs_are_the_float32_results_rounded_to_nearest():
+    """The kernel computes in float32 and stores bf16 as the GPU's cvt.rn does: under the interpreter its
+    plain cast truncated (every stored value biased toward zero by ~2^-9), so the stores go through _cast."""
+    s = NoiseSchedule(50)
+    g = torch.Generator().manual_seed(3)
+    x, e, z = (torch.randn(3, 11, 3, generator=g).bfloat16() for _ in range(3))
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[1, 8:] = False
+    t = torch.tensor([40, 7, 1])
+    low = ddpm_step(s, x, e, t, noise=z, mask=mask, backend="triton")
+    full = ddpm_step(s, x.float(), e.float(), t, noise=z.float(), mask=mask, backend="triton")
+    for name in ("prev_sample", "mean", "pred_original_sample"):
+        got, want = getattr(low, name), getattr(full, name).bfloat16()
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), name

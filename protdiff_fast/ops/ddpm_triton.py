@@ -22,6 +22,7 @@ import triton.language as tl
 from protdiff_fast.diffusion.schedule import NoiseSchedule
 from protdiff_fast.ops.ddpm_cpu import per_sample_seeds
 from protdiff_fast.ops.ddpm_grad import needs_step_gradients, step_with_gradients
+from protdiff_fast.ops.egnn_triton import _cast, _interpreting
 from protdiff_fast.reference.ddpm import DDPMStepOutput, check_seed, check_step_inputs, step_coefficients
 
 MAX_NODES = 16384  # one program holds a whole sample
@@ -44,6 +45,7 @@ def _ddpm_step_kernel(
     N,  # nodes per sample (padded length)
     HAS_NOISE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    INTERPRETED: tl.constexpr = False,  # bf16 stores rounded by hand: the interpreter's casts truncate (_cast)
 ):
     b = tl.program_id(0)
     nodes = tl.arange(0, BLOCK_N)
@@ -72,9 +74,9 @@ def _ddpm_step_kernel(
         z = _masked_center(z, mf, n_real)
         prev = _masked_center(mean + sigma * z, mf, n_real)
         x0 = (x0a * x_t - x0b * eps_hat) * mf
-        tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=valid)
-        tl.store(mean_ptr + offs, mean.to(mean_ptr.dtype.element_ty), mask=valid)
-        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=valid)
+        tl.store(prev_ptr + offs, _cast(prev, prev_ptr.dtype.element_ty, INTERPRETED), mask=valid)
+        tl.store(mean_ptr + offs, _cast(mean, mean_ptr.dtype.element_ty, INTERPRETED), mask=valid)
+        tl.store(x0_ptr + offs, _cast(x0, x0_ptr.dtype.element_ty, INTERPRETED), mask=valid)
 
 
 def _seeds(seed, generator, batch: int, device) -> torch.Tensor:
@@ -137,6 +139,6 @@ def ddpm_step_triton(
         coefs["c1"], coefs["c2"], coefs["sigma"], coefs["x0_a"], coefs["x0_b"],
         _seeds(seed if noise is None else 0, generator, B, device), t.contiguous(),
         prev, mean, x0, N,
-        HAS_NOISE=noise is not None, BLOCK_N=triton.next_power_of_2(max(N, 16)),
+        HAS_NOISE=noise is not None, BLOCK_N=triton.next_power_of_2(max(N, 16)), INTERPRETED=_interpreting(),
     )
     return DDPMStepOutput(prev_sample=prev, pred_original_sample=x0, mean=mean)
