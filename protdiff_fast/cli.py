@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--method", default="smc", choices=["smc", "replacement", "fixed"], help="smc: SMCDiff (particles weighted by the motif's likelihood); replacement: the motif's noised coordinates put in at every step; fixed: the motif held at its coordinates")
     sc.add_argument("--out", required=True, help="new (or empty) folder for design_*.pdb and summary.json/.csv")
     sc.add_argument("--steps", type=int, default=None, help="strided sampling with this many steps (default: all T)")
-    sc.add_argument("--seed", type=int, default=0, help="run seed (layouts, noise, resampling)")
+    sc.add_argument("--seed", type=int, default=0, help="run seed: design i draws its layout, noise and resampling from its own seed, so it is the same in a run of any --num")
     sc.add_argument("--ckpt", default=None, help="checkpoint (default: the small model shipped in the package)")
     sc.add_argument("--resampler", default="systematic", choices=["systematic", "residual"], help="SMC resampling scheme")
     sc.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < this fraction of the particles")
