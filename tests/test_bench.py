@@ -636,6 +636,9 @@ def test_bench_options_and_outputs_are_checked_before_any_row_runs(tmp_path, mon
     with pytest.raises(FileExistsError, match=r"--out .*o: holds the results of an earlier run"):
         bench(max_n=64, providers=["reference"])
     assert (tmp_path / "o" / "results.json").read_text() == first
+    with pytest.raises(FileExistsError, match=r"--out .*o: holds the results of an earlier run"):  # its own baseline
+        bench(max_n=64, providers=["reference"], compare_to=str(tmp_path / "o" / "results.json"))
+    assert (tmp_path / "o" / "results.json").read_text() == first
     from protdiff_fast.cli import main
 
     assert main(["bench", "egnn", "--quick", "--hidden", "abc", "--out", str(tmp_path / "p")]) == 2

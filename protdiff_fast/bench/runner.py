@@ -771,8 +771,9 @@ def run(suites: List[str], device: str, quick: bool, out_dir: str, timeout_s: fl
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out_dir}: exists and is not a folder")
-    if (out / "results.json").exists() and not (compare_to and Path(compare_to).resolve() == (out / "results.json").resolve()):
-        # an earlier run's results are kept: a new run goes to a new folder (compare them with --compare)
+    if (out / "results.json").exists():
+        # an earlier run's results are kept: a new run goes to a new folder (compare them with --compare; an
+        # --out holding the --compare file itself was let through and replaced the baseline it compared against)
         raise FileExistsError(f"--out {out_dir}: holds the results of an earlier run (results.json); give a new "
                               "folder, and --compare OLD/results.json to see the change")
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
