@@ -170,3 +170,32 @@ def test_a_design_of_the_shipped_model_is_the_same_alone_as_in_its_batch():
     alone = run(design_indices=[0])
     assert alone[1] is None
     np.testing.assert_array_equal(alone[0], together[0])
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rowwise_linear_sums_in_index_order_in_its_blocks_and_remainders_alike(dtype):
+    """Each output is bias + x0 w0 + x1 w1 + ... rounded after every product and sum, whether the row and
+    column fall in a register block (4 rows x one 64-byte vector) or in the remainder loops, on every
+    instruction-set clone: a row alone (R = 1: remainder only) has the bits it has in any batch."""
+    ext = backends.cpu_extension()
+    rng = np.random.default_rng(5)
+    R, K, H = 9, 7, 37  # 2 row blocks + 1 row; 16 (float32) or 8 (float64) lanes per vector, then 5 columns
+    x = (rng.standard_normal((R, K)) * 10.0 ** rng.uniform(-4, 4, (R, K))).astype(dtype)
+    wt, b = rng.standard_normal((K, H)).astype(dtype), rng.standard_normal(H).astype(dtype)
+    out = np.empty((R, H), dtype)
+    ext.rowwise_linear(x, wt, b, out)
+    want = b[None, :].repeat(R, 0).copy()
+    for k in range(K):  # numpy's elementwise ops round each product and each sum, in this order
+        want = want + x[:, k:k + 1] * wt[k][None, :]
+    assert want.dtype == dtype and np.array_equal(out, want)
+    for r in range(R):
+        alone = np.empty((1, H), dtype)
+        ext.rowwise_linear(x[r:r + 1].copy(), wt, b, alone)
+        assert np.array_equal(alone[0], out[r])
+    no_bias = np.empty((R, H), dtype)
+    ext.rowwise_linear(x, wt, np.zeros(0, dtype), no_bias)
+    want0 = np.zeros((R, H), dtype)
+    for k in range(K):
+        want0 = want0 + x[:, k:k + 1] * wt[k][None, :]
+    assert np.array_equal(no_bias, want0)
