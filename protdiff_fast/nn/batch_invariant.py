@@ -17,8 +17,9 @@ had changed (its results depend on alignment too), and a sampled design differed
 between a batch of 2 and a run of it alone in another CI run. The centre-of-mass projection takes
 a sequential sum (:func:`center`), which trailing padding leaves unchanged.
 
-Cost: a few times the time of BLAS for the node-wise linears on CPU (these are a small part of a model whose
-bulk is the N^2 pair op). Not measured on a GPU, where it is off by default.
+Cost: on CPU the row-by-row product runs at about BLAS's rate (4800 x 64 x 64: 0.24 ms against
+MKL's 0.19 ms, 2 cores, AVX-512 clone), a few percent of a shipped-model call at B = 64, N = 75 (~15%
+before its register blocking, 2026-12-07). Not measured on a GPU, where it is off by default.
 """
 from __future__ import annotations
 
