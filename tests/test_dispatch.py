@@ -40,6 +40,17 @@ def test_auto_falls_back_to_reference_for_a_width_triton_lacks(monkeypatch):
 
 def test_auto_uses_triton_when_it_can(monkeypatch):
     _auto_picks_triton(monkeypatch)
+    picked = ops.get_impl
+    ran = []
+
+    def spy(op, backend, device):  # which implementation the dispatcher ends up calling
+        name, fn = picked(op, backend, device)
+
+        def call(*a, **k):
+            ran.append(name)
+            return fn(*a, **k)
+        return name, call
+    monkeypatch.setattr(ops, "get_impl", spy)
     args, kw = make_problem(1, 6, 20, 2, "none", {}, seed=2)  # padded to 32 by the dispatcher
     args = [a.float() for a in args]
     kw = {k: (v.float() if torch.is_tensor(v) and v.dtype.is_floating_point else v) for k, v in kw.items()}
@@ -47,6 +58,7 @@ def test_auto_uses_triton_when_it_can(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         got = egnn_pair_aggregate(*args, backend="auto", **kw)
+    assert ran == ["triton"], f"auto ran {ran}, not the triton kernels (a silent fallback passed before)"
     want = egnn_pair_aggregate(*args, backend="reference", **kw)
     assert all(float((a - b).abs().max()) < 1e-5 for a, b in zip(got, want))
 
