@@ -48,6 +48,15 @@ def compare(B, N, H, E, edge_mode, flags, dtype, seed=0, K=None, x_dtype=None, b
         # it gets a factor 3 instead of 2 over the low-precision reference's own error
         tol = (3 if w.numel() == 1 else 2) * base + max(5e-6, torch.finfo(dtype).eps / 2)
         assert_close_rel(a, w, tol, f"{name} ({dtype}, B={B}, N={N}, H={H}, {edge_mode}, {flag_id(flags)})")
+        if tol > 0.2:
+            # an entry whose terms cancel (a lone scalar like d b_att) can be moved by 20-40% by the rounding of
+            # the inputs to dtype alone, and the low-precision reference then is off by as much: the bound above
+            # checks next to nothing (bf16, H = (20, 16, 512): the bf16 reference off by 0.42 on d b_att, the
+            # bound 1.27, and a zero or halved d b_att passed; two-pass bf16 H = 16: 0.71). There, against the
+            # float64 answer for the rounded inputs (the problem the kernel was handed), within 0.1: the
+            # kernels' own arithmetic costs 0.009 and 0.016 on d b_att at those two draws
+            assert_close_rel(a, rounded[k], 0.1, f"{name} against the answer for the rounded inputs ({dtype}, "
+                             f"B={B}, N={N}, H={H}, {edge_mode}, {flag_id(flags)})")
 
 
 @pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
