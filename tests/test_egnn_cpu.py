@@ -74,6 +74,13 @@ def run(backend, args, kw, dtype, upstream, x_dtype=None):
     return [m, dx, *grads]
 
 
+def rounded_upstream(upstream, dtype, x_dtype=None):
+    """The upstream gradients as a low-precision run receives them: autograd hands m_i's and dx_i's
+    backward the float64 upstream cast to their dtypes, and a float64 baseline for the rounded inputs
+    should be handed the same rounded gradients."""
+    return (upstream[0].to(dtype).double(), upstream[1].to(x_dtype or dtype).double())
+
+
 NAMES = ["m_i", "dx_i", "x", "p", "q", "w_d", "W2", "b2", "W3", "b3", "w4"]
 
 
@@ -97,7 +104,7 @@ def compare_problem(args, kw, dtype, seed, what):
         r_args = [a.to(dtype).double() for a in args]
         r_kw = {k: (v.to(dtype).double() if torch.is_tensor(v) and v.dtype.is_floating_point else v)
                 for k, v in kw.items()}
-        rounded = run("reference", r_args, r_kw, F64, upstream)
+        rounded = run("reference", r_args, r_kw, F64, rounded_upstream(upstream, dtype))
     extra = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
     for k, (name, a, w) in enumerate(zip(NAMES + extra, got, want)):
         assert a.dtype == dtype, name

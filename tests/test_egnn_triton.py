@@ -14,7 +14,7 @@ import torch
 from helpers import assert_close_rel, random_mask, random_orthogonal, rel_err
 from protdiff_fast.nn import EGNNLayer
 from protdiff_fast.ops import egnn_pair_aggregate
-from test_egnn_cpu import FLAG_SETS, NAMES, flag_id, make_problem, run
+from test_egnn_cpu import FLAG_SETS, NAMES, flag_id, make_problem, rounded_upstream, run
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -38,7 +38,7 @@ def compare(B, N, H, E, edge_mode, flags, dtype, seed=0, K=None, x_dtype=None, b
     r_args = [a.to(x_dtype if k == 0 and x_dtype is not None else dtype).double() for k, a in enumerate(args)]
     r_kw = {k: (v.to(dtype).double() if torch.is_tensor(v) and v.dtype.is_floating_point else v)
             for k, v in kw.items()}
-    rounded = run("reference", r_args, r_kw, F64, upstream)
+    rounded = run("reference", r_args, r_kw, F64, rounded_upstream(upstream, dtype, x_dtype))
     extra = [k for k, v in kw.items() if torch.is_tensor(v) and v.dtype.is_floating_point]
     for k, (name, a, w) in enumerate(zip(NAMES + extra, got, want)):
         assert a.dtype == (x_dtype if name in ("dx_i", "x") and x_dtype is not None else dtype), name
