@@ -781,3 +781,29 @@ def test_markdown_warns_when_the_machine_was_busy_at_the_start():
     assert "WARNING: load average 2.90 on 2 cores at the start" in md((2.9, 3.4, 3.5), 2)
     assert "WARNING" not in md((0.1, 0.3, 0.4), 2) and "WARNING" not in md((3.0, 3.0, 3.0), 16)
     assert "WARNING" not in md(None, 2)  # no load average on this platform: nothing to say
+
+
+def test_layer_rows_build_the_same_weights_in_every_run(monkeypatch):
+    """egnn-pytorch's layer was built from the global RNG as it stood: a row's weights (and so how much of
+    its SiLUs saturate) depended on what ran before it in the process."""
+    if not _has_egnn_pytorch():
+        pytest.skip("egnn-pytorch is not installed")
+    import egnn_pytorch
+    import torch
+
+    from protdiff_fast.bench.egnn import make_case
+    from protdiff_fast.nn import compat
+
+    for module, name in ((egnn_pytorch, "EGNN"), (compat, "EGNN")):
+        built = []
+        cls = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _cls=cls, **k: built.append(_cls(*a, **k)) or built[-1])
+        for burn in (0, 7):
+            torch.manual_seed(burn)
+            torch.randn(burn + 1)
+            make_case("egnn-pytorch" if module is egnn_pytorch else "compat", 1, 5, 8, "fwd", torch.float32, "cpu")
+        first, second = (dict(layer.state_dict()) for layer in built)
+        assert first.keys() == second.keys() and first
+        for key in first:
+            assert torch.equal(first[key], second[key]), (module.__name__, key)
+        monkeypatch.setattr(module, name, cls)
