@@ -308,3 +308,68 @@ def test_npz_warns_when_one_chain_stands_in_two_splits(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert BackboneDataset.from_npz(path, split="val", min_length=1).names == ["y_A"]
+
+
+def test_model_units_are_ten_angstrom():
+    """ProtDiff's unit is 10 A, a literal here: a check against SCALE_A itself passed with any value of it."""
+    ca = _chain(60)
+    ds = BackboneDataset(["c"], [ca])
+    assert SCALE_A == 10.0
+    np.testing.assert_allclose(ds[0]["coords"].double().numpy() * 10.0, ca - ca.mean(0), atol=1e-4)
+
+
+def test_npz_without_split_is_all_training_chains(tmp_path):
+    path = tmp_path / "nosplit.npz"
+    arrays = _two_chain_arrays()
+    del arrays["split"]
+    np.savez(path, **arrays)
+    assert BackboneDataset.from_npz(path, split="train", min_length=1).names == ["x_A", "y_A"]
+    assert BackboneDataset.from_npz(path, split="val", min_length=1).names == []
+    assert BackboneDataset.from_npz(path, min_length=1).names == ["x_A", "y_A"]
+    # the length filter includes both ends
+    assert BackboneDataset.from_npz(path, min_length=50, max_length=50).names == ["x_A", "y_A"]
+    assert BackboneDataset.from_npz(path, min_length=51).names == []
+
+
+def test_cache_is_invalidated_by_a_changed_file_with_its_old_mtime(folder, tmp_path):
+    """A file replaced by another of a different size but given back its modification time (cp -p, tar,
+    rsync -t): the cache key includes the size, so the cache is not reused with the old chains."""
+    cache = tmp_path / "set.npz"
+    target = folder / "1qys.pdb"
+    first = BackboneDataset.from_structures(target, cache=cache)
+    st = target.stat()
+    shutil.copy(DATA / "1TEN_A.pdb", target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = BackboneDataset.from_structures(target, cache=cache)
+    assert not again.cache_hit and again.lengths.tolist() == [89] and first.lengths.tolist() == [92]
+
+
+def test_one_trace_twice_in_one_split_is_no_leak(tmp_path):
+    import warnings
+
+    path = tmp_path / "same_split.npz"
+    arrays = _two_chain_arrays(split=np.array(["train", "train"]))
+    arrays["ca"] = np.concatenate([arrays["ca"][:50], arrays["ca"][:50]])
+    np.savez(path, **arrays)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing held out is involved: no warning
+        assert BackboneDataset.from_npz(path, split="train", min_length=1).names == ["x_A", "y_A"]
+
+
+def test_duplicates_are_the_same_trace_and_sequence_and_max_breaks_is_inclusive(tmp_path):
+    """Two files with one CA trace but different sequences are two chains (a duplicate is the same trace *and*
+    sequence); max_breaks=1 keeps a chain with exactly one break and drops one with two."""
+    from protdiff_fast.io import write_backbone
+
+    ca = _chain(50)
+    write_backbone(tmp_path / "a.pdb", ca, sequence="A" * 50)
+    write_backbone(tmp_path / "b.pdb", ca, sequence="G" * 50)
+    write_backbone(tmp_path / "c.pdb", ca, sequence="A" * 50)
+    ds = BackboneDataset.from_structures(tmp_path)
+    assert sorted(ds.names) == ["a_A", "b_A"] and ds.skipped.counts() == {"duplicate": 1}
+    gaps = tmp_path / "gaps"
+    one, two = _chain(50, gap_before=(25,)), _chain(50, gap_before=(15, 35), seed=1)  # 8 A gaps
+    write_backbone(gaps / "one.pdb", one)
+    write_backbone(gaps / "two.pdb", two)
+    kept = BackboneDataset.from_structures(gaps, max_breaks=1)
+    assert kept.names == ["one_A"] and kept.skipped.skipped == [("two_A", "chain breaks: 2 > 1")]

@@ -583,3 +583,82 @@ def test_upper_case_suffixes_are_written_as_they_are_read(tmp_path, name, fmt):
     text = (gzip.decompress(raw) if name.lower().endswith(".gz") else raw).decode()
     assert text.startswith("CRYST1") if fmt == "pdb" else text.startswith("data_")
     np.testing.assert_allclose(read_backbones(path)[0].ca, ca, atol=1e-3)
+
+
+def test_chain_break_is_a_ca_gap_over_4_2_angstrom(tmp_path):
+    """find_chain_breaks' threshold: a 4.2 A bond is no break (strictly more is), 4.5 A is one."""
+    xs = [0.0, 4.2, 8.0, 12.5, 16.3]  # bonds 4.2, 3.8, 4.5, 3.8
+    residues = [("ALA", i + 1, " ", [("CA", (x, 0.0, 0.0), " ", 1.0)]) for i, x in enumerate(xs)]
+    bb = read_backbones(write_pdb(tmp_path / "gaps.pdb", residues))[0]
+    assert bb.chain_breaks.tolist() == [False, False, False, True, False] and bb.n_breaks == 1
+
+
+def test_altlocs_of_equal_occupancy_take_the_first(tmp_path):
+    residues = [
+        ("GLY", 1, " ", [("CA", (0.0, 0.0, 0.0), " ", 1.0)]),
+        ("SER", 2, " ", [("CA", (3.8, 0.0, 0.0), "A", 0.50), ("CA", (3.0, 2.0, 0.0), "B", 0.50)]),
+        ("GLY", 3, " ", [("CA", (7.6, 0.0, 0.0), " ", 1.0)]),
+    ]
+    bb = read_backbones(write_pdb(tmp_path / "tie.pdb", residues))[0]
+    np.testing.assert_allclose(bb.ca[1], [3.8, 0.0, 0.0], atol=1e-3)
+
+
+def test_a_z_coordinate_that_is_not_a_number_is_refused(tmp_path):
+    path = write_pdb(tmp_path / "ok.pdb", chain_of(5))
+    text = path.read_text().splitlines()
+    k = [i for i, line in enumerate(text) if line[12:16].strip() == "CA"][3]
+    text[k] = text[k][:46] + "        " + text[k][54:]  # residue 4's z blank: gemmi reads 0
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(StructureError, match=r"z coordinate \(columns 47-54\) is '', not a number"):
+        read_backbones(path)
+
+
+def test_a_residue_repeated_away_from_its_first_copy_is_not_microheterogeneity(tmp_path):
+    """Microheterogeneity is the *next* residue with the same number, another name and altloc-labelled CAs;
+    the same number again later in the chain (even with altloc labels) is a repeated residue, refused."""
+    residues = chain_of(6)
+    first = ("SER", 3, " ", [("CA", (7.6, 0.0, 0.0), "A", 0.6)])
+    later = ("GLY", 3, " ", [("CA", (30.0, 0.0, 0.0), "B", 0.4)])
+    path = write_pdb(tmp_path / "later.pdb", residues[:2] + [first] + residues[3:5] + [later] + residues[5:])
+    with pytest.raises(StructureError, match=r"residue 3 \(SER\) occurs twice \(again as GLY"):
+        read_backbones(path)
+
+
+def test_written_gzip_files_carry_no_timestamp_or_name(tmp_path):
+    """RFC 1952 header: bytes 4-7 are MTIME, byte 3 the flags (FNAME = 8). Zero and no name: the same
+    structure written twice, at any time, under any name, is the same bytes."""
+    ca = read_backbones(DATA / "1crn.pdb")[0].ca
+    a = write_backbone(tmp_path / "a.pdb.gz", ca).read_bytes()
+    b = write_backbone(tmp_path / "other_name.pdb.gz", ca).read_bytes()
+    assert a[:2] == b"\x1f\x8b" and a[4:8] == b"\0\0\0\0" and not a[3] & 0x08
+    assert a == b
+
+
+def test_trajectory_frame_loop_maps_model_numbers_to_timesteps(tmp_path):
+    import gemmi
+
+    from protdiff_fast.io import write_trajectory
+
+    frames = [np.random.default_rng(k).normal(size=(5, 3)) for k in range(3)]
+    path = write_trajectory(tmp_path / "t.cif", frames, timesteps=[900, 450, 0])
+    block = gemmi.cif.read(str(path)).sole_block()
+    table = block.find("_protdiff_fast_frame.", ["model_num", "timestep"])
+    pairs = [(int(row[0]), int(row[1])) for row in table]
+    assert pairs == [(1, 900), (2, 450), (3, 0)]
+    st = gemmi.read_structure(str(path))
+    last = np.array([[a.pos.x, a.pos.y, a.pos.z] for r in st[2]["A"] for a in r])
+    assert st[2].num == 3 and np.allclose(last, frames[2], atol=5e-4)  # model 3 is t = 0, the last frame
+
+
+def test_a_file_named_explicitly_is_taken_whatever_its_extension(tmp_path):
+    """A folder is searched by extension; a file the user names is taken as named (then read, or refused
+    with a message), not dropped without a word."""
+    odd = tmp_path / "model.pdb1"
+    odd.write_text("x")
+    assert find_structure_files([odd]) == [odd]
+    shutil.copy(DATA / "1crn.pdb", tmp_path / "crambin.txt")
+    assert find_structure_files(tmp_path) == []  # not a structure name: left out of a folder search
+    named = find_structure_files([tmp_path / "crambin.txt"])
+    assert named == [tmp_path / "crambin.txt"]
+    with pytest.raises(StructureError, match=r"crambin.txt: cannot parse as PDB/mmCIF"):  # said, not skipped
+        read_backbones(named[0])

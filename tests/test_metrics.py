@@ -266,3 +266,122 @@ def test_clash_threshold_must_be_a_positive_distance():
         with pytest.raises(ValueError, match="threshold: a clash distance in A > 0"):
             clashes(ca, threshold=bad)
     assert clashes(ca, threshold=np.float32(3.0))["clash_pairs"] >= 1
+
+
+# ------------------------------------------------------------------ exact answers on built geometries
+
+def chain_from_angles(theta, tau, bond=3.8):
+    """A CA trace with the given virtual bond angles theta (deg, at residues 1..L-2) and torsions tau (deg,
+    over residues k..k+3, k = 0..L-4), by NeRF placement; checked against textbook formulas written here,
+    independent of the module's own angle code."""
+    theta, tau = np.asarray(theta, dtype=np.float64), np.asarray(tau, dtype=np.float64)
+    L = len(theta) + 2
+    assert len(tau) == L - 3
+    t1 = np.radians(theta[0])
+    pts = [np.zeros(3), np.array([bond, 0.0, 0.0]), np.array([bond - bond * np.cos(t1), bond * np.sin(t1), 0.0])]
+    for j in range(3, L):
+        a, b, c = pts[j - 3], pts[j - 2], pts[j - 1]
+        th, to = np.radians(theta[j - 2]), np.radians(tau[j - 3])
+        bc = (c - b) / np.linalg.norm(c - b)
+        n = np.cross(b - a, bc)
+        n /= np.linalg.norm(n)
+        m = np.cross(n, bc)
+        pts.append(c + bond * (-np.cos(th) * bc + np.sin(th) * np.cos(to) * m + np.sin(th) * np.sin(to) * n))
+    ca = np.array(pts)
+    # the construction's own check: bond angle from the dot product, IUPAC torsion (Blondel & Karplus 1996)
+    for i in range(1, L - 1):
+        u, v = ca[i - 1] - ca[i], ca[i + 1] - ca[i]
+        got = np.degrees(np.arccos(u @ v / np.linalg.norm(u) / np.linalg.norm(v)))
+        assert abs(got - theta[i - 1]) < 1e-6, (i, got)
+    for k in range(L - 3):
+        b1, b2, b3 = ca[k + 1] - ca[k], ca[k + 2] - ca[k + 1], ca[k + 3] - ca[k + 2]
+        got = np.degrees(np.arctan2(np.linalg.norm(b2) * b1 @ np.cross(b2, b3), np.cross(b1, b2) @ np.cross(b2, b3)))
+        assert abs((got - tau[k] + 180) % 360 - 180) < 1e-6, (k, got)
+    return ca
+
+
+@pytest.mark.parametrize("theta, tau, want", [
+    # helix: theta 89 +/- 12, tau 50 +/- 20 (each end 1 deg inside and outside)
+    (89, 50, "H"), (100, 50, "H"), (78, 50, "H"), (102, 50, "-"), (76, 50, "-"),
+    (89, 69, "H"), (89, 31, "H"), (89, 71, "-"), (89, 29, "-"),
+    # strand: theta 124 +/- 14, tau -170 +/- 45, measured across +-180
+    (124, -170, "E"), (137, -170, "E"), (111, -170, "E"), (139, -170, "-"), (109, -170, "-"),
+    (124, -126, "E"), (124, 146, "E"), (124, -124, "-"), (124, 144, "-"), (124, 180, "E"),
+])
+def test_secondary_structure_angle_windows_exactly(theta, tau, want):
+    """P-SEA's angle windows at their edges: a uniform 8-residue chain is all helix / strand or all coil
+    (a window of 89 +/- 20, a tau centre of 60, a strand tau window of 60 deg or no wrap-around all passed
+    the earlier tests)."""
+    ca = chain_from_angles([theta] * 6, [tau] * 5)
+    assert secondary_structure(ca) == want * 8
+
+
+def test_a_helical_torsion_needs_both_of_its_bond_angles():
+    """Torsion k needs theta at residues k + 1 and k + 2: one bad angle at either end of an 8-residue helix
+    removes the end torsion, whose run then stops a residue short."""
+    angles = [89.0] * 6
+    assert secondary_structure(chain_from_angles(angles, [50] * 5)) == "HHHHHHHH"
+    last_bad = angles[:5] + [120.0]  # theta at residue 6: torsion 4 (residues 4..7) is not helical
+    assert secondary_structure(chain_from_angles(last_bad, [50] * 5)) == "HHHHHHH-"
+    first_bad = [120.0] + angles[1:]  # theta at residue 1: torsion 0
+    assert secondary_structure(chain_from_angles(first_bad, [50] * 5)) == "-HHHHHHH"
+    # just outside the window (89 + 16) at either end, where the other angle of the torsion is inside it
+    assert secondary_structure(chain_from_angles([105.0] + angles[1:], [50] * 5)) == "-HHHHHHH"
+    assert secondary_structure(chain_from_angles(angles[:5] + [105.0], [50] * 5)) == "HHHHHHH-"
+    # the same for a strand (124 +/- 14; two torsions suffice): 142 at residue 1, then at residue 5
+    strand = [124.0] * 5
+    assert secondary_structure(chain_from_angles(strand, [-170] * 4)) == "EEEEEEE"
+    assert secondary_structure(chain_from_angles([142.0] + strand[1:], [-170] * 4)) == "-EEEEEE"
+    assert secondary_structure(chain_from_angles(strand[:4] + [142.0], [-170] * 4)) == "EEEEEE-"
+
+
+def test_helix_strand_junction_labels_and_fractions():
+    """A helix (residues 0..7 helical angles) running into a strand: the helix's torsions 0..5 label residues
+    0..8, the strand's 7..12 label 7..15; where they meet the helix keeps its residues (the strand fills only
+    coil), so 9 H then 7 E, and the fractions are exactly those counts over 16."""
+    from protdiff_fast.metrics.backbone import secondary_structure_fractions
+
+    theta = [89.0] * 7 + [124.0] * 7  # residues 1..7, 8..14
+    tau = [50.0] * 6 + [-170.0] * 7  # torsions 0..5, 6..12
+    ca = chain_from_angles(theta, tau)
+    assert secondary_structure(ca) == "H" * 9 + "E" * 7
+    assert secondary_structure_fractions(ca) == pytest.approx(dict(helix=9 / 16, strand=7 / 16, coil=0.0))
+    m = backbone_metrics(ca)
+    assert (m["helix"], m["strand"], m["coil"]) == pytest.approx((9 / 16, 7 / 16, 0.0))
+
+
+def test_a_break_removes_every_torsion_across_it_and_backbone_metrics_passes_it_on():
+    """Torsion k spans bonds k, k + 1 and k + 2. An 8-residue helix broken at bond 4: torsions 2, 3, 4 span
+    it, 0 and 1 are a run of 2, too short; counting only bonds k, k + 1 left torsion 2 and a helix of 6."""
+    breaks = np.zeros(7, dtype=bool)
+    breaks[4] = True
+    ca = ideal_helix(8)
+    assert secondary_structure(ca) == "HHHHHHHH"
+    assert secondary_structure(ca, breaks) == "--------"
+    m = backbone_metrics(ca, breaks=breaks)
+    assert m["helix"] == 0.0 and m["coil"] == 1.0
+
+
+def test_bond_validity_tolerance_is_0_1_angstrom():
+    from protdiff_fast.metrics.backbone import ca_ca_bonds
+
+    line = lambda bonds: np.concatenate([[0.0], np.cumsum(bonds)])[:, None] * np.array([[1.0, 0.0, 0.0]])  # noqa: E731
+    got = ca_ca_bonds(line([3.8, 3.92, 3.68, 3.89]))  # deviations 0, 0.12, 0.12, 0.09
+    assert got["ca_ca_valid"] == pytest.approx(0.5) and got["ca_ca_dev"] == pytest.approx(0.33 / 4)
+
+
+def test_chain_break_needs_a_bond_longer_than_4_2_angstrom():
+    """A numbering jump is a break only with a CA-CA distance over 4.2 A (exactly 4.2: no break)."""
+    from protdiff_fast.metrics.backbone import chain_breaks
+
+    ca = np.array([[0.0, 0, 0], [4.2, 0, 0], [8.7, 0, 0], [12.5, 0, 0]])  # bonds 4.2, 4.5, 3.8
+    assert chain_breaks(ca, np.array([1, 3, 5, 9])).tolist() == [False, True, False]
+    assert chain_breaks(ca, np.array([1, 3, 5, 9]), max_bond=4.6).tolist() == [False, False, False]
+
+
+def test_a_clash_is_strictly_closer_than_the_threshold():
+    ca = np.array([[0.0, 0, 0], [1.5, 3.0, 0], [3.0, 0, 0]])  # residues 0 and 2 exactly 3.0 A apart
+    assert clashes(ca)["clash_pairs"] == 0
+    assert clashes(ca, threshold=3.001) == dict(clash_pairs=1, clash_fraction=1.0)
+    ca[2, 0] = 2.999
+    assert clashes(ca)["clash_pairs"] == 1

@@ -623,3 +623,79 @@ def test_redenoise_of_a_design_does_not_depend_on_the_other_designs():
     three = redenoise(model, designs, t_start=20, scheduler=sch, seed=4, dtype=torch.float64)
     for a, b in zip(two, three):
         np.testing.assert_array_equal(b, a)
+
+
+# ------------------------------------------------------------------------------------------ contig edge cases
+
+def test_contig_ranges_at_their_edges():
+    """Off-by-one edges of the contig grammar: a scaffold range one backwards, motif segments sharing one
+    residue, and the length of a parsed segment (its residues counted inclusively)."""
+    with pytest.raises(ContigError, match="min 11 > max 10"):
+        parse_contig("11-10,A1-5")
+    assert parse_contig("10-10,A1-5")[0] == ScaffoldSegment(10, 10)
+    with pytest.raises(ContigError, match="overlap"):
+        parse_contig("A1-5,3,A5-9")  # residue 5 twice
+    assert len(parse_contig("A1-5,3,A6-9")) == 3
+    segs = parse_contig("A15-30,4,B7,A-3-4")
+    assert [s.length for s in segs if isinstance(s, MotifSegment)] == [16, 1, 8]
+
+
+def test_motif_spec_length_limits_take_the_tighter_of_contig_and_request():
+    """The requested range is clipped to what the contig allows (19 motif + 10..20 + 10..20 = 39..59), so
+    every layout is drawable; and a motif one residue longer than the maximum is named as such."""
+    spec = motif_spec(MOTIF_5TPN, "10-20,A163-181,10-20", "30-80")
+    assert (spec.min_length, spec.max_length) == (39, 59)
+    assert all(39 <= spec.sample_layout(s).length <= 59 for s in range(50))
+    with pytest.raises(ContigError, match="the motif has 19 residues, more than the maximum length 18"):
+        motif_spec(MOTIF_5TPN, "0,A163-181,0", "18")
+
+
+def test_a_motif_range_with_a_stray_residue_number_inside_is_refused(tmp_path):
+    """File order 1, 2, 3, 50, 4, 5, 6: A2-5 would take residue 50 (which lies elsewhere in the chain)
+    as a neighbour of 3 and 4; refused, naming it."""
+    from test_io import chain_of, write_pdb
+
+    res = chain_of(7)
+    numbers = [1, 2, 3, 50, 4, 5, 6]
+    res = [(r[0], n, r[2], r[3]) for r, n in zip(res, numbers)]
+    path = write_pdb(tmp_path / "stray.pdb", res)
+    with pytest.raises(ContigError, match=r"not in order in the file \(between them: 50\)"):
+        motif_spec(path, "2,A2-5,2")
+    ca = np.array([r[3][1][1] for r in res])
+    np.testing.assert_allclose(motif_spec(path, "2,A4-6,2").motif_ca, ca[4:7], atol=1e-3)
+
+
+
+def test_success_is_an_rmsd_strictly_below_the_threshold():
+    """'Motif RMSD < 1 A' (the RFdiffusion benchmark's criterion): exactly 1 A is a failure."""
+    assert success_rate([1.0, 0.999, 1.001]) == pytest.approx(1 / 3)
+    assert success_rate([2.0], threshold=2.0) == 0.0 and success_rate([1.5], threshold=2.0) == 1.0
+    Q = torch.tensor([[0.0, 0, 0], [2, 0, 0], [0, 3, 0], [0, 0, 4]], dtype=torch.float64)
+    P = Q.clone()
+    P[:, 0] *= -1.0  # a mirror image: no rotation maps it onto Q (a hand check of the d correction)
+    # the best proper rotation of a mirror image reflects it through the plane of the two largest principal
+    # axes: each point moves twice its component c_i along the smallest one, RMSD^2 = 4 lambda_min / M
+    centred = (Q - Q.mean(0)).numpy()
+    lam_min = np.linalg.eigvalsh(centred.T @ centred)[0]
+    assert float(motif_rmsd(P, Q)[0]) == pytest.approx(math.sqrt(4 * lam_min / 4), rel=1e-9)
+    assert float(motif_rmsd(Q, Q)[0]) < 1e-12
+
+
+def test_designs_are_the_models_own_x0_and_unweighted_methods_report_uniform_weights():
+    """The returned designs are the model's final x_0: the motif is imposed at every step down to t = 1, not
+    pasted over at the end (then every design's motif RMSD would be 0 by construction). With the recording
+    model (eps = 0.1 x) the last step rescales the motif rows, so their shape is not y_0's. Replacement and
+    fixed report uniform normalised log-weights, -log K each."""
+    positions = torch.tensor([3, 4, 5, 9])
+    sch = DDPMScheduler(20, 1e-3, 0.2, backend="reference")
+    y0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for method in ("replacement", "fixed", "smc"):
+        res = scaffold(_RecordingModel(positions), y0, [12, 12], positions.expand(2, 4), method=method, particles=3,
+                       scheduler=sch, seed=7, dtype=torch.float64)
+        for d in range(2):
+            motif = res.design(d)[positions.numpy()]
+            gap = np.abs((motif - motif.mean(0)) - (y0 - y0.mean(0)).numpy()).max()
+            assert gap > 1e-3, (method, gap)
+        np.testing.assert_allclose(np.exp(res.log_weights).sum(1), 1.0, rtol=1e-12)
+        if method != "smc":
+            np.testing.assert_allclose(res.log_weights, -math.log(3), rtol=0, atol=1e-15)

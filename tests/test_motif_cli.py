@@ -279,3 +279,90 @@ def test_scaffold_cli_design_i_is_the_same_in_a_larger_run(tmp_path):
     for a, b in zip(rows[2], rows[5][:2]):
         assert a == b
         assert (tmp_path / "n2" / a["design"]).read_bytes() == (tmp_path / "n5" / b["design"]).read_bytes()
+
+
+def test_summary_rows_are_the_sampler_results_in_angstrom(tmp_path, monkeypatch):
+    """Each row against the sampler's own ScaffoldResult and re-denoised designs (recorded by wrapping the
+    two functions): the written file holds design d x 10 A (a wrong scale moved the file and its RMSD
+    together, which the earlier check of one against the other could not see), the re-denoised RMSD is
+    that of the re-denoised design in A, the reported particle's weight is that particle's, final_ess is
+    1 / sum_k w_k^2, and the backbone metrics are those of the design in A."""
+    import importlib
+
+    from protdiff_fast.metrics import backbone_metrics
+
+    sc = importlib.import_module("protdiff_fast.motif.scaffold")
+    got = {}
+    real_scaffold, real_redenoise = sc.scaffold, sc.redenoise
+
+    def keep(name, fn):
+        def wrapped(*a, **kw):
+            got[name] = fn(*a, **kw)
+            return got[name]
+        return wrapped
+
+    def scaffold_with_spread_weights(*a, **kw):  # the shipped model's last weighted step leaves one-hot weights
+        res = real_scaffold(*a, **kw)  # (ESS 1, as 1 / sum w_k^2 and a wrong formula agree); these are spread
+        res.log_weights = np.log(np.stack([np.roll([0.5, 0.3, 0.2], d) for d in range(len(res.chosen))]))
+        return res
+
+    monkeypatch.setattr(sc, "scaffold", keep("result", scaffold_with_spread_weights))
+    def redenoise_two_blown_up(*a, **kw):  # designs 0 and 1 re-denoised 3x too large: those two fail
+        red = real_redenoise(*a, **kw)
+        return [r * 3.0 if d < 2 else r for d, r in enumerate(red)]
+
+    monkeypatch.setattr(sc, "redenoise", keep("red", redenoise_two_blown_up))
+    out = tmp_path / "rows"
+    args = _args(out)
+    args[args.index("--num") + 1] = "4"
+    assert main(args) == 0
+    res, red = got["result"], got["red"]
+    content = json.loads((out / "summary.json").read_text())
+    rows, summary = content["designs"], content["summary"]
+    raw, again = [r["motif_rmsd"] for r in rows], [r["redenoise_motif_rmsd"] for r in rows]
+    assert len(rows) == 4 and summary["mean_motif_rmsd"] == pytest.approx(sum(raw) / 4, abs=1e-12)  # mean, not median
+    assert summary["mean_redenoise_motif_rmsd"] == pytest.approx(sum(again) / 4, abs=1e-12)
+    # the two success rates, each of its own RMSDs (< 1 A), on a run where they differ
+    assert summary["success_rate"] == 1.0 and all(v < 1.0 for v in raw)
+    assert summary["redenoise_success_rate"] == 0.5 and again[0] > 1 and again[1] > 1 and max(again[2:]) < 1
+    log = content["smc_log"]  # per step: the min and mean ESS over the designs
+    weighted = [s for s, row in enumerate(res.ess) if not np.isnan(row).all()]  # the last step has no weighting
+    assert weighted and log["min_ess"][-1] is None and log["mean_ess"][-1] is None
+    for s in weighted:
+        assert log["min_ess"][s] == pytest.approx(float(np.nanmin(res.ess[s])))
+        assert log["mean_ess"][s] == pytest.approx(float(np.nanmean(res.ess[s])))
+    assert any(log["mean_ess"][s] > log["min_ess"][s] + 1e-6 for s in weighted)  # the two differ somewhere
+    spec = motif_spec(PDB, CONTIG, "50-60")
+    assert any(int(c) != 0 for c in res.chosen), res.chosen  # the particle-weight check below needs one
+    for d, row in enumerate(rows):
+        pos = np.asarray(row["motif_positions"]) - 1
+        np.testing.assert_array_equal(pos, res.motif_positions[d])
+        design = res.design(d) * 10.0  # model units -> A
+        st = gemmi.read_structure(str(out / row["design"]))
+        ca = np.array([[r[0].pos.x, r[0].pos.y, r[0].pos.z] for r in st[0]["A"]])
+        np.testing.assert_allclose(ca, design, atol=6e-4)  # PDB's 3 decimals
+        remark = "".join(line[len("REMARK 999 "):].strip() for line in st.raw_remarks if line.startswith("REMARK 999"))
+        listed = []  # "3-5,9" -> [3, 4, 5, 9]: the file's own list of motif residues, 1-based as its numbering
+        for part in remark.split("MOTIF RESIDUES (B-FACTOR 1.00) ", 1)[1].split(","):
+            lo, _, hi = part.partition("-")
+            listed += list(range(int(lo), int(hi or lo) + 1))
+        assert listed == row["motif_positions"] == [r.seqid.num for i, r in enumerate(st[0]["A"]) if i in set(pos)]
+        assert row["motif_rmsd"] == pytest.approx(float(motif_rmsd(design[pos], spec.motif_ca)[0]), abs=1e-9)
+        assert row["redenoise_motif_rmsd"] == pytest.approx(float(motif_rmsd(red[d][pos] * 10.0, spec.motif_ca)[0]),
+                                                            abs=1e-9)
+        w = np.exp(res.log_weights[d])
+        assert row["particle"] == int(res.chosen[d])
+        assert row["log_weight"] == pytest.approx(float(res.log_weights[d, res.chosen[d]]), abs=1e-12)
+        assert row["log_weight"] != pytest.approx(float(res.log_weights[d, (res.chosen[d] + 1) % 3]), abs=1e-6)
+        assert row["final_ess"] == pytest.approx(1.0 / float((w ** 2).sum()), rel=1e-9) == pytest.approx(1 / 0.38)
+        want = backbone_metrics(design)
+        for key in ("ca_ca_dev", "ca_ca_valid", "rg", "rg_ratio", "clash_pairs", "helix", "strand"):
+            assert row[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+
+
+def test_motif_residue_ranges_in_the_remarks():
+    from protdiff_fast.motif.run import _ranges
+
+    assert _ranges(np.array([3, 4, 5, 9])) == "3-5,9"
+    assert _ranges(np.array([1, 3, 5])) == "1,3,5"  # a gap of one residue is a gap
+    assert _ranges(np.array([7])) == "7" and _ranges(np.array([2, 3, 10, 11, 12, 20])) == "2-3,10-12,20"

@@ -173,3 +173,15 @@ def test_resampled_duplicates_take_their_own_noise(problem):
         flat = parts.reshape(K, -1)
         gaps = np.abs(flat[:, None] - flat[None]).max(-1) + np.eye(K)
         assert gaps.min() > 1e-6  # no two final particles are copies
+
+
+def test_resampling_criteria_at_their_thresholds():
+    """Departure sum_k |K w_k - 1| > 3/4 K (strictly), ESS < threshold K (strictly): K = 4 weights whose
+    departure (2.4) lies between K / 2 and 3/4 K, and uniform weights (ESS exactly 4) at threshold 1."""
+    from protdiff_fast.motif.scaffold import effective_sample_size, needs_resampling
+
+    w = torch.tensor([[0.55, 0.15, 0.15, 0.15], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    ess = effective_sample_size(w.log())
+    assert ess.tolist() == pytest.approx([1 / 0.37, 4.0]) and float(ess[1]) == 4.0
+    assert needs_resampling(w, ess, "departure", 0.5).tolist() == [False, False]  # 2.4 <= 3
+    assert needs_resampling(w, ess, "ess", 1.0).tolist() == [True, False]  # uniform: ESS = K, not below it
