@@ -185,3 +185,19 @@ def test_resampling_criteria_at_their_thresholds():
     assert ess.tolist() == pytest.approx([1 / 0.37, 4.0]) and float(ess[1]) == 4.0
     assert needs_resampling(w, ess, "departure", 0.5).tolist() == [False, False]  # 2.4 <= 3
     assert needs_resampling(w, ess, "ess", 1.0).tolist() == [True, False]  # uniform: ESS = K, not below it
+
+
+@pytest.mark.parametrize("K", [3, 5, 7, 8, 16, 64, 1000])
+def test_uniform_weights_are_not_resampled_at_threshold_one(K):
+    """ess_threshold 1 resamples whenever the weights are not uniform: uniform log-weights -log K give an
+    ESS a rounding under K for most K (5, 7, 8, 16, 64), which resampled them; one weight 10% off is not
+    uniform and is resampled."""
+    import math
+
+    from protdiff_fast.motif.scaffold import effective_sample_size, needs_resampling
+
+    log_w = torch.full((2, K), -math.log(K), dtype=torch.float64)
+    log_w[1, 0] += 0.1
+    log_w = log_w - torch.logsumexp(log_w, dim=1, keepdim=True)
+    ess = effective_sample_size(log_w)
+    assert needs_resampling(log_w.exp(), ess, "ess", 1.0).tolist() == [False, True]
