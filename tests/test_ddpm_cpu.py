@@ -236,3 +236,38 @@ def test_cpu_step_gradcheck_and_no_graph_without_grad():
     with torch.no_grad():
         out = ddpm_step(s, x.requires_grad_(True), eps, t, mask=mask, noise=noise, backend="cpu")
     assert out.prev_sample.grad_fn is None
+
+
+# gaps found by mutation testing
+def test_cpu_step_on_one_schedule_follows_each_variance():
+    """The coefficient table is cached on the schedule per variance: a fixed_large step after a fixed_small one
+    on the same schedule (and back) uses beta_t, not the cached beta_tilde's sigma (a cache keyed without the
+    variance passed every test, each of which built a fresh schedule)."""
+    s = NoiseSchedule(1000)
+    x, eps, noise, t, mask = _inputs(4, 9, F64, seed=7, min_real=3)
+    t = torch.tensor([3, 40, 600, 1000])  # beta_tilde and beta differ most at small t (1.9x at t = 3)
+    for variance in ("fixed_small", "fixed_large", "fixed_small"):
+        got = ddpm_step(s, x, eps, t, mask=mask, noise=noise, variance=variance, backend="cpu")
+        want = ddpm_step(s, x, eps, t, mask=mask, noise=noise, variance=variance, backend="reference")
+        assert_close_rel(got.prev_sample, want.prev_sample, 1e-12, variance)
+
+
+def test_cpu_step_draws_from_the_generator_and_gives_each_sample_its_own_noise():
+    """Without seed or noise the step's key comes from ``generator`` (a fixed key ignored it: every call drew
+    the same noise); one int seed gives every sample of the batch its own stream."""
+    s = NoiseSchedule(1000)
+    B, N = 4, 8
+    zero = torch.zeros(B, N, 3, dtype=F64)
+    t = torch.full((B,), 300)
+
+    def draw(**kw):
+        return ddpm_step(s, zero, zero, t, backend="cpu", **kw).prev_sample
+
+    a, b = draw(generator=torch.Generator().manual_seed(1)), draw(generator=torch.Generator().manual_seed(1))
+    c = draw(generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and float((a - c).abs().max()) > 0.01
+    assert float(draw().sub(draw()).abs().max()) > 0.01, "no seed, no generator: a fresh draw each call"
+    one = draw(seed=5)
+    for i in range(B):
+        for j in range(i):
+            assert float((one[i] - one[j]).abs().max()) > 0.01, f"samples {i} and {j} drew the same noise"

@@ -193,3 +193,15 @@ def test_strength_one_half_removes_an_isolated_overlap_exactly():
         moved = x + strength * repulsion(x, mask, d_min)
         assert float((moved[0, 2] - moved[0, 0]).norm()) == pytest.approx(want, rel=1e-12)
         assert torch.equal(moved[0, 1], x[0, 1])  # the chain neighbour of both is not pushed
+
+
+def test_guidance_acts_at_t_max_itself_and_not_one_step_above():
+    """'active for t <= t_max': the boundary step t = t_max is guided, t_max + 1 gets the model's eps back."""
+    B, N = 3, 9
+    mask = torch.ones(B, N, dtype=torch.bool)
+    x = clustered(B, N, 0.25, seed=3)
+    eps = torch.randn(B, N, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    gd = ClashGuidance(strength=0.5, min_distance=3.8, max_timestep=50)
+    out = guided_eps(gd, x, eps, torch.tensor([49, 50, 51]), mask)
+    assert float((out[0] - eps[0]).abs().max()) > 1e-3 and float((out[1] - eps[1]).abs().max()) > 1e-3
+    assert torch.equal(out[2], eps[2])

@@ -319,3 +319,102 @@ def test_cosine_schedule_rejects_an_offset_or_clip_that_breaks_it():
             NoiseSchedule(100, kind="cosine", **kw)
     s = NoiseSchedule(100, kind="cosine", cosine_s=0.0, max_beta=0.5)  # s = 0 is a valid cosine schedule
     assert float(s.betas.max()) == 0.5 and bool(s.alpha_bars.isfinite().all()) and float(s.alpha_bars[-1]) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaps found by mutation testing: each test below fails on a small change of the code it names
+# ----------------------------------------------------------------------------------------------
+def test_int_timestep_is_checked_and_a_0d_tensor_is_broadcast():
+    """An int t = 0 (the data, beta_0 = 0: c2 = 0 / 0) is refused as a tensor 0 is; a 0-d tensor t is every
+    sample's t, not some other step."""
+    s = NoiseSchedule(100)
+    cpu = torch.device("cpu")
+    for bad in (0, -1, 101):
+        with pytest.raises(ValueError, match=r"t: timesteps must lie in \[1, 100\], got " + str(bad)):
+            s.check_timesteps(bad, 3, cpu)
+    assert s.check_timesteps(1, 2, cpu).tolist() == [1, 1] and s.check_timesteps(100, 2, cpu).tolist() == [100, 100]
+    assert s.check_timesteps(torch.tensor(37), 3, cpu).tolist() == [37, 37, 37]
+    x, eps_hat, mask = _step_inputs()
+    with pytest.raises(ValueError, match=r"\[1, 100\]"):
+        ddpm_step_reference(s, x, eps_hat, 0, mask=mask)
+
+
+def test_step_refuses_samples_without_nodes_but_runs_an_empty_batch():
+    s = NoiseSchedule(100)
+    empty_nodes = torch.zeros(2, 0, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"x_t: samples have no nodes \(N = 0\)"):
+        ddpm_step_reference(s, empty_nodes, empty_nodes, 5)
+    none = torch.zeros(0, 4, 3, dtype=F64)
+    assert ddpm_step_reference(s, none, none, 5).prev_sample.shape == (0, 4, 3)
+
+
+def test_seed_range_is_checked():
+    from protdiff_fast.reference.ddpm import check_seed
+
+    for ok in (0, -(1 << 63), (1 << 64) - 1):
+        assert check_seed(ok, 2) == ok
+    for bad in ((1 << 64), -(1 << 63) - 1):
+        with pytest.raises(ValueError, match=r"seed: expected an integer in \[-2\^63, 2\^64\)"):
+            check_seed(bad, 2)
+
+
+def test_add_noise_keeps_padding_zero_and_follows_eq_4_per_sample():
+    """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps on real rows, padding exactly zero (also where x_0 and eps are not)."""
+    s = NoiseSchedule(1000)
+    g = torch.Generator().manual_seed(5)
+    mask = random_mask(3, 9, generator=g, min_real=2)
+    x0, eps = torch.randn(3, 9, 3, generator=g, dtype=F64), torch.randn(3, 9, 3, generator=g, dtype=F64)
+    t = torch.tensor([1, 300, 1000])
+    xt = add_noise(s, x0, eps, t, mask)
+    assert float(xt[~mask].abs().max()) == 0.0
+    for b in range(3):
+        ab = float(s.alpha_bars[int(t[b])])
+        want = math.sqrt(ab) * x0[b] + math.sqrt(1 - ab) * eps[b]
+        assert_close_rel(xt[b][mask[b]], want[mask[b]], 1e-14, f"sample {b}")
+
+
+def test_per_sample_seeds_key_the_reference_noise_by_seed_and_step():
+    """With a (B,) seed each sample's z' comes from (seed_b, t_b): the same pair gives the same draw in any
+    batch position, another step or another seed another draw (a draw keyed by the seed alone repeats the
+    same z at every step of the chain)."""
+    s = NoiseSchedule(1000)
+    zero = torch.zeros(3, 6, 3, dtype=F64)
+
+    def z_of(seeds, t):  # x_t = eps_hat = 0: prev = sigma_t P z'
+        tt = torch.tensor(t)
+        out = ddpm_step_reference(s, zero, zero, tt, seed=torch.tensor(seeds), variance="fixed_large")
+        return out.prev_sample / s.betas[tt].sqrt().view(-1, 1, 1)
+
+    a = z_of([4, 9, 4], [50, 50, 50])
+    assert torch.equal(a[0], a[2]) and not torch.allclose(a[0], a[1])
+    later = z_of([4, 9, 4], [51, 51, 50])
+    assert torch.equal(later[2], a[2])
+    for b in (0, 1):
+        assert float((later[b] - a[b]).abs().max()) > 0.1, "another step must draw other noise"
+    moved = z_of([9, 4, 7], [50, 50, 50])
+    assert torch.equal(moved[0], a[1]) and torch.equal(moved[1], a[0])
+
+
+def test_schedule_needs_at_least_one_step():
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="num_timesteps must be an integer >= 1"):
+            NoiseSchedule(bad)
+    one = NoiseSchedule(1)
+    assert one.betas.tolist() == [0.0, 1e-4]
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_step_is_the_float32_step_rounded(variance, dtype):
+    """bf16 / fp16 are stepped in float32 with the variance asked for, and the outputs rounded to the input's
+    dtype: the same bits as the float32 step's outputs rounded."""
+    s = NoiseSchedule(1000)
+    g = torch.Generator().manual_seed(12)
+    mask = random_mask(3, 8, generator=g, min_real=2)
+    x, eps_hat, noise = (torch.randn(3, 8, 3, generator=g).to(dtype) for _ in range(3))
+    t = torch.tensor([3, 200, 1000])  # beta_3 = 1.9 beta_tilde_3
+    low = ddpm_step_reference(s, x, eps_hat, t, mask=mask, noise=noise, variance=variance)
+    full = ddpm_step_reference(s, x.float(), eps_hat.float(), t, mask=mask, noise=noise.float(), variance=variance)
+    for name in ("prev_sample", "mean", "pred_original_sample"):
+        got, want = getattr(low, name), getattr(full, name).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want), name

@@ -1273,3 +1273,139 @@ def test_a_loop_written_for_diffusers_runs_unchanged():
     a, b = run(True), run(False)
     assert torch.isfinite(a).all() and torch.equal(a, b)
     assert torch.allclose(a.mean(1), torch.zeros(3, 3, dtype=F64), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaps found by mutation testing: each test below fails on a small change of the code it names
+# ----------------------------------------------------------------------------------------------
+def test_strided_step_keeps_padding_zero_in_every_output():
+    """The DDIM branch's pred_original_sample, prev_sample and mean are exactly zero on padding rows, as the
+    fused step's are, also where the model's output there is not (x0 = (0 - sqrt(1 - ab) eps) / sqrt(ab))."""
+    s = DDPMScheduler(1000, eta=0.5)
+    s.set_timesteps(10)
+    g = torch.Generator().manual_seed(9)
+    mask = random_mask(3, 10, generator=g, min_real=2)
+    mask[0, -1] = False  # at least one padding row
+    x = remove_center_of_mass_reference(torch.randn(3, 10, 3, generator=g, dtype=F64), mask)
+    eps, z = torch.randn(3, 10, 3, generator=g, dtype=F64), torch.randn(3, 10, 3, generator=g, dtype=F64)
+    out = s.step(eps, int(s.timesteps[2]), x, mask=mask, noise=z)
+    for name in ("prev_sample", "pred_original_sample", "mean"):
+        assert float(getattr(out, name)[~mask].abs().max()) == 0.0, name
+    ab = float(s.schedule.alpha_bars[int(s.timesteps[2])])
+    want_x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    assert_close_rel(out.pred_original_sample[mask], want_x0[mask], 1e-12, "x0 on real rows")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_strided_step_in_low_precision_returns_the_float32_step_rounded(dtype):
+    """bf16 / fp16 are stepped in float32 and the outputs come back in the input's dtype, the float32 step's
+    results rounded (not float32 tensors handed to a bf16 loop)."""
+    s = DDPMScheduler(1000, eta=0.5)
+    s.set_timesteps(20)
+    g = torch.Generator().manual_seed(2)
+    mask = random_mask(2, 7, generator=g, min_real=3)
+    x, eps, z = (torch.randn(2, 7, 3, generator=g).to(dtype) for _ in range(3))
+    t = int(s.timesteps[5])
+    low = s.step(eps, t, x, mask=mask, noise=z)
+    full = s.step(eps.float(), t, x.float(), mask=mask, noise=z.float())
+    for name in ("prev_sample", "pred_original_sample", "mean"):
+        got, want = getattr(low, name), getattr(full, name).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want), name
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the strided step's per-sample stream is the C++ step's")
+def test_strided_per_sample_noise_is_keyed_by_the_step_too():
+    """With per-sample seeds the DDIM branch's z comes from (seed_b, t_b): every step of the chain draws new
+    noise (a draw keyed by the seed alone adds the same z at every step: sum of sigma_t z, not a random walk)."""
+    s = DDPMScheduler(1000)
+    s.set_timesteps(20)
+    zero = torch.zeros(2, 6, 3, dtype=F64)
+    seeds = torch.tensor([3, 4])
+
+    def z_at(k):  # x_t = eps_hat = 0: prev = sigma P z
+        t = torch.full((2,), int(s.timesteps[k]))
+        ab, ab_prev = s.schedule.alpha_bars[t[0]], s.schedule.alpha_bars[s._prev[t[0]]]
+        sigma = float(((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt())
+        return s.step(zero, t, zero, seed=seeds).prev_sample / sigma
+
+    a, b = z_at(3), z_at(4)
+    assert float(a.norm()) > 1 and float(b.norm()) > 1
+    for k in range(2):
+        assert float((a[k] - b[k]).abs().max()) > 0.1, f"sample {k}: the same noise at two steps"
+    assert torch.equal(z_at(3), a)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if HAS_CPU else []))
+def test_full_length_step_uses_the_schedulers_variance_type(backend):
+    """variance_type='fixed_large' reaches the fused step (sigma^2 = beta_t, not beta_tilde_t; 1.9x apart at t = 3)."""
+    g = torch.Generator().manual_seed(6)
+    mask = random_mask(3, 8, generator=g, min_real=2)
+    x = remove_center_of_mass_reference(torch.randn(3, 8, 3, generator=g, dtype=F64), mask)
+    eps, noise = torch.randn(3, 8, 3, generator=g, dtype=F64), torch.randn(3, 8, 3, generator=g, dtype=F64)
+    t = torch.tensor([3, 50, 1000])
+    for variance in ("fixed_large", "fixed_small"):
+        s = DDPMScheduler(1000, variance_type=variance, backend=backend)
+        got = s.step(eps, t, x, mask=mask, noise=noise)
+        want = ddpm_step(s.schedule, x, eps, t, mask=mask, noise=noise, variance=variance, backend="reference")
+        assert_close_rel(got.prev_sample, want.prev_sample, 1e-12, variance)
+
+
+def test_sampler_batches_designs_of_similar_length():
+    """Designs are sorted by length before they are cut into batches: lengths [5, 40, 6, 41] in batches of 2 pad
+    to 6 and 41 (not 40 and 41), and every design comes back in its own place with its own length."""
+    seen = []
+
+    def model(x_t, t, mask):
+        seen.append((x_t.shape[1], tuple(mask.sum(1).tolist())))
+        return torch.zeros_like(x_t)
+
+    lengths = [5, 40, 6, 41]
+    out = sample(model, lengths, batch_size=2, seed=0, scheduler=DDPMScheduler(3), progress=False)
+    assert [o.shape for o in out] == [(n, 3) for n in lengths]
+    assert sorted(set(seen)) == [(6, (5, 6)), (41, (40, 41))]
+
+
+def test_reference_step_noise_of_a_run_depends_on_its_seed():
+    """Where the step noise comes from one generator per batch (the reference step at full length), that
+    generator is seeded from the run's design seeds: two runs with other seeds draw other step noise, not only
+    another x_T. With eps_hat = 0 every step is x_{t-1} = x_t / sqrt(alpha_t) + sigma_t z_t (projected), so
+    x_0 - x_T / sqrt(alpha_bar_T) is the steps' noise alone."""
+    from protdiff_fast.diffusion.sampler import design_seeds, initial_noise
+
+    sched = DDPMScheduler(4, beta_start=0.1, beta_end=0.3, backend="reference")
+
+    def zero_eps(x_t, t, mask):
+        return torch.zeros_like(x_t)
+
+    step_noise = []
+    for seed in (1, 2):
+        out = sample(zero_eps, [7], seed=seed, scheduler=sched, progress=False, scale=1.0, dtype=F64)[0]
+        x_T = initial_noise(design_seeds(seed, 1).tolist(), 7, torch.ones(1, 7, dtype=torch.bool), F64, "cpu")[0]
+        step_noise.append(torch.from_numpy(out) - x_T / float(sched.schedule.alpha_bars[4]).__pow__(0.5))
+    assert float(step_noise[0].norm()) > 0.3 and float(step_noise[1].norm()) > 0.3
+    assert float((step_noise[0] - step_noise[1]).abs().max()) > 0.1, "another seed, the same step noise"
+
+
+def test_num_samples_repeats_each_length_in_a_row():
+    """lengths [5, 6] with num_samples 2 are designs 5, 5, 6, 6 (indexed 0..3), as documented, not 5, 6, 5, 6."""
+    sched = DDPMScheduler(3)
+    out = sample(ExactGaussianEps(sched.schedule, 1.0), [5, 6], num_samples=2, seed=0, scheduler=sched,
+                 progress=False)
+    assert [o.shape[0] for o in out] == [5, 5, 6, 6]
+
+
+def test_initial_noise_is_zero_com_per_design_and_independent_of_the_batch():
+    """x_T = P z over each design's real nodes (the model's first input and trajectory frame 0; an uncentred x_T
+    passed every sampling test, whose models are translation-invariant), padding zero, a design's draw its own."""
+    from protdiff_fast.diffusion.sampler import design_seeds, initial_noise
+
+    seeds = design_seeds(7, 3).tolist()
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    for k, n in enumerate((4, 9, 6)):
+        mask[k, :n] = True
+    x = initial_noise(seeds, 9, mask, F64, "cpu")
+    assert float(x[~mask].abs().max()) == 0.0
+    com = (x * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    assert float(com.abs().max()) < 1e-14 and float(x[mask].std()) > 0.5
+    alone = initial_noise(seeds[2:], 6, mask[2:, :6], F64, "cpu")
+    assert_close_rel(alone[0], x[2, :6], 1e-14, "the same design alone (the centroid summed over another length)")
