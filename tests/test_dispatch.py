@@ -293,3 +293,24 @@ def test_a_nan_attention_bias_is_refused_by_name(backend):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="b_att: contains (NaN|Inf)"):
             egnn_pair_aggregate(*args, backend=backend, **dict(kw, b_att=torch.tensor(bad)))
+
+
+@pytest.mark.parametrize("op", ["egnn_pair_aggregate", "ddpm_step", "remove_center_of_mass"])
+def test_auto_picks_cpu_for_cpu_tensors_triton_for_cuda_else_the_reference(op, monkeypatch):
+    """backends' rule, written out: "auto" picks the C++ extension for CPU tensors (even where the Triton
+    interpreter could run them), triton for CUDA tensors, and the reference where the preferred backend
+    is unavailable or lacks the op. (auto picking triton on CPU under TRITON_INTERPRET=1, or the preferred
+    backend without asking whether it loads, passed every other test.)"""
+    from protdiff_fast import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton usable on CPU tensors too: auto must still say cpu
+    monkeypatch.setattr(backends, "_load_cpu_extension", lambda: (object(), "C++ extension loaded"))
+    monkeypatch.setattr(backends, "_triton_status", lambda: (True, "triton (faked)"))
+    assert backends.resolve(op, "auto", "cpu") == "cpu"
+    assert backends.resolve(op, "auto", "cuda") == ("triton" if "triton" in backends.implemented(op) else "reference")
+    monkeypatch.setattr(backends, "_load_cpu_extension", lambda: (None, "no extension (faked)"))
+    monkeypatch.setattr(backends, "_triton_status", lambda: (False, "no triton (faked)"))
+    assert backends.resolve(op, "auto", "cpu") == "reference"
+    assert backends.resolve(op, "auto", "cuda") == "reference"
+    with pytest.raises(backends.BackendUnavailableError, match="backend 'cpu' cannot run"):
+        backends.resolve(op, "cpu", "cpu")

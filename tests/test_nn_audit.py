@@ -76,3 +76,26 @@ def test_egnn_stack_needs_at_least_one_layer(bad):
     with pytest.raises(ValueError, match=rf"num_layers must be an integer >= 1, got {bad!r}"):
         EGNN(4, 8, num_layers=bad)
     assert len(EGNN(4, 8, num_layers=1).layers) == 1
+
+
+def test_egnn_stack_layer_norm_and_output_mask():
+    """EGNN(layer_norm=True): each layer's h goes through LayerNorm, so with an identity embedding_out the
+    real rows of the output have mean 0 and variance 1 over the features (LayerNorm's own definition,
+    written out), and the padding rows of h come out zero even through embedding_out's bias."""
+    torch.manual_seed(0)
+    stack = EGNN(4, 8, out_dim=8, num_layers=2, layer_norm=True, backend="reference").double()
+    with torch.no_grad():
+        stack.embedding_out.weight.copy_(torch.eye(8))
+        stack.embedding_out.bias.zero_()
+    g = torch.Generator().manual_seed(2)
+    h, x = 3 * torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    out = stack(h, x, mask=mask)[0].detach()
+    real = out[mask]
+    torch.testing.assert_close(real.mean(-1), torch.zeros(len(real), dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(real.var(-1, correction=0), torch.ones(len(real), dtype=torch.float64), rtol=0,
+                               atol=1e-3)  # LayerNorm's eps 1e-5 in the denominator
+    with torch.no_grad():
+        stack.embedding_out.bias.fill_(0.5)
+    out = stack(h, x, mask=mask)[0].detach()
+    assert float(out[~mask].abs().max()) == 0.0 and float(out[mask].abs().min()) > 0
