@@ -98,3 +98,21 @@ def test_runner_under_autocast_runs_the_model_in_bf16_and_the_step_in_float32(mo
             want = model(x, t, mask)
         assert eps.dtype == x_next.dtype == torch.float32 and torch.equal(eps, want.float()), backend
         assert float((eps - model(x, t, mask).detach()).abs().max()) > 0, "autocast changed nothing"
+
+
+# gaps found by mutation testing (2)
+def test_after_one_failed_capture_later_batches_run_uncaptured(monkeypatch):
+    """One failed capture turns graphs off for the rest of the process (each later batch would fail its capture
+    and warn again): a runner built after it does not capture, one built before it would."""
+    import protdiff_fast.diffusion.graphs as graphs
+
+    class CudaMask:
+        device = torch.device("cuda")
+
+    full = DDPMScheduler(10)
+    full.set_timesteps(None)
+    seeds = torch.zeros(2, dtype=torch.long)
+    monkeypatch.setattr(graphs, "_capture_failed", False)
+    assert DenoiseStep(None, full, CudaMask(), seeds=seeds, capture=True).capture
+    monkeypatch.setattr(graphs, "_capture_failed", True)
+    assert not DenoiseStep(None, full, CudaMask(), seeds=seeds, capture=True).capture

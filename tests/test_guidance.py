@@ -205,3 +205,53 @@ def test_guidance_acts_at_t_max_itself_and_not_one_step_above():
     out = guided_eps(gd, x, eps, torch.tensor([49, 50, 51]), mask)
     assert float((out[0] - eps[0]).abs().max()) > 1e-3 and float((out[1] - eps[1]).abs().max()) > 1e-3
     assert torch.equal(out[2], eps[2])
+
+
+# gaps found by mutation testing (2)
+def test_guided_eps_is_the_formula_written_out_with_its_strength_distance_and_scale():
+    """eps' = (x_t - sqrt(ab) x0') / sqrt(1 - ab), x0' = x0_hat + lambda F(x0_hat), F the pairwise push below
+    d_min / scale, written out pair by pair: a guidance that ignored ``strength`` (always 0.5) or the scale
+    passed every other test of ClashGuidance itself."""
+    B, N, T = 2, 8, 100
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, 6:] = False
+    x = clustered(B, N, 0.15, seed=21) * mask[..., None]
+    eps = torch.randn(B, N, 3, generator=torch.Generator().manual_seed(22), dtype=F64) * mask[..., None] * 0.1
+    t = torch.tensor([7, 30])
+    ab = DDPMScheduler(T).schedule.coef("alpha_bars", t, x)
+    for strength, d_min, scale in ((0.25, 3.0, 10.0), (0.9, 4.0, 8.0)):
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        force = torch.zeros_like(x0)
+        for b in range(B):
+            for i in range(N):
+                for j in range(N):
+                    if abs(i - j) >= 2 and mask[b, i] and mask[b, j]:
+                        diff = x0[b, i] - x0[b, j]
+                        d = diff.norm()
+                        force[b, i] += torch.relu(d_min / scale - d) * diff / d
+        want = (x - ab.sqrt() * (x0 + strength * force)) / (1 - ab).sqrt()
+        want = torch.where(mask[..., None], want, eps)
+        got = guided_eps(ClashGuidance(strength=strength, min_distance=d_min, max_timestep=50, scale=scale),
+                         x, eps, t, mask, T=T)
+        assert float(force.abs().max()) > 0.01  # pairs overlap: not vacuous
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), (strength, float((got - want).abs().max()))
+
+
+def test_coincident_atoms_away_from_the_origin_push_nothing_along_each_other():
+    """Atoms 0 and 2 coincide (d = 0 exactly: coordinates whose squares are exact) away from the origin: that
+    pair contributes nothing, the others their written-out push (weighting d = 0 pairs by d_min / 1e-12 left a
+    1e-4 cancellation error in x_i sum_j w_ij - (W x)_i, invisible for atoms at the origin)."""
+    p = [1.0, 0.5, 0.25]
+    x = torch.tensor([[p, [1.25, 0.5, 0.25], p, [1.0, 0.75, 0.25], [1.5, 0.5, 0.5]]], dtype=F64)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    d_min = 0.38
+    want = torch.zeros_like(x)
+    for i in range(5):
+        for j in range(5):
+            diff = x[0, i] - x[0, j]
+            d = diff.norm()
+            if abs(i - j) >= 2 and d > 0:
+                want[0, i] += torch.relu(d_min - d) * diff / d
+    got = repulsion(x, mask, d_min)
+    assert float(want.abs().max()) > 0.01
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), float((got - want).abs().max())

@@ -1409,3 +1409,65 @@ def test_initial_noise_is_zero_com_per_design_and_independent_of_the_batch():
     assert float(com.abs().max()) < 1e-14 and float(x[mask].std()) > 0.5
     alone = initial_noise(seeds[2:], 6, mask[2:, :6], F64, "cpu")
     assert_close_rel(alone[0], x[2, :6], 1e-14, "the same design alone (the centroid summed over another length)")
+
+
+# gaps found by mutation testing (2)
+class NaNForLength(ExactGaussianEps):
+    """The exact predictor, except NaN for the designs of one length from ``t_fail`` down."""
+
+    def __init__(self, schedule, length, t_fail):
+        super().__init__(schedule, 1.0)
+        self.length, self.t_fail = length, t_fail
+
+    def __call__(self, x_t, t, mask):
+        eps = super().__call__(x_t, t, mask)
+        rows = ((mask.sum(1) == self.length) & (t <= self.t_fail)).view(-1, 1, 1)
+        return torch.where(rows, torch.full_like(eps, float("nan")), eps)
+
+
+def test_a_diverged_design_is_named_by_its_index_length_and_seed_not_its_batch_row():
+    """Sorted by length, design 2 (length 9) is row 1 of its batch and design 1 row 0: the error names design 2
+    with its own length and seed (naming the batch row, 'design 1 (length 6, ...)', passed every test, whose
+    failing designs sat in rows equal to their indices or were matched by a pattern)."""
+    from protdiff_fast.diffusion.sampler import design_seeds
+
+    sched = DDPMScheduler(20)
+    lengths = [12, 6, 9]
+    seed_of_2 = int(design_seeds(4, 3)[2])
+    with pytest.raises(SamplingError, match=rf"model output is NaN/Inf at t=15 for design 2 \(length 9, seed "
+                                            rf"{seed_of_2}\)"):
+        sample(NaNForLength(sched.schedule, 9, 15), lengths, seed=4, scheduler=sched, batch_size=3, progress=False)
+
+
+def test_a_set_aside_design_is_recorded_with_its_own_seed(tmp_path):
+    """on_diverge='skip': the manifest's failed entry of design 2 (row 1 of its batch) carries design 2's own seed
+    and step (an entry with design 0's seed passed every test)."""
+    from protdiff_fast.diffusion.sampler import design_seeds, read_manifests
+
+    sched = DDPMScheduler(20)
+    lengths = [12, 6, 9]
+    seeds = design_seeds(4, 3)
+    sample(NaNForLength(sched.schedule, 9, 15), lengths, seed=4, scheduler=sched, batch_size=3, progress=False,
+           out_dir=tmp_path / "run", on_diverge="skip")
+    failed = read_manifests(tmp_path / "run", "failed")
+    assert list(failed) == [2] and failed[2]["seed"] == int(seeds[2]) and failed[2]["t"] == 15, failed
+    assert sorted(read_manifests(tmp_path / "run")) == [0, 1]
+
+
+
+
+def test_resume_drops_the_manifest_entry_of_a_design_whose_file_is_gone(tmp_path, capsys):
+    """A design whose file was deleted is no longer finished: when a resume samples other designs (design_indices),
+    the rewritten manifest no longer lists it (keeping the stale entry passed every test, where the deleted design
+    was sampled again in the same run and its new entry replaced the old)."""
+    from protdiff_fast.diffusion.sampler import read_manifests
+
+    sched = DDPMScheduler(10)
+    model = ExactGaussianEps(sched.schedule, 1.0)
+    folder = tmp_path / "run"
+    kw = dict(seed=2, scheduler=sched, progress=False, out_dir=folder, metrics=False)
+    sample(model, [5, 6, 7], design_indices=[0, 1], **kw)
+    assert sorted(read_manifests(folder)) == [0, 1]
+    (folder / read_manifests(folder)[0]["file"]).unlink()
+    sample(model, [5, 6, 7], design_indices=[2], resume=True, **kw)
+    assert sorted(read_manifests(folder)) == [1, 2]
