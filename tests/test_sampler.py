@@ -1456,6 +1456,28 @@ def test_a_set_aside_design_is_recorded_with_its_own_seed(tmp_path):
 
 
 
+def test_a_set_aside_design_is_held_at_its_x_T_for_the_rest_of_the_batch():
+    """on_diverge='skip': after design 2's model output goes NaN at t = 15, its row is held at its x_T (finite),
+    so the model is never handed the NaN sample again and the batch stays finite; letting the row run on
+    passed every test (its file is never written)."""
+    sched = DDPMScheduler(20)
+    inner = NaNForLength(sched.schedule, 9, 15)
+    seen = []
+
+    def spy(x_t, t, mask):
+        row = int((mask.sum(1) == 9).nonzero()[0])
+        seen.append((int(t[row]), x_t[row].clone()))
+        return inner(x_t, t, mask)
+
+    out = sample(spy, [12, 6, 9], seed=4, scheduler=sched, batch_size=3, progress=False, on_diverge="skip")
+    assert out[2] is None and out[0] is not None and out[1] is not None
+    x_T = seen[0][1]
+    after = [(t, x) for t, x in seen if t < 15]
+    assert [t for t, _ in after] == list(range(14, 0, -1))
+    for t, x in after:
+        assert torch.equal(x, x_T), f"t={t}: the set-aside row is not its x_T"
+
+
 def test_resume_drops_the_manifest_entry_of_a_design_whose_file_is_gone(tmp_path, capsys):
     """A design whose file was deleted is no longer finished: when a resume samples other designs (design_indices),
     the rewritten manifest no longer lists it (keeping the stale entry passed every test, where the deleted design
