@@ -1454,8 +1454,6 @@ def test_a_set_aside_design_is_recorded_with_its_own_seed(tmp_path):
     assert sorted(read_manifests(tmp_path / "run")) == [0, 1]
 
 
-
-
 def test_a_set_aside_design_is_held_at_its_x_T_for_the_rest_of_the_batch():
     """on_diverge='skip': after design 2's model output goes NaN at t = 15, its row is held at its x_T (finite),
     so the model is never handed the NaN sample again and the batch stays finite; letting the row run on
