@@ -73,3 +73,71 @@ def test_check_all_finite_joins_the_masks_empty_sample_check_to_its_read(monkeyp
     assert calls == []
     with pytest.raises(ValueError, match="no nodes"):  # N = 0 is still refused by check_mask itself
         check_mask(torch.zeros(2, 0, dtype=torch.bool), 2, 0, torch.device("cpu"), check_empty=False)
+
+
+# ------------------------------------------------------------------ the EGNN op's shared input checks
+def _egnn_problem(B=2, N=5, He=4, M=3, Hx=6, E=2):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    args = [r(B, N, 3), r(B, N, He), r(B, N, He), r(He), r(He, M), r(M), r(M, Hx), r(Hx), r(Hx)]
+    return args, dict(E=E, r=r, B=B, N=N, He=He, M=M)
+
+
+def _nan(t):
+    t = t.clone()
+    t.view(-1)[-1] = float("nan")
+    return t
+
+
+# (id, build kwargs from (args, info) -> (args, kwargs), exception, message)
+_EGNN_BAD = [
+    ("q_width", lambda a, i: (a[:2] + [i["r"](i["B"], i["N"], i["He"] + 1)] + a[3:], {}), ValueError,
+     r"q: expected shape \(2, 5, 4\)"),
+    ("w_d_length", lambda a, i: (a[:3] + [i["r"](i["He"] + 1)] + a[4:], {}), ValueError, r"w_d: expected shape \(4\), got \(5,\)"),
+    ("W2_dtype", lambda a, i: (a[:4] + [a[4].float()] + a[5:], {}), TypeError, "W2: expected dtype torch.float64"),
+    ("w_att_dtype", lambda a, i: (a, dict(w_att=i["r"](i["M"]).float(), b_att=i["r"](()))), TypeError,
+     "w_att: expected dtype torch.float64"),
+    ("b_att_two_values", lambda a, i: (a, dict(w_att=i["r"](i["M"]), b_att=i["r"](2))), ValueError,
+     "b_att: expected a scalar tensor"),
+    ("w_att_alone", lambda a, i: (a, dict(w_att=i["r"](i["M"]))), ValueError, "w_att and b_att come together"),
+    ("edge_attr_alone", lambda a, i: (a, dict(edge_attr=i["r"](i["B"], i["N"], i["N"], i["E"]))), ValueError,
+     "edge_attr and W_e come together"),
+    ("both_edge_terms", lambda a, i: (a, dict(edge_attr=i["r"](i["B"], i["N"], i["N"], i["E"]),
+                                              W_e=i["r"](i["E"], i["He"]), rel=i["r"](5, i["He"]))), ValueError,
+     "at most one edge term"),
+    ("W_e_rows", lambda a, i: (a, dict(edge_attr=i["r"](i["B"], i["N"], i["N"], i["E"]),
+                                       W_e=i["r"](i["E"] + 1, i["He"]))), ValueError, r"W_e: expected shape \(2, 4\)"),
+    ("rel_even_rows", lambda a, i: (a, dict(rel=i["r"](4, i["He"]))), ValueError, r"rel: expected 2K \+ 1 rows"),
+    ("eps_zero", lambda a, i: (a, dict(eps=0.0)), ValueError, "eps: must be > 0"),
+    ("coords_agg", lambda a, i: (a, dict(coords_agg="max")), ValueError, "coords_agg: expected one of"),
+    ("normalize_typo", lambda a, i: (a, dict(normalize="clip")), ValueError, "normalize: expected one of"),
+    ("nan_W_e", lambda a, i: (a, dict(edge_attr=i["r"](i["B"], i["N"], i["N"], i["E"]),
+                                      W_e=_nan(i["r"](i["E"], i["He"])))), ValueError, "W_e: contains NaN"),
+    ("nan_rel", lambda a, i: (a, dict(rel=_nan(i["r"](5, i["He"])))), ValueError, "rel: contains NaN"),
+    ("nan_w_att", lambda a, i: (a, dict(w_att=_nan(i["r"](i["M"])), b_att=i["r"](()))), ValueError,
+     "w_att: contains NaN"),
+    ("nan_W3", lambda a, i: (a[:6] + [_nan(a[6])] + a[7:], {}), ValueError, "W3: contains NaN"),
+    ("empty_sample", lambda a, i: (a, dict(mask=torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool))),
+     ValueError, r"mask: sample\(s\) \[1\] have no real nodes"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", _EGNN_BAD, ids=[c[0] for c in _EGNN_BAD])
+def test_egnn_checks_refuse_each_bad_argument_by_name(case, backend):
+    """Every shared check of check_egnn_pair_aggregate_inputs fires, with its own error, on every CPU
+    backend (the cpu kernels would otherwise silently cast a mixed dtype, read K from an even table,
+    run a NaN weight, or treat a typo'd normalize as "clamp")."""
+    from protdiff_fast import backends
+    from protdiff_fast.ops import egnn_pair_aggregate
+
+    if backend == "cpu" and backends.cpu_extension() is None:
+        pytest.skip("C++ extension not built")
+    _, build, exc, msg = case
+    args, info = _egnn_problem()
+    args, kw = build(list(args), info)
+    with pytest.raises(exc, match=msg):
+        egnn_pair_aggregate(*args, backend=backend, **kw)

@@ -527,3 +527,55 @@ def test_amx_with_an_empty_width_does_not_crash(widths, medium_matmul_precision)
         assert a.shape == w.shape and bool(torch.isfinite(a).all())
         if w.numel():  # m_i is (B, N, 0) when M = 0
             assert float((a.double() - w).abs().max()) <= 1e-2 * (1 + float(w.abs().max()))
+
+
+# ------------------------------------------------------------------ wrapper plumbing (mutation-testing gaps)
+@pytest.mark.parametrize("edge_mode", ["none", "dense", "offset"])
+@pytest.mark.parametrize("flags", [dict(normalize="clamp"), dict(normalize="clamp", attention=True, tanh=True,
+                                                                  coords_agg="sum")], ids=flag_id)
+def test_cpu_clamp_normalize_matches_reference_float64(edge_mode, flags):
+    """normalize="clamp" reaches the kernels as their mode 2 (max(length, eps), the gradient through the
+    length), not as True's stopgrad length: the x gradients differ."""
+    compare(2, 9, 8, 3, edge_mode, flags, F64, seed=21)
+
+
+def test_cpu_dense_edge_gradient_only_when_asked(monkeypatch):
+    """The O(N^2 E) edge_attr gradient is computed only when edge_attr needs one, decided by its own
+    needs_input_grad (not W_e's); the gradients that are asked for match the reference either way."""
+    import protdiff_fast.ops.egnn_cpu as egnn_cpu
+
+    args, kw = make_problem(2, 7, 6, 3, "dense", FLAG_SETS[1], seed=31)
+    asked = []
+    real_ext = egnn_cpu._ext()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real_ext, name)
+
+        def egnn_backward(self, *a, **k):
+            asked.append(k["d_edge_attr"] is not None)
+            return real_ext.egnn_backward(*a, **k)
+
+    monkeypatch.setattr(egnn_cpu, "_ext", lambda: Spy())
+    for edge_grad, W_e_grad in [(False, True), (True, False), (True, True)]:
+        got = []
+        for backend in ("reference", "cpu"):
+            x = args[0].clone().requires_grad_(True)
+            ea = kw["edge_attr"].clone().requires_grad_(edge_grad)
+            We = kw["W_e"].clone().requires_grad_(W_e_grad)
+            m, dx = egnn_pair_aggregate(x, *args[1:], backend=backend, **{**kw, "edge_attr": ea, "W_e": We})
+            leaves = [x] + [t for t in (ea, We) if t.requires_grad]
+            got.append(torch.autograd.grad(m.sum() + dx.pow(2).sum(), leaves))
+        for a, b in zip(got[1], got[0]):
+            assert_close_rel(a, b, 1e-10, f"edge_attr grad {edge_grad}, W_e grad {W_e_grad}")
+    assert asked == [False, True, True]
+
+
+def test_cpu_wrapper_refuses_non_cpu_tensors_itself():
+    """Called directly (not through the dispatcher), the cpu backend names a non-CPU device."""
+    from protdiff_fast.ops.egnn_cpu import egnn_pair_aggregate_cpu
+
+    args, kw = make_problem(1, 4, 3, 2, "none", {}, seed=2)
+    meta = [a.to("meta") for a in args]
+    with pytest.raises(ValueError, match="the cpu backend takes CPU tensors, got device meta"):
+        egnn_pair_aggregate_cpu(*meta, mask=None)
