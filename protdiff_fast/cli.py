@@ -245,7 +245,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, ema_warmup=args.ema_warmup,
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
-                      val_every=args.val_every, seed=args.seed, max_length=args.max_length,
+                      val_every=args.val_every, val_fraction=args.val_fraction, seed=args.seed, max_length=args.max_length,
                       min_length=args.min_length, backend=args.backend, device=args.device, model=model,
                       crop=args.crop, lr_schedule=args.lr_schedule, init=args.init or "",
                       low_t_fraction=args.low_t_fraction, low_t_max=args.low_t_max,
@@ -541,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="EMA decay min(--ema-decay, (1 + step) / (10 + step)): forgets a random start quickly")
     tr.add_argument("--ckpt-every", type=int, default=200, help="write checkpoint.pt (atomically) every this many steps (0: at the end only)")
     tr.add_argument("--val-every", type=int, default=200, help="validation loss (EMA weights) every this many steps (0: never)")
+    tr.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                    help="data without a 'val' split (prepare's, a folder): hold out this fraction of its chains "
+                         "for the validation loss, chosen by sequence (the same chains every run; default 0: none)")
     tr.add_argument("--hidden", type=int, default=256, help="hidden size H of the EGNN layers (the shipped model: 64)")
     tr.add_argument("--edge-dim", type=int, default=None, help="offset embedding width (default: --hidden)")
     tr.add_argument("--layers", type=int, default=4, help="EGNN blocks")

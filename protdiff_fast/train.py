@@ -13,6 +13,7 @@ global batch (up to the order of the floating-point sums).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -59,6 +60,10 @@ class TrainConfig:
     # val_batches batches of the val split, the same t and noise every time, t from 1..T; 0: never
     val_every: int = 200
     val_batches: int = 4
+    # a dataset without a 'val' split (prepare's, a folder of structures): hold out this fraction of its
+    # whole chains of min_length..max_length for validation (0: none, and no validation loss), chosen by a
+    # hash of their sequence (``held_out_chains``), so every run and every DDP rank holds out the same ones
+    val_fraction: float = 0.0
     seed: int = 0
     rotate: bool = True
     min_length: int = 40
@@ -137,7 +142,7 @@ INT_OPTIONS = (
 FLOAT_OPTIONS = (
     ("lr", "(0, inf)"), ("weight_decay", "[0, inf)"),
     ("grad_clip", "(0, inf]"),  # inf: no clipping (the norm is still checked for NaN)
-    ("ema_decay", "[0, 1)"), ("low_t_fraction", "[0, 1]"),
+    ("ema_decay", "[0, 1)"), ("low_t_fraction", "[0, 1]"), ("val_fraction", "[0, 1)"),
     ("structure_weight", "[0, inf)"), ("structure_cutoff", "(0, inf)"),
     ("clash_weight", "[0, inf)"), ("clash_distance", "(0, inf)"),
     ("input_perturbation", "[0, inf)"), ("own_clash_weight", "[0, inf)"),
@@ -170,20 +175,67 @@ def check_option_ranges(values: Dict, name=lambda field: field) -> None:
                              + (" (inf: no clipping)" if field_name == "grad_clip" else "") + f", got {v!r}")
 
 
+def _sequence_key(data: BackboneDataset, i: int) -> str:
+    """What ``held_out_chains`` groups chains by: the sequence, or the name of a chain without one."""
+    return f"seq:{data.sequences[i]}" if data.sequences[i] else f"name:{data.names[i]}"
+
+
+def held_out_chains(data: BackboneDataset, fraction: float, min_length: int, max_length: int) -> List[int]:
+    """Indices of the chains of ``data`` that ``--val-fraction fraction`` holds out for validation.
+
+    The candidates are the whole chains of ``min_length..max_length`` residues (what validation reads);
+    ceil(fraction x their number) of them are held out, taken group by group in the order of the SHA-256
+    of the group's key: its sequence (or, for a chain without one, its name). So the choice depends on
+    the chains alone, not on file order, and a sequence is never on both sides: every chain of a
+    held-out sequence is held out (``load_data`` keeps its longer chains out of training too)."""
+    lengths = data.lengths
+    candidates = [i for i in range(len(data)) if min_length <= lengths[i] <= max_length]
+    want = math.ceil(fraction * len(candidates)) if fraction > 0 else 0
+    groups: Dict[str, List[int]] = {}
+    for i in candidates:
+        groups.setdefault(_sequence_key(data, i), []).append(i)
+    held: List[int] = []
+    for k in sorted(groups, key=lambda k: (hashlib.sha256(k.encode()).hexdigest(), k)):
+        if len(held) >= want:
+            break
+        held += groups[k]
+    return sorted(held)
+
+
+def _read_chains(cfg: TrainConfig, split: Optional[str], max_length: int) -> BackboneDataset:
+    """The chains of ``cfg.data``'s ``split`` of min_length..``max_length`` residues."""
+    path = Path(cfg.data)
+    if path.suffix == ".npz" or _is_zip(path):  # also prepare's output saved under another name
+        return BackboneDataset.from_npz(path, split=split, min_length=cfg.min_length, max_length=max_length)
+    if split not in (None, "train"):
+        return BackboneDataset([], [])
+    return BackboneDataset.from_structures(path, min_length=cfg.min_length, max_length=max_length,
+                                           cache=Path(cfg.out_dir) / ("dataset_cache_crop.npz"
+                                                                      if max_length == NO_MAX_LENGTH else
+                                                                      "dataset_cache.npz"))
+
+
 def load_data(cfg: TrainConfig, split: Optional[str]) -> BackboneDataset:
     """The chains of ``split``; with ``cfg.crop`` the training chains of any length >= min_length
-    that have a break-free window of ``max_length`` residues (validation keeps whole chains)."""
-    path = Path(cfg.data)
+    that have a break-free window of ``max_length`` residues (validation keeps whole chains). With
+    ``cfg.val_fraction`` > 0 the 'val' split is the chains ``held_out_chains`` picks from the training
+    chains of a dataset without one, and 'train' the rest (a dataset with a 'val' split is refused)."""
     crop = cfg.crop and split in (None, "train")
-    max_length = NO_MAX_LENGTH if crop else cfg.max_length
-    if path.suffix == ".npz" or _is_zip(path):  # also prepare's output saved under another name
-        data = BackboneDataset.from_npz(path, split=split, min_length=cfg.min_length, max_length=max_length)
-    elif split not in (None, "train"):
-        return BackboneDataset([], [])
+    if cfg.val_fraction > 0:
+        labels = _split_labels(Path(cfg.data))
+        if labels and "val" in labels:
+            raise ValueError(f"--val-fraction: {cfg.data} has a 'val' split of its own, which validation reads; "
+                             "drop --val-fraction (or give a dataset without one)")
+        data = _read_chains(cfg, "train", NO_MAX_LENGTH)
+        held = held_out_chains(data, cfg.val_fraction, cfg.min_length, cfg.max_length)
+        if split == "val":
+            data = data.subset(held)
+        else:  # a sequence held out stays out of training at every length (crop windows included)
+            held_keys = {_sequence_key(data, i) for i in held}
+            data = data.subset([i for i in range(len(data)) if _sequence_key(data, i) not in held_keys
+                                and (crop or data.lengths[i] <= cfg.max_length)])
     else:
-        data = BackboneDataset.from_structures(path, min_length=cfg.min_length, max_length=max_length,
-                                               cache=Path(cfg.out_dir) / ("dataset_cache_crop.npz" if crop else
-                                                                          "dataset_cache.npz"))
+        data = _read_chains(cfg, split, NO_MAX_LENGTH if crop else cfg.max_length)
     if crop:
         data = data.subset([i for i in range(len(data)) if len(data.crop_starts(i, cfg.max_length))])
     if cfg.short_repeat > 1 and split in (None, "train"):
@@ -602,15 +654,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     train_set, val_set = load_data(cfg, "train"), load_data(cfg, "val")
     if len(train_set) == 0:
+        if cfg.val_fraction > 0 and len(val_set):
+            raise ValueError(f"{cfg.data}: --val-fraction {cfg.val_fraction:g} holds out all {len(val_set)} chains "
+                             "(or every sequence) it could train on: give a smaller fraction or more chains")
         raise ValueError(f"{cfg.data}: no training chains of length {cfg.min_length}..{cfg.max_length}"
                          + _no_chains_reason(cfg, train_set))
+    if cfg.val_fraction > 0 and rank == 0:
+        print(f"train: --val-fraction {cfg.val_fraction:g} holds out {len(val_set)} chain{'s' if len(val_set) != 1 else ''} of "
+              f"{cfg.min_length}..{cfg.max_length} residues for validation (by sequence), "
+              f"{len(train_set)} training items", file=sys.stderr)
     if len(val_set) == 0 and cfg.val_every > 0 and rank == 0:
-        # said, not silent: a file labelling its held-out chains "validation" or "valid" gave no val loss
+        # said, not silent: a file labelling its held-out chains "validation" or "valid" gave no val loss,
+        # and one without any split (prepare's, a folder) none either
         labels = _split_labels(Path(cfg.data))
         if labels:
             print(f"train: no validation chains of length {cfg.min_length}..{cfg.max_length} in {cfg.data} (its "
                   f"split labels: {', '.join(sorted(labels)[:10])}; validation reads split 'val'): no val_loss",
                   file=sys.stderr)
+        elif cfg.val_fraction == 0:
+            print(f"train: {cfg.data} has no 'val' split (prepare and folders of structures have none): no "
+                  "validation loss; hold out chains for it with --val-fraction (e.g. 0.05)", file=sys.stderr)
     model_cfg = ProtDiffConfig(**{**ProtDiffConfig(max_length=cfg.max_length).to_dict(), **cfg.model})
     own_states = None
     if cfg.own_clash_weight > 0:
