@@ -53,13 +53,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _metric_rows(paths, clash_threshold):
     from protdiff_fast.io import StructureError, find_structure_files, read_backbones
+    from protdiff_fast.io.dataset import chain_fingerprint
     from protdiff_fast.metrics import backbone_metrics
     from protdiff_fast.metrics.backbone import chain_breaks
 
-    rows, cas, skipped = [], [], []
+    rows, cas, skipped, seen = [], [], [], {}
     for f in find_structure_files(paths):
         try:
             for bb in read_backbones(f):  # missing residues (a numbering jump and a long bond): not bad bonds
+                # one chain twice (1crn.pdb beside 1CRN.cif) would weigh twice in the set's means: counted once,
+                # as prepare keeps it once
+                fingerprint = chain_fingerprint(bb.ca, bb.sequence)
+                if fingerprint in seen:
+                    skipped.append(f"{f}: chain {bb.chain_id}: duplicate: the same CA trace and sequence as "
+                                   f"{seen[fingerprint]} (counted once)")
+                    continue
+                seen[fingerprint] = f"{f} chain {bb.chain_id}"
                 rows.append(backbone_metrics(bb.ca, clash_threshold, chain_breaks(bb.ca, bb.resnums)))
                 cas.append(bb.ca)
         except StructureError as err:

@@ -385,3 +385,27 @@ def test_a_clash_is_strictly_closer_than_the_threshold():
     assert clashes(ca, threshold=3.001) == dict(clash_pairs=1, clash_fraction=1.0)
     ca[2, 0] = 2.999
     assert clashes(ca)["clash_pairs"] == 1
+
+
+def test_evaluate_counts_one_chain_in_two_files_once(tmp_path, capsys):
+    """1crn.pdb and 1CRN.cif.gz hold the same chain: as a reference set it weighed twice in every mean (prepare
+    keeps it once); now the copy is named and counted once, in either set. A chain moved by 0.01 A is another."""
+    from protdiff_fast.io import write_backbone
+
+    crn = read_backbones(DATA / "1crn.pdb")[0]
+    moved = tmp_path / "moved.pdb"
+    write_backbone(moved, crn.ca + np.array([0.01, 0.0, 0.0]), sequence=crn.sequence)
+    assert main(["evaluate", str(DATA / "1qys.pdb"), "--reference", str(DATA / "1crn.pdb"), str(DATA / "1CRN.cif.gz"),
+                 str(moved), "--plot", ""]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"skipped: \S*1crn\.pdb: chain A: duplicate: the same CA trace and sequence as \S*1CRN\.cif\.gz "
+                     r"chain A \(counted once\)", out), out
+    assert "moved.pdb: chain A: duplicate" not in out
+    count = re.search(r"^count\s+(\S+)\s+(\S+)$", out, re.M)
+    assert count and (float(count.group(1)), float(count.group(2))) == (1.0, 2.0), out
+    # in the samples set too: one design copied under another name is one design
+    copy = tmp_path / "copy_of_1qys.pdb"
+    copy.write_bytes((DATA / "1qys.pdb").read_bytes())
+    assert main(["evaluate", str(DATA / "1qys.pdb"), str(copy), str(DATA / "1crn.pdb"), "--plot", ""]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^count\s+2\.000$", out, re.M), out

@@ -96,6 +96,12 @@ def _cache_key(files: Sequence[Path], config: Dict) -> str:
     return h.hexdigest()
 
 
+def chain_fingerprint(ca: np.ndarray, sequence: str) -> bytes:
+    """What makes two chains the same chain (a file in two formats, a copy in another folder): the CA
+    trace at PDB's precision (0.001 A, which both formats hold) and the sequence."""
+    return hashlib.sha256(np.round(np.asarray(ca, np.float64), 3).tobytes() + sequence.encode()).digest()
+
+
 def random_rotations(n: int, generator: Optional[torch.Generator] = None, dtype=torch.float32) -> torch.Tensor:
     """(n, 3, 3) uniformly random proper rotations (QR of Gaussian matrices, sign-fixed)."""
     q, r = torch.linalg.qr(torch.randn(n, 3, 3, generator=generator, dtype=torch.float64))
@@ -292,8 +298,7 @@ class BackboneDataset(torch.utils.data.Dataset):
                     report.add(bb.name, f"coordinates out of range: CA {'xyz'[k]} of residue {bb.resnums[i]}"
                                         f"{bb.icodes[i]} is {bb.ca[i, k]:.6g} A (beyond +-{MAX_TRAIN_COORD_A:.0e} A)")
                 else:
-                    fingerprint = hashlib.sha256(np.round(bb.ca, 3).astype(np.float64).tobytes()
-                                                 + bb.sequence.encode()).digest()
+                    fingerprint = chain_fingerprint(bb.ca, bb.sequence)
                     if fingerprint in seen:
                         report.add(bb.name, f"duplicate: the same CA trace and sequence as {seen[fingerprint]}")
                         continue
